@@ -1,0 +1,61 @@
+"""Layers point one way (DESIGN.md): cli -> client -> (repo, vault, source) ->
+(crypto, opaque, storage). Protocol and format code does no I/O of its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "backvault"
+
+# For each package: the backvault packages it may import.
+ALLOWED = {
+    "crypto": set(),
+    "opaque": set(),
+    "storage": set(),
+    "repo": {"crypto", "storage"},
+    "source": set(),
+    "vault": {"opaque", "crypto"},
+    "client": {"repo", "crypto", "opaque", "storage", "source", "vault"},
+}
+NO_IO_PACKAGES = {"opaque"}
+IO_MODULES = {"os", "socket", "subprocess", "shutil", "pathlib", "urllib", "http", "httpx"}
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = path.relative_to(SRC).parts[0]
+                base = ["backvault", package] if node.level == 1 else ["backvault"]
+                names.add(".".join(base + ([node.module] if node.module else [])))
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def test_packages_import_only_lower_layers() -> None:
+    for package, allowed in ALLOWED.items():
+        for path in (SRC / package).rglob("*.py") if (SRC / package).exists() else []:
+            for name in imports_of(path):
+                parts = name.split(".")
+                if parts[0] != "backvault" or len(parts) < 2 or parts[1] == package:
+                    continue
+                assert parts[1] in allowed, f"{path.relative_to(SRC)} imports {name}"
+
+
+def test_opaque_does_no_io() -> None:
+    for path in (SRC / "opaque").rglob("*.py"):
+        for name in imports_of(path):
+            assert name.split(".")[0] not in IO_MODULES, f"{path.name} imports {name}"
+        assert "open(" not in path.read_text(), path.name
+
+
+def test_nothing_in_src_uses_the_deterministic_opaque_path() -> None:
+    for path in SRC.rglob("*.py"):
+        if path.name == "testing.py" and path.parent.name == "opaque":
+            continue
+        assert "backvault.opaque.testing" not in imports_of(path), path
