@@ -31,7 +31,9 @@ def imports_of(path: Path) -> set[str]:
             if node.level:
                 package = path.relative_to(SRC).parts[0]
                 base = ["backvault", package] if node.level == 1 else ["backvault"]
-                names.add(".".join(base + ([node.module] if node.module else [])))
+                module = ".".join(base + ([node.module] if node.module else []))
+                names.add(module)
+                names.update(f"{module}.{alias.name}" for alias in node.names)
             elif node.module:
                 names.add(node.module)
     return names
