@@ -1,0 +1,1 @@
+"""Backup and restore orchestration, key slots, the device key cache."""

@@ -1,0 +1,493 @@
+"""Backing up paths into a repository as a restic snapshot.
+
+The tree mirrors restic's: a snapshot of ``/home/a/chat`` has a root tree holding ``home``,
+which holds ``a``, which holds ``chat`` with its full contents. Files unchanged since the
+parent snapshot (same type, size, mtime, ctime and inode) are not read again; SQLite
+databases are read through a consistent copy and cut into page-aligned chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import getpass
+import grp
+import json
+import os
+import pwd
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..repo import format as fmt
+from ..repo.chunker import ContentChunker, chunker_seed, page_chunks
+from ..repo.errors import DamagedObject
+from ..repo.format import BlobType, Node, Snapshot
+from ..repo.lock import RepositoryLock
+from ..repo.repository import Repository
+from ..repo.timefmt import format_ns, now_ns
+from ..repo.writer import RepositoryWriter
+from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
+from .progress import NoProgress, Progress
+
+_MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024
+
+
+@dataclass
+class BackupResult:
+    snapshot_id: str
+    parent_id: str | None
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    dirs: int = 0
+    sqlite_databases: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+    bytes_added: int = 0
+    bytes_stored: int = 0
+    packs_written: int = 0
+    seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dict(self.__dict__)
+        doc["errors"] = [{"path": p, "error": e} for p, e in self.errors]
+        return doc
+
+
+class _Budget:
+    """Bounds the bytes of chunks queued for the workers, so memory stays flat."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self._used and self._used + n > self._limit:
+                self._cond.wait()
+            self._used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class _Names:
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = ""
+        return self._users[uid]
+
+    def group(self, gid: int) -> str:
+        if gid not in self._groups:
+            try:
+                self._groups[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._groups[gid] = ""
+        return self._groups[gid]
+
+
+def _node_type(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "chardev"
+    if stat.S_ISBLK(mode):
+        return "dev"
+    return "irregular"
+
+
+class Backup:
+    def __init__(
+        self,
+        repo: Repository,
+        progress: Progress | None = None,
+        workers: int | None = None,
+        sqlite_state_file: Path | None = None,
+        temp_dir: str | None = None,
+    ) -> None:
+        self.repo = repo
+        self.progress = progress or NoProgress()
+        self.workers = workers or max(2, os.cpu_count() or 2)
+        self.names = _Names()
+        self.temp_dir = temp_dir
+        self._sqlite_state_file = sqlite_state_file
+        self._sqlite_state: dict[str, Any] = {}
+        self._sqlite_state_new: dict[str, Any] = {}
+
+    # --- entry point -----------------------------------------------------------------
+
+    def run(
+        self,
+        paths: list[str],
+        tags: list[str] | None = None,
+        hostname: str | None = None,
+        on_saved: Callable[[str], None] | None = None,
+    ) -> BackupResult:
+        started = time.monotonic()
+        start_ns = now_ns()
+        targets = sorted({os.path.normpath(os.path.abspath(p)) for p in paths})
+        for target in targets:
+            if not os.path.lexists(target):
+                raise FileNotFoundError(f"{target} does not exist")
+        hostname = hostname or socket.gethostname()
+        self._load_sqlite_state()
+        with RepositoryLock(self.repo):
+            self.repo.ensure_index()
+            parent_id, parent = self._find_parent(targets, hostname)
+            result = BackupResult(snapshot_id="", parent_id=parent_id)
+            self.result = result
+            self.progress.start(None, "backup")
+            self.chunker = ContentChunker(chunker_seed(self.repo.key))
+            self.writer = RepositoryWriter(self.repo)
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backvault-blob")
+            self.budget = _Budget(_MAX_IN_FLIGHT_BYTES)
+            try:
+                root_tree = self._archive_roots(targets, parent.tree if parent else None)
+                self.pool.shutdown(wait=True)
+                self.writer.flush()
+            except BaseException:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                # Index what was uploaded, so the next run can reuse it.
+                with contextlib.suppress(Exception):
+                    self.writer.flush()
+                raise
+            user = _username()
+            snapshot = Snapshot(
+                time=format_ns(start_ns),
+                tree=root_tree,
+                paths=targets,
+                hostname=hostname,
+                username=user,
+                uid=os.getuid(),
+                gid=os.getgid(),
+                parent=bytes.fromhex(parent_id) if parent_id else None,
+                tags=sorted(set(tags or [])),
+            )
+            result.snapshot_id = self.repo.save_snapshot(snapshot)
+            self._save_sqlite_state(result.snapshot_id)
+            if on_saved:
+                on_saved(result.snapshot_id)
+        self.progress.finish()
+        stats = self.writer.stats
+        result.bytes_added = stats.bytes_plain_new
+        result.bytes_stored = stats.bytes_stored_new
+        result.packs_written = stats.packs_written
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _find_parent(self, targets: list[str], hostname: str) -> tuple[str | None, Snapshot | None]:
+        errors: list[DamagedObject] = []
+        candidates = [
+            (name, snap)
+            for name, snap in self.repo.list_snapshots(errors=errors)
+            if sorted(snap.paths) == targets and snap.hostname == hostname
+        ]
+        for name, snap in reversed(candidates):
+            if self.repo.has_blob(snap.tree):
+                return name, snap
+        return None, None
+
+    # --- trees -----------------------------------------------------------------------
+
+    def _parent_children(self, parent_tree: bytes | None) -> dict[str, Node]:
+        if parent_tree is None:
+            return {}
+        try:
+            return {n.name: n for n in self.repo.load_tree(parent_tree)}
+        except DamagedObject:
+            return {}
+
+    def _archive_roots(self, targets: list[str], parent_tree: bytes | None) -> bytes:
+        """Build the virtual tree from / down to each target, then archive the targets."""
+        layout: dict[str, Any] = {}
+        for target in targets:
+            parts = [p for p in target.split(os.sep) if p]
+            cursor = layout
+            for part in parts[:-1]:
+                child = cursor.setdefault(part, {})
+                if child is None:  # an ancestor is itself a target: it covers this one
+                    break
+                cursor = child
+            else:
+                cursor[parts[-1]] = None  # None marks a target: archive all of it
+        return self._archive_layout("/", layout, parent_tree)
+
+    def _archive_layout(
+        self, path: str, layout: dict[str, Any], parent_tree: bytes | None
+    ) -> bytes:
+        old = self._parent_children(parent_tree)
+        nodes: list[Node] = []
+        pending: list[tuple[Node, list[Future[bytes]]]] = []
+        for name in sorted(layout):
+            child_path = os.path.join(path, name)
+            sub = layout[name]
+            if sub is None:
+                node = self._archive_entry(child_path, name, old.get(name), pending)
+                if node is not None:
+                    nodes.append(node)
+                continue
+            try:
+                st = os.lstat(child_path)
+            except OSError as exc:
+                self._error(child_path, exc)
+                continue
+            node = self._node_from_stat(name, st)
+            prev = old.get(name)
+            node.subtree = self._archive_layout(
+                child_path, sub, prev.subtree if prev and prev.type == "dir" else None
+            )
+            nodes.append(node)
+        return self._finish_tree(nodes, pending)
+
+    def _finish_tree(
+        self, nodes: list[Node], pending: list[tuple[Node, list[Future[bytes]]]]
+    ) -> bytes:
+        for node, futures in pending:
+            node.content = [f.result() for f in futures]
+        return self.writer.add(BlobType.TREE, fmt.encode_tree(nodes))
+
+    def _archive_dir(self, path: str, parent_tree: bytes | None) -> bytes:
+        old = self._parent_children(parent_tree)
+        nodes: list[Node] = []
+        pending: list[tuple[Node, list[Future[bytes]]]] = []
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            self._error(path, exc)
+            entries = []
+        names = {e.name for e in entries}
+        for entry in entries:
+            if _is_sqlite_sidecar(path, entry.name, names):
+                continue  # its content is inside the database's consistent copy
+            node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending)
+            if node is not None:
+                nodes.append(node)
+        self.result.dirs += 1
+        return self._finish_tree(nodes, pending)
+
+    def _archive_entry(
+        self,
+        path: str,
+        name: str,
+        previous: Node | None,
+        pending: list[tuple[Node, list[Future[bytes]]]],
+    ) -> Node | None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self._error(path, exc)
+            return None
+        node = self._node_from_stat(name, st)
+        try:
+            if node.type == "dir":
+                node.subtree = self._archive_dir(
+                    path, previous.subtree if previous and previous.type == "dir" else None
+                )
+            elif node.type == "symlink":
+                node.linktarget = os.readlink(path)
+            elif node.type == "file":
+                futures = self._archive_file(path, st, node, previous)
+                if futures is None:
+                    return None
+                pending.append((node, futures))
+            elif node.type in ("dev", "chardev"):
+                node.device = st.st_rdev
+        except OSError as exc:
+            self._error(path, exc)
+            return None
+        return node
+
+    def _node_from_stat(self, name: str, st: os.stat_result) -> Node:
+        node_type = _node_type(st.st_mode)
+        return Node(
+            name=name,
+            type=node_type,
+            mode=fmt.go_mode_from_unix(st.st_mode),
+            mtime=format_ns(st.st_mtime_ns),
+            atime=format_ns(st.st_atime_ns),
+            ctime=format_ns(st.st_ctime_ns),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            user=self.names.user(st.st_uid),
+            group=self.names.group(st.st_gid),
+            inode=st.st_ino,
+            device_id=st.st_dev,
+            size=st.st_size if node_type == "file" else 0,
+            links=st.st_nlink if node_type != "dir" else 0,
+            content=[] if node_type == "file" else None,
+        )
+
+    # --- files -----------------------------------------------------------------------
+
+    def _unchanged(self, node: Node, previous: Node | None) -> bool:
+        return (
+            previous is not None
+            and previous.type == "file"
+            and previous.size == node.size
+            and previous.mtime == node.mtime
+            and previous.ctime == node.ctime
+            and previous.inode == node.inode
+            and previous.content is not None
+            and all(self.repo.has_blob(b) for b in previous.content)
+        )
+
+    def _archive_file(
+        self, path: str, st: os.stat_result, node: Node, previous: Node | None
+    ) -> list[Future[bytes]] | None:
+        self.result.bytes_total += st.st_size
+        if is_sqlite_database(path):
+            return self._archive_sqlite(path, st, node, previous)
+        if self._unchanged(node, previous):
+            assert previous is not None and previous.content is not None
+            self.result.files_unmodified += 1
+            return [_done(b) for b in previous.content]
+        if previous is None:
+            self.result.files_new += 1
+        else:
+            self.result.files_changed += 1
+        with open(path, "rb") as handle:
+            return self._submit_chunks(self.chunker.chunks(handle))
+
+    def _submit_chunks(self, chunks: Any) -> list[Future[bytes]]:
+        futures = []
+        for chunk in chunks:
+            size = len(chunk)
+            self.budget.take(size)
+            self.result.bytes_read += size
+            future = self.pool.submit(self.writer.add, BlobType.DATA, chunk)
+            future.add_done_callback(functools.partial(self._chunk_done, size))
+            futures.append(future)
+        return futures
+
+    def _chunk_done(self, size: int, _future: Future[bytes]) -> None:
+        self.budget.give(size)
+        self.progress.advance(size)
+
+    def _archive_sqlite(
+        self, path: str, st: os.stat_result, node: Node, previous: Node | None
+    ) -> list[Future[bytes]] | None:
+        self.result.sqlite_databases += 1
+        state = _sqlite_file_state(path, st)
+        cached = self._sqlite_state.get(path)
+        if (
+            cached is not None
+            and previous is not None
+            and cached.get("state") == state
+            and previous.content is not None
+            and [b.hex() for b in previous.content] == cached.get("content")
+            and all(self.repo.has_blob(b) for b in previous.content)
+        ):
+            # Neither the database nor its WAL changed since the parent snapshot.
+            self._sqlite_state_new[path] = cached
+            node.size = previous.size
+            self.result.files_unmodified += 1
+            return [_done(b) for b in previous.content]
+        if previous is None:
+            self.result.files_new += 1
+        else:
+            self.result.files_changed += 1
+        try:
+            with consistent_copy(path, self.temp_dir) as copy:
+                node.size = copy.stat().st_size
+                page_size = page_size_of(copy)
+                with open(copy, "rb") as handle:
+                    futures = self._submit_chunks(page_chunks(handle, page_size))
+                    content = [f.result() for f in futures]
+        except SQLiteCopyError as exc:
+            self._error(path, exc)
+            return None
+        self._sqlite_state_new[path] = {"state": state, "content": [b.hex() for b in content]}
+        return [_done(b) for b in content]
+
+    # --- sqlite change cache ---------------------------------------------------------
+
+    def _load_sqlite_state(self) -> None:
+        if self._sqlite_state_file is None:
+            return
+        try:
+            self._sqlite_state = json.loads(self._sqlite_state_file.read_text())["databases"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self._sqlite_state = {}
+
+    def _save_sqlite_state(self, snapshot_id: str) -> None:
+        if self._sqlite_state_file is None:
+            return
+        merged = {**self._sqlite_state, **self._sqlite_state_new}
+        with contextlib.suppress(OSError):
+            self._sqlite_state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._sqlite_state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"snapshot": snapshot_id, "databases": merged}))
+            os.replace(tmp, self._sqlite_state_file)
+
+    def _error(self, path: str, exc: BaseException) -> None:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.result.errors.append((path, message))
+        self.progress.note(f"cannot read {path}: {message}")
+
+
+_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def _is_sqlite_sidecar(directory: str, name: str, siblings: set[str]) -> bool:
+    """A live database's -wal, -shm or -journal file: never back it up on its own.
+    Restored next to the consistent copy, a stale WAL could be replayed onto it."""
+    for suffix in _SQLITE_SIDECARS:
+        if name.endswith(suffix):
+            database = name[: -len(suffix)]
+            if database in siblings and is_sqlite_database(os.path.join(directory, database)):
+                return True
+    return False
+
+
+def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
+    state: list[Any] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    try:
+        wal = os.stat(path + "-wal")
+    except OSError:
+        wal = None
+    # A missing WAL and an empty one hold the same (nothing); readers, including our own
+    # consistent copy, may create an empty one.
+    if wal is None or wal.st_size == 0:
+        state.append(None)
+    else:
+        state.append([wal.st_size, wal.st_mtime_ns, wal.st_ctime_ns, wal.st_ino])
+    return state
+
+
+def _done(value: bytes) -> Future[bytes]:
+    future: Future[bytes] = Future()
+    future.set_result(value)
+    return future
+
+
+def _username() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""

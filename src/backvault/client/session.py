@@ -1,0 +1,79 @@
+"""Opening a repository the way a person or a script expects.
+
+Where the key comes from, in order: the key given on this command (prompt or
+``BACKVAULT_KEY``), then the device key cache. A 64-digit key is accepted with spaces,
+dashes, line breaks and upper case; any other text is tried as a restic password, so
+repositories made by restic open too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..crypto import recovery_key
+from ..repo.errors import RepositoryError, WrongKey
+from ..repo.repository import Repository
+from ..storage import Backend, open_backend
+from . import keycache
+
+
+class MalformedKeyError(RepositoryError):
+    pass
+
+
+class NoKeyAvailable(RepositoryError):
+    pass
+
+
+def secret_candidates(text: str) -> tuple[list[bytes], recovery_key.MalformedKey | None]:
+    """The byte strings to try as key-file passwords for what the user typed."""
+    try:
+        canonical = recovery_key.canonical(recovery_key.parse(text))
+    except recovery_key.MalformedKey as exc:
+        problem = exc if recovery_key.is_attempted_key(text) else None
+        return [text.encode()], problem
+    candidates = [canonical.encode()]
+    if text != canonical:
+        candidates.append(text.encode())
+    return candidates, None
+
+
+def open_with_text(backend: Backend, text: str) -> Repository:
+    candidates, problem = secret_candidates(text)
+    try:
+        return Repository.open(backend, candidates)
+    except WrongKey:
+        if problem is not None:
+            raise MalformedKeyError(f"that is not a valid 64-digit key: {problem}") from None
+        raise
+
+
+def open_repository(
+    location: str,
+    key_text: str | None,
+    ask: Callable[[], str] | None = None,
+    remember: bool = True,
+) -> tuple[Repository, str]:
+    """Open the repository; returns it and a note of how it was opened."""
+    backend = open_backend(location)
+    if key_text is not None:
+        repo = open_with_text(backend, key_text)
+        where = keycache.remember(backend.location, repo.config.id, repo.key) if remember else ""
+        return repo, f"opened with the key given; {'remembered in ' + where if where else ''}"
+    cached = keycache.recall(backend.location)
+    if cached is not None:
+        try:
+            repo = Repository.open_with_master_key(backend, cached.master_key)
+            if repo.config.id == cached.repo_id:
+                return repo, f"opened with this device's cached key ({cached.where})"
+        except WrongKey:
+            pass
+    if ask is None:
+        # Check the location first, so a wrong path is reported as such.
+        if not backend.exists():
+            Repository.open(backend, [])
+        raise NoKeyAvailable(
+            "no key for this repository on this device: set BACKVAULT_KEY to your 64-digit "
+            "key (or the repository password), or run interactively to type it"
+        )
+    return open_repository(location, ask(), None, remember)

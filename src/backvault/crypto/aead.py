@@ -1,0 +1,103 @@
+"""restic's authenticated encryption: ``IV || AES-256-CTR(ciphertext) || Poly1305-AES``.
+
+The MAC is Poly1305-AES (Bernstein 2005) over the ciphertext only, with the IV as nonce:
+the one-time Poly1305 key is ``r || AES-128_k(IV)``, where (k, r) is the repository's MAC
+key. ``cryptography``'s Poly1305 clamps ``r`` as restic does, so the tags are identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+IV_SIZE = 16
+MAC_SIZE = 16
+OVERHEAD = IV_SIZE + MAC_SIZE
+ENCRYPTION_KEY_SIZE = 32
+MAC_K_SIZE = 16
+MAC_R_SIZE = 16
+
+
+class AuthenticationFailed(ValueError):
+    """Ciphertext does not verify: wrong key, or the data was altered or damaged."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """A restic key: AES-256 encryption key plus the Poly1305-AES key (k, r)."""
+
+    encrypt: bytes
+    mac_k: bytes
+    mac_r: bytes
+
+    def __post_init__(self) -> None:
+        if (len(self.encrypt), len(self.mac_k), len(self.mac_r)) != (32, 16, 16):
+            raise ValueError("a restic key is 32 + 16 + 16 bytes")
+
+    def __repr__(self) -> str:
+        return "Key(<secret>)"
+
+    @classmethod
+    def generate(cls) -> Key:
+        return cls(secrets.token_bytes(32), secrets.token_bytes(16), secrets.token_bytes(16))
+
+    @classmethod
+    def from_derived_bytes(cls, material: bytes) -> Key:
+        """Split 64 KDF bytes as restic does: encryption key, then MAC k, then MAC r."""
+        if len(material) != 64:
+            raise ValueError("need 64 bytes of key material")
+        return cls(material[:32], material[32:48], material[48:64])
+
+    def to_json(self) -> dict[str, Any]:
+        """The master key document inside a key file's ``data``."""
+        return {
+            "mac": {"k": _b64(self.mac_k), "r": _b64(self.mac_r)},
+            "encrypt": _b64(self.encrypt),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Key:
+        try:
+            return cls(
+                base64.b64decode(doc["encrypt"], validate=True),
+                base64.b64decode(doc["mac"]["k"], validate=True),
+                base64.b64decode(doc["mac"]["r"], validate=True),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError("not a restic master key document") from exc
+
+    def _mac(self, iv: bytes, ciphertext: bytes) -> bytes:
+        encryptor = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()  # noqa: S305 - one block: AES_k(nonce) of Poly1305-AES
+        s = encryptor.update(iv) + encryptor.finalize()
+        return Poly1305.generate_tag(self.mac_r + s, ciphertext)
+
+    def _ctr(self, iv: bytes, data: bytes | memoryview) -> bytes:
+        cipher = Cipher(algorithms.AES(self.encrypt), modes.CTR(iv)).encryptor()
+        return cipher.update(data) + cipher.finalize()
+
+    def seal(self, plaintext: bytes | memoryview) -> bytes:
+        """Encrypt and authenticate: ``IV || ciphertext || MAC``, with a fresh random IV."""
+        iv = secrets.token_bytes(IV_SIZE)
+        ciphertext = self._ctr(iv, plaintext)
+        return iv + ciphertext + self._mac(iv, ciphertext)
+
+    def open(self, sealed: bytes | memoryview) -> bytes:
+        """Verify and decrypt; raises AuthenticationFailed before releasing any plaintext."""
+        data = memoryview(sealed)
+        if len(data) < OVERHEAD:
+            raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
+        iv = bytes(data[:IV_SIZE])
+        ciphertext = data[IV_SIZE:-MAC_SIZE]
+        if not hmac.compare_digest(self._mac(iv, bytes(ciphertext)), bytes(data[-MAC_SIZE:])):
+            raise AuthenticationFailed("MAC mismatch")
+        return self._ctr(iv, ciphertext)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

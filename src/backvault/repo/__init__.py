@@ -1,0 +1,1 @@
+"""The restic repository format (version 2): objects, packs, index, trees, snapshots, locks."""

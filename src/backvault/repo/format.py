@@ -1,0 +1,525 @@
+"""Pure encoders and parsers for restic's repository format version 2 (doc/design.rst).
+
+No I/O and no keys here: callers encrypt and store what these functions produce. Every
+parser raises :class:`FormatError` on anything malformed, with a message that names the
+problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import zstandard
+
+from ..crypto.aead import OVERHEAD
+
+REPOSITORY_VERSION = 2
+ID_SIZE = 32
+MAX_UNPACKED_SIZE = 1 << 30  # refuse to decompress a bomb
+
+
+class FormatError(ValueError):
+    """Repository data that does not follow restic's format."""
+
+
+def sha256(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def parse_id(text: Any, what: str = "id") -> bytes:
+    if not isinstance(text, str) or len(text) != 2 * ID_SIZE:
+        raise FormatError(f"{what}: expected 64 hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise FormatError(f"{what}: not hex") from exc
+
+
+class BlobType(Enum):
+    DATA = "data"
+    TREE = "tree"
+
+
+# --- unpacked files (index, snapshots, locks): encoding_version || data ---------------
+
+_zstd_compressor = zstandard.ZstdCompressor(level=3)
+
+
+def encode_unpacked(document: Any, compress: bool = True) -> bytes:
+    """Plaintext of an unpacked file: ``0x02 || zstd(json)``, or bare JSON (config)."""
+    raw = json.dumps(document, separators=(",", ":")).encode()
+    if not compress:
+        return raw
+    return b"\x02" + _zstd_compressor.compress(raw)
+
+
+def decode_unpacked(plaintext: bytes) -> Any:
+    if not plaintext:
+        raise FormatError("empty file")
+    if plaintext[0] in b"[{":
+        raw = plaintext
+    elif plaintext[0] == 2:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(
+                plaintext[1:], max_output_size=MAX_UNPACKED_SIZE
+            )
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"bad zstd data: {exc}") from exc
+    else:
+        raise FormatError(f"unknown encoding version {plaintext[0]}")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"bad JSON: {exc}") from exc
+
+
+# --- config --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    version: int
+    id: str
+    chunker_polynomial: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "id": self.id,
+            "chunker_polynomial": self.chunker_polynomial,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Config:
+        if not isinstance(doc, dict):
+            raise FormatError("config is not a JSON object")
+        version = doc.get("version")
+        if version not in (1, 2):
+            raise FormatError(f"unsupported repository version {version!r}")
+        repo_id, poly = doc.get("id"), doc.get("chunker_polynomial")
+        if not isinstance(repo_id, str) or not isinstance(poly, str):
+            raise FormatError("config lacks id or chunker_polynomial")
+        return cls(version, repo_id, poly)
+
+
+# --- pack files: blobs || encrypted header || header length (uint32 LE) --------------
+
+_PLAIN_ENTRY = struct.Struct("<BI32s")  # type, encrypted length, id
+_COMPRESSED_ENTRY = struct.Struct("<BII32s")  # type, encrypted length, plain length, id
+_TYPE_CODES = {
+    (BlobType.DATA, False): 0,
+    (BlobType.TREE, False): 1,
+    (BlobType.DATA, True): 2,
+    (BlobType.TREE, True): 3,
+}
+_CODE_TYPES = {code: key for key, code in _TYPE_CODES.items()}
+HEADER_LENGTH_SIZE = 4
+
+
+@dataclass(frozen=True)
+class PackedBlob:
+    """A blob's place in a pack, as the pack header and the index describe it."""
+
+    id: bytes
+    type: BlobType
+    offset: int
+    length: int  # encrypted length in the pack
+    uncompressed_length: int | None = None  # set only for compressed blobs
+
+    @property
+    def compressed(self) -> bool:
+        return self.uncompressed_length is not None
+
+    @property
+    def plaintext_length(self) -> int:
+        """Length of the blob's plaintext (decrypted and decompressed)."""
+        if self.uncompressed_length is not None:
+            return self.uncompressed_length
+        return self.length - OVERHEAD
+
+
+def encode_pack_header(blobs: Iterable[PackedBlob]) -> bytes:
+    out = bytearray()
+    for blob in blobs:
+        code = _TYPE_CODES[(blob.type, blob.compressed)]
+        if blob.uncompressed_length is None:
+            out += _PLAIN_ENTRY.pack(code, blob.length, blob.id)
+        else:
+            out += _COMPRESSED_ENTRY.pack(code, blob.length, blob.uncompressed_length, blob.id)
+    return bytes(out)
+
+
+def decode_pack_header(header: bytes) -> list[PackedBlob]:
+    blobs: list[PackedBlob] = []
+    pos = offset = 0
+    while pos < len(header):
+        code = header[pos]
+        if code not in _CODE_TYPES:
+            raise FormatError(f"pack header: unknown blob type {code}")
+        blob_type, compressed = _CODE_TYPES[code]
+        entry = _COMPRESSED_ENTRY if compressed else _PLAIN_ENTRY
+        if pos + entry.size > len(header):
+            raise FormatError("pack header: truncated entry")
+        if compressed:
+            _, length, plain_length, blob_id = _COMPRESSED_ENTRY.unpack_from(header, pos)
+        else:
+            _, length, blob_id = _PLAIN_ENTRY.unpack_from(header, pos)
+            plain_length = None
+        blobs.append(PackedBlob(blob_id, blob_type, offset, length, plain_length))
+        offset += length
+        pos += entry.size
+    return blobs
+
+
+def pack_header_span(pack_size: int, header_length: int) -> tuple[int, int]:
+    """Where the encrypted header sits in a pack: (offset, length), checked for sanity."""
+    if header_length <= 0 or header_length + HEADER_LENGTH_SIZE > pack_size:
+        raise FormatError(
+            f"pack header length {header_length} does not fit a {pack_size}-byte pack"
+        )
+    return pack_size - HEADER_LENGTH_SIZE - header_length, header_length
+
+
+# --- index -----------------------------------------------------------------------------
+
+
+@dataclass
+class IndexFile:
+    packs: dict[bytes, list[PackedBlob]] = field(default_factory=dict)
+    supersedes: list[bytes] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.supersedes:
+            doc["supersedes"] = [s.hex() for s in self.supersedes]
+        doc["packs"] = [
+            {
+                "id": pack_id.hex(),
+                "blobs": [_index_blob_json(b) for b in blobs],
+            }
+            for pack_id, blobs in self.packs.items()
+        ]
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> IndexFile:
+        if isinstance(doc, list):  # restic's first index format: a bare list of packs
+            doc = {"packs": doc}
+        if not isinstance(doc, dict) or not isinstance(doc.get("packs", []), list):
+            raise FormatError("index is not a JSON object with packs")
+        index = cls()
+        index.supersedes = [parse_id(s, "supersedes") for s in doc.get("supersedes") or []]
+        for pack in doc.get("packs") or []:
+            try:
+                pack_id = parse_id(pack["id"], "pack id")
+                blobs = []
+                for b in pack["blobs"] or []:
+                    plain = b.get("uncompressed_length")
+                    blobs.append(
+                        PackedBlob(
+                            parse_id(b["id"], "blob id"),
+                            BlobType(b["type"]),
+                            _nonneg_int(b["offset"]),
+                            _nonneg_int(b["length"]),
+                            None if plain is None else _nonneg_int(plain),
+                        )
+                    )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FormatError(f"index entry malformed: {exc}") from exc
+            index.packs.setdefault(pack_id, []).extend(blobs)
+        return index
+
+
+def _nonneg_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FormatError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _index_blob_json(blob: PackedBlob) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": blob.id.hex(),
+        "type": blob.type.value,
+        "offset": blob.offset,
+        "length": blob.length,
+    }
+    if blob.uncompressed_length is not None:
+        doc["uncompressed_length"] = blob.uncompressed_length
+    return doc
+
+
+# --- trees ---------------------------------------------------------------------------
+
+# Go's os.FileMode bits, which restic stores as "mode".
+GO_MODE_DIR = 1 << 31
+GO_MODE_SYMLINK = 1 << 27
+GO_MODE_DEVICE = 1 << 26
+GO_MODE_NAMED_PIPE = 1 << 25
+GO_MODE_SOCKET = 1 << 24
+GO_MODE_SETUID = 1 << 23
+GO_MODE_SETGID = 1 << 22
+GO_MODE_CHAR_DEVICE = 1 << 21
+GO_MODE_STICKY = 1 << 20
+
+
+def go_mode_from_unix(st_mode: int) -> int:
+    mode = st_mode & 0o777
+    if st_mode & stat.S_ISUID:
+        mode |= GO_MODE_SETUID
+    if st_mode & stat.S_ISGID:
+        mode |= GO_MODE_SETGID
+    if st_mode & stat.S_ISVTX:
+        mode |= GO_MODE_STICKY
+    kind = stat.S_IFMT(st_mode)
+    mode |= {
+        stat.S_IFDIR: GO_MODE_DIR,
+        stat.S_IFLNK: GO_MODE_SYMLINK,
+        stat.S_IFIFO: GO_MODE_NAMED_PIPE,
+        stat.S_IFSOCK: GO_MODE_SOCKET,
+        stat.S_IFBLK: GO_MODE_DEVICE,
+        stat.S_IFCHR: GO_MODE_DEVICE | GO_MODE_CHAR_DEVICE,
+    }.get(kind, 0)
+    return mode
+
+
+def unix_permissions_from_go(go_mode: int) -> int:
+    """The chmod() bits of a restic mode: permissions plus setuid, setgid and sticky."""
+    mode = go_mode & 0o777
+    if go_mode & GO_MODE_SETUID:
+        mode |= stat.S_ISUID
+    if go_mode & GO_MODE_SETGID:
+        mode |= stat.S_ISGID
+    if go_mode & GO_MODE_STICKY:
+        mode |= stat.S_ISVTX
+    return mode
+
+
+NODE_TYPES = ("file", "dir", "symlink", "dev", "chardev", "fifo", "socket", "irregular")
+
+
+@dataclass
+class Node:
+    """One entry of a tree, with the fields restic 0.14 writes (``omitempty`` honoured)."""
+
+    name: str
+    type: str
+    mode: int = 0
+    mtime: str = ""
+    atime: str = ""
+    ctime: str = ""
+    uid: int = 0
+    gid: int = 0
+    user: str = ""
+    group: str = ""
+    inode: int = 0
+    device_id: int = 0
+    size: int = 0
+    links: int = 0
+    linktarget: str = ""
+    device: int = 0
+    content: list[bytes] | None = None
+    subtree: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields we keep but do not use
+
+    _OPTIONAL = (
+        "mode",
+        "mtime",
+        "atime",
+        "ctime",
+        "user",
+        "group",
+        "inode",
+        "device_id",
+        "size",
+        "links",
+        "linktarget",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "type": self.type}
+        for key in ("mode", "mtime", "atime", "ctime"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        doc["uid"] = self.uid
+        doc["gid"] = self.gid
+        for key in ("user", "group", "inode", "device_id", "size", "links", "linktarget"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        doc.update(self.extra)
+        if self.device:
+            doc["device"] = self.device
+        doc["content"] = None if self.content is None else [c.hex() for c in self.content]
+        if self.subtree is not None:
+            doc["subtree"] = self.subtree.hex()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Node:
+        if not isinstance(doc, dict):
+            raise FormatError("tree node is not an object")
+        try:
+            name, node_type = doc["name"], doc["type"]
+            if not isinstance(name, str) or not isinstance(node_type, str):
+                raise FormatError("tree node name/type must be strings")
+            if not name or "/" in name or name in (".", ".."):
+                raise FormatError(f"tree node has an unsafe name: {name!r}")
+            content = doc.get("content")
+            node = cls(
+                name=name,
+                type=node_type,
+                mode=_nonneg_int(doc.get("mode", 0)),
+                mtime=str(doc.get("mtime", "")),
+                atime=str(doc.get("atime", "")),
+                ctime=str(doc.get("ctime", "")),
+                uid=_nonneg_int(doc.get("uid", 0)),
+                gid=_nonneg_int(doc.get("gid", 0)),
+                user=str(doc.get("user", "")),
+                group=str(doc.get("group", "")),
+                inode=_nonneg_int(doc.get("inode", 0)),
+                device_id=_nonneg_int(doc.get("device_id", 0)),
+                size=_nonneg_int(doc.get("size", 0)),
+                links=_nonneg_int(doc.get("links", 0)),
+                linktarget=str(doc.get("linktarget", "")),
+                device=_nonneg_int(doc.get("device", 0)),
+                content=None
+                if content is None
+                else [parse_id(c, f"content of {name!r}") for c in content],
+                subtree=None
+                if doc.get("subtree") is None
+                else parse_id(doc["subtree"], f"subtree of {name!r}"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"tree node malformed: {exc}") from exc
+        known = {"name", "type", "content", "subtree", "device", "uid", "gid", *cls._OPTIONAL}
+        node.extra = {k: v for k, v in doc.items() if k not in known}
+        if node.type == "dir" and node.subtree is None:
+            raise FormatError(f"directory {name!r} has no subtree")
+        return node
+
+
+def encode_tree(nodes: Iterable[Node]) -> bytes:
+    """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it."""
+    ordered = sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
+    for a, b in itertools.pairwise(ordered):
+        if a.name == b.name:
+            raise FormatError(f"duplicate name in tree: {a.name!r}")
+    doc = {"nodes": [n.to_json() for n in ordered]}
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_tree(data: bytes) -> list[Node]:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise FormatError(f"tree is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes", []), list | None):
+        raise FormatError("tree is not an object with nodes")
+    return [Node.from_json(n) for n in doc.get("nodes") or []]
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    time: str
+    tree: bytes
+    paths: list[str]
+    hostname: str = ""
+    username: str = ""
+    uid: int = 0
+    gid: int = 0
+    parent: bytes | None = None
+    tags: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    original: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"time": self.time}
+        if self.parent is not None:
+            doc["parent"] = self.parent.hex()
+        doc["tree"] = self.tree.hex()
+        doc["paths"] = self.paths
+        for key in ("hostname", "username", "uid", "gid", "excludes", "tags"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        if self.original is not None:
+            doc["original"] = self.original.hex()
+        doc.update(self.extra)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Snapshot:
+        if not isinstance(doc, dict):
+            raise FormatError("snapshot is not an object")
+        try:
+            snap = cls(
+                time=str(doc["time"]),
+                tree=parse_id(doc["tree"], "snapshot tree"),
+                paths=[str(p) for p in doc.get("paths") or []],
+                hostname=str(doc.get("hostname", "")),
+                username=str(doc.get("username", "")),
+                uid=_nonneg_int(doc.get("uid", 0)),
+                gid=_nonneg_int(doc.get("gid", 0)),
+                parent=None if doc.get("parent") is None else parse_id(doc["parent"]),
+                tags=[str(t) for t in doc.get("tags") or []],
+                excludes=[str(e) for e in doc.get("excludes") or []],
+                original=None if doc.get("original") is None else parse_id(doc["original"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"snapshot malformed: {exc}") from exc
+        known = {"time", "tree", "paths", "hostname", "username", "uid", "gid", "parent"}
+        known |= {"tags", "excludes", "original"}
+        snap.extra = {k: v for k, v in doc.items() if k not in known}
+        return snap
+
+
+# --- locks ---------------------------------------------------------------------------
+
+
+@dataclass
+class Lock:
+    time: str
+    exclusive: bool
+    hostname: str
+    username: str
+    pid: int
+    uid: int = 0
+    gid: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "exclusive": self.exclusive,
+            "hostname": self.hostname,
+            "username": self.username,
+            "pid": self.pid,
+            "uid": self.uid,
+            "gid": self.gid,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Lock:
+        if not isinstance(doc, dict):
+            raise FormatError("lock is not an object")
+        try:
+            return cls(
+                time=str(doc["time"]),
+                exclusive=bool(doc.get("exclusive", False)),
+                hostname=str(doc.get("hostname", "")),
+                username=str(doc.get("username", "")),
+                pid=int(doc.get("pid", 0)),
+                uid=int(doc.get("uid", 0)),
+                gid=int(doc.get("gid", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"lock malformed: {exc}") from exc

@@ -1,0 +1,388 @@
+"""An open restic repository: keys, config, index, blobs, trees, snapshots, locks."""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from ..crypto.aead import AuthenticationFailed, Key
+from ..crypto.keyfile import KeyFile, KeyFileError, WrongSecret
+from ..storage import Backend, FileType, ObjectNotFound, StorageError
+from . import format as fmt
+from .errors import DamagedObject, NotARepository, RepositoryError, WrongKey
+from .format import Config, IndexFile, Node, PackedBlob, Snapshot
+from .polynomial import random_irreducible
+from .timefmt import format_ns, now_ns
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    pack_id: bytes
+    blob: PackedBlob
+
+
+@dataclass(frozen=True)
+class KeySlot:
+    """A key file as listed: its id, who made it, and whether it opened this session."""
+
+    id: str
+    username: str
+    hostname: str
+    created: str
+    current: bool
+
+
+def _identity() -> tuple[str, str]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return user, socket.gethostname()
+
+
+class Repository:
+    """Opened with a master key; every read is verified (hash and MAC) before use."""
+
+    def __init__(self, backend: Backend, key: Key, config: Config, key_id: str | None) -> None:
+        self.backend = backend
+        self.key = key
+        self.config = config
+        self.key_id = key_id
+        self._index: dict[bytes, BlobLocation] = {}
+        self._index_loaded = False
+        self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._tree_cache_lock = threading.Lock()
+        self._decompressor = threading.local()
+
+    # --- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, backend: Backend, secret: bytes, username: str | None = None) -> Repository:
+        """Create a repository with a new master key and one key file for ``secret``."""
+        if backend.exists():
+            raise RepositoryError(f"a repository already exists at {backend.location}")
+        master = Key.generate()
+        config = Config(
+            version=fmt.REPOSITORY_VERSION,
+            id=secrets.token_hex(32),
+            chunker_polynomial=_random_polynomial_hex(),
+        )
+        backend.create()
+        repo = cls(backend, master, config, None)
+        repo.key_id = repo.add_key(secret, username=username)
+        # The config goes last: until it exists, the location is not a repository.
+        plain = fmt.encode_unpacked(config.to_json(), compress=False)
+        backend.save(FileType.CONFIG, "config", master.seal(plain))
+        return repo
+
+    @classmethod
+    def _load_config(cls, backend: Backend, key: Key) -> Config:
+        try:
+            raw = backend.load(FileType.CONFIG, "config")
+        except ObjectNotFound as exc:
+            raise NotARepository(
+                f"there is no repository at {backend.location} (no config file); "
+                "check the path or create one with `backvault init`"
+            ) from exc
+        try:
+            return Config.from_json(fmt.decode_unpacked(key.open(raw)))
+        except AuthenticationFailed as exc:
+            raise WrongKey("this key does not open this repository") from exc
+        except fmt.FormatError as exc:
+            raise DamagedObject("config", str(exc)) from exc
+
+    @classmethod
+    def open(cls, backend: Backend, secret_candidates: Iterable[bytes]) -> Repository:
+        """Open with the first key file that one of the candidate secrets opens."""
+        if not backend.exists():
+            raise NotARepository(
+                f"there is no repository at {backend.location} (no config file); "
+                "check the path or create one with `backvault init`"
+            )
+        candidates = list(secret_candidates)
+        key_files = list(backend.list(FileType.KEY))
+        if not key_files:
+            raise DamagedObject("keys/", "the repository has no key files")
+        for name, _ in key_files:
+            try:
+                key_file = KeyFile.from_bytes(backend.load(FileType.KEY, name))
+            except (KeyFileError, ObjectNotFound):
+                continue
+            for secret in candidates:
+                try:
+                    master = key_file.open(secret)
+                except WrongSecret:
+                    continue
+                except KeyFileError as exc:
+                    raise DamagedObject(f"keys/{name}", str(exc)) from exc
+                return cls(backend, master, cls._load_config(backend, master), name)
+        raise WrongKey("this key does not open this repository")
+
+    @classmethod
+    def open_with_master_key(cls, backend: Backend, key: Key) -> Repository:
+        return cls(backend, key, cls._load_config(backend, key), None)
+
+    # --- key slots ---------------------------------------------------------------------
+
+    def add_key(self, secret: bytes, username: str | None = None) -> str:
+        user, host = _identity()
+        key_file = KeyFile.create(
+            self.key,
+            secret,
+            created=format_ns(now_ns()),
+            username=username or user,
+            hostname=host,
+        )
+        raw = key_file.to_bytes()
+        name = fmt.sha256(raw).hex()
+        self.backend.save(FileType.KEY, name, raw)
+        return name
+
+    def list_keys(self) -> list[KeySlot]:
+        slots = []
+        for name, _ in self.backend.list(FileType.KEY):
+            try:
+                key_file = KeyFile.from_bytes(self.backend.load(FileType.KEY, name))
+            except (KeyFileError, ObjectNotFound):
+                continue
+            slots.append(
+                KeySlot(
+                    name,
+                    key_file.username,
+                    key_file.hostname,
+                    key_file.created,
+                    name == self.key_id,
+                )
+            )
+        return sorted(slots, key=lambda s: s.created)
+
+    def remove_key(self, key_id: str) -> None:
+        self.backend.remove(FileType.KEY, key_id)
+
+    # --- unpacked files ----------------------------------------------------------------
+
+    def load_unpacked(self, kind: FileType, name: str) -> Any:
+        label = f"{kind.value}/{name}"
+        try:
+            raw = self.backend.load(kind, name)
+        except ObjectNotFound as exc:
+            raise DamagedObject(label, "it is missing") from exc
+        if fmt.sha256(raw).hex() != name:
+            raise DamagedObject(label, "its content does not match its name (altered or truncated)")
+        try:
+            return fmt.decode_unpacked(self.key.open(raw))
+        except AuthenticationFailed as exc:
+            raise DamagedObject(label, "it does not decrypt (MAC mismatch)") from exc
+        except fmt.FormatError as exc:
+            raise DamagedObject(label, str(exc)) from exc
+
+    def save_unpacked(self, kind: FileType, document: Any) -> str:
+        raw = self.key.seal(fmt.encode_unpacked(document))
+        name = fmt.sha256(raw).hex()
+        self.backend.save(kind, name, raw)
+        return name
+
+    # --- index -------------------------------------------------------------------------
+
+    def load_index(self, errors: list[DamagedObject] | None = None) -> None:
+        """Read every index file. Damaged ones are collected in ``errors`` if given."""
+        index: dict[bytes, BlobLocation] = {}
+        names = [name for name, _ in self.backend.list(FileType.INDEX)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(self._try_load_index_file, names))
+        for result in results:
+            if isinstance(result, DamagedObject):
+                if errors is None:
+                    raise result
+                errors.append(result)
+                continue
+            for pack_id, blobs in result.packs.items():
+                for blob in blobs:
+                    index.setdefault(blob.id, BlobLocation(pack_id, blob))
+        self._index = index
+        self._index_loaded = True
+
+    def _try_load_index_file(self, name: str) -> IndexFile | DamagedObject:
+        try:
+            return IndexFile.from_json(self.load_unpacked(FileType.INDEX, name))
+        except DamagedObject as exc:
+            return exc
+        except fmt.FormatError as exc:
+            return DamagedObject(f"index/{name}", str(exc))
+
+    def ensure_index(self) -> None:
+        if not self._index_loaded:
+            self.load_index()
+
+    def lookup(self, blob_id: bytes) -> BlobLocation | None:
+        return self._index.get(blob_id)
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        return blob_id in self._index
+
+    def index_entries(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        return iter(self._index.items())
+
+    def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
+        for blob in blobs:
+            self._index.setdefault(blob.id, BlobLocation(pack_id, blob))
+
+    # --- blobs and trees ---------------------------------------------------------------
+
+    def decrypt_blob(self, blob: PackedBlob, sealed: bytes, label: str) -> bytes:
+        """Decrypt, decompress and verify one blob's bytes as read from its pack."""
+        try:
+            plain = self.key.open(sealed)
+        except AuthenticationFailed as exc:
+            raise DamagedObject(label, f"blob {blob.id.hex()[:12]} does not decrypt") from exc
+        if blob.uncompressed_length is not None:
+            try:
+                plain = self._zstd().decompress(plain, max_output_size=blob.uncompressed_length)
+            except zstandard.ZstdError as exc:
+                raise DamagedObject(label, f"blob {blob.id.hex()[:12]}: {exc}") from exc
+        if fmt.sha256(plain) != blob.id:
+            raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
+        return plain
+
+    def _zstd(self) -> zstandard.ZstdDecompressor:
+        decompressor = getattr(self._decompressor, "value", None)
+        if decompressor is None:
+            decompressor = zstandard.ZstdDecompressor()
+            self._decompressor.value = decompressor
+        return decompressor
+
+    def load_blob(self, blob_id: bytes) -> bytes:
+        self.ensure_index()
+        location = self._index.get(blob_id)
+        if location is None:
+            raise DamagedObject(f"blob {blob_id.hex()[:12]}", "it is not in any index")
+        pack = location.pack_id.hex()
+        label = f"data/{pack}"
+        try:
+            sealed = self.backend.load(
+                FileType.DATA, pack, location.blob.offset, location.blob.length
+            )
+        except ObjectNotFound as exc:
+            raise DamagedObject(label, "the pack is missing") from exc
+        except StorageError as exc:
+            raise DamagedObject(label, str(exc)) from exc
+        if len(sealed) != location.blob.length:
+            raise DamagedObject(label, "the pack is truncated")
+        return self.decrypt_blob(location.blob, sealed, label)
+
+    def load_tree(self, tree_id: bytes) -> list[Node]:
+        with self._tree_cache_lock:
+            cached = self._tree_cache.get(tree_id)
+            if cached is not None:
+                self._tree_cache.move_to_end(tree_id)
+                return cached
+        try:
+            nodes = fmt.decode_tree(self.load_blob(tree_id))
+        except fmt.FormatError as exc:
+            raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
+        with self._tree_cache_lock:
+            self._tree_cache[tree_id] = nodes
+            while len(self._tree_cache) > 4096:
+                self._tree_cache.popitem(last=False)
+        return nodes
+
+    # --- pack headers ------------------------------------------------------------------
+
+    def read_pack_header(self, pack_id: str, size: int | None = None) -> list[PackedBlob]:
+        label = f"data/{pack_id}"
+        try:
+            if size is None:
+                size = self.backend.stat(FileType.DATA, pack_id)
+            tail = self.backend.load(FileType.DATA, pack_id, max(0, size - 4), 4)
+        except ObjectNotFound as exc:
+            raise DamagedObject(label, "the pack is missing") from exc
+        if len(tail) != 4:
+            raise DamagedObject(label, "the pack is truncated")
+        try:
+            offset, length = fmt.pack_header_span(size, int.from_bytes(tail, "little"))
+        except fmt.FormatError as exc:
+            raise DamagedObject(label, str(exc)) from exc
+        sealed = self.backend.load(FileType.DATA, pack_id, offset, length)
+        try:
+            blobs = fmt.decode_pack_header(self.key.open(sealed))
+        except AuthenticationFailed as exc:
+            raise DamagedObject(label, "its header does not decrypt") from exc
+        except fmt.FormatError as exc:
+            raise DamagedObject(label, str(exc)) from exc
+        if blobs and blobs[-1].offset + blobs[-1].length > offset:
+            raise DamagedObject(label, "its header describes more data than the pack holds")
+        return blobs
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def list_snapshots(
+        self, errors: list[DamagedObject] | None = None
+    ) -> list[tuple[str, Snapshot]]:
+        """All snapshots, oldest first. Damaged ones go to ``errors`` or raise."""
+        snapshots = []
+        for name, _ in self.backend.list(FileType.SNAPSHOT):
+            try:
+                snapshots.append(
+                    (name, Snapshot.from_json(self.load_unpacked(FileType.SNAPSHOT, name)))
+                )
+            except DamagedObject as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+            except fmt.FormatError as exc:
+                damaged = DamagedObject(f"snapshots/{name}", str(exc))
+                if errors is None:
+                    raise damaged from exc
+                errors.append(damaged)
+        snapshots.sort(key=lambda item: (_sort_time(item[1].time), item[0]))
+        return snapshots
+
+    def find_snapshot(self, ref: str, paths: list[str] | None = None) -> tuple[str, Snapshot]:
+        """``latest`` or an id prefix (at least 4 hex digits, as restic allows)."""
+        if ref == "latest":
+            found = [
+                item
+                for item in self.list_snapshots()
+                if paths is None or sorted(item[1].paths) == sorted(paths)
+            ]
+            if not found:
+                raise RepositoryError("the repository has no snapshots yet")
+            return found[-1]
+        matches = [name for name, _ in self.backend.list(FileType.SNAPSHOT) if name.startswith(ref)]
+        if not matches or len(ref) < 4:
+            raise RepositoryError(
+                f"no snapshot matches {ref!r}; list them with `backvault snapshots`"
+            )
+        if len(matches) > 1:
+            raise RepositoryError(f"{ref!r} matches {len(matches)} snapshots; give more digits")
+        name = matches[0]
+        try:
+            return name, Snapshot.from_json(self.load_unpacked(FileType.SNAPSHOT, name))
+        except fmt.FormatError as exc:
+            raise DamagedObject(f"snapshots/{name}", str(exc)) from exc
+
+    def save_snapshot(self, snapshot: Snapshot) -> str:
+        return self.save_unpacked(FileType.SNAPSHOT, snapshot.to_json())
+
+
+def _sort_time(text: str) -> int:
+    from .timefmt import parse_ns
+
+    try:
+        return parse_ns(text)
+    except ValueError:
+        return 0
+
+
+def _random_polynomial_hex() -> str:
+    """The config's chunker polynomial (restic's chunker uses it; ours is keyed instead)."""
+    return f"{random_irreducible():x}"

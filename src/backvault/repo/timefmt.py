@@ -1,0 +1,58 @@
+"""Timestamps as restic writes them: Go's RFC 3339 with nanoseconds, kept as integer ns."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9})\d*)?([Zz]|[+-]\d\d:\d\d)$"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def format_ns(ns: int, local: bool = True) -> str:
+    """Format ns since the epoch like Go's time.RFC3339Nano (trailing zeros trimmed)."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    dt = _EPOCH + timedelta(seconds=seconds)
+    if local:
+        offset = timedelta(seconds=-(time.altzone if _is_dst(seconds) else time.timezone))
+        dt = dt.astimezone(timezone(offset))
+    text = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += "." + f"{fraction:09d}".rstrip("0")
+    utc_offset = dt.utcoffset()
+    if not utc_offset:
+        return text + "Z"
+    minutes = int(utc_offset.total_seconds()) // 60
+    sign = "+" if minutes >= 0 else "-"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _is_dst(seconds: int) -> bool:
+    try:
+        return bool(time.localtime(seconds).tm_isdst > 0)
+    except (OverflowError, OSError, ValueError):
+        return False
+
+
+def parse_ns(text: str) -> int:
+    """Parse an RFC 3339 timestamp (any number of fraction digits) into ns since the epoch."""
+    match = _RFC3339.match(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if zone in ("Z", "z"):
+        tz = UTC
+    else:
+        sign = 1 if zone[0] == "+" else -1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz)
+    delta = dt - _EPOCH
+    whole = (delta.days * 86400 + delta.seconds) * 1_000_000_000
+    return whole + int((fraction or "0").ljust(9, "0"))
+
+
+def now_ns() -> int:
+    return time.time_ns()

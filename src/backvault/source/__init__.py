@@ -1,0 +1,1 @@
+"""What to back up: consistent SQLite snapshots and plain files."""
