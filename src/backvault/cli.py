@@ -550,6 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         report(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
         return EXIT_ERROR
+    except Exception as exc:
+        if os.environ.get("BACKVAULT_DEBUG"):
+            raise
+        report(
+            f"internal error: {type(exc).__name__}: {exc} (nothing was lost; rerun with "
+            "BACKVAULT_DEBUG=1 for details and please report it)"
+        )
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -32,7 +32,8 @@ def chunker_seed(master: Key) -> int:
     digest = hmac.new(
         master.mac_k + master.mac_r, b"backvault chunker gear seed v1", hashlib.sha256
     )
-    return int.from_bytes(digest.digest()[:8], "little") or 1
+    # 63 bits: pyfastcdc shifts the seed left by one into a uint64.
+    return (int.from_bytes(digest.digest()[:8], "little") >> 1) or 1
 
 
 class ContentChunker:

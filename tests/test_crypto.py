@@ -1,0 +1,160 @@
+"""restic's AES-256-CTR + Poly1305-AES, key files and the 64-digit key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backvault.crypto import recovery_key
+from backvault.crypto.aead import AuthenticationFailed, Key
+from backvault.crypto.keyfile import KeyFile, KeyFileError, WrongSecret
+
+
+def test_poly1305_aes_matches_bernstein_paper_example() -> None:
+    # "The Poly1305-AES message-authentication code", Appendix B, first example.
+    key = Key(
+        bytes(32),
+        bytes.fromhex("ec074c835580741701425b623235add6"),
+        bytes.fromhex("851fc40c3467ac0be05cc20404f3f700"),
+    )
+    nonce = bytes.fromhex("fb447350c4e868c52ac3275cf9d4327e")
+    assert key._mac(nonce, bytes.fromhex("f3f6")).hex() == "f4c633c3044fc145f84f335cb81953de"
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=5000))
+def test_seal_open_round_trip(data: bytes) -> None:
+    key = Key.generate()
+    sealed = key.seal(data)
+    assert len(sealed) == len(data) + 32
+    assert key.open(sealed) == data
+
+
+def test_every_bit_flip_is_detected() -> None:
+    key = Key.generate()
+    sealed = key.seal(b"hello restic")
+    for i in range(len(sealed) * 8):
+        damaged = bytearray(sealed)
+        damaged[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(AuthenticationFailed):
+            key.open(bytes(damaged))
+
+
+def test_wrong_key_and_truncation_are_detected() -> None:
+    sealed = Key.generate().seal(b"data")
+    with pytest.raises(AuthenticationFailed):
+        Key.generate().open(sealed)
+    with pytest.raises(AuthenticationFailed):
+        Key.generate().open(sealed[:20])
+
+
+def test_same_plaintext_gives_different_ciphertexts() -> None:
+    key = Key.generate()
+    assert key.seal(b"x") != key.seal(b"x")
+
+
+def test_key_file_round_trip_and_wrong_secret() -> None:
+    master = Key.generate()
+    key_file = KeyFile.create(
+        master, b"secret", created="2020-01-01T00:00:00Z", username="u", hostname="h", n=1024
+    )
+    parsed = KeyFile.from_bytes(key_file.to_bytes())
+    assert parsed.open(b"secret") == master
+    with pytest.raises(WrongSecret):
+        parsed.open(b"other")
+    doc = json.loads(key_file.to_bytes())
+    assert doc["kdf"] == "scrypt" and doc["N"] == 1024 and len(doc["salt"]) > 40
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{}", b"[]", b'{"kdf":"argon"}', b'{"kdf":"scrypt","N":3,"r":8,"p":1}', b"\xff"],
+)
+def test_bad_key_files_are_rejected(raw: bytes) -> None:
+    with pytest.raises(KeyFileError):
+        KeyFile.from_bytes(raw)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300))
+def test_key_file_parser_only_raises_key_file_error(raw: bytes) -> None:
+    try:
+        KeyFile.from_bytes(raw)
+    except KeyFileError:
+        pass
+
+
+# --- the 64-digit key ------------------------------------------------------------------
+
+SECRET = bytes(range(32))
+
+
+def test_display_is_16_groups_of_4() -> None:
+    shown = recovery_key.display(SECRET)
+    groups = shown.split(" ")
+    assert len(groups) == 16 and all(len(g) == 4 for g in groups)
+    assert "".join(groups) == recovery_key.canonical(SECRET) == SECRET.hex()
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        SECRET.hex(),
+        SECRET.hex().upper(),
+        recovery_key.display(SECRET),
+        recovery_key.display(SECRET).replace(" ", "-"),
+        "\n".join(recovery_key.display(SECRET).split(" ")),
+        "  " + recovery_key.display(SECRET).upper().replace(" ", " - ") + "\n",
+    ],
+    ids=["canonical", "upper", "groups", "dashes", "lines", "mixed"],
+)
+def test_parse_tolerates_spaces_dashes_lines_and_case(typed: str) -> None:
+    assert recovery_key.parse(typed) == SECRET
+
+
+def test_non_hex_character_names_its_group() -> None:
+    groups = recovery_key.display(SECRET).split(" ")
+    groups[6] = "00g0"
+    with pytest.raises(recovery_key.MalformedKey, match=r"group 7 contains 'g'"):
+        recovery_key.parse(" ".join(groups))
+
+
+def test_lookalike_character_gets_a_hint() -> None:
+    text = SECRET.hex()[:10] + "o" + SECRET.hex()[11:]
+    with pytest.raises(recovery_key.MalformedKey, match=r"group 3 .*did you mean '0'"):
+        recovery_key.parse(text)
+
+
+def test_short_group_is_named() -> None:
+    groups = recovery_key.display(SECRET).split(" ")
+    groups[4] = groups[4][:3]
+    with pytest.raises(recovery_key.MalformedKey, match=r"group 5 \('[0-9a-f]{3}'\) has 3 digits"):
+        recovery_key.parse(" ".join(groups))
+
+
+def test_missing_group_is_named() -> None:
+    groups = recovery_key.display(SECRET).split(" ")[:15]
+    with pytest.raises(recovery_key.MalformedKey, match=r"60 digits, it needs 64: group 16"):
+        recovery_key.parse(" ".join(groups))
+
+
+def test_extra_digits_are_reported() -> None:
+    with pytest.raises(recovery_key.MalformedKey, match=r"68 digits"):
+        recovery_key.parse(SECRET.hex() + "abcd")
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_display_parse_round_trip(secret: bytes) -> None:
+    assert recovery_key.parse(recovery_key.display(secret)) == secret
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=100))
+def test_parse_only_raises_malformed_key(text: str) -> None:
+    try:
+        assert len(recovery_key.parse(text)) == 32
+    except recovery_key.MalformedKey:
+        pass
