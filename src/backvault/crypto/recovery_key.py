@@ -79,7 +79,15 @@ def parse(text: str) -> bytes:
 
 
 def is_attempted_key(text: str) -> bool:
-    """True when text looks like someone typing a 64-digit key (only hex digits and
-    separators, at least half of the digits): its errors are then worth reporting."""
-    compact = _SEPARATORS.sub("", text.strip().lower())
-    return len(compact) >= DIGITS // 2 and all(c in _HEX or c in _LOOKALIKES for c in compact)
+    """True when text looks like someone typing a 64-digit key, so that its errors are
+    worth reporting: nearly all hex digits and close to 64 of them, or typed in groups
+    of four."""
+    lowered = text.strip().lower()
+    compact = _SEPARATORS.sub("", lowered)
+    if not compact:
+        return False
+    hex_share = sum(c in _HEX for c in compact) / len(compact)
+    if DIGITS // 2 <= len(compact) <= DIGITS + 16 and hex_share >= 0.85:
+        return True
+    tokens = [t for t in _SEPARATORS.split(lowered) if t]
+    return len(tokens) >= 8 and sum(len(t) == GROUP for t in tokens) >= len(tokens) * 0.75

@@ -54,7 +54,7 @@ class Checker:
         errors: list[DamagedObject] = []
         self.repo.load_index(errors=errors)
         self.result.errors.extend(str(e) for e in errors)
-        packs = self._index_by_pack()
+        packs = self.repo.indexed_packs()
         stored = dict(self.repo.backend.list(FileType.DATA))
         for pack_id, blobs in packs.items():
             name = pack_id.hex()
@@ -79,14 +79,6 @@ class Checker:
                 if subset is None or subset(name):
                     self._read_pack(name, stored[name], packs.get(bytes.fromhex(name)))
         return self.result
-
-    def _index_by_pack(self) -> dict[bytes, list[PackedBlob]]:
-        packs: dict[bytes, list[PackedBlob]] = {}
-        for _, location in self.repo.index_entries():
-            packs.setdefault(location.pack_id, []).append(location.blob)
-        for blobs in packs.values():
-            blobs.sort(key=lambda b: b.offset)
-        return packs
 
     def _check_snapshots_and_trees(self) -> None:
         errors: list[DamagedObject] = []

@@ -58,6 +58,7 @@ class Repository:
         self.config = config
         self.key_id = key_id
         self._index: dict[bytes, BlobLocation] = {}
+        self._packs: dict[bytes, list[PackedBlob]] = {}
         self._index_loaded = False
         self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_cache_lock = threading.Lock()
@@ -196,6 +197,7 @@ class Repository:
     def load_index(self, errors: list[DamagedObject] | None = None) -> None:
         """Read every index file. Damaged ones are collected in ``errors`` if given."""
         index: dict[bytes, BlobLocation] = {}
+        packs: dict[bytes, dict[tuple[bytes, int], PackedBlob]] = {}
         names = [name for name, _ in self.backend.list(FileType.INDEX)]
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(self._try_load_index_file, names))
@@ -206,9 +208,15 @@ class Repository:
                 errors.append(result)
                 continue
             for pack_id, blobs in result.packs.items():
+                entries = packs.setdefault(pack_id, {})
                 for blob in blobs:
                     index.setdefault(blob.id, BlobLocation(pack_id, blob))
+                    entries[(blob.id, blob.offset)] = blob
         self._index = index
+        self._packs = {
+            pack_id: sorted(entries.values(), key=lambda b: b.offset)
+            for pack_id, entries in packs.items()
+        }
         self._index_loaded = True
 
     def _try_load_index_file(self, name: str) -> IndexFile | DamagedObject:
@@ -223,6 +231,10 @@ class Repository:
         if not self._index_loaded:
             self.load_index()
 
+    def indexed_packs(self) -> dict[bytes, list[PackedBlob]]:
+        """Every pack the index files list, with all its blobs (duplicates included)."""
+        return self._packs
+
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         return self._index.get(blob_id)
 
@@ -233,8 +245,10 @@ class Repository:
         return iter(self._index.items())
 
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
+        blobs = list(blobs)
         for blob in blobs:
             self._index.setdefault(blob.id, BlobLocation(pack_id, blob))
+        self._packs[pack_id] = blobs
 
     # --- blobs and trees ---------------------------------------------------------------
 
