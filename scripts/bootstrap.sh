@@ -25,8 +25,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    log="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+           "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "bootstrap: installing the Python packages failed (log above)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

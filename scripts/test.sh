@@ -5,7 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bootstrap.sh
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-echo "== ruff check" && ruff check src tests bench
-echo "== ruff format --check" && ruff format --check src tests bench
+echo "== ruff check" && ruff check src tests bench scripts
+echo "== ruff format --check" && ruff format --check src tests bench scripts
 echo "== mypy src" && mypy src
 echo "== pytest" && pytest "$@"

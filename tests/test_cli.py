@@ -403,16 +403,66 @@ def test_two_backups_at_once_both_succeed(cli: Cli, repo: InitRepo, tmp_path: Pa
         assert tree_digest(target / src.relative_to("/")) == tree_digest(src)
 
 
-def test_unreadable_file_makes_the_snapshot_incomplete(
-    cli: Cli, repo: InitRepo, tmp_path: Path
-) -> None:
-    source = make_tree(tmp_path / "src")
-    os.mkfifo(source / "pipe")
-    blocked = source / "blocked.txt"
-    blocked.write_text("x")
-    os.chmod(blocked, 0)
+def test_unreadable_file_makes_the_snapshot_incomplete(cli: Cli, tmp_path: Path) -> None:
+    """A file the user cannot read is named, the rest is saved, and the exit code is 3.
+
+    Root reads everything, so as root the command runs as `nobody` (setpriv)."""
+    prefix: list[str] = []
+    work = tmp_path
     if os.geteuid() == 0:
-        # root reads everything: make the file vanish between listing and reading instead
-        pytest.skip("running as root, permission errors cannot be provoked")
-    result = cli.run("-r", str(repo.path), "backup", str(source))
-    assert result.code == 3 and "blocked.txt" in result.err
+        import pwd
+        import shutil
+        import tempfile
+
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        nobody = pwd.getpwnam("nobody")
+        work = Path(tempfile.mkdtemp(prefix="backvault-nobody-"))
+        os.chmod(work, 0o755)
+        os.chown(work, nobody.pw_uid, nobody.pw_gid)
+        prefix = [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+        ]
+    home = work / "home"
+    source = work / "src"
+    try:
+        source.mkdir()
+        (source / "readable.txt").write_text("fine\n")
+        blocked = source / "blocked.txt"
+        blocked.write_text("x")
+        os.chmod(blocked, 0)
+        if prefix:
+            for path in (source, source / "readable.txt", blocked):
+                os.chown(path, int(prefix[1].split("=")[1]), int(prefix[2].split("=")[1]))
+        env = {
+            **cli.env,
+            "HOME": str(home),
+            "BACKVAULT_CONFIG_DIR": str(home / "config"),
+            "BACKVAULT_CACHE_DIR": str(home / "cache"),
+        }
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*prefix, sys.executable, "-m", "backvault.cli", "-r", str(work / "repo"), *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+                cwd=work,
+            )
+
+        assert run("init").returncode == 0
+        result = run("backup", str(source))
+        assert result.returncode == 3, result.stderr
+        assert "blocked.txt" in result.stderr and "Permission denied" in result.stderr
+        listing = run("--json", "ls", "latest")
+        names = {Path(e["path"]).name for e in json.loads(listing.stdout)["entries"]}
+        assert "readable.txt" in names and "blocked.txt" not in names
+    finally:
+        if work is not tmp_path:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)

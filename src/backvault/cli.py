@@ -69,7 +69,7 @@ class Context:
 
     def out(self, message: str = "") -> None:
         if not self.quiet and not self.json:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def emit_json(self, doc: Any) -> None:
         if self.json:
