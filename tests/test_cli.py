@@ -403,32 +403,43 @@ def test_two_backups_at_once_both_succeed(cli: Cli, repo: InitRepo, tmp_path: Pa
         assert tree_digest(target / src.relative_to("/")) == tree_digest(src)
 
 
-def test_unreadable_file_makes_the_snapshot_incomplete(cli: Cli, tmp_path: Path) -> None:
-    """A file the user cannot read is named, the rest is saved, and the exit code is 3.
+def _nobody_prefix() -> list[str] | None:
+    """setpriv arguments that run a command as `nobody`, if that user can run our Python."""
+    import pwd
+    import shutil
 
-    Root reads everything, so as root the command runs as `nobody` (setpriv)."""
+    if shutil.which("setpriv") is None:
+        return None
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import backvault.cli"], capture_output=True
+    )
+    return prefix if probe.returncode == 0 else None
+
+
+def test_unreadable_file_makes_the_snapshot_incomplete(cli: Cli, tmp_path: Path) -> None:
+    """A file the user cannot read is named, the rest is saved, and the exit code is 3."""
     prefix: list[str] = []
     work = tmp_path
     if os.geteuid() == 0:
-        import pwd
-        import shutil
+        # Root reads everything: run the command as `nobody` where it can, else check the
+        # same code path in-process with the read refused.
+        found = _nobody_prefix()
+        if found is None:
+            _unreadable_file_in_process(tmp_path)
+            return
         import tempfile
 
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv to drop privileges")
-        nobody = pwd.getpwnam("nobody")
+        prefix = found
         work = Path(tempfile.mkdtemp(prefix="backvault-nobody-"))
         os.chmod(work, 0o755)
-        os.chown(work, nobody.pw_uid, nobody.pw_gid)
-        prefix = [
-            "setpriv",
-            f"--reuid={nobody.pw_uid}",
-            f"--regid={nobody.pw_gid}",
-            "--clear-groups",
-        ]
+    uid, gid = (int(prefix[1].split("=")[1]), int(prefix[2].split("=")[1])) if prefix else (-1, -1)
     home = work / "home"
     source = work / "src"
     try:
+        if prefix:
+            os.chown(work, uid, gid)
         source.mkdir()
         (source / "readable.txt").write_text("fine\n")
         blocked = source / "blocked.txt"
@@ -436,7 +447,7 @@ def test_unreadable_file_makes_the_snapshot_incomplete(cli: Cli, tmp_path: Path)
         os.chmod(blocked, 0)
         if prefix:
             for path in (source, source / "readable.txt", blocked):
-                os.chown(path, int(prefix[1].split("=")[1]), int(prefix[2].split("=")[1]))
+                os.chown(path, uid, gid)
         env = {
             **cli.env,
             "HOME": str(home),
@@ -466,3 +477,31 @@ def test_unreadable_file_makes_the_snapshot_incomplete(cli: Cli, tmp_path: Path)
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _unreadable_file_in_process(tmp_path: Path) -> None:
+    import builtins
+    from unittest import mock
+
+    from backvault.client.backup import Backup
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "readable.txt").write_text("fine\n")
+    (source / "blocked.txt").write_text("x")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).endswith("blocked.txt"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    with mock.patch("builtins.open", refusing_open):
+        result = Backup(repo).run([str(source)])
+    assert [(Path(p).name, e) for p, e in result.errors] == [("blocked.txt", "Permission denied")]
+    _, snap = repo.find_snapshot("latest")
+    tree = snap.tree
+    for part in source.parts[1:]:
+        tree = next(n for n in repo.load_tree(tree) if n.name == part).subtree  # type: ignore[assignment]
+    assert [n.name for n in repo.load_tree(tree)] == ["readable.txt"]
