@@ -505,3 +505,11 @@ def _unreadable_file_in_process(tmp_path: Path) -> None:
     for part in source.parts[1:]:
         tree = next(n for n in repo.load_tree(tree) if n.name == part).subtree  # type: ignore[assignment]
     assert [n.name for n in repo.load_tree(tree)] == ["readable.txt"]
+
+
+def test_global_options_work_after_the_command_name(cli: Cli, tmp_path: Path) -> None:
+    repo = str(tmp_path / "r")
+    doc = cli.ok("init", "--json", "-r", repo).json()
+    assert len(doc["recovery_key"]) == 64
+    assert cli.ok("snapshots", "-r", repo, "--json").json() == []
+    assert cli.ok("snapshots", "-q", "-r", repo).out == ""

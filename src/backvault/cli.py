@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -155,7 +155,48 @@ def open_repo(ctx: Context) -> Repository:
     return repo
 
 
-pass_context = click.make_pass_decorator(Context)
+_pass_context_object = click.make_pass_decorator(Context)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _set_field(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(click_ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value not in (None, False):
+            setattr(click_ctx.find_object(Context), name, value)
+
+    return callback
+
+
+def pass_context(command: F) -> F:
+    """Pass the Context, and accept the global options after the command name too
+    (`backvault backup --json PATH`), as restic does."""
+    wrapped = _pass_context_object(command)
+    for decorator in (
+        click.option(
+            "-r",
+            "--repo",
+            expose_value=False,
+            callback=_set_field("repo"),
+            help="Repository location (or BACKVAULT_REPO).",
+        ),
+        click.option(
+            "--json",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_field("json"),
+            help="Machine-readable output on stdout.",
+        ),
+        click.option(
+            "-q",
+            "--quiet",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_field("quiet"),
+            help="Print only errors.",
+        ),
+    ):
+        wrapped = decorator(wrapped)
+    return wrapped  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -348,7 +389,7 @@ def backup(ctx: Context, paths: tuple[str, ...], tags: tuple[str, ...], host: st
     with progress_bar(ctx, "backup") as reporter:
         try:
             result = Backup(repo, reporter, sqlite_state_file=state_file).run(
-                list(paths), tags=list(tags), hostname=host
+                list(paths), tags=list(tags), hostname=host, scan_first=reporter.bar is not None
             )
         except FileNotFoundError as exc:
             fail(f"cannot back up: {exc}", 2)

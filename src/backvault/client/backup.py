@@ -148,7 +148,10 @@ class Backup:
         tags: list[str] | None = None,
         hostname: str | None = None,
         on_saved: Callable[[str], None] | None = None,
+        scan_first: bool = False,
     ) -> BackupResult:
+        """Back up ``paths``. ``scan_first`` sums file sizes beforehand so that progress
+        can show a percentage and the time left."""
         started = time.monotonic()
         start_ns = now_ns()
         targets = sorted({os.path.normpath(os.path.abspath(p)) for p in paths})
@@ -162,7 +165,7 @@ class Backup:
             parent_id, parent = self._find_parent(targets, hostname)
             result = BackupResult(snapshot_id="", parent_id=parent_id)
             self.result = result
-            self.progress.start(None, "backup")
+            self.progress.start(_total_size(targets) if scan_first else None, "backup")
             self.chunker = ContentChunker(chunker_seed(self.repo.key))
             self.writer = RepositoryWriter(self.repo)
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backvault-blob")
@@ -366,6 +369,7 @@ class Backup:
         if self._unchanged(node, previous):
             assert previous is not None and previous.content is not None
             self.result.files_unmodified += 1
+            self.progress.advance(node.size)
             return [_done(b) for b in previous.content]
         if previous is None:
             self.result.files_new += 1
@@ -406,6 +410,7 @@ class Backup:
             # Neither the database nor its WAL changed since the parent snapshot.
             self._sqlite_state_new[path] = cached
             node.size = previous.size
+            self.progress.advance(st.st_size)
             self.result.files_unmodified += 1
             return [_done(b) for b in previous.content]
         if previous is None:
@@ -478,6 +483,21 @@ def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
     else:
         state.append([wal.st_size, wal.st_mtime_ns, wal.st_ctime_ns, wal.st_ino])
     return state
+
+
+def _total_size(targets: list[str]) -> int:
+    total = 0
+    for target in targets:
+        if os.path.isfile(target) and not os.path.islink(target):
+            total += os.lstat(target).st_size
+            continue
+        for directory, _dirs, files in os.walk(target):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(directory, name))
+                    if stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+    return total
 
 
 def _done(value: bytes) -> Future[bytes]:

@@ -56,6 +56,8 @@ def open_repository(
 ) -> tuple[Repository, str]:
     """Open the repository; returns it and a note of how it was opened."""
     backend = open_backend(location)
+    if not backend.exists():
+        Repository.open(backend, [])  # raises NotARepository, before asking for a key
     if key_text is not None:
         repo = open_with_text(backend, key_text)
         where = keycache.remember(backend.location, repo.config.id, repo.key) if remember else ""
@@ -69,9 +71,6 @@ def open_repository(
         except WrongKey:
             pass
     if ask is None:
-        # Check the location first, so a wrong path is reported as such.
-        if not backend.exists():
-            Repository.open(backend, [])
         raise NoKeyAvailable(
             "no key for this repository on this device: set BACKVAULT_KEY to your 64-digit "
             "key (or the repository password), or run interactively to type it"
