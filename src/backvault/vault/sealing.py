@@ -1,0 +1,208 @@
+"""Sealing at rest: every secret the vault stores is encrypted under a key that never
+leaves an HSM (PKCS#11), or — the embedded default — a sealing-key file.
+
+A sealed blob is ``version (1) || nonce (12) || AES-256-GCM(ciphertext || tag)``, with
+associated data naming what is sealed and for whom (e.g. ``record:alice``), so a blob
+copied into another row or field does not open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+FORMAT_VERSION = 1
+NONCE_SIZE = 12
+KEY_SIZE = 32
+
+
+class SealingError(Exception):
+    """The sealing key is unavailable, or a sealed blob does not open."""
+
+
+class Sealer(Protocol):
+    description: str
+
+    def seal(self, plaintext: bytes, purpose: bytes) -> bytes: ...
+
+    def open(self, sealed: bytes, purpose: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def _split(sealed: bytes) -> tuple[bytes, bytes]:
+    if len(sealed) < 1 + NONCE_SIZE + 16 or sealed[0] != FORMAT_VERSION:
+        raise SealingError("sealed data is malformed")
+    return sealed[1 : 1 + NONCE_SIZE], sealed[1 + NONCE_SIZE :]
+
+
+class FileSealer:
+    """AES-256-GCM under a 32-byte key kept in a file (mode 0600).
+
+    For a single self-hosted node. Keep the file off the database's disk and out of its
+    backups: whoever holds both can open the records.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise SealingError(f"the sealing key file {self.path} does not exist")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(KEY_SIZE))
+        key = self.path.read_bytes()
+        if len(key) != KEY_SIZE:
+            raise SealingError(f"the sealing key file {self.path} must hold exactly 32 bytes")
+        if self.path.stat().st_mode & 0o077:
+            raise SealingError(
+                f"the sealing key file {self.path} is readable by others; chmod 600 it"
+            )
+        self._aead = AESGCM(key)
+        self.description = f"sealing-key file {self.path}"
+
+    def seal(self, plaintext: bytes, purpose: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        return bytes([FORMAT_VERSION]) + nonce + self._aead.encrypt(nonce, plaintext, purpose)
+
+    def open(self, sealed: bytes, purpose: bytes) -> bytes:
+        nonce, body = _split(sealed)
+        try:
+            return self._aead.decrypt(nonce, body, purpose)
+        except InvalidTag as exc:
+            raise SealingError("sealed data does not open (wrong key, or altered)") from exc
+
+    def close(self) -> None:
+        pass
+
+
+class Pkcs11Sealer:
+    """AES-256-GCM inside an HSM over PKCS#11: the key is generated in the token as
+    sensitive and non-extractable, and every seal/open is a call into the token.
+
+    PKCS#11 sessions must not be shared between threads, so a small pool of sessions is
+    kept, one per concurrent caller.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        token_label: str,
+        pin: str,
+        key_label: str = "backvault-sealing",
+        create: bool = True,
+        sessions: int = 8,
+    ) -> None:
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        self._pkcs11 = pkcs11
+        try:
+            lib = pkcs11.lib(module)
+            self._token = lib.get_token(token_label=token_label)
+        except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+            raise SealingError(
+                f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
+            ) from exc
+        self._pool: queue.Queue[Any] = queue.Queue()
+        self._sessions: list[Any] = []
+        self._key_label = key_label
+        self._lock = threading.Lock()
+        try:
+            for number in range(sessions):
+                # A PKCS#11 login holds for the whole application: log in once.
+                session = self._token.open(user_pin=pin if number == 0 else None, rw=True)
+                self._sessions.append(session)
+                self._pool.put(session)
+        except pkcs11.PKCS11Error as exc:
+            self.close()
+            raise SealingError(f"cannot log in to the HSM token {token_label!r}: {exc!r}") from exc
+        with self._session() as session:
+            try:
+                session.get_key(
+                    object_class=ObjectClass.SECRET_KEY, key_type=KeyType.AES, label=key_label
+                )
+            except pkcs11.NoSuchKey:
+                if not create:
+                    raise SealingError(f"the HSM token has no key labelled {key_label!r}") from None
+                session.generate_key(
+                    KeyType.AES,
+                    256,
+                    label=key_label,
+                    store=True,
+                    template={
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: True,
+                        Attribute.DECRYPT: True,
+                    },
+                )
+            except pkcs11.MultipleObjectsReturned:
+                raise SealingError(
+                    f"the HSM token has several keys labelled {key_label!r}"
+                ) from None
+        self.description = f"PKCS#11 token {token_label!r} ({module}), key {key_label!r}"
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        session = self._pool.get()
+        try:
+            yield session
+        finally:
+            self._pool.put(session)
+
+    def _key(self, session: Any) -> Any:
+        from pkcs11 import KeyType, ObjectClass
+
+        return session.get_key(
+            object_class=ObjectClass.SECRET_KEY, key_type=KeyType.AES, label=self._key_label
+        )
+
+    def seal(self, plaintext: bytes, purpose: bytes) -> bytes:
+        from pkcs11.mechanisms import GCMParams, Mechanism
+
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        with self._session() as session:
+            try:
+                body = self._key(session).encrypt(
+                    plaintext,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, purpose, 128),
+                )
+            except self._pkcs11.PKCS11Error as exc:
+                raise SealingError(f"the HSM refused to seal: {exc!r}") from exc
+        return bytes([FORMAT_VERSION]) + nonce + bytes(body)
+
+    def open(self, sealed: bytes, purpose: bytes) -> bytes:
+        from pkcs11.mechanisms import GCMParams, Mechanism
+
+        nonce, body = _split(sealed)
+        with self._session() as session:
+            try:
+                return bytes(
+                    self._key(session).decrypt(
+                        body,
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, purpose, 128),
+                    )
+                )
+            except self._pkcs11.PKCS11Error as exc:
+                raise SealingError("sealed data does not open (wrong key, or altered)") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                with contextlib.suppress(Exception):  # a dead session needs no closing
+                    session.close()
+            self._sessions.clear()
