@@ -9,6 +9,10 @@ VENV="${BACKVAULT_VENV:-$ROOT/.venv}"
 need_debs=()
 command -v restic >/dev/null 2>&1 || need_debs+=(restic)
 ldconfig -p 2>/dev/null | grep -q 'libsodium\.so' || need_debs+=(libsodium23)
+# The vault's tests: a throwaway PostgreSQL cluster and a SoftHSM2 token.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_debs+=(postgresql)
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need_debs+=(softhsm2)
+command -v setpriv >/dev/null 2>&1 || need_debs+=(util-linux)
 if ((${#need_debs[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "bootstrap: installing Debian packages: ${need_debs[*]}" >&2

@@ -544,6 +544,95 @@ def unlock(ctx: Context, remove_all: bool) -> None:
     ctx.out(f"removed {removed} locks")
 
 
+# --- the vault ----------------------------------------------------------------------------
+
+
+def vault_options(command: F) -> F:
+    """Options shared by the vault's commands; each overrides the config file and the
+    BACKVAULT_VAULT_* environment."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            help="TOML settings file (see docs/operator-guide.md).",
+        ),
+        click.option("--db", help="Database URL: sqlite:///PATH or postgresql://…"),
+        click.option("--data-dir", help="Folder for the embedded SQLite database and key file."),
+        click.option(
+            "--sealing",
+            type=click.Choice(["file", "pkcs11"]),
+            help="Seal secrets with a key file (default) or an HSM over PKCS#11.",
+        ),
+        click.option("--sealing-key-file", help="The sealing key file (file sealing)."),
+        click.option("--pkcs11-module", help="PKCS#11 library (default: SoftHSM2's)."),
+        click.option("--pkcs11-token-label", help="Label of the HSM token."),
+        click.option("--pkcs11-pin-file", help="File holding the token's user PIN."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_vault_settings(config_file: str | None, **overrides: Any) -> Any:
+    from .vault.config import load_settings
+
+    try:
+        return load_settings(config_file, overrides)
+    except (OSError, ValueError) as exc:
+        fail(f"vault settings: {exc}", 2)
+
+
+@cli.group()
+def vault() -> None:
+    """Run and administer a Backup Key Vault (OPAQUE, exact guess limit, sealed records)."""
+
+
+@vault.command("serve")
+@vault_options
+@click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8750).")
+@click.option("--max-attempts", type=int, help="Wrong guesses allowed per record (default 10).")
+@click.option("--jwt-public-key-file", help="Ed25519 public key (PEM) of the account system.")
+@click.option("--tls-cert", help="TLS certificate (PEM) to serve HTTPS directly.")
+@click.option("--tls-key", help="TLS private key (PEM).")
+def vault_serve(config_file: str | None, **overrides: Any) -> None:
+    """Run a vault node until SIGTERM or Ctrl-C (then finish requests and stop)."""
+    from .vault.sealing import SealingError
+    from .vault.server import serve
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        serve(settings)
+    except SealingError as exc:
+        fail(f"sealing: {exc}")
+
+
+@vault.command("add-account")
+@vault_options
+@click.argument("name")
+def vault_add_account(config_file: str | None, name: str, **overrides: Any) -> None:
+    """Create an account for self-hosting and print its bearer token (shown once)."""
+    from .vault.sealing import SealingError
+    from .vault.server import make_service
+    from .vault.service import VaultError
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        service = make_service(settings)
+        token = service.add_account(name)
+    except (VaultError, SealingError) as exc:
+        fail(str(exc))
+    click.echo(token)
+
+
+@vault.command("openapi")
+def vault_openapi() -> None:
+    """Print the vault's OpenAPI document."""
+    from .vault.app import openapi_document
+
+    click.echo(json.dumps(openapi_document(), indent=2))
+
+
 # --- entry point ----------------------------------------------------------------------
 
 

@@ -1,0 +1,391 @@
+"""The vault's HTTP API (FastAPI): OPAQUE registration and login, status, audit log,
+deletion, health. Published as OpenAPI at /openapi.json.
+
+Binary protocol messages travel as standard base64 strings. Errors are JSON objects
+``{"error": code, "message": text}`` (plus ``attempts_left`` for a wrong password).
+"""
+
+import base64
+import binascii
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from .accounts import TokenVerifier
+from .ratelimit import RateLimiter
+from .service import (
+    BadRequest,
+    LoginNotFound,
+    NoAttemptsLeft,
+    VaultError,
+    VaultService,
+    WrongPassword,
+)
+
+log = logging.getLogger("backvault.vault.http")
+
+B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegistrationStartIn(Strict):
+    registration_request: B64 = Field(description="RFC 9807 RegistrationRequest (32 bytes)")
+
+
+class RegistrationStartOut(Strict):
+    registration_response: str = Field(description="RFC 9807 RegistrationResponse (64 bytes)")
+
+
+class RegistrationFinishIn(Strict):
+    record: B64 = Field(description="RFC 9807 RegistrationRecord (192 bytes)")
+    wrapped_secret: B64 = Field(
+        description="The client's key-slot secret, encrypted under a key derived from "
+        "OPAQUE's export_key. The vault stores it sealed and cannot open it."
+    )
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class LoginStartIn(Strict):
+    ke1: B64 = Field(description="RFC 9807 KE1 (96 bytes)")
+
+
+class LoginStartOut(Strict):
+    login_id: str
+    ke2: str = Field(description="RFC 9807 KE2 (320 bytes)")
+    expires_in: float = Field(description="Seconds left to send KE3")
+
+
+class LoginFinishIn(Strict):
+    login_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    ke3: B64 = Field(description="RFC 9807 KE3 (64 bytes)")
+
+
+class LoginFinishOut(Strict):
+    wrapped_secret: str
+
+
+class StatusOut(Strict):
+    exists: bool
+    attempts_used: int
+    attempts_left: int
+    max_attempts: int
+    pending_logins: int
+    created_at: float | None
+    updated_at: float | None
+
+
+class AuditEvent(Strict):
+    at: float
+    event: str
+    client: str
+    attempts_left: int | None
+    detail: str
+
+
+class AuditOut(Strict):
+    events: list[AuditEvent]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+    attempts_left: int | None = None
+
+
+class HealthOut(Strict):
+    status: str
+    version: str
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(extra.pop("retry_after"))
+    return JSONResponse(
+        {"error": code, "message": message, **extra}, status_code=status, headers=headers
+    )
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 410, 413, 422, 423, 429, 503)
+}
+
+
+class BodyLimit:
+    """Refuse request bodies larger than ``limit`` bytes with 413, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.limit:
+                    await _error(
+                        413, "body_too_large", f"request bodies are limited to {self.limit} bytes"
+                    )(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _error(
+                413, "body_too_large", f"request bodies are limited to {self.limit} bytes"
+            )(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _decode(value: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"{field} is not valid base64") from exc
+
+
+def _encode(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def create_app(
+    service: VaultService,
+    verifier: TokenVerifier,
+    ip_limiter: RateLimiter | None = None,
+    account_limiter: RateLimiter | None = None,
+    max_body_bytes: int = 16 * 1024,
+) -> FastAPI:
+    app = FastAPI(
+        title="backvault Backup Key Vault",
+        version=__version__,
+        description=(
+            "OPAQUE-3DH (RFC 9807, ristretto255-SHA512) registration and login with an exact "
+            "limit of wrong guesses per record. Every call needs `Authorization: Bearer "
+            "TOKEN` naming the account. Messages are base64 (standard alphabet)."
+        ),
+        responses=ERRORS,
+    )
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def limited(key: str, limiter: RateLimiter | None) -> None:
+        if limiter is None:
+            return
+        wait = limiter.allow(key)
+        if wait > 0:
+            raise _RateLimited(math.ceil(wait))
+
+    def account(
+        request: Request,
+        authorization: Annotated[str | None, Header(description="Bearer TOKEN")] = None,
+    ) -> str:
+        limited(client_of(request), ip_limiter)
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise _Unauthorized("send Authorization: Bearer TOKEN")
+        name = verifier.account(authorization[7:].strip())
+        if name is None:
+            raise _Unauthorized("the bearer token is not valid")
+        limited(f"account:{name}", account_limiter)
+        return name
+
+    Account = Annotated[str, Depends(account)]
+
+    @app.exception_handler(VaultError)
+    async def vault_error(_request: Request, exc: VaultError) -> JSONResponse:
+        if isinstance(exc, WrongPassword):
+            if exc.erased:
+                return _error(410, "record_erased", str(exc), attempts_left=0)
+            return _error(403, exc.code, str(exc), attempts_left=exc.attempts_left)
+        status = {BadRequest: 400, NoAttemptsLeft: 423, LoginNotFound: 404}.get(type(exc), 400)
+        return _error(status, exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, "invalid_request", f"{where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_request: Request, exc: _Unauthorized) -> JSONResponse:
+        return _error(401, "unauthorized", str(exc))
+
+    @app.exception_handler(_RateLimited)
+    async def rate_limited(_request: Request, exc: _RateLimited) -> JSONResponse:
+        return _error(
+            429,
+            "rate_limited",
+            f"too many requests; retry in {exc.seconds} s",
+            retry_after=exc.seconds,
+        )
+
+    @app.middleware("http")
+    async def access_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "client": client_of(request),
+            },
+        )
+        return response
+
+    @app.get("/healthz", response_model=HealthOut, tags=["operations"])
+    def healthz() -> HealthOut:
+        """Liveness: the process answers."""
+        return HealthOut(status="ok", version=__version__)
+
+    @app.get("/readyz", response_model=HealthOut, tags=["operations"])
+    def readyz() -> Response:
+        """Readiness: the database answers and the sealing key works."""
+        try:
+            service.ready()
+        except Exception as exc:
+            log.warning("not ready", extra={"reason": type(exc).__name__})
+            return _error(503, "not_ready", "the database or the sealing key is unavailable")
+        return JSONResponse({"status": "ready", "version": __version__})
+
+    @app.post("/v1/registration/start", response_model=RegistrationStartOut, tags=["registration"])
+    def registration_start(body: RegistrationStartIn, name: Account) -> RegistrationStartOut:
+        """OPAQUE CreateRegistrationResponse for the caller's account."""
+        response = service.registration_start(
+            name, _decode(body.registration_request, "registration_request")
+        )
+        return RegistrationStartOut(registration_response=_encode(response))
+
+    @app.post("/v1/registration/finish", status_code=204, tags=["registration"])
+    def registration_finish(
+        body: RegistrationFinishIn, name: Account, request: Request
+    ) -> Response:
+        """Store the OPAQUE record and the wrapped secret (replacing any previous record
+        and resetting its counter)."""
+        service.registration_finish(
+            name,
+            _decode(body.record, "record"),
+            _decode(body.wrapped_secret, "wrapped_secret"),
+            client_of(request),
+            body.max_attempts,
+        )
+        return Response(status_code=204)
+
+    @app.post("/v1/login/start", response_model=LoginStartOut, tags=["login"])
+    def login_start(body: LoginStartIn, name: Account, request: Request) -> LoginStartOut:
+        """KE1 → KE2. The attempt is counted (durably) before this returns."""
+        started = service.login_start(name, _decode(body.ke1, "ke1"), client_of(request))
+        return LoginStartOut(
+            login_id=started.login_id, ke2=_encode(started.ke2), expires_in=started.expires_in
+        )
+
+    @app.post("/v1/login/finish", response_model=LoginFinishOut, tags=["login"])
+    def login_finish(body: LoginFinishIn, name: Account, request: Request) -> LoginFinishOut:
+        """KE3 → the wrapped secret, only if KE3 verifies. A wrong password answers 403
+        with attempts_left, or 410 when the record was erased."""
+        secret = service.login_finish(
+            name, body.login_id, _decode(body.ke3, "ke3"), client_of(request)
+        )
+        return LoginFinishOut(wrapped_secret=_encode(secret))
+
+    @app.get("/v1/record", response_model=StatusOut, tags=["record"])
+    def status(name: Account) -> StatusOut:
+        """Whether the account has a record, and the attempts left."""
+        return StatusOut(**service.status(name).__dict__)
+
+    @app.delete("/v1/record", status_code=204, tags=["record"])
+    def delete_record(name: Account, request: Request) -> Response:
+        """Erase the account's record and wrapped secret."""
+        service.delete_record(name, client_of(request))
+        return Response(status_code=204)
+
+    @app.get("/v1/audit", response_model=AuditOut, tags=["record"])
+    def audit_log(name: Account) -> AuditOut:
+        """Every registration and login attempt on the account's record, oldest first."""
+        return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name)])
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class _RateLimited(Exception):
+    def __init__(self, seconds: int) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; only fields we put there (never bodies or tokens)."""
+
+    _SKIP = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._SKIP:
+                doc[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exception"] = record.exc_info[0].__name__
+        return json.dumps(doc, default=str)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API description, without a database (for docs and tooling)."""
+
+    class _NoService:
+        pass
+
+    app = create_app(_NoService(), _NoVerifier())  # type: ignore[arg-type]
+    return app.openapi()
+
+
+class _NoVerifier:
+    def account(self, token: str) -> str | None:
+        return None
