@@ -43,6 +43,15 @@ def _missing(what: str) -> None:
 class Postgres:
     url: str
     dump: list[str]  # command prefix for pg_dump
+    createdb: list[str]
+
+    def new_database(self, name: str) -> str:
+        subprocess.run([*self.createdb, name], check=True, capture_output=True)
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def dump_database(self, url: str) -> bytes:
+        name = url.rsplit("/", 1)[1]
+        return subprocess.run([*self.dump[:-1], name], check=True, capture_output=True).stdout
 
 
 def _pg_bin(name: str) -> str:
@@ -84,14 +93,12 @@ def postgres_cluster() -> Iterator[Postgres]:
         env=env,
     )
     try:
-        subprocess.run(
-            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "vault", "vault"],
-            check=True,
-            capture_output=True,
-        )
+        createdb = [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "vault"]
+        subprocess.run([*createdb, "vault"], check=True, capture_output=True)
         yield Postgres(
             f"postgresql://vault@127.0.0.1:{port}/vault",
             [_pg_bin("pg_dump"), "-h", "127.0.0.1", "-p", str(port), "-U", "vault", "vault"],
+            createdb,
         )
     finally:
         subprocess.run(

@@ -109,8 +109,8 @@ class VaultClient:
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/record"))
 
-    def audit(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/audit")["events"])
+    def audit(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/audit?limit={int(limit)}")["events"])
 
     def delete_record(self) -> None:
         self._call("DELETE", "/v1/record")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -338,9 +338,12 @@ def create_app(
         return Response(status_code=204)
 
     @app.get("/v1/audit", response_model=AuditOut, tags=["record"])
-    def audit_log(name: Account) -> AuditOut:
+    def audit_log(
+        name: Account,
+        limit: Annotated[int, Query(ge=1, le=10000, description="Most recent events")] = 1000,
+    ) -> AuditOut:
         """Every registration and login attempt on the account's record, oldest first."""
-        return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name)])
+        return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name, limit)])
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

@@ -545,7 +545,7 @@ class VaultService:
                 row.updated_at,
             )
 
-    def audit_log(self, account: str, limit: int = 200) -> list[dict[str, Any]]:
+    def audit_log(self, account: str, limit: int = 1000) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(audit)
