@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -34,7 +35,14 @@ from .service import (
 
 log = logging.getLogger("backvault.vault.http")
 
-B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+B64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
+B64 = Annotated[str, Field(max_length=4096, pattern=B64_PATTERN)]
+
+
+def b64_of(size: int) -> Any:
+    """A base64 field holding exactly ``size`` bytes."""
+    length = 4 * -(-size // 3)
+    return Annotated[str, Field(min_length=length, max_length=length, pattern=B64_PATTERN)]
 
 
 class Strict(BaseModel):
@@ -42,7 +50,7 @@ class Strict(BaseModel):
 
 
 class RegistrationStartIn(Strict):
-    registration_request: B64 = Field(description="RFC 9807 RegistrationRequest (32 bytes)")
+    registration_request: b64_of(32) = Field(description="RFC 9807 RegistrationRequest (32 bytes)")  # type: ignore[valid-type]
 
 
 class RegistrationStartOut(Strict):
@@ -50,7 +58,7 @@ class RegistrationStartOut(Strict):
 
 
 class RegistrationFinishIn(Strict):
-    record: B64 = Field(description="RFC 9807 RegistrationRecord (192 bytes)")
+    record: b64_of(192) = Field(description="RFC 9807 RegistrationRecord (192 bytes)")  # type: ignore[valid-type]
     wrapped_secret: B64 = Field(
         description="The client's key-slot secret, encrypted under a key derived from "
         "OPAQUE's export_key. The vault stores it sealed and cannot open it."
@@ -59,7 +67,7 @@ class RegistrationFinishIn(Strict):
 
 
 class LoginStartIn(Strict):
-    ke1: B64 = Field(description="RFC 9807 KE1 (96 bytes)")
+    ke1: b64_of(96) = Field(description="RFC 9807 KE1 (96 bytes)")  # type: ignore[valid-type]
 
 
 class LoginStartOut(Strict):
@@ -70,7 +78,7 @@ class LoginStartOut(Strict):
 
 class LoginFinishIn(Strict):
     login_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
-    ke3: B64 = Field(description="RFC 9807 KE3 (64 bytes)")
+    ke3: b64_of(64) = Field(description="RFC 9807 KE3 (64 bytes)")  # type: ignore[valid-type]
 
 
 class LoginFinishOut(Strict):
@@ -239,6 +247,23 @@ def create_app(
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, "invalid_request", f"{where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        response = _error(exc.status_code, code, str(exc.detail))
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; list every route's.
+            allowed = sorted(
+                method
+                for route in app.routes
+                if getattr(route, "path", None) == request.url.path
+                for method in getattr(route, "methods", None) or ()
+            )
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_request: Request, exc: _Unauthorized) -> JSONResponse:
