@@ -151,8 +151,15 @@ def test_bad_tokens_and_bad_bodies_get_clear_4xx(node: VaultNode) -> None:
         == 422
     )
     assert post("/v1/login/start", json={"ke1": ke1, "extra": 1}, headers=auth).status_code == 422
-    bad_b64 = post("/v1/login/start", json={"ke1": "AAA"}, headers=auth)
-    assert bad_b64.status_code == 400 and "base64" in bad_b64.json()["message"]
+    short_b64 = post("/v1/login/start", json={"ke1": "AAA"}, headers=auth)
+    assert short_b64.status_code == 422 and short_b64.json()["message"].startswith("ke1:")
+    wrong_size = post(
+        "/v1/registration/start", json={"registration_request": "A" * 42 + "=="}, headers=auth
+    )
+    assert (
+        wrong_size.status_code == 400
+        and "expected 32 bytes, got 31" in wrong_size.json()["message"]
+    )
     identity = base64.b64encode(bytes(96)).decode()
     malformed = post("/v1/login/start", json={"ke1": identity}, headers=auth)
     assert malformed.status_code == 400 and "identity" in malformed.json()["message"]

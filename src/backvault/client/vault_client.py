@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,11 @@ class VaultClient:
         token: str,
         opaque_config: OpaqueConfig | None = None,
         timeout: float = 15.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
         self.config = opaque_config or OpaqueConfig()
+        if isinstance(verify, str):  # a CA bundle (e.g. a self-signed vault certificate)
+            verify = ssl.create_default_context(cafile=verify)
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
