@@ -163,10 +163,13 @@ def test_bad_tokens_and_bad_bodies_get_clear_4xx(node: VaultNode) -> None:
     identity = base64.b64encode(bytes(96)).decode()
     malformed = post("/v1/login/start", json={"ke1": identity}, headers=auth)
     assert malformed.status_code == 400 and "identity" in malformed.json()["message"]
-    short = post(
-        "/v1/registration/finish", json={"record": identity, "wrapped_secret": "AAAA"}, headers=auth
+    zero_record = base64.b64encode(bytes(192)).decode()
+    bad_record = post(
+        "/v1/registration/finish",
+        json={"record": zero_record, "wrapped_secret": "AAAA"},
+        headers=auth,
     )
-    assert short.status_code == 400
+    assert bad_record.status_code == 400 and "identity" in bad_record.json()["message"]
 
 
 def test_ed25519_jwt_tokens_from_the_account_system(tmp_path: Path) -> None:
