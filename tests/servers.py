@@ -227,4 +227,5 @@ def make_node(tmp: Path, db: str, *extra: str, env: dict[str, str] | None = None
         **(env or {}),
     }
     args = ["--db", db, "--data-dir", str(tmp / "data"), *extra]
-    return VaultNode(args, full_env, free_port(), tmp / f"vault-{free_port()}.log")
+    port = free_port()
+    return VaultNode(args, full_env, port, tmp / f"vault-{port}.log")

@@ -11,6 +11,10 @@ A token lets its holder *try*: only the password gets a record's secret out.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -28,11 +32,36 @@ class TokenVerifier(Protocol):
 
 
 class BuiltinTokens:
-    def __init__(self, lookup: Callable[[str], str | None]) -> None:
+    """Looks tokens up in the vault's database, remembering answers for ``cache_seconds``
+    (so a removed token keeps working at most that long on a node)."""
+
+    def __init__(
+        self,
+        lookup: Callable[[str], str | None],
+        cache_seconds: float = 30.0,
+        max_entries: int = 100_000,
+    ) -> None:
         self._lookup = lookup
+        self._ttl = cache_seconds
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def account(self, token: str) -> str | None:
-        return self._lookup(token)
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        name = self._lookup(token)
+        with self._lock:
+            # Unknown tokens are remembered briefly: the account may be created any moment.
+            self._cache[key] = (now + (self._ttl if name else min(self._ttl, 2.0)), name)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return name
 
 
 class Ed25519JwtVerifier:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -179,6 +178,42 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class AccessLog:
+    """One JSON log line per request: method, path, status, duration, client address.
+    (A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task per request.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client")
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                    "client": client[0] if client else "unknown",
+                },
+            )
+
+
 def _decode(value: str, field: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -265,6 +300,11 @@ def create_app(
             response.headers["Allow"] = ", ".join(allowed)
         return response
 
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return _error(500, "internal_error", "the vault failed; the request was not completed")
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_request: Request, exc: _Unauthorized) -> JSONResponse:
         return _error(401, "unauthorized", str(exc))
@@ -277,24 +317,6 @@ def create_app(
             f"too many requests; retry in {exc.seconds} s",
             retry_after=exc.seconds,
         )
-
-    @app.middleware("http")
-    async def access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.url.path,
-                "status": response.status_code,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-                "client": client_of(request),
-            },
-        )
-        return response
 
     @app.get("/healthz", response_model=HealthOut, tags=["operations"])
     def healthz() -> HealthOut:
@@ -371,6 +393,7 @@ def create_app(
         return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name, limit)])
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(AccessLog)
     return app
 
 
@@ -401,6 +424,7 @@ class JsonLogFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
+            doc["where"] = self.formatException(record.exc_info).splitlines()[-3:]
         return json.dumps(doc, default=str)
 
 
