@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (a local folder): make a sample chat store, back it
-# up into a new encrypted repository, change it, back up again, lose the device, restore
-# with the 64-digit key on a "new device", check the result is identical, and let stock
-# restic verify the repository. Everything happens in a temporary folder.
+# The main job on the embedded defaults: `backvault demo` (see README). It installs what it
+# needs, then runs the whole story offline: a sample chat store, an embedded vault on
+# loopback, backup with a password, the phone lost, a restore with just the password.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bootstrap.sh
 source "$ROOT/scripts/bootstrap.sh"
-exec python "$ROOT/scripts/demo.py" "$@"
+exec backvault demo "$@"

@@ -35,6 +35,7 @@ from .client.backup import Backup
 from .client.paths import cache_dir
 from .client.restore import DiskFull, Restorer, TargetNotEmpty
 from .client.session import MalformedKeyError, NoKeyAvailable, open_repository, open_with_text
+from .client.settings import Settings, SettingsError, VaultSettings
 from .crypto import recovery_key
 from .repo.check import Checker
 from .repo.errors import (
@@ -46,7 +47,7 @@ from .repo.errors import (
 )
 from .repo.lock import RepositoryLock, remove_stale_locks
 from .repo.repository import Repository
-from .storage import FileType, StorageError, open_backend
+from .storage import Backend, FileType, StorageError, open_backend
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -54,6 +55,7 @@ EXIT_INCOMPLETE = 3
 EXIT_WRONG_KEY = 10
 EXIT_NO_REPOSITORY = 11
 EXIT_LOCKED = 12
+EXIT_VAULT_UNREACHABLE = 13
 EXIT_INTERRUPTED = 130
 
 RECOVERY_SLOT_USER = "backvault-recovery-key"
@@ -66,6 +68,24 @@ class Context:
     quiet: bool
     console: Console
     errors: Console
+    vault_url: str | None = None
+    account: str | None = None
+
+    def settings(self) -> Settings:
+        try:
+            return Settings.resolve(
+                {
+                    "repository": self.repo,
+                    "vault.url": self.vault_url,
+                    "vault.account": self.account,
+                }
+            )
+        except SettingsError as exc:
+            fail(str(exc), 2)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            self.errors.print(message, highlight=False, soft_wrap=True)
 
     def out(self, message: str = "") -> None:
         if not self.quiet and not self.json:
@@ -76,9 +96,14 @@ class Context:
             click.echo(json.dumps(doc, indent=2))
 
     def require_repo(self) -> str:
-        if not self.repo:
-            fail("no repository given: pass --repo PATH or set BACKVAULT_REPO", 2)
-        return self.repo
+        repository = self.settings().repository
+        if not repository:
+            fail(
+                "no repository given: pass --repo PATH, set BACKVAULT_REPO, or "
+                "`backvault config set repository PATH`",
+                2,
+            )
+        return repository
 
 
 class Failure(Exception):
@@ -149,10 +174,124 @@ def key_from_env() -> str | None:
 
 
 def open_repo(ctx: Context) -> Repository:
+    """Open the repository: BACKVAULT_KEY, else this device's cache, else the password
+    through the vault (when one is configured), else a typed 64-digit key."""
     location = ctx.require_repo()
     ask = ask_key if sys.stdin.isatty() else None
-    repo, _how = open_repository(location, key_from_env(), ask=ask)
+    vault = ctx.settings().vault
+    opener = password_opener(ctx, vault) if vault is not None else None
+    repo, _how = open_repository(location, key_from_env(), ask=ask, password=opener)
     return repo
+
+
+def read_password(prompt: str = "Password") -> str | None:
+    """BACKVAULT_PASSWORD (for scripts), else a hidden prompt on a terminal, else None."""
+    from_env = os.environ.get("BACKVAULT_PASSWORD")
+    if from_env:
+        return from_env
+    if sys.stdin.isatty():
+        return str(click.prompt(prompt, hide_input=True, default="", show_default=False))
+    return None
+
+
+def read_new_password(ctx: Context, env_name: str = "BACKVAULT_PASSWORD") -> str:
+    """A new password: asked twice on a terminal, with strength feedback; weak ones are
+    refused (the vault allows only a few guesses, so the password must not be among them)."""
+    from .client.password import WeakPassword, check_strength
+
+    from_env = os.environ.get(env_name)
+    if from_env:
+        try:
+            ctx.warn(check_strength(from_env))
+        except WeakPassword as exc:
+            fail(f"{env_name}: {exc}", 2)
+        return from_env
+    if not sys.stdin.isatty():
+        fail(f"give the new password in {env_name} or run interactively", 2)
+    while True:
+        first = str(click.prompt("New password", hide_input=True))
+        try:
+            ctx.warn(check_strength(first))
+        except WeakPassword as exc:
+            ctx.warn(f"{exc}; try another")
+            continue
+        if str(click.prompt("Repeat the password", hide_input=True)) == first:
+            return first
+        ctx.warn("the two passwords differ; try again")
+
+
+def vault_failure(exc: Exception, vault: VaultSettings) -> NoReturn:
+    """Turn a vault refusal into the one-line message a person needs."""
+    from .client.password import UnwrapFailed
+    from .client.vault_client import VaultRefused, VaultUnavailable
+
+    if isinstance(exc, VaultUnavailable):
+        fail(
+            f"cannot reach the vault at {vault.url}; check the network and try again, or "
+            "restore with your 64-digit key",
+            EXIT_VAULT_UNREACHABLE,
+        )
+    if isinstance(exc, VaultRefused):
+        if exc.code == "wrong_password" and exc.attempts_left is not None:
+            left = exc.attempts_left
+            noun = "attempt" if left == 1 else "attempts"
+            extra = (
+                "; careful: one more wrong password and the vault erases this key for good"
+                if left == 1
+                else ""
+            )
+            fail(f"wrong password — {left} {noun} left{extra}", EXIT_WRONG_KEY)
+        if exc.code in ("record_erased", "wrong_password"):
+            fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+        if exc.code == "no_attempts_left":
+            fail(
+                "the vault accepts no more attempts: the last ones are still in progress; "
+                "if they fail, the key is erased. Restore with your 64-digit key if you have one",
+                EXIT_WRONG_KEY,
+            )
+        if exc.status == 401:
+            fail(f"the vault refused the account token for {vault.account!r}: {exc.message}")
+        fail(f"the vault refused: {exc.message}")
+    if isinstance(exc, UnwrapFailed):
+        fail(f"{exc}; restore with your 64-digit key", EXIT_WRONG_KEY)
+    raise exc
+
+
+ERASED_MESSAGE = "the vault has erased this key; restore with your 64-digit key if you have one"
+
+
+def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], Repository | None]:
+    def open_with_password(backend: Backend) -> Repository | None:
+        from .client.password import PasswordSlots, UnwrapFailed
+        from .client.vault_client import VaultRefused, VaultUnavailable
+
+        slots = PasswordSlots(vault)
+        try:
+            status = slots.status()
+        except (VaultRefused, VaultUnavailable) as exc:
+            vault_failure(exc, vault)
+        if not status.get("exists"):
+            fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+        left = int(str(status.get("attempts_left", 0)))
+        if left == 1:
+            ctx.warn(
+                "warning: this is the last attempt the vault allows; if the password is "
+                "wrong, it erases the key for good"
+            )
+        password = read_password(f"Password (vault {vault.url}; empty to type your 64-digit key)")
+        if password is None:
+            raise NoKeyAvailable(
+                "no key for this repository on this device: set BACKVAULT_PASSWORD (or "
+                "BACKVAULT_KEY to your 64-digit key), or run interactively"
+            )
+        if not password:
+            return None  # the person chose to type the 64-digit key
+        try:
+            return slots.open(backend, password.encode())
+        except (VaultRefused, VaultUnavailable, UnwrapFailed) as exc:
+            vault_failure(exc, vault)
+
+    return open_with_password
 
 
 _pass_context_object = click.make_pass_decorator(Context)
@@ -187,6 +326,19 @@ def pass_context(command: F) -> F:
             help="Machine-readable output on stdout.",
         ),
         click.option(
+            "--vault",
+            "vault_url",
+            expose_value=False,
+            callback=_set_field("vault_url"),
+            help="Vault URL (or BACKVAULT_VAULT_URL, or config).",
+        ),
+        click.option(
+            "--account",
+            expose_value=False,
+            callback=_set_field("account"),
+            help="Vault account (or BACKVAULT_ACCOUNT, or config).",
+        ),
+        click.option(
             "-q",
             "--quiet",
             is_flag=True,
@@ -205,12 +357,23 @@ def pass_context(command: F) -> F:
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.option("--vault", "vault_url", help="Vault URL (or BACKVAULT_VAULT_URL, or config).")
+@click.option("--account", help="Vault account (or BACKVAULT_ACCOUNT, or config).")
 @click.version_option(__version__, prog_name="backvault")
 @click.pass_context
-def cli(click_ctx: click.Context, repo: str | None, as_json: bool, quiet: bool) -> None:
+def cli(
+    click_ctx: click.Context,
+    repo: str | None,
+    as_json: bool,
+    quiet: bool,
+    vault_url: str | None,
+    account: str | None,
+) -> None:
     """End-to-end encrypted backups in standard restic repositories.
 
-    The key comes from BACKVAULT_KEY, this device's key cache, or a prompt.
+    The repository opens with BACKVAULT_KEY, this device's key cache, your password through
+    the vault (BACKVAULT_PASSWORD or a prompt), or your 64-digit key at a prompt. Settings
+    come from flags, then BACKVAULT_* variables, then ~/.config/backvault/config.toml.
     """
     click_ctx.obj = Context(
         repo=repo,
@@ -218,6 +381,8 @@ def cli(click_ctx: click.Context, repo: str | None, as_json: bool, quiet: bool) 
         quiet=quiet,
         console=Console(),
         errors=Console(stderr=True),
+        vault_url=vault_url,
+        account=account,
     )
 
 
@@ -232,32 +397,94 @@ def recovery_key_block(secret: bytes) -> str:
 
 @cli.command()
 @click.option("--no-remember", is_flag=True, help="Do not keep the key on this device.")
+@click.option(
+    "--password",
+    "with_password",
+    is_flag=True,
+    help="Also protect the repository with a password checked by the vault.",
+)
+@click.option(
+    "--no-recovery-key",
+    is_flag=True,
+    help="With --password: keep no 64-digit key (the password becomes the only way back).",
+)
+@click.option(
+    "--max-attempts", type=int, help="With --password: wrong guesses allowed (≤ the vault's)."
+)
 @pass_context
-def init(ctx: Context, no_remember: bool) -> None:
-    """Create a repository and its 64-digit recovery key (shown once)."""
+def init(
+    ctx: Context,
+    no_remember: bool,
+    with_password: bool,
+    no_recovery_key: bool,
+    max_attempts: int | None,
+) -> None:
+    """Create a repository with its 64-digit recovery key (shown once), and with --password
+    a password slot whose secret only the vault gives back."""
+    if no_recovery_key and not with_password:
+        fail("--no-recovery-key needs --password: a repository needs at least one key", 2)
     location = ctx.require_repo()
+    vault = ctx.settings().vault if with_password else None
+    if with_password and vault is None:
+        try:
+            ctx.settings().require_vault()
+        except SettingsError as exc:
+            fail(str(exc), 2)
+    password = read_new_password(ctx) if with_password else None
     backend = open_backend(location)
     secret = recovery_key.generate()
     repo = Repository.init(backend, recovery_key.canonical(secret).encode(), RECOVERY_SLOT_USER)
+    recovery_id = repo.key_id
     where = "" if no_remember else keycache.remember(backend.location, repo.config.id, repo.key)
+    password_slot = None
+    problem = None
+    if vault is not None and password is not None:
+        from .client.password import PasswordSlots
+
+        try:
+            password_slot = PasswordSlots(vault).enable(repo, password.encode(), max_attempts)
+        except Exception as exc:
+            problem = exc
+    show_key = not no_recovery_key or password_slot is None
+    if no_recovery_key and password_slot is not None and recovery_id:
+        repo.remove_key(recovery_id)
     ctx.emit_json(
         {
             "repository": backend.location,
             "id": repo.config.id,
-            "recovery_key": recovery_key.canonical(secret),
-            "recovery_key_groups": recovery_key.display(secret),
-            "key_id": repo.key_id,
+            "recovery_key": recovery_key.canonical(secret) if show_key else None,
+            "recovery_key_groups": recovery_key.display(secret) if show_key else None,
+            "key_id": recovery_id if show_key else None,
+            "password_key_id": password_slot,
+            "vault": vault.url if vault and password_slot else None,
+            "account": vault.account if vault and password_slot else None,
             "device_cache": where or None,
         }
     )
     ctx.out(f"Created repository {repo.config.id[:8]} at {backend.location}\n")
-    ctx.out("Your 64-digit recovery key. Write it down and keep it somewhere safe;")
-    ctx.out("it is shown only this once, and without it or the device nobody can restore:\n")
-    ctx.out(recovery_key_block(secret) + "\n")
-    ctx.out("Stock restic opens this repository with the same 64 digits typed without")
-    ctx.out("spaces as the password (see `backvault key show --help`).")
+    if show_key:
+        ctx.out("Your 64-digit recovery key. Write it down and keep it somewhere safe;")
+        ctx.out("it is shown only this once, and without it or the device nobody can restore:\n")
+        ctx.out(recovery_key_block(secret) + "\n")
+        ctx.out("Stock restic opens this repository with the same 64 digits typed without")
+        ctx.out("spaces as the password (see `backvault key show --help`).")
+    if password_slot and vault:
+        ctx.out(
+            f"Your password now opens this repository through the vault at {vault.url} "
+            f"(account {vault.account}); a limited number of wrong guesses is allowed."
+        )
     if where:
         ctx.out(f"This device remembers the repository key in {where}.")
+    if problem is not None:
+        assert vault is not None
+        try:
+            vault_failure(problem, vault)
+        except Failure as failure:
+            fail(
+                f"the repository was created, but the password could not be turned on: "
+                f"{failure}; run `backvault key add --password` later",
+                failure.code,
+            )
 
 
 @cli.group()
@@ -275,7 +502,7 @@ def key_list(ctx: Context) -> None:
         [
             {
                 "id": s.id,
-                "kind": slot_kind(s.username),
+                "kind": slot_kind(s.username, s.hostname),
                 "username": s.username,
                 "hostname": s.hostname,
                 "created": s.created,
@@ -284,25 +511,43 @@ def key_list(ctx: Context) -> None:
             for s in slots
         ]
     )
-    table = Table("", "ID", "kind", "host", "created")
+    table = Table("", "ID", "kind", "created")
     for s in slots:
         table.add_row(
-            "*" if s.current else "", s.id[:8], slot_kind(s.username), s.hostname, s.created[:19]
+            "*" if s.current else "",
+            s.id[:8],
+            slot_kind(s.username, s.hostname),
+            s.created[:19].replace("T", " "),
         )
     if not ctx.quiet and not ctx.json:
         ctx.console.print(table)
 
 
-def slot_kind(username: str) -> str:
+def slot_kind(username: str, hostname: str = "") -> str:
+    from .client.password import SLOT_USER_PREFIX
+
     if username == RECOVERY_SLOT_USER:
         return "recovery key"
-    return f"password ({username})"
+    if username.startswith(SLOT_USER_PREFIX):
+        return f"password (vault {hostname}, account {username.removeprefix(SLOT_USER_PREFIX)})"
+    return f"restic password ({username}@{hostname})"
 
 
 @key.command("add")
+@click.option(
+    "--password",
+    "with_password",
+    is_flag=True,
+    help="Add a password slot checked by the vault instead of a recovery key.",
+)
+@click.option("--max-attempts", type=int, help="With --password: wrong guesses allowed.")
 @pass_context
-def key_add(ctx: Context) -> None:
-    """Add another 64-digit recovery key (shown once); data is not re-uploaded."""
+def key_add(ctx: Context, with_password: bool, max_attempts: int | None) -> None:
+    """Add another 64-digit recovery key (shown once), or with --password a password slot;
+    data is not re-uploaded."""
+    if with_password:
+        enable_password(ctx, max_attempts)
+        return
     repo = open_repo(ctx)
     secret = recovery_key.generate()
     key_id = repo.add_key(recovery_key.canonical(secret).encode(), RECOVERY_SLOT_USER)
@@ -329,9 +574,213 @@ def key_remove(ctx: Context, key_id: str) -> None:
             "repository again; add another key first (`backvault key add`)"
         )
     target = matching[0]
+    from .client.password import is_password_slot
+
+    if is_password_slot(target):
+        # The vault record is what makes this slot usable: erase it too.
+        vault = require_vault(ctx)
+        delete_vault_record(vault)
     repo.remove_key(target.id)
     ctx.emit_json({"removed": target.id})
-    ctx.out(f"Removed key slot {target.id[:8]} ({slot_kind(target.username)}).")
+    ctx.out(f"Removed key slot {target.id[:8]} ({slot_kind(target.username, target.hostname)}).")
+
+
+def require_vault(ctx: Context) -> VaultSettings:
+    try:
+        return ctx.settings().require_vault()
+    except SettingsError as exc:
+        fail(str(exc), 2)
+
+
+def delete_vault_record(vault: VaultSettings) -> None:
+    from .client.password import PasswordSlots
+    from .client.vault_client import VaultRefused, VaultUnavailable
+
+    try:
+        PasswordSlots(vault).delete_record()
+    except (VaultRefused, VaultUnavailable) as exc:
+        vault_failure(exc, vault)
+
+
+def enable_password(ctx: Context, max_attempts: int | None) -> None:
+    from .client.password import PasswordSlots
+    from .client.vault_client import VaultRefused, VaultUnavailable
+
+    vault = require_vault(ctx)
+    repo = open_repo(ctx)
+    password = read_new_password(ctx)
+    slots = PasswordSlots(vault)
+    old = slots.slots_of_account(repo)
+    try:
+        key_id = slots.enable(repo, password.encode(), max_attempts)
+    except (VaultRefused, VaultUnavailable) as exc:
+        vault_failure(exc, vault)
+    # The vault holds one record per account: earlier password slots no longer open.
+    for slot in old:
+        repo.remove_key(slot.id)
+    ctx.emit_json(
+        {
+            "password_key_id": key_id,
+            "vault": vault.url,
+            "account": vault.account,
+            "replaced": [s.id for s in old],
+        }
+    )
+    ctx.out(
+        f"Added password slot {key_id[:8]}: your password opens this repository through the "
+        f"vault at {vault.url} (account {vault.account})."
+    )
+
+
+# --- the password ----------------------------------------------------------------------
+
+
+@cli.group()
+def password() -> None:
+    """Change, check or turn off the password kept by the vault."""
+
+
+@password.command("change")
+@click.option("--max-attempts", type=int, help="Wrong guesses allowed.")
+@pass_context
+def password_change(ctx: Context, max_attempts: int | None) -> None:
+    """Set a new password: a new slot secret and vault record; the old ones are erased.
+
+    Opens the repository first with this device's key, BACKVAULT_KEY, or the current
+    password."""
+    from .client.password import PasswordSlots
+
+    vault = require_vault(ctx)
+    repo = open_repo(ctx)
+    slots = PasswordSlots(vault)
+    old = slots.slots_of_account(repo)
+    if not old:
+        fail(
+            "this repository has no password slot for this account; add one with "
+            "`backvault key add --password`"
+        )
+    new = read_new_password(ctx, "BACKVAULT_NEW_PASSWORD")
+    from .client.vault_client import VaultRefused, VaultUnavailable
+
+    try:
+        key_id = slots.enable(repo, new.encode(), max_attempts)  # replaces the vault record
+    except (VaultRefused, VaultUnavailable) as exc:
+        vault_failure(exc, vault)
+    for slot in old:
+        repo.remove_key(slot.id)
+    ctx.emit_json({"password_key_id": key_id, "removed": [s.id for s in old]})
+    ctx.out("Password changed: the old one no longer opens anything.")
+
+
+@password.command("check")
+@pass_context
+def password_check(ctx: Context) -> None:
+    """Check that you still know your password (a real login: a wrong one uses an attempt,
+    a right one resets the count)."""
+    from .client.password import PasswordSlots, UnwrapFailed
+    from .client.vault_client import VaultRefused, VaultUnavailable
+
+    vault = require_vault(ctx)
+    slots = PasswordSlots(vault)
+    try:
+        status = slots.status()
+    except (VaultRefused, VaultUnavailable) as exc:
+        vault_failure(exc, vault)
+    if not status.get("exists"):
+        fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+    left = int(str(status["attempts_left"]))
+    ctx.out(
+        f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'}; this check "
+        "counts as one until it succeeds."
+    )
+    if left == 1:
+        ctx.warn("warning: a wrong password now erases the key for good")
+    typed = read_password("Password")
+    if not typed:
+        fail("no password given (BACKVAULT_PASSWORD or a prompt)", 2)
+    try:
+        slots.recover_secret(typed.encode())
+    except (VaultRefused, VaultUnavailable, UnwrapFailed) as exc:
+        vault_failure(exc, vault)
+    after = slots.status()
+    ctx.emit_json({"ok": True, "attempts_left": after.get("attempts_left")})
+    ctx.out(
+        f"Your password is right. The vault allows {after.get('attempts_left')} wrong "
+        "guesses again."
+    )
+
+
+@password.command("disable")
+@pass_context
+def password_disable(ctx: Context) -> None:
+    """Remove the password slot and erase the vault record (keeps the 64-digit key)."""
+    from .client.password import PasswordSlots
+
+    vault = require_vault(ctx)
+    repo = open_repo(ctx)
+    slots = PasswordSlots(vault)
+    mine = slots.slots_of_account(repo)
+    others = [s for s in repo.list_keys() if s not in mine]
+    if not others:
+        fail(
+            "refusing: the password is the only key of this repository; add a 64-digit key "
+            "first (`backvault key add`)"
+        )
+    delete_vault_record(vault)
+    for slot in mine:
+        repo.remove_key(slot.id)
+    ctx.emit_json({"removed": [s.id for s in mine]})
+    ctx.out("The password is turned off: the vault record is erased and the slot removed.")
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def config(click_ctx: click.Context) -> None:
+    """Show settings (with where each comes from), or set and unset them."""
+    if click_ctx.invoked_subcommand is None:
+        ctx = click_ctx.find_object(Context)
+        assert ctx is not None
+        doc = ctx.settings().describe()
+        ctx.emit_json(doc)
+        for key in ("repository", "vault.url", "vault.account", "vault.token"):
+            source = doc["sources"].get(key, "not set")
+            ctx.out(f"{key:<14} {doc[key] if doc[key] is not None else '-':<40} ({source})")
+        ctx.out(f"file: {doc['file']}")
+
+
+@config.command("set")
+@click.argument("name")
+@click.argument("value")
+@pass_context
+def config_set(ctx: Context, name: str, value: str) -> None:
+    """Set NAME (repository, vault.url, vault.account, vault.token) to VALUE."""
+    from .client.settings import set_value
+
+    try:
+        path = set_value(name, value)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    shown = value[:8] + "…" if name == "vault.token" else value
+    ctx.emit_json({"set": name, "file": str(path)})
+    ctx.out(f"{name} = {shown} (in {path})")
+
+
+@config.command("unset")
+@click.argument("name")
+@pass_context
+def config_unset(ctx: Context, name: str) -> None:
+    """Remove NAME from the settings file."""
+    from .client.settings import set_value
+
+    try:
+        path = set_value(name, None)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    ctx.emit_json({"unset": name, "file": str(path)})
+    ctx.out(f"{name} removed from {path}")
 
 
 @key.command("show")
@@ -544,6 +993,68 @@ def unlock(ctx: Context, remove_all: bool) -> None:
     ctx.out(f"removed {removed} locks")
 
 
+# --- schedule and demo --------------------------------------------------------------------
+
+
+@cli.group()
+def schedule() -> None:
+    """Daily unattended backups (systemd user timer, or a cron line)."""
+
+
+@schedule.command("install")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--at", "at", default="03:00", show_default=True, help="Time of day, HH:MM.")
+@click.option("--cron", "force_cron", is_flag=True, help="Print a cron line even with systemd.")
+@pass_context
+def schedule_install(ctx: Context, paths: tuple[str, ...], at: str, force_cron: bool) -> None:
+    """Back up PATHS every day with this device's cached key (no password, works without
+    the vault)."""
+    from .client.schedule import install
+
+    location = open_backend(ctx.require_repo()).location
+    if keycache.recall(location) is None:
+        fail(
+            "this device holds no key for the repository yet: open it once (e.g. "
+            "`backvault snapshots`) so that scheduled backups need no password"
+        )
+    try:
+        result = install(location, list(paths), at, force_cron)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    ctx.emit_json(
+        {
+            "how": result.how,
+            "files": [str(f) for f in result.files],
+            "cron_line": result.cron_line,
+            "enabled": result.enabled,
+        }
+    )
+    ctx.out(result.message)
+
+
+@schedule.command("remove")
+@pass_context
+def schedule_remove(ctx: Context) -> None:
+    """Remove the daily backup timer."""
+    from .client.schedule import remove
+
+    removed = remove()
+    ctx.emit_json({"removed": [str(p) for p in removed]})
+    if removed:
+        ctx.out("removed " + ", ".join(str(p) for p in removed))
+    else:
+        ctx.out("no timer was installed (remove a cron line with `crontab -e`)")
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the demo's files afterwards.")
+def demo(keep: bool) -> None:
+    """The whole story on embedded defaults, offline, in under a minute."""
+    from .demo import main as run_demo
+
+    run_demo(keep)
+
+
 # --- the vault ----------------------------------------------------------------------------
 
 
@@ -645,6 +1156,7 @@ ERROR_CODES: list[tuple[type[BaseException], int]] = [
     (RepositoryLocked, EXIT_LOCKED),
     (TargetNotEmpty, EXIT_ERROR),
     (DiskFull, EXIT_ERROR),
+    (SettingsError, 2),
     (DamagedObject, EXIT_INCOMPLETE),
     (RepositoryError, EXIT_ERROR),
     (StorageError, EXIT_ERROR),

@@ -53,8 +53,12 @@ def open_repository(
     key_text: str | None,
     ask: Callable[[], str] | None = None,
     remember: bool = True,
+    password: Callable[[Backend], Repository | None] | None = None,
 ) -> tuple[Repository, str]:
-    """Open the repository; returns it and a note of how it was opened."""
+    """Open the repository; returns it and a note of how it was opened.
+
+    ``password`` opens it through the vault; it may return None to say "the user chose to
+    type a key instead"."""
     backend = open_backend(location)
     if not backend.exists():
         Repository.open(backend, [])  # raises NotARepository, before asking for a key
@@ -70,9 +74,15 @@ def open_repository(
                 return repo, f"opened with this device's cached key ({cached.where})"
         except WrongKey:
             pass
+    if password is not None:
+        repo_or_none = password(backend)
+        if repo_or_none is not None:
+            where = keycache.remember(backend.location, repo_or_none.config.id, repo_or_none.key)
+            return repo_or_none, f"opened with your password; remembered in {where}"
     if ask is None:
         raise NoKeyAvailable(
             "no key for this repository on this device: set BACKVAULT_KEY to your 64-digit "
-            "key (or the repository password), or run interactively to type it"
+            "key (or the repository password), configure the vault and set "
+            "BACKVAULT_PASSWORD, or run interactively to type it"
         )
     return open_repository(location, ask(), None, remember)

@@ -134,14 +134,16 @@ class Repository:
 
     # --- key slots ---------------------------------------------------------------------
 
-    def add_key(self, secret: bytes, username: str | None = None) -> str:
+    def add_key(
+        self, secret: bytes, username: str | None = None, hostname: str | None = None
+    ) -> str:
         user, host = _identity()
         key_file = KeyFile.create(
             self.key,
             secret,
             created=format_ns(now_ns()),
             username=username or user,
-            hostname=host,
+            hostname=hostname or host,
         )
         raw = key_file.to_bytes()
         name = fmt.sha256(raw).hex()

@@ -1,0 +1,139 @@
+"""The password path: a repository key slot whose secret only the vault can give back.
+
+Turning it on: a 256-bit random slot secret becomes the password of a new restic key file
+(as 64 hex digits). The secret is encrypted (AES-256-GCM) under a key derived (HKDF-SHA512)
+from OPAQUE's ``export_key`` and that ciphertext is registered with the vault beside the
+OPAQUE record. Getting it back needs a successful OPAQUE login, which the vault counts.
+
+The password itself protects nothing stored anywhere: no key file opens with it, and no
+hash or KDF output of it is written. Only the vault, through OPAQUE, can check it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..opaque import OpaqueConfig
+from ..repo.repository import KeySlot, Repository
+from ..storage import Backend
+from .settings import VaultSettings
+from .vault_client import VaultClient, VaultRefused
+
+SLOT_USER_PREFIX = "backvault-password:"
+WRAP_INFO = b"backvault vault-slot wrap v1"
+WRAP_VERSION = 1
+MIN_LENGTH = 6
+MIN_SCORE = 2  # zxcvbn: refuse passwords guessable within about 10^6 tries
+
+
+class WeakPassword(ValueError):
+    pass
+
+
+class UnwrapFailed(Exception):
+    """The vault released a secret that this password's export_key does not open."""
+
+
+def _wrap_key(export_key: bytes) -> bytes:
+    return HKDF(hashes.SHA512(), 32, salt=None, info=WRAP_INFO).derive(export_key)
+
+
+def _aad(account: str) -> bytes:
+    return b"backvault vault slot:" + account.encode()
+
+
+def wrap_slot_secret(export_key: bytes, slot_secret: bytes, account: str) -> bytes:
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(_wrap_key(export_key)).encrypt(nonce, slot_secret, _aad(account))
+    return bytes([WRAP_VERSION]) + nonce + sealed
+
+
+def unwrap_slot_secret(export_key: bytes, wrapped: bytes, account: str) -> bytes:
+    if len(wrapped) < 1 + 12 + 16 or wrapped[0] != WRAP_VERSION:
+        raise UnwrapFailed("the vault returned a malformed wrapped secret")
+    try:
+        return AESGCM(_wrap_key(export_key)).decrypt(wrapped[1:13], wrapped[13:], _aad(account))
+    except InvalidTag as exc:
+        raise UnwrapFailed("the secret from the vault does not open with this password") from exc
+
+
+def check_strength(password: str) -> str:
+    """Refuse passwords an online attacker would guess within the limit; return advice."""
+    from zxcvbn import zxcvbn
+
+    if len(password) < MIN_LENGTH:
+        raise WeakPassword(f"use at least {MIN_LENGTH} characters")
+    result = zxcvbn(password[:100])
+    feedback = result.get("feedback", {})
+    advice = " ".join([feedback.get("warning") or "", *(feedback.get("suggestions") or [])]).strip()
+    if result["score"] < MIN_SCORE:
+        raise WeakPassword("this password is too easy to guess" + (f": {advice}" if advice else ""))
+    labels = {2: "fair", 3: "good", 4: "strong"}
+    return f"password strength: {labels[result['score']]}" + (f" ({advice})" if advice else "")
+
+
+def is_password_slot(slot: KeySlot) -> bool:
+    return slot.username.startswith(SLOT_USER_PREFIX)
+
+
+@dataclass
+class PasswordSlots:
+    vault: VaultSettings
+    opaque_config: OpaqueConfig | None = None
+    verify: bool | str = True
+
+    def client(self) -> VaultClient:
+        return VaultClient(self.vault.url, self.vault.token, self.opaque_config, verify=self.verify)
+
+    def enable(self, repo: Repository, password: bytes, max_attempts: int | None = None) -> str:
+        """Add a vault key slot; returns its key id. Nothing is left half-done: if the vault
+        refuses, the new key file is removed again."""
+        slot_secret = secrets.token_bytes(32)
+        key_id = repo.add_key(
+            slot_secret.hex().encode(),
+            username=SLOT_USER_PREFIX + self.vault.account,
+            hostname=self.vault.url,
+        )
+        try:
+            with self.client() as vault:
+                vault.register(
+                    password,
+                    lambda export_key: wrap_slot_secret(
+                        export_key, slot_secret, self.vault.account
+                    ),
+                    max_attempts,
+                )
+        except BaseException:
+            repo.remove_key(key_id)
+            raise
+        return key_id
+
+    def recover_secret(self, password: bytes) -> bytes:
+        """Log in to the vault and unwrap the slot secret (VaultRefused on a wrong password)."""
+        with self.client() as vault:
+            result = vault.login(password)
+        return unwrap_slot_secret(result.export_key, result.wrapped_secret, self.vault.account)
+
+    def open(self, backend: Backend, password: bytes) -> Repository:
+        return Repository.open(backend, [self.recover_secret(password).hex().encode()])
+
+    def status(self) -> dict[str, object]:
+        with self.client() as vault:
+            return vault.status()
+
+    def delete_record(self) -> None:
+        with self.client() as vault:
+            try:
+                vault.delete_record()
+            except VaultRefused as exc:
+                if exc.status != 404:
+                    raise
+
+    def slots_of_account(self, repo: Repository) -> list[KeySlot]:
+        return [s for s in repo.list_keys() if s.username == SLOT_USER_PREFIX + self.vault.account]

@@ -1,0 +1,136 @@
+"""Daily unattended backups: a systemd user timer, or a cron line where there is no systemd.
+
+The job runs `backvault backup PATHS` with the device key cache, so it needs no password
+and keeps working when the vault is unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+UNIT = "backvault-backup"
+
+
+@dataclass
+class Installed:
+    how: str  # "systemd" or "cron"
+    files: list[Path]
+    cron_line: str | None
+    enabled: bool
+    message: str
+
+
+def _systemd_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def backup_command(repository: str, paths: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "backvault.cli",
+        "--quiet",
+        "--repo",
+        repository,
+        "backup",
+        *[os.path.abspath(p) for p in paths],
+    ]
+
+
+def _systemctl_user_works() -> bool:
+    if shutil.which("systemctl") is None:
+        return False
+    probe = subprocess.run(
+        ["systemctl", "--user", "show-environment"], capture_output=True, timeout=10
+    )
+    return probe.returncode == 0
+
+
+def install(
+    repository: str, paths: list[str], at: str = "03:00", force_cron: bool = False
+) -> Installed:
+    hour, _, minute = at.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        raise ValueError(f"--at must be HH:MM, not {at!r}")
+    command = backup_command(repository, paths)
+    env_lines = [
+        f"Environment={name}={shlex.quote(value)}"
+        for name, value in os.environ.items()
+        if name in ("BACKVAULT_CONFIG_DIR", "BACKVAULT_CACHE_DIR", "BACKVAULT_KEYRING")
+    ]
+    if not force_cron and _systemd_dir_usable():
+        directory = _systemd_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        service = directory / f"{UNIT}.service"
+        timer = directory / f"{UNIT}.timer"
+        service.write_text(
+            "[Unit]\n"
+            "Description=backvault daily encrypted backup\n"
+            "Wants=network-online.target\nAfter=network-online.target\n\n"
+            "[Service]\nType=oneshot\n"
+            + "".join(line + "\n" for line in env_lines)
+            + f"ExecStart={shlex.join(command)}\n"
+            "Nice=10\nIOSchedulingClass=idle\n"
+        )
+        timer.write_text(
+            "[Unit]\nDescription=backvault daily encrypted backup\n\n"
+            f"[Timer]\nOnCalendar=*-*-* {int(hour):02d}:{int(minute):02d}:00\n"
+            "Persistent=true\nRandomizedDelaySec=30min\n\n"
+            "[Install]\nWantedBy=timers.target\n"
+        )
+        enabled = False
+        message = f"wrote {service} and {timer}"
+        if _systemctl_user_works():
+            subprocess.run(["systemctl", "--user", "daemon-reload"], check=False, timeout=30)
+            result = subprocess.run(
+                ["systemctl", "--user", "enable", "--now", f"{UNIT}.timer"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            enabled = result.returncode == 0
+            message += (
+                "; timer enabled" if enabled else f"; enabling failed: {result.stderr.strip()}"
+            )
+        else:
+            message += (
+                "; no systemd user session is running here, enable it later with "
+                f"`systemctl --user enable --now {UNIT}.timer`"
+            )
+        return Installed("systemd", [service, timer], None, enabled, message)
+    line = f"{int(minute)} {int(hour)} * * * {shlex.join(command)} >/dev/null 2>&1"
+    return Installed(
+        "cron",
+        [],
+        line,
+        False,
+        "this machine has no systemd; add this line with `crontab -e`:\n" + line,
+    )
+
+
+def _systemd_dir_usable() -> bool:
+    return shutil.which("systemctl") is not None
+
+
+def remove() -> list[Path]:
+    directory = _systemd_dir()
+    removed = []
+    if _systemctl_user_works():
+        subprocess.run(
+            ["systemctl", "--user", "disable", "--now", f"{UNIT}.timer"],
+            capture_output=True,
+            timeout=30,
+        )
+    for name in (f"{UNIT}.timer", f"{UNIT}.service"):
+        path = directory / name
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
