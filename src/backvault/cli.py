@@ -3,8 +3,8 @@
 Exit codes (docs/user-guide.md):
   0 success · 1 error · 2 usage error · 3 finished, but something is damaged or was
   skipped (backup could not read some files, restore could not restore some files, check
-  found damage) · 10 wrong or malformed key · 11 no repository at that location ·
-  12 repository locked · 130 interrupted
+  found damage) · 10 wrong or malformed key or password · 11 no repository at that
+  location · 12 repository locked · 13 vault unreachable · 130 interrupted
 """
 
 from __future__ import annotations
