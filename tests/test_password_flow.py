@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -309,3 +310,56 @@ def test_schedule_needs_a_cached_key(cli: Cli, repo: object, tmp_path: Path) -> 
     cli.ok("-r", str(tmp_path / "repo"), "forget-device")
     refused = cli.run("-r", str(tmp_path / "repo"), "schedule", "install", str(tmp_path), "--cron")
     assert refused.code == 1 and "holds no key" in refused.err
+
+
+def _run_on_terminal(
+    argv: list[str], env: dict[str, str], answers: list[tuple[str, str]], timeout: float = 60
+) -> tuple[int, str]:
+    """Run a command on a pseudo-terminal, answering each prompt as it appears."""
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execve(sys.executable, [sys.executable, "-m", "backvault.cli", *argv], env)  # noqa: S606
+    output = ""
+    pending = list(answers)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096).decode(errors="replace")
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        if pending and pending[0][0] in output.split("\n")[-1]:
+            os.write(fd, (pending.pop(0)[1] + "\n").encode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output
+
+
+def test_password_prompts_on_a_terminal(phone: Cli, tmp_path: Path) -> None:
+    env = {k: v for k, v in phone.env.items() if k != "BACKVAULT_PASSWORD"}
+    code, out = _run_on_terminal(
+        ["init", "--password"],
+        env,
+        [
+            ("New password", "password"),
+            ("New password", PASSWORD),
+            ("Repeat", "typo " + PASSWORD),
+            ("New password", PASSWORD),
+            ("Repeat", PASSWORD),
+        ],
+    )
+    assert code == 0, out
+    assert "too easy to guess" in out and "the two passwords differ" in out
+    assert "password strength:" in out and PASSWORD not in out  # never echoed
+    phone.ok("forget-device")
+    code, out = _run_on_terminal(["snapshots"], env, [("Password", PASSWORD)])
+    assert code == 0, out
+    assert "0 snapshots" in out
