@@ -1,16 +1,64 @@
-"""Storage backends: named objects in a restic repository layout, behind one interface."""
+"""Storage backends: named objects in a restic repository layout, behind one interface.
 
-from .base import Backend, FileType, ObjectNotFound, StorageError
+Locations use restic's syntax: a folder path (or ``local:PATH``), ``s3:URL/BUCKET/PATH``,
+``rest:URL``, ``rclone:REMOTE:PATH``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .base import (
+    Backend,
+    FileType,
+    ObjectNotFound,
+    StorageAccessDenied,
+    StorageError,
+    StorageRefused,
+    TransientStorageError,
+)
 from .local import LocalBackend
+
+UNSUPPORTED = ("sftp:", "b2:", "azure:", "gs:", "swift:")
 
 
 def open_backend(location: str) -> Backend:
-    """A backend for a repository location (a local path for now)."""
-    if location.startswith(("s3:", "rest:", "rclone:", "sftp:", "b2:", "azure:", "gs:")):
+    """A backend for a repository location (remote ones wrapped in retries)."""
+    if location.startswith(UNSUPPORTED):
         scheme = location.split(":", 1)[0]
         raise StorageError(
-            f"the {scheme}: backend is not available in this version; use a local folder"
+            f"the {scheme}: backend is not built in; reach it through rclone "
+            f"(rclone:REMOTE:PATH) or use s3:, rest: or a local folder"
         )
+    if location.startswith("s3:"):
+        from .retry import RetryingBackend
+        from .s3 import S3Backend
+
+        rest = location[3:]
+        if "://" not in rest:
+            rest = "https://" + rest
+        parts = urlsplit(rest)
+        bucket, _, prefix = parts.path.lstrip("/").partition("/")
+        if not bucket:
+            raise StorageError(f"{location}: expected s3:https://HOST[:PORT]/BUCKET[/PATH]")
+        endpoint = f"{parts.scheme}://{parts.netloc}"
+        return RetryingBackend(S3Backend(endpoint, bucket, prefix, location))
+    if location.startswith("rest:"):
+        from .rest import RestBackend
+        from .retry import RetryingBackend
+
+        url = location[5:]
+        if not url.startswith(("http://", "https://")):
+            raise StorageError(f"{location}: expected rest:http(s)://HOST[:PORT]/PATH")
+        return RetryingBackend(RestBackend(url, location=location))
+    if location.startswith("rclone:"):
+        from .rclone import RcloneBackend
+        from .retry import RetryingBackend
+
+        remote = location[7:]
+        if ":" not in remote:
+            raise StorageError(f"{location}: expected rclone:REMOTE:PATH")
+        return RetryingBackend(RcloneBackend(remote), connections=2)
     return LocalBackend(location.removeprefix("local:"))
 
 
@@ -19,6 +67,9 @@ __all__ = [
     "FileType",
     "LocalBackend",
     "ObjectNotFound",
+    "StorageAccessDenied",
     "StorageError",
+    "StorageRefused",
+    "TransientStorageError",
     "open_backend",
 ]

@@ -16,6 +16,27 @@ class ObjectNotFound(StorageError):
     """The named object does not exist."""
 
 
+class TransientStorageError(StorageError):
+    """A failure worth retrying: a 5xx answer, a timeout, a reset or refused connection."""
+
+
+class StorageAccessDenied(StorageError):
+    """Credentials missing or refused (never retried: retrying cannot fix it)."""
+
+
+class StorageRefused(StorageError):
+    """The storage refuses this operation by policy (e.g. deleting on append-only storage)."""
+
+
+# restic's object type names in URLs (REST protocol) and key prefixes (S3).
+def object_path(kind: FileType, name: str) -> str:
+    if kind is FileType.CONFIG:
+        return "config"
+    if kind is FileType.DATA:
+        return f"data/{name[:2]}/{name}"
+    return f"{kind.value}/{name}"
+
+
 class FileType(Enum):
     CONFIG = "config"
     KEY = "keys"
