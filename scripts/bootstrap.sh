@@ -13,6 +13,8 @@ ldconfig -p 2>/dev/null | grep -q 'libsodium\.so' || need_debs+=(libsodium23)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_debs+=(postgresql)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_debs+=(softhsm2)
 command -v setpriv >/dev/null 2>&1 || need_debs+=(util-linux)
+# Storage backends' tests: `rclone serve restic` (and rclone remotes).
+command -v rclone >/dev/null 2>&1 || need_debs+=(rclone)
 if ((${#need_debs[@]})); then
     if [ "$(id -u)" = 0 ]; then
         echo "bootstrap: installing Debian packages: ${need_debs[*]}" >&2

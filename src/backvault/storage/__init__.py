@@ -6,6 +6,7 @@ Locations use restic's syntax: a folder path (or ``local:PATH``), ``s3:URL/BUCKE
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlsplit
 
 from .base import (
@@ -22,6 +23,14 @@ from .local import LocalBackend
 UNSUPPORTED = ("sftp:", "b2:", "azure:", "gs:", "swift:")
 
 
+def _retrying(inner: Backend, connections: int = 4) -> Backend:
+    from .retry import RetryingBackend
+
+    # BACKVAULT_RETRY_ATTEMPTS: how often a transient failure is retried (default 8).
+    attempts = int(os.environ.get("BACKVAULT_RETRY_ATTEMPTS", "8"))
+    return RetryingBackend(inner, attempts=max(1, attempts), connections=connections)
+
+
 def open_backend(location: str) -> Backend:
     """A backend for a repository location (remote ones wrapped in retries)."""
     if location.startswith(UNSUPPORTED):
@@ -31,7 +40,6 @@ def open_backend(location: str) -> Backend:
             f"(rclone:REMOTE:PATH) or use s3:, rest: or a local folder"
         )
     if location.startswith("s3:"):
-        from .retry import RetryingBackend
         from .s3 import S3Backend
 
         rest = location[3:]
@@ -42,23 +50,21 @@ def open_backend(location: str) -> Backend:
         if not bucket:
             raise StorageError(f"{location}: expected s3:https://HOST[:PORT]/BUCKET[/PATH]")
         endpoint = f"{parts.scheme}://{parts.netloc}"
-        return RetryingBackend(S3Backend(endpoint, bucket, prefix, location))
+        return _retrying(S3Backend(endpoint, bucket, prefix, location))
     if location.startswith("rest:"):
         from .rest import RestBackend
-        from .retry import RetryingBackend
 
         url = location[5:]
         if not url.startswith(("http://", "https://")):
             raise StorageError(f"{location}: expected rest:http(s)://HOST[:PORT]/PATH")
-        return RetryingBackend(RestBackend(url, location=location))
+        return _retrying(RestBackend(url, location=location))
     if location.startswith("rclone:"):
         from .rclone import RcloneBackend
-        from .retry import RetryingBackend
 
         remote = location[7:]
         if ":" not in remote:
             raise StorageError(f"{location}: expected rclone:REMOTE:PATH")
-        return RetryingBackend(RcloneBackend(remote), connections=2)
+        return _retrying(RcloneBackend(remote), connections=2)
     return LocalBackend(location.removeprefix("local:"))
 
 
