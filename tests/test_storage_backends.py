@@ -100,7 +100,14 @@ def test_rclone_remote_over_stdio(cli: Cli, tmp_path: Path) -> None:
     location = f"rclone:mydrive:{tmp_path / 'drive' / 'backups'}"
     key = round_trip(cli, location, tmp_path, env)
     assert (tmp_path / "drive" / "backups" / "config").exists()
-    checked = restic(location, key, "check", env=env)
+    # Several full 16 MiB packs through one pipe (large bodies once deadlocked HTTP/2 flow
+    # control when requests were interleaved).
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"clip{i}.mp4").write_bytes(os.urandom(5 * 1024 * 1024))
+    cli.ok("-r", location, "backup", str(big), env=env, timeout=300)
+    checked = restic(location, key, "check", "--read-data", env=env)
     assert checked.returncode == 0, checked.stderr
 
 

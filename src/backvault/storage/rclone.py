@@ -11,7 +11,7 @@ import select
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import httpcore
@@ -59,26 +59,19 @@ class _PipeStream(httpcore.NetworkStream):
         return None
 
 
-class _ResponseStream(httpx.SyncByteStream):
-    def __init__(self, stream: Iterable[bytes]) -> None:
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
-
-    def close(self) -> None:
-        closer = getattr(self._stream, "close", None)
-        if closer is not None:
-            closer()
-
-
 class _Http2OverPipe(httpx.BaseTransport):
-    """httpx transport: HTTP/2 with prior knowledge over one pipe (requests multiplexed)."""
+    """httpx transport: HTTP/2 with prior knowledge over one pipe.
+
+    Requests go one at a time, each read to its end before the next: with requests
+    interleaved on one pipe, a thread blocked writing a large body can stop the reads that
+    rclone's flow control is waiting for, and both sides wait forever.
+    """
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self._connection = httpcore.HTTP2Connection(
             origin=httpcore.Origin(b"http", b"localhost", 80), stream=_PipeStream(proc)
         )
+        self._one_at_a_time = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.SyncByteStream)
@@ -91,21 +84,18 @@ class _Http2OverPipe(httpx.BaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        try:
-            response = self._connection.handle_request(core)
-        except httpcore.TimeoutException as exc:
-            raise httpx.ReadTimeout(str(exc), request=request) from exc
-        except httpcore.NetworkError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except httpcore.RemoteProtocolError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-        assert isinstance(response.stream, Iterable)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
+        with self._one_at_a_time:
+            try:
+                response = self._connection.handle_request(core)
+                assert isinstance(response.stream, Iterable)
+                body = b"".join(response.stream)
+            except httpcore.TimeoutException as exc:
+                raise httpx.ReadTimeout(str(exc), request=request) from exc
+            except httpcore.NetworkError as exc:
+                raise httpx.ConnectError(str(exc), request=request) from exc
+            except httpcore.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        return httpx.Response(status_code=response.status, headers=response.headers, content=body)
 
     def close(self) -> None:
         self._connection.close()
