@@ -56,3 +56,16 @@ def test_vault_bench_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "logins/s" in proc.stdout
+
+
+def test_storage_bench_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "storage_bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "S3 (moto)" in proc.stdout and "REST (rclone serve restic)" in proc.stdout
