@@ -959,16 +959,42 @@ def restore(
         )
 
 
+def subset_filter(spec: str | None) -> Callable[[str], bool] | None:
+    """--read-data-subset: "n/t" (the n-th of t groups, by pack name) or "P%" (a random
+    share of packs)."""
+    if spec is None:
+        return None
+    import random
+
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+            if not 0 < share <= 1:
+                raise ValueError
+            rng = random.Random()
+            return lambda _name: rng.random() < share
+        n, t = (int(x) for x in text.split("/"))
+        if not 1 <= n <= t:
+            raise ValueError
+    except ValueError:
+        fail(f"--read-data-subset takes n/t (1 ≤ n ≤ t) or a percentage like 10%, not {spec!r}", 2)
+    return lambda name: int(name[:8], 16) % t == n - 1
+
+
 @cli.command()
 @click.option("--read-data", is_flag=True, help="Also read and verify every stored byte.")
+@click.option("--read-data-subset", help="Read only part of the data: n/t, or a percentage.")
 @pass_context
-def check(ctx: Context, read_data: bool) -> None:
+def check(ctx: Context, read_data: bool, read_data_subset: str | None) -> None:
     """Check the repository's structure (and with --read-data, all data)."""
+    subset = subset_filter(read_data_subset)
+    read_data = read_data or subset is not None
     repo = open_repo(ctx)
     total = sum(size for _, size in repo.backend.list(FileType.DATA)) if read_data else None
     with progress_bar(ctx, "check") as reporter, RepositoryLock(repo):
         reporter.start(total, "reading data" if read_data else "checking")
-        result = Checker(repo, reporter.advance).run(read_data=read_data)
+        result = Checker(repo, reporter.advance).run(read_data=read_data, subset=subset)
     ctx.emit_json(result.to_json())
     for warning in result.warnings:
         ctx.errors.print(f"warning: {warning}", highlight=False)
@@ -980,6 +1006,136 @@ def check(ctx: Context, read_data: bool) -> None:
     if result.errors:
         fail(f"check found {len(result.errors)} problems ({summary})", EXIT_INCOMPLETE)
     ctx.out(f"no errors found ({summary})")
+
+
+@cli.command()
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest snapshots.")
+@click.option(
+    "--keep-hourly", type=int, default=0, help="Keep the newest of each of the last N hours."
+)
+@click.option("--keep-daily", type=int, default=0, help="… of each of the last N days.")
+@click.option("--keep-weekly", type=int, default=0, help="… of each of the last N weeks.")
+@click.option("--keep-monthly", type=int, default=0, help="… of each of the last N months.")
+@click.option("--keep-yearly", type=int, default=0, help="… of each of the last N years.")
+@click.option("--keep-tag", "keep_tags", multiple=True, help="Keep every snapshot with this tag.")
+@click.option(
+    "--group-by",
+    default="host,paths",
+    show_default=True,
+    help="Apply the policy per group of host, paths, tags.",
+)
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.option("--prune", "then_prune", is_flag=True, help="Then remove the data no snapshot uses.")
+@pass_context
+def forget(
+    ctx: Context,
+    keep_last: int,
+    keep_hourly: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    keep_yearly: int,
+    keep_tags: tuple[str, ...],
+    group_by: str,
+    dry_run: bool,
+    then_prune: bool,
+) -> None:
+    """Remove snapshots that a retention policy does not keep (restic's policies)."""
+    from .repo import policy as retention
+
+    policy = retention.Policy(
+        keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags
+    )
+    groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
+    repo = open_repo(ctx)
+    with RepositoryLock(repo, exclusive=not dry_run):
+        try:
+            decisions = retention.apply(repo.list_snapshots(), policy, groups)
+        except ValueError as exc:
+            fail(str(exc), 2)
+        removed = []
+        for decision in sorted(decisions, key=lambda d: d.snapshot.time):
+            mark = "keep  " if decision.keep else "remove"
+            ctx.out(
+                f"{mark} {decision.snapshot_id[:8]}  {decision.snapshot.time[:19].replace('T', ' ')}  "
+                f"{', '.join(decision.reasons)}"
+            )
+            if not decision.keep:
+                removed.append(decision.snapshot_id)
+                if not dry_run:
+                    repo.backend.remove(FileType.SNAPSHOT, decision.snapshot_id)
+        ctx.emit_json(
+            {
+                "keep": [{"id": d.snapshot_id, "reasons": d.reasons} for d in decisions if d.keep],
+                "remove": removed,
+                "dry_run": dry_run,
+            }
+        )
+        ctx.out(
+            f"{'would remove' if dry_run else 'removed'} {len(removed)} of {len(decisions)} snapshots"
+        )
+    if then_prune and not dry_run:
+        run_prune(ctx, repo, dry_run=False, max_unused=0.05)
+
+
+def run_prune(ctx: Context, repo: Repository, dry_run: bool, max_unused: float) -> None:
+    from .repo import prune as pruning
+
+    with RepositoryLock(repo, exclusive=True):
+        the_plan = pruning.plan(repo, max_unused)
+        summary = the_plan.summary()
+        ctx.out(
+            f"{summary['packs_to_delete']} packs to delete, {summary['packs_to_repack']} to "
+            f"repack ({human_bytes(summary['bytes_to_repack'])} still used in them), "
+            f"{human_bytes(summary['bytes_unused'])} of {human_bytes(summary['bytes_total'])} unused"
+        )
+        if not dry_run:
+            pruning.run(repo, the_plan, progress=None)
+            ctx.out("prune finished")
+    ctx.emit_json({**summary, "dry_run": dry_run})
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only show what would be done.")
+@click.option(
+    "--max-unused",
+    default="5%",
+    show_default=True,
+    help="Repack packs with more unused data than this.",
+)
+@pass_context
+def prune(ctx: Context, dry_run: bool, max_unused: str) -> None:
+    """Remove data no snapshot references (safe to interrupt at any point)."""
+    try:
+        share = float(max_unused.rstrip("%")) / 100
+    except ValueError:
+        fail(f"--max-unused takes a percentage, not {max_unused!r}", 2)
+    run_prune(ctx, open_repo(ctx), dry_run, share)
+
+
+@cli.group()
+def repair() -> None:
+    """Repair a damaged repository."""
+
+
+@repair.command("index")
+@pass_context
+def repair_index(ctx: Context) -> None:
+    """Rebuild the index from the packs' own headers (after index files were lost or damaged)."""
+    from .repo.prune import rebuild_index
+
+    repo = open_repo(ctx)
+    with RepositoryLock(repo, exclusive=True):
+        count, bad = rebuild_index(repo)
+    ctx.emit_json({"packs_indexed": count, "unreadable_packs": bad})
+    ctx.out(f"indexed {count} packs")
+    for line in bad:
+        ctx.warn(f"unreadable pack: {line}")
+    if bad:
+        fail(
+            f"{len(bad)} packs could not be read; run `backvault check --read-data`",
+            EXIT_INCOMPLETE,
+        )
 
 
 @cli.command()

@@ -59,6 +59,7 @@ class Repository:
         self.key_id = key_id
         self._index: dict[bytes, BlobLocation] = {}
         self._packs: dict[bytes, list[PackedBlob]] = {}
+        self.index_problems: list[DamagedObject] = []
         self._index_loaded = False
         self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_cache_lock = threading.Lock()
@@ -230,8 +231,30 @@ class Repository:
             return DamagedObject(f"index/{name}", str(exc))
 
     def ensure_index(self) -> None:
+        """Load the index. If index files are damaged, the packs they covered are indexed
+        from their own headers instead, so reads and restores go on; the damage is kept in
+        ``index_problems`` (and `check` reports it)."""
         if not self._index_loaded:
-            self.load_index()
+            errors: list[DamagedObject] = []
+            self.load_index(errors=errors)
+            self.index_problems = errors
+            if errors:
+                self.index_unindexed_packs()
+
+    def index_unindexed_packs(self) -> int:
+        """Add every pack no index lists to the in-memory index, from its header."""
+        added = 0
+        for name, size in self.backend.list(FileType.DATA):
+            pack_id = bytes.fromhex(name)
+            if pack_id in self._packs:
+                continue
+            try:
+                blobs = self.read_pack_header(name, size)
+            except DamagedObject:
+                continue
+            self.add_to_index(pack_id, blobs)
+            added += 1
+        return added
 
     def indexed_packs(self) -> dict[bytes, list[PackedBlob]]:
         """Every pack the index files list, with all its blobs (duplicates included)."""
@@ -365,9 +388,10 @@ class Repository:
     def find_snapshot(self, ref: str, paths: list[str] | None = None) -> tuple[str, Snapshot]:
         """``latest`` or an id prefix (at least 4 hex digits, as restic allows)."""
         if ref == "latest":
+            damaged: list[DamagedObject] = []  # a damaged snapshot file is skipped here
             found = [
                 item
-                for item in self.list_snapshots()
+                for item in self.list_snapshots(errors=damaged)
                 if paths is None or sorted(item[1].paths) == sorted(paths)
             ]
             if not found:

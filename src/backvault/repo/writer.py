@@ -53,13 +53,19 @@ class RepositoryWriter:
         pack_target: int = PACK_TARGET_SIZE,
         compression_level: int = 3,
         on_pack_written: Callable[[int], None] | None = None,
+        fresh_dedupe: bool = False,
     ) -> None:
+        """``fresh_dedupe``: dedupe only against what this writer wrote (prune's repacking
+        must copy blobs even though the index still lists their old packs)."""
         repo.ensure_index()
+        self._fresh = fresh_dedupe
+        self.written_packs: dict[bytes, list[PackedBlob]] = {}
         self.repo = repo
         self.pack_target = pack_target
         self.stats = WriteStats()
         self._lock = threading.Lock()
         self._reserved: set[bytes] = set()
+        self._written: set[bytes] = set()
         self._open: dict[BlobType, _Pack] = {}
         self._unindexed: IndexFile = IndexFile()
         self._unindexed_count = 0
@@ -79,7 +85,8 @@ class RepositoryWriter:
         if blob_id is None:
             blob_id = fmt.sha256(data)
         with self._lock:
-            if self.repo.has_blob(blob_id) or blob_id in self._reserved:
+            known = (not self._fresh and self.repo.has_blob(blob_id)) or blob_id in self._reserved
+            if known or blob_id in self._written:
                 self.stats.blobs_duplicate += 1
                 return blob_id
             self._reserved.add(blob_id)
@@ -115,13 +122,16 @@ class RepositoryWriter:
         self.repo.backend.save(FileType.DATA, pack_id.hex(), data)
         write_index: IndexFile | None = None
         with self._lock:
-            self.repo.add_to_index(pack_id, pack.blobs)
+            if not self._fresh:
+                self.repo.add_to_index(pack_id, pack.blobs)
+            self.written_packs[pack_id] = pack.blobs
             for blob in pack.blobs:
                 self._reserved.discard(blob.id)
+                self._written.add(blob.id)
             self._unindexed.packs[pack_id] = pack.blobs
             self._unindexed_count += 1
             self.stats.packs_written += 1
-            if self._unindexed_count >= INDEX_FLUSH_PACKS:
+            if self._unindexed_count >= INDEX_FLUSH_PACKS and not self._fresh:
                 write_index, self._unindexed = self._unindexed, IndexFile()
                 self._unindexed_count = 0
         if self._on_pack_written:
@@ -134,8 +144,9 @@ class RepositoryWriter:
         with self._lock:
             self.stats.index_files_written += 1
 
-    def flush(self) -> None:
-        """Write every open pack, then the index of everything not yet indexed."""
+    def flush(self, write_index: bool = True) -> None:
+        """Write every open pack, then (unless told not to) the index of everything not
+        yet indexed."""
         with self._lock:
             packs = [p for p in self._open.values() if p.blobs]
             self._open.clear()
@@ -144,5 +155,5 @@ class RepositoryWriter:
         with self._lock:
             index, self._unindexed = self._unindexed, IndexFile()
             self._unindexed_count = 0
-        if index.packs:
+        if index.packs and write_index:
             self._save_index(index)

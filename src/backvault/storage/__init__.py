@@ -33,6 +33,16 @@ def _retrying(inner: Backend, connections: int = 4) -> Backend:
 
 def open_backend(location: str) -> Backend:
     """A backend for a repository location (remote ones wrapped in retries)."""
+    backend = _open_backend(location)
+    kill_after = os.environ.get("BACKVAULT_FAULT_KILL_AFTER_WRITES")
+    if kill_after:
+        from .faults import KillAfterWrites
+
+        return KillAfterWrites(backend, int(kill_after))
+    return backend
+
+
+def _open_backend(location: str) -> Backend:
     if location.startswith(UNSUPPORTED):
         scheme = location.split(":", 1)[0]
         raise StorageError(
