@@ -60,6 +60,8 @@ class Repository:
         self._index: dict[bytes, BlobLocation] = {}
         self._packs: dict[bytes, list[PackedBlob]] = {}
         self.index_problems: list[DamagedObject] = []
+        self._scanned_unindexed = False
+        self._scan_lock = threading.Lock()
         self._index_loaded = False
         self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_cache_lock = threading.Lock()
@@ -239,6 +241,7 @@ class Repository:
             self.load_index(errors=errors)
             self.index_problems = errors
             if errors:
+                self._scanned_unindexed = True
                 self.index_unindexed_packs()
 
     def index_unindexed_packs(self) -> int:
@@ -302,6 +305,14 @@ class Repository:
     def load_blob(self, blob_id: bytes) -> bytes:
         self.ensure_index()
         location = self._index.get(blob_id)
+        if location is None:
+            # Index files lost or damaged: index the packs no index lists from their own
+            # headers, once, and look again.
+            with self._scan_lock:
+                if not self._scanned_unindexed:
+                    self._scanned_unindexed = True
+                    self.index_unindexed_packs()
+            location = self._index.get(blob_id)
         if location is None:
             raise DamagedObject(f"blob {blob_id.hex()[:12]}", "it is not in any index")
         pack = location.pack_id.hex()
