@@ -147,6 +147,27 @@ def softhsm_token(tmp: Path) -> Iterator[SoftHsm]:
     pin_file = tmp / "pin"
     pin_file.write_text("4321\n")
     os.chmod(pin_file, 0o600)
+    # The key ceremony: create the sealing key once, before any node starts.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backvault.cli",
+            "vault",
+            "init-hsm",
+            "--sealing",
+            "pkcs11",
+            "--pkcs11-token-label",
+            "backvault-test",
+            "--pkcs11-pin-file",
+            str(pin_file),
+            "--data-dir",
+            str(tmp / "unused"),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **env},
+    )
     yield SoftHsm(env, "backvault-test", pin_file)
 
 

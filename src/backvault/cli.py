@@ -1274,6 +1274,25 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
         fail(f"sealing: {exc}")
 
 
+@vault.command("init-hsm")
+@vault_options
+def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
+    """Create the sealing key inside the HSM token, once, before the first node starts
+    (AES-256, sensitive, not extractable). Does nothing if it already exists."""
+    from .vault.sealing import SealingError
+    from .vault.server import make_sealer
+
+    settings = load_vault_settings(config_file, **overrides)
+    if settings.sealing != "pkcs11":
+        fail("init-hsm is for --sealing pkcs11 (a key file is created on first start)", 2)
+    try:
+        sealer = make_sealer(settings, create_hsm_key=True)
+    except SealingError as exc:
+        fail(f"sealing: {exc}")
+    click.echo(f"the sealing key is ready: {sealer.description}")
+    sealer.close()
+
+
 @vault.command("add-account")
 @vault_options
 @click.argument("name")

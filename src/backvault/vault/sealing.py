@@ -123,7 +123,10 @@ class Pkcs11Sealer:
         except pkcs11.NoSuchKey:
             if not create:
                 self.close()
-                raise SealingError(f"the HSM token has no key labelled {key_label!r}") from None
+                raise SealingError(
+                    f"the HSM token has no key labelled {key_label!r}; create it once with "
+                    "`backvault vault init-hsm`"
+                ) from None
             self._key = self._session.generate_key(
                 KeyType.AES,
                 256,

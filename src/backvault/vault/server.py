@@ -23,13 +23,16 @@ from .store import make_engine
 log = logging.getLogger("backvault.vault")
 
 
-def make_sealer(settings: VaultSettings) -> Sealer:
+def make_sealer(settings: VaultSettings, create_hsm_key: bool = False) -> Sealer:
+    """The sealer. An HSM key is never created implicitly (several nodes starting at once
+    would each make their own): `backvault vault init-hsm` creates it once."""
     if settings.sealing == "pkcs11":
         return Pkcs11Sealer(
             settings.pkcs11_module,
             settings.pkcs11_token_label,
             settings.pin(),
             settings.pkcs11_key_label,
+            create=create_hsm_key,
         )
     if settings.sealing == "file":
         return FileSealer(settings.sealing_key_path)
