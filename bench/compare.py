@@ -1,0 +1,235 @@
+"""backvault against restic (and borg, when installed) on a chat store, side by side.
+
+    bench/run [--scale 1.0] [--workdir DIR] [--smoke]
+
+Steps, for each tool: first full backup, a backup with nothing changed, `--mutate 1` (a
+day of chatting) then an incremental backup, a restore, and a check that reads all data.
+Prints wall time, peak memory (max RSS of the tool's process) and repository growth, the
+true size of the change (changed database pages + new media), and backvault's ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.chatstore import build, mutate  # noqa: E402
+
+
+@dataclass
+class Run:
+    seconds: float
+    max_rss_mb: float
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{' '.join(cmd[:6])} failed ({code}): {err[-2000:]}")
+    return Run(seconds, usage.ru_maxrss / 1024)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def db_copy(path: Path, to: Path) -> None:
+    src = sqlite3.connect(path)
+    dst = sqlite3.connect(to)
+    src.backup(dst)
+    dst.close()
+    src.close()
+
+
+def changed_pages_bytes(before: Path, after: Path) -> int:
+    page = 4096
+    changed = 0
+    with open(before, "rb") as a, open(after, "rb") as b:
+        while True:
+            x, y = a.read(page), b.read(page)
+            if not x and not y:
+                return changed
+            if x != y:
+                changed += len(y) or len(x)
+
+
+def tools(work: Path) -> dict[str, dict[str, object]]:
+    env = {
+        **os.environ,
+        "BACKVAULT_CONFIG_DIR": str(work / "cfg"),
+        "BACKVAULT_CACHE_DIR": str(work / "cache"),
+        "BACKVAULT_KEYRING": "file",
+        "RESTIC_PASSWORD": "bench",
+        "RESTIC_CACHE_DIR": str(work / "rcache"),
+        "BORG_PASSPHRASE": "bench",
+        "BORG_BASE_DIR": str(work / "borgbase"),
+    }
+    found: dict[str, dict[str, object]] = {}
+    bv = [sys.executable, "-m", "backvault.cli", "-q"]
+    found["backvault"] = {
+        "env": env,
+        "init": lambda repo: [*bv, "-r", str(repo), "init"],
+        "backup": lambda repo, src: [*bv, "-r", str(repo), "backup", str(src)],
+        "restore": lambda repo, target: [
+            *bv,
+            "-r",
+            str(repo),
+            "restore",
+            "latest",
+            "--target",
+            str(target),
+        ],
+        "check": lambda repo: [*bv, "-r", str(repo), "check", "--read-data"],
+    }
+    restic = shutil.which("restic")
+    if restic:
+        found["restic"] = {
+            "env": env,
+            "init": lambda repo: [restic, "-q", "-r", str(repo), "init"],
+            "backup": lambda repo, src: [restic, "-q", "-r", str(repo), "backup", str(src)],
+            "restore": lambda repo, target: [
+                restic,
+                "-q",
+                "-r",
+                str(repo),
+                "restore",
+                "latest",
+                "--target",
+                str(target),
+            ],
+            "check": lambda repo: [restic, "-q", "-r", str(repo), "check", "--read-data"],
+        }
+    borg = shutil.which("borg")
+    if borg:
+        found["borg"] = {
+            "env": env,
+            "init": lambda repo: [borg, "init", "-e", "repokey-blake2", str(repo)],
+            "backup": lambda repo, src: [
+                borg,
+                "create",
+                "--compression",
+                "zstd,3",
+                f"{repo}::{{now:%Y%m%d%H%M%S%f}}",
+                str(src),
+            ],
+            "restore": lambda repo, target: [
+                "sh",
+                "-c",
+                f"mkdir -p {target} && cd {target} && {borg} extract {repo}::$({borg} list --last 1 --short {repo})",
+            ],
+            "check": lambda repo: [borg, "check", "--verify-data", str(repo)],
+        }
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="a tiny store, for CI")
+    args = parser.parse_args()
+    scale = 0.005 if args.smoke else args.scale
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="backvault-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    pristine = work / f"store-{scale}"
+    if not pristine.exists():
+        print(f"building the chat store (scale {scale}) …", flush=True)
+        build(pristine, scale)
+    results: dict[str, dict[str, object]] = {}
+    true_change = 0
+    for name, tool in tools(work).items():
+        source = work / "chat"
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.copytree(pristine, source)  # every tool starts from the same bytes
+        repo = work / f"repo-{name}"
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(work / "cfg", ignore_errors=True)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        env = tool["env"]
+        subprocess.run(
+            tool["init"](repo),
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # type: ignore[operator]
+        row: dict[str, object] = {}
+        row["full"] = timed(tool["backup"](repo, source), env)  # type: ignore[operator]
+        row["size_full"] = du(repo)
+        row["nochange"] = timed(tool["backup"](repo, source), env)  # type: ignore[operator]
+        before_db = work / "before.db"
+        db_copy(source / "msgstore.db", before_db)
+        media_before = du(source / "Media")
+        mutate(source, 1.0)
+        after_db = work / "after.db"
+        db_copy(source / "msgstore.db", after_db)
+        true_change = changed_pages_bytes(before_db, after_db) + du(source / "Media") - media_before
+        size_before = du(repo)
+        row["incremental"] = timed(tool["backup"](repo, source), env)  # type: ignore[operator]
+        row["growth"] = du(repo) - size_before
+        target = work / f"restore-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        row["restore"] = timed(tool["restore"](repo, target), env)  # type: ignore[operator]
+        row["check"] = timed(tool["check"](repo), env)  # type: ignore[operator]
+        shutil.rmtree(target, ignore_errors=True)
+        results[name] = row
+    store_mb = du(pristine) / 2**20
+    print(
+        f"\nchat store: {store_mb:.0f} MiB (database {(pristine / 'msgstore.db').stat().st_size / 2**20:.0f} MiB); "
+        f"{os.cpu_count()} cores; true change after --mutate 1: {true_change / 2**20:.1f} MiB"
+    )
+    header = f"{'tool':<10} {'full s':>7} {'no-change s':>11} {'incr s':>7} {'growth MiB':>10} {'restore s':>9} {'check s':>8} {'peak MiB':>9}"
+    print(header)
+    for name, row in results.items():
+        peak = max(r.max_rss_mb for r in row.values() if isinstance(r, Run))
+        print(
+            f"{name:<10} {row['full'].seconds:>7.2f} {row['nochange'].seconds:>11.2f} {row['incremental'].seconds:>7.2f} "  # type: ignore[attr-defined]
+            f"{row['growth'] / 2**20:>10.1f} {row['restore'].seconds:>9.2f} {row['check'].seconds:>8.2f} {peak:>9.0f}"
+        )  # type: ignore[attr-defined,operator]
+    if "restic" in results:
+        ours, theirs = results["backvault"], results["restic"]
+        ratio = {
+            k: ours[k].seconds / theirs[k].seconds
+            for k in ("full", "nochange", "incremental", "restore", "check")
+        }  # type: ignore[attr-defined]
+        print(
+            "\nbackvault / restic wall time: " + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items())
+        )
+        print(
+            f"incremental growth: backvault {ours['growth'] / max(1, true_change):.2f}x the true change, "  # type: ignore[operator]
+            f"restic {theirs['growth'] / max(1, true_change):.2f}x; restic/backvault growth "  # type: ignore[operator]
+            f"{theirs['growth'] / max(1, ours['growth']):.1f}x"
+        )  # type: ignore[operator]
+    print(
+        json.dumps(
+            {
+                k: {m: (v.__dict__ if isinstance(v, Run) else v) for m, v in row.items()}
+                for k, row in results.items()
+            }
+        )
+    )
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
