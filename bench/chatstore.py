@@ -30,8 +30,10 @@ PRAGMA journal_mode=WAL;
 CREATE TABLE contacts(id INTEGER PRIMARY KEY, jid TEXT UNIQUE, name TEXT, phone TEXT, status TEXT);
 CREATE TABLE chats(id INTEGER PRIMARY KEY, jid TEXT UNIQUE, subject TEXT, created INTEGER,
                    last_message_id INTEGER, unread INTEGER DEFAULT 0);
-CREATE TABLE messages(id INTEGER PRIMARY KEY, chat_id INTEGER, from_me INTEGER, sender_id INTEGER,
-                      ts INTEGER, text TEXT, status INTEGER, media_id INTEGER, starred INTEGER DEFAULT 0);
+CREATE TABLE messages(id INTEGER PRIMARY KEY, key_id TEXT, chat_id INTEGER, from_me INTEGER,
+                      sender_id INTEGER, ts INTEGER, text TEXT, status INTEGER, media_id INTEGER,
+                      starred INTEGER DEFAULT 0, thumbnail BLOB);
+CREATE UNIQUE INDEX messages_key ON messages(key_id);
 CREATE INDEX messages_chat_ts ON messages(chat_id, ts);
 CREATE TABLE receipts(message_id INTEGER, contact_id INTEGER, ts INTEGER, kind INTEGER);
 CREATE INDEX receipts_message ON receipts(message_id);
@@ -42,7 +44,7 @@ CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_r
 
 def _text(rng: random.Random) -> str:
     # Messenger lengths: mostly short, a long tail.
-    n = min(120, int(rng.paretovariate(1.6) * 3))
+    n = min(200, int(rng.paretovariate(1.4) * 7))
     return " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
 
 
@@ -99,9 +101,11 @@ class Store:
             if media_every and i % media_every == 0 and budget[0] > 0:
                 media_id = self.add_media(db, mid, budget)
             text = _text(rng)
+            thumbnail = rng.randbytes(rng.randint(3_000, 9_000)) if media_id else None
             rows.append(
                 (
                     mid,
+                    f"{rng.getrandbits(80):020X}",
                     chat,
                     int(from_me),
                     0 if from_me else rng.randrange(1, contacts + 1),
@@ -109,6 +113,7 @@ class Store:
                     text,
                     13 if from_me else 0,
                     media_id,
+                    thumbnail,
                 )
             )
             if from_me:
@@ -125,11 +130,11 @@ class Store:
         db: sqlite3.Connection, rows: list[tuple[object, ...]], receipts: list[tuple[object, ...]]
     ) -> None:
         db.executemany(
-            "INSERT INTO messages(id, chat_id, from_me, sender_id, ts, text, status, media_id) VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO messages(id, key_id, chat_id, from_me, sender_id, ts, text, status, media_id, thumbnail) VALUES (?,?,?,?,?,?,?,?,?,?)",
             rows,
         )
         db.executemany(
-            "INSERT INTO messages_fts(rowid, text) VALUES (?, ?)", [(r[0], r[5]) for r in rows]
+            "INSERT INTO messages_fts(rowid, text) VALUES (?, ?)", [(r[0], r[6]) for r in rows]
         )
         db.executemany("INSERT INTO receipts VALUES (?,?,?,?)", receipts)
         rows.clear()

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from ..repo import format as fmt
 from ..repo.chunker import ContentChunker, chunker_seed, page_chunks
 from ..repo.errors import DamagedObject
@@ -36,7 +38,7 @@ from ..repo.writer import RepositoryWriter
 from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
 from .progress import NoProgress, Progress
 
-_MAX_IN_FLIGHT_BYTES = 96 * 1024 * 1024
+_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -380,11 +382,14 @@ class Backup:
 
     def _submit_chunks(self, chunks: Any) -> list[Future[bytes]]:
         futures = []
+        compress: bool | None = None
         for chunk in chunks:
             size = len(chunk)
+            if compress is None:
+                compress = _compresses(chunk)
             self.budget.take(size)
             self.result.bytes_read += size
-            future = self.pool.submit(self.writer.add, BlobType.DATA, chunk)
+            future = self.pool.submit(self.writer.add, BlobType.DATA, chunk, None, compress)
             future.add_done_callback(functools.partial(self._chunk_done, size))
             futures.append(future)
         return futures
@@ -483,6 +488,20 @@ def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
     else:
         state.append([wal.st_size, wal.st_mtime_ns, wal.st_ctime_ns, wal.st_ino])
     return state
+
+
+_SAMPLE = 64 * 1024
+_sampler = zstandard.ZstdCompressor(level=1)
+
+
+def _compresses(first_chunk: bytes) -> bool:
+    """Whether a file's data is worth compressing, judged on a sample of its first chunk:
+    photos, voice notes and videos are already compressed and are stored as they are,
+    without spending CPU on trying every chunk."""
+    sample = first_chunk[:_SAMPLE]
+    if len(sample) < 512:
+        return True
+    return len(_sampler.compress(sample)) < len(sample) * 0.97
 
 
 def _total_size(targets: list[str]) -> int:

@@ -22,11 +22,12 @@ from typing import Any
 from ..repo import format as fmt
 from ..repo.errors import DamagedObject, RepositoryError
 from ..repo.format import Node, Snapshot
-from ..repo.repository import Repository
+from ..repo.repository import BlobLocation, Repository
 from ..repo.timefmt import parse_ns
 from .progress import NoProgress, Progress
 
 _PREFETCH_BLOBS = 8
+_RUN_BYTES = 8 * 1024 * 1024
 
 
 class TargetNotEmpty(RepositoryError):
@@ -244,21 +245,23 @@ class Restorer:
         content = node.content or []
         written = 0
         try:
+            runs = self._runs(content)
             with open(tmp, "wb") as handle:
-                window: collections.deque[Future[bytes]] = collections.deque()
-                pending = iter(content)
-                for blob_id in pending:
-                    window.append(self._pool.submit(self.repo.load_blob, blob_id))
+                window: collections.deque[Future[list[bytes]]] = collections.deque()
+                pending = iter(runs)
+                for run in pending:
+                    window.append(self._pool.submit(self.repo.load_run, run))
                     if len(window) >= _PREFETCH_BLOBS:
                         break
                 while window:
-                    data = window.popleft().result()
+                    blobs = window.popleft().result()
                     nxt = next(pending, None)
                     if nxt is not None:
-                        window.append(self._pool.submit(self.repo.load_blob, nxt))
-                    handle.write(data)
-                    written += len(data)
-                    self.progress.advance(len(data))
+                        window.append(self._pool.submit(self.repo.load_run, nxt))
+                    for data in blobs:
+                        handle.write(data)
+                        written += len(data)
+                        self.progress.advance(len(data))
             if written != node.size:
                 raise DamagedObject(path, f"restored {written} bytes, expected {node.size}")
             os.replace(tmp, dest)
@@ -277,6 +280,27 @@ class Restorer:
         if node.links > 1 and node.inode:
             self._hardlinks[(node.device_id, node.inode)] = dest
         return True
+
+    def _runs(self, content: list[bytes]) -> list[list[BlobLocation]]:
+        """Group a file's blobs into runs stored back to back in one pack (up to 8 MiB), so
+        each run is one read: small SQLite chunks would otherwise cost a request each."""
+        runs: list[list[BlobLocation]] = []
+        size = 0
+        for blob_id in content:
+            location = self.repo.locate(blob_id)
+            if runs:
+                prev = runs[-1][-1]
+                if (
+                    prev.pack_id == location.pack_id
+                    and prev.blob.offset + prev.blob.length == location.blob.offset
+                    and size + location.blob.length <= _RUN_BYTES
+                ):
+                    runs[-1].append(location)
+                    size += location.blob.length
+                    continue
+            runs.append([location])
+            size = location.blob.length
+        return runs
 
     def _apply_metadata(self, dest: Path, node: Node) -> None:
         try:

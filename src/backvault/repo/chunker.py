@@ -4,7 +4,7 @@
   512 KiB to 8 MiB, about 1 MiB on average like restic. The gear table is keyed with a
   value derived from the master key, so chunk boundaries reveal nothing about content to
   someone who sees only blob sizes (restic keys its Rabin polynomial the same way).
-- SQLite databases: fixed runs of whole pages (a multiple of the database's page size).
+- SQLite databases: fixed runs of whole pages (8 KiB: a multiple of the database's page size).
   SQLite changes a database in place, page by page, and appends new pages at the end, so
   with page-aligned chunks a day of new messages touches only the chunks holding the pages
   it changed; content-defined cuts would straddle pages and gain nothing.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -24,7 +25,11 @@ from ..crypto.aead import Key
 MIN_SIZE = 512 * 1024
 AVG_SIZE = 1024 * 1024
 MAX_SIZE = 8 * 1024 * 1024
-SQLITE_CHUNK_TARGET = 64 * 1024  # bytes; rounded to whole pages
+# Bytes per SQLite chunk, rounded to whole pages. Small, because SQLite rewrites single
+# pages all over the file (b-tree and index updates): a chunk is uploaded again whenever
+# any of its pages changed. Chosen by measurement (docs/performance.md);
+# BACKVAULT_SQLITE_CHUNK_KIB overrides it.
+SQLITE_CHUNK_TARGET = int(os.environ.get("BACKVAULT_SQLITE_CHUNK_KIB", "8")) * 1024
 READ_SIZE = 8 * 1024 * 1024
 
 

@@ -302,7 +302,8 @@ class Repository:
             self._decompressor.value = decompressor
         return decompressor
 
-    def load_blob(self, blob_id: bytes) -> bytes:
+    def locate(self, blob_id: bytes) -> BlobLocation:
+        """Where a blob is stored; DamagedObject if no index (nor pack header) lists it."""
         self.ensure_index()
         location = self._index.get(blob_id)
         if location is None:
@@ -315,6 +316,40 @@ class Repository:
             location = self._index.get(blob_id)
         if location is None:
             raise DamagedObject(f"blob {blob_id.hex()[:12]}", "it is not in any index")
+        return location
+
+    def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
+        """Blobs stored one after another in one pack, read with a single request."""
+        first, last = locations[0].blob, locations[-1].blob
+        pack = locations[0].pack_id.hex()
+        label = f"data/{pack}"
+        length = last.offset + last.length - first.offset
+        try:
+            data = self.backend.load(FileType.DATA, pack, first.offset, length)
+        except ObjectNotFound as exc:
+            raise DamagedObject(label, "the pack is missing") from exc
+        except StorageError as exc:
+            raise DamagedObject(label, str(exc)) from exc
+        if len(data) != length:
+            raise DamagedObject(label, "the pack is truncated")
+        view = memoryview(data)
+        return [
+            self.decrypt_blob(
+                loc.blob,
+                bytes(
+                    view[
+                        loc.blob.offset - first.offset : loc.blob.offset
+                        - first.offset
+                        + loc.blob.length
+                    ]
+                ),
+                label,
+            )
+            for loc in locations
+        ]
+
+    def load_blob(self, blob_id: bytes) -> bytes:
+        location = self.locate(blob_id)
         pack = location.pack_id.hex()
         label = f"data/{pack}"
         try:

@@ -80,8 +80,11 @@ class RepositoryWriter:
             self._local.zstd = compressor
         return compressor
 
-    def add(self, blob_type: BlobType, data: bytes, blob_id: bytes | None = None) -> bytes:
-        """Store a blob unless the repository (or this run) already has it; returns its id."""
+    def add(
+        self, blob_type: BlobType, data: bytes, blob_id: bytes | None = None, compress: bool = True
+    ) -> bytes:
+        """Store a blob unless the repository (or this run) already has it; returns its id.
+        ``compress=False`` skips the attempt (for data already known not to compress)."""
         if blob_id is None:
             blob_id = fmt.sha256(data)
         with self._lock:
@@ -90,8 +93,8 @@ class RepositoryWriter:
                 self.stats.blobs_duplicate += 1
                 return blob_id
             self._reserved.add(blob_id)
-        compressed = self._compressor().compress(data)
-        if len(compressed) <= len(data) - len(data) // _MIN_SAVING_DIVISOR - 1:
+        compressed = self._compressor().compress(data) if compress else data
+        if compress and len(compressed) <= len(data) - len(data) // _MIN_SAVING_DIVISOR - 1:
             sealed = self.repo.key.seal(compressed)
             uncompressed_length: int | None = len(data)
         else:
