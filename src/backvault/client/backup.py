@@ -168,7 +168,9 @@ class Backup:
             result = BackupResult(snapshot_id="", parent_id=parent_id)
             self.result = result
             self.progress.start(_total_size(targets) if scan_first else None, "backup")
-            self.chunker = ContentChunker(chunker_seed(self.repo.key))
+            self._seed = chunker_seed(self.repo.key)
+            self._local = threading.local()
+            self._count_lock = threading.Lock()
             self.writer = RepositoryWriter(self.repo)
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backvault-blob")
             self.budget = _Budget(_MAX_IN_FLIGHT_BYTES)
@@ -248,7 +250,7 @@ class Backup:
     ) -> bytes:
         old = self._parent_children(parent_tree)
         nodes: list[Node] = []
-        pending: list[tuple[Node, list[Future[bytes]]]] = []
+        pending: list[tuple[Node, Future[list[bytes]]]] = []
         for name in sorted(layout):
             child_path = os.path.join(path, name)
             sub = layout[name]
@@ -271,16 +273,20 @@ class Backup:
         return self._finish_tree(nodes, pending)
 
     def _finish_tree(
-        self, nodes: list[Node], pending: list[tuple[Node, list[Future[bytes]]]]
+        self, nodes: list[Node], pending: list[tuple[Node, Future[list[bytes]]]]
     ) -> bytes:
-        for node, futures in pending:
-            node.content = [f.result() for f in futures]
+        for node, future in pending:
+            try:
+                node.content = future.result()
+            except OSError as exc:  # the file became unreadable while we read it
+                self._error(node.name, exc)
+                nodes.remove(node)
         return self.writer.add(BlobType.TREE, fmt.encode_tree(nodes))
 
     def _archive_dir(self, path: str, parent_tree: bytes | None) -> bytes:
         old = self._parent_children(parent_tree)
         nodes: list[Node] = []
-        pending: list[tuple[Node, list[Future[bytes]]]] = []
+        pending: list[tuple[Node, Future[list[bytes]]]] = []
         try:
             entries = sorted(os.scandir(path), key=lambda e: os.fsencode(e.name))
         except OSError as exc:
@@ -301,7 +307,7 @@ class Backup:
         path: str,
         name: str,
         previous: Node | None,
-        pending: list[tuple[Node, list[Future[bytes]]]],
+        pending: list[tuple[Node, Future[list[bytes]]]],
     ) -> Node | None:
         try:
             st = os.lstat(path)
@@ -317,10 +323,10 @@ class Backup:
             elif node.type == "symlink":
                 node.linktarget = os.readlink(path)
             elif node.type == "file":
-                futures = self._archive_file(path, st, node, previous)
-                if futures is None:
+                future = self._archive_file(path, st, node, previous)
+                if future is None:
                     return None
-                pending.append((node, futures))
+                pending.append((node, future))
             elif node.type in ("dev", "chardev"):
                 node.device = st.st_rdev
         except OSError as exc:
@@ -364,7 +370,7 @@ class Backup:
 
     def _archive_file(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> list[Future[bytes]] | None:
+    ) -> Future[list[bytes]] | None:
         self.result.bytes_total += st.st_size
         if is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
@@ -372,13 +378,31 @@ class Backup:
             assert previous is not None and previous.content is not None
             self.result.files_unmodified += 1
             self.progress.advance(node.size)
-            return [_done(b) for b in previous.content]
+            return _done(list(previous.content))
         if previous is None:
             self.result.files_new += 1
         else:
             self.result.files_changed += 1
+        # Whole files go to the workers: reading, cutting, hashing, compressing and
+        # encrypting overlap across files (the GIL is released in all of them).
+        return self.pool.submit(self._store_file, path)
+
+    def _store_file(self, path: str) -> list[bytes]:
+        chunker = getattr(self._local, "chunker", None)
+        if chunker is None:
+            chunker = ContentChunker(self._seed)
+            self._local.chunker = chunker
+        ids = []
+        compress: bool | None = None
         with open(path, "rb") as handle:
-            return self._submit_chunks(self.chunker.chunks(handle))
+            for chunk in chunker.chunks(handle):
+                if compress is None:
+                    compress = _compresses(chunk)
+                ids.append(self.writer.add(BlobType.DATA, chunk, None, compress))
+                with self._count_lock:
+                    self.result.bytes_read += len(chunk)
+                self.progress.advance(len(chunk))
+        return ids
 
     def _submit_chunks(self, chunks: Any) -> list[Future[bytes]]:
         futures = []
@@ -400,7 +424,7 @@ class Backup:
 
     def _archive_sqlite(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> list[Future[bytes]] | None:
+    ) -> Future[list[bytes]] | None:
         self.result.sqlite_databases += 1
         state = _sqlite_file_state(path, st)
         cached = self._sqlite_state.get(path)
@@ -417,7 +441,7 @@ class Backup:
             node.size = previous.size
             self.progress.advance(st.st_size)
             self.result.files_unmodified += 1
-            return [_done(b) for b in previous.content]
+            return _done(list(previous.content))
         if previous is None:
             self.result.files_new += 1
         else:
@@ -433,7 +457,7 @@ class Backup:
             self._error(path, exc)
             return None
         self._sqlite_state_new[path] = {"state": state, "content": [b.hex() for b in content]}
-        return [_done(b) for b in content]
+        return _done(content)
 
     # --- sqlite change cache ---------------------------------------------------------
 
@@ -491,7 +515,6 @@ def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
 
 
 _SAMPLE = 64 * 1024
-_sampler = zstandard.ZstdCompressor(level=1)
 
 
 def _compresses(first_chunk: bytes) -> bool:
@@ -501,7 +524,8 @@ def _compresses(first_chunk: bytes) -> bool:
     sample = first_chunk[:_SAMPLE]
     if len(sample) < 512:
         return True
-    return len(_sampler.compress(sample)) < len(sample) * 0.97
+    # A compressor per call: they are not thread-safe, and this runs once per file.
+    return len(zstandard.ZstdCompressor(level=1).compress(sample)) < len(sample) * 0.97
 
 
 def _total_size(targets: list[str]) -> int:
@@ -519,8 +543,8 @@ def _total_size(targets: list[str]) -> int:
     return total
 
 
-def _done(value: bytes) -> Future[bytes]:
-    future: Future[bytes] = Future()
+def _done(value: list[bytes]) -> Future[list[bytes]]:
+    future: Future[list[bytes]] = Future()
     future.set_result(value)
     return future
 

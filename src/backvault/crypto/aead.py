@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import hmac
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -35,6 +36,10 @@ class Key:
     encrypt: bytes
     mac_k: bytes
     mac_r: bytes
+    # Cipher objects cached per thread (they are not thread-safe); not part of the key.
+    _local: threading.local = field(
+        default_factory=threading.local, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if (len(self.encrypt), len(self.mac_k), len(self.mac_r)) != (32, 16, 16):
@@ -72,13 +77,24 @@ class Key:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError("not a restic master key document") from exc
 
-    def _mac(self, iv: bytes, ciphertext: bytes) -> bytes:
-        encryptor = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()  # noqa: S305 - one block: AES_k(nonce) of Poly1305-AES
-        s = encryptor.update(iv) + encryptor.finalize()
+    def _mac(self, iv: bytes, ciphertext: bytes | memoryview) -> bytes:
+        # AES_k(nonce) is one ECB block: a per-thread encryptor is reused for every blob
+        # (ECB keeps no state between blocks), which saves building a cipher per blob.
+        local = self._local
+        encryptor = getattr(local, "ecb", None)
+        if encryptor is None:
+            encryptor = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()  # noqa: S305 - one block: AES_k(nonce) of Poly1305-AES
+            local.ecb = encryptor
+        s = encryptor.update(iv)
         return Poly1305.generate_tag(self.mac_r + s, ciphertext)
 
     def _ctr(self, iv: bytes, data: bytes | memoryview) -> bytes:
-        cipher = Cipher(algorithms.AES(self.encrypt), modes.CTR(iv)).encryptor()
+        local = self._local
+        aes = getattr(local, "aes", None)
+        if aes is None:
+            aes = algorithms.AES(self.encrypt)
+            local.aes = aes
+        cipher = Cipher(aes, modes.CTR(iv)).encryptor()
         return cipher.update(data) + cipher.finalize()
 
     def seal(self, plaintext: bytes | memoryview) -> bytes:
