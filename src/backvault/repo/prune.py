@@ -135,16 +135,8 @@ def run(
     # 3. new index files covering every kept and new pack, superseding the old ones
     entries: dict[bytes, list[PackedBlob]] = dict(prune_plan.keep)
     entries.update(writer.written_packs)
-    items = list(entries.items())
-    superseded = [bytes.fromhex(n) for n in old_index_files]
-    for start in range(0, max(1, len(items)), INDEX_PACKS_PER_FILE):
-        chunk = dict(items[start : start + INDEX_PACKS_PER_FILE])
-        if chunk or not items:
-            repo.save_unpacked(FileType.INDEX, IndexFile(chunk, superseded).to_json())
-    # 4. the old index files go
-    for name in old_index_files:
-        with contextlib.suppress(ObjectNotFound):
-            repo.backend.remove(FileType.INDEX, name)
+    # 4. the old index files go once the new ones are stored
+    _replace_index(repo, entries, old_index_files)
     # 5. and only now the packs nothing indexes any more
     for pack_id in [*prune_plan.remove, *prune_plan.repack]:
         _remove_pack(repo, pack_id.hex())
@@ -175,14 +167,19 @@ def rebuild_index(
             say(f"skipped data/{name}: {exc}")
             continue
         index.packs[bytes.fromhex(name)] = blobs
-    items = list(index.packs.items())
-    for start in range(0, max(1, len(items)), INDEX_PACKS_PER_FILE):
-        repo.save_unpacked(
-            FileType.INDEX,
-            IndexFile(dict(items[start : start + INDEX_PACKS_PER_FILE])).to_json(),
-        )
+    _replace_index(repo, index.packs, old)
+    repo.load_index()
+    return len(index.packs), bad
+
+
+def _replace_index(repo: Repository, packs: dict[bytes, list[PackedBlob]], old: list[str]) -> None:
+    """Write index files for ``packs`` (superseding ``old``), then remove the old files:
+    at every moment some complete index is stored."""
+    items = list(packs.items())
+    superseded = [bytes.fromhex(name) for name in old]
+    for start in range(0, len(items), INDEX_PACKS_PER_FILE):
+        chunk = dict(items[start : start + INDEX_PACKS_PER_FILE])
+        repo.save_unpacked(FileType.INDEX, IndexFile(chunk, superseded).to_json())
     for name in old:
         with contextlib.suppress(ObjectNotFound):
             repo.backend.remove(FileType.INDEX, name)
-    repo.load_index()
-    return len(items), bad
