@@ -279,7 +279,7 @@ class Backup:
             try:
                 node.content = future.result()
             except OSError as exc:  # the file became unreadable while we read it
-                self._error(node.name, exc)
+                self._error(exc.filename or node.name, exc)
                 nodes.remove(node)
         return self.writer.add(BlobType.TREE, fmt.encode_tree(nodes))
 
