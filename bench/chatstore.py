@@ -207,13 +207,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir", type=Path)
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, help="default: 1 to build, 2 to mutate")
     parser.add_argument("--mutate", type=float, metavar="PERCENT")
     args = parser.parse_args()
+    # A mutation must not replay the build's random stream (it would repeat message keys).
     if args.mutate is not None:
-        mutate(args.dir, args.mutate, args.seed)
+        mutate(args.dir, args.mutate, 2 if args.seed is None else args.seed)
     else:
-        build(args.dir, args.scale, args.seed)
+        build(args.dir, args.scale, 1 if args.seed is None else args.seed)
 
 
 if __name__ == "__main__":
