@@ -32,57 +32,38 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("backvault-demo-*")), "the demo cleans up after itself"
 
 
-def test_first_backup_bench_smoke(tmp_path: Path) -> None:
+def run_bench_smoke(tmp_path: Path, script: str) -> str:
+    """Run a benchmark in its --smoke form; returns its output (CI never times anything)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "first_backup.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "backvault" in proc.stdout and "repository MiB" in proc.stdout
-
-
-def test_vault_bench_smoke(tmp_path: Path) -> None:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "vault_bench.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "logins/s" in proc.stdout
-
-
-def test_storage_bench_smoke(tmp_path: Path) -> None:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "storage_bench.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "S3 (moto)" in proc.stdout and "REST (rclone serve restic)" in proc.stdout
-
-
-def test_compare_bench_smoke(tmp_path: Path) -> None:
-    """bench/compare.py on a tiny chat store: every step runs for every tool."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "compare.py"), "--smoke"],
+        [sys.executable, str(ROOT / "bench" / script), "--smoke"],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "true change after --mutate 1" in proc.stdout and "backvault" in proc.stdout
+    return proc.stdout
+
+
+def test_first_backup_bench_smoke(tmp_path: Path) -> None:
+    out = run_bench_smoke(tmp_path, "first_backup.py")
+    assert "backvault" in out and "repository MiB" in out
+
+
+def test_vault_bench_smoke(tmp_path: Path) -> None:
+    assert "logins/s" in run_bench_smoke(tmp_path, "vault_bench.py")
+
+
+def test_storage_bench_smoke(tmp_path: Path) -> None:
+    out = run_bench_smoke(tmp_path, "storage_bench.py")
+    assert "S3 (moto)" in out and "REST (rclone serve restic)" in out
+
+
+def test_compare_bench_smoke(tmp_path: Path) -> None:
+    """bench/compare.py on a tiny chat store: every step runs for every tool."""
+    out = run_bench_smoke(tmp_path, "compare.py")
+    assert "true change after --mutate 1" in out and "backvault" in out
 
 
 def test_chatstore_generator_is_deterministic(tmp_path: Path) -> None:
