@@ -21,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.compare import du
+
 WORDS = (
     "hello see you tomorrow ok thanks love lunch meeting photo call later yes no maybe "
     "running late where are you happy birthday congrats great sounds good"
@@ -69,10 +73,6 @@ def generate(root: Path, size_mb: int, seed: int = 42) -> int:
     db.commit()
     db.close()
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

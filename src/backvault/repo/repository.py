@@ -7,7 +7,7 @@ import secrets
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +59,6 @@ class Repository:
         self.key_id = key_id
         self._index: dict[bytes, BlobLocation] = {}
         self._packs: dict[bytes, list[PackedBlob]] = {}
-        self.index_problems: list[DamagedObject] = []
         self._scanned_unindexed = False
         self._scan_lock = threading.Lock()
         self._index_loaded = False
@@ -234,12 +233,11 @@ class Repository:
 
     def ensure_index(self) -> None:
         """Load the index. If index files are damaged, the packs they covered are indexed
-        from their own headers instead, so reads and restores go on; the damage is kept in
-        ``index_problems`` (and `check` reports it)."""
+        from their own headers instead, so reads and restores go on (`check` reports the
+        damage)."""
         if not self._index_loaded:
             errors: list[DamagedObject] = []
             self.load_index(errors=errors)
-            self.index_problems = errors
             if errors:
                 self._scanned_unindexed = True
                 self.index_unindexed_packs()
@@ -268,9 +266,6 @@ class Repository:
 
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self._index
-
-    def index_entries(self) -> Iterator[tuple[bytes, BlobLocation]]:
-        return iter(self._index.items())
 
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         blobs = list(blobs)
