@@ -36,6 +36,7 @@ from ..repo.repository import Repository
 from ..repo.timefmt import format_ns, now_ns
 from ..repo.writer import RepositoryWriter
 from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
+from .budget import ByteBudget
 from .progress import NoProgress, Progress
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
@@ -62,26 +63,6 @@ class BackupResult:
         doc = dict(self.__dict__)
         doc["errors"] = [{"path": p, "error": e} for p, e in self.errors]
         return doc
-
-
-class _Budget:
-    """Bounds the bytes of chunks queued for the workers, so memory stays flat."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._used = 0
-        self._cond = threading.Condition()
-
-    def take(self, n: int) -> None:
-        with self._cond:
-            while self._used and self._used + n > self._limit:
-                self._cond.wait()
-            self._used += n
-
-    def give(self, n: int) -> None:
-        with self._cond:
-            self._used -= n
-            self._cond.notify_all()
 
 
 class _Names:
@@ -173,7 +154,7 @@ class Backup:
             self._count_lock = threading.Lock()
             self.writer = RepositoryWriter(self.repo)
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backvault-blob")
-            self.budget = _Budget(_MAX_IN_FLIGHT_BYTES)
+            self.budget = ByteBudget(_MAX_IN_FLIGHT_BYTES)
             try:
                 root_tree = self._archive_roots(targets, parent.tree if parent else None)
                 self.pool.shutdown(wait=True)

@@ -4,30 +4,48 @@ Each file is written under a temporary name and renamed into place once complete
 crash or a damaged blob never leaves a half-written file under its real name. A file whose
 data is damaged or missing is named in the result and skipped; every other file is
 restored. The target must be empty unless ``overwrite`` is set.
+
+The main thread walks the snapshot, creates folders and cuts every file into runs (blobs
+stored back to back in one pack); workers (processes for a repository on a local disk,
+threads otherwise: see ``repo.blobs``) read, decrypt and verify a run and write it at its
+offset with ``pwrite``, so many files, and the parts of one large file, are restored at
+once. Whoever writes a file's last run renames it into place. Folder metadata
+is applied last, deepest first, once nothing more is written inside.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import fnmatch
+import functools
 import os
 import secrets
-from concurrent.futures import Future, ThreadPoolExecutor
+import shutil
+import threading
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..repo import format as fmt
+from ..repo.blobs import BlobLocation, BlobPool, BlobReader, worker_processes
 from ..repo.errors import DamagedObject, RepositoryError
 from ..repo.format import Node, Snapshot
-from ..repo.repository import BlobLocation, Repository
+from ..repo.repository import Repository
 from ..repo.timefmt import parse_ns
+from .budget import ByteBudget
 from .progress import NoProgress, Progress
 
-_PREFETCH_BLOBS = 8
-_RUN_BYTES = 8 * 1024 * 1024
+# A run is read with one request; small runs of small SQLite chunks would cost a request
+# (and a task) each, large ones would hold much memory per worker.
+_RUN_BYTES = 4 * 1024 * 1024
+_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+# Runs go to the workers in batches of about this many bytes (or _BATCH_RUNS runs): one
+# task per small file would spend more time passing tasks between processes than working.
+_BATCH_BYTES = 4 * 1024 * 1024
+_BATCH_RUNS = 64
 
 
 class TargetNotEmpty(RepositoryError):
@@ -93,6 +111,22 @@ def could_contain_match(path: str, patterns: list[str]) -> bool:
     return False
 
 
+class _FileJob:
+    """One file being restored: its open temporary file and the runs still to write."""
+
+    def __init__(self, node: Node, dest: Path, path: str, tmp: Path, runs: int) -> None:
+        self.node = node
+        self.dest = dest
+        self.path = path
+        self.tmp = tmp
+        self.remaining = runs
+        self.written = 0
+        self.error: str | None = None
+        self.done = False
+        self.succeeded = False
+        self.lock = threading.Lock()
+
+
 class Restorer:
     def __init__(
         self,
@@ -101,7 +135,7 @@ class Restorer:
         includes: list[str] | None = None,
         overwrite: bool = False,
         progress: Progress | None = None,
-        workers: int = 4,
+        workers: int | None = None,
     ) -> None:
         self.repo = repo
         self.target = Path(target).absolute()
@@ -110,8 +144,17 @@ class Restorer:
         self.progress = progress or NoProgress()
         self.result = RestoreResult()
         self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
-        self._hardlinks: dict[tuple[int, int], Path] = {}
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="backvault-restore")
+        self._threads = workers or 4
+        self._pool: BlobPool | None = None
+        self._budget = ByteBudget(_IN_FLIGHT_BYTES)
+        self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
+        self._batch_bytes = 0
+        self._lock = threading.Lock()  # guards result, _open_jobs and _fatal
+        self._open_jobs: set[_FileJob] = set()
+        self._fatal: BaseException | None = None
+        self._hardlinks: dict[tuple[int, int], _FileJob] = {}
+        self._deferred_links: list[tuple[_FileJob, Node, Path, str]] = []
+        self._dir_metadata: list[tuple[Path, Node]] = []
 
     def check_target(self) -> None:
         if self.target.exists():
@@ -128,12 +171,26 @@ class Restorer:
         self.repo.ensure_index()
         self.target.mkdir(parents=True, exist_ok=True)
         total = self._selected_size(snapshot.tree, "")
+        self._pool = BlobPool(
+            self.repo.backend,
+            self.repo.key,
+            worker_processes(total, self.repo.backend),
+            self._threads,
+        )
         self.progress.start(total, "restore")
         try:
             self._restore_tree(snapshot.tree, self.target, "", selected=not self.includes)
+            self._submit_batch()
+            self._budget.wait_idle()
+            self._raise_fatal()
+            self._make_deferred_links()
+            for dest, node in self._dir_metadata:  # children were listed before parents
+                self._apply_metadata(dest, node)
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(cancel=True)
+            self._discard_unfinished()
             self.progress.finish()
+        self.result.damaged.sort()
         return self.result
 
     def _selected_size(self, tree_id: bytes, rel: str) -> int:
@@ -156,14 +213,16 @@ class Restorer:
         return total
 
     def _restore_tree(self, tree_id: bytes, directory: Path, rel: str, selected: bool) -> bool:
-        """Restore a tree's selected entries into ``directory``; True if anything was."""
+        """Restore a tree's selected entries into ``directory``; True if anything was
+        (files count once their restore is under way)."""
         try:
             nodes = self.repo.load_tree(tree_id)
         except DamagedObject as exc:
-            self.result.damaged.append((rel or "/", str(exc)))
+            self._add_damaged(rel or "/", str(exc))
             return False
         restored_any = False
         for node in nodes:
+            self._raise_fatal()
             path = f"{rel}/{node.name}"
             chosen = selected or matches(path, self.includes)
             dest = directory / node.name
@@ -174,7 +233,7 @@ class Restorer:
                 assert node.subtree is not None
                 inner = self._restore_tree(node.subtree, dest, path, chosen)
                 if inner or chosen:
-                    self._apply_metadata(dest, node)
+                    self._dir_metadata.append((dest, node))
                     self.result.dirs += 1
                     restored_any = True
                 else:
@@ -196,94 +255,199 @@ class Restorer:
         if not self.overwrite:
             raise TargetNotEmpty(f"{dest} already exists; pass --overwrite to replace it")
         if dest.is_dir() and not dest.is_symlink():
-            import shutil
-
             shutil.rmtree(dest)
         else:
             dest.unlink()
+
+    def _disk_full(self, exc: OSError) -> DiskFull:
+        return DiskFull(
+            f"the disk of {self.target} is full after restoring {self.result.files} "
+            f"files; free some space and run the restore again with --overwrite"
+        )
 
     def _restore_leaf(self, node: Node, dest: Path, path: str) -> bool:
         if os.path.lexists(dest):
             self._remove_existing(dest)
         try:
             if node.type == "file":
-                if not self._restore_file(node, dest, path):
-                    return False
-            elif node.type == "symlink":
+                # Metadata is applied when the last run is written.
+                return self._start_file(node, dest, path)
+            if node.type == "symlink":
                 os.symlink(node.linktarget, dest)
-                self.result.symlinks += 1
+                with self._lock:
+                    self.result.symlinks += 1
             elif node.type == "fifo":
                 os.mkfifo(dest, 0o600)
             elif node.type in ("dev", "chardev"):
                 if not self.is_root:
-                    self.result.warnings.append((path, "device nodes need root; skipped"))
+                    self._add_warning(path, "device nodes need root; skipped")
                     return False
                 kind = 0o020000 if node.type == "chardev" else 0o060000
                 os.mknod(dest, kind | 0o600, node.device)
             else:
-                self.result.warnings.append((path, f"{node.type} entries are not restored"))
+                self._add_warning(path, f"{node.type} entries are not restored")
                 return False
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise DiskFull(
-                    f"the disk of {self.target} is full after restoring {self.result.files} "
-                    f"files; free some space and run the restore again with --overwrite"
-                ) from exc
+                raise self._disk_full(exc) from exc
             raise
         self._apply_metadata(dest, node)
         return True
 
-    def _restore_file(self, node: Node, dest: Path, path: str) -> bool:
-        if node.links > 1 and node.inode:
-            key = (node.device_id, node.inode)
-            first = self._hardlinks.get(key)
-            if first is not None and first.exists():
-                os.link(first, dest)
-                self.result.files += 1
-                return True
-        tmp = dest.with_name(f".{dest.name}.backvault-{secrets.token_hex(4)}")
-        content = node.content or []
-        written = 0
+    # --- files ---------------------------------------------------------------------------
+
+    def _start_file(self, node: Node, dest: Path, path: str) -> bool:
+        """Open the file's temporary copy and hand its runs to the workers."""
+        link_key = (node.device_id, node.inode) if node.links > 1 and node.inode else None
+        if link_key is not None and link_key in self._hardlinks:
+            self._deferred_links.append((self._hardlinks[link_key], node, dest, path))
+            return True
         try:
-            runs = self._runs(content)
-            with open(tmp, "wb") as handle:
-                window: collections.deque[Future[list[bytes]]] = collections.deque()
-                pending = iter(runs)
-                for run in pending:
-                    window.append(self._pool.submit(self.repo.load_run, run))
-                    if len(window) >= _PREFETCH_BLOBS:
-                        break
-                while window:
-                    blobs = window.popleft().result()
-                    nxt = next(pending, None)
-                    if nxt is not None:
-                        window.append(self._pool.submit(self.repo.load_run, nxt))
-                    for data in blobs:
-                        handle.write(data)
-                        written += len(data)
-                        self.progress.advance(len(data))
-            if written != node.size:
-                raise DamagedObject(path, f"restored {written} bytes, expected {node.size}")
-            os.replace(tmp, dest)
+            runs = self._runs(node.content or [])
         except DamagedObject as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            self.result.damaged.append((path, str(exc)))
-            self.progress.note(f"damaged: {path}: {exc}")
+            self._add_damaged(path, str(exc))
             return False
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        self.result.files += 1
-        self.result.bytes += written
-        if node.links > 1 and node.inode:
-            self._hardlinks[(node.device_id, node.inode)] = dest
+        tmp = dest.with_name(f".{dest.name}.backvault-{secrets.token_hex(4)}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        job = _FileJob(node, dest, path, tmp, len(runs))
+        with self._lock:
+            self._open_jobs.add(job)
+        if link_key is not None:
+            self._hardlinks[link_key] = job
+        if not runs:
+            self._finish_file(job)
+            return True
+        offset = 0
+        for run in runs:
+            self._batch.append((job, run, offset))
+            self._batch_bytes += sum(loc.blob.length for loc in run)
+            offset += sum(loc.blob.plaintext_length for loc in run)
+            if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_RUNS:
+                self._submit_batch()
         return True
 
+    def _submit_batch(self) -> None:
+        batch, charge = self._batch, self._batch_bytes
+        if not batch:
+            return
+        self._batch, self._batch_bytes = [], 0
+        assert self._pool is not None
+        self._budget.take(charge)
+        try:
+            future = self._pool.submit(
+                restore_runs, [(run, str(job.tmp), offset) for job, run, offset in batch]
+            )
+        except BaseException:
+            self._budget.give(charge)
+            raise
+        future.add_done_callback(
+            functools.partial(self._batch_done, [job for job, _, _ in batch], charge)
+        )
+
+    def _batch_done(
+        self, jobs: list[_FileJob], charge: int, future: Future[list[int | DamagedObject]]
+    ) -> None:
+        """Runs were written (or failed): count them, and finish each file after its last."""
+        try:
+            if future.cancelled():
+                return  # interrupted: the files are removed by _discard_unfinished
+            exc = future.exception()
+            if exc is not None:
+                self._set_fatal(exc)
+                outcomes: list[int | DamagedObject] = [0] * len(jobs)
+            else:
+                outcomes = future.result()
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                with job.lock:
+                    if isinstance(outcome, DamagedObject):
+                        job.error = job.error or str(outcome)
+                    else:
+                        job.written += outcome
+                    job.remaining -= 1
+                    last = job.remaining == 0
+                if not isinstance(outcome, DamagedObject):
+                    self.progress.advance(outcome)
+                if last:
+                    self._finish_file(job)
+        except BaseException as exc:
+            self._set_fatal(exc)
+        finally:
+            self._budget.give(charge)
+
+    def _finish_file(self, job: _FileJob) -> None:
+        """Close the temporary copy; rename it into place, or remove it if it is damaged."""
+        job.done = True
+        if self._fatal is None and job.error is None and job.written != job.node.size:
+            job.error = f"restored {job.written} bytes, expected {job.node.size}"
+        if job.error is not None or self._fatal is not None:
+            # After a fatal error (a full disk) the restore stops: its unfinished files are
+            # removed, not reported as damaged.
+            with contextlib.suppress(OSError):
+                job.tmp.unlink()
+            with self._lock:
+                self._open_jobs.discard(job)
+            if job.error is not None and self._fatal is None:
+                self._add_damaged(job.path, job.error)
+                self.progress.note(f"damaged: {job.path}: {job.error}")
+            return
+        try:
+            os.replace(job.tmp, job.dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                job.tmp.unlink()
+            raise
+        with self._lock:
+            self._open_jobs.discard(job)
+            self.result.files += 1
+            self.result.bytes += job.written
+        job.succeeded = True
+        self._apply_metadata(job.dest, job.node)
+
+    def _make_deferred_links(self) -> None:
+        for first, node, dest, path in self._deferred_links:
+            if first.succeeded:
+                os.link(first.dest, dest)
+                self._apply_metadata(dest, node)
+                self.result.files += 1
+            else:
+                self._add_damaged(path, f"hard link to {first.path}, which was not restored")
+
+    def _discard_unfinished(self) -> None:
+        """After an interruption or a fatal error: remove temporary copies left open."""
+        with self._lock:
+            unfinished = [job for job in self._open_jobs if not job.done]
+            self._open_jobs.clear()
+        for job in unfinished:
+            with contextlib.suppress(OSError):
+                job.tmp.unlink()
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            exc = self._disk_full(exc)
+        elif isinstance(exc, BrokenProcessPool):
+            exc = RepositoryError(
+                "a restore worker process stopped unexpectedly (out of memory?); run the "
+                "restore again with --overwrite"
+            )
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = exc
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _add_damaged(self, path: str, error: str) -> None:
+        with self._lock:
+            self.result.damaged.append((path, error))
+
+    def _add_warning(self, path: str, warning: str) -> None:
+        with self._lock:
+            self.result.warnings.append((path, warning))
+
     def _runs(self, content: list[bytes]) -> list[list[BlobLocation]]:
-        """Group a file's blobs into runs stored back to back in one pack (up to 8 MiB), so
-        each run is one read: small SQLite chunks would otherwise cost a request each."""
+        """Group a file's blobs into runs stored back to back in one pack, so each run is
+        one read: small SQLite chunks would otherwise cost a request each."""
         runs: list[list[BlobLocation]] = []
         size = 0
         for blob_id in content:
@@ -313,4 +477,39 @@ class Restorer:
                 atime = parse_ns(node.atime) if node.atime else mtime
                 os.utime(dest, ns=(atime, mtime), follow_symlinks=False)
         except (OSError, ValueError) as exc:
-            self.result.warnings.append((str(dest), f"metadata not restored: {exc}"))
+            self._add_warning(str(dest), f"metadata not restored: {exc}")
+
+
+def restore_runs(
+    reader: BlobReader, runs: list[tuple[list[BlobLocation], str, int]]
+) -> list[int | DamagedObject]:
+    """Runs in a worker: read, verify and write each run at its offset of its file. Gives
+    each run's bytes written, or the damage that stopped it."""
+    outcomes: list[int | DamagedObject] = []
+    for run, path, offset in runs:
+        try:
+            outcomes.append(_restore_run(reader, run, path, offset))
+        except DamagedObject as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _restore_run(reader: BlobReader, run: list[BlobLocation], path: str, offset: int) -> int:
+    blobs = reader.load_run(run)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    written = 0
+    try:
+        for data in blobs:
+            _pwrite_all(fd, data, offset + written)
+            written += len(data)
+    finally:
+        os.close(fd)
+    return written
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

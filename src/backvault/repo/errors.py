@@ -1,5 +1,7 @@
 """Repository errors: each message names the object and says what to do."""
 
+from __future__ import annotations
+
 
 class RepositoryError(Exception):
     """Base class; str(exc) is a one-line message fit for the user."""
@@ -20,6 +22,10 @@ class DamagedObject(RepositoryError):
         super().__init__(f"{name} is damaged: {problem}")
         self.name = name
         self.problem = problem
+
+    def __reduce__(self) -> tuple[type[DamagedObject], tuple[str, str]]:
+        # Raised in worker processes and pickled back to the parent.
+        return (type(self), (self.name, self.problem))
 
 
 class RepositoryLocked(RepositoryError):

@@ -12,22 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import zstandard
-
 from ..crypto.aead import AuthenticationFailed, Key
 from ..crypto.keyfile import KeyFile, KeyFileError, WrongSecret
 from ..storage import Backend, FileType, ObjectNotFound, StorageError
 from . import format as fmt
+from .blobs import BlobLocation, BlobReader, decode_pack_header_blob
 from .errors import DamagedObject, NotARepository, RepositoryError, WrongKey
 from .format import Config, IndexFile, Node, PackedBlob, Snapshot
 from .polynomial import random_irreducible
 from .timefmt import format_ns, now_ns
-
-
-@dataclass(frozen=True)
-class BlobLocation:
-    pack_id: bytes
-    blob: PackedBlob
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ class Repository:
         self._index_loaded = False
         self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_cache_lock = threading.Lock()
-        self._decompressor = threading.local()
+        self.reader = BlobReader(backend, key)
 
     # --- opening ---------------------------------------------------------------------
 
@@ -277,25 +270,7 @@ class Repository:
 
     def decrypt_blob(self, blob: PackedBlob, sealed: bytes, label: str) -> bytes:
         """Decrypt, decompress and verify one blob's bytes as read from its pack."""
-        try:
-            plain = self.key.open(sealed)
-        except AuthenticationFailed as exc:
-            raise DamagedObject(label, f"blob {blob.id.hex()[:12]} does not decrypt") from exc
-        if blob.uncompressed_length is not None:
-            try:
-                plain = self._zstd().decompress(plain, max_output_size=blob.uncompressed_length)
-            except zstandard.ZstdError as exc:
-                raise DamagedObject(label, f"blob {blob.id.hex()[:12]}: {exc}") from exc
-        if fmt.sha256(plain) != blob.id:
-            raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
-        return plain
-
-    def _zstd(self) -> zstandard.ZstdDecompressor:
-        decompressor = getattr(self._decompressor, "value", None)
-        if decompressor is None:
-            decompressor = zstandard.ZstdDecompressor()
-            self._decompressor.value = decompressor
-        return decompressor
+        return self.reader.open_blob(blob, sealed, label)
 
     def locate(self, blob_id: bytes) -> BlobLocation:
         """Where a blob is stored; DamagedObject if no index (nor pack header) lists it."""
@@ -315,33 +290,7 @@ class Repository:
 
     def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
         """Blobs stored one after another in one pack, read with a single request."""
-        first, last = locations[0].blob, locations[-1].blob
-        pack = locations[0].pack_id.hex()
-        label = f"data/{pack}"
-        length = last.offset + last.length - first.offset
-        try:
-            data = self.backend.load(FileType.DATA, pack, first.offset, length)
-        except ObjectNotFound as exc:
-            raise DamagedObject(label, "the pack is missing") from exc
-        except StorageError as exc:
-            raise DamagedObject(label, str(exc)) from exc
-        if len(data) != length:
-            raise DamagedObject(label, "the pack is truncated")
-        view = memoryview(data)
-        return [
-            self.decrypt_blob(
-                loc.blob,
-                bytes(
-                    view[
-                        loc.blob.offset - first.offset : loc.blob.offset
-                        - first.offset
-                        + loc.blob.length
-                    ]
-                ),
-                label,
-            )
-            for loc in locations
-        ]
+        return self.reader.load_run(locations)
 
     def load_blob(self, blob_id: bytes) -> bytes:
         location = self.locate(blob_id)
@@ -392,15 +341,7 @@ class Repository:
         except fmt.FormatError as exc:
             raise DamagedObject(label, str(exc)) from exc
         sealed = self.backend.load(FileType.DATA, pack_id, offset, length)
-        try:
-            blobs = fmt.decode_pack_header(self.key.open(sealed))
-        except AuthenticationFailed as exc:
-            raise DamagedObject(label, "its header does not decrypt") from exc
-        except fmt.FormatError as exc:
-            raise DamagedObject(label, str(exc)) from exc
-        if blobs and blobs[-1].offset + blobs[-1].length > offset:
-            raise DamagedObject(label, "its header describes more data than the pack holds")
-        return blobs
+        return decode_pack_header_blob(self.key, sealed, offset, label)
 
     # --- snapshots ---------------------------------------------------------------------
 
