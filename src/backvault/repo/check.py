@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..crypto.aead import OVERHEAD
-from ..storage import FileType, ObjectNotFound, StorageError
+from ..storage import FileType
 from . import format as fmt
+from .blobs import BlobPool, BlobReader, PackReport, worker_processes
 from .errors import DamagedObject
 from .format import BlobType, PackedBlob
 from .repository import Repository
@@ -75,9 +78,8 @@ class Checker:
         self.result.packs = len(stored)
         self._check_snapshots_and_trees()
         if read_data:
-            for name in sorted(stored):
-                if subset is None or subset(name):
-                    self._read_pack(name, stored[name], packs.get(bytes.fromhex(name)))
+            chosen = [name for name in sorted(stored) if subset is None or subset(name)]
+            self._read_packs(chosen, stored, packs)
         return self.result
 
     def _check_snapshots_and_trees(self) -> None:
@@ -122,32 +124,42 @@ class Checker:
                             f"blob {blob_id.hex()[:12]} of {node.name!r} is not data"
                         )
 
-    def _read_pack(self, name: str, size: int, indexed: list[PackedBlob] | None) -> None:
-        label = f"data/{name}"
+    def _read_packs(
+        self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]
+    ) -> None:
+        """Read whole packs on every core (see ``blobs.BlobPool``), a few at a time."""
+        total = sum(sizes[name] for name in names)
+        pool = BlobPool(
+            self.repo.backend,
+            self.repo.key,
+            worker_processes(total, self.repo.backend),
+            threads=4,
+        )
         try:
-            data = self.repo.backend.load(FileType.DATA, name)
-        except (ObjectNotFound, StorageError) as exc:
-            self.result.errors.append(f"{label} cannot be read: {exc}")
-            return
-        self._advance(len(data))
-        self.result.bytes_read += len(data)
-        if fmt.sha256(data).hex() != name:
-            self.result.errors.append(f"{label} is damaged: its content does not match its name")
-            return
-        try:
-            blobs = self.repo.read_pack_header(name, len(data))
-        except DamagedObject as exc:
-            self.result.errors.append(str(exc))
-            return
-        if indexed is not None:
-            ours = sorted((b.id, b.offset, b.length) for b in blobs)
-            theirs = sorted((b.id, b.offset, b.length) for b in indexed)
-            if not set(theirs) <= set(ours):
-                self.result.errors.append(f"{label}: the index does not match the pack header")
-        for blob in blobs:
-            sealed = data[blob.offset : blob.offset + blob.length]
-            try:
-                self.repo.decrypt_blob(blob, sealed, label)
-                self.result.blobs += 1
-            except DamagedObject as exc:
-                self.result.errors.append(str(exc))
+            window: collections.deque[tuple[str, Future[PackReport]]] = collections.deque()
+            pending = iter(names)
+            while True:
+                while len(window) < 2 * pool.workers:
+                    name = next(pending, None)
+                    if name is None:
+                        break
+                    window.append((name, pool.submit(BlobReader.read_pack, name)))
+                if not window:
+                    break
+                name, future = window.popleft()
+                self._add_pack_report(name, future.result(), packs.get(bytes.fromhex(name)))
+        finally:
+            pool.shutdown(cancel=True)
+
+    def _add_pack_report(
+        self, name: str, report: PackReport, indexed: list[PackedBlob] | None
+    ) -> None:
+        self._advance(report.bytes_read)
+        self.result.bytes_read += report.bytes_read
+        self.result.errors.extend(report.errors)
+        self.result.blobs += report.blobs_ok
+        if indexed is not None and report.header is not None:
+            ours = {(b.id, b.offset, b.length) for b in report.header}
+            theirs = {(b.id, b.offset, b.length) for b in indexed}
+            if not theirs <= ours:
+                self.result.errors.append(f"data/{name}: the index does not match the pack header")
