@@ -7,7 +7,7 @@ restored. The target must be empty unless ``overwrite`` is set.
 
 The main thread walks the snapshot, creates folders and cuts every file into runs (blobs
 stored back to back in one pack); workers (processes for a repository on a local disk,
-threads otherwise: see ``repo.blobs``) read, decrypt and verify a run and write it at its
+threads otherwise: see ``repo.workers``) read, decrypt and verify a run and write it at its
 offset with ``pwrite``, so many files, and the parts of one large file, are restored at
 once. Whoever writes a file's last run renames it into place. Folder metadata
 is applied last, deepest first, once nothing more is written inside.
@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from ..repo import format as fmt
-from ..repo.blobs import BlobLocation, BlobPool, BlobReader, worker_processes
+from ..repo.blobs import BlobLocation, BlobReader, reader_pool
 from ..repo.errors import DamagedObject, RepositoryError
 from ..repo.format import Node, Snapshot
 from ..repo.repository import Repository
 from ..repo.timefmt import parse_ns
+from ..repo.workers import WorkerPool
 from .budget import ByteBudget
 from .progress import NoProgress, Progress
 
@@ -145,7 +146,7 @@ class Restorer:
         self.result = RestoreResult()
         self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
         self._threads = workers or 4
-        self._pool: BlobPool | None = None
+        self._pool: WorkerPool | None = None
         self._budget = ByteBudget(_IN_FLIGHT_BYTES)
         self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
         self._batch_bytes = 0
@@ -171,12 +172,7 @@ class Restorer:
         self.repo.ensure_index()
         self.target.mkdir(parents=True, exist_ok=True)
         total = self._selected_size(snapshot.tree, "")
-        self._pool = BlobPool(
-            self.repo.backend,
-            self.repo.key,
-            worker_processes(total, self.repo.backend),
-            self._threads,
-        )
+        self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
         self.progress.start(total, "restore")
         try:
             self._restore_tree(snapshot.tree, self.target, "", selected=not self.includes)
@@ -335,7 +331,9 @@ class Restorer:
         self._budget.take(charge)
         try:
             future = self._pool.submit(
-                restore_runs, [(run, str(job.tmp), offset) for job, run, offset in batch]
+                restore_runs,
+                [(run, str(job.tmp), offset) for job, run, offset in batch],
+                work_bytes=charge,
             )
         except BaseException:
             self._budget.give(charge)

@@ -1,26 +1,15 @@
-"""Turning stored bytes into verified plaintext, on every core.
+"""Turning stored bytes into verified plaintext.
 
 ``BlobReader`` reads blobs and whole packs and verifies them: decrypt (MAC first),
-decompress, and check the SHA-256 the blob is named by. ``BlobPool`` runs that work in
-worker processes when the repository is on a local disk, so decrypting, hashing and
-writing use every core: threads would spend their time handing Python's GIL to each other
-(every hash, decryption and write of a small blob releases and retakes it). For remote
-storage the network dominates, and the pool uses threads in the one process.
-
-A worker process gets the master key once, through the pipe that starts it, and keeps it
-in memory only, as the parent does.
+decompress, and check the SHA-256 the blob is named by. ``reader_pool`` runs that work
+on every core (see ``workers``).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
 import threading
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import zstandard
 
@@ -30,11 +19,7 @@ from ..storage.local import LocalBackend
 from . import format as fmt
 from .errors import DamagedObject
 from .format import PackedBlob
-
-T = TypeVar("T")
-
-# Below this much work, starting worker processes costs more than it saves.
-PROCESS_THRESHOLD_BYTES = 32 * 1024 * 1024
+from .workers import WorkerPool
 
 
 @dataclass(frozen=True)
@@ -155,72 +140,20 @@ class BlobReader:
         return report
 
 
-def worker_processes(work_bytes: int, backend: Backend) -> int:
-    """How many worker processes to use for this much work (0: threads in this process).
-
-    ``BACKVAULT_WORKER_PROCESSES`` overrides: 0 never uses processes, N uses N for any
-    amount of work."""
-    setting = os.environ.get("BACKVAULT_WORKER_PROCESSES", "auto").strip().lower()
-    if not isinstance(backend, LocalBackend):
-        return 0
-    if setting not in ("", "auto"):
-        try:
-            return max(0, int(setting))
-        except ValueError:
-            return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if (cores or 1) < 2 or work_bytes < PROCESS_THRESHOLD_BYTES:
-        return 0
-    return cores or 2
+def reader_pool(backend: Backend, key: Key, threads: int = 4) -> WorkerPool:
+    """A pool for BlobReader work: worker processes for a repository on a local disk
+    (they open it themselves) once enough work was submitted, threads otherwise (for
+    remote storage the network, not the CPU, is the limit)."""
+    if isinstance(backend, LocalBackend):
+        root = str(backend.root)
+        return WorkerPool(
+            BlobReader(backend, key),
+            threads,
+            make_context=_reader_in_worker,
+            process_args=lambda: (key.to_json(), root),
+        )
+    return WorkerPool(BlobReader(backend, key), threads)
 
 
-# --- the worker side ----------------------------------------------------------------------
-
-_worker_reader: BlobReader | None = None
-
-
-def _start_worker(key_doc: dict[str, Any], root: str) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides what happens, so a worker
-    # must not die half-way through a write on its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _worker_reader
-    _worker_reader = BlobReader(LocalBackend(root), Key.from_json(key_doc))
-
-
-def _in_worker(fn: Callable[..., T], *args: Any) -> T:
-    assert _worker_reader is not None, "worker not started"
-    return fn(_worker_reader, *args)
-
-
-class BlobPool:
-    """Runs ``fn(reader, *args)`` for BlobReader work, in worker processes (``processes``
-    > 0, local repositories only) or in threads of this process."""
-
-    def __init__(self, backend: Backend, key: Key, processes: int, threads: int) -> None:
-        self.processes = processes if isinstance(backend, LocalBackend) else 0
-        self._executor: Executor
-        self._reader: BlobReader | None = None
-        if self.processes:
-            assert isinstance(backend, LocalBackend)
-            # spawn, not fork: the parent has threads (progress bars, storage clients),
-            # and a forked child could inherit a lock one of them held.
-            self._executor = ProcessPoolExecutor(
-                self.processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-                initargs=(key.to_json(), str(backend.root)),
-            )
-            self.workers = self.processes
-        else:
-            self._reader = BlobReader(backend, key)
-            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="backvault-blobs")
-            self.workers = threads
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """``fn`` must be a module-level function (worker processes import it by name)."""
-        if self._reader is not None:
-            return self._executor.submit(fn, self._reader, *args)
-        return self._executor.submit(_in_worker, fn, *args)
-
-    def shutdown(self, cancel: bool = False) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=cancel)
+def _reader_in_worker(key_doc: dict[str, Any], root: str) -> BlobReader:
+    return BlobReader(LocalBackend(root), Key.from_json(key_doc))

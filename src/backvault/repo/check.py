@@ -11,7 +11,7 @@ from typing import Any
 from ..crypto.aead import OVERHEAD
 from ..storage import FileType
 from . import format as fmt
-from .blobs import BlobPool, BlobReader, PackReport, worker_processes
+from .blobs import BlobReader, PackReport, reader_pool
 from .errors import DamagedObject
 from .format import BlobType, PackedBlob
 from .repository import Repository
@@ -128,13 +128,7 @@ class Checker:
         self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]
     ) -> None:
         """Read whole packs on every core (see ``blobs.BlobPool``), a few at a time."""
-        total = sum(sizes[name] for name in names)
-        pool = BlobPool(
-            self.repo.backend,
-            self.repo.key,
-            worker_processes(total, self.repo.backend),
-            threads=4,
-        )
+        pool = reader_pool(self.repo.backend, self.repo.key)
         try:
             window: collections.deque[tuple[str, Future[PackReport]]] = collections.deque()
             pending = iter(names)
@@ -143,7 +137,9 @@ class Checker:
                     name = next(pending, None)
                     if name is None:
                         break
-                    window.append((name, pool.submit(BlobReader.read_pack, name)))
+                    window.append(
+                        (name, pool.submit(BlobReader.read_pack, name, work_bytes=sizes[name]))
+                    )
                 if not window:
                     break
                 name, future = window.popleft()

@@ -1,0 +1,126 @@
+"""CPU-heavy blob work on every core.
+
+Hashing, compressing, encrypting and decrypting blobs, and writing restored files, run in
+worker processes: with threads, every hash, cipher call and write of a small blob
+releases Python's GIL and takes it back, and on a 2-core machine the threads spent more
+time handing the GIL to each other (a million futex calls for a 1 GB restore) than
+working. Small jobs stay on threads in this process, where starting processes would cost
+more than it saves.
+
+A worker process gets what it needs (the master key, for instance) once, through the pipe
+that starts it, and keeps it in memory only, as the parent does. Processes are started
+with ``spawn``, not ``fork``: the parent has threads (progress bars, storage clients) and
+a forked child could inherit a lock one of them held.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Below this much work, starting worker processes costs more than it saves.
+PROCESS_THRESHOLD_BYTES = 32 * 1024 * 1024
+
+
+def worker_processes() -> int:
+    """How many worker processes heavy work may use: one per core, none on one core.
+    ``BACKVAULT_WORKER_PROCESSES`` overrides (0: threads only)."""
+    setting = os.environ.get("BACKVAULT_WORKER_PROCESSES", "auto").strip().lower()
+    if setting not in ("", "auto"):
+        try:
+            return max(0, int(setting))
+        except ValueError:
+            return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores if cores and cores >= 2 else 0
+
+
+_worker_context: Any = None
+
+
+def _start_worker(make_context: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides what happens, so a worker
+    # must not stop on its own half-way through a write.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker_context
+    _worker_context = make_context(*args)
+
+
+def _in_worker(fn: Callable[..., T], *args: Any) -> T:
+    if _worker_context is None:
+        raise RuntimeError("the worker process was not started with a context")
+    return fn(_worker_context, *args)
+
+
+class WorkerPool:
+    """Runs ``fn(context, *args)``: on threads of this process with ``local_context``
+    until ``threshold`` bytes of work were submitted, then in worker processes whose
+    context ``make_context(*process_args())`` builds (``process_args`` is called when the
+    processes start, so it can describe the state at that moment).
+
+    ``fn`` must be a module-level function: worker processes import it by name.
+    """
+
+    def __init__(
+        self,
+        local_context: Any,
+        threads: int,
+        make_context: Callable[..., Any] | None = None,
+        process_args: Callable[[], tuple[Any, ...]] | None = None,
+        threshold: int = PROCESS_THRESHOLD_BYTES,
+        processes: int | None = None,
+    ) -> None:
+        self._local_context = local_context
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="backvault-work")
+        self._make_context = make_context
+        self._process_args = process_args
+        self._threshold = threshold
+        self._processes = worker_processes() if processes is None else processes
+        if make_context is None or process_args is None:
+            self._processes = 0
+        self._process_pool: ProcessPoolExecutor | None = None
+        self._submitted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def workers(self) -> int:
+        """How many tasks run at once."""
+        if self._process_pool is not None:
+            return self._processes
+        return self._threads._max_workers
+
+    @property
+    def uses_processes(self) -> bool:
+        return self._process_pool is not None
+
+    def submit(self, fn: Callable[..., T], *args: Any, work_bytes: int = 0) -> Future[T]:
+        with self._lock:
+            self._submitted += work_bytes
+            if (
+                self._process_pool is None
+                and self._processes
+                and self._submitted >= self._threshold
+            ):
+                assert self._make_context is not None and self._process_args is not None
+                self._process_pool = ProcessPoolExecutor(
+                    self._processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self._make_context, self._process_args()),
+                )
+            pool = self._process_pool
+        if pool is not None:
+            return pool.submit(_in_worker, fn, *args)
+        return self._threads.submit(fn, self._local_context, *args)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=cancel)
+        if self._process_pool is not None:
+            self._process_pool.shutdown(wait=True, cancel_futures=cancel)
