@@ -9,37 +9,74 @@ databases are read through a consistent copy and cut into page-aligned chunks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import getpass
 import grp
 import json
 import os
 import pwd
+import queue
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import zstandard
+from typing import Any, NamedTuple
 
 from ..repo import format as fmt
-from ..repo.chunker import ContentChunker, chunker_seed, page_chunks
+from ..repo.chunker import page_ranges
 from ..repo.errors import DamagedObject
 from ..repo.format import BlobType, Node, Snapshot
 from ..repo.lock import RepositoryLock
 from ..repo.repository import Repository
+from ..repo.sealer import (
+    FILE,
+    RANGES,
+    ChunkSealer,
+    Piece,
+    TaskResult,
+    cut_file,
+    flush_packs,
+    seal_pieces,
+    sealer_in_worker,
+)
 from ..repo.timefmt import format_ns, now_ns
+from ..repo.workers import WorkerPool
 from ..repo.writer import RepositoryWriter
 from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
+from ..storage.local import LocalBackend
 from .budget import ByteBudget
 from .progress import NoProgress, Progress
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+# Files up to this size are cut and sealed whole by one worker; larger ones are cut first,
+# then sealed in pieces by every worker.
+_WHOLE_FILE_MAX = 16 * 1024 * 1024
+# Pieces go to the workers in tasks of about this many bytes or _BATCH_PIECES pieces.
+_PIECE_BYTES = 4 * 1024 * 1024
+_BATCH_PIECES = 64
+# Every task is charged at least this much against the in-flight budget.
+_MIN_CHARGE = 256 * 1024
+
+
+class _FileWork:
+    """A file whose pieces are with the workers; ``future`` gives its blob ids."""
+
+    def __init__(self, pieces: int) -> None:
+        self.remaining = pieces
+        self.ids: dict[int, list[bytes]] = {}
+        self.error: OSError | None = None
+        self.future: Future[list[bytes]] = Future()
+
+
+class _Delivery(NamedTuple):
+    pieces: list[tuple[_FileWork, int, int]]  # (file, piece index, input bytes)
+    charge: int
+    future: Future[TaskResult]
 
 
 @dataclass
@@ -149,18 +186,31 @@ class Backup:
             result = BackupResult(snapshot_id="", parent_id=parent_id)
             self.result = result
             self.progress.start(_total_size(targets) if scan_first else None, "backup")
-            self._seed = chunker_seed(self.repo.key)
-            self._local = threading.local()
-            self._count_lock = threading.Lock()
             self.writer = RepositoryWriter(self.repo)
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backvault-blob")
+            writer = self.writer
+            self.pool = self._worker_pool(writer)
             self.budget = ByteBudget(_MAX_IN_FLIGHT_BYTES)
+            self._batch: list[tuple[_FileWork, int, Piece, int]] = []
+            self._batch_bytes = 0
+            self._batch_lock = threading.RLock()
+            self._sqlite_copier = ThreadPoolExecutor(1, thread_name_prefix="backvault-sqlite")
+            self._results: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+            self._packer_error: BaseException | None = None
+            packer = threading.Thread(target=self._pack_results, name="backvault-packer")
+            packer.start()
             try:
                 root_tree = self._archive_roots(targets, parent.tree if parent else None)
-                self.pool.shutdown(wait=True)
+                for packs in self.pool.on_each_process(flush_packs):
+                    for pack_id, blobs in packs:
+                        self.writer.adopt_pack(pack_id, blobs)
+                self._sqlite_copier.shutdown()
+                self.pool.shutdown()
+                self._stop_packer(packer)
                 self.writer.flush()
             except BaseException:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool.shutdown(cancel=True)
+                self._sqlite_copier.shutdown(cancel_futures=True)
+                self._stop_packer(packer)
                 # Index what was uploaded, so the next run can reuse it.
                 with contextlib.suppress(Exception):
                     self.writer.flush()
@@ -256,6 +306,7 @@ class Backup:
     def _finish_tree(
         self, nodes: list[Node], pending: list[tuple[Node, Future[list[bytes]]]]
     ) -> bytes:
+        self._submit_batch()
         for node, future in pending:
             try:
                 node.content = future.result()
@@ -274,12 +325,15 @@ class Backup:
             self._error(path, exc)
             entries = []
         names = {e.name for e in entries}
-        for entry in entries:
+        archived: dict[str, Node] = {}
+        # Databases first: their consistent copy is made while the rest is read.
+        for entry in sorted(entries, key=lambda e: not _looks_like_database(e.name, names)):
             if _is_sqlite_sidecar(path, entry.name, names):
                 continue  # its content is inside the database's consistent copy
             node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending)
             if node is not None:
-                nodes.append(node)
+                archived[entry.name] = node
+        nodes = [archived[e.name] for e in entries if e.name in archived]
         self.result.dirs += 1
         return self._finish_tree(nodes, pending)
 
@@ -364,56 +418,154 @@ class Backup:
             self.result.files_new += 1
         else:
             self.result.files_changed += 1
-        # Whole files go to the workers: reading, cutting, hashing, compressing and
-        # encrypting overlap across files (the GIL is released in all of them).
-        return self.pool.submit(self._store_file, path)
+        return self._store_file(path, st.st_size)
 
-    def _store_file(self, path: str) -> list[bytes]:
-        chunker = getattr(self._local, "chunker", None)
-        if chunker is None:
-            chunker = ContentChunker(self._seed)
-            self._local.chunker = chunker
-        ids = []
-        compress: bool | None = None
-        with open(path, "rb") as handle:
-            for chunk in chunker.chunks(handle):
-                if compress is None:
-                    compress = _compresses(chunk)
-                ids.append(self.writer.add(BlobType.DATA, chunk, None, compress))
-                with self._count_lock:
-                    self.result.bytes_read += len(chunk)
-                self.progress.advance(len(chunk))
-        return ids
+    # --- handing file data to the workers ------------------------------------------------
 
-    def _submit_batches(self, chunks: Any, per_batch: int = 256) -> list[Future[list[bytes]]]:
-        """Small chunks (SQLite pages) go to the workers in batches: one task per batch
-        instead of per 8 KiB chunk keeps the scheduling overhead off the hot path."""
-        futures: list[Future[list[bytes]]] = []
-        batch: list[bytes] = []
+    def _worker_pool(self, writer: RepositoryWriter) -> WorkerPool:
+        """Threads seal chunks for the writer in this process; past a few MiB of work,
+        worker processes take over, writing packs of their own into a local repository."""
+        key, backend, config = self.repo.key, self.repo.backend, self.repo.config
+        local = ChunkSealer(key, writer.knows, remember_sealed=False)
+        if not isinstance(backend, LocalBackend):
+            return WorkerPool(local, self.workers)
+        root = str(backend.root)
+        return WorkerPool(
+            local,
+            self.workers,
+            make_context=sealer_in_worker,
+            process_args=lambda: (key.to_json(), config, root, writer.known_ids()),
+        )
 
-        def submit() -> None:
-            size = sum(len(c) for c in batch)
-            self.budget.take(size)
+    def _store_file(self, path: str, size: int) -> Future[list[bytes]]:
+        """Queue a file for the workers; its future gives the blob ids of its content."""
+        if size <= _WHOLE_FILE_MAX:
+            work = _FileWork(1)
+            self._add_piece(work, 0, Piece(FILE, path), size)
+            return work.future
+        # A large file is cut first (one task), then sealed in pieces by every worker.
+        cuts = self.pool.submit(cut_file, path).result()
+        return self._store_ranges(path, cuts, compress=None)
+
+    def _store_ranges(
+        self, path: str, ranges: list[tuple[int, int]], compress: bool | None
+    ) -> Future[list[bytes]]:
+        pieces: list[list[tuple[int, int]]] = [[]]
+        size = 0
+        for offset, length in ranges:
+            if pieces[-1] and size + length > _PIECE_BYTES:
+                pieces.append([])
+                size = 0
+            pieces[-1].append((offset, length))
+            size += length
+        if not pieces[-1]:
+            pieces.pop()
+        work = _FileWork(len(pieces))
+        if not pieces:
+            work.future.set_result([])
+        for index, piece_ranges in enumerate(pieces):
+            piece = Piece(RANGES, path, piece_ranges, compress)
+            self._add_piece(work, index, piece, sum(length for _, length in piece_ranges))
+        return work.future
+
+    def _add_piece(self, work: _FileWork, index: int, piece: Piece, size: int) -> None:
+        self._raise_packer_error()
+        with self._batch_lock:
+            self._batch.append((work, index, piece, size))
+            self._batch_bytes += size
+            if self._batch_bytes >= _PIECE_BYTES or len(self._batch) >= _BATCH_PIECES:
+                self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        """Hand the queued pieces to a worker as one task (one task per small file would
+        spend more time passing tasks between processes than working)."""
+        with self._batch_lock:  # the main thread and the database copier both add
+            batch, size = self._batch, self._batch_bytes
+            if not batch:
+                return
+            self._batch, self._batch_bytes = [], 0
+        charge = max(size, _MIN_CHARGE)
+        self.budget.take(charge)
+        try:
+            future = self.pool.submit(
+                seal_pieces, [piece for _, _, piece, _ in batch], work_bytes=size
+            )
+        except BaseException:
+            self.budget.give(charge)
+            raise
+        deliver = functools.partial(self._deliver, [(w, i, n) for w, i, _, n in batch], charge)
+        future.add_done_callback(deliver)
+
+    def _deliver(
+        self,
+        pieces: list[tuple[_FileWork, int, int]],
+        charge: int,
+        future: Future[TaskResult],
+    ) -> None:
+        # Runs on the pool's thread: pass the results on, so that writing packs never
+        # holds up the workers.
+        self._results.put(_Delivery(pieces, charge, future))
+
+    def _pack_results(self) -> None:
+        """The packer thread: add the workers' sealed chunks to packs, in order of arrival,
+        and complete each file once all its pieces are in."""
+        while True:
+            delivery = self._results.get()
+            if delivery is None:
+                return
+            failed: BaseException | None = None
+            try:
+                if delivery.future.cancelled():
+                    failed = CancelledError()
+                elif self._packer_error is None:
+                    self._add_results(delivery)
+            except BaseException as exc:
+                self._packer_error = exc
+            finally:
+                self.budget.give(delivery.charge)
+            failed = self._packer_error or failed
+            if failed is not None:  # nobody must wait for these files for ever
+                for work, _, _ in delivery.pieces:
+                    if not work.future.done():
+                        work.future.set_exception(failed)
+
+    def _add_results(self, delivery: _Delivery) -> None:
+        exc = delivery.future.exception()
+        if exc is not None:
+            raise exc
+        outcome = delivery.future.result()
+        for pack_id, blobs in outcome.packs:
+            self.writer.adopt_pack(pack_id, blobs)
+        results = outcome.pieces
+        for (work, index, size), result in zip(delivery.pieces, results, strict=True):
+            if isinstance(result, OSError):
+                work.error = work.error or result
+            elif work.error is None:
+                for chunk in result:
+                    if chunk.sealed is not None:
+                        self.writer.add_sealed(BlobType.DATA, chunk)
+                    elif chunk.sealed_length:
+                        self.writer.expect(chunk.id)  # in a worker's pack, reported later
+                    elif not self.writer.knows(chunk.id):
+                        raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
+                work.ids[index] = [chunk.id for chunk in result]
             self.result.bytes_read += size
-            future = self.pool.submit(self._store_batch, list(batch))
-            future.add_done_callback(functools.partial(self._batch_done, size))
-            futures.append(future)
-            batch.clear()
+            self.progress.advance(size)
+            work.remaining -= 1
+            if work.remaining == 0:
+                if work.error is not None:
+                    work.future.set_exception(work.error)
+                else:
+                    work.future.set_result([i for n in range(len(work.ids)) for i in work.ids[n]])
 
-        for chunk in chunks:
-            batch.append(chunk)
-            if len(batch) >= per_batch:
-                submit()
-        if batch:
-            submit()
-        return futures
+    def _stop_packer(self, packer: threading.Thread) -> None:
+        self._results.put(None)
+        packer.join()
+        self._raise_packer_error()
 
-    def _store_batch(self, chunks: list[bytes]) -> list[bytes]:
-        return [self.writer.add(BlobType.DATA, chunk) for chunk in chunks]
-
-    def _batch_done(self, size: int, _future: Future[list[bytes]]) -> None:
-        self.budget.give(size)
-        self.progress.advance(size)
+    def _raise_packer_error(self) -> None:
+        if self._packer_error is not None:
+            raise self._packer_error
 
     def _archive_sqlite(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
@@ -439,18 +591,23 @@ class Backup:
             self.result.files_new += 1
         else:
             self.result.files_changed += 1
+        # The copy takes a while (SQLite copies page by page): a thread makes it and hands
+        # its pages to the workers, while this thread goes on with the other files.
+        return self._sqlite_copier.submit(self._store_database, path, state, node)
+
+    def _store_database(self, path: str, state: list[Any], node: Node) -> list[bytes]:
         try:
             with consistent_copy(path, self.temp_dir) as copy:
                 node.size = copy.stat().st_size
-                page_size = page_size_of(copy)
-                with open(copy, "rb") as handle:
-                    batches = self._submit_batches(page_chunks(handle, page_size))
-                    content = [blob_id for batch in batches for blob_id in batch.result()]
+                future = self._store_ranges(
+                    str(copy), page_ranges(node.size, page_size_of(copy)), compress=True
+                )
+                self._submit_batch()
+                content = future.result()  # the copy must stay until the workers read it
         except SQLiteCopyError as exc:
-            self._error(path, exc)
-            return None
+            raise OSError(errno.EIO, str(exc), path) from exc
         self._sqlite_state_new[path] = {"state": state, "content": [b.hex() for b in content]}
-        return _done(content)
+        return content
 
     # --- sqlite change cache ---------------------------------------------------------
 
@@ -507,18 +664,15 @@ def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
     return state
 
 
-_SAMPLE = 64 * 1024
+_DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
 
 
-def _compresses(first_chunk: bytes) -> bool:
-    """Whether a file's data is worth compressing, judged on a sample of its first chunk:
-    photos, voice notes and videos are already compressed and are stored as they are,
-    without spending CPU on trying every chunk."""
-    sample = first_chunk[:_SAMPLE]
-    if len(sample) < 512:
-        return True
-    # A compressor per call: they are not thread-safe, and this runs once per file.
-    return len(zstandard.ZstdCompressor(level=1).compress(sample)) < len(sample) * 0.97
+def _looks_like_database(name: str, siblings: set[str]) -> bool:
+    """A cheap guess (it only orders the work): a name like a database's, or with a WAL
+    or rollback journal next to it."""
+    return name.endswith(_DATABASE_SUFFIXES) or any(
+        name + suffix in siblings for suffix in _SQLITE_SIDECARS
+    )
 
 
 def _total_size(targets: list[str]) -> int:

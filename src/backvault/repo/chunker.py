@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
-from collections.abc import Iterator
-from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
@@ -58,18 +57,29 @@ class ContentChunker:
             seed=seed,
         )
 
-    def chunks(self, stream: BinaryIO) -> Iterator[bytes]:
-        for chunk in self._cdc.cut_stream(stream):
-            yield bytes(chunk.data)
+    def cut(self, data: bytes | memoryview) -> list[memoryview]:
+        """The chunks of data held in memory, as views (no copies). Buffers, not streams:
+        pyfastcdc's stream reader is about ten times slower than cutting a buffer."""
+        view = memoryview(data)
+        return [view[c.offset : c.offset + c.length] for c in self._cdc.cut_buf(view)]
+
+    def boundaries(self, path: str) -> list[tuple[int, int]]:
+        """(offset, length) of each chunk of a file (mapped, not read): the same cuts as
+        ``cut`` of its content."""
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return []
+            with (
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+                memoryview(mapped) as view,
+            ):
+                return [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
 
 
-def page_chunks(
-    stream: BinaryIO, page_size: int, target: int = SQLITE_CHUNK_TARGET
-) -> Iterator[bytes]:
-    """Fixed chunks of whole pages, ``target`` bytes rounded up to a page multiple."""
+def page_ranges(
+    total_size: int, page_size: int, target: int = SQLITE_CHUNK_TARGET
+) -> list[tuple[int, int]]:
+    """(offset, length) of fixed chunks of whole pages, ``target`` bytes rounded up to a
+    page multiple."""
     size = max(page_size, (target + page_size - 1) // page_size * page_size)
-    while True:
-        data = stream.read(size)
-        if not data:
-            return
-        yield data
+    return [(offset, min(size, total_size - offset)) for offset in range(0, total_size, size)]

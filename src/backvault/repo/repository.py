@@ -260,6 +260,15 @@ class Repository:
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self._index
 
+    def assume_empty_index(self) -> None:
+        """Start with an empty index instead of reading the index files (a worker process
+        that only writes packs, and dedupes against what it is told)."""
+        self._index_loaded = True
+
+    def blob_ids(self) -> list[bytes]:
+        """Every indexed blob id."""
+        return list(self._index)
+
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         blobs = list(blobs)
         for blob in blobs:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,14 +44,35 @@ def worker_processes() -> int:
 
 
 _worker_context: Any = None
+_worker_barrier: Any = None
 
 
-def _start_worker(make_context: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _start_worker(
+    make_context: Callable[..., Any], args: tuple[Any, ...], barrier: Any, parent: int
+) -> None:
     # Ctrl-C reaches the whole process group: the parent decides what happens, so a worker
     # must not stop on its own half-way through a write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _worker_context
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    global _worker_context, _worker_barrier
     _worker_context = make_context(*args)
+    _worker_barrier = barrier
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A parent killed with SIGKILL cannot stop its workers, and they would wait for work
+    for ever (holding its terminal's pipes open): they stop when it is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+
+
+def _on_each(fn: Callable[..., T], *args: Any) -> T:
+    result = _in_worker(fn, *args)
+    # Each worker waits here until all have run ``fn``: so no worker takes two of these
+    # tasks, and every worker takes one.
+    _worker_barrier.wait()
+    return result
 
 
 def _in_worker(fn: Callable[..., T], *args: Any) -> T:
@@ -109,16 +131,32 @@ class WorkerPool:
                 and self._submitted >= self._threshold
             ):
                 assert self._make_context is not None and self._process_args is not None
+                context = multiprocessing.get_context("spawn")
                 self._process_pool = ProcessPoolExecutor(
                     self._processes,
-                    mp_context=multiprocessing.get_context("spawn"),
+                    mp_context=context,
                     initializer=_start_worker,
-                    initargs=(self._make_context, self._process_args()),
+                    initargs=(
+                        self._make_context,
+                        self._process_args(),
+                        context.Barrier(self._processes),
+                        os.getpid(),
+                    ),
                 )
             pool = self._process_pool
         if pool is not None:
             return pool.submit(_in_worker, fn, *args)
         return self._threads.submit(fn, self._local_context, *args)
+
+    def on_each_process(self, fn: Callable[..., T], *args: Any) -> list[T]:
+        """Run ``fn(context, *args)`` once in every worker process (none if the pool never
+        started processes), after the work already submitted; their results."""
+        with self._lock:
+            pool = self._process_pool
+        if pool is None:
+            return []
+        futures = [pool.submit(_on_each, fn, *args) for _ in range(self._processes)]
+        return [future.result() for future in futures]
 
     def shutdown(self, cancel: bool = False) -> None:
         self._threads.shutdown(wait=True, cancel_futures=cancel)

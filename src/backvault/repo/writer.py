@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import zstandard
 
@@ -26,7 +27,17 @@ PACK_TARGET_SIZE = 16 * 1024 * 1024
 INDEX_FLUSH_PACKS = 50  # write an index file after this many packs (progress survives a crash)
 # Store a blob compressed only if that saves at least 1/32 of it: photos, voice notes and
 # videos are already compressed and are stored as they are.
-_MIN_SAVING_DIVISOR = 32
+MIN_SAVING_DIVISOR = 32
+
+
+class SealedChunk(NamedTuple):
+    id: bytes
+    plain_length: int
+    # The sealed blob; None if the blob was already stored when the work started, or if
+    # a worker process stored it in a pack of its own (then ``sealed_length`` is its size).
+    sealed: bytes | memoryview | None
+    uncompressed_length: int | None  # set when the blob holds compressed data
+    sealed_length: int = 0
 
 
 @dataclass
@@ -94,27 +105,67 @@ class RepositoryWriter:
                 return blob_id
             self._reserved.add(blob_id)
         compressed = self._compressor().compress(data) if compress else data
-        if compress and len(compressed) <= len(data) - len(data) // _MIN_SAVING_DIVISOR - 1:
+        if compress and len(compressed) <= len(data) - len(data) // MIN_SAVING_DIVISOR - 1:
             sealed = self.repo.key.seal(compressed)
             uncompressed_length: int | None = len(data)
         else:
             sealed = self.repo.key.seal(data)
             uncompressed_length = None
-        full: _Pack | None = None
         with self._lock:
-            pack = self._open.setdefault(blob_type, _Pack(blob_type))
-            pack.blobs.append(
-                PackedBlob(blob_id, blob_type, len(pack.data), len(sealed), uncompressed_length)
-            )
-            pack.data += sealed
-            self.stats.blobs_new += 1
-            self.stats.bytes_plain_new += len(data)
-            self.stats.bytes_stored_new += len(sealed)
-            if len(pack.data) >= self.pack_target:
-                full = self._open.pop(blob_type)
+            full = self._append(blob_type, blob_id, sealed, len(data), uncompressed_length)
         if full is not None:
             self._write_pack(full)
         return blob_id
+
+    def add_sealed(self, blob_type: BlobType, chunk: SealedChunk) -> None:
+        """Store a chunk a worker sealed, unless the repository (or this run) has it."""
+        with self._lock:
+            if (
+                self.repo.has_blob(chunk.id)
+                or chunk.id in self._reserved
+                or chunk.id in self._written
+            ):
+                self.stats.blobs_duplicate += 1
+                return
+            if chunk.sealed is None:
+                raise RuntimeError(f"blob {chunk.id.hex()[:12]} was taken as stored, but is not")
+            self._reserved.add(chunk.id)
+            full = self._append(
+                blob_type, chunk.id, chunk.sealed, chunk.plain_length, chunk.uncompressed_length
+            )
+        if full is not None:
+            self._write_pack(full)
+
+    def knows(self, blob_id: bytes) -> bool:
+        """Whether the repository has the blob, or this run stores it."""
+        return self.repo.has_blob(blob_id) or blob_id in self._reserved or blob_id in self._written
+
+    def known_ids(self) -> bytes:
+        """Every blob id ``knows`` (32 bytes each), for worker processes."""
+        with self._lock:
+            extra = self._reserved | self._written
+        return b"".join(self.repo.blob_ids()) + b"".join(extra)
+
+    def _append(
+        self,
+        blob_type: BlobType,
+        blob_id: bytes,
+        sealed: bytes | memoryview,
+        plain_length: int,
+        uncompressed_length: int | None,
+    ) -> _Pack | None:
+        """Add a sealed blob to the open pack (holding the lock); the pack if now full."""
+        pack = self._open.setdefault(blob_type, _Pack(blob_type))
+        pack.blobs.append(
+            PackedBlob(blob_id, blob_type, len(pack.data), len(sealed), uncompressed_length)
+        )
+        pack.data += sealed
+        self.stats.blobs_new += 1
+        self.stats.bytes_plain_new += plain_length
+        self.stats.bytes_stored_new += len(sealed)
+        if len(pack.data) >= self.pack_target:
+            return self._open.pop(blob_type)
+        return None
 
     def _write_pack(self, pack: _Pack) -> None:
         header = self.repo.key.seal(fmt.encode_pack_header(pack.blobs))
@@ -123,22 +174,43 @@ class RepositoryWriter:
         data = bytes(pack.data)
         pack_id = fmt.sha256(data)
         self.repo.backend.save(FileType.DATA, pack_id.hex(), data)
+        self._record_pack(pack_id, pack.blobs)
+        if self._on_pack_written:
+            self._on_pack_written(len(data))
+
+    def expect(self, blob_id: bytes) -> None:
+        """A worker process stored this blob in a pack it has not reported yet
+        (``adopt_pack`` will): count it as stored by this run from now on."""
+        with self._lock:
+            if blob_id not in self._written:
+                self._reserved.add(blob_id)
+
+    def adopt_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
+        """Index a pack a worker process wrote (it may repeat blobs another worker stored
+        at the same moment: restic's format allows that, and prune removes them)."""
+        with self._lock:
+            for blob in blobs:
+                self.stats.blobs_new += 1
+                self.stats.bytes_plain_new += blob.plaintext_length
+                self.stats.bytes_stored_new += blob.length
+        self._record_pack(pack_id, blobs)
+
+    def _record_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
+        """A pack is stored: index it (an index file after every INDEX_FLUSH_PACKS)."""
         write_index: IndexFile | None = None
         with self._lock:
             if not self._fresh:
-                self.repo.add_to_index(pack_id, pack.blobs)
-            self.written_packs[pack_id] = pack.blobs
-            for blob in pack.blobs:
+                self.repo.add_to_index(pack_id, blobs)
+            self.written_packs[pack_id] = blobs
+            for blob in blobs:
                 self._reserved.discard(blob.id)
                 self._written.add(blob.id)
-            self._unindexed.packs[pack_id] = pack.blobs
+            self._unindexed.packs[pack_id] = blobs
             self._unindexed_count += 1
             self.stats.packs_written += 1
             if self._unindexed_count >= INDEX_FLUSH_PACKS and not self._fresh:
                 write_index, self._unindexed = self._unindexed, IndexFile()
                 self._unindexed_count = 0
-        if self._on_pack_written:
-            self._on_pack_written(len(data))
         if write_index is not None:
             self._save_index(write_index)
 
@@ -158,5 +230,8 @@ class RepositoryWriter:
         with self._lock:
             index, self._unindexed = self._unindexed, IndexFile()
             self._unindexed_count = 0
+            missing = len(self._reserved)
         if index.packs and write_index:
             self._save_index(index)
+        if missing:
+            raise RuntimeError(f"{missing} blobs were to be stored by this run but are in no pack")
