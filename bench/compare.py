@@ -4,8 +4,9 @@
 
 Steps, for each tool: first full backup, a backup with nothing changed, `--mutate 1` (a
 day of chatting) then an incremental backup, a restore, and a check that reads all data.
-Prints wall time, peak memory (max RSS of the tool's process) and repository growth, the
-true size of the change (changed database pages + new media), and backvault's ratios.
+Prints wall time, peak memory (the most memory the tool's processes held together, as the
+sum of their proportional set sizes sampled every 50 ms) and repository growth, the true size of the change (changed database
+pages + new media), and backvault's ratios.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +36,64 @@ class Run:
     max_rss_mb: float
 
 
+def tree_pss_kib(root: int) -> int:
+    """Memory of a process and all its descendants (backvault's worker processes count):
+    the sum of their proportional set sizes, so that pages they share (the Python
+    interpreter and libraries) count once, not once per process; resident size where
+    the kernel has no smaps_rollup."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        for source, field in (
+            (f"/proc/{pid}/smaps_rollup", "Pss:"),
+            (f"/proc/{pid}/status", "VmRSS:"),
+        ):
+            try:
+                with open(source) as handle:
+                    found = [int(line.split()[1]) for line in handle if line.startswith(field)]
+            except OSError:
+                continue
+            if found:
+                total += found[0]
+                break
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    peak_kib = 0
+    finished = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_kib
+        while not finished.wait(0.05):
+            peak_kib = max(peak_kib, tree_pss_kib(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    finished.set()
+    sampler.join()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{' '.join(cmd[:6])} failed ({code}): {err[-2000:]}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    # A process too short-lived to be sampled: its own peak resident size.
+    return Run(seconds, (peak_kib or usage.ru_maxrss) / 1024)
 
 
 def du(path: Path) -> int:

@@ -55,7 +55,7 @@ from .progress import NoProgress, Progress
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 # Files up to this size are cut and sealed whole by one worker; larger ones are cut first,
 # then sealed in pieces by every worker.
-_WHOLE_FILE_MAX = 16 * 1024 * 1024
+_WHOLE_FILE_MAX = 8 * 1024 * 1024
 # Pieces go to the workers in tasks of about this many bytes or _BATCH_PIECES pieces.
 _PIECE_BYTES = 4 * 1024 * 1024
 _BATCH_PIECES = 64

@@ -30,7 +30,7 @@ class FormatError(ValueError):
     """Repository data that does not follow restic's format."""
 
 
-def sha256(data: bytes | memoryview) -> bytes:
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 

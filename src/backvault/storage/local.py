@@ -47,7 +47,7 @@ class LocalBackend(Backend):
     def exists(self) -> bool:
         return (self.root / "config").is_file()
 
-    def save(self, kind: FileType, name: str, data: bytes) -> None:
+    def save(self, kind: FileType, name: str, data: bytes | bytearray) -> None:
         target = self._path(kind, name)
         tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
         try:
