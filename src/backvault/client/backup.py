@@ -73,6 +73,12 @@ class _FileWork:
         self.future: Future[list[bytes]] = Future()
 
 
+class _DatabaseCopy(NamedTuple):
+    stack: contextlib.ExitStack[bool | None]  # closing it removes the copy
+    path: Path
+    state: list[Any]
+
+
 class _Delivery(NamedTuple):
     pieces: list[tuple[_FileWork, int, int]]  # (file, piece index, input bytes)
     charge: int
@@ -180,6 +186,32 @@ class Backup:
                 raise FileNotFoundError(f"{target} does not exist")
         hostname = hostname or socket.gethostname()
         self._load_sqlite_state()
+        # Databases that changed are copied from the start, while the index loads and the
+        # other files are read (the copy is what a daily backup waits for longest).
+        self._sqlite_copier = ThreadPoolExecutor(1, thread_name_prefix="backvault-sqlite")
+        self._early_copies: dict[str, Future[_DatabaseCopy]] = {}
+        try:
+            expected = self._start_database_copies(targets)
+            return self._run_locked(
+                targets, tags, hostname, on_saved, scan_first, expected, started, start_ns
+            )
+        finally:
+            self._sqlite_copier.shutdown(cancel_futures=True)
+            for future in self._early_copies.values():  # copies no one used (an error)
+                if not future.cancelled() and future.exception() is None:
+                    future.result().stack.close()
+
+    def _run_locked(
+        self,
+        targets: list[str],
+        tags: list[str] | None,
+        hostname: str,
+        on_saved: Callable[[str], None] | None,
+        scan_first: bool,
+        expected_database_bytes: int,
+        started: float,
+        start_ns: int,
+    ) -> BackupResult:
         with RepositoryLock(self.repo):
             self.repo.ensure_index()
             parent_id, parent = self._find_parent(targets, hostname)
@@ -189,11 +221,11 @@ class Backup:
             self.writer = RepositoryWriter(self.repo)
             writer = self.writer
             self.pool = self._worker_pool(writer)
+            self.pool.expect(expected_database_bytes)
             self.budget = ByteBudget(_MAX_IN_FLIGHT_BYTES)
             self._batch: list[tuple[_FileWork, int, Piece, int]] = []
             self._batch_bytes = 0
             self._batch_lock = threading.RLock()
-            self._sqlite_copier = ThreadPoolExecutor(1, thread_name_prefix="backvault-sqlite")
             self._results: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
             self._packer_error: BaseException | None = None
             packer = threading.Thread(target=self._pack_results, name="backvault-packer")
@@ -592,21 +624,56 @@ class Backup:
         else:
             self.result.files_changed += 1
         # The copy takes a while (SQLite copies page by page): a thread makes it and hands
-        # its pages to the workers, while this thread goes on with the other files.
+        # its pages to the workers, while this thread goes on with the other files (and
+        # the worker processes start, if it is big).
+        self.pool.expect(st.st_size)
         return self._sqlite_copier.submit(self._store_database, path, state, node)
 
-    def _store_database(self, path: str, state: list[Any], node: Node) -> list[bytes]:
+    def _start_database_copies(self, targets: list[str]) -> int:
+        """Start copying every database under the targets that changed since the last
+        backup; their total size."""
+        total = 0
+        for path in _databases_under(targets):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # the walk reports it
+            state = _sqlite_file_state(path, st)
+            cached = self._sqlite_state.get(path)
+            if cached is not None and cached.get("state") == state:
+                continue
+            self._early_copies[path] = self._sqlite_copier.submit(self._copy_database, path, state)
+            total += st.st_size
+        return total
+
+    def _copy_database(self, path: str, state: list[Any]) -> _DatabaseCopy:
+        """A consistent copy, and the database's state taken before it was made (so that
+        a change during the copy is seen by the next backup)."""
+        stack = contextlib.ExitStack()
         try:
-            with consistent_copy(path, self.temp_dir) as copy:
-                node.size = copy.stat().st_size
-                future = self._store_ranges(
-                    str(copy), page_ranges(node.size, page_size_of(copy)), compress=True
-                )
-                self._submit_batch()
-                content = future.result()  # the copy must stay until the workers read it
+            copy = stack.enter_context(consistent_copy(path, self.temp_dir))
+        except BaseException:
+            stack.close()
+            raise
+        return _DatabaseCopy(stack, copy, state)
+
+    def _store_database(self, path: str, state: list[Any], node: Node) -> list[bytes]:
+        early = self._early_copies.pop(path, None)
+        try:
+            made = early.result() if early is not None else self._copy_database(path, state)
         except SQLiteCopyError as exc:
             raise OSError(errno.EIO, str(exc), path) from exc
-        self._sqlite_state_new[path] = {"state": state, "content": [b.hex() for b in content]}
+        with made.stack:
+            node.size = made.path.stat().st_size
+            future = self._store_ranges(
+                str(made.path), page_ranges(node.size, page_size_of(made.path)), compress=True
+            )
+            self._submit_batch()
+            content = future.result()  # the copy must stay until the workers read it
+        self._sqlite_state_new[path] = {
+            "state": made.state,
+            "content": [b.hex() for b in content],
+        }
         return content
 
     # --- sqlite change cache ---------------------------------------------------------
@@ -673,6 +740,28 @@ def _looks_like_database(name: str, siblings: set[str]) -> bool:
     return name.endswith(_DATABASE_SUFFIXES) or any(
         name + suffix in siblings for suffix in _SQLITE_SIDECARS
     )
+
+
+def _databases_under(targets: list[str]) -> list[str]:
+    """SQLite databases under the targets, found by name first (a cheap walk, no stat
+    of every file), then by their header."""
+    found: list[str] = []
+    for target in targets:
+        if os.path.isfile(target) and not os.path.islink(target):
+            candidates = [target]
+        else:
+            candidates = []
+            for directory, _dirs, files in os.walk(target):
+                names = set(files)
+                candidates.extend(
+                    os.path.join(directory, name)
+                    for name in files
+                    if _looks_like_database(name, names)
+                )
+        found.extend(
+            path for path in candidates if not os.path.islink(path) and is_sqlite_database(path)
+        )
+    return found
 
 
 def _total_size(targets: list[str]) -> int:

@@ -15,6 +15,7 @@ a forked child could inherit a lock one of them held.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -123,6 +124,29 @@ class WorkerPool:
         return self._process_pool is not None
 
     def submit(self, fn: Callable[..., T], *args: Any, work_bytes: int = 0) -> Future[T]:
+        pool = self._count(work_bytes)
+        if pool is not None:
+            return pool.submit(_in_worker, fn, *args)
+        return self._threads.submit(fn, self._local_context, *args)
+
+    def expect(self, work_bytes: int) -> None:
+        """Work of this size is coming (a database being copied, say): if that passes the
+        threshold, start the worker processes now, in the background, so that they are
+        ready when it arrives (starting them takes a few tenths of a second)."""
+        with self._lock:
+            starting = self._process_pool is None
+        pool = self._count(work_bytes)
+        if starting and pool is not None:
+            threading.Thread(target=self._warm_up, args=(pool,), daemon=True).start()
+
+    def _warm_up(self, pool: ProcessPoolExecutor) -> None:
+        # The pool starts a process per task submitted while none is idle.
+        with contextlib.suppress(Exception):
+            for future in [pool.submit(os.getpid) for _ in range(self._processes)]:
+                future.result()
+
+    def _count(self, work_bytes: int) -> ProcessPoolExecutor | None:
+        """Count submitted work; the process pool, once the threshold is passed."""
         with self._lock:
             self._submitted += work_bytes
             if (
@@ -143,10 +167,7 @@ class WorkerPool:
                         os.getpid(),
                     ),
                 )
-            pool = self._process_pool
-        if pool is not None:
-            return pool.submit(_in_worker, fn, *args)
-        return self._threads.submit(fn, self._local_context, *args)
+            return self._process_pool
 
     def on_each_process(self, fn: Callable[..., T], *args: Any) -> list[T]:
         """Run ``fn(context, *args)`` once in every worker process (none if the pool never
