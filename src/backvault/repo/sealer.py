@@ -30,7 +30,7 @@ from .writer import MIN_SAVING_DIVISOR, RepositoryWriter, SealedChunk
 
 FILE = "file"
 RANGES = "ranges"
-_SAMPLE = 64 * 1024
+_SAMPLE = 16 * 1024
 
 
 class Piece(NamedTuple):

@@ -31,17 +31,18 @@ T = TypeVar("T")
 PROCESS_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
-def worker_processes() -> int:
-    """How many worker processes heavy work may use: one per core, none on one core.
-    ``BACKVAULT_WORKER_PROCESSES`` overrides (0: threads only)."""
+def worker_processes() -> tuple[int, bool]:
+    """How many worker processes heavy work may use (one per core, none on one core), and
+    whether that was asked for. ``BACKVAULT_WORKER_PROCESSES=N`` asks for N for any amount
+    of work; 0 keeps to threads."""
     setting = os.environ.get("BACKVAULT_WORKER_PROCESSES", "auto").strip().lower()
     if setting not in ("", "auto"):
         try:
-            return max(0, int(setting))
+            return max(0, int(setting)), True
         except ValueError:
-            return 0
+            return 0, True
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores if cores and cores >= 2 else 0
+    return (cores if cores and cores >= 2 else 0), False
 
 
 _worker_context: Any = None
@@ -105,7 +106,11 @@ class WorkerPool:
         self._make_context = make_context
         self._process_args = process_args
         self._threshold = threshold
-        self._processes = worker_processes() if processes is None else processes
+        if processes is None:
+            processes, asked = worker_processes()
+            if asked:
+                self._threshold = 0
+        self._processes = processes
         if make_context is None or process_args is None:
             self._processes = 0
         self._process_pool: ProcessPoolExecutor | None = None
