@@ -1,0 +1,150 @@
+"""Backup, restore and check on worker processes (repo/workers.py), judged by the real
+restic: the same data with and without worker processes gives repositories restic
+accepts and restores identically; duplicates, large files cut in pieces, damage and kill -9
+behave as they do on threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, InitRepo, make_tree, tree_digest
+from tests.test_restic_interop import restic
+
+PROCESSES = {"BACKVAULT_WORKER_PROCESSES": "2"}
+THREADS = {"BACKVAULT_WORKER_PROCESSES": "0"}
+
+
+def chat_source(root: Path) -> Path:
+    """make_tree plus what takes the other code paths: a file over 8 MiB (cut first, then
+    sealed in pieces by several workers), forwarded duplicates, a bigger WAL database."""
+    make_tree(root)
+    video = os.urandom(9 * 1024 * 1024 + 12345)
+    (root / "media" / "video.mp4").write_bytes(video)
+    (root / "media" / "forwarded").mkdir()
+    for i in range(6):
+        (root / "media" / "forwarded" / f"copy{i}.mp4").write_bytes(video)
+    photo = os.urandom(300_000)
+    for i in range(20):
+        (root / "media" / f"same{i}.jpg").write_bytes(photo)
+    db = sqlite3.connect(root / "big.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE m(id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany(
+        "INSERT INTO m(body) VALUES (?)", [(os.urandom(300).hex(),) for _ in range(8000)]
+    )
+    db.commit()
+    db.close()
+    return root
+
+
+@pytest.mark.parametrize("mode", [PROCESSES, THREADS], ids=["processes", "threads"])
+def test_backup_restore_check_on_workers_are_what_restic_accepts(
+    cli: Cli, repo: InitRepo, tmp_path: Path, mode: dict[str, str]
+) -> None:
+    source = chat_source(tmp_path / "src")
+    expected = tree_digest(source)
+    first = cli.ok("--json", "-r", str(repo.path), "backup", str(source), env=mode).json()
+    # Duplicates within one run are stored at most once per worker: 7 copies of the video
+    # and 20 of the photo add far less than their sum.
+    assert first["bytes_stored"] < 40 * 1024 * 1024
+    # An incremental backup after a change to the database and a new file.
+    db = sqlite3.connect(source / "big.db")
+    db.executemany("INSERT INTO m(body) VALUES (?)", [(os.urandom(300).hex(),) for _ in range(50)])
+    db.commit()
+    db.close()
+    (source / "media" / "new.jpg").write_bytes(os.urandom(700_000))
+    expected = tree_digest(source)
+    second = cli.ok("--json", "-r", str(repo.path), "backup", str(source), env=mode).json()
+    assert second["bytes_added"] < 2 * 1024 * 1024  # the new photo and a few pages
+    assert "no errors were found" in restic(repo.path, repo.key, "check", "--read-data").stdout
+    check = cli.ok("--json", "-r", str(repo.path), "check", "--read-data", env=mode).json()
+    assert check["errors"] == []
+    ours = tmp_path / "ours"
+    cli.ok("-r", str(repo.path), "restore", "latest", "--target", str(ours), env=mode)
+    assert tree_digest(ours / source.relative_to("/")) == expected
+    theirs = tmp_path / "theirs"
+    restic(repo.path, repo.key, "restore", "latest", "--target", str(theirs))
+    assert tree_digest(theirs / source.relative_to("/")) == expected
+
+
+def test_restore_on_workers_names_damaged_files_and_restores_the_rest(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    source = chat_source(tmp_path / "src")
+    cli.ok("-r", str(repo.path), "backup", str(source), env=PROCESSES)
+    packs = sorted(
+        (repo.path / "data").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0
+    )
+    victim = packs[-1]  # the largest pack holds media
+    os.chmod(victim, 0o600)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    target = tmp_path / "out"
+    result = cli.run(
+        "-r", str(repo.path), "restore", "latest", "--target", str(target), env=PROCESSES
+    )
+    assert result.code == 3, result.err
+    assert "not restored" in result.err and "is damaged" in result.err
+    restored = tree_digest(target / source.relative_to("/"))
+    original = tree_digest(source)
+    assert restored  # the rest is there, identical
+    for name, entry in restored.items():
+        assert entry == original[name]
+    leftovers = [p for p in target.rglob("*") if ".backvault-" in p.name]
+    assert leftovers == []
+
+
+def worker_pids() -> set[int]:
+    """Processes started by multiprocessing's spawn (backvault's workers)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.spawn" in cmdline:
+                found.add(int(entry))
+    return found
+
+
+def test_kill_9_mid_backup_leaves_no_worker_running_and_the_next_backup_works(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    source = tmp_path / "big"
+    source.mkdir()
+    for i in range(40):
+        (source / f"video{i}.mp4").write_bytes(os.urandom(4 * 1024 * 1024))
+    before = worker_pids()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backvault.cli", "-r", str(repo.path), "backup", str(source)],
+        env={**cli.env, **PROCESSES},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not worker_pids() - before:
+        time.sleep(0.02)
+    workers = worker_pids() - before
+    assert workers, "no worker process started"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and workers & worker_pids():
+        time.sleep(0.1)
+    assert not workers & worker_pids(), "worker processes outlived a killed backup"
+    assert cli.ok("--json", "-r", str(repo.path), "snapshots").json() == []
+    cli.ok("-r", str(repo.path), "backup", str(source), env=PROCESSES)
+    cli.ok("-r", str(repo.path), "unlock")  # the killed run's lock (restic honours it)
+    assert "no errors were found" in restic(repo.path, repo.key, "check", "--read-data").stdout
