@@ -70,6 +70,9 @@ def tree_pss_kib(root: int) -> int:
 
 
 def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
+    # Start every step with nothing waiting to be written back: the copy of the store and
+    # the previous step must not slow the next tool down.
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -439,9 +439,13 @@ class Backup:
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
     ) -> Future[list[bytes]] | None:
         self.result.bytes_total += st.st_size
-        if is_sqlite_database(path):
+        unchanged = self._unchanged(node, previous)
+        # A database in WAL mode changes in its -wal first, so its own stat cannot be
+        # trusted: read the header of anything that may be one. An unchanged file with
+        # no database name and no WAL or journal beside it is not read at all.
+        if (not unchanged or _may_be_database(path)) and is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
-        if self._unchanged(node, previous):
+        if unchanged:
             assert previous is not None and previous.content is not None
             self.result.files_unmodified += 1
             self.progress.advance(node.size)
@@ -739,6 +743,12 @@ def _looks_like_database(name: str, siblings: set[str]) -> bool:
     or rollback journal next to it."""
     return name.endswith(_DATABASE_SUFFIXES) or any(
         name + suffix in siblings for suffix in _SQLITE_SIDECARS
+    )
+
+
+def _may_be_database(path: str) -> bool:
+    return path.endswith(_DATABASE_SUFFIXES) or any(
+        os.path.lexists(path + suffix) for suffix in _SQLITE_SIDECARS
     )
 
 

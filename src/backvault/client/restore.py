@@ -42,6 +42,9 @@ from .progress import NoProgress, Progress
 # A run is read with one request; small runs of small SQLite chunks would cost a request
 # (and a task) each, large ones would hold much memory per worker.
 _RUN_BYTES = 4 * 1024 * 1024
+# Blobs of a run may be this far apart in their pack: reading the gap costs less than
+# another request.
+_RUN_GAP_BYTES = 256 * 1024
 _IN_FLIGHT_BYTES = 32 * 1024 * 1024
 # Runs go to the workers in batches of about this many bytes (or _BATCH_RUNS runs): one
 # task per small file would spend more time passing tasks between processes than working.
@@ -316,7 +319,7 @@ class Restorer:
         offset = 0
         for run in runs:
             self._batch.append((job, run, offset))
-            self._batch_bytes += sum(loc.blob.length for loc in run)
+            self._batch_bytes += run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
             offset += sum(loc.blob.plaintext_length for loc in run)
             if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_RUNS:
                 self._submit_batch()
@@ -444,24 +447,24 @@ class Restorer:
             self.result.warnings.append((path, warning))
 
     def _runs(self, content: list[bytes]) -> list[list[BlobLocation]]:
-        """Group a file's blobs into runs stored back to back in one pack, so each run is
-        one read: small SQLite chunks would otherwise cost a request each."""
+        """Group a file's blobs into runs that lie close together in one pack, so each run
+        is one read (skipping what lies between): small SQLite chunks would otherwise cost
+        a request each, and after an incremental backup a database's chunks sit in the
+        older packs with gaps where the changed ones were."""
         runs: list[list[BlobLocation]] = []
-        size = 0
         for blob_id in content:
             location = self.repo.locate(blob_id)
             if runs:
-                prev = runs[-1][-1]
+                first, prev = runs[-1][0].blob, runs[-1][-1].blob
+                gap = location.blob.offset - (prev.offset + prev.length)
                 if (
-                    prev.pack_id == location.pack_id
-                    and prev.blob.offset + prev.blob.length == location.blob.offset
-                    and size + location.blob.length <= _RUN_BYTES
+                    runs[-1][-1].pack_id == location.pack_id
+                    and 0 <= gap <= _RUN_GAP_BYTES
+                    and location.blob.offset + location.blob.length - first.offset <= _RUN_BYTES
                 ):
                     runs[-1].append(location)
-                    size += location.blob.length
                     continue
             runs.append([location])
-            size = location.blob.length
         return runs
 
     def _apply_metadata(self, dest: Path, node: Node) -> None:
@@ -484,25 +487,26 @@ def restore_runs(
     """Runs in a worker: read, verify and write each run at its offset of its file. Gives
     each run's bytes written, or the damage that stopped it."""
     outcomes: list[int | DamagedObject] = []
-    for run, path, offset in runs:
-        try:
-            outcomes.append(_restore_run(reader, run, path, offset))
-        except DamagedObject as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
-def _restore_run(reader: BlobReader, run: list[BlobLocation], path: str, offset: int) -> int:
-    blobs = reader.load_run(run)
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    written = 0
+    files: dict[str, int] = {}  # a file's runs often come one after another: open it once
     try:
-        for data in blobs:
-            _pwrite_all(fd, data, offset + written)
-            written += len(data)
+        for run, path, offset in runs:
+            try:
+                blobs = reader.load_run(run)
+            except DamagedObject as exc:
+                outcomes.append(exc)
+                continue
+            fd = files.get(path)
+            if fd is None:
+                fd = files[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            written = 0
+            for data in blobs:
+                _pwrite_all(fd, data, offset + written)
+                written += len(data)
+            outcomes.append(written)
     finally:
-        os.close(fd)
-    return written
+        for fd in files.values():
+            os.close(fd)
+    return outcomes
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -84,7 +84,8 @@ class BlobReader:
         return plain
 
     def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
-        """Blobs stored one after another in one pack, read with a single request."""
+        """Blobs stored in this order in one pack, read with a single request (what lies
+        between them is read and skipped)."""
         first, last = locations[0].blob, locations[-1].blob
         pack = locations[0].pack_id.hex()
         label = f"data/{pack}"

@@ -298,7 +298,7 @@ class Repository:
         return location
 
     def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
-        """Blobs stored one after another in one pack, read with a single request."""
+        """Blobs stored in this order in one pack, read with a single request."""
         return self.reader.load_run(locations)
 
     def load_blob(self, blob_id: bytes) -> bytes:

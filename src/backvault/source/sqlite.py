@@ -1,14 +1,27 @@
-"""Consistent copies of live SQLite databases through SQLite's online backup API.
+"""Consistent copies of live SQLite databases.
 
 A chat app keeps writing its message database while we back it up; copying the file (and
-its -wal) byte by byte can give a torn, unopenable copy. The backup API copies pages
-inside a read transaction instead, so the copy is a consistent database as of one moment.
+its -wal) byte by byte at an arbitrary moment can give a torn, unopenable copy.
+
+- WAL mode (what chat apps use): while we hold a read transaction, SQLite guarantees that
+  the database file changes only by checkpoints of WAL frames that our snapshot already
+  includes, and that those frames stay in the WAL (a WAL restart waits for readers like
+  us, and with a reader on the file alone no checkpoint runs at all). So we copy the
+  database file, then the WAL, with the kernel (fast), end the read transaction, and let
+  SQLite recover the copy: it applies every complete transaction in the copied WAL, drops
+  any torn frame written after our snapshot, exactly as after a crash, and checkpoints
+  it into the copied file. The copy is a consistent database as of our snapshot or a
+  later commit. This is several times faster than the backup API, which copies page by
+  page through SQLite's cache.
+- Rollback-journal mode: the backup API copies pages in steps, so the app can write in
+  between; it restarts by itself if the database changes under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -67,9 +80,11 @@ def _backup(source: Path, destination: Path) -> None:
     try:
         src.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         wal = src.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
-        # In WAL mode readers never block the app, so copy in one read transaction. In
-        # rollback mode, copy in steps so the app can write in between; the backup
-        # restarts by itself if the source changes under it.
+        if wal:
+            dst.close()
+            _copy_in_read_transaction(src, source, destination)
+            _recover(destination)
+            return
         deadline = time.monotonic() + 600
         while True:
             try:
@@ -87,3 +102,25 @@ def _backup(source: Path, destination: Path) -> None:
     finally:
         dst.close()
         src.close()
+
+
+def _copy_in_read_transaction(src: sqlite3.Connection, source: Path, destination: Path) -> None:
+    src.execute("BEGIN")
+    try:
+        src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # takes the read lock
+        shutil.copyfile(source, destination)  # the file first, then the WAL (see above)
+        with contextlib.suppress(FileNotFoundError):  # no WAL: the file is the snapshot
+            shutil.copyfile(f"{source}-wal", f"{destination}-wal")
+    finally:
+        src.rollback()
+
+
+def _recover(copy: Path) -> None:
+    """Let SQLite apply the copied WAL, then fold it into the copied file."""
+    db = sqlite3.connect(copy)
+    try:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError("the copy's checkpoint did not finish")
+    finally:
+        db.close()
