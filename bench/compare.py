@@ -207,14 +207,16 @@ def main() -> None:
         build(pristine, scale)
     results: dict[str, dict[str, object]] = {}
     true_change = 0
+    # backvault's device key cache and settings (restic and borg do not use them); kept
+    # after the run, so that its repository can still be opened for a closer look.
+    shutil.rmtree(work / "cfg", ignore_errors=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)
     for name, tool in tools(work).items():
         source = work / "chat"
         shutil.rmtree(source, ignore_errors=True)
         shutil.copytree(pristine, source)  # every tool starts from the same bytes
         repo = work / f"repo-{name}"
         shutil.rmtree(repo, ignore_errors=True)
-        shutil.rmtree(work / "cfg", ignore_errors=True)
-        shutil.rmtree(work / "cache", ignore_errors=True)
         env = tool["env"]
         subprocess.run(
             tool["init"](repo),

@@ -81,6 +81,7 @@ class ChunkSealer:
         # A worker process stores the blobs it seals in packs of its own, written to the
         # repository directly (sealed data never travels back to the parent).
         self.writer: RepositoryWriter | None = None
+        self.known: set[bytes] | None = None  # what ``is_known`` answers from, in a worker
 
     def _chunker(self) -> ContentChunker:
         chunker = getattr(self._local, "chunker", None)
@@ -191,13 +192,21 @@ def cut_file(sealer: ChunkSealer, path: str) -> list[tuple[int, int]]:
     return sealer._chunker().boundaries(path)
 
 
+def learn_known(sealer: ChunkSealer, known_ids: bytes) -> None:
+    """Runs in a worker: these blobs (32-byte ids, back to back) are stored already."""
+    if sealer.known is not None:
+        sealer.known.update(known_ids[i : i + 32] for i in range(0, len(known_ids), 32))
+
+
 def sealer_in_worker(
     key_doc: dict[str, object], config: Config, root: str, known_ids: bytes
 ) -> ChunkSealer:
     """A worker process's sealer, writing packs into the local repository at ``root``."""
     key = Key.from_json(key_doc)
-    known = {known_ids[i : i + 32] for i in range(0, len(known_ids), 32)}
+    known: set[bytes] = set()
     sealer = ChunkSealer(key, known.__contains__, remember_sealed=True)
+    sealer.known = known
+    learn_known(sealer, known_ids)
     repo = Repository(LocalBackend(root), key, config, None)
     repo.assume_empty_index()
     sealer.writer = RepositoryWriter(repo, fresh_dedupe=True)

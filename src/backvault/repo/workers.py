@@ -124,6 +124,10 @@ class WorkerPool:
             return self._processes
         return self._threads._max_workers
 
+    def set_local_context(self, context: Any) -> None:
+        """The context of the threads (for work submitted from now on)."""
+        self._local_context = context
+
     @property
     def uses_processes(self) -> bool:
         return self._process_pool is not None
