@@ -22,7 +22,7 @@ from .format import PackedBlob
 from .workers import WorkerPool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobLocation:
     pack_id: bytes
     blob: PackedBlob

@@ -124,7 +124,7 @@ _CODE_TYPES = {code: key for key, code in _TYPE_CODES.items()}
 HEADER_LENGTH_SIZE = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PackedBlob:
     """A blob's place in a pack, as the pack header and the index describe it."""
 
