@@ -12,9 +12,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from backvault.client import backup as backup_module
+from backvault.client.backup import Backup
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest
 from tests.test_restic_interop import restic
 
@@ -148,3 +154,44 @@ def test_kill_9_mid_backup_leaves_no_worker_running_and_the_next_backup_works(
     cli.ok("-r", str(repo.path), "backup", str(source), env=PROCESSES)
     cli.ok("-r", str(repo.path), "unlock")  # the killed run's lock (restic honours it)
     assert "no errors were found" in restic(repo.path, repo.key, "check", "--read-data").stdout
+
+
+def _subtree(repo: Repository, tree: bytes, parts: tuple[str, ...]) -> bytes:
+    for part in parts:
+        tree = next(n for n in repo.load_tree(tree) if n.name == part).subtree  # type: ignore[assignment]
+    return tree
+
+
+def test_an_unchanged_folder_keeps_its_tree_and_a_change_is_seen(tmp_path: Path) -> None:
+    source = make_tree(tmp_path / "src")
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    encoded: list[list[str]] = []
+    real_encode = backup_module.fmt.encode_tree
+
+    def spy(nodes):  # type: ignore[no-untyped-def]
+        nodes = list(nodes)
+        encoded.append([n.name for n in nodes])
+        return real_encode(nodes)
+
+    # The first backup reads every file, which updates their access times (stored in the
+    # tree, as restic does); the next one sees those and reads nothing.
+    Backup(repo).run([str(source)])
+    first = Backup(repo).run([str(source)])
+    with mock.patch.object(backup_module.fmt, "encode_tree", spy):
+        second = Backup(repo).run([str(source)])
+    parts = source.parts[1:]
+    trees = [
+        _subtree(repo, repo.find_snapshot(s.snapshot_id)[1].tree, parts) for s in (first, second)
+    ]
+    assert trees[0] == trees[1]
+    assert not any("msgstore.db" in names for names in encoded)  # not encoded again
+    # A changed mtime deep down changes that folder's tree and every one above it.
+    os.utime(source / "media" / "voice" / "note.opus", ns=(1_000_000_000, 1_000_000_000))
+    third = Backup(repo).run([str(source)])
+    third_tree = _subtree(repo, repo.find_snapshot(third.snapshot_id)[1].tree, parts)
+    assert third_tree != trees[1]
+    voice = [_subtree(repo, t, ("media", "voice")) for t in (trees[1], third_tree)]
+    assert voice[0] != voice[1]
+    restored = tmp_path / "out"
+    Restorer(repo, restored).run(repo.find_snapshot(third.snapshot_id)[1])
+    assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)

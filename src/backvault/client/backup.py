@@ -342,10 +342,13 @@ class Backup:
                 child_path, sub, prev.subtree if prev and prev.type == "dir" else None
             )
             nodes.append(node)
-        return self._finish_tree(nodes, pending)
+        return self._finish_tree(nodes, pending, parent_tree)
 
     def _finish_tree(
-        self, nodes: list[Node], pending: list[tuple[Node, Future[list[bytes]]]]
+        self,
+        nodes: list[Node],
+        pending: list[tuple[Node, Future[list[bytes]]]],
+        parent_tree: bytes | None,
     ) -> bytes:
         self._submit_batch()
         for node, future in pending:
@@ -354,6 +357,12 @@ class Backup:
             except OSError as exc:  # the file became unreadable while we read it
                 self._error(exc.filename or node.name, exc)
                 nodes.remove(node)
+        if parent_tree is not None and self.repo.has_blob(parent_tree):
+            # Nothing in this folder changed: the parent snapshot's tree is this one
+            # (encoding it again costs much for a database of 190 000 chunks).
+            with contextlib.suppress(DamagedObject):
+                if sorted(nodes, key=_tree_order) == self.repo.load_tree(parent_tree):
+                    return parent_tree
         return self.writer.add(BlobType.TREE, fmt.encode_tree(nodes))
 
     def _archive_dir(self, path: str, parent_tree: bytes | None) -> bytes:
@@ -376,7 +385,7 @@ class Backup:
                 archived[entry.name] = node
         nodes = [archived[e.name] for e in entries if e.name in archived]
         self.result.dirs += 1
-        return self._finish_tree(nodes, pending)
+        return self._finish_tree(nodes, pending, parent_tree)
 
     def _archive_entry(
         self,
@@ -759,6 +768,10 @@ def _looks_like_database(name: str, siblings: set[str]) -> bool:
     return name.endswith(_DATABASE_SUFFIXES) or any(
         name + suffix in siblings for suffix in _SQLITE_SIDECARS
     )
+
+
+def _tree_order(node: Node) -> bytes:
+    return node.name.encode("utf-8", "surrogateescape")
 
 
 def _content_digest(content: list[bytes]) -> str:
