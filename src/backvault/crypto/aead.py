@@ -109,8 +109,8 @@ class Key:
         if len(data) < OVERHEAD:
             raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
         iv = bytes(data[:IV_SIZE])
-        ciphertext = data[IV_SIZE:-MAC_SIZE]
-        if not hmac.compare_digest(self._mac(iv, bytes(ciphertext)), bytes(data[-MAC_SIZE:])):
+        ciphertext = data[IV_SIZE:-MAC_SIZE]  # a view: the MAC and AES read it in place
+        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
             raise AuthenticationFailed("MAC mismatch")
         return self._ctr(iv, ciphertext)
 
