@@ -493,28 +493,14 @@ def restore_runs(
     files: dict[str, int] = {}  # a file's runs often come one after another: open it once
     try:
         for run, path, offset in runs:
-            try:
-                blobs = reader.load_run(run)
-            except DamagedObject as exc:
-                outcomes.append(exc)
-                continue
             fd = files.get(path)
             if fd is None:
                 fd = files[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            written = 0
-            for data in blobs:
-                _pwrite_all(fd, data, offset + written)
-                written += len(data)
-            outcomes.append(written)
+            try:
+                outcomes.append(reader.write_run(run, fd, offset))
+            except DamagedObject as exc:
+                outcomes.append(exc)
     finally:
         for fd in files.values():
             os.close(fd)
     return outcomes
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -103,6 +103,25 @@ class Key:
         ciphertext = self._ctr(iv, plaintext)
         return iv + ciphertext + self._mac(iv, ciphertext)
 
+    def open_into(self, sealed: bytes | memoryview, out: bytearray) -> memoryview:
+        """``open`` that decrypts into ``out`` instead of a new object, for hot loops that
+        reuse one buffer; ``out`` must hold ``len(sealed)`` bytes. A view of ``out``."""
+        data = memoryview(sealed)
+        if len(data) < OVERHEAD:
+            raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
+        iv = bytes(data[:IV_SIZE])
+        ciphertext = data[IV_SIZE:-MAC_SIZE]
+        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
+            raise AuthenticationFailed("MAC mismatch")
+        if len(out) < len(data):  # update_into wants room for one block more than it writes
+            raise ValueError("the output buffer is smaller than the sealed data")
+        aes = getattr(self._local, "aes", None)
+        if aes is None:
+            aes = algorithms.AES(self.encrypt)
+            self._local.aes = aes
+        written = Cipher(aes, modes.CTR(iv)).decryptor().update_into(ciphertext, out)
+        return memoryview(out)[:written]
+
     def open(self, sealed: bytes | memoryview) -> bytes:
         """Verify and decrypt; raises AuthenticationFailed before releasing any plaintext."""
         data = memoryview(sealed)

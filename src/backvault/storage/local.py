@@ -84,6 +84,29 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
+    def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
+        """Read ``len(into)`` bytes from ``offset`` into a caller's buffer (no new object);
+        how many there were."""
+        path = self._path(kind, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{kind.value}/{name} is missing from the repository") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            done = 0
+            while done < len(into):
+                n = os.preadv(fd, [into[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
     def stat(self, kind: FileType, name: str) -> int:
         try:
             return self._path(kind, name).stat().st_size
