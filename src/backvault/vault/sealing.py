@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +85,10 @@ class FileSealer:
         pass
 
 
+# Opening a token is retried this many times on a transient GeneralError.
+_OPEN_ATTEMPTS = 6
+
+
 class Pkcs11Sealer:
     """AES-256-GCM inside an HSM over PKCS#11: the key is generated in the token as
     sensitive and non-extractable, and every seal/open is a call into the token.
@@ -105,17 +110,28 @@ class Pkcs11Sealer:
 
         self._pkcs11 = pkcs11
         self._lock = threading.Lock()
-        try:
-            lib = pkcs11.lib(module)
-            token = lib.get_token(token_label=token_label)
-        except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
-            raise SealingError(
-                f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
-            ) from exc
-        try:
-            self._session: Any = token.open(user_pin=pin, rw=True)
-        except pkcs11.PKCS11Error as exc:
-            raise SealingError(f"cannot log in to the HSM token {token_label!r}: {exc!r}") from exc
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                lib = pkcs11.lib(module)
+                token = lib.get_token(token_label=token_label)
+                self._session: Any = token.open(user_pin=pin, rw=True)
+                break
+            except pkcs11.exceptions.GeneralError as exc:
+                # Transient: SoftHSM2 answers this while another process (a second vault
+                # node starting) rewrites the token's files; network HSMs while busy.
+                if attempt + 1 == _OPEN_ATTEMPTS:
+                    raise SealingError(
+                        f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
+                    ) from exc
+                time.sleep(0.1 * (attempt + 1))
+            except (pkcs11.PinIncorrect, pkcs11.PinLenRange) as exc:
+                raise SealingError(
+                    f"cannot log in to the HSM token {token_label!r}: {exc!r}"
+                ) from exc
+            except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+                raise SealingError(
+                    f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
+                ) from exc
         try:
             self._key: Any = self._session.get_key(
                 object_class=ObjectClass.SECRET_KEY, key_type=KeyType.AES, label=key_label
