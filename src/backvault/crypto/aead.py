@@ -88,14 +88,28 @@ class Key:
         s = encryptor.update(iv)
         return Poly1305.generate_tag(self.mac_r + s, ciphertext)
 
-    def _ctr(self, iv: bytes, data: bytes | memoryview) -> bytes:
-        local = self._local
-        aes = getattr(local, "aes", None)
+    def _aes(self) -> algorithms.AES:
+        aes = getattr(self._local, "aes", None)
         if aes is None:
             aes = algorithms.AES(self.encrypt)
-            local.aes = aes
-        cipher = Cipher(aes, modes.CTR(iv)).encryptor()
+            self._local.aes = aes
+        return aes
+
+    def _ctr(self, iv: bytes, data: bytes | memoryview) -> bytes:
+        cipher = Cipher(self._aes(), modes.CTR(iv)).encryptor()
         return cipher.update(data) + cipher.finalize()
+
+    def _verified(self, sealed: bytes | memoryview) -> tuple[bytes, memoryview]:
+        """The IV and ciphertext of sealed data whose MAC verifies (else
+        AuthenticationFailed). The ciphertext is a view: the MAC and AES read it in place."""
+        data = memoryview(sealed)
+        if len(data) < OVERHEAD:
+            raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
+        iv = bytes(data[:IV_SIZE])
+        ciphertext = data[IV_SIZE:-MAC_SIZE]
+        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
+            raise AuthenticationFailed("MAC mismatch")
+        return iv, ciphertext
 
     def seal(self, plaintext: bytes | memoryview) -> bytes:
         """Encrypt and authenticate: ``IV || ciphertext || MAC``, with a fresh random IV."""
@@ -106,31 +120,15 @@ class Key:
     def open_into(self, sealed: bytes | memoryview, out: bytearray) -> memoryview:
         """``open`` that decrypts into ``out`` instead of a new object, for hot loops that
         reuse one buffer; ``out`` must hold ``len(sealed)`` bytes. A view of ``out``."""
-        data = memoryview(sealed)
-        if len(data) < OVERHEAD:
-            raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
-        iv = bytes(data[:IV_SIZE])
-        ciphertext = data[IV_SIZE:-MAC_SIZE]
-        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
-            raise AuthenticationFailed("MAC mismatch")
-        if len(out) < len(data):  # update_into wants room for one block more than it writes
+        iv, ciphertext = self._verified(sealed)
+        if len(out) < len(sealed):  # update_into wants room for one block more than it writes
             raise ValueError("the output buffer is smaller than the sealed data")
-        aes = getattr(self._local, "aes", None)
-        if aes is None:
-            aes = algorithms.AES(self.encrypt)
-            self._local.aes = aes
-        written = Cipher(aes, modes.CTR(iv)).decryptor().update_into(ciphertext, out)
+        written = Cipher(self._aes(), modes.CTR(iv)).decryptor().update_into(ciphertext, out)
         return memoryview(out)[:written]
 
     def open(self, sealed: bytes | memoryview) -> bytes:
         """Verify and decrypt; raises AuthenticationFailed before releasing any plaintext."""
-        data = memoryview(sealed)
-        if len(data) < OVERHEAD:
-            raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
-        iv = bytes(data[:IV_SIZE])
-        ciphertext = data[IV_SIZE:-MAC_SIZE]  # a view: the MAC and AES read it in place
-        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
-            raise AuthenticationFailed("MAC mismatch")
+        iv, ciphertext = self._verified(sealed)
         return self._ctr(iv, ciphertext)
 
 

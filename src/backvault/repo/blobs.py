@@ -86,7 +86,7 @@ class BlobReader:
         pack = locations[0].pack_id.hex()
         label = f"data/{pack}"
         length = last.offset + last.length - first.offset
-        view = memoryview(self.load_packed_range(pack, first.offset, length, label))
+        view = self._read_range(pack, first.offset, length, label, reuse=False)
         blobs = []
         for loc in locations:
             start = loc.blob.offset - first.offset
@@ -110,19 +110,7 @@ class BlobReader:
         pack = locations[0].pack_id.hex()
         label = f"data/{pack}"
         length = last.offset + last.length - first.offset
-        if isinstance(self.backend, LocalBackend):
-            view = memoryview(self._buffer("read", length))[:length]
-            try:
-                got = self.backend.load_into(FileType.DATA, pack, first.offset, view)
-            except ObjectNotFound as exc:
-                raise DamagedObject(label, "the pack is missing") from exc
-            except StorageError as exc:
-                raise DamagedObject(label, str(exc)) from exc
-            if got != length:
-                raise DamagedObject(label, "the pack is truncated")
-        else:
-            data = self.load_packed_range(pack, first.offset, length, label)
-            view = memoryview(data)
+        view = self._read_range(pack, first.offset, length, label, reuse=True)
         out = self._buffer("plain", max(loc.blob.length for loc in locations))
         written = 0
         for loc in locations:
@@ -152,16 +140,25 @@ class BlobReader:
             raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
         return plain
 
-    def load_packed_range(self, pack: str, offset: int, length: int, label: str) -> bytes:
+    def _read_range(
+        self, pack: str, offset: int, length: int, label: str, reuse: bool
+    ) -> memoryview:
+        """``length`` bytes of a pack from ``offset``. With ``reuse`` (and a local disk)
+        they are read into this thread's reusable buffer: valid until its next use."""
         try:
-            data = self.backend.load(FileType.DATA, pack, offset, length)
+            if reuse and isinstance(self.backend, LocalBackend):
+                view = memoryview(self._buffer("read", length))[:length]
+                got = self.backend.load_into(FileType.DATA, pack, offset, view)
+            else:
+                view = memoryview(self.backend.load(FileType.DATA, pack, offset, length))
+                got = len(view)
         except ObjectNotFound as exc:
             raise DamagedObject(label, "the pack is missing") from exc
         except StorageError as exc:
             raise DamagedObject(label, str(exc)) from exc
-        if len(data) != length:
+        if got != length:
             raise DamagedObject(label, "the pack is truncated")
-        return data
+        return view
 
     def read_pack(self, name: str) -> PackReport:
         """Read a whole pack and verify its name, its header and every blob in it."""
