@@ -228,7 +228,7 @@ class Backup:
             self.writer = RepositoryWriter(self.repo)
             writer = self.writer
             known.append(writer)
-            self.pool.set_local_context(ChunkSealer(self.repo.key, writer.knows, False))
+            self.pool.set_local_context(ChunkSealer(self.repo.key, writer.knows))
             if self.pool.uses_processes:
                 self.pool.on_each_process(learn_known, writer.known_ids())
             self.budget = ByteBudget(_MAX_IN_FLIGHT_BYTES)

@@ -1,13 +1,16 @@
 """The backup's heavy work: cut file data into chunks, hash, compress and encrypt them.
 
 It runs in worker processes (see ``workers``), which know the blobs the repository held
-when they started and the ones they sealed themselves; a chunk they know comes back as its
-id alone. The parent decides, exactly, what is stored: a chunk two workers both sealed is
-stored once (``RepositoryWriter.add_sealed``).
+when they started and the ones they stored themselves; a chunk they know comes back as its
+id alone. A worker stores what it seals in packs of its own, written to the repository
+directly, and reports those packs; the parent indexes them. Two workers that meet the same
+new chunk at the same moment both store it (as two concurrent restic backups would).
+With threads in the parent instead, sealed chunks go to the parent's writer, which
+stores each once (``RepositoryWriter.add_sealed``).
 
 A piece of work names a file and what to take from it: the whole file, cut with FastCDC
 (``FILE``), or given byte ranges (``RANGES``: SQLite pages, or the chunks of a large file
-that ``cut_file`` found). File data never travels between processes; sealed chunks do.
+that ``cut_file`` found). File data never travels between processes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from . import format as fmt
 from .chunker import ContentChunker, chunker_seed
 from .format import BlobType, Config, PackedBlob
 from .repository import Repository
-from .writer import MIN_SAVING_DIVISOR, RepositoryWriter, SealedChunk
+from .writer import RepositoryWriter, SealedChunk, seal_blob
 
 FILE = "file"
 RANGES = "ranges"
@@ -64,18 +67,11 @@ class ChunkSealer:
     """Seals chunks with the master key. Safe to share between threads."""
 
     def __init__(
-        self,
-        key: Key,
-        is_known: Callable[[bytes], bool],
-        remember_sealed: bool,
-        compression_level: int = 3,
+        self, key: Key, is_known: Callable[[bytes], bool], compression_level: int = 3
     ) -> None:
         self.key = key
         self._seed = chunker_seed(key)
         self._is_known = is_known
-        # A worker process remembers what it sealed (so it does not seal it again); with
-        # threads, ``is_known`` already sees everything handed to the writer.
-        self._sealed: set[bytes] | None = set() if remember_sealed else None
         self._level = compression_level
         self._local = threading.local()
         # A worker process stores the blobs it seals in packs of its own, written to the
@@ -99,15 +95,17 @@ class ChunkSealer:
 
     def seal(self, data: bytes | memoryview, compress: bool) -> SealedChunk:
         blob_id = fmt.sha256(data)
-        if (self._sealed is not None and blob_id in self._sealed) or self._is_known(blob_id):
+        writer = self.writer
+        if self._is_known(blob_id) or (writer is not None and writer.knows(blob_id)):
             return SealedChunk(blob_id, len(data), None, None)
-        if self._sealed is not None:
-            self._sealed.add(blob_id)
-        if compress:
-            compressed = self._compressor().compress(data)
-            if len(compressed) <= len(data) - len(data) // MIN_SAVING_DIVISOR - 1:
-                return SealedChunk(blob_id, len(data), self.key.seal(compressed), len(data))
-        return SealedChunk(blob_id, len(data), self.key.seal(data), None)
+        sealed, uncompressed_length = seal_blob(
+            self.key, self._compressor() if compress else None, data
+        )
+        chunk = SealedChunk(blob_id, len(data), sealed, uncompressed_length)
+        if writer is None:
+            return chunk
+        writer.add_sealed(BlobType.DATA, chunk)  # into this worker's own pack
+        return chunk._replace(sealed=None, sealed_length=len(sealed))
 
     def _seal_all(
         self, chunks: Iterable[bytes | memoryview], compress: bool | None
@@ -148,27 +146,7 @@ def seal_pieces(sealer: ChunkSealer, pieces: list[Piece]) -> TaskResult:
             results.append(sealer.store(piece))
         except OSError as exc:
             results.append(exc)
-    return TaskResult(_store_in_own_packs(sealer, results), _take_packs(sealer))
-
-
-def _store_in_own_packs(sealer: ChunkSealer, results: list[PieceResult]) -> list[PieceResult]:
-    """Store the new chunks in the worker's packs; they go back as id and size only."""
-    writer = sealer.writer
-    if writer is None:
-        return results
-    stored: list[PieceResult] = []
-    for result in results:
-        if isinstance(result, OSError):
-            stored.append(result)
-            continue
-        chunks = []
-        for chunk in result:
-            if chunk.sealed is not None:
-                writer.add_sealed(BlobType.DATA, chunk)
-                chunk = chunk._replace(sealed=None, sealed_length=len(chunk.sealed))
-            chunks.append(chunk)
-        stored.append(chunks)
-    return stored
+    return TaskResult(results, _take_packs(sealer))
 
 
 def _take_packs(sealer: ChunkSealer) -> list[tuple[bytes, list[PackedBlob]]]:
@@ -204,7 +182,7 @@ def sealer_in_worker(
     """A worker process's sealer, writing packs into the local repository at ``root``."""
     key = Key.from_json(key_doc)
     known: set[bytes] = set()
-    sealer = ChunkSealer(key, known.__contains__, remember_sealed=True)
+    sealer = ChunkSealer(key, known.__contains__)
     sealer.known = known
     learn_known(sealer, known_ids)
     repo = Repository(LocalBackend(root), key, config, None)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import zstandard
 
+from ..crypto.aead import Key
 from ..storage import FileType
 from ..storage.local import LocalBackend
 from . import format as fmt
@@ -29,7 +30,7 @@ PACK_TARGET_SIZE = 8 * 1024 * 1024
 INDEX_FLUSH_PACKS = 50  # write an index file after this many packs (progress survives a crash)
 # Store a blob compressed only if that saves at least 1/32 of it: photos, voice notes and
 # videos are already compressed and are stored as they are.
-MIN_SAVING_DIVISOR = 32
+_MIN_SAVING_DIVISOR = 32
 
 
 class SealedChunk(NamedTuple):
@@ -40,6 +41,18 @@ class SealedChunk(NamedTuple):
     sealed: bytes | memoryview | None
     uncompressed_length: int | None  # set when the blob holds compressed data
     sealed_length: int = 0
+
+
+def seal_blob(
+    key: Key, compressor: zstandard.ZstdCompressor | None, data: bytes | memoryview
+) -> tuple[bytes, int | None]:
+    """A blob's sealed bytes, compressed first when a compressor is given and that saves
+    enough; and its uncompressed length if it was compressed."""
+    if compressor is not None:
+        compressed = compressor.compress(data)
+        if len(compressed) <= len(data) - len(data) // _MIN_SAVING_DIVISOR - 1:
+            return key.seal(compressed), len(data)
+    return key.seal(data), None
 
 
 @dataclass
@@ -106,13 +119,9 @@ class RepositoryWriter:
                 self.stats.blobs_duplicate += 1
                 return blob_id
             self._reserved.add(blob_id)
-        compressed = self._compressor().compress(data) if compress else data
-        if compress and len(compressed) <= len(data) - len(data) // MIN_SAVING_DIVISOR - 1:
-            sealed = self.repo.key.seal(compressed)
-            uncompressed_length: int | None = len(data)
-        else:
-            sealed = self.repo.key.seal(data)
-            uncompressed_length = None
+        sealed, uncompressed_length = seal_blob(
+            self.repo.key, self._compressor() if compress else None, data
+        )
         with self._lock:
             full = self._append(blob_type, blob_id, sealed, len(data), uncompressed_length)
         if full is not None:
@@ -122,11 +131,7 @@ class RepositoryWriter:
     def add_sealed(self, blob_type: BlobType, chunk: SealedChunk) -> None:
         """Store a chunk a worker sealed, unless the repository (or this run) has it."""
         with self._lock:
-            if (
-                self.repo.has_blob(chunk.id)
-                or chunk.id in self._reserved
-                or chunk.id in self._written
-            ):
+            if self.knows(chunk.id):
                 self.stats.blobs_duplicate += 1
                 return
             if chunk.sealed is None:
