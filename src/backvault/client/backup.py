@@ -361,7 +361,7 @@ class Backup:
             # Nothing in this folder changed: the parent snapshot's tree is this one
             # (encoding it again costs much for a database of 190 000 chunks).
             with contextlib.suppress(DamagedObject):
-                if sorted(nodes, key=_tree_order) == self.repo.load_tree(parent_tree):
+                if sorted(nodes, key=fmt.tree_order) == self.repo.load_tree(parent_tree):
                     return parent_tree
         return self.writer.add(BlobType.TREE, fmt.encode_tree(nodes))
 
@@ -377,7 +377,9 @@ class Backup:
         names = {e.name for e in entries}
         archived: dict[str, Node] = {}
         # Databases first: their consistent copy is made while the rest is read.
-        for entry in sorted(entries, key=lambda e: not _looks_like_database(e.name, names)):
+        for entry in sorted(
+            entries, key=lambda e: not _looks_like_database(e.name, names.__contains__)
+        ):
             if _is_sqlite_sidecar(path, entry.name, names):
                 continue  # its content is inside the database's consistent copy
             node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending)
@@ -408,10 +410,7 @@ class Backup:
             elif node.type == "symlink":
                 node.linktarget = os.readlink(path)
             elif node.type == "file":
-                future = self._archive_file(path, st, node, previous)
-                if future is None:
-                    return None
-                pending.append((node, future))
+                pending.append((node, self._archive_file(path, st, node, previous)))
             elif node.type in ("dev", "chardev"):
                 node.device = st.st_rdev
         except OSError as exc:
@@ -455,13 +454,14 @@ class Backup:
 
     def _archive_file(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> Future[list[bytes]] | None:
+    ) -> Future[list[bytes]]:
         self.result.bytes_total += st.st_size
         unchanged = self._unchanged(node, previous)
         # A database in WAL mode changes in its -wal first, so its own stat cannot be
         # trusted: read the header of anything that may be one. An unchanged file with
         # no database name and no WAL or journal beside it is not read at all.
-        if (not unchanged or _may_be_database(path)) and is_sqlite_database(path):
+        may_be = _looks_like_database(path, os.path.lexists)
+        if (not unchanged or may_be) and is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
         if unchanged:
             assert previous is not None and previous.content is not None
@@ -629,7 +629,7 @@ class Backup:
 
     def _archive_sqlite(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> Future[list[bytes]] | None:
+    ) -> Future[list[bytes]]:
         self.result.sqlite_databases += 1
         state = _sqlite_file_state(path, st)
         cached = self._sqlite_state.get(path)
@@ -762,28 +762,18 @@ def _sqlite_file_state(path: str, st: os.stat_result) -> list[Any]:
 _DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
 
 
-def _looks_like_database(name: str, siblings: set[str]) -> bool:
-    """A cheap guess (it only orders the work): a name like a database's, or with a WAL
-    or rollback journal next to it."""
+def _looks_like_database(name: str, has_sibling: Callable[[str], bool]) -> bool:
+    """A cheap guess, before reading the header: a name like a database's, or a WAL or
+    rollback journal next to it."""
     return name.endswith(_DATABASE_SUFFIXES) or any(
-        name + suffix in siblings for suffix in _SQLITE_SIDECARS
+        has_sibling(name + suffix) for suffix in _SQLITE_SIDECARS
     )
-
-
-def _tree_order(node: Node) -> bytes:
-    return node.name.encode("utf-8", "surrogateescape")
 
 
 def _content_digest(content: list[bytes]) -> str:
     """A database's blob list, in the change cache: its digest (a 1.5 GB database has
     190 000 blobs; their list would make the cache file and its reading big)."""
     return hashlib.sha256(b"".join(content)).hexdigest()
-
-
-def _may_be_database(path: str) -> bool:
-    return path.endswith(_DATABASE_SUFFIXES) or any(
-        os.path.lexists(path + suffix) for suffix in _SQLITE_SIDECARS
-    )
 
 
 def _databases_under(targets: list[str]) -> list[str]:
@@ -800,7 +790,7 @@ def _databases_under(targets: list[str]) -> list[str]:
                 candidates.extend(
                     os.path.join(directory, name)
                     for name in files
-                    if _looks_like_database(name, names)
+                    if _looks_like_database(name, names.__contains__)
                 )
         found.extend(
             path for path in candidates if not os.path.islink(path) and is_sqlite_database(path)

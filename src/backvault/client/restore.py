@@ -116,7 +116,7 @@ def could_contain_match(path: str, patterns: list[str]) -> bool:
 
 
 class _FileJob:
-    """One file being restored: its open temporary file and the runs still to write."""
+    """One file being restored: its temporary name and the runs still to write."""
 
     def __init__(self, node: Node, dest: Path, path: str, tmp: Path, runs: int) -> None:
         self.node = node
@@ -126,7 +126,6 @@ class _FileJob:
         self.remaining = runs
         self.written = 0
         self.error: str | None = None
-        self.done = False
         self.succeeded = False
         self.lock = threading.Lock()
 
@@ -258,7 +257,7 @@ class Restorer:
         else:
             dest.unlink()
 
-    def _disk_full(self, exc: OSError) -> DiskFull:
+    def _disk_full(self) -> DiskFull:
         return DiskFull(
             f"the disk of {self.target} is full after restoring {self.result.files} "
             f"files; free some space and run the restore again with --overwrite"
@@ -288,7 +287,7 @@ class Restorer:
                 return False
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise self._disk_full(exc) from exc
+                raise self._disk_full() from exc
             raise
         self._apply_metadata(dest, node)
         return True
@@ -379,8 +378,9 @@ class Restorer:
             self._budget.give(charge)
 
     def _finish_file(self, job: _FileJob) -> None:
-        """Close the temporary copy; rename it into place, or remove it if it is damaged."""
-        job.done = True
+        """Rename the temporary copy into place, or remove it if it is damaged."""
+        with self._lock:
+            self._open_jobs.discard(job)  # from now on this takes care of its file
         if self._fatal is None and job.error is None and job.written != job.node.size:
             job.error = f"restored {job.written} bytes, expected {job.node.size}"
         if job.error is not None or self._fatal is not None:
@@ -388,8 +388,6 @@ class Restorer:
             # removed, not reported as damaged.
             with contextlib.suppress(OSError):
                 job.tmp.unlink()
-            with self._lock:
-                self._open_jobs.discard(job)
             if job.error is not None and self._fatal is None:
                 self._add_damaged(job.path, job.error)
                 self.progress.note(f"damaged: {job.path}: {job.error}")
@@ -401,7 +399,6 @@ class Restorer:
                 job.tmp.unlink()
             raise
         with self._lock:
-            self._open_jobs.discard(job)
             self.result.files += 1
             self.result.bytes += job.written
         job.succeeded = True
@@ -419,7 +416,7 @@ class Restorer:
     def _discard_unfinished(self) -> None:
         """After an interruption or a fatal error: remove temporary copies left open."""
         with self._lock:
-            unfinished = [job for job in self._open_jobs if not job.done]
+            unfinished = list(self._open_jobs)
             self._open_jobs.clear()
         for job in unfinished:
             with contextlib.suppress(OSError):
@@ -427,7 +424,7 @@ class Restorer:
 
     def _set_fatal(self, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            exc = self._disk_full(exc)
+            exc = self._disk_full()
         elif isinstance(exc, BrokenProcessPool):
             exc = RepositoryError(
                 "a restore worker process stopped unexpectedly (out of memory?); run the "

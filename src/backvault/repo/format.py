@@ -405,9 +405,14 @@ class Node:
         return node
 
 
+def tree_order(node: Node) -> bytes:
+    """The order of nodes in a tree: by the bytes of their names, as restic sorts them."""
+    return node.name.encode("utf-8", "surrogateescape")
+
+
 def encode_tree(nodes: Iterable[Node]) -> bytes:
     """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it."""
-    ordered = sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
+    ordered = sorted(nodes, key=tree_order)
     for a, b in itertools.pairwise(ordered):
         if a.name == b.name:
             raise FormatError(f"duplicate name in tree: {a.name!r}")

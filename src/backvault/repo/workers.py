@@ -103,6 +103,7 @@ class WorkerPool:
     ) -> None:
         self._local_context = local_context
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="backvault-work")
+        self._thread_count = threads
         self._make_context = make_context
         self._process_args = process_args
         self._threshold = threshold
@@ -122,7 +123,7 @@ class WorkerPool:
         """How many tasks run at once."""
         if self._process_pool is not None:
             return self._processes
-        return self._threads._max_workers
+        return self._thread_count
 
     def set_local_context(self, context: Any) -> None:
         """The context of the threads (for work submitted from now on)."""
