@@ -201,7 +201,8 @@ def test_password_check_and_disable(phone: Cli) -> None:
     assert wrong.code == 10 and "9 attempts left" in wrong.err
     assert "counts as one until it succeeds" in wrong.out
     good = phone.ok("password", "check", env=with_password(PASSWORD))
-    assert "allows 10 wrong guesses again" in good.out
+    assert "allows 10 wrong guesses now" in good.out
+    assert "1 of this device's wrong tries forgiven" in good.out
     phone.ok("password", "disable")
     with VaultClient(phone.env["BACKVAULT_VAULT_URL"], phone.env["BACKVAULT_VAULT_TOKEN"]) as vc:
         assert vc.status()["exists"] is False

@@ -54,14 +54,17 @@ def test_register_login_and_the_guess_limit(node: VaultNode) -> None:
         result = vc.login(b"correct horse")
         assert result.wrapped_secret == SECRET
         lefts = []
+        mine: list[str] = []
         for _ in range(9):
             with pytest.raises(VaultRefused) as refused:
-                vc.login(b"wrong")
+                vc.login(b"wrong", on_started=mine.append)
             assert refused.value.status == 403 and refused.value.code == "wrong_password"
             lefts.append(refused.value.attempts_left)
         assert lefts == [9, 8, 7, 6, 5, 4, 3, 2, 1]
-        # A successful login resets the count.
-        assert vc.login(b"correct horse").wrapped_secret == SECRET
+        # A successful login forgives the wrong tries its client proves were its own.
+        success = vc.login(b"correct horse", earlier_login_ids=mine)
+        assert success.wrapped_secret == SECRET and success.forgiven == 9
+        assert success.attempts_left == 10 and success.counted == 0
         assert vc.status()["attempts_left"] == 10
         for _ in range(9):
             with pytest.raises(VaultRefused):
@@ -106,7 +109,7 @@ def test_login_state_is_single_use_and_expires(tmp_path: Path) -> None:
             from backvault.opaque import KE2
 
             ke3 = client.generate_ke3(state, KE2.from_bytes(ke2), CONFIG).ke3.to_bytes()
-            assert vc.login_finish(login_id, ke3) == SECRET
+            assert vc.login_finish(login_id, ke3).wrapped_secret == SECRET
             with pytest.raises(VaultRefused) as again:
                 vc.login_finish(login_id, ke3)
             assert again.value.status == 404
@@ -166,7 +169,7 @@ def test_bad_tokens_and_bad_bodies_get_clear_4xx(node: VaultNode) -> None:
     zero_record = base64.b64encode(bytes(192)).decode()
     bad_record = post(
         "/v1/registration/finish",
-        json={"record": zero_record, "wrapped_secret": "AAAA"},
+        json={"registration_id": "r" * 32, "record": zero_record, "wrapped_secret": "AAAA"},
         headers=auth,
     )
     assert bad_record.status_code == 400 and "identity" in bad_record.json()["message"]
@@ -244,7 +247,7 @@ def test_database_dump_holds_no_secret_in_clear(node: VaultNode, tmp_path: Path)
     from backvault.vault.sealing import FileSealer
 
     with vault_client(node, node.add_account("gina")) as vc:
-        export_key = vc.register(b"pw", wrap)
+        export_key = vc.register(b"pw", wrap).export_key
         vc.login(b"pw")
     db = sqlite3.connect(tmp_path / "vault.db")
     dump = "\n".join(db.iterdump()).encode()

@@ -131,7 +131,7 @@ def test_login_started_on_one_node_finishes_on_another(cluster: list[VaultNode])
     ):
         login_id, ke2 = a.login_start(ke1.to_bytes())
         ke3 = client.generate_ke3(state, KE2.from_bytes(ke2), CONFIG).ke3
-        assert b.login_finish(login_id, ke3.to_bytes()) == SECRET
+        assert b.login_finish(login_id, ke3.to_bytes()).wrapped_secret == SECRET
         assert b.status()["attempts_used"] == 0
 
 
@@ -146,7 +146,7 @@ def test_a_vault_killed_between_start_and_finish_still_counts(cluster: list[Vaul
     with VaultClient(cluster[1].url, token, CONFIG) as other:
         assert other.status()["attempts_used"] == 1
         ke3 = client.generate_ke3(state, KE2.from_bytes(ke2), CONFIG).ke3
-        assert other.login_finish(login_id, ke3.to_bytes()) == SECRET
+        assert other.login_finish(login_id, ke3.to_bytes()).wrapped_secret == SECRET
     cluster[0].start()
     with VaultClient(cluster[0].url, token, CONFIG) as vc:
         assert vc.status()["attempts_used"] == 0
@@ -188,7 +188,7 @@ def test_postgres_dump_holds_no_secret_in_clear(tmp_path: Path, pg: Postgres, hs
     node = hsm_node(tmp_path / "n", db, hsm).start()
     try:
         with VaultClient(node.url, node.add_account("dumped"), CONFIG) as vc:
-            export_key = vc.register(b"pw", lambda _k: SECRET)
+            export_key = vc.register(b"pw", lambda _k: SECRET).export_key
             vc.login(b"pw")
         dump = pg.dump_database(db)
         os.environ.update(hsm.env)

@@ -4,7 +4,8 @@ Exit codes (docs/user-guide.md):
   0 success · 1 error · 2 usage error · 3 finished, but something is damaged or was
   skipped (backup could not read some files, restore could not restore some files, check
   found damage) · 10 wrong or malformed key or password · 11 no repository at that
-  location · 12 repository locked · 13 vault unreachable · 130 interrupted
+  location · 12 repository locked · 13 vault unreachable · 14 the vault's record is not
+  the one this device registered · 130 interrupted
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ EXIT_WRONG_KEY = 10
 EXIT_NO_REPOSITORY = 11
 EXIT_LOCKED = 12
 EXIT_VAULT_UNREACHABLE = 13
+EXIT_RECORD_REPLACED = 14
 EXIT_INTERRUPTED = 130
 
 RECOVERY_SLOT_USER = "backvault-recovery-key"
@@ -267,11 +270,18 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
 
         slots = PasswordSlots(vault)
         try:
-            status = slots.status()
+            record = slots.check_record()
         except (VaultRefused, VaultUnavailable) as exc:
             vault_failure(exc, vault)
+        status = record.status
         if not status.get("exists"):
             fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+        if record.ours is False:
+            ctx.warn(
+                "warning: the vault holds a record this device did not register (someone with "
+                "the account token may have replaced it); if your password fails, use your "
+                "64-digit key and then `backvault password change`"
+            )
         left = int(str(status.get("attempts_left", 0)))
         if left == 1:
             ctx.warn(
@@ -675,23 +685,48 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
 @password.command("check")
 @pass_context
 def password_check(ctx: Context) -> None:
-    """Check that you still know your password (a real login: a wrong one uses an attempt,
-    a right one resets the count)."""
-    from .client.password import PasswordSlots, UnwrapFailed
+    """Check that you still know your password (a real login: a wrong one uses an attempt;
+    a right one forgives this device's wrong tries, not other people's).
+
+    First, at no cost, checks that the vault still holds the record this device
+    registered."""
+    from .client.password import PasswordSlots, UnwrapFailed, unwrap_slot_secret
     from .client.vault_client import VaultRefused, VaultUnavailable
 
     vault = require_vault(ctx)
     slots = PasswordSlots(vault)
     try:
-        status = slots.status()
+        record = slots.check_record()
     except (VaultRefused, VaultUnavailable) as exc:
         vault_failure(exc, vault)
+    status = record.status
     if not status.get("exists"):
         fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+    if record.ours is False:
+        fail(
+            f"the vault at {vault.url} holds a record for account {vault.account!r} that this "
+            f"device did not register (it registered {str(record.remembered)[:16]}, the vault "
+            f"holds {str(status.get('fingerprint'))[:16]}): someone with the account token "
+            "replaced it, so your password no longer opens the repository through the vault. "
+            "Open the repository with your 64-digit key and run `backvault password change`, "
+            "and ask your service to revoke the account token",
+            EXIT_RECORD_REPLACED,
+        )
+    if record.ours is None:
+        ctx.warn(
+            "note: this device did not register the vault's record, so it cannot tell whether "
+            "someone replaced it; `backvault password change` registers one it can check"
+        )
+    if status.get("legacy_record"):
+        ctx.warn(
+            "note: this record was made by an older vault; `backvault password change` moves "
+            "it to a fresh credential identifier"
+        )
     left = int(str(status["attempts_left"]))
     ctx.out(
-        f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'}; this check "
-        "counts as one until it succeeds."
+        f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'} "
+        f"(and at most {status.get('guess_cap')} within {status.get('guess_cap_days', 0):g} "
+        "days); this check counts as one until it succeeds."
     )
     if left == 1:
         ctx.warn("warning: a wrong password now erases the key for good")
@@ -699,15 +734,41 @@ def password_check(ctx: Context) -> None:
     if not typed:
         fail("no password given (BACKVAULT_PASSWORD or a prompt)", 2)
     try:
-        slots.recover_secret(typed.encode())
+        result = slots.login(typed.encode())
+        unwrap_slot_secret(result.export_key, result.wrapped_secret, vault.account)
     except (VaultRefused, VaultUnavailable, UnwrapFailed) as exc:
         vault_failure(exc, vault)
-    after = slots.status()
-    ctx.emit_json({"ok": True, "attempts_left": after.get("attempts_left")})
-    ctx.out(
-        f"Your password is right. The vault allows {after.get('attempts_left')} wrong "
-        "guesses again."
+    ctx.emit_json(
+        {
+            "ok": True,
+            "attempts_left": result.attempts_left,
+            "forgiven": result.forgiven,
+            "others_counted": result.counted,
+            "others_since": result.counted_since,
+            "record_is_ours": record.ours,
+            "fingerprint": status.get("fingerprint"),
+        }
     )
+    ctx.out(
+        f"Your password is right. The vault allows {result.attempts_left} wrong guesses now"
+        + (
+            f" ({result.forgiven} of this device's wrong tries forgiven)."
+            if result.forgiven
+            else "."
+        )
+    )
+    if result.counted:
+        since = (
+            time.strftime(" since %Y-%m-%d %H:%M", time.localtime(result.counted_since))
+            if result.counted_since
+            else ""
+        )
+        noun = "guess" if result.counted == 1 else "guesses"
+        ctx.warn(
+            f"warning: {result.counted} wrong {noun} you did not make{since} stay counted: "
+            "someone with your account token may be guessing. `backvault password change` "
+            "starts a fresh record; ask your service to revoke the token"
+        )
 
 
 @password.command("disable")

@@ -11,8 +11,10 @@ hash or KDF output of it is written. Only the vault, through OPAQUE, can check i
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -22,8 +24,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..opaque import OpaqueConfig
 from ..repo.repository import KeySlot, Repository
 from ..storage import Backend
+from . import vault_state
 from .settings import VaultSettings
-from .vault_client import VaultClient, VaultRefused
+from .vault_client import LoginResult, VaultClient, VaultRefused
 
 SLOT_USER_PREFIX = "backvault-password:"
 WRAP_INFO = b"backvault vault-slot wrap v1"
@@ -78,6 +81,13 @@ def check_strength(password: str) -> str:
     return f"password strength: {labels[result['score']]}" + (f" ({advice})" if advice else "")
 
 
+@dataclass(frozen=True)
+class RecordCheck:
+    status: dict[str, Any]  # GET /v1/record
+    remembered: str | None  # the fingerprint this device registered, if it did
+    ours: bool | None  # None: this device cannot tell (it did not register the record)
+
+
 def is_password_slot(slot: KeySlot) -> bool:
     return slot.username.startswith(SLOT_USER_PREFIX)
 
@@ -102,7 +112,7 @@ class PasswordSlots:
         )
         try:
             with self.client() as vault:
-                vault.register(
+                registration = vault.register(
                     password,
                     lambda export_key: wrap_slot_secret(
                         export_key, slot_secret, self.vault.account
@@ -112,16 +122,40 @@ class PasswordSlots:
         except BaseException:
             repo.remove_key(key_id)
             raise
+        vault_state.remember_registration(
+            self.vault.url, self.vault.account, registration.fingerprint
+        )
         return key_id
+
+    def login(self, password: bytes) -> LoginResult:
+        """Log in to the vault, presenting this device's earlier wrong tries so that a
+        success forgives them (VaultRefused on a wrong password)."""
+        url, account = self.vault.url, self.vault.account
+        with self.client() as vault:
+            result = vault.login(
+                password,
+                vault_state.earlier_attempts(url, account),
+                on_started=lambda login_id: vault_state.add_attempt(url, account, login_id),
+            )
+        vault_state.clear_attempts(url, account)
+        return result
 
     def recover_secret(self, password: bytes) -> bytes:
         """Log in to the vault and unwrap the slot secret (VaultRefused on a wrong password)."""
-        with self.client() as vault:
-            result = vault.login(password)
+        result = self.login(password)
         return unwrap_slot_secret(result.export_key, result.wrapped_secret, self.vault.account)
 
     def open(self, backend: Backend, password: bytes) -> Repository:
         return Repository.open(backend, [self.recover_secret(password).hex().encode()])
+
+    def check_record(self) -> RecordCheck:
+        """What the vault holds for this account, compared with what this device
+        registered; costs no attempt."""
+        status = self.status()
+        remembered = vault_state.registered_fingerprint(self.vault.url, self.vault.account)
+        held = str(status.get("fingerprint") or "")
+        ours = None if remembered is None else hmac.compare_digest(remembered, held)
+        return RecordCheck(status, remembered, ours)
 
     def status(self) -> dict[str, object]:
         with self.client() as vault:
@@ -134,6 +168,7 @@ class PasswordSlots:
             except VaultRefused as exc:
                 if exc.status != 404:
                     raise
+        vault_state.forget_registration(self.vault.url, self.vault.account)
 
     def slots_of_account(self, repo: Repository) -> list[KeySlot]:
         return [s for s in repo.list_keys() if s.username == SLOT_USER_PREFIX + self.vault.account]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +30,46 @@ class VaultRefused(Exception):
 
 
 @dataclass(frozen=True)
+class RegistrationStart:
+    registration_id: str  # the handle the finish must present
+    response: bytes  # RFC 9807 RegistrationResponse
+
+    def __repr__(self) -> str:
+        return "RegistrationStart(<handle>)"
+
+
+@dataclass(frozen=True)
+class Registration:
+    export_key: bytes
+    fingerprint: str  # of the record registered: compare with status()["fingerprint"]
+
+    def __repr__(self) -> str:
+        return f"Registration(fingerprint={self.fingerprint[:16]})"
+
+
+@dataclass(frozen=True)
+class LoginFinished:
+    wrapped_secret: bytes
+    attempts_left: int
+    forgiven: int
+    counted: int  # attempts still counted that this client did not prove its own
+    counted_since: float | None
+
+    def __repr__(self) -> str:
+        return f"LoginFinished(attempts_left={self.attempts_left}, counted={self.counted})"
+
+
+@dataclass(frozen=True)
 class LoginResult:
     wrapped_secret: bytes
     export_key: bytes
+    attempts_left: int
+    forgiven: int
+    counted: int
+    counted_since: float | None
+
+    def __repr__(self) -> str:
+        return f"LoginResult(<secret>, attempts_left={self.attempts_left}, counted={self.counted})"
 
 
 def _b64(data: bytes) -> str:
@@ -89,25 +128,48 @@ class VaultClient:
 
     # --- raw API ---------------------------------------------------------------------
 
-    def registration_start(self, request: bytes) -> bytes:
+    def registration_start(self, request: bytes) -> RegistrationStart:
         doc = self._call("POST", "/v1/registration/start", {"registration_request": _b64(request)})
-        return base64.b64decode(doc["registration_response"])
+        return RegistrationStart(
+            str(doc["registration_id"]), base64.b64decode(doc["registration_response"])
+        )
 
     def registration_finish(
-        self, record: bytes, wrapped_secret: bytes, max_attempts: int | None = None
-    ) -> None:
-        body: dict[str, Any] = {"record": _b64(record), "wrapped_secret": _b64(wrapped_secret)}
+        self,
+        registration_id: str,
+        record: bytes,
+        wrapped_secret: bytes,
+        max_attempts: int | None = None,
+    ) -> str:
+        """Store the record; returns the fingerprint the vault computed for it."""
+        body: dict[str, Any] = {
+            "registration_id": registration_id,
+            "record": _b64(record),
+            "wrapped_secret": _b64(wrapped_secret),
+        }
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
-        self._call("POST", "/v1/registration/finish", body)
+        return str(self._call("POST", "/v1/registration/finish", body)["fingerprint"])
 
     def login_start(self, ke1: bytes) -> tuple[str, bytes]:
         doc = self._call("POST", "/v1/login/start", {"ke1": _b64(ke1)})
         return str(doc["login_id"]), base64.b64decode(doc["ke2"])
 
-    def login_finish(self, login_id: str, ke3: bytes) -> bytes:
-        doc = self._call("POST", "/v1/login/finish", {"login_id": login_id, "ke3": _b64(ke3)})
-        return base64.b64decode(doc["wrapped_secret"])
+    def login_finish(
+        self, login_id: str, ke3: bytes, earlier_login_ids: Sequence[str] = ()
+    ) -> LoginFinished:
+        doc = self._call(
+            "POST",
+            "/v1/login/finish",
+            {"login_id": login_id, "ke3": _b64(ke3), "earlier_login_ids": list(earlier_login_ids)},
+        )
+        return LoginFinished(
+            base64.b64decode(doc["wrapped_secret"]),
+            int(doc["attempts_left"]),
+            int(doc["forgiven"]),
+            int(doc["counted"]),
+            doc.get("counted_since"),
+        )
 
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/record"))
@@ -120,21 +182,40 @@ class VaultClient:
 
     # --- OPAQUE flows ------------------------------------------------------------------
 
-    def register(self, password: bytes, wrap: Any, max_attempts: int | None = None) -> bytes:
+    def register(self, password: bytes, wrap: Any, max_attempts: int | None = None) -> Registration:
         """Register ``password``; ``wrap(export_key) -> bytes`` makes the wrapped secret.
-        Returns the export key (for the caller to forget)."""
+        Returns the export key (for the caller to forget) and the record's fingerprint.
+        A vault that stores something else than the record made here is refused."""
         request, state = client.create_registration_request(password)
-        response = RegistrationResponse.from_bytes(self.registration_start(request.to_bytes()))
+        started = self.registration_start(request.to_bytes())
+        response = RegistrationResponse.from_bytes(started.response)
         record, export_key = client.finalize_registration_request(state, response, self.config)
-        self.registration_finish(record.to_bytes(), wrap(export_key), max_attempts)
-        return export_key
+        stored = self.registration_finish(
+            started.registration_id, record.to_bytes(), wrap(export_key), max_attempts
+        )
+        if not hmac.compare_digest(stored, record.fingerprint()):
+            raise VaultRefused(
+                502, "fingerprint_mismatch", "the vault stored another record than ours"
+            )
+        return Registration(export_key, record.fingerprint())
 
-    def login(self, password: bytes) -> LoginResult:
-        """Log in; a wrong password raises VaultRefused (403 with attempts_left, or 410)."""
+    def login(
+        self,
+        password: bytes,
+        earlier_login_ids: Sequence[str] = (),
+        on_started: Callable[[str], None] | None = None,
+    ) -> LoginResult:
+        """Log in; a wrong password raises VaultRefused (403 with attempts_left, or 410).
+
+        ``earlier_login_ids`` are this client's earlier wrong tries (forgiven on success);
+        ``on_started(login_id)`` is called as soon as the vault has counted this attempt,
+        so the caller can keep its id before anything else can fail."""
         from ..opaque.errors import AuthenticationError
 
         ke1, state = client.generate_ke1(password)
         login_id, ke2_bytes = self.login_start(ke1.to_bytes())
+        if on_started is not None:
+            on_started(login_id)
         try:
             result = client.generate_ke3(state, KE2.from_bytes(ke2_bytes), self.config)
             ke3 = result.ke3.to_bytes()
@@ -142,5 +223,12 @@ class VaultClient:
         except AuthenticationError:
             # Tell the vault this attempt is over; it fails and reports what is left.
             ke3, export_key = bytes(64), b""
-        wrapped = self.login_finish(login_id, ke3)
-        return LoginResult(wrapped, export_key)
+        done = self.login_finish(login_id, ke3, earlier_login_ids)
+        return LoginResult(
+            done.wrapped_secret,
+            export_key,
+            done.attempts_left,
+            done.forgiven,
+            done.counted,
+            done.counted_since,
+        )

@@ -7,6 +7,7 @@ lengths and every group element (canonical, not the identity), and raises
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -129,6 +130,13 @@ class RegistrationRecord(Message):
     client_public_key: bytes
     masking_key: bytes
     envelope: Envelope
+
+    def fingerprint(self) -> str:
+        """A public name for this record (SHA-256, hex): the client that made it and the
+        server that stores it compute the same, so the client can tell later whether the
+        server still holds the record it registered. Reveals nothing usable: the record's
+        secrets are hashed, and testing a password against them needs the OPRF key."""
+        return hashlib.sha256(b"backvault record fingerprint v1\0" + self.to_bytes()).hexdigest()
 
 
 @dataclass(frozen=True, repr=False)

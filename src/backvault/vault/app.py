@@ -27,6 +27,8 @@ from .service import (
     BadRequest,
     LoginNotFound,
     NoAttemptsLeft,
+    RegistrationNotFound,
+    TooManyRegistrations,
     VaultError,
     VaultService,
     WrongPassword,
@@ -54,15 +56,32 @@ class RegistrationStartIn(Strict):
 
 class RegistrationStartOut(Strict):
     registration_response: str = Field(description="RFC 9807 RegistrationResponse (64 bytes)")
+    registration_id: str = Field(
+        description="The handle of this registration: the finish must present it. The "
+        "response was computed under a fresh credential identifier that only this handle "
+        "binds to a record."
+    )
+    expires_in: float = Field(description="Seconds left to finish")
+
+
+HANDLE = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
 
 class RegistrationFinishIn(Strict):
+    registration_id: HANDLE = Field(description="From the registration start")
     record: b64_of(192) = Field(description="RFC 9807 RegistrationRecord (192 bytes)")  # type: ignore[valid-type]
     wrapped_secret: B64 = Field(
         description="The client's key-slot secret, encrypted under a key derived from "
         "OPAQUE's export_key. The vault stores it sealed and cannot open it."
     )
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class RegistrationFinishOut(Strict):
+    fingerprint: str = Field(
+        description="SHA-256 (hex) of 'backvault record fingerprint v1\\0' and the record: "
+        "the client computes it too and compares it with GET /v1/record later"
+    )
 
 
 class LoginStartIn(Strict):
@@ -78,10 +97,20 @@ class LoginStartOut(Strict):
 class LoginFinishIn(Strict):
     login_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
     ke3: b64_of(64) = Field(description="RFC 9807 KE3 (64 bytes)")  # type: ignore[valid-type]
+    earlier_login_ids: list[HANDLE] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Login ids of this client's earlier wrong tries in this recovery: on "
+        "success they are forgiven; every other attempt stays counted",
+    )
 
 
 class LoginFinishOut(Strict):
     wrapped_secret: str
+    attempts_left: int
+    forgiven: int = Field(description="Earlier wrong tries of this client now forgiven")
+    counted: int = Field(description="Attempts that stay counted: not proven this client's")
+    counted_since: float | None = Field(description="When the oldest of those started")
 
 
 class StatusOut(Strict):
@@ -92,6 +121,18 @@ class StatusOut(Strict):
     pending_logins: int
     created_at: float | None
     updated_at: float | None
+    fingerprint: str | None = Field(description="Of the record held (see registration)")
+    legacy_record: bool = Field(
+        description="The record predates per-registration credential identifiers; "
+        "registering again (password change) moves it to a fresh one"
+    )
+    counted_since: float | None = Field(
+        description="Start of the oldest attempt still counted (not forgiven by a success)"
+    )
+    last_success_at: float | None
+    wrong_guesses_in_window: int = Field(description="Counted by the rolling cap")
+    guess_cap: int = Field(description="Wrong guesses allowed within the window")
+    guess_cap_days: float
 
 
 class AuditEvent(Strict):
@@ -274,7 +315,13 @@ def create_app(
             if exc.erased:
                 return _error(410, "record_erased", str(exc), attempts_left=0)
             return _error(403, exc.code, str(exc), attempts_left=exc.attempts_left)
-        status = {BadRequest: 400, NoAttemptsLeft: 423, LoginNotFound: 404}.get(type(exc), 400)
+        status = {
+            BadRequest: 400,
+            NoAttemptsLeft: 423,
+            LoginNotFound: 404,
+            RegistrationNotFound: 404,
+            TooManyRegistrations: 429,
+        }.get(type(exc), 400)
         return _error(status, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -334,27 +381,39 @@ def create_app(
         return JSONResponse({"status": "ready", "version": __version__})
 
     @app.post("/v1/registration/start", response_model=RegistrationStartOut, tags=["registration"])
-    def registration_start(body: RegistrationStartIn, name: Account) -> RegistrationStartOut:
-        """OPAQUE CreateRegistrationResponse for the caller's account."""
-        response = service.registration_start(
-            name, _decode(body.registration_request, "registration_request")
+    def registration_start(
+        body: RegistrationStartIn, name: Account, request: Request
+    ) -> RegistrationStartOut:
+        """OPAQUE CreateRegistrationResponse under a fresh credential identifier (never a
+        live record's: this endpoint counts nothing, so it must not be an oracle for one).
+        Audited."""
+        started = service.registration_start(
+            name, _decode(body.registration_request, "registration_request"), client_of(request)
         )
-        return RegistrationStartOut(registration_response=_encode(response))
+        return RegistrationStartOut(
+            registration_response=_encode(started.response),
+            registration_id=started.registration_id,
+            expires_in=started.expires_in,
+        )
 
-    @app.post("/v1/registration/finish", status_code=204, tags=["registration"])
+    @app.post(
+        "/v1/registration/finish", response_model=RegistrationFinishOut, tags=["registration"]
+    )
     def registration_finish(
         body: RegistrationFinishIn, name: Account, request: Request
-    ) -> Response:
-        """Store the OPAQUE record and the wrapped secret (replacing any previous record
-        and resetting its counter)."""
-        service.registration_finish(
+    ) -> RegistrationFinishOut:
+        """Store the OPAQUE record and the wrapped secret under the credential identifier of
+        the start named by registration_id (single use), replacing any previous record
+        (audited as record_replaced) with a fresh count."""
+        fingerprint = service.registration_finish(
             name,
+            body.registration_id,
             _decode(body.record, "record"),
             _decode(body.wrapped_secret, "wrapped_secret"),
             client_of(request),
             body.max_attempts,
         )
-        return Response(status_code=204)
+        return RegistrationFinishOut(fingerprint=fingerprint)
 
     @app.post("/v1/login/start", response_model=LoginStartOut, tags=["login"])
     def login_start(body: LoginStartIn, name: Account, request: Request) -> LoginStartOut:
@@ -367,15 +426,26 @@ def create_app(
     @app.post("/v1/login/finish", response_model=LoginFinishOut, tags=["login"])
     def login_finish(body: LoginFinishIn, name: Account, request: Request) -> LoginFinishOut:
         """KE3 → the wrapped secret, only if KE3 verifies. A wrong password answers 403
-        with attempts_left, or 410 when the record was erased."""
-        secret = service.login_finish(
-            name, body.login_id, _decode(body.ke3, "ke3"), client_of(request)
+        with attempts_left, or 410 when the record was erased. A success forgives this
+        attempt and the earlier ones named in earlier_login_ids; others stay counted."""
+        done = service.login_finish(
+            name,
+            body.login_id,
+            _decode(body.ke3, "ke3"),
+            client_of(request),
+            body.earlier_login_ids,
         )
-        return LoginFinishOut(wrapped_secret=_encode(secret))
+        return LoginFinishOut(
+            wrapped_secret=_encode(done.wrapped_secret),
+            attempts_left=done.attempts_left,
+            forgiven=done.forgiven,
+            counted=done.counted,
+            counted_since=done.counted_since,
+        )
 
     @app.get("/v1/record", response_model=StatusOut, tags=["record"])
     def status(name: Account) -> StatusOut:
-        """Whether the account has a record, and the attempts left."""
+        """Whether the account has a record, its fingerprint, and the attempts left."""
         return StatusOut(**service.status(name).__dict__)
 
     @app.delete("/v1/record", status_code=204, tags=["record"])

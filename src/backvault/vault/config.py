@@ -29,6 +29,10 @@ class VaultSettings:
     pkcs11_key_label: str = "backvault-sealing"
     max_attempts: int = 10
     login_ttl: float = 60.0
+    registration_ttl: float = 600.0
+    guess_cap: int = 30  # wrong guesses per record within guess_cap_days, across successes
+    guess_cap_days: float = 365.0
+    max_pending_registrations: int = 8  # per account
     opaque_context: str = "backvault OPAQUE-3DH ristretto255-SHA512 v1"
     server_identity: str = ""
     jwt_public_key_file: str = ""

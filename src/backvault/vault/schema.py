@@ -48,6 +48,15 @@ records = sa.Table(
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # 1: a record from before per-registration credential identifiers (its OPRF key
+    # derives from the account name; kept for login only); 2: the sealed payload starts
+    # with the record's own random credential identifier.
+    sa.Column("credential_format", sa.Integer, nullable=False, server_default="1"),
+    # SHA-256 over the OPAQUE record, which the registering client computes too: how it
+    # tells that the record is still the one it registered. Public, like the record's
+    # existence.
+    sa.Column("fingerprint", sa.String(64), nullable=True),
+    sa.Column("last_success_at", sa.Float, nullable=True),
 )
 
 logins = sa.Table(
@@ -60,6 +69,36 @@ logins = sa.Table(
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# A registration in progress: the fresh credential identifier its start evaluated the OPRF
+# under, sealed, until the finish that presents the handle (whose SHA-256 is the id).
+registrations = sa.Table(
+    "registrations",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("sealed_state", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# Every login attempt on a record, kept while the record lives: what a success may
+# forgive (only attempts whose login id the succeeding client presents) and what the
+# rolling cap counts. The id is the SHA-256 of the login id, which is the client's proof.
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("account", sa.String(128), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float, nullable=True),
+    # pending, failed, expired or succeeded
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("forgiven", sa.Boolean, nullable=False, default=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Index("attempts_by_account", "account", "generation", "started_at"),
 )
 
 audit = sa.Table(
@@ -76,10 +115,35 @@ audit = sa.Table(
 
 
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[vault_keys, accounts, records, logins, audit])
+    # The records table as version 1 made it (version 2 adds columns).
+    records_v1 = sa.Table(
+        "records",
+        sa.MetaData(),
+        sa.Column("account", sa.String(128), primary_key=True),
+        sa.Column("generation", sa.Integer, nullable=False),
+        sa.Column("sealed_payload", sa.LargeBinary, nullable=False),
+        sa.Column("attempts_used", sa.Integer, nullable=False),
+        sa.Column("max_attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+    metadata.create_all(conn, tables=[vault_keys, accounts, logins, audit])
+    records_v1.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2_credential_identifiers(conn: Connection) -> None:
+    """Per-registration credential identifiers (the OPRF key of a record is its own),
+    pending registrations, and the attempt history behind forgiveness and the cap."""
+    for column in (
+        "credential_format INTEGER NOT NULL DEFAULT 1",
+        "fingerprint VARCHAR(64)",
+        "last_success_at FLOAT",
+    ):
+        conn.execute(sa.text(f"ALTER TABLE records ADD COLUMN {column}"))
+    metadata.create_all(conn, tables=[registrations, attempts])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_credential_identifiers]
 CURRENT_VERSION = len(MIGRATIONS)
 
 

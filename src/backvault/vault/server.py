@@ -49,6 +49,10 @@ def make_service(settings: VaultSettings) -> VaultService:
         ),
         max_attempts=settings.max_attempts,
         login_ttl=settings.login_ttl,
+        registration_ttl=settings.registration_ttl,
+        guess_cap=settings.guess_cap,
+        guess_cap_days=settings.guess_cap_days,
+        max_pending_registrations=settings.max_pending_registrations,
     )
     service.start()
     return service

@@ -4,8 +4,19 @@ status, audit log, deletion.
 Guess counting: a login attempt is counted in the same transaction that stores the
 server's login state, and that transaction commits before KE2 is returned. The record row
 is locked for the whole transaction, so concurrent attempts on any number of nodes are
-serialised. A successful finish resets the count. When every allowed attempt has been
-spent and none is still pending, the record — OPAQUE record and wrapped secret — is deleted.
+serialised. A successful finish forgives only the attempts its client proves were its own
+(the succeeding login, and the earlier wrong ones whose login ids it presents); every
+other attempt stays counted. A rolling cap bounds the wrong guesses on a record over a
+window (default 30 in 365 days) whatever was forgiven. When every allowed attempt has
+been spent (or the cap reached) and none is still pending, the record — OPAQUE record
+and wrapped secret — is erased.
+
+No uncounted OPRF oracle: each record has its own random credential identifier, hence its
+own OPRF key. A registration start evaluates under a fresh identifier that only the
+finish presenting its handle can bind to a record; accounts without a record get fake
+answers under an identifier no record ever had; only the counted login start evaluates
+under a record's key. Records from before identifiers were per registration keep their
+account-derived key for login only, until the client registers again.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +40,24 @@ from ..opaque import protocol as opaque_protocol
 from ..opaque import server as opaque_server
 from ..opaque.errors import ClientAuthenticationError, InvalidMessageError
 from ..opaque.messages import ServerLoginState
-from .schema import accounts, audit, logins, migrate, records, vault_keys
+from .schema import accounts, attempts, audit, logins, migrate, records, registrations, vault_keys
 from .sealing import Sealer
 
 log = logging.getLogger("backvault.vault")
 
 RECORD_SIZE = RegistrationRecord.size()
+CREDENTIAL_ID_SIZE = 32
 MAX_WRAPPED_SECRET = 1024
+# Login ids a succeeding client may present as its own earlier wrong tries.
+MAX_EARLIER_LOGIN_IDS = 256
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
 TOKEN_PREFIX = "bvt_"  # noqa: S105 - a marker, not a secret
+
+LEGACY_FORMAT = 1  # OPRF key derived from the account name (records made before v2)
+CURRENT_FORMAT = 2  # the record's own random credential identifier, sealed with it
+_PAYLOAD_V2 = b"\x02"
+
+PENDING, FAILED, EXPIRED, SUCCEEDED = "pending", "failed", "expired", "succeeded"
 
 
 class VaultError(Exception):
@@ -57,6 +78,14 @@ class LoginNotFound(VaultError):
     code = "login_not_found"
 
 
+class RegistrationNotFound(VaultError):
+    code = "registration_not_found"
+
+
+class TooManyRegistrations(VaultError):
+    code = "too_many_registrations"
+
+
 class NoRecord(VaultError):
     code = "no_record"
 
@@ -75,10 +104,35 @@ class WrongPassword(VaultError):
 
 
 @dataclass(frozen=True)
+class RegistrationStarted:
+    registration_id: str
+    response: bytes
+    expires_in: float
+
+    def __repr__(self) -> str:
+        return f"RegistrationStarted(expires_in={self.expires_in})"
+
+
+@dataclass(frozen=True)
 class LoginStarted:
     login_id: str
     ke2: bytes
     expires_in: float
+
+    def __repr__(self) -> str:
+        return f"LoginStarted(expires_in={self.expires_in})"
+
+
+@dataclass(frozen=True)
+class LoginSucceeded:
+    wrapped_secret: bytes
+    attempts_left: int
+    forgiven: int  # this client's earlier wrong tries that no longer count
+    counted: int  # attempts that stay counted: not this client's, as far as it proved
+    counted_since: float | None  # when the oldest of those started
+
+    def __repr__(self) -> str:
+        return f"LoginSucceeded(attempts_left={self.attempts_left}, counted={self.counted})"
 
 
 @dataclass(frozen=True)
@@ -90,10 +144,25 @@ class Status:
     pending_logins: int
     created_at: float | None
     updated_at: float | None
+    fingerprint: str | None = None
+    legacy_record: bool = False
+    counted_since: float | None = None
+    last_success_at: float | None = None
+    wrong_guesses_in_window: int = 0
+    guess_cap: int = 0
+    guess_cap_days: float = 0.0
 
 
-def credential_identifier(account: str) -> bytes:
+def legacy_credential_identifier(account: str) -> bytes:
+    """The identifier every record had before identifiers were per registration."""
     return b"backvault-account:" + account.encode()
+
+
+def fake_credential_identifier(account: str) -> bytes:
+    """For fake answers to accounts without a record. No record ever has it: real ones are
+    32 random bytes or the legacy form, so erasing a record does not make the fake path
+    an oracle under the erased record's OPRF key."""
+    return b"backvault-fake:" + account.encode()
 
 
 def check_account_name(name: str) -> str:
@@ -109,11 +178,24 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _handle_digest(handle: str) -> str:
+    """Login ids and registration handles are kept as SHA-256: a reader of the database
+    cannot present them."""
+    return hashlib.sha256(handle.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class _Keys:
     oprf_seed: bytes
     server: opaque_server.ServerKeyPair
     fake_record_seed: bytes
+
+
+@dataclass(frozen=True)
+class _OpenRecord:
+    credential_identifier: bytes
+    record: RegistrationRecord
+    wrapped_secret: bytes
 
 
 class VaultService:
@@ -125,15 +207,31 @@ class VaultService:
         max_attempts: int = 10,
         login_ttl: float = 60.0,
         clock: Callable[[], float] = time.time,
+        registration_ttl: float = 600.0,
+        guess_cap: int = 30,
+        guess_cap_days: float = 365.0,
+        max_pending_registrations: int = 8,
     ) -> None:
         if not 1 <= max_attempts <= 1000:
             raise ValueError("max_attempts must be between 1 and 1000")
+        if guess_cap < max_attempts:
+            raise ValueError(
+                f"guess_cap ({guess_cap}) must be at least max_attempts ({max_attempts})"
+            )
+        if guess_cap_days <= 0:
+            raise ValueError("guess_cap_days must be positive")
         self.engine = engine
         self.sealer = sealer
         # The KSF runs on the client only; the server needs the context and identities.
         self.config = opaque_config or OpaqueConfig()
         self.max_attempts = max_attempts
         self.login_ttl = login_ttl
+        self.registration_ttl = registration_ttl
+        self.guess_cap = guess_cap
+        self.guess_cap_days = guess_cap_days
+        # Registrations in progress per account: enough for a person and a retry, few
+        # enough that a token holder cannot fill the table.
+        self.max_pending_registrations = max_pending_registrations
         self.clock = clock
         self._keys: _Keys | None = None
 
@@ -219,6 +317,41 @@ class VaultService:
 
     # --- helpers -----------------------------------------------------------------------
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A transaction; if it erased a record and committed, the database's files are
+        scrubbed of the erased bytes right after (see _scrub)."""
+        with self.engine.begin() as conn:
+            conn.info.pop("erased", None)
+            try:
+                yield conn
+            finally:
+                erased = conn.info.pop("erased", False)
+        if erased:
+            self._scrub()
+
+    def _scrub(self) -> None:
+        """SQLite overwrites deleted rows in the database file (secure_delete), but earlier
+        versions of their pages stay in the write-ahead log until a checkpoint: copy the
+        log into the database and truncate it. (PostgreSQL keeps dead tuples until VACUUM:
+        see docs/operator-guide.md, "Erasure".)"""
+        if self.engine.dialect.name != "sqlite":
+            return
+        for _ in range(20):
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                result = cursor.fetchone()
+                busy = bool(result and result[0])
+                cursor.close()
+            finally:
+                raw.close()
+            if not busy:
+                return
+            time.sleep(0.05)
+        log.warning("could not truncate the write-ahead log after an erase; will retry later")
+
     def _audit(
         self,
         conn: Connection,
@@ -261,6 +394,27 @@ class VaultService:
     def _login_purpose(account: str, login_id: str) -> bytes:
         return f"login:{account}:{login_id}".encode()
 
+    @staticmethod
+    def _registration_purpose(account: str, registration_key: str) -> bytes:
+        return f"registration:{account}:{registration_key}".encode()
+
+    def _open_record(self, row: Any) -> _OpenRecord:
+        payload = self.sealer.open(
+            row.sealed_payload, self._record_purpose(row.account, row.generation)
+        )
+        if row.credential_format == LEGACY_FORMAT:
+            credential_id = legacy_credential_identifier(row.account)
+        else:
+            if payload[:1] != _PAYLOAD_V2:
+                raise RuntimeError(f"the record of {row.account!r} has an unknown layout")
+            credential_id = payload[1 : 1 + CREDENTIAL_ID_SIZE]
+            payload = payload[1 + CREDENTIAL_ID_SIZE :]
+        return _OpenRecord(
+            credential_id,
+            RegistrationRecord.from_bytes(payload[:RECORD_SIZE]),
+            payload[RECORD_SIZE:],
+        )
+
     def _live_logins(self, conn: Connection, account: str, generation: int, now: float) -> int:
         return int(
             conn.execute(
@@ -274,61 +428,137 @@ class VaultService:
             ).scalar_one()
         )
 
-    def _erase(self, conn: Connection, account: str, client: str, why: str) -> None:
+    def _guesses_in_window(
+        self, conn: Connection, account: str, generation: int, now: float
+    ) -> int:
+        """Attempts on this record within the cap's window that were not successes
+        (pending ones included, so the cap is exact), forgiven or not."""
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(attempts)
+                .where(
+                    attempts.c.account == account,
+                    attempts.c.generation == generation,
+                    attempts.c.outcome != SUCCEEDED,
+                    attempts.c.started_at >= now - self.guess_cap_days * 86400,
+                )
+            ).scalar_one()
+        )
+
+    def _attempts_left(self, row: Any, used: int, in_window: int) -> int:
+        return max(0, min(int(row.max_attempts) - used, self.guess_cap - in_window))
+
+    def _end_attempt(self, conn: Connection, login_id: str, outcome: str, now: float) -> None:
+        conn.execute(
+            attempts.update()
+            .where(attempts.c.id == _handle_digest(login_id), attempts.c.outcome == PENDING)
+            .values(outcome=outcome, ended_at=now)
+        )
+
+    def _forget_record(self, conn: Connection, account: str) -> None:
         conn.execute(records.delete().where(records.c.account == account))
         conn.execute(logins.delete().where(logins.c.account == account))
+        conn.execute(attempts.delete().where(attempts.c.account == account))
+        conn.info["erased"] = True
+
+    def _erase(self, conn: Connection, account: str, client: str, why: str) -> None:
+        self._forget_record(conn, account)
         self._audit(conn, account, "record_erased", client, 0, why)
 
     def _expire_and_maybe_erase(self, conn: Connection, row: Any, now: float) -> bool:
         """Drop expired logins of a locked record (they stay counted); erase the record if
-        every attempt is spent and none is pending. True if the record was erased."""
+        every attempt is spent, or the cap reached, and none is pending. True if the
+        record was erased."""
         expired = conn.execute(
             logins.delete()
             .where(logins.c.account == row.account, logins.c.expires_at < now)
-            .returning(logins.c.generation, logins.c.client)
+            .returning(logins.c.id, logins.c.generation, logins.c.client)
         ).all()
-        for generation, client in expired:
+        in_window = self._guesses_in_window(conn, row.account, row.generation, now)
+        for login_id, generation, client in expired:
             if generation == row.generation:
+                self._end_attempt(conn, login_id, EXPIRED, now)
                 self._audit(
                     conn,
                     row.account,
                     "login_expired",
                     client,
-                    row.max_attempts - row.attempts_used,
+                    self._attempts_left(row, row.attempts_used, in_window),
                     "no KE3 arrived in time",
                 )
-        if row.attempts_used >= row.max_attempts and not self._live_logins(
-            conn, row.account, row.generation, now
-        ):
-            self._erase(conn, row.account, "vault", "guess limit reached")
+        spent = row.attempts_used >= row.max_attempts or in_window >= self.guess_cap
+        if spent and not self._live_logins(conn, row.account, row.generation, now):
+            why = (
+                "guess limit reached"
+                if row.attempts_used >= row.max_attempts
+                else f"{self.guess_cap} wrong guesses within {self.guess_cap_days:g} days"
+            )
+            self._erase(conn, row.account, "vault", why)
             return True
         return False
 
     # --- registration ------------------------------------------------------------------
 
-    def registration_start(self, account: str, request: bytes) -> bytes:
+    def registration_start(
+        self, account: str, request: bytes, client: str = "unknown"
+    ) -> RegistrationStarted:
+        """Evaluate the OPRF once, under a fresh credential identifier that only the finish
+        presenting the returned handle can bind to a record."""
         try:
             parsed = RegistrationRequest.from_bytes(request)
         except InvalidMessageError as exc:
             raise BadRequest(f"registration_request: {exc}") from exc
+        credential_id = secrets.token_bytes(CREDENTIAL_ID_SIZE)
+        handle = secrets.token_urlsafe(24)
+        key = _handle_digest(handle)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            conn.execute(
+                registrations.delete().where(
+                    registrations.c.account == account, registrations.c.expires_at < now
+                )
+            )
+            pending = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(registrations)
+                .where(registrations.c.account == account)
+            ).scalar_one()
+            if pending >= self.max_pending_registrations:
+                raise TooManyRegistrations(
+                    f"{pending} registrations of this account are in progress; finish one "
+                    f"or wait {self.registration_ttl:g} s for them to expire"
+                )
+            conn.execute(
+                registrations.insert().values(
+                    id=key,
+                    account=account,
+                    sealed_state=self.sealer.seal(
+                        credential_id, self._registration_purpose(account, key)
+                    ),
+                    created_at=now,
+                    expires_at=now + self.registration_ttl,
+                )
+            )
+            self._audit(conn, account, "registration_started", client)
         response = opaque_server.create_registration_response(
-            parsed,
-            self.keys.server.public_key,
-            credential_identifier(account),
-            self.keys.oprf_seed,
+            parsed, self.keys.server.public_key, credential_id, self.keys.oprf_seed
         )
-        return response.to_bytes()
+        return RegistrationStarted(handle, response.to_bytes(), self.registration_ttl)
 
     def registration_finish(
         self,
         account: str,
+        registration_id: str,
         record: bytes,
         wrapped_secret: bytes,
         client: str,
         max_attempts: int | None = None,
-    ) -> None:
+    ) -> str:
+        """Store the record under the credential identifier of the start that gave out
+        ``registration_id`` (single use). Returns the record's fingerprint."""
         try:
-            RegistrationRecord.from_bytes(record)
+            parsed = RegistrationRecord.from_bytes(record)
         except InvalidMessageError as exc:
             raise BadRequest(f"record: {exc}") from exc
         if not 16 <= len(wrapped_secret) <= MAX_WRAPPED_SECRET:
@@ -336,14 +566,30 @@ class VaultService:
         limit = self.max_attempts if max_attempts is None else max_attempts
         if not 1 <= limit <= self.max_attempts:
             raise BadRequest(f"max_attempts must be between 1 and {self.max_attempts}")
+        key = _handle_digest(registration_id)
+        fingerprint = parsed.fingerprint()
         now = self.clock()
         for attempt in range(2):
             try:
-                with self.engine.begin() as conn:
+                with self._transaction() as conn:
                     row = self._lock_record(conn, account)
+                    pending = conn.execute(
+                        registrations.delete()
+                        .where(registrations.c.id == key, registrations.c.account == account)
+                        .returning(registrations.c.sealed_state, registrations.c.expires_at)
+                    ).first()
+                    if pending is None or pending.expires_at < now:
+                        raise RegistrationNotFound(
+                            "this registration does not exist, expired or was already "
+                            "finished; start again"
+                        )
+                    credential_id = self.sealer.open(
+                        pending.sealed_state, self._registration_purpose(account, key)
+                    )
                     generation = (row.generation + 1) if row is not None else 1
                     sealed = self.sealer.seal(
-                        record + wrapped_secret, self._record_purpose(account, generation)
+                        _PAYLOAD_V2 + credential_id + record + wrapped_secret,
+                        self._record_purpose(account, generation),
                     )
                     values = dict(
                         generation=generation,
@@ -351,6 +597,9 @@ class VaultService:
                         attempts_used=0,
                         max_attempts=limit,
                         updated_at=now,
+                        credential_format=CURRENT_FORMAT,
+                        fingerprint=fingerprint,
+                        last_success_at=None,
                     )
                     if row is None:
                         conn.execute(
@@ -360,20 +609,24 @@ class VaultService:
                         conn.execute(
                             records.update().where(records.c.account == account).values(**values)
                         )
-                    # Logins begun against the old record can never finish.
-                    conn.execute(logins.delete().where(logins.c.account == account))
+                        # Logins begun against the old record can never finish, and its
+                        # attempt history ends with it (the audit log keeps it).
+                        conn.execute(logins.delete().where(logins.c.account == account))
+                        conn.execute(attempts.delete().where(attempts.c.account == account))
+                        conn.info["erased"] = True  # the old record's sealed bytes
                     self._audit(
                         conn,
                         account,
-                        "registered",
+                        "record_replaced" if row is not None else "registered",
                         client,
                         limit,
-                        "replaced the previous record" if row is not None else "",
+                        f"fingerprint {fingerprint[:16]}",
                     )
-                return
+                return fingerprint
             except sa.exc.IntegrityError:
                 if attempt:
                     raise
+        raise AssertionError("unreachable")
 
     # --- login ---------------------------------------------------------------------------
 
@@ -386,15 +639,16 @@ class VaultService:
         now = self.clock()
         login_id = secrets.token_urlsafe(24)
         refused = False
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             row = self._lock_record(conn, account)
             if row is not None and self._expire_and_maybe_erase(conn, row, now):
                 row = None
+            in_window = self._guesses_in_window(conn, account, row.generation, now) if row else 0
             if row is None:
                 ke2, state = self._fake_ke2(account, parsed)
                 generation = -1
                 self._audit(conn, account, "login_started", client, None, "no record")
-            elif row.attempts_used >= row.max_attempts:
+            elif row.attempts_used >= row.max_attempts or in_window >= self.guess_cap:
                 refused = True
                 self._audit(
                     conn,
@@ -405,15 +659,12 @@ class VaultService:
                     "every attempt is spent; the last ones are still pending",
                 )
             else:
-                payload = self.sealer.open(
-                    row.sealed_payload, self._record_purpose(account, row.generation)
-                )
-                record = RegistrationRecord.from_bytes(payload[:RECORD_SIZE])
+                opened = self._open_record(row)
                 ke2, state = opaque_server.generate_ke2(
                     self.config,
                     keys.server,
-                    record,
-                    credential_identifier(account),
+                    opened.record,
+                    opened.credential_identifier,
                     keys.oprf_seed,
                     parsed,
                 )
@@ -424,7 +675,24 @@ class VaultService:
                     .where(records.c.account == account)
                     .values(attempts_used=used, updated_at=now)
                 )
-                self._audit(conn, account, "login_started", client, row.max_attempts - used)
+                conn.execute(
+                    attempts.insert().values(
+                        id=_handle_digest(login_id),
+                        account=account,
+                        generation=generation,
+                        started_at=now,
+                        outcome=PENDING,
+                        forgiven=False,
+                        client=client[:64],
+                    )
+                )
+                self._audit(
+                    conn,
+                    account,
+                    "login_started",
+                    client,
+                    self._attempts_left(row, used, in_window + 1),
+                )
             if not refused:
                 conn.execute(
                     logins.insert().values(
@@ -448,27 +716,40 @@ class VaultService:
 
     def _fake_ke2(self, account: str, ke1: KE1) -> tuple[Any, ServerLoginState]:
         """A KE2 for an account without a record that is stable per account (derived from
-        a sealed vault secret), as RFC 9807 Section 10.9 recommends."""
+        a sealed vault secret), as RFC 9807 Section 10.9 recommends, under an OPRF key no
+        record ever had."""
         keys = self.keys
-        seed = hmac.new(
-            keys.fake_record_seed, credential_identifier(account), hashlib.sha512
-        ).digest()
+        credential_id = fake_credential_identifier(account)
+        seed = hmac.new(keys.fake_record_seed, credential_id, hashlib.sha512).digest()
         _, fake_public = opaque_protocol.derive_diffie_hellman_key_pair(seed[:32])
         record = opaque_protocol.fake_registration_record(fake_public, seed)
         return opaque_server.generate_ke2(
-            self.config, keys.server, record, credential_identifier(account), keys.oprf_seed, ke1
+            self.config, keys.server, record, credential_id, keys.oprf_seed, ke1
         )
 
-    def login_finish(self, account: str, login_id: str, ke3: bytes, client: str) -> bytes:
-        """The wrapped secret if KE3 verifies; WrongPassword otherwise."""
+    def login_finish(
+        self,
+        account: str,
+        login_id: str,
+        ke3: bytes,
+        client: str,
+        earlier_login_ids: Sequence[str] = (),
+    ) -> LoginSucceeded:
+        """The wrapped secret if KE3 verifies; WrongPassword otherwise.
+
+        A success forgives this attempt and the earlier failed ones whose login ids the
+        client presents (ids are 192-bit secrets given only to the client that started
+        them); every other attempt on the record stays counted."""
         try:
             parsed = KE3.from_bytes(ke3)
         except InvalidMessageError as exc:
             raise BadRequest(f"ke3: {exc}") from exc
+        if len(earlier_login_ids) > MAX_EARLIER_LOGIN_IDS:
+            raise BadRequest(f"at most {MAX_EARLIER_LOGIN_IDS} earlier login ids")
         now = self.clock()
         outcome: VaultError | None = None
-        secret = b""
-        with self.engine.begin() as conn:
+        success: LoginSucceeded | None = None
+        with self._transaction() as conn:
             row = self._lock_record(conn, account)
             login = conn.execute(
                 logins.delete()
@@ -481,12 +762,14 @@ class VaultService:
                 )
             elif login.expires_at < now:
                 if row is not None and login.generation == row.generation:
+                    self._end_attempt(conn, login_id, EXPIRED, now)
+                    in_window = self._guesses_in_window(conn, account, row.generation, now)
                     self._audit(
                         conn,
                         account,
                         "login_expired",
                         client,
-                        row.max_attempts - row.attempts_used,
+                        self._attempts_left(row, row.attempts_used, in_window),
                         "KE3 arrived too late",
                     )
                     self._expire_and_maybe_erase(conn, row, now)
@@ -502,47 +785,122 @@ class VaultService:
                 except ClientAuthenticationError:
                     verified = False
                 if verified:
-                    payload = self.sealer.open(
-                        row.sealed_payload, self._record_purpose(account, row.generation)
-                    )
-                    secret = payload[RECORD_SIZE:]
-                    conn.execute(
-                        records.update()
-                        .where(records.c.account == account)
-                        .values(attempts_used=0, updated_at=now)
-                    )
-                    self._audit(conn, account, "login_succeeded", client, row.max_attempts)
+                    success = self._succeed(conn, row, login_id, earlier_login_ids, client, now)
                 elif not genuine:
                     self._audit(conn, account, "login_failed", client, None, "no record")
                     outcome = WrongPassword(None, False)
                 else:
-                    left = row.max_attempts - row.attempts_used
+                    self._end_attempt(conn, login_id, FAILED, now)
+                    in_window = self._guesses_in_window(conn, account, row.generation, now)
+                    left = self._attempts_left(row, row.attempts_used, in_window)
                     self._audit(conn, account, "login_failed", client, left)
                     erased = self._expire_and_maybe_erase(conn, row, now)
                     outcome = WrongPassword(left, erased)
         if outcome is not None:
             raise outcome
-        return secret
+        assert success is not None
+        return success
+
+    def _succeed(
+        self,
+        conn: Connection,
+        row: Any,
+        login_id: str,
+        earlier_login_ids: Sequence[str],
+        client: str,
+        now: float,
+    ) -> LoginSucceeded:
+        account = row.account
+        secret = self._open_record(row).wrapped_secret
+        conn.execute(
+            attempts.update()
+            .where(attempts.c.id == _handle_digest(login_id))
+            .values(outcome=SUCCEEDED, ended_at=now, forgiven=True)
+        )
+        own = sorted({_handle_digest(i) for i in earlier_login_ids if i and i != login_id})
+        forgiven = 0
+        if own:
+            forgiven = conn.execute(
+                attempts.update()
+                .where(
+                    attempts.c.id.in_(own),
+                    attempts.c.account == account,
+                    attempts.c.generation == row.generation,
+                    attempts.c.outcome.in_((FAILED, EXPIRED)),
+                    attempts.c.forgiven.is_(False),
+                )
+                .values(forgiven=True)
+            ).rowcount
+        used = max(0, row.attempts_used - 1 - forgiven)
+        conn.execute(
+            records.update()
+            .where(records.c.account == account)
+            .values(attempts_used=used, updated_at=now, last_success_at=now)
+        )
+        counted_since = conn.execute(
+            sa.select(sa.func.min(attempts.c.started_at)).where(
+                attempts.c.account == account,
+                attempts.c.generation == row.generation,
+                attempts.c.forgiven.is_(False),
+                attempts.c.outcome != SUCCEEDED,
+            )
+        ).scalar_one()
+        in_window = self._guesses_in_window(conn, account, row.generation, now)
+        left = self._attempts_left(row, used, in_window)
+        self._audit(
+            conn,
+            account,
+            "login_succeeded",
+            client,
+            left,
+            f"forgave {forgiven} earlier attempts of this client; {used} others stay counted",
+        )
+        return LoginSucceeded(secret, left, forgiven, used, counted_since)
 
     # --- status, audit, delete, sweeping -------------------------------------------------
 
     def status(self, account: str) -> Status:
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             row = self._lock_record(conn, account)
             if row is not None and self._expire_and_maybe_erase(conn, row, now):
                 row = None
             if row is None:
                 return Status(False, 0, 0, 0, 0, None, None)
+            fingerprint = row.fingerprint
+            if fingerprint is None:
+                # A record from before fingerprints were stored: name it once.
+                fingerprint = self._open_record(row).record.fingerprint()
+                conn.execute(
+                    records.update()
+                    .where(records.c.account == account)
+                    .values(fingerprint=fingerprint)
+                )
             pending = self._live_logins(conn, account, row.generation, now)
+            in_window = self._guesses_in_window(conn, account, row.generation, now)
+            counted_since = conn.execute(
+                sa.select(sa.func.min(attempts.c.started_at)).where(
+                    attempts.c.account == account,
+                    attempts.c.generation == row.generation,
+                    attempts.c.forgiven.is_(False),
+                    attempts.c.outcome != SUCCEEDED,
+                )
+            ).scalar_one()
             return Status(
                 True,
                 row.attempts_used,
-                row.max_attempts - row.attempts_used,
+                self._attempts_left(row, row.attempts_used, in_window),
                 row.max_attempts,
                 pending,
                 row.created_at,
                 row.updated_at,
+                fingerprint,
+                row.credential_format == LEGACY_FORMAT,
+                counted_since,
+                row.last_success_at,
+                in_window,
+                self.guess_cap,
+                self.guess_cap_days,
             )
 
     def audit_log(self, account: str, limit: int = 1000) -> list[dict[str, Any]]:
@@ -565,18 +923,20 @@ class VaultService:
         ]
 
     def delete_record(self, account: str, client: str) -> bool:
-        with self.engine.begin() as conn:
+        with self._transaction() as conn:
             row = self._lock_record(conn, account)
             if row is None:
                 return False
-            conn.execute(records.delete().where(records.c.account == account))
-            conn.execute(logins.delete().where(logins.c.account == account))
+            self._forget_record(conn, account)
             self._audit(conn, account, "record_deleted", client, None, "by the account holder")
         return True
 
     def sweep(self) -> int:
-        """Apply expiry to every account with expired logins; returns records erased."""
+        """Apply expiry to every account with expired logins, drop expired registrations;
+        returns records erased."""
         now = self.clock()
+        with self.engine.begin() as conn:
+            conn.execute(registrations.delete().where(registrations.c.expires_at < now))
         with self.engine.connect() as conn:
             names = [
                 r[0]
@@ -586,7 +946,7 @@ class VaultService:
             ]
         erased = 0
         for name in names:
-            with self.engine.begin() as conn:
+            with self._transaction() as conn:
                 row = self._lock_record(conn, name)
                 if row is None:
                     conn.execute(

@@ -1,0 +1,101 @@
+"""What this device remembers about its vault records, per vault URL and account:
+
+- the fingerprint of the record it registered, so that `password check` can tell, before
+  spending an attempt, whether the vault still holds that record (a holder of the account
+  token can replace it);
+- the login ids of its wrong tries since its last success, which a later success presents
+  so the vault forgives them (and only them: other people's guesses stay counted).
+
+Login ids prove to the vault which attempts were ours; they open nothing. The file is
+still private to the user (0600 in a 0700 folder), like the rest of the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .paths import config_dir
+
+# A recovery rarely takes more than the vault's limit; keep a margin, not a history.
+MAX_REMEMBERED_ATTEMPTS = 256
+
+
+def state_path() -> Path:
+    return config_dir() / "vault-state.json"
+
+
+def _entry(url: str, account: str) -> str:
+    return f"{url.rstrip('/')} {account}"
+
+
+def _load() -> dict[str, Any]:
+    try:
+        doc = json.loads(state_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _save(doc: dict[str, Any]) -> None:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(doc, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _section(doc: dict[str, Any], url: str, account: str) -> dict[str, Any]:
+    entries = doc.setdefault("vaults", {})
+    section = entries.setdefault(_entry(url, account), {})
+    assert isinstance(section, dict)
+    return section
+
+
+def remember_registration(url: str, account: str, fingerprint: str) -> None:
+    """A new record: its fingerprint, and no wrong tries yet."""
+    doc = _load()
+    section = _section(doc, url, account)
+    section["fingerprint"] = fingerprint
+    section["registered_at"] = time.time()
+    section["attempts"] = []
+    _save(doc)
+
+
+def registered_fingerprint(url: str, account: str) -> str | None:
+    value = _section(_load(), url, account).get("fingerprint")
+    return value if isinstance(value, str) else None
+
+
+def forget_registration(url: str, account: str) -> None:
+    doc = _load()
+    doc.get("vaults", {}).pop(_entry(url, account), None)
+    _save(doc)
+
+
+def earlier_attempts(url: str, account: str) -> list[str]:
+    value = _section(_load(), url, account).get("attempts", [])
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def add_attempt(url: str, account: str, login_id: str) -> None:
+    """Keep a login id the moment the vault has counted it (before KE3 is even made)."""
+    doc = _load()
+    section = _section(doc, url, account)
+    ids = [str(v) for v in section.get("attempts", []) if isinstance(v, str)]
+    ids.append(login_id)
+    section["attempts"] = ids[-MAX_REMEMBERED_ATTEMPTS:]
+    _save(doc)
+
+
+def clear_attempts(url: str, account: str) -> None:
+    doc = _load()
+    _section(doc, url, account)["attempts"] = []
+    _save(doc)
