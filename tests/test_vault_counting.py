@@ -1,0 +1,375 @@
+"""Issue 12, point 2: a success forgives only the attempts its client proves were its own;
+a rolling cap bounds wrong guesses across successes. Point 1's client side: the record
+fingerprint, and records made before per-registration credential identifiers. Point 5:
+an erased record leaves no sealed bytes in the database's files.
+
+Against real vault processes and their SQLite files; the window test drives the service
+with a clock of its own over a real database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from backvault.client.vault_client import VaultClient, VaultRefused
+from backvault.opaque import (
+    KE2,
+    AuthenticationError,
+    IdentityKSF,
+    OpaqueConfig,
+    RegistrationResponse,
+    client,
+)
+from backvault.opaque import server as opaque_server
+from backvault.vault import schema
+from backvault.vault.sealing import FileSealer
+from backvault.vault.service import VaultService, WrongPassword, legacy_credential_identifier
+from backvault.vault.store import make_engine
+from tests.conftest import Cli
+from tests.servers import VaultNode, make_node
+from tests.test_vault_oracle import attack_with_registration_starts, captured_ke2, captured_login
+
+CONFIG = OpaqueConfig(ksf=IdentityKSF())
+SECRET = b"S" * 48
+PASSWORD = b"correct horse battery staple"
+
+
+def wrap(_export_key: bytes) -> bytes:
+    return SECRET
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[VaultNode]:
+    vault = make_node(
+        tmp_path / "vault",
+        f"sqlite:///{tmp_path / 'vault.db'}",
+        "--sealing-key-file",
+        str(tmp_path / "keys" / "sealing.key"),
+        env={"BACKVAULT_VAULT_GUESS_CAP": "14"},
+    ).start()
+    yield vault
+    assert vault.stop() == 0
+
+
+def wrong_guesses(vc: VaultClient, count: int) -> list[str]:
+    ids: list[str] = []
+    for _ in range(count):
+        with pytest.raises(VaultRefused) as refused:
+            vc.login(b"a wrong guess", on_started=ids.append)
+        assert refused.value.code == "wrong_password"
+    return ids
+
+
+def test_a_success_does_not_forgive_an_attackers_guesses(node: VaultNode) -> None:
+    token = node.add_account("ana")
+    with (
+        VaultClient(node.url, token, CONFIG) as owner,
+        VaultClient(node.url, token, CONFIG) as thief,
+    ):
+        owner.register(PASSWORD, wrap)
+        # The thief holds a KE2 it can test one guess against offline, and never finishes.
+        captured_ke2(node, token)
+        wrong_guesses(thief, 4)
+        # The owner's periodic check succeeds: the thief's five attempts stay counted.
+        check = owner.login(PASSWORD)
+        assert check.wrapped_secret == SECRET
+        assert check.counted == 5 and check.attempts_left == 5 and check.forgiven == 0
+        assert check.counted_since is not None and check.counted_since <= time.time()
+        status = owner.status()
+        assert status["attempts_used"] == 5 and status["counted_since"] == check.counted_since
+        # So the thief has 5 guesses left in all, not a fresh 9 after each check.
+        wrong_guesses(thief, 4)
+        assert owner.login(PASSWORD).attempts_left == 1
+        # (the pending captured login still counts; its last guess would erase the record)
+        with pytest.raises(VaultRefused) as last:
+            thief.login(b"a wrong guess")
+        assert last.value.status in (403, 410)
+        assert owner.status()["attempts_left"] == 0
+
+
+def test_a_success_forgives_only_the_ids_its_client_was_given(node: VaultNode) -> None:
+    token = node.add_account("ana")
+    other_token = node.add_account("bea")
+    with (
+        VaultClient(node.url, token, CONFIG) as owner,
+        VaultClient(node.url, other_token, CONFIG) as bea,
+    ):
+        owner.register(PASSWORD, wrap)
+        bea.register(PASSWORD, wrap)
+        mine = wrong_guesses(owner, 3)
+        theirs = wrong_guesses(owner, 2)  # stands for attempts the client did not keep
+        beas = wrong_guesses(bea, 2)
+        result = owner.login(
+            PASSWORD, earlier_login_ids=[*mine, *beas, "z" * 32, "not-a-real-login-id-at-all"]
+        )
+        assert result.forgiven == 3 and result.counted == 2 and result.attempts_left == 8
+        # Presenting them again forgives nothing more; Bea's stay counted on her record.
+        again = owner.login(PASSWORD, earlier_login_ids=[*mine, *theirs[:1]])
+        assert again.forgiven == 1 and again.counted == 1
+        assert bea.status()["attempts_used"] == 2
+        events = [e for e in owner.audit() if e["event"] == "login_succeeded"]
+        assert "forgave 3 earlier attempts" in events[-2]["detail"]
+
+
+def test_the_rolling_cap_counts_wrong_guesses_across_successes(node: VaultNode) -> None:
+    token = node.add_account("ana")
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(PASSWORD, wrap)
+        for _ in range(2):  # 2 x 6 wrong guesses, each time forgiven by a success
+            ids = wrong_guesses(vc, 6)
+            result = vc.login(PASSWORD, earlier_login_ids=ids)
+            assert result.forgiven == 6
+        status = vc.status()
+        assert status["wrong_guesses_in_window"] == 12 and status["guess_cap"] == 14
+        assert status["attempts_left"] == 2 and status["guess_cap_days"] == 365
+        wrong_guesses(vc, 1)
+        with pytest.raises(VaultRefused) as last:
+            vc.login(b"a wrong guess")
+        assert last.value.status == 410 and last.value.code == "record_erased"
+        assert vc.status()["exists"] is False
+        erased = [e for e in vc.audit() if e["event"] == "record_erased"]
+        assert "14 wrong guesses within 365 days" in erased[-1]["detail"]
+
+
+def test_guesses_leave_the_cap_when_they_leave_the_window(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    service = VaultService(
+        make_engine(f"sqlite:///{tmp_path / 'v.db'}"),
+        FileSealer(tmp_path / "sealing.key"),
+        max_attempts=3,
+        clock=lambda: now[0],
+        guess_cap=4,
+        guess_cap_days=10,
+    )
+    service.start()
+
+    def attempt(password: bytes, earlier: list[str]) -> tuple[str, bool]:
+        ke1, state = client.generate_ke1(password)
+        started = service.login_start("ana", ke1.to_bytes(), "test")
+        try:
+            ke3 = client.generate_ke3(state, KE2.from_bytes(started.ke2), CONFIG).ke3.to_bytes()
+        except AuthenticationError:
+            ke3 = bytes(64)
+        try:
+            service.login_finish("ana", started.login_id, ke3, "test", earlier)
+        except WrongPassword:
+            return started.login_id, False
+        return started.login_id, True
+
+    def cycle() -> None:
+        ids = [attempt(b"wrong", [])[0] for _ in range(2)]
+        assert attempt(PASSWORD, ids)[1]
+
+    request, reg_state = client.create_registration_request(PASSWORD)
+    started = service.registration_start("ana", request.to_bytes())
+    record, _ = client.finalize_registration_request(
+        reg_state, RegistrationResponse.from_bytes(started.response), CONFIG
+    )
+    service.registration_finish("ana", started.registration_id, record.to_bytes(), SECRET, "t")
+    cycle()
+    status = service.status("ana")
+    assert (status.wrong_guesses_in_window, status.attempts_left) == (2, 2)
+    now[0] += 11 * 86400  # the two wrong guesses leave the 10-day window
+    status = service.status("ana")
+    assert (status.wrong_guesses_in_window, status.attempts_left) == (0, 3)
+    cycle()  # had they stayed in the window, the fourth wrong guess would have erased
+    status = service.status("ana")
+    assert status.exists and status.wrong_guesses_in_window == 2
+    assert attempt(b"wrong", [])[1] is False
+    with pytest.raises(WrongPassword) as last:
+        ke1, _ = client.generate_ke1(b"wrong")
+        login = service.login_start("ana", ke1.to_bytes(), "test")
+        service.login_finish("ana", login.login_id, bytes(64), "test")
+    assert last.value.erased
+    assert not service.status("ana").exists
+
+
+def test_password_check_refuses_a_record_this_device_did_not_register(
+    cli: Cli, tmp_path: Path, node: VaultNode
+) -> None:
+    token = node.add_account("ana")
+    cli.env.update(
+        BACKVAULT_REPO=str(tmp_path / "repo"),
+        BACKVAULT_VAULT_URL=node.url,
+        BACKVAULT_ACCOUNT="ana",
+        BACKVAULT_VAULT_TOKEN=token,
+    )
+    env = {"BACKVAULT_PASSWORD": PASSWORD.decode()}
+    cli.ok("init", "--password", env=env)
+    assert cli.ok("--json", "password", "check", env=env).json()["record_is_ours"] is True
+    # Someone holding the token registers a record of its own.
+    with VaultClient(node.url, token, CONFIG) as thief:
+        thief.register(b"the thief's password", wrap)
+        before = thief.status()
+        refused = cli.run("password", "check", env=env)
+        assert refused.code == 14, refused.err
+        assert "did not register" in refused.err and "revoke" in refused.err
+        after = thief.status()
+        assert after["attempts_used"] == before["attempts_used"] == 0  # no attempt spent
+        assert [e["event"] for e in thief.audit()][-1] == "record_replaced"
+    # A new password registers a record this device knows again.
+    cli.ok(
+        "password",
+        "change",
+        env={"BACKVAULT_KEY": "", **env, "BACKVAULT_NEW_PASSWORD": "another fine passphrase 7"},
+    )
+    good = cli.ok("password", "check", env={"BACKVAULT_PASSWORD": "another fine passphrase 7"})
+    assert "right" in good.out
+
+
+def test_password_check_reports_guesses_the_user_did_not_make(
+    cli: Cli, tmp_path: Path, node: VaultNode
+) -> None:
+    token = node.add_account("ana")
+    cli.env.update(
+        BACKVAULT_REPO=str(tmp_path / "repo"),
+        BACKVAULT_VAULT_URL=node.url,
+        BACKVAULT_ACCOUNT="ana",
+        BACKVAULT_VAULT_TOKEN=token,
+    )
+    env = {"BACKVAULT_PASSWORD": PASSWORD.decode()}
+    cli.ok("init", "--password", env=env)
+    assert cli.run("password", "check", env={"BACKVAULT_PASSWORD": "my own typo"}).code == 10
+    with VaultClient(node.url, token, CONFIG) as thief:
+        wrong_guesses(thief, 3)
+    check = cli.ok("--json", "password", "check", env=env)
+    doc = check.json()
+    assert doc["forgiven"] == 1 and doc["others_counted"] == 3 and doc["attempts_left"] == 7
+    text = cli.ok("password", "check", env=env)
+    assert "3 wrong guesses you did not make since" in text.err
+    assert "password change" in text.err
+
+
+def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path]:
+    """A database as the vault before per-registration credential identifiers left it:
+    schema version 1, one record whose OPRF key derives from the account name."""
+    db = tmp_path / "legacy.db"
+    key_file = tmp_path / "keys" / "sealing.key"
+    engine = make_engine(f"sqlite:///{db}")
+    sealer = FileSealer(key_file)
+    keys = opaque_server.generate_server_key_pair()
+    seed = opaque_server.generate_oprf_seed()
+    with engine.begin() as conn:
+        schema.metadata.create_all(conn, tables=[schema.schema_version])
+        schema.MIGRATIONS[0](conn)
+        conn.execute(schema.schema_version.insert().values(version=1))
+        conn.execute(
+            schema.vault_keys.insert().values(
+                id=1,
+                sealed_oprf_seed=sealer.seal(seed, b"vault:oprf-seed"),
+                sealed_server_private_key=sealer.seal(
+                    keys.private_key, b"vault:server-private-key"
+                ),
+                sealed_fake_record_seed=sealer.seal(b"f" * 32, b"vault:fake-seed"),
+                created_at=time.time(),
+            )
+        )
+        request, state = client.create_registration_request(PASSWORD)
+        response = opaque_server.create_registration_response(
+            request, keys.public_key, legacy_credential_identifier("ana"), seed
+        )
+        record, _ = client.finalize_registration_request(state, response, CONFIG)
+        conn.execute(
+            sa.text(
+                "INSERT INTO records (account, generation, sealed_payload, attempts_used, "
+                "max_attempts, created_at, updated_at) VALUES ('ana', 1, :p, 0, 10, 0, 0)"
+            ),
+            {"p": sealer.seal(record.to_bytes() + SECRET, b"record:ana:1")},
+        )
+    engine.dispose()
+    return db, record.to_bytes(), key_file
+
+
+def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
+    from backvault.opaque import RegistrationRecord
+
+    db, record, key_file = make_legacy_vault(tmp_path)
+    node = make_node(
+        tmp_path / "vault",
+        f"sqlite:///{db}",
+        "--sealing-key-file",
+        str(key_file),
+        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "1000"},
+    ).start()
+    try:
+        token = node.add_account("ana")
+        with VaultClient(node.url, token, CONFIG) as vc:
+            status = vc.status()
+            assert status["legacy_record"] is True
+            assert status["fingerprint"] == RegistrationRecord.from_bytes(record).fingerprint()
+            assert vc.login(PASSWORD).wrapped_secret == SECRET  # the old key still logs in
+            # ... but nothing else evaluates under it.
+            ke2 = captured_ke2(node, token)
+            assert attack_with_registration_starts(node, token, ke2) == []
+            vc.register(PASSWORD, wrap)  # what `password change` does
+            assert vc.status()["legacy_record"] is False
+            assert vc.login(PASSWORD).wrapped_secret == SECRET
+    finally:
+        node.stop()
+
+
+def sealed_bytes_in(db: Path) -> list[bytes]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT sealed_payload FROM records").fetchall()
+        rows += conn.execute("SELECT sealed_state FROM logins").fetchall()
+    return [bytes(r[0]) for r in rows]
+
+
+def raw_files(db: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+
+
+@pytest.mark.parametrize("how", ["erased at the limit", "deleted", "replaced"])
+def test_an_erased_record_leaves_no_sealed_bytes_in_the_files(
+    node: VaultNode, tmp_path: Path, how: str
+) -> None:
+    db = tmp_path / "vault.db"
+    token = node.add_account("ana")
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(PASSWORD, wrap, max_attempts=2)
+        for _ in range(3):
+            vc.login(PASSWORD)  # the record's row is rewritten several times
+        login_id, _ = captured_login(node, token)  # its sealed state is in the files too
+        secrets_before = sealed_bytes_in(db)
+        assert len(secrets_before) == 2
+        assert all(s in raw_files(db) for s in secrets_before)
+        if how == "deleted":
+            vc.delete_record()
+        elif how == "replaced":
+            vc.register(b"another password", wrap)
+        else:
+            with pytest.raises(VaultRefused):
+                vc.login(b"wrong")
+            with pytest.raises(VaultRefused) as erased:
+                vc.login_finish(login_id, bytes(64))
+            assert erased.value.status == 410
+        raw = raw_files(db)
+        for sealed in secrets_before:
+            assert sealed not in raw
+            assert sealed[13:45] not in raw  # not even a piece of the ciphertext
+        assert (tmp_path / "vault.db-wal").stat().st_size == 0
+
+
+def test_no_uncounted_path_in_the_http_api(node: VaultNode) -> None:
+    """Every route that reads a blinded element is one of the two known ones."""
+    spec = httpx.get(node.url + "/openapi.json").json()
+    takes_elements = {
+        path
+        for path, methods in spec["paths"].items()
+        for op in methods.values()
+        if "requestBody" in op
+        and any(
+            name in ("registration_request", "ke1")
+            for name in spec["components"]["schemas"][
+                op["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+            ]["properties"]
+        )
+    }
+    assert takes_elements == {"/v1/registration/start", "/v1/login/start"}
