@@ -2,7 +2,8 @@
 
 Every secret column holds sealed bytes only (see sealing.py). Migrations are numbered and
 run in order inside one transaction; on PostgreSQL an advisory lock lets several nodes
-start at once without racing.
+start at once without racing. ``_v1`` creates the tables as they are defined now, so a
+later migration adds only what an older database lacks.
 """
 
 from __future__ import annotations
@@ -30,31 +31,41 @@ vault_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# Account names as stored in records, logins and audit: a built-in name (up to 128
+# characters) or "jwt:" and a JWT subject (up to 128).
+ACCOUNT_KEY = sa.String(160)
+
 accounts = sa.Table(
     "accounts",
     metadata,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("token_expires_at", sa.Float, nullable=True),  # None: never
+    sa.Column("token_revoked_at", sa.Float, nullable=True),
 )
 
 records = sa.Table(
     "records",
     metadata,
-    sa.Column("account", sa.String(128), primary_key=True),
+    sa.Column("account", ACCOUNT_KEY, primary_key=True),
     sa.Column("generation", sa.Integer, nullable=False),
     sa.Column("sealed_payload", sa.LargeBinary, nullable=False),
     sa.Column("attempts_used", sa.Integer, nullable=False),
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # The account name the record's OPRF credential identifier was derived from, when it
+    # is not ``account``: records made by a JWT subject before the namespaces were
+    # separated keep their bare name here after `vault migrate-jwt-records`.
+    sa.Column("credential_name", sa.String(128), nullable=True),
 )
 
 logins = sa.Table(
     "logins",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("generation", sa.Integer, nullable=False),  # -1: a fake login (no record)
     sa.Column("sealed_state", sa.LargeBinary, nullable=False),
     sa.Column("client", sa.String(64), nullable=False),
@@ -66,7 +77,7 @@ audit = sa.Table(
     "audit",
     metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("event", sa.String(32), nullable=False),
     sa.Column("client", sa.String(64), nullable=False),
@@ -79,7 +90,34 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[vault_keys, accounts, records, logins, audit])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _add_missing_columns(conn: Connection, table: sa.Table, names: list[str]) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name in present:
+            continue
+        column = table.c[name]
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
+def _v2_account_tokens(conn: Connection) -> None:
+    """Built-in tokens that expire and can be revoked."""
+    _add_missing_columns(conn, accounts, ["token_expires_at", "token_revoked_at"])
+
+
+def _v3_jwt_namespace(conn: Connection) -> None:
+    """JWT subjects are stored as "jwt:SUBJECT": account columns grow to fit the prefix
+    (SQLite does not enforce VARCHAR lengths), and a record moved out of the shared
+    namespace remembers the name its credential identifier came from."""
+    if conn.dialect.name == "postgresql":
+        for table in (records, logins, audit):
+            conn.execute(
+                sa.text(f"ALTER TABLE {table.name} ALTER COLUMN account TYPE VARCHAR(160)")
+            )
+    _add_missing_columns(conn, records, ["credential_name"])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_account_tokens, _v3_jwt_namespace]
 CURRENT_VERSION = len(MIGRATIONS)
 
 
