@@ -342,6 +342,11 @@ def test_records_made_by_jwt_subjects_before_the_upgrade_move_with_one_command(
     with VaultClient(vault.node.url, frank, CONFIG) as builtin:
         assert builtin.login(b"frank's password").wrapped_secret == b"F" * 32
 
+    # The moved record still answers under the bare name's OPRF key: no new built-in
+    # account may take that name (it would evaluate the OPRF under the same key).
+    taken = admin(vault.node, "add-account", "erin")
+    assert taken.returncode == 1 and "jwt:erin" in taken.stderr, taken.stderr
+
     again = admin(vault.node, "migrate-jwt-records")
     assert again.returncode == 0 and "no record" in again.stdout, again.stdout
     refused = admin(vault.node, "migrate-jwt-records", "frank")

@@ -216,19 +216,30 @@ class VaultService:
         now = self.clock()
         try:
             with self.engine.begin() as conn:
-                orphan = conn.execute(
+                exists = conn.execute(
+                    sa.select(accounts.c.name).where(accounts.c.name == name)
+                ).first()
+                if exists is not None:
+                    raise BadRequest(f"the account {name!r} already exists")
+                # A record a JWT subject made before the namespaces were separated (still
+                # under the bare name, or moved but answering under its OPRF key): a new
+                # built-in account must inherit neither the record nor its OPRF key.
+                taken = conn.execute(
                     sa.select(records.c.account).where(
                         sa.or_(records.c.account == name, records.c.credential_name == name)
                     )
                 ).first()
-                if orphan is not None:
-                    # Made by a JWT subject before the namespaces were separated: a new
-                    # built-in account must not inherit it (or its OPRF key).
+                if taken is not None and taken.account == name:
                     raise BadRequest(
                         f"a record for {name!r} exists that no built-in account owns (made "
                         f"by the JWT subject {name!r} before JWT subjects had their own "
                         f"namespace); run `backvault vault migrate-jwt-records {name}` "
                         "first, or choose another name"
+                    )
+                if taken is not None:
+                    raise BadRequest(
+                        f"the name {name!r} is taken by the record of {taken.account!r}, "
+                        "moved there from it; choose another name"
                     )
                 conn.execute(
                     accounts.insert().values(
