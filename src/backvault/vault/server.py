@@ -60,6 +60,9 @@ def make_service(settings: VaultSettings) -> VaultService:
     return service
 
 
+NO_VERIFIER = "no token verifier: enable builtin_tokens or set jwt_public_key_file"
+
+
 def make_jwt_verifier(settings: VaultSettings) -> Ed25519JwtVerifier | None:
     """The JWT verifier if a JWT key is configured; a SettingsError if its settings are
     incomplete or wrong (checked before anything else starts)."""
@@ -81,7 +84,7 @@ def make_verifier(settings: VaultSettings, service: VaultService) -> TokenVerifi
     if settings.builtin_tokens:
         verifiers.append(BuiltinTokens(service.account_for_token))
     if not verifiers:
-        raise SettingsError("no token verifier: enable builtin_tokens or set jwt_public_key_file")
+        raise SettingsError(NO_VERIFIER)
     return VerifierChain(verifiers)
 
 
@@ -89,7 +92,7 @@ def check_settings(settings: VaultSettings) -> None:
     """Refuse settings that cannot work, before a database or a key is touched."""
     make_jwt_verifier(settings)
     if not settings.builtin_tokens and not settings.jwt_public_key_file:
-        raise SettingsError("no token verifier: enable builtin_tokens or set jwt_public_key_file")
+        raise SettingsError(NO_VERIFIER)
 
 
 def make_app(settings: VaultSettings, service: VaultService) -> FastAPI:
