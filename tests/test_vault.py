@@ -11,10 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import IdentityKSF, OpaqueConfig, client
@@ -173,46 +170,6 @@ def test_bad_tokens_and_bad_bodies_get_clear_4xx(node: VaultNode) -> None:
         headers=auth,
     )
     assert bad_record.status_code == 400 and "identity" in bad_record.json()["message"]
-
-
-def test_ed25519_jwt_tokens_from_the_account_system(tmp_path: Path) -> None:
-    key = Ed25519PrivateKey.generate()
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    (tmp_path / "jwt.pem").write_bytes(pem)
-    vault = make_node(
-        tmp_path / "v",
-        f"sqlite:///{tmp_path / 'v.db'}",
-        env={
-            "BACKVAULT_VAULT_JWT_PUBLIC_KEY_FILE": str(tmp_path / "jwt.pem"),
-            "BACKVAULT_VAULT_JWT_AUDIENCE": "backvault",
-        },
-    ).start()
-    try:
-        now = int(time.time())
-        good = jwt.encode(
-            {"sub": "dave", "aud": "backvault", "exp": now + 300}, key, algorithm="EdDSA"
-        )
-        with vault_client(vault, good) as vc:
-            vc.register(b"pw", wrap)
-            assert vc.login(b"pw").wrapped_secret == SECRET
-        other = Ed25519PrivateKey.generate()
-        for bad in (
-            jwt.encode(
-                {"sub": "dave", "aud": "backvault", "exp": now - 3600}, key, algorithm="EdDSA"
-            ),
-            jwt.encode({"sub": "dave", "aud": "other", "exp": now + 300}, key, algorithm="EdDSA"),
-            jwt.encode(
-                {"sub": "dave", "aud": "backvault", "exp": now + 300}, other, algorithm="EdDSA"
-            ),
-            jwt.encode({"sub": "dave", "aud": "backvault"}, key, algorithm="EdDSA"),
-        ):
-            with vault_client(vault, bad) as vc, pytest.raises(VaultRefused) as refused:
-                vc.status()
-            assert refused.value.status == 401
-    finally:
-        vault.stop()
 
 
 def test_delete_record(node: VaultNode) -> None:

@@ -30,7 +30,12 @@ from backvault.opaque import (
 from backvault.opaque import server as opaque_server
 from backvault.vault import schema
 from backvault.vault.sealing import FileSealer
-from backvault.vault.service import VaultService, WrongPassword, legacy_credential_identifier
+from backvault.vault.service import (
+    VaultService,
+    WrongPassword,
+    hash_token,
+    legacy_credential_identifier,
+)
 from backvault.vault.store import make_engine
 from tests.conftest import Cli
 from tests.servers import VaultNode, make_node
@@ -247,7 +252,7 @@ def test_password_check_reports_guesses_the_user_did_not_make(
     assert "password change" in text.err
 
 
-def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path]:
+def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path, str]:
     """A database as the vault before per-registration credential identifiers left it:
     schema version 1, one record whose OPRF key derives from the account name."""
     db = tmp_path / "legacy.db"
@@ -260,6 +265,11 @@ def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path]:
         schema.metadata.create_all(conn, tables=[schema.schema_version])
         schema.MIGRATIONS[0](conn)
         conn.execute(schema.schema_version.insert().values(version=1))
+        token = "bvt_made-by-version-1-" + "a" * 20
+        conn.execute(
+            sa.text("INSERT INTO accounts (name, token_hash, created_at) VALUES ('ana', :h, 0)"),
+            {"h": hash_token(token)},
+        )
         conn.execute(
             schema.vault_keys.insert().values(
                 id=1,
@@ -284,13 +294,13 @@ def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path]:
             {"p": sealer.seal(record.to_bytes() + SECRET, b"record:ana:1")},
         )
     engine.dispose()
-    return db, record.to_bytes(), key_file
+    return db, record.to_bytes(), key_file, token
 
 
 def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
     from backvault.opaque import RegistrationRecord
 
-    db, record, key_file = make_legacy_vault(tmp_path)
+    db, record, key_file, token = make_legacy_vault(tmp_path)
     node = make_node(
         tmp_path / "vault",
         f"sqlite:///{db}",
@@ -299,7 +309,6 @@ def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
         env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "1000"},
     ).start()
     try:
-        token = node.add_account("ana")
         with VaultClient(node.url, token, CONFIG) as vc:
             status = vc.status()
             assert status["legacy_record"] is True

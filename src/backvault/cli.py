@@ -1321,10 +1321,13 @@ def vault() -> None:
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8750).")
 @click.option("--max-attempts", type=int, help="Wrong guesses allowed per record (default 10).")
 @click.option("--jwt-public-key-file", help="Ed25519 public key (PEM) of the account system.")
+@click.option("--jwt-audience", help="This vault's own audience (its public URL or unique id).")
+@click.option("--jwt-issuer", help="The account system's issuer (iss of its tokens).")
 @click.option("--tls-cert", help="TLS certificate (PEM) to serve HTTPS directly.")
 @click.option("--tls-key", help="TLS private key (PEM).")
 def vault_serve(config_file: str | None, **overrides: Any) -> None:
     """Run a vault node until SIGTERM or Ctrl-C (then finish requests and stop)."""
+    from .vault.config import SettingsError
     from .vault.sealing import SealingError
     from .vault.server import serve
 
@@ -1333,6 +1336,8 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
         serve(settings)
     except SealingError as exc:
         fail(f"sealing: {exc}")
+    except SettingsError as exc:
+        fail(f"vault settings: {exc}", 2)
 
 
 @vault.command("init-hsm")
@@ -1354,22 +1359,116 @@ def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     sealer.close()
 
 
+def vault_token_lifetime(expires_in: str | None) -> float | None:
+    from .vault.config import SettingsError, parse_duration
+
+    if expires_in is None:
+        return None
+    try:
+        return parse_duration(expires_in)
+    except SettingsError as exc:
+        fail(f"--expires-in: {exc}", 2)
+
+
+EXPIRES_IN = click.option(
+    "--expires-in",
+    metavar="DURATION",
+    help="The token stops working after this long (e.g. 90d, 12h); default: never.",
+)
+
+
 @vault.command("add-account")
 @vault_options
+@EXPIRES_IN
 @click.argument("name")
-def vault_add_account(config_file: str | None, name: str, **overrides: Any) -> None:
+def vault_add_account(
+    config_file: str | None, name: str, expires_in: str | None, **overrides: Any
+) -> None:
     """Create an account for self-hosting and print its bearer token (shown once)."""
+    from .vault.sealing import SealingError
+    from .vault.server import make_service
+    from .vault.service import VaultError
+
+    lifetime = vault_token_lifetime(expires_in)
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        service = make_service(settings)
+        token = service.add_account(name, lifetime)
+    except (VaultError, SealingError) as exc:
+        fail(str(exc))
+    click.echo(token)
+
+
+@vault.command("rotate-token")
+@vault_options
+@EXPIRES_IN
+@click.argument("name")
+def vault_rotate_token(
+    config_file: str | None, name: str, expires_in: str | None, **overrides: Any
+) -> None:
+    """Print a new bearer token for a built-in account (shown once); the old one stops
+    working at once on every node. Also undoes `revoke-token`. The record is untouched."""
+    from .vault.sealing import SealingError
+    from .vault.server import make_service
+    from .vault.service import VaultError
+
+    lifetime = vault_token_lifetime(expires_in)
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        token = make_service(settings).rotate_token(name, lifetime)
+    except (VaultError, SealingError) as exc:
+        fail(str(exc))
+    click.echo(token)
+
+
+@vault.command("revoke-token")
+@vault_options
+@click.argument("name")
+def vault_revoke_token(config_file: str | None, name: str, **overrides: Any) -> None:
+    """Make a built-in account's token stop working, at once on every node (until
+    `rotate-token` gives the account a new one). The record is untouched."""
     from .vault.sealing import SealingError
     from .vault.server import make_service
     from .vault.service import VaultError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
-        service = make_service(settings)
-        token = service.add_account(name)
+        make_service(settings).revoke_token(name)
     except (VaultError, SealingError) as exc:
         fail(str(exc))
-    click.echo(token)
+    click.echo(
+        f"the token of {name} is revoked; `backvault vault rotate-token {name}` issues a new one"
+    )
+
+
+@vault.command("migrate-jwt-records")
+@vault_options
+@click.argument("names", nargs=-1)
+def vault_migrate_jwt_records(
+    config_file: str | None, names: tuple[str, ...], **overrides: Any
+) -> None:
+    """Move records that JWT subjects made before they had their own namespace (keyed by
+    the bare subject, with no built-in account of that name) to the subject's account
+    `jwt:SUBJECT`. Passwords, counters and audit history move with them. Without NAMES,
+    every such record moves; records of built-in accounts never do."""
+    from .vault.sealing import SealingError
+    from .vault.server import make_service
+    from .vault.service import VaultError
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        result = make_service(settings).migrate_jwt_records(list(names) or None)
+    except (VaultError, SealingError) as exc:
+        fail(str(exc))
+    if not result.moved and not result.kept:
+        click.echo("no record made by a JWT subject is left to move")
+    for name in result.moved:
+        click.echo(f"moved {name} -> jwt:{name}")
+    for name in result.kept:
+        click.echo(
+            f"kept {name}: the JWT subject already made a new record since; the old one "
+            "stays under the bare name, which no token reaches"
+        )
 
 
 @vault.command("openapi")

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 
+class SettingsError(ValueError):
+    """A setting is missing or wrong; the message says which and what to do."""
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "backvault-vault"
@@ -36,8 +40,9 @@ class VaultSettings:
     opaque_context: str = "backvault OPAQUE-3DH ristretto255-SHA512 v1"
     server_identity: str = ""
     jwt_public_key_file: str = ""
-    jwt_audience: str = ""
-    jwt_issuer: str = ""
+    jwt_audience: str = ""  # required with a JWT key: this vault's own public URL or id
+    jwt_issuer: str = ""  # required with a JWT key
+    jwt_max_lifetime: float = 3600.0  # longest exp - iat accepted, in seconds
     builtin_tokens: bool = True
     rate_per_ip_per_minute: float = 600.0
     rate_per_account_per_minute: float = 120.0
@@ -69,6 +74,22 @@ class VaultSettings:
         if self.pkcs11_pin_file:
             return Path(self.pkcs11_pin_file).read_text().strip()
         return self.pkcs11_pin
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90d``, ``12h``, ``30m``, ``45s`` or ``3600``."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    if not (number.isascii() and number.isdigit()) or int(number) <= 0:
+        raise SettingsError(
+            f"{text!r} is not a duration: write a positive whole number with a unit, "
+            "e.g. 90d, 12h, 30m or 3600s"
+        )
+    return float(int(number) * (unit or 1))
 
 
 def _coerce(kind: Any, value: Any) -> Any:

@@ -2,7 +2,9 @@
 
 Every secret column holds sealed bytes only (see sealing.py). Migrations are numbered and
 run in order inside one transaction; on PostgreSQL an advisory lock lets several nodes
-start at once without racing.
+start at once without racing. ``_v1`` creates the tables as they are defined now, except
+``records``, which it creates as version 1 had it; later migrations add only what an older
+database lacks, so they hold whichever version a database starts from.
 """
 
 from __future__ import annotations
@@ -30,24 +32,34 @@ vault_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# Account names as stored in records, logins and audit: a built-in name (up to 128
+# characters) or "jwt:" and a JWT subject (up to 128).
+ACCOUNT_KEY = sa.String(160)
+
 accounts = sa.Table(
     "accounts",
     metadata,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("token_expires_at", sa.Float, nullable=True),  # None: never
+    sa.Column("token_revoked_at", sa.Float, nullable=True),
 )
 
 records = sa.Table(
     "records",
     metadata,
-    sa.Column("account", sa.String(128), primary_key=True),
+    sa.Column("account", ACCOUNT_KEY, primary_key=True),
     sa.Column("generation", sa.Integer, nullable=False),
     sa.Column("sealed_payload", sa.LargeBinary, nullable=False),
     sa.Column("attempts_used", sa.Integer, nullable=False),
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # The account name the record's OPRF credential identifier was derived from, when it
+    # is not ``account``: records made by a JWT subject before the namespaces were
+    # separated keep their bare name here after `vault migrate-jwt-records`.
+    sa.Column("credential_name", sa.String(128), nullable=True),
     # 1: a record from before per-registration credential identifiers (its OPRF key
     # derives from the account name; kept for login only); 2: the sealed payload starts
     # with the record's own random credential identifier.
@@ -63,7 +75,7 @@ logins = sa.Table(
     "logins",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("generation", sa.Integer, nullable=False),  # -1: a fake login (no record)
     sa.Column("sealed_state", sa.LargeBinary, nullable=False),
     sa.Column("client", sa.String(64), nullable=False),
@@ -77,7 +89,7 @@ registrations = sa.Table(
     "registrations",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("sealed_state", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
@@ -90,7 +102,7 @@ attempts = sa.Table(
     "attempts",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False),
+    sa.Column("account", ACCOUNT_KEY, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("ended_at", sa.Float, nullable=True),
@@ -105,7 +117,7 @@ audit = sa.Table(
     "audit",
     metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
-    sa.Column("account", sa.String(128), nullable=False, index=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("event", sa.String(32), nullable=False),
     sa.Column("client", sa.String(64), nullable=False),
@@ -131,19 +143,52 @@ def _v1(conn: Connection) -> None:
     records_v1.create(conn)
 
 
+def _add_missing_columns(conn: Connection, table: sa.Table, names: list[str]) -> None:
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name in present:
+            continue
+        column = table.c[name]
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
 def _v2_credential_identifiers(conn: Connection) -> None:
     """Per-registration credential identifiers (the OPRF key of a record is its own),
     pending registrations, and the attempt history behind forgiveness and the cap."""
-    for column in (
-        "credential_format INTEGER NOT NULL DEFAULT 1",
-        "fingerprint VARCHAR(64)",
-        "last_success_at FLOAT",
-    ):
-        conn.execute(sa.text(f"ALTER TABLE records ADD COLUMN {column}"))
+    present = {column["name"] for column in sa.inspect(conn).get_columns("records")}
+    if "credential_format" not in present:
+        # Every record that exists now derives its OPRF key from its account name.
+        conn.execute(
+            sa.text("ALTER TABLE records ADD COLUMN credential_format INTEGER NOT NULL DEFAULT 1")
+        )
+    _add_missing_columns(conn, records, ["fingerprint", "last_success_at"])
     metadata.create_all(conn, tables=[registrations, attempts])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_credential_identifiers]
+def _v3_account_tokens(conn: Connection) -> None:
+    """Built-in tokens that expire and can be revoked."""
+    _add_missing_columns(conn, accounts, ["token_expires_at", "token_revoked_at"])
+
+
+def _v4_jwt_namespace(conn: Connection) -> None:
+    """JWT subjects are stored as "jwt:SUBJECT": account columns grow to fit the prefix
+    (SQLite does not enforce VARCHAR lengths), and a record moved out of the shared
+    namespace remembers the name its credential identifier came from."""
+    if conn.dialect.name == "postgresql":
+        for table in (records, logins, audit):
+            conn.execute(
+                sa.text(f"ALTER TABLE {table.name} ALTER COLUMN account TYPE VARCHAR(160)")
+            )
+    _add_missing_columns(conn, records, ["credential_name"])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1,
+    _v2_credential_identifiers,
+    _v3_account_tokens,
+    _v4_jwt_namespace,
+]
 CURRENT_VERSION = len(MIGRATIONS)
 
 

@@ -12,9 +12,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..opaque import OpaqueConfig
-from .accounts import BuiltinTokens, Ed25519JwtVerifier, TokenVerifier, VerifierChain
+from .accounts import (
+    BuiltinTokens,
+    Ed25519JwtVerifier,
+    TokenVerifier,
+    VerifierChain,
+    jwt_verifier_from_settings,
+)
 from .app import JsonLogFormatter, create_app
-from .config import VaultSettings
+from .config import SettingsError, VaultSettings
 from .ratelimit import RateLimiter
 from .sealing import FileSealer, Pkcs11Sealer, Sealer
 from .service import VaultService
@@ -58,21 +64,39 @@ def make_service(settings: VaultSettings) -> VaultService:
     return service
 
 
+NO_VERIFIER = "no token verifier: enable builtin_tokens or set jwt_public_key_file"
+
+
+def make_jwt_verifier(settings: VaultSettings) -> Ed25519JwtVerifier | None:
+    """The JWT verifier if a JWT key is configured; a SettingsError if its settings are
+    incomplete or wrong (checked before anything else starts)."""
+    if not settings.jwt_public_key_file:
+        return None
+    return jwt_verifier_from_settings(
+        settings.jwt_public_key_file,
+        settings.jwt_audience,
+        settings.jwt_issuer,
+        settings.jwt_max_lifetime,
+    )
+
+
 def make_verifier(settings: VaultSettings, service: VaultService) -> TokenVerifier:
     verifiers: list[TokenVerifier] = []
-    if settings.jwt_public_key_file:
-        verifiers.append(
-            Ed25519JwtVerifier.from_file(
-                settings.jwt_public_key_file,
-                settings.jwt_audience or None,
-                settings.jwt_issuer or None,
-            )
-        )
+    jwt_verifier = make_jwt_verifier(settings)
+    if jwt_verifier is not None:
+        verifiers.append(jwt_verifier)
     if settings.builtin_tokens:
         verifiers.append(BuiltinTokens(service.account_for_token))
     if not verifiers:
-        raise ValueError("no token verifier: enable builtin_tokens or set jwt_public_key_file")
+        raise SettingsError(NO_VERIFIER)
     return VerifierChain(verifiers)
+
+
+def check_settings(settings: VaultSettings) -> None:
+    """Refuse settings that cannot work, before a database or a key is touched."""
+    make_jwt_verifier(settings)
+    if not settings.builtin_tokens and not settings.jwt_public_key_file:
+        raise SettingsError(NO_VERIFIER)
 
 
 def make_app(settings: VaultSettings, service: VaultService) -> FastAPI:
@@ -111,9 +135,18 @@ class _Sweeper:
 
 
 def serve(settings: VaultSettings) -> None:
+    check_settings(settings)
     configure_logging(settings.log_level)
     service = make_service(settings)
     app = make_app(settings, service)
+    if settings.jwt_public_key_file:
+        legacy = service.legacy_jwt_records()
+        if legacy:
+            log.warning(
+                "records made by JWT subjects before they had their own namespace are out "
+                "of their reach until `backvault vault migrate-jwt-records` moves them",
+                extra={"records": len(legacy)},
+            )
     host, port = settings.host_port()
     config = uvicorn.Config(
         app,

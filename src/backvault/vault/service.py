@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -52,6 +52,8 @@ MAX_WRAPPED_SECRET = 1024
 MAX_EARLIER_LOGIN_IDS = 256
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
 TOKEN_PREFIX = "bvt_"  # noqa: S105 - a marker, not a secret
+# JWT subjects are accounts "jwt:SUBJECT"; built-in names cannot hold ":" (ACCOUNT_NAME).
+JWT_NAMESPACE = "jwt:"
 
 LEGACY_FORMAT = 1  # OPRF key derived from the account name (records made before v2)
 CURRENT_FORMAT = 2  # the record's own random credential identifier, sealed with it
@@ -88,6 +90,10 @@ class TooManyRegistrations(VaultError):
 
 class NoRecord(VaultError):
     code = "no_record"
+
+
+class NoSuchAccount(VaultError):
+    code = "no_such_account"
 
 
 @dataclass
@@ -182,6 +188,20 @@ def _handle_digest(handle: str) -> str:
     """Login ids and registration handles are kept as SHA-256: a reader of the database
     cannot present them."""
     return hashlib.sha256(handle.encode()).hexdigest()
+
+
+def _expiry(now: float, expires_in: float | None) -> float | None:
+    if expires_in is None:
+        return None
+    if expires_in <= 0:
+        raise BadRequest("a token's lifetime must be positive")
+    return now + expires_in
+
+
+@dataclass
+class MigratedRecords:
+    moved: list[str]
+    kept: list[str]  # the JWT subject already has a newer record: the old one stays
 
 
 @dataclass(frozen=True)
@@ -286,20 +306,84 @@ class VaultService:
 
     # --- accounts (built-in token verifier) --------------------------------------------
 
-    def add_account(self, name: str) -> str:
-        """Create an account and return its bearer token (shown once; only a hash is kept)."""
+    def add_account(self, name: str, expires_in: float | None = None) -> str:
+        """Create an account and return its bearer token (shown once; only a hash is kept).
+        With ``expires_in`` (seconds) the token stops working that long from now."""
         check_account_name(name)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
         try:
             with self.engine.begin() as conn:
+                exists = conn.execute(
+                    sa.select(accounts.c.name).where(accounts.c.name == name)
+                ).first()
+                if exists is not None:
+                    raise BadRequest(f"the account {name!r} already exists")
+                # A record a JWT subject made before the namespaces were separated (still
+                # under the bare name, or moved but answering under its OPRF key): a new
+                # built-in account must inherit neither the record nor its OPRF key.
+                taken = conn.execute(
+                    sa.select(records.c.account).where(
+                        sa.or_(records.c.account == name, records.c.credential_name == name)
+                    )
+                ).first()
+                if taken is not None and taken.account == name:
+                    raise BadRequest(
+                        f"a record for {name!r} exists that no built-in account owns (made "
+                        f"by the JWT subject {name!r} before JWT subjects had their own "
+                        f"namespace); run `backvault vault migrate-jwt-records {name}` "
+                        "first, or choose another name"
+                    )
+                if taken is not None:
+                    raise BadRequest(
+                        f"the name {name!r} is taken by the record of {taken.account!r}, "
+                        "moved there from it; choose another name"
+                    )
                 conn.execute(
                     accounts.insert().values(
-                        name=name, token_hash=hash_token(token), created_at=self.clock()
+                        name=name,
+                        token_hash=hash_token(token),
+                        created_at=now,
+                        token_expires_at=_expiry(now, expires_in),
                     )
                 )
         except sa.exc.IntegrityError as exc:
             raise BadRequest(f"the account {name!r} already exists") from exc
         return token
+
+    def rotate_token(self, name: str, expires_in: float | None = None) -> str:
+        """Give the account a new token (returned, shown once); the old one stops working
+        at once, on every node. Also lifts a revocation."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                accounts.update()
+                .where(accounts.c.name == name)
+                .values(
+                    token_hash=hash_token(token),
+                    token_expires_at=_expiry(now, expires_in),
+                    token_revoked_at=None,
+                )
+            ).rowcount
+            if not changed:
+                raise NoSuchAccount(f"there is no built-in account {name!r}")
+            self._audit(conn, name, "token_rotated", "operator", None, "a new account token")
+        return token
+
+    def revoke_token(self, name: str) -> None:
+        """The account's token stops working at once, on every node, until
+        ``rotate_token`` gives it a new one. Its record is untouched."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                accounts.update()
+                .where(accounts.c.name == name)
+                .values(token_revoked_at=sa.func.coalesce(accounts.c.token_revoked_at, now))
+            ).rowcount
+            if not changed:
+                raise NoSuchAccount(f"there is no built-in account {name!r}")
+            self._audit(conn, name, "token_revoked", "operator", None, "the account token")
 
     def account_for_token(self, token: str) -> str | None:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
@@ -307,13 +391,121 @@ class VaultService:
         digest = hash_token(token)
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(accounts.c.name, accounts.c.token_hash).where(
-                    accounts.c.token_hash == digest
-                )
+                sa.select(
+                    accounts.c.name,
+                    accounts.c.token_hash,
+                    accounts.c.token_expires_at,
+                    accounts.c.token_revoked_at,
+                ).where(accounts.c.token_hash == digest)
             ).first()
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
+        if row.token_revoked_at is not None:
+            return None
+        if row.token_expires_at is not None and self.clock() >= row.token_expires_at:
+            return None
         return str(row.name)
+
+    # --- records made by JWT subjects before the namespaces were separated ---------------
+
+    def legacy_jwt_records(self) -> list[str]:
+        """Records keyed by a bare name that no built-in account owns: JWT subjects'
+        records were keyed so before they had their own namespace, and JWT tokens no
+        longer reach them there."""
+        with self.engine.connect() as conn:
+            return [
+                str(name)
+                for (name,) in conn.execute(
+                    sa.select(records.c.account)
+                    .where(
+                        ~records.c.account.startswith(JWT_NAMESPACE, autoescape=True),
+                        ~sa.exists().where(accounts.c.name == records.c.account),
+                    )
+                    .order_by(records.c.account)
+                )
+            ]
+
+    def migrate_jwt_records(self, names: list[str] | None = None) -> MigratedRecords:
+        """Move legacy JWT records (all, or the ``names`` given) to their subjects'
+        namespace ``jwt:NAME``, with their counters, audit history and OPRF key (the
+        password keeps working). Pending logins on them are dropped; they stay counted."""
+        legacy = self.legacy_jwt_records()
+        moving_all = names is None
+        if names is None:
+            names = legacy
+        for name in names:
+            check_account_name(name)
+            if name in legacy:
+                continue
+            with self.engine.connect() as conn:
+                exists = conn.execute(
+                    sa.select(records.c.account).where(records.c.account == name)
+                ).first()
+            if exists is not None:
+                raise BadRequest(
+                    f"the record {name!r} belongs to the built-in account {name!r} and stays "
+                    "with it"
+                )
+            raise BadRequest(f"there is no record {name!r} to move")
+        result = MigratedRecords([], [])
+        for name in names:
+            outcome = self._move_record(name, JWT_NAMESPACE + name)
+            if outcome == "moved":
+                result.moved.append(name)
+            elif outcome == "kept":
+                result.kept.append(name)
+        if moving_all:
+            # The history of subjects whose record is gone (erased, deleted) moves too.
+            with self.engine.begin() as conn:
+                conn.execute(
+                    audit.update()
+                    .where(
+                        ~audit.c.account.startswith(JWT_NAMESPACE, autoescape=True),
+                        ~sa.exists().where(accounts.c.name == audit.c.account),
+                        ~sa.exists().where(records.c.account == audit.c.account),
+                    )
+                    .values(account=sa.literal(JWT_NAMESPACE) + audit.c.account)
+                )
+        return result
+
+    def _move_record(self, old: str, new: str) -> Literal["moved", "kept", "gone"]:
+        """Rename a record (re-sealed: its sealing purpose names the account). "kept" if
+        the new name already has a record (made after the upgrade): both stay."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            row = self._lock_record(conn, old)
+            if row is None:
+                return "gone"  # erased or deleted meanwhile
+            if self._lock_record(conn, new) is not None:
+                return "kept"
+            payload = self.sealer.open(
+                row.sealed_payload, self._record_purpose(old, row.generation)
+            )
+            conn.execute(logins.delete().where(logins.c.account == old))
+            conn.execute(registrations.delete().where(registrations.c.account == old))
+            conn.execute(attempts.update().where(attempts.c.account == old).values(account=new))
+            conn.execute(
+                records.update()
+                .where(records.c.account == old)
+                .values(
+                    account=new,
+                    sealed_payload=self.sealer.seal(
+                        payload, self._record_purpose(new, row.generation)
+                    ),
+                    credential_name=row.credential_name or old,
+                    updated_at=now,
+                )
+            )
+            conn.execute(audit.update().where(audit.c.account == old).values(account=new))
+            self._audit(
+                conn,
+                new,
+                "record_moved",
+                "operator",
+                row.max_attempts - row.attempts_used,
+                f"from {old!r}, the namespace JWT subjects once shared with built-in names",
+            )
+        return "moved"
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -403,7 +595,8 @@ class VaultService:
             row.sealed_payload, self._record_purpose(row.account, row.generation)
         )
         if row.credential_format == LEGACY_FORMAT:
-            credential_id = legacy_credential_identifier(row.account)
+            # A record moved to the JWT namespace keeps the name its key came from.
+            credential_id = legacy_credential_identifier(row.credential_name or row.account)
         else:
             if payload[:1] != _PAYLOAD_V2:
                 raise RuntimeError(f"the record of {row.account!r} has an unknown layout")
@@ -600,6 +793,7 @@ class VaultService:
                         credential_format=CURRENT_FORMAT,
                         fingerprint=fingerprint,
                         last_success_at=None,
+                        credential_name=None,  # the identifier is in the sealed payload
                     )
                     if row is None:
                         conn.execute(
