@@ -184,6 +184,9 @@ def test_guesses_leave_the_cap_when_they_leave_the_window(tmp_path: Path) -> Non
     now[0] += 11 * 86400  # the two wrong guesses leave the 10-day window
     status = service.status("ana")
     assert (status.wrong_guesses_in_window, status.attempts_left) == (0, 3)
+    service.sweep()  # forgiven and successful attempts out of the window are dropped
+    with service.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.attempts)).scalar() == 0
     cycle()  # had they stayed in the window, the fourth wrong guess would have erased
     status = service.status("ana")
     assert status.exists and status.wrong_guesses_in_window == 2

@@ -1126,11 +1126,19 @@ class VaultService:
         return True
 
     def sweep(self) -> int:
-        """Apply expiry to every account with expired logins, drop expired registrations;
-        returns records erased."""
+        """Apply expiry to every account with expired logins, drop expired registrations
+        and attempts that count for nothing any more; returns records erased."""
         now = self.clock()
         with self.engine.begin() as conn:
             conn.execute(registrations.delete().where(registrations.c.expires_at < now))
+            # Attempts that no longer count for anything: forgiven or successful, and out
+            # of the cap's window. Unforgiven ones stay while their record lives.
+            conn.execute(
+                attempts.delete().where(
+                    sa.or_(attempts.c.forgiven.is_(True), attempts.c.outcome == SUCCEEDED),
+                    attempts.c.started_at < now - self.guess_cap_days * 86400,
+                )
+            )
         with self.engine.connect() as conn:
             names = [
                 r[0]
