@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..crypto.slotlabel import PASSWORD, SlotLabel
 from ..opaque import OpaqueConfig
 from ..repo.repository import KeySlot, Repository
 from ..storage import Backend
 from .settings import VaultSettings
 from .vault_client import VaultClient, VaultRefused
 
-SLOT_USER_PREFIX = "backvault-password:"
 WRAP_INFO = b"backvault vault-slot wrap v1"
 WRAP_VERSION = 1
 MIN_LENGTH = 6
@@ -79,7 +79,7 @@ def check_strength(password: str) -> str:
 
 
 def is_password_slot(slot: KeySlot) -> bool:
-    return slot.username.startswith(SLOT_USER_PREFIX)
+    return slot.label is not None and slot.label.kind == PASSWORD
 
 
 @dataclass
@@ -89,16 +89,21 @@ class PasswordSlots:
     verify: bool | str = True
 
     def client(self) -> VaultClient:
-        return VaultClient(self.vault.url, self.vault.token, self.opaque_config, verify=self.verify)
+        return VaultClient(
+            self.vault.url,
+            self.vault.token,
+            self.opaque_config,
+            verify=self.verify,
+            allow_plain_http=self.vault.allow_plain_http,
+        )
 
     def enable(self, repo: Repository, password: bytes, max_attempts: int | None = None) -> str:
         """Add a vault key slot; returns its key id. Nothing is left half-done: if the vault
         refuses, the new key file is removed again."""
         slot_secret = secrets.token_bytes(32)
+        # The vault and account go into the slot's sealed label, not its clear names.
         key_id = repo.add_key(
-            slot_secret.hex().encode(),
-            username=SLOT_USER_PREFIX + self.vault.account,
-            hostname=self.vault.url,
+            slot_secret.hex().encode(), SlotLabel.password(self.vault.url, self.vault.account)
         )
         try:
             with self.client() as vault:
@@ -136,4 +141,9 @@ class PasswordSlots:
                     raise
 
     def slots_of_account(self, repo: Repository) -> list[KeySlot]:
-        return [s for s in repo.list_keys() if s.username == SLOT_USER_PREFIX + self.vault.account]
+        """This account's password slots (their labels say so; read with the master key)."""
+        return [
+            s
+            for s in repo.list_keys()
+            if is_password_slot(s) and s.label is not None and s.label.account == self.vault.account
+        ]

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from ..opaque import KE2, OpaqueConfig, RegistrationResponse, client
+from .settings import check_vault_url
 
 
 class VaultUnavailable(Exception):
@@ -32,6 +33,9 @@ class LoginResult:
     wrapped_secret: bytes
     export_key: bytes
 
+    def __repr__(self) -> str:
+        return "LoginResult(wrapped_secret=<hidden>, export_key=<hidden>)"
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -45,7 +49,9 @@ class VaultClient:
         opaque_config: OpaqueConfig | None = None,
         timeout: float = 15.0,
         verify: bool | str | ssl.SSLContext = True,
+        allow_plain_http: bool = False,
     ) -> None:
+        check_vault_url(base_url, allow_plain_http)  # the token must not cross a network in clear
         self.config = opaque_config or OpaqueConfig()
         if isinstance(verify, str):  # a CA bundle (e.g. a self-signed vault certificate)
             verify = ssl.create_default_context(cafile=verify)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..hardening import environment_value
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
@@ -95,7 +97,7 @@ def load_settings(
                 raise ValueError(f"{config_file}: unknown setting {key!r}")
             values[name] = value
     for name in known:
-        env = os.environ.get(f"BACKVAULT_VAULT_{name.upper()}")
+        env = environment_value(f"BACKVAULT_VAULT_{name.upper()}")  # the PIN is withdrawn
         if env is not None:
             values[name] = env
     for name, value in (overrides or {}).items():
