@@ -22,6 +22,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -662,6 +663,11 @@ def database_copies(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.name.startswith(".backvault-sqlite-")]
 
 
+def copies_in_shared_tmp() -> set[Path]:
+    """Copies where earlier versions made them: the top of the shared temporary folder."""
+    return set(Path(tempfile.gettempdir()).glob(".backvault-sqlite-*"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_database_copy_is_private_and_removed_when_interrupted(
     cli: Cli, repo: InitRepo, tmp_path: Path, sig: signal.Signals
@@ -669,7 +675,7 @@ def test_database_copy_is_private_and_removed_when_interrupted(
     source = tmp_path / "src"
     source.mkdir()
     make_database(source / "chat.db", 40)
-    in_tmp_before = set(database_copies(Path("/tmp")))
+    in_tmp_before = copies_in_shared_tmp()
     # The chat app is in the middle of a write: the copy waits for it, mid-way.
     app = sqlite3.connect(source / "chat.db", isolation_level=None)
     app.execute("BEGIN EXCLUSIVE")
@@ -692,7 +698,7 @@ def test_database_copy_is_private_and_removed_when_interrupted(
     assert proc.returncode == 128 + sig, err
     assert "interrupted" in err or "terminated" in err
     assert database_copies(cli.home / "cache") == []
-    assert set(database_copies(Path("/tmp"))) <= in_tmp_before
+    assert copies_in_shared_tmp() <= in_tmp_before
     # The next backup runs as usual, and makes and removes its copy in the same place.
     cli.ok("-r", str(repo.path), "backup", str(source))
     assert database_copies(cli.home / "cache") == []
