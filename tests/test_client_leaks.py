@@ -637,6 +637,14 @@ def test_secret_holding_objects_have_redacted_reprs() -> None:
     parts = (master.encrypt, master.mac_k, master.mac_r)
     assert_redacted(master, *parts)
     assert_redacted(CachedKey("repo-id", master, "file x"), *parts)
+    # The OPAQUE client's states (the password, the blind, the key share) and results.
+    from backvault.opaque import client as opaque_client
+
+    password = b"correct horse battery staple"
+    _, registration = opaque_client.create_registration_request(password)
+    _, login = opaque_client.generate_ke1(password)
+    for state in (registration, login):
+        assert_redacted(state, password, *(v for v in vars(state).values() if isinstance(v, bytes)))
     slot_secret = secrets.token_bytes(32)
     label = SlotLabel.password("https://vault.example", "ana")
     key_file = KeyFile.create(
