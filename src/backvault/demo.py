@@ -89,7 +89,8 @@ class Demo:
         # Tokens are credentials: show only their start.
         printable = [a[:8] + "…" if a.startswith("bvt_") else a for a in args]
         shown = " ".join(a if " " not in a else repr(a) for a in printable)
-        print(f"$ backvault {shown}", flush=True)
+        piped = "   # the token, piped in: never on a command line" if stdin is not None else ""
+        print(f"$ backvault {shown}{piped}", flush=True)
         proc = subprocess.run(
             [sys.executable, "-m", "backvault.cli", *args],
             env=env,
