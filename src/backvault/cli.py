@@ -312,6 +312,12 @@ def _set_field(name: str) -> Callable[[click.Context, click.Parameter, Any], Non
     return callback
 
 
+INSECURE_VAULT_HELP = (
+    "Allow a plain http:// vault URL that is not on this machine (the token and the login "
+    "cross the network unencrypted)."
+)
+
+
 def pass_context(command: F) -> F:
     """Pass the Context, and accept the global options after the command name too
     (`backvault backup --json PATH`), as restic does."""
@@ -362,12 +368,6 @@ def pass_context(command: F) -> F:
     ):
         wrapped = decorator(wrapped)
     return wrapped  # type: ignore[return-value]
-
-
-INSECURE_VAULT_HELP = (
-    "Allow a plain http:// vault URL that is not on this machine (the token and the login "
-    "cross the network unencrypted)."
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
