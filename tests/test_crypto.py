@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from backvault.crypto import recovery_key
 from backvault.crypto.aead import AuthenticationFailed, Key
 from backvault.crypto.keyfile import KeyFile, KeyFileError, WrongSecret
+from backvault.crypto.slotlabel import SlotLabel
 
 
 def test_poly1305_aes_matches_bernstein_paper_example() -> None:
@@ -58,11 +59,13 @@ def test_same_plaintext_gives_different_ciphertexts() -> None:
 
 def test_key_file_round_trip_and_wrong_secret() -> None:
     master = Key.generate()
+    label = SlotLabel.password("https://vault.example", "ana")
     key_file = KeyFile.create(
-        master, b"secret", created="2020-01-01T00:00:00Z", username="u", hostname="h", n=1024
+        master, b"secret", created="2020-01-01T00:00:00Z", label=label, n=1024
     )
     parsed = KeyFile.from_bytes(key_file.to_bytes())
     assert parsed.open(b"secret") == master
+    assert parsed.read_label(master) == label and parsed.read_label(Key.generate()) is None
     with pytest.raises(WrongSecret):
         parsed.open(b"other")
     doc = json.loads(key_file.to_bytes())

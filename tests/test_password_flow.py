@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,13 +247,19 @@ def test_unreachable_vault_restore_fails_clearly_and_daily_backup_still_runs(
 def test_settings_file_and_overrides(cli: Cli, tmp_path: Path) -> None:
     cli.ok("config", "set", "repository", str(tmp_path / "from-file"))
     cli.ok("config", "set", "vault.url", "https://vault.example")
-    cli.ok("config", "set", "vault.token", "bvt_secret_token_value")
+    stored = subprocess.run(
+        [sys.executable, "-m", "backvault.cli", "config", "set", "vault.token", "-"],
+        input="bvt_secret_token_value\n",
+        env=cli.env,
+        capture_output=True,
+        text=True,
+    )
+    assert stored.returncode == 0, stored.stderr
     path = cli.home / "config" / "config.toml"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert "bvt_secret" not in path.read_text()  # the token lives in the keyring (or its file)
     shown = cli.ok("--json", "config").json()
-    assert (
-        shown["repository"] == str(tmp_path / "from-file") and shown["vault.token"] == "bvt_secr…"
-    )
+    assert shown["repository"] == str(tmp_path / "from-file") and shown["vault.token"] == "<hidden>"
     over = cli.ok(
         "--json", "--repo", "/flag/repo", "config", env={"BACKVAULT_VAULT_URL": "https://env"}
     ).json()

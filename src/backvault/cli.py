@@ -5,14 +5,16 @@ Exit codes (docs/user-guide.md):
   skipped (backup could not read some files, restore could not restore some files, check
   found damage) · 10 wrong or malformed key or password · 11 no repository at that
   location · 12 repository locked · 13 vault unreachable · 14 the vault's record is not
-  the one this device registered · 130 interrupted
+  the one this device registered · 130 interrupted (Ctrl-C) · 143 terminated (SIGTERM)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +41,8 @@ from .client.restore import DiskFull, Restorer, TargetNotEmpty
 from .client.session import MalformedKeyError, NoKeyAvailable, open_repository, open_with_text
 from .client.settings import Settings, SettingsError, VaultSettings
 from .crypto import recovery_key
+from .crypto.slotlabel import SlotLabel
+from .hardening import disable_core_dumps, secret_variable, withdraw_secrets_from_environment
 from .repo.check import Checker
 from .repo.errors import (
     DamagedObject,
@@ -48,7 +52,7 @@ from .repo.errors import (
     WrongKey,
 )
 from .repo.lock import RepositoryLock, remove_stale_locks
-from .repo.repository import Repository
+from .repo.repository import KeySlot, Repository
 from .storage import Backend, FileType, StorageError, open_backend
 
 EXIT_OK = 0
@@ -60,8 +64,7 @@ EXIT_LOCKED = 12
 EXIT_VAULT_UNREACHABLE = 13
 EXIT_RECORD_REPLACED = 14
 EXIT_INTERRUPTED = 130
-
-RECOVERY_SLOT_USER = "backvault-recovery-key"
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Context:
     errors: Console
     vault_url: str | None = None
     account: str | None = None
+    insecure_vault: bool = False
 
     def settings(self) -> Settings:
         try:
@@ -81,7 +85,8 @@ class Context:
                     "repository": self.repo,
                     "vault.url": self.vault_url,
                     "vault.account": self.account,
-                }
+                },
+                allow_plain_http=self.insecure_vault,
             )
         except SettingsError as exc:
             fail(str(exc), 2)
@@ -173,7 +178,7 @@ def ask_key() -> str:
 
 
 def key_from_env() -> str | None:
-    return os.environ.get("BACKVAULT_KEY") or None
+    return secret_variable("BACKVAULT_KEY")
 
 
 def open_repo(ctx: Context) -> Repository:
@@ -189,7 +194,7 @@ def open_repo(ctx: Context) -> Repository:
 
 def read_password(prompt: str = "Password") -> str | None:
     """BACKVAULT_PASSWORD (for scripts), else a hidden prompt on a terminal, else None."""
-    from_env = os.environ.get("BACKVAULT_PASSWORD")
+    from_env = secret_variable("BACKVAULT_PASSWORD")
     if from_env:
         return from_env
     if sys.stdin.isatty():
@@ -202,7 +207,7 @@ def read_new_password(ctx: Context, env_name: str = "BACKVAULT_PASSWORD") -> str
     refused (the vault allows only a few guesses, so the password must not be among them)."""
     from .client.password import WeakPassword, check_strength
 
-    from_env = os.environ.get(env_name)
+    from_env = secret_variable(env_name)
     if from_env:
         try:
             ctx.warn(check_strength(from_env))
@@ -316,6 +321,12 @@ def _set_field(name: str) -> Callable[[click.Context, click.Parameter, Any], Non
     return callback
 
 
+INSECURE_VAULT_HELP = (
+    "Allow a plain http:// vault URL that is not on this machine (the token and the login "
+    "cross the network unencrypted)."
+)
+
+
 def pass_context(command: F) -> F:
     """Pass the Context, and accept the global options after the command name too
     (`backvault backup --json PATH`), as restic does."""
@@ -356,6 +367,13 @@ def pass_context(command: F) -> F:
             callback=_set_field("quiet"),
             help="Print only errors.",
         ),
+        click.option(
+            "--insecure-vault",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_field("insecure_vault"),
+            help=INSECURE_VAULT_HELP,
+        ),
     ):
         wrapped = decorator(wrapped)
     return wrapped  # type: ignore[return-value]
@@ -369,6 +387,7 @@ def pass_context(command: F) -> F:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("--vault", "vault_url", help="Vault URL (or BACKVAULT_VAULT_URL, or config).")
 @click.option("--account", help="Vault account (or BACKVAULT_ACCOUNT, or config).")
+@click.option("--insecure-vault", is_flag=True, help=INSECURE_VAULT_HELP)
 @click.version_option(__version__, prog_name="backvault")
 @click.pass_context
 def cli(
@@ -378,6 +397,7 @@ def cli(
     quiet: bool,
     vault_url: str | None,
     account: str | None,
+    insecure_vault: bool,
 ) -> None:
     """End-to-end encrypted backups in standard restic repositories.
 
@@ -385,6 +405,9 @@ def cli(
     the vault (BACKVAULT_PASSWORD or a prompt), or your 64-digit key at a prompt. Settings
     come from flags, then BACKVAULT_* variables, then ~/.config/backvault/config.toml.
     """
+    # Every command may hold a key (the master key, a slot secret, the vault token, the
+    # vault's sealing key): none may land in a core file.
+    disable_core_dumps()
     click_ctx.obj = Context(
         repo=repo,
         json=as_json,
@@ -393,6 +416,7 @@ def cli(
         errors=Console(stderr=True),
         vault_url=vault_url,
         account=account,
+        insecure_vault=insecure_vault,
     )
 
 
@@ -434,16 +458,11 @@ def init(
     if no_recovery_key and not with_password:
         fail("--no-recovery-key needs --password: a repository needs at least one key", 2)
     location = ctx.require_repo()
-    vault = ctx.settings().vault if with_password else None
-    if with_password and vault is None:
-        try:
-            ctx.settings().require_vault()
-        except SettingsError as exc:
-            fail(str(exc), 2)
+    vault = require_vault(ctx) if with_password else None  # before anything is written
     password = read_new_password(ctx) if with_password else None
     backend = open_backend(location)
     secret = recovery_key.generate()
-    repo = Repository.init(backend, recovery_key.canonical(secret).encode(), RECOVERY_SLOT_USER)
+    repo = Repository.init(backend, recovery_key.canonical(secret).encode(), SlotLabel.recovery())
     recovery_id = repo.key_id
     where = "" if no_remember else keycache.remember(backend.location, repo.config.id, repo.key)
     password_slot = None
@@ -512,7 +531,7 @@ def key_list(ctx: Context) -> None:
         [
             {
                 "id": s.id,
-                "kind": slot_kind(s.username, s.hostname),
+                "kind": slot_kind(s),
                 "username": s.username,
                 "hostname": s.hostname,
                 "created": s.created,
@@ -526,21 +545,18 @@ def key_list(ctx: Context) -> None:
         table.add_row(
             "*" if s.current else "",
             s.id[:8],
-            slot_kind(s.username, s.hostname),
+            slot_kind(s),
             s.created[:19].replace("T", " "),
         )
     if not ctx.quiet and not ctx.json:
         ctx.console.print(table)
 
 
-def slot_kind(username: str, hostname: str = "") -> str:
-    from .client.password import SLOT_USER_PREFIX
-
-    if username == RECOVERY_SLOT_USER:
-        return "recovery key"
-    if username.startswith(SLOT_USER_PREFIX):
-        return f"password (vault {hostname}, account {username.removeprefix(SLOT_USER_PREFIX)})"
-    return f"restic password ({username}@{hostname})"
+def slot_kind(slot: KeySlot) -> str:
+    """What a slot is, from its sealed label (or an earlier version's clear names)."""
+    if slot.label is not None:
+        return slot.label.describe()
+    return f"restic password ({slot.username}@{slot.hostname})"
 
 
 @key.command("add")
@@ -560,8 +576,11 @@ def key_add(ctx: Context, with_password: bool, max_attempts: int | None) -> None
         return
     repo = open_repo(ctx)
     secret = recovery_key.generate()
-    key_id = repo.add_key(recovery_key.canonical(secret).encode(), RECOVERY_SLOT_USER)
-    ctx.emit_json({"key_id": key_id, "recovery_key": recovery_key.canonical(secret)})
+    key_id = repo.add_key(recovery_key.canonical(secret).encode(), SlotLabel.recovery())
+    renamed = relabel_legacy_keys(ctx, repo)
+    ctx.emit_json(
+        {"key_id": key_id, "recovery_key": recovery_key.canonical(secret), "renamed": renamed}
+    )
     ctx.out(f"Added recovery key {key_id[:8]}. Write it down; it is shown only this once:\n")
     ctx.out(recovery_key_block(secret))
 
@@ -592,7 +611,19 @@ def key_remove(ctx: Context, key_id: str) -> None:
         delete_vault_record(vault)
     repo.remove_key(target.id)
     ctx.emit_json({"removed": target.id})
-    ctx.out(f"Removed key slot {target.id[:8]} ({slot_kind(target.username, target.hostname)}).")
+    ctx.out(f"Removed key slot {target.id[:8]} ({slot_kind(target)}).")
+
+
+def relabel_legacy_keys(ctx: Context, repo: Repository) -> dict[str, str]:
+    """Commands that write key files also take the clear names (kind, account, vault URL,
+    device) out of the key files earlier versions wrote; old id -> new id."""
+    renamed = dict(repo.relabel_legacy_keys())
+    for old, new in renamed.items():
+        ctx.warn(
+            f"key slot {old[:8]} (written by an earlier version) no longer shows its kind to "
+            f"the storage provider; its id is now {new[:8]}"
+        )
+    return renamed
 
 
 def require_vault(ctx: Context) -> VaultSettings:
@@ -628,12 +659,14 @@ def enable_password(ctx: Context, max_attempts: int | None) -> None:
     # The vault holds one record per account: earlier password slots no longer open.
     for slot in old:
         repo.remove_key(slot.id)
+    renamed = relabel_legacy_keys(ctx, repo)
     ctx.emit_json(
         {
             "password_key_id": key_id,
             "vault": vault.url,
             "account": vault.account,
             "replaced": [s.id for s in old],
+            "renamed": renamed,
         }
     )
     ctx.out(
@@ -678,7 +711,8 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
         vault_failure(exc, vault)
     for slot in old:
         repo.remove_key(slot.id)
-    ctx.emit_json({"password_key_id": key_id, "removed": [s.id for s in old]})
+    renamed = relabel_legacy_keys(ctx, repo)
+    ctx.emit_json({"password_key_id": key_id, "removed": [s.id for s in old], "renamed": renamed})
     ctx.out("Password changed: the old one no longer opens anything.")
 
 
@@ -814,28 +848,64 @@ def config(click_ctx: click.Context) -> None:
 
 @config.command("set")
 @click.argument("name")
-@click.argument("value")
+@click.argument("value", required=False)
 @pass_context
-def config_set(ctx: Context, name: str, value: str) -> None:
-    """Set NAME (repository, vault.url, vault.account, vault.token) to VALUE."""
-    from .client.settings import set_value
+def config_set(ctx: Context, name: str, value: str | None) -> None:
+    """Set NAME (repository, vault.url, vault.account) to VALUE.
 
+    The vault token is never given on the command line (other users see command lines,
+    and shells keep them): `backvault config set vault.token` asks for it at a hidden
+    prompt, `backvault config set vault.token -` reads it from standard input. It is kept
+    in the OS keyring (or a file only you can read), not in the settings file."""
+    from .client.settings import TOKEN, set_value, store_token
+
+    if name == TOKEN:
+        where = store_token(read_token(value))
+        ctx.emit_json({"set": name, "where": where})
+        ctx.out(f"{name} stored in {where}")
+        return
+    if value is None:
+        fail(f"give a value: `backvault config set {name} VALUE`", 2)
     try:
         path = set_value(name, value)
     except SettingsError as exc:
         fail(str(exc), 2)
-    shown = value[:8] + "…" if name == "vault.token" else value
     ctx.emit_json({"set": name, "file": str(path)})
-    ctx.out(f"{name} = {shown} (in {path})")
+    ctx.out(f"{name} = {value} (in {path})")
+
+
+def read_token(value: str | None) -> str:
+    """The vault token from a hidden prompt (no VALUE) or standard input (VALUE "-")."""
+    if value not in (None, "-"):
+        fail(
+            "refusing to take the vault token from the command line, where other users and "
+            "your shell history can read it: run `backvault config set vault.token` and "
+            "paste it at the prompt, or pipe it into `backvault config set vault.token -`",
+            2,
+        )
+    if value == "-":
+        token = sys.stdin.readline().strip()
+    elif sys.stdin.isatty():
+        token = str(click.prompt("Vault token", hide_input=True)).strip()
+    else:
+        fail("give the vault token on standard input: `… | backvault config set vault.token -`", 2)
+    if not token or any(c.isspace() for c in token):
+        fail("that is not a vault token (empty, or with spaces inside); nothing was stored", 2)
+    return token
 
 
 @config.command("unset")
 @click.argument("name")
 @pass_context
 def config_unset(ctx: Context, name: str) -> None:
-    """Remove NAME from the settings file."""
-    from .client.settings import set_value
+    """Remove NAME from the settings (the token from the keyring too)."""
+    from .client.settings import TOKEN, forget_token, set_value
 
+    if name == TOKEN:
+        removed = forget_token()
+        ctx.emit_json({"unset": name, "removed": removed})
+        ctx.out(f"{name} removed from: {', '.join(removed)}" if removed else f"{name} was not set")
+        return
     try:
         path = set_value(name, None)
     except SettingsError as exc:
@@ -1498,8 +1568,21 @@ ERROR_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a shutdown, `systemctl stop`, `kill`): unwound like Ctrl-C, so that what
+    cleans up on the way out (the copy of a database, a lock) runs."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True)
+    # Before any thread or child process exists: children inherit no secret variables.
+    withdraw_secrets_from_environment()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
     def report(message: str) -> None:
         errors.print(f"backvault: {message}", highlight=False, markup=False, soft_wrap=True)
@@ -1514,9 +1597,15 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, Terminated):
+            report("terminated; earlier snapshots are intact, run the command again to finish")
+            return EXIT_TERMINATED
         report("interrupted")
         return EXIT_INTERRUPTED
+    except Terminated:
+        report("terminated; earlier snapshots are intact, run the command again to finish")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         report("interrupted; earlier snapshots are intact, run the command again to finish")
         return EXIT_INTERRUPTED

@@ -78,17 +78,26 @@ class Demo:
     def say(self, text: str) -> None:
         print(f"\n\033[1m== {text}\033[0m" if self.bold else f"\n== {text}", flush=True)
 
-    def run(self, args: list[str], env: dict[str, str], expect: int = 0, show: bool = True) -> str:
+    def run(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        expect: int = 0,
+        show: bool = True,
+        stdin: str | None = None,
+    ) -> str:
         # Tokens are credentials: show only their start.
         printable = [a[:8] + "…" if a.startswith("bvt_") else a for a in args]
         shown = " ".join(a if " " not in a else repr(a) for a in printable)
-        print(f"$ backvault {shown}", flush=True)
+        piped = "   # the token, piped in: never on a command line" if stdin is not None else ""
+        print(f"$ backvault {shown}{piped}", flush=True)
         proc = subprocess.run(
             [sys.executable, "-m", "backvault.cli", *args],
             env=env,
             text=True,
             capture_output=True,
             timeout=300,
+            input=stdin,
         )
         if show and proc.stdout.strip():
             print(proc.stdout.rstrip(), flush=True)
@@ -173,9 +182,10 @@ def main(keep: bool = False) -> int:
             ("repository", str(repo)),
             ("vault.url", url),
             ("vault.account", "ana"),
-            ("vault.token", token),
         ):
             demo.run(["config", "set", key, value], phone, show=False)
+        # A token never goes on a command line: it is piped in, and kept in the keyring.
+        demo.run(["config", "set", "vault.token", "-"], phone, show=False, stdin=token)
         init = json.loads(demo.run(["--json", "init", "--password"], phone, show=False))
         groups = init["recovery_key_groups"].split()
         print("64-digit recovery key (shown once):")
@@ -199,9 +209,10 @@ def main(keep: bool = False) -> int:
             ("repository", str(repo)),
             ("vault.url", url),
             ("vault.account", "ana"),
-            ("vault.token", token),
         ):
             demo.run(["config", "set", key, value], new_phone, show=False)
+        # A token never goes on a command line: it is piped in, and kept in the keyring.
+        demo.run(["config", "set", "vault.token", "-"], new_phone, show=False, stdin=token)
         for guess in ("grandma's lemon pie", "lemon cake 1987"):
             demo.run(["snapshots"], dict(new_phone, BACKVAULT_PASSWORD=guess), expect=10)
 

@@ -18,8 +18,10 @@ import json
 import os
 import pwd
 import queue
+import shutil
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +54,7 @@ from ..repo.writer import RepositoryWriter
 from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
 from ..storage.local import LocalBackend
 from .budget import ByteBudget
+from .paths import private_temp_dir
 from .progress import NoProgress, Progress
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
@@ -163,7 +166,7 @@ class Backup:
         self.progress = progress or NoProgress()
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.names = _Names()
-        self.temp_dir = temp_dir
+        self.temp_dir = temp_dir  # where this run's private folder goes (default: cache)
         self._sqlite_state_file = sqlite_state_file
         self._sqlite_state: dict[str, Any] = {}
         self._sqlite_state_new: dict[str, Any] = {}
@@ -188,6 +191,14 @@ class Backup:
                 raise FileNotFoundError(f"{target} does not exist")
         hostname = hostname or socket.gethostname()
         self._load_sqlite_state()
+        # Copies of databases are the chat history in clear: they go to a folder of this
+        # run's own, inside a folder only this user may enter, and it goes away on every
+        # way out (an error, Ctrl-C, SIGTERM, which the command line turns into an
+        # exception); a run killed outright leaves it for the next run to remove.
+        root = Path(self.temp_dir) if self.temp_dir else private_temp_dir()
+        _remove_copies_of_dead_runs(root)
+        self._copies_dir = Path(tempfile.mkdtemp(prefix=f"backup-{os.getpid()}-", dir=root))
+        self._cancel_copies = threading.Event()
         # Databases that changed are copied from the start, while the index loads and the
         # other files are read (the copy is what a daily backup waits for longest).
         self._sqlite_copier = ThreadPoolExecutor(1, thread_name_prefix="backvault-sqlite")
@@ -198,10 +209,12 @@ class Backup:
                 targets, tags, hostname, on_saved, scan_first, expected, started, start_ns
             )
         finally:
+            self._cancel_copies.set()
             self._sqlite_copier.shutdown(cancel_futures=True)
             for future in self._early_copies.values():  # copies no one used (an error)
                 if not future.cancelled() and future.exception() is None:
                     future.result().stack.close()
+            shutil.rmtree(self._copies_dir, ignore_errors=True)
 
     def _run_locked(
         self,
@@ -249,6 +262,7 @@ class Backup:
                 self._stop_packer(packer)
                 self.writer.flush()
             except BaseException:
+                self._cancel_copies.set()
                 self.pool.shutdown(cancel=True)
                 self._sqlite_copier.shutdown(cancel_futures=True)
                 self._stop_packer(packer)
@@ -679,7 +693,7 @@ class Backup:
         a change during the copy is seen by the next backup)."""
         stack = contextlib.ExitStack()
         try:
-            copy = stack.enter_context(consistent_copy(path, self.temp_dir))
+            copy = stack.enter_context(consistent_copy(path, self._copies_dir, self._cancel_copies))
         except BaseException:
             stack.close()
             raise
@@ -731,6 +745,19 @@ class Backup:
 
 
 _SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def _remove_copies_of_dead_runs(root: Path) -> None:
+    """Remove the copy folders of runs whose process is gone (killed with SIGKILL, or the
+    machine lost power): nothing else would."""
+    for folder in root.glob("backup-*-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or a live process of another user
 
 
 def _is_sqlite_sidecar(directory: str, name: str, siblings: set[str]) -> bool:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..crypto.slotlabel import PASSWORD, SlotLabel
 from ..opaque import OpaqueConfig
 from ..repo.repository import KeySlot, Repository
 from ..storage import Backend
@@ -28,7 +29,6 @@ from . import vault_state
 from .settings import VaultSettings
 from .vault_client import LoginResult, VaultClient, VaultRefused
 
-SLOT_USER_PREFIX = "backvault-password:"
 WRAP_INFO = b"backvault vault-slot wrap v1"
 WRAP_VERSION = 1
 MIN_LENGTH = 6
@@ -89,7 +89,7 @@ class RecordCheck:
 
 
 def is_password_slot(slot: KeySlot) -> bool:
-    return slot.username.startswith(SLOT_USER_PREFIX)
+    return slot.label is not None and slot.label.kind == PASSWORD
 
 
 @dataclass
@@ -99,16 +99,21 @@ class PasswordSlots:
     verify: bool | str = True
 
     def client(self) -> VaultClient:
-        return VaultClient(self.vault.url, self.vault.token, self.opaque_config, verify=self.verify)
+        return VaultClient(
+            self.vault.url,
+            self.vault.token,
+            self.opaque_config,
+            verify=self.verify,
+            allow_plain_http=self.vault.allow_plain_http,
+        )
 
     def enable(self, repo: Repository, password: bytes, max_attempts: int | None = None) -> str:
         """Add a vault key slot; returns its key id. Nothing is left half-done: if the vault
         refuses, the new key file is removed again."""
         slot_secret = secrets.token_bytes(32)
+        # The vault and account go into the slot's sealed label, not its clear names.
         key_id = repo.add_key(
-            slot_secret.hex().encode(),
-            username=SLOT_USER_PREFIX + self.vault.account,
-            hostname=self.vault.url,
+            slot_secret.hex().encode(), SlotLabel.password(self.vault.url, self.vault.account)
         )
         try:
             with self.client() as vault:
@@ -171,4 +176,9 @@ class PasswordSlots:
         vault_state.forget_registration(self.vault.url, self.vault.account)
 
     def slots_of_account(self, repo: Repository) -> list[KeySlot]:
-        return [s for s in repo.list_keys() if s.username == SLOT_USER_PREFIX + self.vault.account]
+        """This account's password slots (their labels say so; read with the master key)."""
+        return [
+            s
+            for s in repo.list_keys()
+            if is_password_slot(s) and s.label is not None and s.label.account == self.vault.account
+        ]

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hardening import scrubbed_env
+
 UNIT = "backvault-backup"
 
 
@@ -48,7 +50,10 @@ def _systemctl_user_works() -> bool:
     if shutil.which("systemctl") is None:
         return False
     probe = subprocess.run(
-        ["systemctl", "--user", "show-environment"], capture_output=True, timeout=10
+        ["systemctl", "--user", "show-environment"],
+        capture_output=True,
+        timeout=10,
+        env=scrubbed_env(),
     )
     return probe.returncode == 0
 
@@ -88,12 +93,18 @@ def install(
         enabled = False
         message = f"wrote {service} and {timer}"
         if _systemctl_user_works():
-            subprocess.run(["systemctl", "--user", "daemon-reload"], check=False, timeout=30)
+            subprocess.run(
+                ["systemctl", "--user", "daemon-reload"],
+                check=False,
+                timeout=30,
+                env=scrubbed_env(),
+            )
             result = subprocess.run(
                 ["systemctl", "--user", "enable", "--now", f"{UNIT}.timer"],
                 capture_output=True,
                 text=True,
                 timeout=30,
+                env=scrubbed_env(),
             )
             enabled = result.returncode == 0
             message += (
@@ -127,6 +138,7 @@ def remove() -> list[Path]:
             ["systemctl", "--user", "disable", "--now", f"{UNIT}.timer"],
             capture_output=True,
             timeout=30,
+            env=scrubbed_env(),
         )
     for name in (f"{UNIT}.timer", f"{UNIT}.service"):
         path = directory / name

@@ -1,5 +1,7 @@
-"""The user's settings file, ``~/.config/backvault/config.toml``: the repository, the vault's
-URL, the account and its token. Flags and environment variables override it.
+"""The user's settings: ``~/.config/backvault/config.toml`` holds the repository, the vault's
+URL and the account; the account's token, a bearer credential, is kept in the OS keyring
+(or a 0600 file where there is none), never in the settings file. Flags and environment
+variables override both.
 
 ```toml
 repository = "/mnt/nas/chat-backup"
@@ -7,20 +9,26 @@ repository = "/mnt/nas/chat-backup"
 [vault]
 url = "https://vault.example"
 account = "alice"
-token = "bvt_…"          # a bearer credential: the file is kept mode 0600
 ```
+
+Earlier versions kept ``token = "bvt_…"`` under ``[vault]``: it is still read, and moved to
+the keyring by the next ``backvault config set vault.token``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
+from ..hardening import secret_variable
+from . import secretstore
 from .paths import config_dir
 
 KEYS = ("repository", "vault.url", "vault.account", "vault.token")
@@ -32,8 +40,17 @@ ENV = {
 }
 
 
+TOKEN = "vault.token"  # noqa: S105 - the setting's name
+TOKEN_ENTRY = "vault-token"  # noqa: S105 - its name in the OS keyring
+HIDDEN = "<hidden>"
+
+
 class SettingsError(ValueError):
     pass
+
+
+class InsecureVaultUrl(SettingsError):
+    """A vault URL over which the token and the login would cross the network in clear."""
 
 
 def settings_path() -> Path:
@@ -61,9 +78,12 @@ def _get(doc: dict[str, Any], key: str) -> str | None:
 
 
 def set_value(key: str, value: str | None) -> Path:
-    """Set (or with None, remove) one setting in the file; returns the file's path."""
+    """Set (or with None, remove) one setting in the file; returns the file's path. The
+    token goes to ``store_token`` instead; None removes one an earlier version wrote."""
     if key not in KEYS:
         raise SettingsError(f"unknown setting {key!r}; known: {', '.join(KEYS)}")
+    if key == TOKEN and value is not None:
+        raise SettingsError("the vault token is kept in the OS keyring, not the settings file")
     doc = load_file()
     node = doc
     parts = key.split(".")
@@ -83,11 +103,76 @@ def set_value(key: str, value: str | None) -> Path:
     return path
 
 
+def _token_file() -> Path:
+    return config_dir() / "vault-token"
+
+
+def _stored_token() -> tuple[str, str] | None:
+    found = secretstore.load(TOKEN_ENTRY, _token_file())
+    if found is None or not found[0].strip():
+        return None
+    return found[0].strip(), found[1]
+
+
+def store_token(token: str) -> str:
+    """Keep the account token in the OS keyring (or a 0600 file), and drop any copy an
+    earlier version left in the settings file; returns where it went."""
+    where = secretstore.store(TOKEN_ENTRY, token, _token_file())
+    if _get(load_file(), TOKEN) is not None:
+        set_value(TOKEN, None)
+    return where
+
+
+def forget_token() -> list[str]:
+    """Remove the stored token wherever it is; returns what was removed."""
+    removed = secretstore.delete(TOKEN_ENTRY, _token_file())
+    if _get(load_file(), TOKEN) is not None:
+        removed.append(f"{TOKEN} in {set_value(TOKEN, None)}")
+    return removed
+
+
+def check_vault_url(url: str, allow_plain_http: bool) -> None:
+    """Refuse a vault URL that would send the token and the login in clear over a
+    network: https://, or http:// to this machine (loopback), unless asked for."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme == "https" and host:
+        return
+    if scheme == "http" and host:
+        if allow_plain_http or _is_loopback(host):
+            return
+        raise InsecureVaultUrl(
+            f"the vault URL {url} is plain http, so the account token and the login would "
+            "cross the network unencrypted: use https://, or pass --insecure-vault if you "
+            "accept that (plain http needs no flag only on loopback)"
+        )
+    raise InsecureVaultUrl(
+        f"the vault URL {url!r} must start with https:// (or http:// on this machine); "
+        "set it with `backvault config set vault.url https://…`"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class VaultSettings:
     url: str
     account: str
     token: str
+    allow_plain_http: bool = False  # --insecure-vault
+
+    def __repr__(self) -> str:
+        return (
+            f"VaultSettings(url={self.url!r}, account={self.account!r}, token={HIDDEN}, "
+            f"allow_plain_http={self.allow_plain_http})"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,20 +182,34 @@ class Settings:
     vault_account: str | None
     vault_token: str | None
     sources: dict[str, str]  # setting -> where its value came from
+    allow_plain_http: bool = False  # --insecure-vault
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(repository={self.repository!r}, vault_url={self.vault_url!r}, "
+            f"vault_account={self.vault_account!r}, "
+            f"vault_token={HIDDEN if self.vault_token else None}, sources={self.sources!r}, "
+            f"allow_plain_http={self.allow_plain_http})"
+        )
 
     @classmethod
-    def resolve(cls, flags: dict[str, str | None] | None = None) -> Settings:
-        """Flags beat the environment, which beats the file."""
+    def resolve(
+        cls, flags: dict[str, str | None] | None = None, allow_plain_http: bool = False
+    ) -> Settings:
+        """Flags beat the environment, which beats the keyring (the token), which beats
+        the file."""
         doc = load_file()
         values: dict[str, str | None] = {}
         sources: dict[str, str] = {}
         for key in KEYS:
             flag = (flags or {}).get(key)
-            env = os.environ.get(ENV[key]) or None
+            env = secret_variable(ENV[key]) if key == TOKEN else os.environ.get(ENV[key])
             if flag:
                 values[key], sources[key] = flag, "flag"
             elif env:
                 values[key], sources[key] = env, f"${ENV[key]}"
+            elif key == TOKEN and (stored := _stored_token()) is not None:
+                values[key], sources[key] = stored
             else:
                 values[key] = _get(doc, key)
                 if values[key] is not None:
@@ -121,16 +220,22 @@ class Settings:
             values["vault.account"],
             values["vault.token"],
             sources,
+            allow_plain_http,
         )
 
     @property
     def vault(self) -> VaultSettings | None:
         if self.vault_url and self.vault_account and self.vault_token:
-            return VaultSettings(self.vault_url, self.vault_account, self.vault_token)
+            return VaultSettings(
+                self.vault_url, self.vault_account, self.vault_token, self.allow_plain_http
+            )
         return None
 
     def require_vault(self) -> VaultSettings:
+        """The vault settings, complete and safe to use (SettingsError otherwise)."""
         vault = self.vault
+        if vault is not None:
+            check_vault_url(vault.url, vault.allow_plain_http)
         if vault is None:
             missing = [
                 name
@@ -153,7 +258,7 @@ class Settings:
             "repository": self.repository,
             "vault.url": self.vault_url,
             "vault.account": self.vault_account,
-            "vault.token": (self.vault_token[:8] + "…") if self.vault_token else None,
+            "vault.token": HIDDEN if self.vault_token else None,
             "sources": self.sources,
             "file": str(settings_path()),
         }

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from ..opaque import KE2, OpaqueConfig, RegistrationResponse, client
+from .settings import check_vault_url
 
 
 class VaultUnavailable(Exception):
@@ -69,7 +70,10 @@ class LoginResult:
     counted_since: float | None
 
     def __repr__(self) -> str:
-        return f"LoginResult(<secret>, attempts_left={self.attempts_left}, counted={self.counted})"
+        return (
+            "LoginResult(wrapped_secret=<hidden>, export_key=<hidden>, "
+            f"attempts_left={self.attempts_left}, counted={self.counted})"
+        )
 
 
 def _b64(data: bytes) -> str:
@@ -84,7 +88,9 @@ class VaultClient:
         opaque_config: OpaqueConfig | None = None,
         timeout: float = 15.0,
         verify: bool | str | ssl.SSLContext = True,
+        allow_plain_http: bool = False,
     ) -> None:
+        check_vault_url(base_url, allow_plain_http)  # the token must not cross a network in clear
         self.config = opaque_config or OpaqueConfig()
         if isinstance(verify, str):  # a CA bundle (e.g. a self-signed vault certificate)
             verify = ssl.create_default_context(cafile=verify)

@@ -2,6 +2,9 @@
 
 backvault's slot secrets are 256 random bits, so scrypt's cost protects nothing here; we
 still write restic's format with restic's default parameters so stock restic opens them.
+
+The clear ``username`` and ``hostname`` are neutral in every key file backvault writes;
+what the slot is lives in the sealed ``backvault_label`` field (see slotlabel).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .aead import AuthenticationFailed, Key
+from .slotlabel import NEUTRAL_HOSTNAME, NEUTRAL_USERNAME, LabelError, SlotLabel
 
 SALT_SIZE = 64
 # restic's defaults before calibration; accepted by every restic version.
@@ -41,6 +45,14 @@ class KeyFile:
     p: int
     salt: bytes
     data: bytes  # the sealed master key document
+    label: bytes = b""  # the sealed SlotLabel; empty in key files restic or old versions made
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyFile(created={self.created!r}, username={self.username!r}, "
+            f"hostname={self.hostname!r}, n={self.n}, r={self.r}, p={self.p}, "
+            f"label={'<sealed>' if self.label else None})"
+        )
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -54,6 +66,8 @@ class KeyFile:
             "salt": base64.b64encode(self.salt).decode(),
             "data": base64.b64encode(self.data).decode(),
         }
+        if self.label:
+            doc["backvault_label"] = base64.b64encode(self.label).decode()
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -76,6 +90,7 @@ class KeyFile:
                 p=p,
                 salt=base64.b64decode(doc["salt"], validate=True),
                 data=base64.b64decode(doc["data"], validate=True),
+                label=base64.b64decode(doc.get("backvault_label", ""), validate=True),
             )
         except KeyFileError:
             raise
@@ -105,6 +120,31 @@ class KeyFile:
         except ValueError as exc:
             raise KeyFileError("key file holds no valid master key") from exc
 
+    def read_label(self, master: Key) -> SlotLabel | None:
+        """What the slot is: its sealed label, else what an earlier version's clear names
+        say; None for a key file restic made, or whose label does not belong to it."""
+        if self.label:
+            try:
+                return SlotLabel.open(master, self.salt, self.label)
+            except LabelError:
+                return None
+        return SlotLabel.from_legacy_names(self.username, self.hostname)
+
+    def relabelled(self, master: Key, label: SlotLabel) -> KeyFile:
+        """The same slot (same salt, same sealed master key) with neutral names and a
+        sealed label: how an earlier version's key file loses its clear names."""
+        return KeyFile(
+            self.created,
+            NEUTRAL_USERNAME,
+            NEUTRAL_HOSTNAME,
+            self.n,
+            self.r,
+            self.p,
+            self.salt,
+            self.data,
+            label.seal(master, self.salt),
+        )
+
     @classmethod
     def create(
         cls,
@@ -112,13 +152,24 @@ class KeyFile:
         secret: bytes,
         *,
         created: str,
-        username: str,
-        hostname: str,
+        label: SlotLabel,
         n: int = DEFAULT_SCRYPT_N,
         r: int = DEFAULT_SCRYPT_R,
         p: int = DEFAULT_SCRYPT_P,
     ) -> KeyFile:
-        draft = cls(created, username, hostname, n, r, p, secrets.token_bytes(SALT_SIZE), b"")
+        """A new key file for ``secret``, with neutral names and ``label`` sealed."""
+        salt = secrets.token_bytes(SALT_SIZE)
+        draft = cls(created, NEUTRAL_USERNAME, NEUTRAL_HOSTNAME, n, r, p, salt, b"")
         document = json.dumps(master.to_json(), separators=(",", ":")).encode()
         sealed = draft._wrapping_key(secret).seal(document)
-        return cls(created, username, hostname, n, r, p, draft.salt, sealed)
+        return cls(
+            created,
+            NEUTRAL_USERNAME,
+            NEUTRAL_HOSTNAME,
+            n,
+            r,
+            p,
+            salt,
+            sealed,
+            label.seal(master, salt),
+        )

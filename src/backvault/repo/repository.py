@@ -14,6 +14,7 @@ from typing import Any
 
 from ..crypto.aead import AuthenticationFailed, Key
 from ..crypto.keyfile import KeyFile, KeyFileError, WrongSecret
+from ..crypto.slotlabel import OTHER, SlotLabel
 from ..storage import Backend, FileType, ObjectNotFound, StorageError
 from . import format as fmt
 from .blobs import BlobLocation, BlobReader, decode_pack_header_blob
@@ -25,16 +26,19 @@ from .timefmt import format_ns, now_ns
 
 @dataclass(frozen=True)
 class KeySlot:
-    """A key file as listed: its id, who made it, and whether it opened this session."""
+    """A key file as listed: its id, its clear names, what it is (its label, read with the
+    master key; None for a key file restic made), and whether it opened this session."""
 
     id: str
     username: str
     hostname: str
     created: str
     current: bool
+    label: SlotLabel | None = None
 
 
 def _identity() -> tuple[str, str]:
+    """This user and device, for locks (encrypted; never for key files, which are not)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -62,7 +66,7 @@ class Repository:
     # --- opening ---------------------------------------------------------------------
 
     @classmethod
-    def init(cls, backend: Backend, secret: bytes, username: str | None = None) -> Repository:
+    def init(cls, backend: Backend, secret: bytes, label: SlotLabel | None = None) -> Repository:
         """Create a repository with a new master key and one key file for ``secret``."""
         if backend.exists():
             raise RepositoryError(f"a repository already exists at {backend.location}")
@@ -74,7 +78,7 @@ class Repository:
         )
         backend.create()
         repo = cls(backend, master, config, None)
-        repo.key_id = repo.add_key(secret, username=username)
+        repo.key_id = repo.add_key(secret, label)
         # The config goes last: until it exists, the location is not a repository.
         plain = fmt.encode_unpacked(config.to_json(), compress=False)
         backend.save(FileType.CONFIG, "config", master.seal(plain))
@@ -129,39 +133,63 @@ class Repository:
 
     # --- key slots ---------------------------------------------------------------------
 
-    def add_key(
-        self, secret: bytes, username: str | None = None, hostname: str | None = None
-    ) -> str:
-        user, host = _identity()
+    def add_key(self, secret: bytes, label: SlotLabel | None = None) -> str:
+        """A new key file for ``secret``; what it is goes into its sealed label, and its
+        clear names are the same neutral ones in every key file (no user, device, vault or
+        account for the storage provider to read)."""
         key_file = KeyFile.create(
-            self.key,
-            secret,
-            created=format_ns(now_ns()),
-            username=username or user,
-            hostname=hostname or host,
+            self.key, secret, created=format_ns(now_ns()), label=label or SlotLabel(OTHER)
         )
+        return self._save_key_file(key_file)
+
+    def _save_key_file(self, key_file: KeyFile) -> str:
         raw = key_file.to_bytes()
         name = fmt.sha256(raw).hex()
         self.backend.save(FileType.KEY, name, raw)
         return name
 
-    def list_keys(self) -> list[KeySlot]:
-        slots = []
+    def _key_files(self) -> list[tuple[str, KeyFile]]:
+        found = []
         for name, _ in self.backend.list(FileType.KEY):
             try:
-                key_file = KeyFile.from_bytes(self.backend.load(FileType.KEY, name))
+                found.append((name, KeyFile.from_bytes(self.backend.load(FileType.KEY, name))))
             except (KeyFileError, ObjectNotFound):
                 continue
-            slots.append(
-                KeySlot(
-                    name,
-                    key_file.username,
-                    key_file.hostname,
-                    key_file.created,
-                    name == self.key_id,
-                )
+        return found
+
+    def list_keys(self) -> list[KeySlot]:
+        slots = [
+            KeySlot(
+                name,
+                key_file.username,
+                key_file.hostname,
+                key_file.created,
+                name == self.key_id,
+                key_file.read_label(self.key),
             )
+            for name, key_file in self._key_files()
+        ]
         return sorted(slots, key=lambda s: s.created)
+
+    def relabel_legacy_keys(self) -> list[tuple[str, str]]:
+        """Give key files an earlier version wrote (kind, account and vault in clear) neutral
+        names and a sealed label; the slots open as before. Returns (old id, new id) pairs.
+
+        The new file is saved before the old one is removed: an interruption leaves two
+        files for one slot, never none."""
+        moved = []
+        for name, key_file in self._key_files():
+            if key_file.label:
+                continue
+            label = key_file.read_label(self.key)
+            if label is None:
+                continue  # a key file restic made: its names are its owner's choice
+            new_name = self._save_key_file(key_file.relabelled(self.key, label))
+            self.backend.remove(FileType.KEY, name)
+            if self.key_id == name:
+                self.key_id = new_name
+            moved.append((name, new_name))
+        return moved
 
     def remove_key(self, key_id: str) -> None:
         self.backend.remove(FileType.KEY, key_id)

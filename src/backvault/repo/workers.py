@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..hardening import disable_core_dumps
+
 T = TypeVar("T")
 
 # Below this much work, starting worker processes costs more than it saves.
@@ -55,6 +57,9 @@ def _start_worker(
     # Ctrl-C reaches the whole process group: the parent decides what happens, so a worker
     # must not stop on its own half-way through a write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker holds the master key; exec made it dumpable again (the core-size limit of
+    # 0 is inherited, but a core_pattern pipe need not honour it).
+    disable_core_dumps()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     global _worker_context, _worker_barrier
     _worker_context = make_context(*args)

@@ -24,6 +24,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,10 @@ _BUSY_TIMEOUT_MS = 30_000
 
 class SQLiteCopyError(Exception):
     pass
+
+
+class CopyCancelled(SQLiteCopyError):
+    """The copy was given up (the backup is being interrupted)."""
 
 
 def is_sqlite_database(path: str | os.PathLike[str]) -> bool:
@@ -56,13 +61,19 @@ def page_size_of(path: str | os.PathLike[str]) -> int:
 
 
 @contextlib.contextmanager
-def consistent_copy(path: str | os.PathLike[str], temp_dir: str | None = None) -> Iterator[Path]:
-    """Yield the path of a consistent copy of the database; the copy is deleted after."""
+def consistent_copy(
+    path: str | os.PathLike[str],
+    temp_dir: str | os.PathLike[str],
+    cancel: threading.Event | None = None,
+) -> Iterator[Path]:
+    """Yield the path of a consistent copy of the database, made in ``temp_dir`` (a
+    private folder: the copy is the whole chat history in clear); the copy is deleted
+    after. Setting ``cancel`` stops a copy under way (CopyCancelled)."""
     fd, name = tempfile.mkstemp(prefix=".backvault-sqlite-", suffix=".db", dir=temp_dir)
     os.close(fd)
     copy = Path(name)
     try:
-        _backup(Path(path), copy)
+        _backup(Path(path), copy, cancel or threading.Event())
         yield copy
     finally:
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -70,7 +81,7 @@ def consistent_copy(path: str | os.PathLike[str], temp_dir: str | None = None) -
                 os.unlink(f"{copy}{suffix}")
 
 
-def _backup(source: Path, destination: Path) -> None:
+def _backup(source: Path, destination: Path, cancel: threading.Event) -> None:
     uri = f"file:{quote(str(source.absolute()))}?mode=ro"
     try:
         src = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
@@ -85,17 +96,25 @@ def _backup(source: Path, destination: Path) -> None:
             _copy_in_read_transaction(src, source, destination)
             _recover(destination)
             return
+
+        def stop_if_cancelled(_status: int, _remaining: int, _total: int) -> None:
+            if cancel.is_set():
+                raise CopyCancelled(f"the copy of {source} was given up")
+
         deadline = time.monotonic() + 600
         while True:
             try:
-                src.backup(dst, pages=-1 if wal else _STEP_PAGES, sleep=0.005)
+                src.backup(
+                    dst, pages=-1 if wal else _STEP_PAGES, progress=stop_if_cancelled, sleep=0.005
+                )
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                if cancel.wait(0.05):
+                    raise CopyCancelled(f"the copy of {source} was given up") from exc
         dst.commit()
     except sqlite3.Error as exc:
         raise SQLiteCopyError(f"cannot copy the database {source}: {exc}") from exc

@@ -17,6 +17,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from ..hardening import scrubbed_env
 from .base import StorageError
 from .rest import RestBackend
 
@@ -127,6 +128,7 @@ class RcloneBackend(RestBackend):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=0,
+            env=scrubbed_env(),  # rclone needs its own settings, none of our secrets
         )
         client = httpx.Client(transport=_Http2OverPipe(self._proc), timeout=timeout)
         super().__init__("http://localhost/", client, location=f"rclone:{remote}")

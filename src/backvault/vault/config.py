@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..hardening import environment_value
+
 
 class SettingsError(ValueError):
     """A setting is missing or wrong; the message says which and what to do."""
@@ -120,7 +122,7 @@ def load_settings(
                 raise ValueError(f"{config_file}: unknown setting {key!r}")
             values[name] = value
     for name in known:
-        env = os.environ.get(f"BACKVAULT_VAULT_{name.upper()}")
+        env = environment_value(f"BACKVAULT_VAULT_{name.upper()}")  # the PIN is withdrawn
         if env is not None:
             values[name] = env
     for name, value in (overrides or {}).items():
