@@ -1,0 +1,436 @@
+"""Hostile snapshots: a restore writes nothing outside its target.
+
+Whoever holds a repository's master key (the thief of a lost phone, say) can put any
+snapshot into it. The snapshots here are built by hand, as tree blobs of a real encrypted
+repository written with the repository's own writer: trees the backup never writes —
+duplicate names, a folder and a symlink of the same name, symlinks that escape the target
+followed by entries that would go through them, hard-link tricks, names with ``/``, ``..``
+or NUL, nesting hundreds of levels deep. Each is restored through the real
+``backvault restore`` (with worker processes) and through the Restorer API (with worker
+processes and with threads), with and without ``--overwrite`` (with it, into a target
+laid with traps: symlinks to the outside under the snapshot's own names). Everything
+around the target — contents, modes, owners, mtimes, link targets — must be the same
+after the restore as before. Trees that break the format are named as damaged (by
+``check`` too); symlinks that point outside are legitimate data and are restored as
+symlinks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backvault.client.restore import Restorer
+from backvault.crypto import recovery_key
+from backvault.repo import format as fmt
+from backvault.repo.check import Checker
+from backvault.repo.format import BlobType, Snapshot
+from backvault.repo.repository import Repository
+from backvault.repo.timefmt import format_ns
+from backvault.repo.writer import RepositoryWriter
+from backvault.storage import LocalBackend
+from tests.conftest import Cli, require_restic
+
+PROCESSES = {"BACKVAULT_WORKER_PROCESSES": "2"}
+THREADS = {"BACKVAULT_WORKER_PROCESSES": "0"}
+OLD_MTIME = format_ns(1_500_000_000_000_000_000, local=False)
+PWNED = b"written by a hostile snapshot\n"
+
+
+@dataclass
+class World:
+    """A folder holding the restore target and, next to it, what must stay untouched."""
+
+    root: Path
+    outside: Path
+    victim: Path
+    target: Path
+
+    @classmethod
+    def make(cls, base: Path) -> World:
+        root = base / "world"
+        outside = root / "outside"
+        (outside / "sub").mkdir(parents=True)
+        victim = outside / "victim.txt"
+        victim.write_text("original\n")
+        os.chmod(victim, 0o640)
+        (outside / "sub" / "inner.txt").write_text("inner\n")
+        os.symlink("victim.txt", outside / "link-to-victim")
+        os.chmod(outside, 0o750)
+        target = root / "target"
+        target.mkdir()
+        for path in (victim, outside / "sub" / "inner.txt", outside / "sub", outside, root):
+            os.utime(path, ns=(1_400_000_000_000_000_000, 1_400_000_000_000_000_000))
+        return cls(root, outside, victim, target)
+
+    def digest(self) -> dict[str, Any]:
+        """Everything in the world but the target: type, mode, owner, mtime, size, content
+        or link target of each entry (the world itself included). Also the mode and owner
+        of ``/``, which one case tries to reach."""
+        entries: dict[str, Any] = {}
+        root_st = os.stat("/")
+        entries["<filesystem root>"] = (root_st.st_mode, root_st.st_uid, root_st.st_gid)
+        for folder, dirs, files in os.walk(self.root):
+            if Path(folder) == self.root:
+                dirs.remove(self.target.name)
+            for name in [".", *dirs, *files]:
+                path = Path(folder) / name
+                st = path.lstat()
+                entry: tuple[Any, ...] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+                if stat.S_ISLNK(st.st_mode):
+                    entry += (os.readlink(path),)
+                elif stat.S_ISREG(st.st_mode):
+                    entry += (st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+                entries[str(path.relative_to(self.root))] = entry
+        return entries
+
+    def lay_traps(self, names: list[str]) -> None:
+        """What --overwrite finds in the target: under each of the snapshot's top-level
+        names, a symlink to the outside, or a folder holding one."""
+        for i, name in enumerate(names):
+            if i % 2 == 0:
+                os.symlink(self.outside, self.target / name)
+            else:
+                (self.target / name).mkdir()
+                os.symlink(self.victim, self.target / name / "inner-trap")
+        (self.target / "mine.txt").write_text("was here before\n")
+
+
+class Hostile:
+    """A real encrypted repository into which trees are written as raw JSON blobs, with no
+    check of what they hold."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key = recovery_key.canonical(recovery_key.generate())
+        self.repo = Repository.init(LocalBackend(path), self.key.encode())
+        self.writer = RepositoryWriter(self.repo)
+
+    def tree(self, nodes: list[dict[str, Any]]) -> str:
+        raw = json.dumps({"nodes": nodes}).encode() + b"\n"
+        return self.writer.add(BlobType.TREE, raw).hex()
+
+    def file(self, name: str, data: bytes, mode: int = 0o644, **extra: Any) -> dict[str, Any]:
+        content = [self.writer.add(BlobType.DATA, data).hex()] if data else []
+        return {
+            "name": name,
+            "type": "file",
+            "mode": mode,
+            "mtime": OLD_MTIME,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "size": len(data),
+            "content": content,
+            **extra,
+        }
+
+    def folder(self, name: str, nodes: list[dict[str, Any]], mode: int = 0o755) -> dict[str, Any]:
+        return {
+            "name": name,
+            "type": "dir",
+            "mode": fmt.GO_MODE_DIR | mode,
+            "mtime": OLD_MTIME,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "content": None,
+            "subtree": self.tree(nodes),
+        }
+
+    def snapshot(self, nodes: list[dict[str, Any]]) -> str:
+        root = self.tree(nodes)
+        self.writer.flush()
+        snap = Snapshot(
+            time=format_ns(1_700_000_000_000_000_000), tree=bytes.fromhex(root), paths=["/chat"]
+        )
+        return self.repo.save_snapshot(snap)
+
+
+def link(name: str, target: str | Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "symlink",
+        "mode": fmt.GO_MODE_SYMLINK | 0o777,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "linktarget": str(target),
+        "content": None,
+    }
+
+
+def mirror(real: Path, name: str, h: Hostile, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A folder node named ``name`` with the mode and owner of the real folder ``real``
+    and no mtime: restored through a symlink to ``real``, it changes nothing there."""
+    st = real.stat()
+    node = h.folder(name, nodes)
+    node.update(mode=fmt.go_mode_from_unix(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+    del node["mtime"]
+    return node
+
+
+def via_root(name: str, path: Path, h: Hostile, inner: list[dict[str, Any]]) -> dict[str, Any]:
+    """Folder ``name`` mirroring ``/``, holding folders that mirror the components of
+    ``path``, the last holding ``inner``: through a symlink ``name`` -> ``/``, the only
+    change on this machine would be what ``inner`` puts into ``path``."""
+    nodes = inner
+    for depth in range(len(path.parts) - 1, 0, -1):
+        real = Path(*path.parts[: depth + 1])
+        nodes = [mirror(real, real.name, h, nodes)]
+    return mirror(Path("/"), name, h, nodes)
+
+
+# --- the cases ---------------------------------------------------------------------------
+
+Build = Callable[[Hostile, World], list[dict[str, Any]]]
+
+
+@dataclass
+class Case:
+    name: str
+    build: Build  # the top-level nodes of the snapshot
+    refused: str = ""  # for a tree that breaks the format: part of the damage message
+    check: Callable[[World], None] | None = None  # for a legitimate one: what must be there
+    top: list[str] = field(default_factory=list)
+
+
+def hostile(nodes: Build, refused: str) -> Callable[[str], Case]:
+    """A case whose hostile tree sits in folder /chat, next to an ordinary file /ok.txt
+    that must be restored all the same."""
+
+    def build(h: Hostile, w: World) -> list[dict[str, Any]]:
+        return [h.folder("chat", nodes(h, w)), h.file("ok.txt", b"fine\n")]
+
+    return lambda name: Case(name, build, refused=refused, top=["chat", "ok.txt"])
+
+
+def _victim_folder(h: Hostile) -> list[dict[str, Any]]:
+    return [h.file("victim.txt", PWNED, mode=0o666)]
+
+
+REFUSED: list[Case] = [
+    hostile(
+        lambda h, w: [h.folder("d", _victim_folder(h), 0o777), link("d", w.outside)],
+        "duplicate name 'd'",
+    )("folder then symlink to the outside"),
+    hostile(
+        lambda h, w: [link("d", w.outside), h.folder("d", _victim_folder(h), 0o777)],
+        "duplicate name 'd'",
+    )("symlink to the outside then folder"),
+    hostile(
+        lambda h, w: [h.folder("d", _victim_folder(h), 0o777), link("d", "../../outside")],
+        "duplicate name 'd'",
+    )("folder then relative escaping symlink"),
+    hostile(
+        lambda h, w: [h.folder("u", [h.folder("outside", _victim_folder(h))]), link("u", "../..")],
+        "duplicate name 'u'",
+    )("folder then symlink to .."),
+    hostile(
+        lambda h, w: [via_root("r", w.outside, h, _victim_folder(h)), link("r", "/")],
+        "duplicate name 'r'",
+    )("folder then symlink to /"),
+    hostile(
+        lambda h, w: [link("v", w.victim), h.file("v", PWNED, mode=0o666)],
+        "duplicate name 'v'",
+    )("symlink then file"),
+    hostile(
+        lambda h, w: [h.file("v", PWNED, mode=0o666), link("v", w.victim)],
+        "duplicate name 'v'",
+    )("file then symlink"),
+    hostile(
+        lambda h, w: [
+            h.file("a", b"", links=2, inode=77, device_id=1),
+            link("a", w.victim),
+            h.file("b", b"", mode=0o666, links=2, inode=77, device_id=1),
+        ],
+        "duplicate name 'a'",
+    )("hard link to a name replaced by a symlink"),
+    hostile(
+        lambda h, w: [h.folder("d", [h.file("x", PWNED)]), h.file("d", PWNED)],
+        "duplicate name 'd'",
+    )("folder then file"),
+    hostile(
+        # Two different texts, one file name: "é" and its UTF-8 bytes as surrogate escapes.
+        lambda h, w: [h.folder("é", _victim_folder(h), 0o777), link("\udcc3\udca9", w.outside)],
+        "duplicate name",
+    )("same bytes in two spellings"),
+    hostile(lambda h, w: [h.file("../outside/victim.txt", PWNED)], "unsafe name")(
+        "name with slashes"
+    ),
+    hostile(lambda h, w: [h.folder("..", [h.folder("outside", _victim_folder(h))])], "unsafe name")(
+        "name .."
+    ),
+    hostile(lambda h, w: [h.folder(".", _victim_folder(h))], "unsafe name")("name ."),
+    hostile(lambda h, w: [h.file("", PWNED)], "unsafe name")("empty name"),
+    hostile(lambda h, w: [h.file("victim.txt\x00", PWNED)], "unsafe name")("name with NUL"),
+    hostile(lambda h, w: [h.file("\ud800", PWNED)], "unsafe name")("unencodable name"),
+    hostile(
+        lambda h, w: [{"name": "x", "type": "hardlink", "linktarget": str(w.victim)}],
+        "unknown type 'hardlink'",
+    )("unknown node type"),
+]
+
+
+def _escaping_links(h: Hostile, w: World) -> list[dict[str, Any]]:
+    return [
+        link("abs", w.outside),
+        link("dotdot", ".."),
+        link("root", "/"),
+        link("rel", "../outside/victim.txt"),
+        h.folder("x", [h.file("y", b"data\n")]),
+    ]
+
+
+def _check_escaping_links(w: World) -> None:
+    expected = {"abs": str(w.outside), "dotdot": "..", "root": "/", "rel": "../outside/victim.txt"}
+    for name, linktarget in expected.items():
+        assert (w.target / name).is_symlink() and os.readlink(w.target / name) == linktarget
+    assert not (w.target / "x").is_symlink()
+    assert (w.target / "x" / "y").read_bytes() == b"data\n"
+
+
+LONG = "n" * 200
+
+
+def _deep(depth: int, name: str) -> Build:
+    def build(h: Hostile, w: World) -> list[dict[str, Any]]:
+        nodes = [h.file("leaf.txt", b"deep\n"), link("escape", w.outside)]
+        for _ in range(depth):
+            nodes = [h.folder(name, nodes)]
+        return nodes
+
+    return build
+
+
+def _check_deep(depth: int, name: str) -> Callable[[World], None]:
+    def check(w: World) -> None:
+        fd = os.open(w.target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            leaf = os.open("leaf.txt", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            assert os.read(leaf, 100) == b"deep\n"
+            os.close(leaf)
+            assert os.readlink("escape", dir_fd=fd) == str(w.outside)
+        finally:
+            os.close(fd)
+
+    return check
+
+
+RESTORED: list[Case] = [
+    Case(
+        "symlinks out of the target are restored as symlinks",
+        _escaping_links,
+        check=_check_escaping_links,
+        top=["abs", "dotdot", "root", "rel", "x"],
+    ),
+    Case(
+        "300 levels of 200-character names",
+        _deep(300, LONG),
+        check=_check_deep(300, LONG),
+        top=[LONG],
+    ),
+    Case("1100 levels", _deep(1100, "d"), check=_check_deep(1100, "d"), top=["d"]),
+]
+
+RUNNERS = ["cli", "api-processes", "api-threads"]
+
+
+def run_case(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(case.build(h, world))
+    if overwrite:
+        world.lay_traps(case.top)
+    before = world.digest()
+    damaged: list[tuple[str, str]] = []
+    if runner == "cli":
+        args = ["-r", str(h.path), "restore", snapshot_id, "--target", str(world.target)]
+        result = cli.run(*args, *(["--overwrite"] if overwrite else []), key=h.key, env=PROCESSES)
+        assert world.digest() == before, result.err
+        assert result.code == (3 if case.refused else 0), result.err
+        for line in result.err.splitlines():
+            if line.startswith("not restored: "):
+                path, _, error = line.removeprefix("not restored: ").partition(": ")
+                damaged.append((path, error))
+    else:
+        for name, value in (PROCESSES if runner == "api-processes" else THREADS).items():
+            monkeypatch.setenv(name, value)
+        repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+        try:
+            outcome = Restorer(repo, world.target, overwrite=overwrite).run(
+                repo.find_snapshot(snapshot_id)[1]
+            )
+        finally:
+            assert world.digest() == before
+        damaged = outcome.damaged
+    if case.refused:
+        assert [path for path, _ in damaged] == ["/chat"], damaged
+        assert case.refused in damaged[0][1], damaged
+        assert (world.target / "ok.txt").read_bytes() == b"fine\n"
+        assert not (world.target / "ok.txt").is_symlink()
+    else:
+        assert damaged == []
+        assert case.check is not None
+        case.check(world)
+    if overwrite:
+        assert (world.target / "mine.txt").read_text() == "was here before\n"
+    leftovers = [
+        name for _, _, names in os.walk(world.target) for name in names if ".backvault-" in name
+    ]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["empty-target", "overwrite"])
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("case", REFUSED, ids=[c.name for c in REFUSED])
+def test_a_tree_that_breaks_the_format_is_refused_and_nothing_outside_changes(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_case(case, runner, overwrite, tmp_path, cli, monkeypatch)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["empty-target", "overwrite"])
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("case", RESTORED, ids=[c.name for c in RESTORED])
+def test_a_legitimate_but_unusual_tree_is_restored_inside_the_target(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_case(case, runner, overwrite, tmp_path, cli, monkeypatch)
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c.name for c in REFUSED])
+def test_check_names_a_tree_that_breaks_the_format(case: Case, tmp_path: Path) -> None:
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    h.snapshot(case.build(h, world))
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    errors = Checker(repo).run().errors
+    assert len(errors) == 1 and case.refused in errors[0] and "is damaged" in errors[0], errors
