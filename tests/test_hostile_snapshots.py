@@ -18,10 +18,11 @@ symlinks.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from backvault.repo.repository import Repository
 from backvault.repo.timefmt import format_ns
 from backvault.repo.writer import RepositoryWriter
 from backvault.storage import LocalBackend
-from tests.conftest import Cli, require_restic
+from tests.conftest import Cli
 
 PROCESSES = {"BACKVAULT_WORKER_PROCESSES": "2"}
 THREADS = {"BACKVAULT_WORKER_PROCESSES": "0"}
@@ -346,6 +347,47 @@ RESTORED: list[Case] = [
 RUNNERS = ["cli", "api-processes", "api-threads"]
 
 
+def names_below(root: Path) -> list[str]:
+    """The names of everything below ``root``, however deep (os.walk recurses, and its
+    paths would pass PATH_MAX)."""
+    names: list[str] = []
+    todo = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    while todo:
+        fd = todo.pop()
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    names.append(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                        todo.append(os.open(entry.name, flags, dir_fd=fd))
+        finally:
+            os.close(fd)
+    return names
+
+
+def remove_tree(root: Path, spare: Path) -> None:
+    """Remove ``root`` however deep (shutil.rmtree recurses, and pytest's clean-up with
+    it): each folder found is first moved up into ``spare``, so paths stay short."""
+    spare.mkdir()
+    todo = [root]
+    for count in itertools.count():
+        if not todo:
+            break
+        top = todo.pop()
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    moved = spare / str(count) / entry.name
+                    moved.parent.mkdir(exist_ok=True)
+                    os.rename(entry.path, moved)
+                    todo.append(moved)
+                else:
+                    os.unlink(entry.path)
+        os.rmdir(top)
+    shutil.rmtree(spare)
+
+
 def run_case(
     case: Case,
     runner: str,
@@ -357,6 +399,22 @@ def run_case(
     world = World.make(tmp_path)
     h = Hostile(tmp_path / "repo")
     snapshot_id = h.snapshot(case.build(h, world))
+    try:
+        restore_and_judge(case, runner, overwrite, world, h, snapshot_id, cli, monkeypatch)
+    finally:
+        remove_tree(world.target, tmp_path / "spare")
+
+
+def restore_and_judge(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    world: World,
+    h: Hostile,
+    snapshot_id: str,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     if overwrite:
         world.lay_traps(case.top)
     before = world.digest()
@@ -392,10 +450,7 @@ def run_case(
         case.check(world)
     if overwrite:
         assert (world.target / "mine.txt").read_text() == "was here before\n"
-    leftovers = [
-        name for _, _, names in os.walk(world.target) for name in names if ".backvault-" in name
-    ]
-    assert leftovers == []
+    assert [name for name in names_below(world.target) if ".backvault-" in name] == []
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["empty-target", "overwrite"])
@@ -434,3 +489,112 @@ def test_check_names_a_tree_that_breaks_the_format(case: Case, tmp_path: Path) -
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
     errors = Checker(repo).run().errors
     assert len(errors) == 1 and case.refused in errors[0] and "is damaged" in errors[0], errors
+
+
+# --- the safe folders underneath ---------------------------------------------------------
+
+
+def test_a_worker_writes_nothing_through_a_folder_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """Even if a folder of the target becomes a symlink after the restore made it (a
+    race, or a file system that folds two names into one), a worker opens it without
+    following the symlink and reports the file instead of writing outside."""
+    from backvault.client.restore import restore_runs
+    from backvault.client.target_folders import UnsafeTarget, close_target, open_target
+    from backvault.repo.blobs import BlobReader
+
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    h.snapshot([h.file("victim.txt", PWNED)])
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    run = [repo.locate(fmt.sha256(PWNED))]
+    (world.target / "d").mkdir()
+    (world.target / "d" / "e").mkdir()
+    target, _ = open_target(world.target)
+    try:
+        before = world.digest()
+        (world.target / "d" / "e").rmdir()
+        os.symlink(world.outside, world.target / "d" / "e")
+        os.rename(world.target / "d", world.target / "moved")
+        os.symlink(world.outside, world.target / "d")
+        reader = BlobReader(repo.backend, repo.key)
+        outcomes = restore_runs(
+            reader,
+            target,
+            [(run, ("d",), "victim.txt", 0), (run, ("moved", "e"), "victim.txt", 0)],
+        )
+        assert all(isinstance(outcome, UnsafeTarget) for outcome in outcomes), outcomes
+        assert "no longer a folder of this restore" in str(outcomes[0])
+        assert world.digest() == before
+        # A real folder still works, and what was written is the blob's content.
+        assert restore_runs(reader, target, [(run, ("moved",), "ok.txt", 0)]) == [len(PWNED)]
+        assert (world.target / "moved" / "ok.txt").read_bytes() == PWNED
+    finally:
+        close_target(target)
+
+
+def test_a_worker_process_refuses_a_target_that_was_replaced(tmp_path: Path) -> None:
+    """A worker process opens the target by path: if that path now leads elsewhere (a
+    symlink to the outside put in its place), it stops instead of writing there."""
+    from backvault.client.target_folders import (
+        RestoreTarget,
+        close_target,
+        folders_of,
+        open_target,
+    )
+    from backvault.repo.errors import RepositoryError
+
+    world = World.make(tmp_path)
+    target, _ = open_target(world.target)
+    try:
+        os.rename(world.target, world.root / "moved")
+        os.symlink(world.outside, world.target)
+        in_a_worker = RestoreTarget(target.path, target.device, target.inode, "another process")
+        with pytest.raises(RepositoryError, match="was replaced by another folder"):
+            folders_of(in_a_worker)
+    finally:
+        close_target(target)
+
+
+# --- and the good paths ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [PROCESSES, THREADS], ids=["processes", "threads"])
+def test_restic_hard_links_fifos_and_devices_still_restore(
+    cli: Cli, tmp_path: Path, mode: dict[str, str]
+) -> None:
+    """What restic writes for hard links (inode and link count), fifos, device nodes (as
+    root) and symlinks still comes back as it was."""
+    from tests.test_restic_interop import restic
+
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.txt").write_bytes(os.urandom(50_000))
+    os.link(source / "a.txt", source / "sub" / "same-as-a.txt")
+    os.mkfifo(source / "pipe", 0o640)
+    os.symlink("../a.txt", source / "sub" / "link")
+    os.symlink("/nonexistent", source / "dangling")
+    if os.geteuid() == 0:
+        os.mknod(source / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.chmod(source / "null", 0o666)
+    for path in [source / "a.txt", source / "pipe", source / "sub"]:
+        os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    repo = tmp_path / "restic-repo"
+    restic(repo, "pw", "init")
+    restic(repo, "pw", "backup", str(source))
+    target = tmp_path / "out"
+    cli.ok("-r", str(repo), "restore", "latest", "--target", str(target), key="pw", env=mode)
+    out = target / source.relative_to("/")
+    a, same = (out / "a.txt").stat(), (out / "sub" / "same-as-a.txt").stat()
+    assert (a.st_ino, a.st_nlink) == (same.st_ino, 2)
+    assert (out / "a.txt").read_bytes() == (source / "a.txt").read_bytes()
+    pipe = (out / "pipe").lstat()
+    assert stat.S_ISFIFO(pipe.st_mode) and stat.S_IMODE(pipe.st_mode) == 0o640
+    assert pipe.st_mtime_ns == 1_600_000_000_000_000_000
+    assert os.readlink(out / "sub" / "link") == "../a.txt"
+    assert os.readlink(out / "dangling") == "/nonexistent"
+    assert (out / "sub").stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert a.st_mtime_ns == 1_600_000_000_000_000_000
+    if os.geteuid() == 0:
+        null = (out / "null").lstat()
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+        assert stat.S_IMODE(null.st_mode) == 0o666
