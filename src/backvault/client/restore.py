@@ -11,6 +11,15 @@ threads otherwise: see ``repo.workers``) read, decrypt and verify a run and writ
 offset with ``pwrite``, so many files, and the parts of one large file, are restored at
 once. Whoever writes a file's last run renames it into place. Folder metadata
 is applied last, deepest first, once nothing more is written inside.
+
+A snapshot is data from whoever holds the master key, so the restore never writes by
+path: every folder is reached from the target's descriptor without following a symlink
+(``target_folders``), and everything is created, renamed, linked and changed relative to
+it. A symlink in the snapshot is restored as a symlink wherever it points; nothing is
+written through one. Trees with duplicate or unsafe names are refused when read (see
+``repo.format.decode_tree``) and reported as damaged. With ``overwrite``, what is in the
+way is removed as it is (a symlink, not what it points to), and never what this restore
+made itself.
 """
 
 from __future__ import annotations
