@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 
 import pytest
@@ -125,6 +126,13 @@ names = st.text(
 ).filter(lambda n: n not in (".", ".."))
 
 
+link_targets = st.text(
+    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=10,
+)
+
+
 @st.composite
 def nodes(draw: st.DrawFn) -> Node:
     kind = draw(st.sampled_from(["file", "dir", "symlink"]))
@@ -138,7 +146,7 @@ def nodes(draw: st.DrawFn) -> Node:
         user=draw(st.text(max_size=5)),
         inode=draw(st.integers(0, 2**63)),
         size=draw(st.integers(0, 2**40)) if kind == "file" else 0,
-        linktarget=draw(st.text(min_size=1, max_size=10)) if kind == "symlink" else "",
+        linktarget=draw(link_targets) if kind == "symlink" else "",
         content=draw(st.lists(ids, max_size=3)) if kind == "file" else None,
         subtree=draw(ids) if kind == "dir" else None,
     )
@@ -156,9 +164,52 @@ def test_tree_round_trip_sorted(tree: list[Node]) -> None:
 def test_tree_rejects_duplicates_and_unsafe_names() -> None:
     with pytest.raises(fmt.FormatError):
         fmt.encode_tree([Node("a", "file", content=[]), Node("a", "file", content=[])])
-    for bad in ("..", ".", "a/b", ""):
-        with pytest.raises(fmt.FormatError):
+    for bad in ("..", ".", "a/b", "", "a\x00b", "\ud800"):
+        with pytest.raises(fmt.FormatError, match="unsafe name"):
             fmt.decode_tree(json.dumps({"nodes": [{"name": bad, "type": "file"}]}).encode())
+
+
+def tree_json(*nodes: dict[str, object]) -> bytes:
+    return json.dumps({"nodes": list(nodes)}).encode() + b"\n"
+
+
+def test_tree_decoder_refuses_what_would_lead_a_restore_astray() -> None:
+    sub = {"subtree": "00" * 32}
+    cases = {
+        # A folder and a symlink of one name: a restore would write into the symlink.
+        "duplicate name 'd'": [
+            {"name": "d", "type": "dir", **sub},
+            {"name": "d", "type": "symlink", "linktarget": "/etc"},
+        ],
+        "duplicate name 'v'": [
+            {"name": "v", "type": "symlink", "linktarget": "/etc/passwd"},
+            {"name": "v", "type": "file"},
+        ],
+        # "é" and its UTF-8 bytes as surrogate escapes are the same name on disk.
+        "duplicate name": [
+            {"name": "é", "type": "dir", **sub},
+            {"name": "\udcc3\udca9", "type": "symlink", "linktarget": "/"},
+        ],
+        "unknown type 'hardlink'": [{"name": "x", "type": "hardlink"}],
+        "unknown type ''": [{"name": "x", "type": ""}],
+        "unusable link target (it contains NUL)": [
+            {"name": "x", "type": "symlink", "linktarget": "/etc\x00"}
+        ],
+        "unusable link target (it is not a file name": [
+            {"name": "x", "type": "symlink", "linktarget": "\ud800"}
+        ],
+    }
+    for message, tree in cases.items():
+        with pytest.raises(fmt.FormatError, match=re.escape(message)):
+            fmt.decode_tree(tree_json(*tree))
+
+
+def test_tree_decoder_accepts_every_type_restic_writes() -> None:
+    tree = [{"name": kind, "type": kind} for kind in fmt.NODE_TYPES if kind != "dir"]
+    tree.append({"name": "dir", "type": "dir", "subtree": "00" * 32})
+    tree.append({"name": "\udcff", "type": "file"})  # a name that is not UTF-8, escaped
+    decoded = fmt.decode_tree(tree_json(*tree))
+    assert sorted(n.type for n in decoded) == sorted([*fmt.NODE_TYPES, "file"])
 
 
 def test_restic_node_json_shape() -> None:

@@ -11,6 +11,15 @@ threads otherwise: see ``repo.workers``) read, decrypt and verify a run and writ
 offset with ``pwrite``, so many files, and the parts of one large file, are restored at
 once. Whoever writes a file's last run renames it into place. Folder metadata
 is applied last, deepest first, once nothing more is written inside.
+
+A snapshot is data from whoever holds the master key, so the restore never writes by
+path: every folder is reached from the target's descriptor without following a symlink
+(``target_folders``), and everything is created, renamed, linked and changed relative to
+it. A symlink in the snapshot is restored as a symlink wherever it points; nothing is
+written through one. Trees with duplicate or unsafe names are refused when read (see
+``repo.format.decode_tree``) and reported as damaged. With ``overwrite``, what is in the
+way is removed as it is (a symlink, not what it points to), and never what this restore
+made itself.
 """
 
 from __future__ import annotations
@@ -19,10 +28,13 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import itertools
 import os
 import secrets
 import shutil
+import stat as stat_module
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -38,6 +50,15 @@ from ..repo.timefmt import parse_ns
 from ..repo.workers import WorkerPool
 from .budget import ByteBudget
 from .progress import NoProgress, Progress
+from .target_folders import (
+    Folder,
+    RestoreTarget,
+    TargetFolders,
+    UnsafeTarget,
+    close_target,
+    folders_of,
+    open_target,
+)
 
 # A run is read with one request; small runs of small SQLite chunks would cost a request
 # (and a task) each, large ones would hold much memory per worker.
@@ -116,11 +137,12 @@ def could_contain_match(path: str, patterns: list[str]) -> bool:
 
 
 class _FileJob:
-    """One file being restored: its temporary name and the runs still to write."""
+    """One file being restored: the folder it goes into, its temporary name there, and
+    the runs still to write."""
 
-    def __init__(self, node: Node, dest: Path, path: str, tmp: Path, runs: int) -> None:
+    def __init__(self, node: Node, folder: Folder, path: str, tmp: str, runs: int) -> None:
         self.node = node
-        self.dest = dest
+        self.folder = folder
         self.path = path
         self.tmp = tmp
         self.remaining = runs
@@ -128,6 +150,35 @@ class _FileJob:
         self.error: str | None = None
         self.succeeded = False
         self.lock = threading.Lock()
+
+
+@dataclass
+class _Walk:
+    """A folder of the snapshot being walked: what is left of its entries."""
+
+    nodes: Iterator[Node]
+    folder: Folder
+    path: str
+    selected: bool
+    node: Node | None  # the folder's own entry (None for the snapshot's root)
+    restored_any: bool = False
+
+
+# Errors that concern one entry (its name is too long for this file system, something
+# took its place...): it is reported and the restore goes on.
+_ENTRY_ERRNOS = frozenset(
+    {
+        errno.ENAMETOOLONG,
+        errno.EILSEQ,
+        errno.EINVAL,
+        errno.EEXIST,
+        errno.ELOOP,
+        errno.ENOTDIR,
+        errno.ENOENT,
+        errno.EISDIR,
+        errno.ENOTEMPTY,
+    }
+)
 
 
 class Restorer:
@@ -149,6 +200,8 @@ class Restorer:
         self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
         self._threads = workers or 4
         self._pool: WorkerPool | None = None
+        self._folders: TargetFolders | None = None
+        self._target_ref: RestoreTarget | None = None
         self._budget = ByteBudget(_IN_FLIGHT_BYTES)
         self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
         self._batch_bytes = 0
@@ -156,8 +209,14 @@ class Restorer:
         self._open_jobs: set[_FileJob] = set()
         self._fatal: BaseException | None = None
         self._hardlinks: dict[tuple[int, int], _FileJob] = {}
-        self._deferred_links: list[tuple[_FileJob, Node, Path, str]] = []
-        self._dir_metadata: list[tuple[Path, Node]] = []
+        self._deferred_links: list[tuple[_FileJob, Node, Folder, str]] = []
+        self._dir_metadata: list[tuple[Folder, Node, str]] = []
+        # Folders this restore made or took over (device, inode): never removed by it.
+        self._own_folders: set[tuple[int, int]] = set()
+        # Temporary names no snapshot can know (so none of its entries can take their
+        # place): a random prefix for this restore and a counter.
+        self._tmp_prefix = f".backvault-{secrets.token_hex(12)}-"
+        self._tmp_count = itertools.count()
 
     def check_target(self) -> None:
         if self.target.exists():
@@ -173,89 +232,171 @@ class Restorer:
         self.check_target()
         self.repo.ensure_index()
         self.target.mkdir(parents=True, exist_ok=True)
-        total = self._selected_size(snapshot.tree, "")
-        self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
-        self.progress.start(total, "restore")
+        total = self._selected_size(snapshot.tree)
+        self._target_ref, self._folders = open_target(self.target)
         try:
-            self._restore_tree(snapshot.tree, self.target, "", selected=not self.includes)
-            self._submit_batch()
-            self._budget.wait_idle()
-            self._raise_fatal()
-            self._make_deferred_links()
-            for dest, node in self._dir_metadata:  # children were listed before parents
-                self._apply_metadata(dest, node)
+            self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
+            self.progress.start(total, "restore")
+            try:
+                self._restore_tree(snapshot.tree)
+                self._submit_batch()
+                self._budget.wait_idle()
+                self._raise_fatal()
+                self._make_deferred_links()
+                for folder, node, path in self._dir_metadata:  # children before parents
+                    self._apply_folder_metadata(folder, node, path)
+            finally:
+                self._pool.shutdown(cancel=True)
+                self._discard_unfinished()
+                self.progress.finish()
         finally:
-            self._pool.shutdown(cancel=True)
-            self._discard_unfinished()
-            self.progress.finish()
+            close_target(self._target_ref)
         self.result.damaged.sort()
         return self.result
 
-    def _selected_size(self, tree_id: bytes, rel: str) -> int:
+    @property
+    def _target_folders(self) -> TargetFolders:
+        assert self._folders is not None
+        return self._folders
+
+    def _selected_size(self, tree_id: bytes) -> int:
         total = 0
-        try:
-            nodes = self.repo.load_tree(tree_id)
-        except DamagedObject:
-            return 0
-        for node in nodes:
-            path = f"{rel}/{node.name}"
-            if node.type == "dir" and node.subtree is not None:
-                if (
-                    not self.includes
-                    or matches(path, self.includes)
-                    or could_contain_match(path, self.includes)
-                ):
-                    total += self._selected_size(node.subtree, path)
-            elif node.type == "file" and (not self.includes or matches(path, self.includes)):
-                total += node.size
+        todo = [(tree_id, "")]
+        while todo:  # not recursive: a snapshot may nest folders thousands deep
+            tree, rel = todo.pop()
+            try:
+                nodes = self.repo.load_tree(tree)
+            except DamagedObject:
+                continue
+            for node in nodes:
+                path = f"{rel}/{node.name}"
+                if node.type == "dir" and node.subtree is not None:
+                    if (
+                        not self.includes
+                        or matches(path, self.includes)
+                        or could_contain_match(path, self.includes)
+                    ):
+                        todo.append((node.subtree, path))
+                elif node.type == "file" and (not self.includes or matches(path, self.includes)):
+                    total += node.size
         return total
 
-    def _restore_tree(self, tree_id: bytes, directory: Path, rel: str, selected: bool) -> bool:
-        """Restore a tree's selected entries into ``directory``; True if anything was
-        (files count once their restore is under way)."""
+    def _load_nodes(self, tree_id: bytes, path: str) -> list[Node]:
+        """A folder's entries; none if its tree is damaged (or breaks the format: names
+        that are not one path component, duplicates), which is reported."""
         try:
-            nodes = self.repo.load_tree(tree_id)
+            return self.repo.load_tree(tree_id)
         except DamagedObject as exc:
-            self._add_damaged(rel or "/", str(exc))
-            return False
-        restored_any = False
-        for node in nodes:
+            self._add_damaged(path or "/", str(exc))
+            return []
+
+    def _restore_tree(self, tree_id: bytes) -> None:
+        """Restore the selected entries of the snapshot, folder by folder, depth first
+        (with a stack of its own: a snapshot may nest folders thousands deep)."""
+        root = _Walk(iter(self._load_nodes(tree_id, "")), (), "", not self.includes, None)
+        stack = [root]
+        while stack:
+            walk = stack[-1]
+            node = next(walk.nodes, None)
+            if node is None:
+                stack.pop()
+                if stack:
+                    self._leave_folder(walk, stack[-1])
+                continue
             self._raise_fatal()
-            path = f"{rel}/{node.name}"
-            chosen = selected or matches(path, self.includes)
-            dest = directory / node.name
+            path = f"{walk.path}/{node.name}"
+            chosen = walk.selected or matches(path, self.includes)
             if node.type == "dir":
                 if not chosen and not could_contain_match(path, self.includes):
                     continue
-                self._make_dir(dest)
-                assert node.subtree is not None
-                inner = self._restore_tree(node.subtree, dest, path, chosen)
-                if inner or chosen:
-                    self._dir_metadata.append((dest, node))
-                    self.result.dirs += 1
-                    restored_any = True
-                else:
-                    with contextlib.suppress(OSError):
-                        dest.rmdir()
-                continue
-            if not chosen:
-                continue
-            if self._restore_leaf(node, dest, path):
-                restored_any = True
-        return restored_any
+                if self._make_folder(walk.folder, node.name, path):
+                    assert node.subtree is not None
+                    nodes = self._load_nodes(node.subtree, path)
+                    stack.append(_Walk(iter(nodes), (*walk.folder, node.name), path, chosen, node))
+            elif chosen and self._restore_leaf(node, walk.folder, path):
+                walk.restored_any = True
 
-    def _make_dir(self, dest: Path) -> None:
-        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-            self._remove_existing(dest)
-        dest.mkdir(mode=0o700, exist_ok=True)
+    def _leave_folder(self, walk: _Walk, parent: _Walk) -> None:
+        """A folder's entries are all under way: keep it (its metadata is applied at the
+        end) if anything in it was restored or it was chosen itself, else remove it."""
+        assert walk.node is not None
+        if walk.restored_any or walk.selected:
+            self._dir_metadata.append((walk.folder, walk.node, walk.path))
+            self.result.dirs += 1
+            parent.restored_any = True
+            return
+        with (
+            contextlib.suppress(OSError, UnsafeTarget),
+            self._target_folders.folder(parent.folder) as fd,
+        ):
+            os.rmdir(walk.node.name, dir_fd=fd)
 
-    def _remove_existing(self, dest: Path) -> None:
+    def _make_folder(self, parent: Folder, name: str, path: str) -> bool:
+        """Create folder ``name`` in ``parent`` (or keep the folder already there); False
+        if it could not be (reported)."""
+        try:
+            with self._target_folders.folder(parent) as fd:
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    if not self._make_room(fd, name, path, for_folder=True):
+                        return False
+                    with contextlib.suppress(FileExistsError):  # a folder kept
+                        os.mkdir(name, 0o700, dir_fd=fd)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except (UnsafeTarget, OSError) as exc:
+            return self._entry_failed(path, exc)
+        if not stat_module.S_ISDIR(st.st_mode):
+            self._add_damaged(path, "something else took this folder's place during the restore")
+            return False
+        self._own_folders.add((st.st_dev, st.st_ino))
+        return True
+
+    def _make_room(self, fd: int, name: str, path: str, for_folder: bool) -> bool:
+        """Before entry ``name`` is created in the folder ``fd``: remove what is there
+        (only with --overwrite, and only what this restore did not make), or keep it if
+        it is a folder and a folder is wanted. Nothing is followed: a symlink is removed
+        as a symlink, a folder with everything in it but what its symlinks point to."""
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        is_folder = stat_module.S_ISDIR(st.st_mode)
+        if is_folder and (st.st_dev, st.st_ino) in self._own_folders:
+            # Two entries of the snapshot landed on one name (a file system that ignores
+            # case): the folder restored first may have files still being written.
+            self._add_damaged(
+                path,
+                "another entry of the snapshot was restored under this name (does the "
+                "target's file system ignore case?); not restored",
+            )
+            return False
         if not self.overwrite:
-            raise TargetNotEmpty(f"{dest} already exists; pass --overwrite to replace it")
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
+            self._add_damaged(
+                path,
+                "something already has this name in the target; pass --overwrite to replace it",
+            )
+            return False
+        if is_folder and for_folder:
+            return True
+        if is_folder:
+            shutil.rmtree(name, dir_fd=fd)
         else:
-            dest.unlink()
+            os.unlink(name, dir_fd=fd)
+        return True
+
+    def _entry_failed(self, path: str, exc: BaseException) -> bool:
+        """Report an entry that could not be restored and go on (False); a full disk and
+        other errors that concern the whole restore stop it."""
+        if isinstance(exc, UnsafeTarget):
+            self._add_damaged(path, str(exc))
+            return False
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise self._disk_full() from exc
+        if isinstance(exc, OSError) and exc.errno in _ENTRY_ERRNOS:
+            self._add_damaged(path, f"cannot be created in the target: {exc.strerror}")
+            return False
+        raise exc
 
     def _disk_full(self) -> DiskFull:
         return DiskFull(
@@ -263,42 +404,45 @@ class Restorer:
             f"files; free some space and run the restore again with --overwrite"
         )
 
-    def _restore_leaf(self, node: Node, dest: Path, path: str) -> bool:
-        if os.path.lexists(dest):
-            self._remove_existing(dest)
+    def _restore_leaf(self, node: Node, folder: Folder, path: str) -> bool:
+        name = node.name
         try:
-            if node.type == "file":
-                # Metadata is applied when the last run is written.
-                return self._start_file(node, dest, path)
-            if node.type == "symlink":
-                os.symlink(node.linktarget, dest)
-                with self._lock:
-                    self.result.symlinks += 1
-            elif node.type == "fifo":
-                os.mkfifo(dest, 0o600)
-            elif node.type in ("dev", "chardev"):
-                if not self.is_root:
-                    self._add_warning(path, "device nodes need root; skipped")
+            with self._target_folders.folder(folder) as fd:
+                if not self._make_room(fd, name, path, for_folder=False):
                     return False
-                kind = 0o020000 if node.type == "chardev" else 0o060000
-                os.mknod(dest, kind | 0o600, node.device)
-            else:
-                self._add_warning(path, f"{node.type} entries are not restored")
-                return False
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise self._disk_full() from exc
-            raise
-        self._apply_metadata(dest, node)
+                if node.type == "file":
+                    # Metadata is applied when the last run is written.
+                    return self._start_file(node, folder, fd, path)
+                if node.type == "symlink":
+                    # Where it points is data (it may well point outside the target);
+                    # nothing is ever written through it.
+                    os.symlink(node.linktarget, name, dir_fd=fd)
+                    with self._lock:
+                        self.result.symlinks += 1
+                elif node.type == "fifo":
+                    os.mkfifo(name, 0o600, dir_fd=fd)
+                elif node.type in ("dev", "chardev"):
+                    if not self.is_root:
+                        self._add_warning(path, "device nodes need root; skipped")
+                        return False
+                    kind = stat_module.S_IFCHR if node.type == "chardev" else stat_module.S_IFBLK
+                    os.mknod(name, kind | 0o600, node.device, dir_fd=fd)
+                else:
+                    self._add_warning(path, f"{node.type} entries are not restored")
+                    return False
+                self._apply_metadata(fd, name, node, path)
+        except (UnsafeTarget, OSError) as exc:
+            return self._entry_failed(path, exc)
         return True
 
     # --- files ---------------------------------------------------------------------------
 
-    def _start_file(self, node: Node, dest: Path, path: str) -> bool:
-        """Open the file's temporary copy and hand its runs to the workers."""
+    def _start_file(self, node: Node, folder: Folder, fd: int, path: str) -> bool:
+        """Create the file's temporary copy (or let a worker do it) and hand its runs to
+        the workers."""
         link_key = (node.device_id, node.inode) if node.links > 1 and node.inode else None
         if link_key is not None and link_key in self._hardlinks:
-            self._deferred_links.append((self._hardlinks[link_key], node, dest, path))
+            self._deferred_links.append((self._hardlinks[link_key], node, folder, path))
             return True
         try:
             runs = self._runs(node.content or [])
@@ -307,10 +451,10 @@ class Restorer:
             return False
         # The worker that writes the first run creates the file (one system call less for
         # this busy thread); an empty file is created here.
-        tmp = dest.with_name(f".{dest.name}.backvault-{secrets.token_hex(4)}")
+        tmp = f"{self._tmp_prefix}{next(self._tmp_count)}"
         if not runs:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        job = _FileJob(node, dest, path, tmp, len(runs))
+            os.close(os.open(tmp, _CREATE_FLAGS | os.O_EXCL, 0o600, dir_fd=fd))
+        job = _FileJob(node, folder, path, tmp, len(runs))
         with self._lock:
             self._open_jobs.add(job)
         if link_key is not None:
@@ -337,7 +481,8 @@ class Restorer:
         try:
             future = self._pool.submit(
                 restore_runs,
-                [(run, str(job.tmp), offset) for job, run, offset in batch],
+                self._target_ref,
+                [(run, job.folder, job.tmp, offset) for job, run, offset in batch],
                 work_bytes=charge,
             )
         except BaseException:
@@ -348,7 +493,7 @@ class Restorer:
         )
 
     def _batch_done(
-        self, jobs: list[_FileJob], charge: int, future: Future[list[int | DamagedObject]]
+        self, jobs: list[_FileJob], charge: int, future: Future[list[int | RepositoryError]]
     ) -> None:
         """Runs were written (or failed): count them, and finish each file after its last."""
         try:
@@ -357,18 +502,18 @@ class Restorer:
             exc = future.exception()
             if exc is not None:
                 self._set_fatal(exc)
-                outcomes: list[int | DamagedObject] = [0] * len(jobs)
+                outcomes: list[int | RepositoryError] = [0] * len(jobs)
             else:
                 outcomes = future.result()
             for job, outcome in zip(jobs, outcomes, strict=True):
                 with job.lock:
-                    if isinstance(outcome, DamagedObject):
+                    if isinstance(outcome, RepositoryError):
                         job.error = job.error or str(outcome)
                     else:
                         job.written += outcome
                     job.remaining -= 1
                     last = job.remaining == 0
-                if not isinstance(outcome, DamagedObject):
+                if not isinstance(outcome, RepositoryError):
                     self.progress.advance(outcome)
                 if last:
                     self._finish_file(job)
@@ -383,35 +528,57 @@ class Restorer:
             self._open_jobs.discard(job)  # from now on this takes care of its file
         if self._fatal is None and job.error is None and job.written != job.node.size:
             job.error = f"restored {job.written} bytes, expected {job.node.size}"
-        if job.error is not None or self._fatal is not None:
-            # After a fatal error (a full disk) the restore stops: its unfinished files are
-            # removed, not reported as damaged.
-            with contextlib.suppress(OSError):
-                job.tmp.unlink()
-            if job.error is not None and self._fatal is None:
-                self._add_damaged(job.path, job.error)
-                self.progress.note(f"damaged: {job.path}: {job.error}")
-            return
         try:
-            os.replace(job.tmp, job.dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                job.tmp.unlink()
-            raise
+            with self._target_folders.folder(job.folder) as fd:
+                if job.error is not None or self._fatal is not None:
+                    # After a fatal error (a full disk) the restore stops: its unfinished
+                    # files are removed, not reported as damaged.
+                    with contextlib.suppress(OSError):
+                        os.unlink(job.tmp, dir_fd=fd)
+                    if job.error is not None and self._fatal is None:
+                        self._add_damaged(job.path, job.error)
+                        self.progress.note(f"damaged: {job.path}: {job.error}")
+                    return
+                # The temporary copy gets its metadata before it takes its name.
+                self._apply_metadata(fd, job.tmp, job.node, job.path, own_file=True)
+                try:
+                    os.replace(job.tmp, job.node.name, src_dir_fd=fd, dst_dir_fd=fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(job.tmp, dir_fd=fd)
+                    raise
+        except (UnsafeTarget, OSError) as exc:
+            self._entry_failed(job.path, exc)
+            return
         with self._lock:
             self.result.files += 1
             self.result.bytes += job.written
         job.succeeded = True
-        self._apply_metadata(job.dest, job.node)
 
     def _make_deferred_links(self) -> None:
-        for first, node, dest, path in self._deferred_links:
-            if first.succeeded:
-                os.link(first.dest, dest)
-                self._apply_metadata(dest, node)
-                self.result.files += 1
-            else:
+        """Hard links to files restored earlier in this run; a link is made to the entry
+        itself (never through a symlink), in folders opened without following any."""
+        for first, node, folder, path in self._deferred_links:
+            if not first.succeeded:
                 self._add_damaged(path, f"hard link to {first.path}, which was not restored")
+                continue
+            try:
+                with (
+                    self._target_folders.folder(first.folder) as source,
+                    self._target_folders.folder(folder) as fd,
+                ):
+                    os.link(
+                        first.node.name,
+                        node.name,
+                        src_dir_fd=source,
+                        dst_dir_fd=fd,
+                        follow_symlinks=False,
+                    )
+                    self._apply_metadata(fd, node.name, node, path)
+            except (UnsafeTarget, OSError) as exc:
+                self._entry_failed(path, exc)
+                continue
+            self.result.files += 1
 
     def _discard_unfinished(self) -> None:
         """After an interruption or a fatal error: remove temporary copies left open."""
@@ -419,8 +586,11 @@ class Restorer:
             unfinished = list(self._open_jobs)
             self._open_jobs.clear()
         for job in unfinished:
-            with contextlib.suppress(OSError):
-                job.tmp.unlink()
+            with (
+                contextlib.suppress(OSError, UnsafeTarget),
+                self._target_folders.folder(job.folder) as fd,
+            ):
+                os.unlink(job.tmp, dir_fd=fd)
 
     def _set_fatal(self, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -467,32 +637,69 @@ class Restorer:
             runs.append([location])
         return runs
 
-    def _apply_metadata(self, dest: Path, node: Node) -> None:
+    def _apply_metadata(
+        self, fd: int, name: str, node: Node, path: str, own_file: bool = False
+    ) -> None:
+        """Owner, mode and times of entry ``name`` of folder ``fd``, none through a
+        symlink. ``own_file``: a temporary copy this restore made (O_NOFOLLOW, under a
+        name no snapshot knows), which no symlink can have replaced: its mode is set with
+        one call, where the no-follow form costs four (glibc emulates it through /proc)."""
         try:
             if self.is_root:
-                os.lchown(dest, node.uid, node.gid)
+                os.chown(name, node.uid, node.gid, dir_fd=fd, follow_symlinks=False)
             if node.type != "symlink":
-                os.chmod(dest, fmt.unix_permissions_from_go(node.mode))
+                mode = fmt.unix_permissions_from_go(node.mode)
+                if own_file:
+                    os.chmod(name, mode, dir_fd=fd)
+                else:
+                    os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
             mtime = parse_ns(node.mtime) if node.mtime else None
             if mtime is not None:
                 atime = parse_ns(node.atime) if node.atime else mtime
-                os.utime(dest, ns=(atime, mtime), follow_symlinks=False)
-        except (OSError, ValueError) as exc:
-            self._add_warning(str(dest), f"metadata not restored: {exc}")
+                os.utime(name, ns=(atime, mtime), dir_fd=fd, follow_symlinks=False)
+        except (OSError, ValueError, NotImplementedError) as exc:
+            self._add_warning(path, f"metadata not restored: {exc}")
+
+    def _apply_folder_metadata(self, folder: Folder, node: Node, path: str) -> None:
+        """A folder's owner, mode and times, set on the folder's own descriptor."""
+        try:
+            with self._target_folders.folder(folder) as fd:
+                if self.is_root:
+                    os.chown(fd, node.uid, node.gid)
+                os.chmod(fd, fmt.unix_permissions_from_go(node.mode))
+                mtime = parse_ns(node.mtime) if node.mtime else None
+                if mtime is not None:
+                    atime = parse_ns(node.atime) if node.atime else mtime
+                    os.utime(fd, ns=(atime, mtime))
+        except (UnsafeTarget, OSError, ValueError) as exc:
+            self._add_warning(path, f"metadata not restored: {exc}")
+
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def restore_runs(
-    reader: BlobReader, runs: list[tuple[list[BlobLocation], str, int]]
-) -> list[int | DamagedObject]:
-    """Runs in a worker: read, verify and write each run at its offset of its file. Gives
-    each run's bytes written, or the damage that stopped it."""
-    outcomes: list[int | DamagedObject] = []
+    reader: BlobReader,
+    target: RestoreTarget,
+    runs: list[tuple[list[BlobLocation], Folder, str, int]],
+) -> list[int | RepositoryError]:
+    """Runs in a worker: read, verify and write each run at its offset of its file (the
+    temporary copy named in its folder, opened from the target without following a
+    symlink). Gives each run's bytes written, or what stopped it."""
+    folders = folders_of(target)
+    outcomes: list[int | RepositoryError] = []
     files: dict[str, int] = {}  # a file's runs often come one after another: open it once
     try:
-        for run, path, offset in runs:
-            fd = files.get(path)
+        for run, folder, tmp, offset in runs:
+            fd = files.get(tmp)
             if fd is None:
-                fd = files[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    with folders.folder(folder) as folder_fd:
+                        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=folder_fd)
+                except UnsafeTarget as exc:
+                    outcomes.append(exc)
+                    continue
+                files[tmp] = fd
             try:
                 outcomes.append(reader.write_run(run, fd, offset))
             except DamagedObject as exc:

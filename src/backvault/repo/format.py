@@ -302,7 +302,37 @@ def unix_permissions_from_go(go_mode: int) -> int:
     return mode
 
 
+# The node types restic writes; a tree with any other is refused.
 NODE_TYPES = ("file", "dir", "symlink", "dev", "chardev", "fifo", "socket", "irregular")
+
+
+def name_bytes(name: str) -> bytes:
+    """A node's name as the file system sees it (names that are not UTF-8 are kept as
+    surrogate escapes, as Python reads them)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one entry of a folder, or None: anything that is not a
+    single path component would let a restore reach outside the folder."""
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a folder, not an entry in one"
+    if "/" in name:
+        return "it contains /"
+    return _path_problem(name)
+
+
+def _path_problem(text: str) -> str | None:
+    """Why ``text`` cannot be passed to the file system, or None."""
+    if "\x00" in text:
+        return "it contains NUL"
+    try:
+        name_bytes(text)
+    except UnicodeEncodeError:
+        return "it is not a file name (unpaired surrogate)"
+    return None
 
 
 @dataclass
@@ -369,8 +399,17 @@ class Node:
             name, node_type = doc["name"], doc["type"]
             if not isinstance(name, str) or not isinstance(node_type, str):
                 raise FormatError("tree node name/type must be strings")
-            if not name or "/" in name or name in (".", ".."):
-                raise FormatError(f"tree node has an unsafe name: {name!r}")
+            problem = _name_problem(name)
+            if problem is not None:
+                raise FormatError(f"tree node has an unsafe name: {name!r} ({problem})")
+            if node_type not in NODE_TYPES:
+                raise FormatError(f"tree node {name!r} has an unknown type {node_type!r}")
+            linktarget = doc.get("linktarget", "")
+            if not isinstance(linktarget, str):
+                raise FormatError(f"tree node {name!r} has a link target that is not text")
+            problem = _path_problem(linktarget)
+            if problem is not None:
+                raise FormatError(f"tree node {name!r} has an unusable link target ({problem})")
             content = doc.get("content")
             node = cls(
                 name=name,
@@ -387,7 +426,7 @@ class Node:
                 device_id=_nonneg_int(doc.get("device_id", 0)),
                 size=_nonneg_int(doc.get("size", 0)),
                 links=_nonneg_int(doc.get("links", 0)),
-                linktarget=str(doc.get("linktarget", "")),
+                linktarget=linktarget,
                 device=_nonneg_int(doc.get("device", 0)),
                 content=None
                 if content is None
@@ -407,15 +446,15 @@ class Node:
 
 def tree_order(node: Node) -> bytes:
     """The order of nodes in a tree: by the bytes of their names, as restic sorts them."""
-    return node.name.encode("utf-8", "surrogateescape")
+    return name_bytes(node.name)
 
 
 def encode_tree(nodes: Iterable[Node]) -> bytes:
     """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it."""
     ordered = sorted(nodes, key=tree_order)
     for a, b in itertools.pairwise(ordered):
-        if a.name == b.name:
-            raise FormatError(f"duplicate name in tree: {a.name!r}")
+        if tree_order(a) == tree_order(b):
+            raise FormatError(f"duplicate name {a.name!r} in one folder")
     doc = {"nodes": [n.to_json() for n in ordered]}
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
@@ -427,7 +466,17 @@ def decode_tree(data: bytes) -> list[Node]:
         raise FormatError(f"tree is not JSON: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes", []), list | None):
         raise FormatError("tree is not an object with nodes")
-    return [Node.from_json(n) for n in doc.get("nodes") or []]
+    nodes = [Node.from_json(n) for n in doc.get("nodes") or []]
+    # Two entries of one name would make a restore put one where the other was (a folder
+    # replaced by a symlink while files are written into it). Names are compared as the
+    # file system sees them: "é" and its UTF-8 bytes as surrogate escapes are one name.
+    seen: set[bytes] = set()
+    for node in nodes:
+        key = tree_order(node)
+        if key in seen:
+            raise FormatError(f"duplicate name {node.name!r} in one folder")
+        seen.add(key)
+    return nodes
 
 
 # --- snapshots -----------------------------------------------------------------------

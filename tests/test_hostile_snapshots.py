@@ -1,0 +1,602 @@
+"""Hostile snapshots: a restore writes nothing outside its target.
+
+Whoever holds a repository's master key (the thief of a lost phone, say) can put any
+snapshot into it. The snapshots here are built by hand, as tree blobs of a real encrypted
+repository written with the repository's own writer: trees the backup never writes —
+duplicate names, a folder and a symlink of the same name, symlinks that escape the target
+followed by entries that would go through them, hard-link tricks, names with ``/``, ``..``
+or NUL, nesting hundreds of levels deep. Each is restored through the real
+``backvault restore`` (with worker processes) and through the Restorer API (with worker
+processes and with threads), with and without ``--overwrite`` (with it, into a target
+laid with traps: symlinks to the outside under the snapshot's own names). Everything
+around the target — contents, modes, owners, mtimes, link targets — must be the same
+after the restore as before. Trees that break the format are named as damaged (by
+``check`` too); symlinks that point outside are legitimate data and are restored as
+symlinks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backvault.client.restore import Restorer
+from backvault.crypto import recovery_key
+from backvault.repo import format as fmt
+from backvault.repo.check import Checker
+from backvault.repo.format import BlobType, Snapshot
+from backvault.repo.repository import Repository
+from backvault.repo.timefmt import format_ns
+from backvault.repo.writer import RepositoryWriter
+from backvault.storage import LocalBackend
+from tests.conftest import Cli
+
+PROCESSES = {"BACKVAULT_WORKER_PROCESSES": "2"}
+THREADS = {"BACKVAULT_WORKER_PROCESSES": "0"}
+OLD_MTIME = format_ns(1_500_000_000_000_000_000, local=False)
+PWNED = b"written by a hostile snapshot\n"
+
+
+@dataclass
+class World:
+    """A folder holding the restore target and, next to it, what must stay untouched."""
+
+    root: Path
+    outside: Path
+    victim: Path
+    target: Path
+
+    @classmethod
+    def make(cls, base: Path) -> World:
+        root = base / "world"
+        outside = root / "outside"
+        (outside / "sub").mkdir(parents=True)
+        victim = outside / "victim.txt"
+        victim.write_text("original\n")
+        os.chmod(victim, 0o640)
+        (outside / "sub" / "inner.txt").write_text("inner\n")
+        os.symlink("victim.txt", outside / "link-to-victim")
+        os.chmod(outside, 0o750)
+        target = root / "target"
+        target.mkdir()
+        for path in (victim, outside / "sub" / "inner.txt", outside / "sub", outside, root):
+            os.utime(path, ns=(1_400_000_000_000_000_000, 1_400_000_000_000_000_000))
+        return cls(root, outside, victim, target)
+
+    def digest(self) -> dict[str, Any]:
+        """Everything in the world but the target: type, mode, owner, mtime, size, content
+        or link target of each entry (the world itself included). Also the mode and owner
+        of ``/``, which one case tries to reach."""
+        entries: dict[str, Any] = {}
+        root_st = os.stat("/")
+        entries["<filesystem root>"] = (root_st.st_mode, root_st.st_uid, root_st.st_gid)
+        for folder, dirs, files in os.walk(self.root):
+            if Path(folder) == self.root:
+                dirs.remove(self.target.name)
+            for name in [".", *dirs, *files]:
+                path = Path(folder) / name
+                st = path.lstat()
+                entry: tuple[Any, ...] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+                if stat.S_ISLNK(st.st_mode):
+                    entry += (os.readlink(path),)
+                elif stat.S_ISREG(st.st_mode):
+                    entry += (st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+                entries[str(path.relative_to(self.root))] = entry
+        return entries
+
+    def lay_traps(self, names: list[str]) -> None:
+        """What --overwrite finds in the target: under each of the snapshot's top-level
+        names, a symlink to the outside, or a folder holding symlinks to the victim under
+        names the snapshot may use inside it."""
+        for i, name in enumerate(names):
+            if i % 2 == 0:
+                os.symlink(self.outside, self.target / name)
+            else:
+                (self.target / name).mkdir()
+                for inner in ("inner-trap", "y", "victim.txt"):
+                    os.symlink(self.victim, self.target / name / inner)
+        (self.target / "mine.txt").write_text("was here before\n")
+
+
+class Hostile:
+    """A real encrypted repository into which trees are written as raw JSON blobs, with no
+    check of what they hold."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key = recovery_key.canonical(recovery_key.generate())
+        self.repo = Repository.init(LocalBackend(path), self.key.encode())
+        self.writer = RepositoryWriter(self.repo)
+
+    def tree(self, nodes: list[dict[str, Any]]) -> str:
+        raw = json.dumps({"nodes": nodes}).encode() + b"\n"
+        return self.writer.add(BlobType.TREE, raw).hex()
+
+    def file(self, name: str, data: bytes, mode: int = 0o644, **extra: Any) -> dict[str, Any]:
+        content = [self.writer.add(BlobType.DATA, data).hex()] if data else []
+        return {
+            "name": name,
+            "type": "file",
+            "mode": mode,
+            "mtime": OLD_MTIME,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "size": len(data),
+            "content": content,
+            **extra,
+        }
+
+    def folder(self, name: str, nodes: list[dict[str, Any]], mode: int = 0o755) -> dict[str, Any]:
+        return {
+            "name": name,
+            "type": "dir",
+            "mode": fmt.GO_MODE_DIR | mode,
+            "mtime": OLD_MTIME,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "content": None,
+            "subtree": self.tree(nodes),
+        }
+
+    def snapshot(self, nodes: list[dict[str, Any]]) -> str:
+        root = self.tree(nodes)
+        self.writer.flush()
+        snap = Snapshot(
+            time=format_ns(1_700_000_000_000_000_000), tree=bytes.fromhex(root), paths=["/chat"]
+        )
+        return self.repo.save_snapshot(snap)
+
+
+def link(name: str, target: str | Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "symlink",
+        "mode": fmt.GO_MODE_SYMLINK | 0o777,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "linktarget": str(target),
+        "content": None,
+    }
+
+
+def mirror(real: Path, name: str, h: Hostile, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A folder node named ``name`` with the mode and owner of the real folder ``real``
+    and no mtime: restored through a symlink to ``real``, it changes nothing there."""
+    st = real.stat()
+    node = h.folder(name, nodes)
+    node.update(mode=fmt.go_mode_from_unix(st.st_mode), uid=st.st_uid, gid=st.st_gid)
+    del node["mtime"]
+    return node
+
+
+def via_root(name: str, path: Path, h: Hostile, inner: list[dict[str, Any]]) -> dict[str, Any]:
+    """Folder ``name`` mirroring ``/``, holding folders that mirror the components of
+    ``path``, the last holding ``inner``: through a symlink ``name`` -> ``/``, the only
+    change on this machine would be what ``inner`` puts into ``path``."""
+    nodes = inner
+    for depth in range(len(path.parts) - 1, 0, -1):
+        real = Path(*path.parts[: depth + 1])
+        nodes = [mirror(real, real.name, h, nodes)]
+    return mirror(Path("/"), name, h, nodes)
+
+
+# --- the cases ---------------------------------------------------------------------------
+
+Build = Callable[[Hostile, World], list[dict[str, Any]]]
+
+
+@dataclass
+class Case:
+    name: str
+    build: Build  # the top-level nodes of the snapshot
+    refused: str = ""  # for a tree that breaks the format: part of the damage message
+    check: Callable[[World], None] | None = None  # for a legitimate one: what must be there
+    top: list[str] = field(default_factory=list)
+
+
+def hostile(nodes: Build, refused: str) -> Callable[[str], Case]:
+    """A case whose hostile tree sits in folder /chat, next to an ordinary file /ok.txt
+    that must be restored all the same."""
+
+    def build(h: Hostile, w: World) -> list[dict[str, Any]]:
+        return [h.folder("chat", nodes(h, w)), h.file("ok.txt", b"fine\n")]
+
+    return lambda name: Case(name, build, refused=refused, top=["chat", "ok.txt"])
+
+
+def _victim_folder(h: Hostile) -> list[dict[str, Any]]:
+    return [h.file("victim.txt", PWNED, mode=0o666)]
+
+
+REFUSED: list[Case] = [
+    hostile(
+        lambda h, w: [h.folder("d", _victim_folder(h), 0o777), link("d", w.outside)],
+        "duplicate name 'd'",
+    )("folder then symlink to the outside"),
+    hostile(
+        lambda h, w: [link("d", w.outside), h.folder("d", _victim_folder(h), 0o777)],
+        "duplicate name 'd'",
+    )("symlink to the outside then folder"),
+    hostile(
+        lambda h, w: [h.folder("d", _victim_folder(h), 0o777), link("d", "../../outside")],
+        "duplicate name 'd'",
+    )("folder then relative escaping symlink"),
+    hostile(
+        lambda h, w: [h.folder("u", [h.folder("outside", _victim_folder(h))]), link("u", "../..")],
+        "duplicate name 'u'",
+    )("folder then symlink to .."),
+    hostile(
+        lambda h, w: [via_root("r", w.outside, h, _victim_folder(h)), link("r", "/")],
+        "duplicate name 'r'",
+    )("folder then symlink to /"),
+    hostile(
+        lambda h, w: [link("v", w.victim), h.file("v", PWNED, mode=0o666)],
+        "duplicate name 'v'",
+    )("symlink then file"),
+    hostile(
+        lambda h, w: [h.file("v", PWNED, mode=0o666), link("v", w.victim)],
+        "duplicate name 'v'",
+    )("file then symlink"),
+    hostile(
+        lambda h, w: [
+            h.file("a", b"", links=2, inode=77, device_id=1),
+            link("a", w.victim),
+            h.file("b", b"", mode=0o666, links=2, inode=77, device_id=1),
+        ],
+        "duplicate name 'a'",
+    )("hard link to a name replaced by a symlink"),
+    hostile(
+        lambda h, w: [h.folder("d", [h.file("x", PWNED)]), h.file("d", PWNED)],
+        "duplicate name 'd'",
+    )("folder then file"),
+    hostile(
+        # Two different texts, one file name: "é" and its UTF-8 bytes as surrogate escapes.
+        lambda h, w: [h.folder("é", _victim_folder(h), 0o777), link("\udcc3\udca9", w.outside)],
+        "duplicate name",
+    )("same bytes in two spellings"),
+    hostile(lambda h, w: [h.file("../outside/victim.txt", PWNED)], "unsafe name")(
+        "name with slashes"
+    ),
+    hostile(lambda h, w: [h.folder("..", [h.folder("outside", _victim_folder(h))])], "unsafe name")(
+        "name .."
+    ),
+    hostile(lambda h, w: [h.folder(".", _victim_folder(h))], "unsafe name")("name ."),
+    hostile(lambda h, w: [h.file("", PWNED)], "unsafe name")("empty name"),
+    hostile(lambda h, w: [h.file("victim.txt\x00", PWNED)], "unsafe name")("name with NUL"),
+    hostile(lambda h, w: [h.file("\ud800", PWNED)], "unsafe name")("unencodable name"),
+    hostile(
+        lambda h, w: [{"name": "x", "type": "hardlink", "linktarget": str(w.victim)}],
+        "unknown type 'hardlink'",
+    )("unknown node type"),
+]
+
+
+def _escaping_links(h: Hostile, w: World) -> list[dict[str, Any]]:
+    return [
+        link("abs", w.outside),
+        link("dotdot", ".."),
+        link("root", "/"),
+        link("rel", "../outside/victim.txt"),
+        h.folder("x", [h.file("y", b"data\n")]),
+    ]
+
+
+def _check_escaping_links(w: World) -> None:
+    expected = {"abs": str(w.outside), "dotdot": "..", "root": "/", "rel": "../outside/victim.txt"}
+    for name, linktarget in expected.items():
+        assert (w.target / name).is_symlink() and os.readlink(w.target / name) == linktarget
+    assert not (w.target / "x").is_symlink() and not (w.target / "x" / "y").is_symlink()
+    assert (w.target / "x" / "y").read_bytes() == b"data\n"
+
+
+LONG = "n" * 200
+
+
+def _deep(depth: int, name: str) -> Build:
+    def build(h: Hostile, w: World) -> list[dict[str, Any]]:
+        nodes = [h.file("leaf.txt", b"deep\n"), link("escape", w.outside)]
+        for _ in range(depth):
+            nodes = [h.folder(name, nodes)]
+        return nodes
+
+    return build
+
+
+def _check_deep(depth: int, name: str) -> Callable[[World], None]:
+    def check(w: World) -> None:
+        fd = os.open(w.target, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            leaf = os.open("leaf.txt", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            assert os.read(leaf, 100) == b"deep\n"
+            os.close(leaf)
+            assert os.readlink("escape", dir_fd=fd) == str(w.outside)
+        finally:
+            os.close(fd)
+
+    return check
+
+
+RESTORED: list[Case] = [
+    Case(
+        "symlinks out of the target are restored as symlinks",
+        _escaping_links,
+        check=_check_escaping_links,
+        top=["abs", "x", "dotdot", "root", "rel"],  # x: a folder of traps, kept
+    ),
+    Case(
+        "300 levels of 200-character names",
+        _deep(300, LONG),
+        check=_check_deep(300, LONG),
+        top=[LONG],
+    ),
+    Case("1100 levels", _deep(1100, "d"), check=_check_deep(1100, "d"), top=["d"]),
+]
+
+RUNNERS = ["cli", "api-processes", "api-threads"]
+
+
+def names_below(root: Path) -> list[str]:
+    """The names of everything below ``root``, however deep (os.walk recurses, and its
+    paths would pass PATH_MAX)."""
+    names: list[str] = []
+    todo = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    while todo:
+        fd = todo.pop()
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    names.append(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                        todo.append(os.open(entry.name, flags, dir_fd=fd))
+        finally:
+            os.close(fd)
+    return names
+
+
+def remove_tree(root: Path, spare: Path) -> None:
+    """Remove ``root`` however deep (shutil.rmtree recurses, and pytest's clean-up with
+    it): each folder found is first moved up into ``spare``, so paths stay short."""
+    spare.mkdir()
+    todo = [root]
+    for count in itertools.count():
+        if not todo:
+            break
+        top = todo.pop()
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    moved = spare / str(count) / entry.name
+                    moved.parent.mkdir(exist_ok=True)
+                    os.rename(entry.path, moved)
+                    todo.append(moved)
+                else:
+                    os.unlink(entry.path)
+        os.rmdir(top)
+    shutil.rmtree(spare)
+
+
+def run_case(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(case.build(h, world))
+    try:
+        restore_and_judge(case, runner, overwrite, world, h, snapshot_id, cli, monkeypatch)
+    finally:
+        remove_tree(world.target, tmp_path / "spare")
+
+
+def restore_and_judge(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    world: World,
+    h: Hostile,
+    snapshot_id: str,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if overwrite:
+        world.lay_traps(case.top)
+    before = world.digest()
+    damaged: list[tuple[str, str]] = []
+    if runner == "cli":
+        args = ["-r", str(h.path), "restore", snapshot_id, "--target", str(world.target)]
+        result = cli.run(*args, *(["--overwrite"] if overwrite else []), key=h.key, env=PROCESSES)
+        assert world.digest() == before, result.err
+        assert result.code == (3 if case.refused else 0), result.err
+        for line in result.err.splitlines():
+            if line.startswith("not restored: "):
+                path, _, error = line.removeprefix("not restored: ").partition(": ")
+                damaged.append((path, error))
+    else:
+        for name, value in (PROCESSES if runner == "api-processes" else THREADS).items():
+            monkeypatch.setenv(name, value)
+        repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+        try:
+            outcome = Restorer(repo, world.target, overwrite=overwrite).run(
+                repo.find_snapshot(snapshot_id)[1]
+            )
+        finally:
+            assert world.digest() == before
+        damaged = outcome.damaged
+    if case.refused:
+        assert [path for path, _ in damaged] == ["/chat"], damaged
+        assert case.refused in damaged[0][1], damaged
+        assert (world.target / "ok.txt").read_bytes() == b"fine\n"
+        assert not (world.target / "ok.txt").is_symlink()
+    else:
+        assert damaged == []
+        assert case.check is not None
+        case.check(world)
+    if overwrite:
+        assert (world.target / "mine.txt").read_text() == "was here before\n"
+    assert [name for name in names_below(world.target) if ".backvault-" in name] == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["empty-target", "overwrite"])
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("case", REFUSED, ids=[c.name for c in REFUSED])
+def test_a_tree_that_breaks_the_format_is_refused_and_nothing_outside_changes(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_case(case, runner, overwrite, tmp_path, cli, monkeypatch)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["empty-target", "overwrite"])
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("case", RESTORED, ids=[c.name for c in RESTORED])
+def test_a_legitimate_but_unusual_tree_is_restored_inside_the_target(
+    case: Case,
+    runner: str,
+    overwrite: bool,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_case(case, runner, overwrite, tmp_path, cli, monkeypatch)
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c.name for c in REFUSED])
+def test_check_names_a_tree_that_breaks_the_format(case: Case, tmp_path: Path) -> None:
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    h.snapshot(case.build(h, world))
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    errors = Checker(repo).run().errors
+    assert len(errors) == 1 and case.refused in errors[0] and "is damaged" in errors[0], errors
+
+
+# --- the safe folders underneath ---------------------------------------------------------
+
+
+def test_a_worker_writes_nothing_through_a_folder_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """Even if a folder of the target becomes a symlink after the restore made it (a
+    race, or a file system that folds two names into one), a worker opens it without
+    following the symlink and reports the file instead of writing outside."""
+    from backvault.client.restore import restore_runs
+    from backvault.client.target_folders import UnsafeTarget, close_target, open_target
+    from backvault.repo.blobs import BlobReader
+
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    h.snapshot([h.file("victim.txt", PWNED)])
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    run = [repo.locate(fmt.sha256(PWNED))]
+    (world.target / "d").mkdir()
+    (world.target / "d" / "e").mkdir()
+    target, _ = open_target(world.target)
+    try:
+        before = world.digest()
+        (world.target / "d" / "e").rmdir()
+        os.symlink(world.outside, world.target / "d" / "e")
+        os.rename(world.target / "d", world.target / "moved")
+        os.symlink(world.outside, world.target / "d")
+        reader = BlobReader(repo.backend, repo.key)
+        outcomes = restore_runs(
+            reader,
+            target,
+            [(run, ("d",), "victim.txt", 0), (run, ("moved", "e"), "victim.txt", 0)],
+        )
+        assert all(isinstance(outcome, UnsafeTarget) for outcome in outcomes), outcomes
+        assert "no longer a folder of this restore" in str(outcomes[0])
+        assert world.digest() == before
+        # A real folder still works, and what was written is the blob's content.
+        assert restore_runs(reader, target, [(run, ("moved",), "ok.txt", 0)]) == [len(PWNED)]
+        assert (world.target / "moved" / "ok.txt").read_bytes() == PWNED
+    finally:
+        close_target(target)
+
+
+def test_a_worker_process_refuses_a_target_that_was_replaced(tmp_path: Path) -> None:
+    """A worker process opens the target by path: if that path now leads elsewhere (a
+    symlink to the outside put in its place), it stops instead of writing there."""
+    from backvault.client.target_folders import (
+        RestoreTarget,
+        close_target,
+        folders_of,
+        open_target,
+    )
+    from backvault.repo.errors import RepositoryError
+
+    world = World.make(tmp_path)
+    target, _ = open_target(world.target)
+    try:
+        os.rename(world.target, world.root / "moved")
+        os.symlink(world.outside, world.target)
+        in_a_worker = RestoreTarget(target.path, target.device, target.inode, "another process")
+        with pytest.raises(RepositoryError, match="was replaced by another folder"):
+            folders_of(in_a_worker)
+    finally:
+        close_target(target)
+
+
+# --- and the good paths ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [PROCESSES, THREADS], ids=["processes", "threads"])
+def test_restic_hard_links_fifos_and_devices_still_restore(
+    cli: Cli, tmp_path: Path, mode: dict[str, str]
+) -> None:
+    """What restic writes for hard links (inode and link count), fifos, device nodes (as
+    root) and symlinks still comes back as it was."""
+    from tests.test_restic_interop import restic
+
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.txt").write_bytes(os.urandom(50_000))
+    os.link(source / "a.txt", source / "sub" / "same-as-a.txt")
+    os.mkfifo(source / "pipe", 0o640)
+    os.symlink("../a.txt", source / "sub" / "link")
+    os.symlink("/nonexistent", source / "dangling")
+    if os.geteuid() == 0:
+        os.mknod(source / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.chmod(source / "null", 0o666)
+    for path in [source / "a.txt", source / "pipe", source / "sub"]:
+        os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    repo = tmp_path / "restic-repo"
+    restic(repo, "pw", "init")
+    restic(repo, "pw", "backup", str(source))
+    target = tmp_path / "out"
+    cli.ok("-r", str(repo), "restore", "latest", "--target", str(target), key="pw", env=mode)
+    out = target / source.relative_to("/")
+    a, same = (out / "a.txt").stat(), (out / "sub" / "same-as-a.txt").stat()
+    assert (a.st_ino, a.st_nlink) == (same.st_ino, 2)
+    assert (out / "a.txt").read_bytes() == (source / "a.txt").read_bytes()
+    pipe = (out / "pipe").lstat()
+    assert stat.S_ISFIFO(pipe.st_mode) and stat.S_IMODE(pipe.st_mode) == 0o640
+    assert pipe.st_mtime_ns == 1_600_000_000_000_000_000
+    assert os.readlink(out / "sub" / "link") == "../a.txt"
+    assert os.readlink(out / "dangling") == "/nonexistent"
+    assert (out / "sub").stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert a.st_mtime_ns == 1_600_000_000_000_000_000
+    if os.geteuid() == 0:
+        null = (out / "null").lstat()
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+        assert stat.S_IMODE(null.st_mode) == 0o666
