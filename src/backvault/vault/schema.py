@@ -75,11 +75,29 @@ audit = sa.Table(
 )
 
 
+# Seals made under each sealing-key version, summed over every node (each node adds what
+# it sealed at every sweep): AES-GCM with random nonces allows 2^32 per key version, and a
+# version must not be destroyed while a node still seals under it (``updated_at``).
+sealing_key_usage = sa.Table(
+    "sealing_key_usage",
+    metadata,
+    sa.Column("key_version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seals", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
 def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[vault_keys, accounts, records, logins, audit])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[sealing_key_usage])
+    # The retention sweep deletes audit rows by age.
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_at ON audit (at)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 CURRENT_VERSION = len(MIGRATIONS)
 
 
