@@ -414,7 +414,11 @@ class Pkcs11Sealer(_VersionedSealer):
             try:
                 lib = pkcs11.lib(module)
                 token = lib.get_token(token_label=token_label)
-                self._session: Any = token.open(user_pin=pin, rw=True)
+                try:
+                    self._session: Any = token.open(user_pin=pin, rw=True)
+                except pkcs11.UserAlreadyLoggedIn:
+                    # PKCS#11 logs in per process: another session here already did.
+                    self._session = token.open(rw=True)
                 break
             except pkcs11.exceptions.GeneralError as exc:
                 # Transient: SoftHSM2 answers this while another process (a second vault
