@@ -176,6 +176,24 @@ def softhsm_token(tmp: Path, ceremony: bool = True) -> Iterator[SoftHsm]:
     yield SoftHsm(env, "backvault-test", pin_file)
 
 
+@contextlib.contextmanager
+def softhsm_in_this_process(token: SoftHsm) -> Iterator[SoftHsm]:
+    """Point this process's SoftHSM2 at ``token``: PKCS#11 is initialised once per
+    process and reads SOFTHSM2_CONF then, so initialise it again."""
+    import pkcs11
+
+    saved = os.environ.get("SOFTHSM2_CONF")
+    os.environ.update(token.env)
+    pkcs11.lib(SOFTHSM_MODULE).reinitialize()
+    try:
+        yield token
+    finally:
+        if saved is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved
+
+
 # --- vault nodes -------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ columns."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from backvault.vault.sealing import (
     key_version_of,
     sealed_header,
 )
-from tests.servers import SOFTHSM_MODULE, SoftHsm, softhsm_token
+from tests.servers import SOFTHSM_MODULE, SoftHsm, softhsm_in_this_process, softhsm_token
 
 PURPOSE = b"record:alice:1"
 
@@ -110,28 +109,10 @@ def test_every_sealed_column_is_in_the_one_registry() -> None:
 # --- HSM (SoftHSM2) ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def in_this_process(token: SoftHsm) -> Iterator[SoftHsm]:
-    """Point this process's SoftHSM2 at ``token``: PKCS#11 is initialised once per
-    process and reads SOFTHSM2_CONF then, so initialise it again."""
-    import pkcs11
-
-    saved = os.environ.get("SOFTHSM2_CONF")
-    os.environ.update(token.env)
-    pkcs11.lib(SOFTHSM_MODULE).reinitialize()
-    try:
-        yield token
-    finally:
-        if saved is None:
-            os.environ.pop("SOFTHSM2_CONF", None)
-        else:
-            os.environ["SOFTHSM2_CONF"] = saved
-
-
 @pytest.fixture
 def blank_token(tmp_path: Path) -> Iterator[SoftHsm]:
     """A token without the key ceremony: the test makes the keys."""
-    with softhsm_token(tmp_path / "hsm", ceremony=False) as token, in_this_process(token):
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token, softhsm_in_this_process(token):
         yield token
 
 
@@ -170,7 +151,7 @@ def test_the_hsm_key_ceremony_makes_a_key_for_encryption_only(tmp_path: Path) ->
     from pkcs11 import Attribute, ObjectClass
 
     # The token is made by `backvault vault init-hsm`, in another process.
-    with softhsm_token(tmp_path / "hsm") as token, in_this_process(token):
+    with softhsm_token(tmp_path / "hsm") as token, softhsm_in_this_process(token):
         session = _session(token)
         keys = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))  # type: ignore[attr-defined]
         assert [key[Attribute.LABEL] for key in keys] == ["backvault-sealing-v1"]
