@@ -37,7 +37,7 @@ __all__ = [
 
 # The *_created series (one timestamp per labelled counter) would double the output for
 # nothing a dashboard of this service uses.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # One registry per process (not prometheus_client's global one, which other libraries
 # may fill): what /metrics shows is exactly what is declared here.

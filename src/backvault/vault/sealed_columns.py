@@ -117,23 +117,31 @@ def reseal(
     UPDATE``; on SQLite the write lock), opens and re-seals each value, writes it back only
     if it did not change meanwhile, and commits — so nodes keep serving, and a crash loses
     at most one uncommitted batch. Idempotent and resumable: a value already under the
-    current version is never selected again."""
+    current version is never selected again.
+
+    One call is one pass over each table in primary-key order (each batch starts after the
+    last key of the one before, so a pass reads every row once); a row inserted meanwhile
+    behind that point waits for the next pass."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     progress = progress or ResealProgress(sealer.current_version)
     for sealed in SEALED_COLUMNS:
+        after: tuple[Any, ...] | None = None
         while True:
             if max_batches is not None and progress.batches >= max_batches:
                 return progress
             progress.key_version = sealer.current_version
             current = sealed_header(progress.key_version)
+            conditions = [
+                sealed.column.is_not(None),
+                _leading_bytes(sealed.column, len(current)) != current,
+            ]
+            if after is not None:
+                conditions.append(sa.tuple_(*sealed.key) > sa.tuple_(*after))
             with engine.begin() as conn:
                 rows = conn.execute(
                     sa.select(sealed.table)
-                    .where(
-                        sealed.column.is_not(None),
-                        _leading_bytes(sealed.column, len(current)) != current,
-                    )
+                    .where(*conditions)
                     .order_by(*sealed.key)
                     .limit(batch_size)
                     .with_for_update()
@@ -153,6 +161,7 @@ def reseal(
                     )
             if not rows:
                 break
+            after = tuple(rows[-1]._mapping[c] for c in sealed.key)
             progress.batches += 1
             progress.resealed[sealed.name] = progress.resealed.get(sealed.name, 0) + len(rows)
     progress.finished = True
