@@ -10,7 +10,6 @@ import re
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,8 +246,10 @@ def test_a_key_version_near_its_nonce_bound_warns(tmp_path: Path) -> None:
 # --- HSM -----------------------------------------------------------------------------------
 
 
-def test_vault_serve_refuses_a_weak_hsm_key(tmp_path: Path) -> None:
-    """The key as `init-hsm` made it until now: python-pkcs11's defaults for AES."""
+def test_a_weak_hsm_key_is_refused_until_rotated_to_a_safe_one(tmp_path: Path) -> None:
+    """The key as `init-hsm` made it until now (python-pkcs11's defaults for AES: it may
+    also wrap, unwrap, sign and verify, and is modifiable): `vault serve` refuses it in one
+    line naming the attribute; the rotation it points to makes a safe version 2."""
     import pkcs11
     from pkcs11 import KeyType
 
@@ -257,36 +258,40 @@ def test_vault_serve_refuses_a_weak_hsm_key(tmp_path: Path) -> None:
             session = _login(pkcs11, token)
             session.generate_key(KeyType.AES, 256, label="backvault-sealing", store=True)
             session.close()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "backvault.cli",
-                "vault",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--sealing",
-                "pkcs11",
-                "--pkcs11-token-label",
-                token.token_label,
-                "--pkcs11-pin-file",
-                str(token.pin_file),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **token.env, "HOME": str(tmp_path)},
-            timeout=60,
+        node = data_node(
+            tmp_path / "v",
+            "--sealing",
+            "pkcs11",
+            "--pkcs11-token-label",
+            token.token_label,
+            "--pkcs11-pin-file",
+            str(token.pin_file),
+            env=token.env,
         )
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(
-        "backvault: sealing: the HSM sealing key version 1 has CKA_WRAP=true; a sealing key "
-        "must have CKA_WRAP=false."
-    )
-    assert "rotate-sealing-key" in last
+
+        def operator(*args: str) -> subprocess.CompletedProcess[str]:
+            command = node.command(args[0], *node.args, *args[1:])
+            return subprocess.run(command, env=node.env, capture_output=True, text=True)
+
+        refused = operator("serve", "--listen", f"127.0.0.1:{free_port()}")
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "backvault: sealing: the HSM sealing key version 1 has CKA_WRAP=true; a sealing "
+            "key must have CKA_WRAP=false. Make a new key version with safe attributes and "
+            "move every value to it: `backvault vault rotate-sealing-key` (see the operator "
+            "guide)"
+        )
+        rotated = operator("rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "created sealing key version 2" in rotated.stdout
+        node.start()
+        try:
+            assert httpx.get(node.url + "/readyz").status_code == 200
+        finally:
+            node.stop()
+        assert "the HSM sealing key version 1 has CKA_WRAP=true" in node.log.read_text()
+        destroyed = operator("destroy-sealing-key", "1")
+        assert destroyed.returncode == 0, destroyed.stderr
 
 
 def _login(pkcs11: object, token: SoftHsm) -> object:
