@@ -119,7 +119,9 @@ class SoftHsm:
 
 
 @contextlib.contextmanager
-def softhsm_token(tmp: Path) -> Iterator[SoftHsm]:
+def softhsm_token(tmp: Path, ceremony: bool = True) -> Iterator[SoftHsm]:
+    """A fresh SoftHSM2 token; ``ceremony`` also creates the vault's sealing key in it
+    (`backvault vault init-hsm`), as an operator does once."""
     if not os.path.exists(SOFTHSM_MODULE) or shutil.which("softhsm2-util") is None:
         _missing("SoftHSM2 (Debian package softhsm2)")
     (tmp / "tokens").mkdir(parents=True)
@@ -148,6 +150,9 @@ def softhsm_token(tmp: Path) -> Iterator[SoftHsm]:
     pin_file.write_text("4321\n")
     os.chmod(pin_file, 0o600)
     # The key ceremony: create the sealing key once, before any node starts.
+    if not ceremony:
+        yield SoftHsm(env, "backvault-test", pin_file)
+        return
     subprocess.run(
         [
             sys.executable,
@@ -171,6 +176,24 @@ def softhsm_token(tmp: Path) -> Iterator[SoftHsm]:
     yield SoftHsm(env, "backvault-test", pin_file)
 
 
+@contextlib.contextmanager
+def softhsm_in_this_process(token: SoftHsm) -> Iterator[SoftHsm]:
+    """Point this process's SoftHSM2 at ``token``: PKCS#11 is initialised once per
+    process and reads SOFTHSM2_CONF then, so initialise it again."""
+    import pkcs11
+
+    saved = os.environ.get("SOFTHSM2_CONF")
+    os.environ.update(token.env)
+    pkcs11.lib(SOFTHSM_MODULE).reinitialize()
+    try:
+        yield token
+    finally:
+        if saved is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved
+
+
 # --- vault nodes -------------------------------------------------------------------------
 
 
@@ -186,6 +209,11 @@ class VaultNode:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def sealing_key(self) -> Path:
+        """The default sealing key file (under the node's XDG_CONFIG_HOME)."""
+        return Path(self.env["XDG_CONFIG_HOME"]) / "backvault-vault" / "sealing.key"
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "backvault.cli", "vault", *args]
@@ -243,6 +271,8 @@ def make_node(tmp: Path, db: str, *extra: str, env: dict[str, str] | None = None
     full_env = {
         **os.environ,
         "HOME": str(tmp),
+        "XDG_CONFIG_HOME": str(tmp / "config"),
+        "XDG_DATA_HOME": str(tmp / "share"),
         "BACKVAULT_VAULT_RATE_PER_IP_PER_MINUTE": "0",
         "BACKVAULT_VAULT_RATE_PER_ACCOUNT_PER_MINUTE": "0",
         **(env or {}),

@@ -109,7 +109,7 @@ def test_nothing_derived_from_the_password_is_stored(
         tmp_path / "vault2",
         f"sqlite:///{tmp_path / 'vault' / 'vault.db'}",
         "--sealing-key-file",
-        str(tmp_path / "vault" / "data" / "sealing.key"),
+        str(vault.sealing_key),
     ).start()
     try:
         with VaultClient(vault_node.url, phone.env["BACKVAULT_VAULT_TOKEN"]) as vc:

@@ -209,7 +209,7 @@ def test_database_dump_holds_no_secret_in_clear(node: VaultNode, tmp_path: Path)
     db = sqlite3.connect(tmp_path / "vault.db")
     dump = "\n".join(db.iterdump()).encode()
     raw = (tmp_path / "vault.db").read_bytes()
-    sealer = FileSealer(tmp_path / "vault" / "data" / "sealing.key", create=False)
+    sealer = FileSealer(node.sealing_key, create=False)
     row = db.execute(
         "SELECT sealed_oprf_seed, sealed_server_private_key FROM vault_keys"
     ).fetchone()

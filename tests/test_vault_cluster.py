@@ -17,7 +17,15 @@ import pytest
 
 from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import KE2, IdentityKSF, OpaqueConfig, client
-from tests.servers import Postgres, SoftHsm, VaultNode, make_node, postgres_cluster, softhsm_token
+from tests.servers import (
+    Postgres,
+    SoftHsm,
+    VaultNode,
+    make_node,
+    postgres_cluster,
+    softhsm_in_this_process,
+    softhsm_token,
+)
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())
 SECRET = b"K" * 40
@@ -180,8 +188,6 @@ def test_attempts_that_never_finish_expire_and_erase_the_record(
 
 
 def test_postgres_dump_holds_no_secret_in_clear(tmp_path: Path, pg: Postgres, hsm: SoftHsm) -> None:
-    import os
-
     from backvault.vault.sealing import Pkcs11Sealer
 
     db = pg.new_database("v" + secrets.token_hex(4))
@@ -191,10 +197,10 @@ def test_postgres_dump_holds_no_secret_in_clear(tmp_path: Path, pg: Postgres, hs
             export_key = vc.register(b"pw", lambda _k: SECRET).export_key
             vc.login(b"pw")
         dump = pg.dump_database(db)
-        os.environ.update(hsm.env)
-        sealer = Pkcs11Sealer(
-            "/usr/lib/softhsm/libsofthsm2.so", hsm.token_label, hsm.pin, create=False
-        )
+        with softhsm_in_this_process(hsm):  # an earlier test may have pointed it elsewhere
+            sealer = Pkcs11Sealer(
+                "/usr/lib/softhsm/libsofthsm2.so", hsm.token_label, hsm.pin, create=False
+            )
         import sqlalchemy as sa
 
         engine = sa.create_engine(db.replace("postgresql://", "postgresql+psycopg://"))

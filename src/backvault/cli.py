@@ -1356,7 +1356,10 @@ def vault_options(command: F) -> F:
             help="TOML settings file (see docs/operator-guide.md).",
         ),
         click.option("--db", help="Database URL: sqlite:///PATH or postgresql://…"),
-        click.option("--data-dir", help="Folder for the embedded SQLite database and key file."),
+        click.option(
+            "--data-dir",
+            help="Folder of the embedded SQLite database (the key file is kept elsewhere).",
+        ),
         click.option(
             "--sealing",
             type=click.Choice(["file", "pkcs11"]),
@@ -1397,7 +1400,6 @@ def vault() -> None:
 @click.option("--tls-key", help="TLS private key (PEM).")
 def vault_serve(config_file: str | None, **overrides: Any) -> None:
     """Run a vault node until SIGTERM or Ctrl-C (then finish requests and stop)."""
-    from .vault.config import SettingsError
     from .vault.sealing import SealingError
     from .vault.server import serve
 
@@ -1406,7 +1408,7 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
         serve(settings)
     except SealingError as exc:
         fail(f"sealing: {exc}")
-    except SettingsError as exc:
+    except ValueError as exc:
         fail(f"vault settings: {exc}", 2)
 
 
@@ -1414,7 +1416,8 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
 @vault_options
 def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     """Create the sealing key inside the HSM token, once, before the first node starts
-    (AES-256, sensitive, not extractable). Does nothing if it already exists."""
+    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable). Does
+    nothing if it already exists, and refuses an existing key with weaker attributes."""
     from .vault.sealing import SealingError
     from .vault.server import make_sealer
 
@@ -1456,16 +1459,18 @@ def vault_add_account(
 ) -> None:
     """Create an account for self-hosting and print its bearer token (shown once)."""
     from .vault.sealing import SealingError
-    from .vault.server import make_service
+    from .vault.server import open_vault
     from .vault.service import VaultError
 
     lifetime = vault_token_lifetime(expires_in)
     settings = load_vault_settings(config_file, **overrides)
     try:
-        service = make_service(settings)
-        token = service.add_account(name, lifetime)
+        opened = open_vault(settings)
+        token = opened.service.add_account(name, lifetime)
     except (VaultError, SealingError) as exc:
         fail(str(exc))
+    if opened.first_start:
+        click.echo(opened.note, err=True)
     click.echo(token)
 
 
@@ -1538,6 +1543,111 @@ def vault_migrate_jwt_records(
         click.echo(
             f"kept {name}: the JWT subject already made a new record since; the old one "
             "stays under the bare name, which no token reaches"
+        )
+
+
+@vault.command("rotate-sealing-key")
+@vault_options
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Finish an interrupted rotation: re-seal under the current version, make no new one.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10000),
+    default=100,
+    show_default=True,
+    help="Values re-sealed per transaction.",
+)
+@click.option(
+    "--max-batches",
+    type=click.IntRange(1),
+    help="Stop after this many batches (spread the work; --resume continues).",
+)
+def vault_rotate_sealing_key(
+    config_file: str | None,
+    resume: bool,
+    batch_size: int,
+    max_batches: int | None,
+    **overrides: Any,
+) -> None:
+    """Make a new sealing key version and re-seal every sealed value under it, in small
+    transactions, while the nodes keep serving. Safe to interrupt and run again."""
+    from .vault.rotation import rotate_sealing_key
+    from .vault.sealing import SealingError
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        report = rotate_sealing_key(settings, resume, batch_size, max_batches, click.echo)
+    except SealingError as exc:
+        fail(f"sealing: {exc}")
+    progress = report.progress
+    where = ", ".join(f"{name}: {count}" for name, count in sorted(progress.resealed.items()))
+    click.echo(
+        f"re-sealed {progress.total} values under key version {report.key_version} in "
+        f"{progress.batches} batches" + (f" ({where})" if where else "")
+    )
+    if not progress.finished:
+        left = sum(sum(counts.values()) for counts in report.still_used.values())
+        click.echo(
+            f"stopped after {progress.batches} batches; {left} values still use older "
+            "versions: continue with `backvault vault rotate-sealing-key --resume`"
+        )
+        return
+    if report.still_used:
+        left = sum(sum(counts.values()) for counts in report.still_used.values())
+        fail(
+            f"{left} values were sealed under older versions while this ran (a node had not "
+            "switched yet): run `backvault vault rotate-sealing-key --resume`"
+        )
+    if report.old_versions:
+        old = ", ".join(map(str, report.old_versions))
+        first = report.old_versions[0]
+        click.echo(
+            f"every value is now sealed under key version {report.key_version}. Older "
+            f"versions still exist: {old}. Database backups made before now open only with "
+            "them. Once every node seals under the new version (metric "
+            "backvault_vault_sealing_key_current_version) and those backups may become "
+            f"unreadable, destroy each: `backvault vault destroy-sealing-key {first}`"
+        )
+
+
+@vault.command("destroy-sealing-key")
+@vault_options
+@click.argument("version", type=click.IntRange(1))
+def vault_destroy_sealing_key(config_file: str | None, version: int, **overrides: Any) -> None:
+    """Destroy an old sealing key version for good (refused while any value uses it).
+    Database backups sealed under it can then never be opened again."""
+    from .vault.rotation import destroy_sealing_key
+    from .vault.sealing import SealingError
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        destroy_sealing_key(settings, version)
+    except SealingError as exc:
+        fail(f"sealing: {exc}")
+    click.echo(f"destroyed sealing key version {version}")
+
+
+@vault.command("sealing-keys")
+@vault_options
+def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
+    """List the sealing key versions: which is current, how many stored values each
+    seals, and how many seals each has made (AES-GCM allows 2^32 per version)."""
+    from .vault.rotation import sealing_key_states
+    from .vault.sealing import SealingError
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        states = sealing_key_states(settings)
+    except SealingError as exc:
+        fail(f"sealing: {exc}")
+    click.echo(f"{'version':>7}  {'state':<7}  {'values':>8}  {'seals':>12}")
+    for state in states:
+        click.echo(
+            f"{state.version:>7}  {'current' if state.current else 'old':<7}  "
+            f"{state.values:>8}  {state.seals:>12}"
         )
 
 

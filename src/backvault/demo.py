@@ -140,7 +140,10 @@ def main(keep: bool = False) -> int:
         print(f"{len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
 
         demo.say("The chat service runs a Backup Key Vault (here: embedded, on loopback)")
-        operator_env = demo.device_env("vault-operator")
+        # The vault's key goes to $XDG_CONFIG_HOME: keep it inside the demo's folder.
+        operator_env = demo.device_env(
+            "vault-operator", XDG_CONFIG_HOME=str(work / "vault-operator" / ".config")
+        )
         token = demo.run(
             ["vault", "add-account", "--data-dir", str(vault_dir), "ana"], operator_env, show=False
         ).strip()

@@ -7,6 +7,8 @@ Binary protocol messages travel as standard base64 strings. Errors are JSON obje
 
 import base64
 import binascii
+import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from . import metrics
 from .accounts import TokenVerifier
 from .ratelimit import RateLimiter
 from .service import (
@@ -219,12 +222,27 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def truncated_address(host: str) -> str:
+    """The client's network instead of its address: IPv4 /24, IPv6 /48 (an IPv4-mapped
+    IPv6 address counts as IPv4). Anything that is not an IP address stays as it is."""
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
 class AccessLog:
-    """One JSON log line per request: method, path, status, duration, client address.
+    """One JSON log line per request (method, path, status, duration, client address) and
+    its latency in the metrics, labelled by route template and status class.
     (A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task per request.)"""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, truncate_client_addresses: bool = False) -> None:
         self.app = app
+        self.truncate_client_addresses = truncate_client_addresses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -242,17 +260,24 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            elapsed = time.perf_counter() - started
             client = scope.get("client")
+            host = client[0] if client else "unknown"
             log.info(
                 "request",
                 extra={
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                    "client": client[0] if client else "unknown",
+                    "ms": round(elapsed * 1000, 2),
+                    "client": truncated_address(host) if self.truncate_client_addresses else host,
                 },
             )
+            metrics.HTTP_REQUEST_SECONDS.labels(
+                method=metrics.method_label(scope["method"]),
+                route=metrics.route_label(getattr(scope.get("route"), "path", None)),
+                status=metrics.status_class(status),
+            ).observe(elapsed)
 
 
 def _decode(value: str, field: str) -> bytes:
@@ -272,7 +297,13 @@ def create_app(
     ip_limiter: RateLimiter | None = None,
     account_limiter: RateLimiter | None = None,
     max_body_bytes: int = 16 * 1024,
+    truncate_client_addresses: bool = False,
+    serve_metrics: bool = False,
+    metrics_token: str = "",
 ) -> FastAPI:
+    """The HTTP API. ``truncate_client_addresses``: the audit log and the login table get
+    the client's network (IPv4 /24, IPv6 /48), not its address. ``serve_metrics``: answer
+    GET /metrics here, behind ``Authorization: Bearer metrics_token`` when one is set."""
     app = FastAPI(
         title="backvault Backup Key Vault",
         version=__version__,
@@ -284,8 +315,13 @@ def create_app(
         responses=ERRORS,
     )
 
-    def client_of(request: Request) -> str:
+    def address_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
+
+    def client_of(request: Request) -> str:
+        """The client as stored (audit log, pending logins)."""
+        host = address_of(request)
+        return truncated_address(host) if truncate_client_addresses else host
 
     def limited(key: str, limiter: RateLimiter | None) -> None:
         if limiter is None:
@@ -298,7 +334,7 @@ def create_app(
         request: Request,
         authorization: Annotated[str | None, Header(description="Bearer TOKEN")] = None,
     ) -> str:
-        limited(client_of(request), ip_limiter)
+        limited(address_of(request), ip_limiter)
         if not authorization or not authorization.lower().startswith("bearer "):
             raise _Unauthorized("send Authorization: Bearer TOKEN")
         name = verifier.account(authorization[7:].strip())
@@ -372,7 +408,8 @@ def create_app(
 
     @app.get("/readyz", response_model=HealthOut, tags=["operations"])
     def readyz() -> Response:
-        """Readiness: the database answers and the sealing key works."""
+        """Readiness: the database answers and the sealing key is reachable (checked
+        without sealing anything)."""
         try:
             service.ready()
         except Exception as exc:
@@ -462,8 +499,21 @@ def create_app(
         """Every registration and login attempt on the account's record, oldest first."""
         return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name, limit)])
 
+    if serve_metrics:
+
+        @app.get("/metrics", include_in_schema=False)
+        def prometheus_metrics(
+            authorization: Annotated[str | None, Header()] = None,
+        ) -> Response:
+            """Prometheus text format: counters and histograms, no account names."""
+            if metrics_token:
+                offered = (authorization or "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(offered.encode(), metrics_token.encode()):
+                    raise _Unauthorized("/metrics needs Authorization: Bearer METRICS_TOKEN")
+            return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, truncate_client_addresses=truncate_client_addresses)
     return app
 
 

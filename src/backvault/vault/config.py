@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from ..hardening import environment_value
 
 
@@ -21,13 +23,26 @@ def default_data_dir() -> Path:
     return Path(base) / "backvault-vault"
 
 
+def default_config_dir() -> Path:
+    """Home of the default sealing key: NOT the data folder, so that a backup of the
+    database's folder never holds the key that opens it."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    return Path(base) / "backvault-vault"
+
+
+def has_key_files(path: Path) -> bool:
+    """Whether any version of the sealing key file ``path`` exists (``path``,
+    ``path.v2``, …)."""
+    return path.exists() or any(path.parent.glob(f"{path.name}.v[0-9]*"))
+
+
 @dataclass
 class VaultSettings:
     listen: str = "127.0.0.1:8750"
     db: str = ""  # default: sqlite in data_dir
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
     sealing: str = "file"  # "file" or "pkcs11"
-    sealing_key_file: str = ""  # default: data_dir/sealing.key
+    sealing_key_file: str = ""  # default: config dir/sealing.key (see sealing_key_path)
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
     pkcs11_token_label: str = "backvault"  # noqa: S105 - a label, not a secret
     pkcs11_pin: str = ""
@@ -57,20 +72,52 @@ class VaultSettings:
     limit_concurrency: int = 1000
     log_level: str = "info"
     sweep_every: float = 5.0
+    audit_retention_days: float = 400.0  # 0 keeps audit events forever
+    truncate_client_addresses: bool = False  # store IPv4 /24 and IPv6 /48 networks only
+    metrics: bool = True
+    metrics_listen: str = ""  # HOST:PORT: serve /metrics there instead of on `listen`
+    metrics_token_file: str = ""  # /metrics on `listen` then needs this bearer token
 
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{Path(self.data_dir) / 'vault.db'}"
 
     @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None for PostgreSQL (or an in-memory database)."""
+        url = make_url(self.db_url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database)
+
+    @property
+    def legacy_sealing_key_path(self) -> Path:
+        """Where the key file was by default before it moved out of the data folder."""
+        return Path(self.data_dir) / "sealing.key"
+
+    @property
     def sealing_key_path(self) -> Path:
-        return Path(self.sealing_key_file or Path(self.data_dir) / "sealing.key")
+        if self.sealing_key_file:
+            return Path(self.sealing_key_file)
+        if has_key_files(self.legacy_sealing_key_path):
+            return self.legacy_sealing_key_path  # an older deployment: kept, with a warning
+        return default_config_dir() / "sealing.key"
 
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--listen must be HOST:PORT, not {self.listen!r}")
-        return host.strip("[]"), int(port)
+        return _host_port(self.listen, "listen")
+
+    def metrics_host_port(self) -> tuple[str, int]:
+        return _host_port(self.metrics_listen, "metrics_listen")
+
+    def metrics_token(self) -> str:
+        if not self.metrics_token_file:
+            return ""
+        token = Path(self.metrics_token_file).read_text().strip()
+        if len(token) < 16:
+            raise ValueError(
+                f"{self.metrics_token_file}: the metrics token must be at least 16 characters"
+            )
+        return token
 
     def pin(self) -> str:
         if self.pkcs11_pin_file:
@@ -92,6 +139,13 @@ def parse_duration(text: str) -> float:
             "e.g. 90d, 12h, 30m or 3600s"
         )
     return float(int(number) * (unit or 1))
+
+
+def _host_port(value: str, name: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{name} must be HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def _coerce(kind: Any, value: Any) -> Any:

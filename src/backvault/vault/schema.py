@@ -126,6 +126,18 @@ audit = sa.Table(
 )
 
 
+# Seals made under each sealing-key version, summed over every node (each node adds what
+# it sealed at every sweep): AES-GCM with random nonces allows 2^32 per key version, and a
+# version must not be destroyed while a node still seals under it (``updated_at``).
+sealing_key_usage = sa.Table(
+    "sealing_key_usage",
+    metadata,
+    sa.Column("key_version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seals", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
 def _v1(conn: Connection) -> None:
     # The records table as version 1 made it (version 2 adds columns).
     records_v1 = sa.Table(
@@ -183,11 +195,19 @@ def _v4_jwt_namespace(conn: Connection) -> None:
     _add_missing_columns(conn, records, ["credential_name"])
 
 
+def _v5_sealing_key_usage(conn: Connection) -> None:
+    """Seals counted per sealing-key version (the GCM nonce bound), and an index for the
+    audit retention sweep."""
+    metadata.create_all(conn, tables=[sealing_key_usage])
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_at ON audit (at)"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_credential_identifiers,
     _v3_account_tokens,
     _v4_jwt_namespace,
+    _v5_sealing_key_usage,
 ]
 CURRENT_VERSION = len(MIGRATIONS)
 

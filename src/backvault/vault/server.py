@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
 from ..opaque import OpaqueConfig
+from . import metrics
 from .accounts import (
     BuiltinTokens,
     Ed25519JwtVerifier,
@@ -20,18 +28,24 @@ from .accounts import (
     jwt_verifier_from_settings,
 )
 from .app import JsonLogFormatter, create_app
-from .config import SettingsError, VaultSettings
+from .config import SettingsError, VaultSettings, default_config_dir
+from .housekeeping import nonce_budget_warning, purge_audit, record_seal_counts
 from .ratelimit import RateLimiter
-from .sealing import FileSealer, Pkcs11Sealer, Sealer
+from .schema import vault_keys
+from .sealing import FileSealer, Pkcs11Sealer, Sealer, make_private_dir
 from .service import VaultService
 from .store import make_engine
 
 log = logging.getLogger("backvault.vault")
 
 
-def make_sealer(settings: VaultSettings, create_hsm_key: bool = False) -> Sealer:
+def make_sealer(
+    settings: VaultSettings, create_hsm_key: bool = False, accept_weak_keys: bool = False
+) -> Sealer:
     """The sealer. An HSM key is never created implicitly (several nodes starting at once
-    would each make their own): `backvault vault init-hsm` creates it once."""
+    would each make their own): `backvault vault init-hsm` creates it once.
+    ``accept_weak_keys`` lets the rotation commands use an HSM key made before the vault
+    required safe attributes, so that its values can move to a new key."""
     if settings.sealing == "pkcs11":
         return Pkcs11Sealer(
             settings.pkcs11_module,
@@ -39,29 +53,131 @@ def make_sealer(settings: VaultSettings, create_hsm_key: bool = False) -> Sealer
             settings.pin(),
             settings.pkcs11_key_label,
             create=create_hsm_key,
+            accept_weak_keys=accept_weak_keys,
         )
     if settings.sealing == "file":
         return FileSealer(settings.sealing_key_path)
     raise ValueError(f"sealing must be 'file' or 'pkcs11', not {settings.sealing!r}")
 
 
-def make_service(settings: VaultSettings) -> VaultService:
-    service = VaultService(
-        make_engine(settings.db_url),
-        make_sealer(settings),
-        OpaqueConfig(
-            context=settings.opaque_context.encode(),
-            server_identity=settings.server_identity.encode() or None,
-        ),
-        max_attempts=settings.max_attempts,
-        login_ttl=settings.login_ttl,
-        registration_ttl=settings.registration_ttl,
-        guess_cap=settings.guess_cap,
-        guess_cap_days=settings.guess_cap_days,
-        max_pending_registrations=settings.max_pending_registrations,
+def secure_database_files(settings: VaultSettings) -> list[str]:
+    """Before SQLite opens the database: its folder 0700 when it is the data folder (or
+    is made now), the database file created 0600 (SQLite gives the -wal and -shm files the
+    database file's mode), and looser modes on existing files tightened. Returns what was
+    tightened, for the log."""
+    path = settings.sqlite_path
+    if path is None:
+        return []
+    fixed: list[str] = []
+    folder = path.parent
+    if not folder.exists() or folder.resolve() == Path(settings.data_dir).resolve():
+        change = make_private_dir(folder)
+        if change:
+            fixed.append(change)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path.name, path.name + "-wal", path.name + "-shm", path.name + "-journal"):
+        candidate = folder / name
+        try:
+            mode = candidate.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(candidate, mode & 0o600)
+            fixed.append(f"{candidate} was mode {mode:04o}; now {mode & 0o600:04o}")
+    return fixed
+
+
+def key_location_warning(settings: VaultSettings) -> str | None:
+    """A warning when the sealing key file sits in the database's folder, where one backup
+    would capture both."""
+    if settings.sealing != "file":
+        return None
+    key = settings.sealing_key_path.resolve()
+    database = settings.sqlite_path
+    folders = {Path(settings.data_dir).resolve()}
+    if database is not None:
+        folders.add(database.parent.resolve())
+    if key.parent not in folders:
+        return None
+    return (
+        f"the sealing key {key} is in the database's folder {key.parent}: a backup of that "
+        "folder holds both the sealed records and the key that opens them. Stop the vault, "
+        f"move {key.name} and any {key.name}.v* next to it to {default_config_dir()}/ (the "
+        "default) or elsewhere, and set sealing_key_file if elsewhere"
     )
-    service.start()
-    return service
+
+
+def _initialised(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("vault_keys"):
+            return False
+        return conn.execute(sa.select(sa.func.count()).select_from(vault_keys)).scalar_one() > 0
+
+
+def where_things_are(settings: VaultSettings, sealer: Sealer) -> str:
+    """The first-start note: where the database and the key are, and why they must be
+    backed up apart."""
+    database = settings.sqlite_path or settings.db_url.split("@")[-1]
+    if isinstance(sealer, FileSealer):
+        key = f"the sealing key is {sealer.path}"
+    else:
+        key = f"the sealing key is in the HSM ({sealer.description}; back it up with the HSM's own procedure)"
+    return (
+        f"first start: the database is {database} and {key}. Back them up separately, to "
+        "different places: whoever holds both can open every record and guess passwords "
+        "offline, and losing the key loses every record."
+    )
+
+
+@dataclass
+class OpenedVault:
+    service: VaultService
+    first_start: bool
+    note: str
+
+
+def open_vault(settings: VaultSettings) -> OpenedVault:
+    """Prepare the database files, open the sealer and the database, start the service,
+    and log what an operator must know (permissions tightened, a key in the database's
+    folder, where things are at first start)."""
+    for change in secure_database_files(settings):
+        log.warning("tightened permissions", extra={"change": change})
+    sealer = make_sealer(settings)
+    engine = make_engine(settings.db_url)
+    try:
+        first_start = not _initialised(engine)
+        service = VaultService(
+            engine,
+            sealer,
+            OpaqueConfig(
+                context=settings.opaque_context.encode(),
+                server_identity=settings.server_identity.encode() or None,
+            ),
+            max_attempts=settings.max_attempts,
+            login_ttl=settings.login_ttl,
+            registration_ttl=settings.registration_ttl,
+            guess_cap=settings.guess_cap,
+            guess_cap_days=settings.guess_cap_days,
+            max_pending_registrations=settings.max_pending_registrations,
+        )
+        service.start()
+    except BaseException:
+        sealer.close()
+        engine.dispose()
+        raise
+    warning = key_location_warning(settings)
+    if warning:
+        log.warning(warning)
+    note = where_things_are(settings, sealer)
+    if first_start or getattr(sealer, "created", False):
+        log.warning(note)
+    return OpenedVault(service, first_start, note)
+
+
+def make_service(settings: VaultSettings) -> VaultService:
+    return open_vault(settings).service
 
 
 NO_VERIFIER = "no token verifier: enable builtin_tokens or set jwt_public_key_file"
@@ -106,6 +222,9 @@ def make_app(settings: VaultSettings, service: VaultService) -> FastAPI:
         RateLimiter(settings.rate_per_ip_per_minute),
         RateLimiter(settings.rate_per_account_per_minute),
         settings.max_body_bytes,
+        truncate_client_addresses=settings.truncate_client_addresses,
+        serve_metrics=settings.metrics and not settings.metrics_listen,
+        metrics_token=settings.metrics_token(),
     )
 
 
@@ -118,27 +237,75 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
+AUDIT_PURGE_EVERY = 3600.0
+NONCE_WARNING_EVERY = 3600.0
+
+
 @dataclass
 class _Sweeper:
+    """Each node's background work: expire logins (and erase spent records), pick up new
+    sealing-key versions, add up seals per key version, apply audit retention."""
+
     service: VaultService
-    every: float
+    settings: VaultSettings
     stop: threading.Event
+    last_purge: float = field(default=float("-inf"))
+    last_nonce_warning: float = field(default=float("-inf"))
 
     def run(self) -> None:
-        while not self.stop.wait(self.every):
-            try:
-                erased = self.service.sweep()
-                if erased:
-                    log.info("sweep", extra={"records_erased": erased})
-            except Exception:
-                log.exception("sweep failed")
+        self.housekeeping()
+        while not self.stop.wait(self.settings.sweep_every):
+            self._step("sweep", self._expire)
+            self._step("sealing key refresh", self.service.sealer.refresh)
+            self.housekeeping()
+
+    def housekeeping(self) -> None:
+        self._step("counting seals", self.count_seals)
+        self._step("audit retention", self._purge_audit)
+
+    @staticmethod
+    def _step(what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception(f"{what} failed")
+
+    def _expire(self) -> None:
+        erased = self.service.sweep()
+        if erased:
+            log.info("sweep", extra={"records_erased": erased})
+
+    def count_seals(self) -> None:
+        now = time.time()
+        totals = record_seal_counts(self.service.engine, self.service.sealer, now)
+        warning = nonce_budget_warning(totals, self.service.sealer.current_version)
+        if warning and now - self.last_nonce_warning >= NONCE_WARNING_EVERY:
+            self.last_nonce_warning = now
+            log.warning(warning)
+
+    def _purge_audit(self) -> None:
+        now = time.time()
+        if now - self.last_purge < AUDIT_PURGE_EVERY:
+            return
+        self.last_purge = now
+        deleted = purge_audit(self.service.engine, self.settings.audit_retention_days, now)
+        if deleted:
+            log.info(
+                "audit retention",
+                extra={"deleted": deleted, "retention_days": self.settings.audit_retention_days},
+            )
 
 
 def serve(settings: VaultSettings) -> None:
     check_settings(settings)
     configure_logging(settings.log_level)
-    service = make_service(settings)
-    app = make_app(settings, service)
+    host, port = settings.host_port()
+    metrics_address = settings.metrics_host_port() if settings.metrics_listen else None
+    settings.metrics_token()  # a bad token file fails here, before anything starts
+    opened = open_vault(settings)
+    service = opened.service
+    if opened.first_start:
+        print(opened.note, flush=True)
     if settings.jwt_public_key_file:
         legacy = service.legacy_jwt_records()
         if legacy:
@@ -147,7 +314,7 @@ def serve(settings: VaultSettings) -> None:
                 "of their reach until `backvault vault migrate-jwt-records` moves them",
                 extra={"records": len(legacy)},
             )
-    host, port = settings.host_port()
+    app = make_app(settings, service)
     config = uvicorn.Config(
         app,
         host=host,
@@ -163,11 +330,14 @@ def serve(settings: VaultSettings) -> None:
         limit_concurrency=settings.limit_concurrency,
         h11_max_incomplete_event_size=16 * 1024,
     )
+    metrics_server = None
+    if settings.metrics and metrics_address is not None:
+        metrics_server, _thread = start_http_server(
+            metrics_address[1], metrics_address[0], registry=metrics.REGISTRY
+        )
     stop = threading.Event()
-    sweeper = threading.Thread(
-        target=_Sweeper(service, settings.sweep_every, stop).run, daemon=True
-    )
-    sweeper.start()
+    sweeper = _Sweeper(service, settings, stop)
+    threading.Thread(target=sweeper.run, daemon=True).start()
     log.info(
         "vault starting",
         extra={
@@ -192,6 +362,9 @@ def serve(settings: VaultSettings) -> None:
             raise
     finally:
         stop.set()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        _Sweeper._step("counting seals", sweeper.count_seals)
         service.sealer.close()
         service.engine.dispose()
         log.info("vault stopped")

@@ -1,0 +1,235 @@
+"""Sealing at rest, in process with real keys: the versioned format (and the old one still
+opening), key versions in files and in a real SoftHSM2 token, the attributes an HSM key
+must have (and a weak key made here being refused), and the one registry of sealed
+columns."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from backvault.vault import schema
+from backvault.vault.sealed_columns import SEALED_COLUMNS
+from backvault.vault.sealing import (
+    FileSealer,
+    Pkcs11Sealer,
+    SealingError,
+    key_version_of,
+    sealed_header,
+)
+from tests.servers import SOFTHSM_MODULE, SoftHsm, softhsm_in_this_process, softhsm_token
+
+PURPOSE = b"record:alice:1"
+
+
+def test_a_sealed_value_names_its_key_version_and_binds_it(tmp_path: Path) -> None:
+    sealer = FileSealer(tmp_path / "keys" / "sealing.key")
+    sealed = sealer.seal(b"secret", PURPOSE)
+    assert sealed[:5] == sealed_header(1) == b"\x02\x00\x00\x00\x01"
+    assert key_version_of(sealed) == 1
+    assert sealer.open(sealed, PURPOSE) == b"secret"
+    # The header is authenticated: naming another version, or altering it, does not open.
+    sealer.create_version()
+    relabelled = sealed_header(2) + sealed[5:]
+    with pytest.raises(SealingError):
+        sealer.open(relabelled, PURPOSE)
+    with pytest.raises(SealingError):
+        sealer.open(sealed, b"record:mallory:1")
+
+
+def test_values_sealed_before_key_versions_existed_still_open(tmp_path: Path) -> None:
+    """Format 1 (``0x01 || nonce || ciphertext``, associated data = purpose), as the vault
+    wrote it until now, opens as key version 1 and moves to the current version."""
+    path = tmp_path / "sealing.key"
+    sealer = FileSealer(path)
+    nonce = secrets.token_bytes(12)
+    old = b"\x01" + nonce + AESGCM(path.read_bytes()).encrypt(nonce, b"old secret", PURPOSE)
+    assert key_version_of(old) == 1
+    assert sealer.open(old, PURPOSE) == b"old secret"
+    assert sealer.create_version() == 2
+    assert sealer.open(old, PURPOSE) == b"old secret"
+
+
+def test_key_files_hold_several_versions_and_the_newest_seals(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "sealing.key"
+    node = FileSealer(path)
+    assert (path.parent.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
+    first = node.seal(b"one", PURPOSE)
+
+    rotator = FileSealer(path)  # another process: `vault rotate-sealing-key`
+    assert rotator.create_version() == 2
+    assert (path.parent / "sealing.key.v2").stat().st_mode & 0o777 == 0o600
+    second = rotator.seal(b"two", PURPOSE)
+    assert key_version_of(second) == 2
+
+    # The serving node opens a value under a version it has not loaded yet (it looks
+    # again), and then seals under the new version.
+    assert node.open(second, PURPOSE) == b"two"
+    assert key_version_of(node.seal(b"three", PURPOSE)) == 2
+    assert node.open(first, PURPOSE) == b"one"
+
+    with pytest.raises(SealingError, match="current sealing key"):
+        rotator.destroy_version(2)
+    rotator.destroy_version(1)
+    assert not path.exists()
+    with pytest.raises(SealingError, match="key version 1, which this vault does not hold"):
+        FileSealer(path).open(first, PURPOSE)
+    # Destroying version 1 does not make a restart create a new version 1.
+    again = FileSealer(path)
+    assert again.versions() == [2] and not path.exists()
+    assert again.open(second, PURPOSE) == b"two"
+    assert node.take_seal_counts() == {1: 1, 2: 1}
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sealing.key"
+    FileSealer(path).create_version()
+    os.chmod(path.with_name("sealing.key.v2"), 0o644)
+    with pytest.raises(SealingError, match=r"sealing.key.v2 is readable by others; chmod 600"):
+        FileSealer(path)
+
+
+def test_every_sealed_column_is_in_the_one_registry() -> None:
+    declared = {
+        f"{table.name}.{column.name}"
+        for table in schema.metadata.tables.values()
+        for column in table.columns
+        if column.name.startswith("sealed_")
+    }
+    registered = [sealed.name for sealed in SEALED_COLUMNS]
+    assert sorted(registered) == sorted(declared)
+    assert len(set(registered)) == len(registered)
+
+
+# --- HSM (SoftHSM2) ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blank_token(tmp_path: Path) -> Iterator[SoftHsm]:
+    """A token without the key ceremony: the test makes the keys."""
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token, softhsm_in_this_process(token):
+        yield token
+
+
+def _session(token: SoftHsm) -> object:
+    import pkcs11
+
+    found = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=token.token_label)
+    try:
+        return found.open(user_pin=token.pin, rw=True)
+    except pkcs11.UserAlreadyLoggedIn:  # a sealer of this process is logged in
+        return found.open(rw=True)
+
+
+SAFE = {
+    "ENCRYPT": True,
+    "DECRYPT": True,
+    "WRAP": False,
+    "UNWRAP": False,
+    "SIGN": False,
+    "VERIFY": False,
+    "DERIVE": False,
+    "MODIFIABLE": False,
+    "SENSITIVE": True,
+    "EXTRACTABLE": False,
+    "TOKEN": True,
+}
+
+
+def _attributes(key: object) -> dict[str, bool]:
+    from pkcs11 import Attribute
+
+    return {name: bool(key[getattr(Attribute, name)]) for name in SAFE}  # type: ignore[index]
+
+
+def test_the_hsm_key_ceremony_makes_a_key_for_encryption_only(tmp_path: Path) -> None:
+    from pkcs11 import Attribute, ObjectClass
+
+    # The token is made by `backvault vault init-hsm`, in another process.
+    with softhsm_token(tmp_path / "hsm") as token, softhsm_in_this_process(token):
+        session = _session(token)
+        keys = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))  # type: ignore[attr-defined]
+        assert [key[Attribute.LABEL] for key in keys] == ["backvault-sealing-v1"]
+        assert _attributes(keys[0]) == SAFE
+        assert keys[0][Attribute.ALWAYS_SENSITIVE] and keys[0][Attribute.NEVER_EXTRACTABLE]
+        session.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("WRAP", True),
+        ("UNWRAP", True),
+        ("SIGN", True),
+        ("VERIFY", True),
+        ("DERIVE", True),
+        ("MODIFIABLE", True),
+        ("SENSITIVE", False),
+        ("EXTRACTABLE", True),
+        ("TOKEN", False),
+    ],
+)
+def test_a_weaker_hsm_key_is_refused_naming_the_attribute(
+    blank_token: SoftHsm, attribute: str, value: bool
+) -> None:
+    from pkcs11 import Attribute, KeyType
+
+    session = _session(blank_token)
+    template = {getattr(Attribute, name): wanted for name, wanted in SAFE.items()}
+    template[getattr(Attribute, attribute)] = value
+    # TOKEN=false makes a session key, which other sessions of this process still see.
+    session.generate_key(  # type: ignore[attr-defined]
+        KeyType.AES, 256, label="backvault-sealing-v1", store=SAFE["TOKEN"], template=template
+    )
+    try:
+        with pytest.raises(SealingError) as refused:
+            Pkcs11Sealer(SOFTHSM_MODULE, blank_token.token_label, blank_token.pin, create=False)
+        assert f"CKA_{attribute}={str(value).lower()}" in str(refused.value)
+        assert "rotate-sealing-key" in str(refused.value)
+    finally:
+        session.close()  # type: ignore[attr-defined]
+
+
+def test_a_weak_key_of_an_older_deployment_moves_to_a_safe_new_version(
+    blank_token: SoftHsm,
+) -> None:
+    """A key made the way the vault made it until now (python-pkcs11's defaults: may also
+    wrap, unwrap, sign and verify; modifiable) under the unversioned label: a node refuses
+    it, the rotation accepts it to make a safe version 2, which a node then accepts."""
+    from pkcs11 import Attribute, KeyType
+
+    session = _session(blank_token)
+    session.generate_key(KeyType.AES, 256, label="backvault-sealing", store=True)  # type: ignore[attr-defined]
+    session.close()  # type: ignore[attr-defined]
+    args = (SOFTHSM_MODULE, blank_token.token_label, blank_token.pin)
+    with pytest.raises(SealingError, match="CKA_WRAP=true"):
+        Pkcs11Sealer(*args, create=False)
+
+    rotator = Pkcs11Sealer(*args, create=False, accept_weak_keys=True)
+    old = rotator.seal(b"sealed long ago", PURPOSE)
+    assert key_version_of(old) == 1
+    assert rotator.create_version() == 2
+    rotator.close()
+
+    node = Pkcs11Sealer(*args, create=False)
+    assert node.versions() == [1, 2] and node.current_version == 2
+    new = node.seal(b"new", PURPOSE)
+    assert key_version_of(new) == 2
+    assert node.open(old, PURPOSE) == b"sealed long ago"
+    node.check()
+    session = _session(blank_token)
+    fresh = session.get_key(label="backvault-sealing-v2")  # type: ignore[attr-defined]
+    assert _attributes(fresh) == SAFE
+    assert fresh[Attribute.PRIVATE]
+    session.close()  # type: ignore[attr-defined]
+    node.destroy_version(1)
+    assert node.versions() == [2]
+    with pytest.raises(SealingError, match="does not hold"):
+        node.open(old, PURPOSE)
+    assert node.open(new, PURPOSE) == b"new"
+    node.close()
