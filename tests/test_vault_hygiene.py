@@ -160,7 +160,7 @@ def test_audit_events_past_retention_are_deleted(tmp_path: Path) -> None:
             assert [e["detail"] for e in vc.audit()] == ["recent enough"]
     finally:
         node.stop()
-    assert '"msg": "audit retention", "deleted": 1' in node.log.read_text()
+    assert '"msg": "audit retention", "deleted": 2' in node.log.read_text()
 
 
 def test_truncated_addresses_are_networks() -> None:

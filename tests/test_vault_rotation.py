@@ -155,7 +155,7 @@ def test_rotation_reseals_everything_in_batches_while_a_node_serves(tmp_path: Pa
         # The login begun before the rotation finishes; every record still opens.
         ke3 = client.generate_ke3(pending_state, KE2.from_bytes(pending_ke2), CONFIG).ke3
         with VaultClient(node.url, tokens["ann"], CONFIG) as vc:
-            assert vc.login_finish(pending_id, ke3.to_bytes()) == SECRET
+            assert vc.login_finish(pending_id, ke3.to_bytes()).wrapped_secret == SECRET
     finally:
         node.stop()
     node.start()
