@@ -600,3 +600,16 @@ def test_restic_hard_links_fifos_and_devices_still_restore(
         null = (out / "null").lstat()
         assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
         assert stat.S_IMODE(null.st_mode) == 0o666
+
+
+def test_ls_lists_a_snapshot_nested_deeper_than_the_recursion_limit(
+    tmp_path: Path, cli: Cli
+) -> None:
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(_deep(1100, "d")(h, world))
+    listed = cli.run("-r", str(h.path), "--json", "ls", snapshot_id, key=h.key)
+    assert listed.code == 0, listed.err
+    paths = [entry["path"] for entry in listed.json()["entries"]]
+    assert len(paths) == 1100 + 2
+    assert paths[-2:] == ["/d" * 1100 + "/leaf.txt", "/d" * 1100 + "/escape"]

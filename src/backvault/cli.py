@@ -1042,17 +1042,19 @@ def ls_command(ctx: Context, snapshot: str) -> None:
     repo = open_repo(ctx)
     name, snap = repo.find_snapshot(snapshot)
     entries: list[dict[str, Any]] = []
-
-    def walk(tree: bytes, prefix: str) -> None:
-        for node in repo.load_tree(tree):
-            path = f"{prefix}/{node.name}"
-            entries.append(
-                {"path": path, "type": node.type, "size": node.size, "mtime": node.mtime}
-            )
-            if node.type == "dir" and node.subtree is not None:
-                walk(node.subtree, path)
-
-    walk(snap.tree, "")
+    # Depth first, in tree order, with a stack of our own: a snapshot may nest folders
+    # deeper than Python's recursion limit.
+    stack = [("", iter(repo.load_tree(snap.tree)))]
+    while stack:
+        prefix, nodes = stack[-1]
+        node = next(nodes, None)
+        if node is None:
+            stack.pop()
+            continue
+        path = f"{prefix}/{node.name}"
+        entries.append({"path": path, "type": node.type, "size": node.size, "mtime": node.mtime})
+        if node.type == "dir" and node.subtree is not None:
+            stack.append((path, iter(repo.load_tree(node.subtree))))
     ctx.emit_json({"snapshot": name, "entries": entries})
     for entry in entries:
         ctx.out(entry["path"])
