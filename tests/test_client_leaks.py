@@ -206,23 +206,56 @@ def test_repositories_with_old_key_file_names_keep_working_and_lose_them(
     fresh.ok("snapshots", env={"BACKVAULT_PASSWORD": PASSWORD})
 
     if how == "password change":
-        done = phone.ok(
+        result = phone.ok(
             "--json", "password", "change", env={"BACKVAULT_NEW_PASSWORD": NEW_PASSWORD}
-        ).json()
-        assert done["removed"] == [old_password_slot]
+        )
+        assert result.json()["removed"] == []
     else:
-        done = phone.ok(
+        result = phone.ok(
             "--json", "key", "add", "--password", env={"BACKVAULT_PASSWORD": NEW_PASSWORD}
-        ).json()
-        assert done["replaced"] == [old_password_slot]
+        )
+        assert result.json()["replaced"] == []
+    # The old slot's kind came from clear names: it is left in place, and said so.
+    assert f"key slot {old_password_slot[:8]} was named a password slot" in result.err
     # What is written now names nothing; the old names are gone from the storage.
     for name, doc in key_documents(repo).items():
         raw = (repo / "keys" / name).read_text()
         assert ACCOUNT not in raw and vault.url not in raw and "anas-phone" not in raw, doc
+    password_kind = f"password (vault {vault.url}, account {ACCOUNT})"
     listed = sorted(s["kind"] for s in phone.ok("--json", "key", "list").json())
-    assert listed == [f"password (vault {vault.url}, account {ACCOUNT})", "recovery key"]
+    assert listed == [password_kind, password_kind, "recovery key"]
+    # Removing the old slot leaves the vault's record (the new password's) alone.
+    relabelled = result.json()["renamed"][old_password_slot]
+    removed = phone.ok("key", "remove", relabelled[:8])
+    assert "left alone" in removed.err
+    listed = sorted(s["kind"] for s in phone.ok("--json", "key", "list").json())
+    assert listed == [password_kind, "recovery key"]
     other = new_device(phone, tmp_path, "other-phone")
     other.ok("snapshots", env={"BACKVAULT_PASSWORD": NEW_PASSWORD})
+
+
+def test_a_recovery_key_renamed_in_clear_as_a_password_slot_is_never_removed(
+    phone: Cli, vault: VaultNode, tmp_path: Path
+) -> None:
+    """Whoever can write the storage strips the recovery key file's label and gives it
+    the clear name earlier versions gave password slots, hoping that `password change`
+    or `password disable` removes it."""
+    repo = tmp_path / "repo"
+    init = phone.ok("--json", "init", "--password", env={"BACKVAULT_PASSWORD": PASSWORD}).json()
+    path = repo / "keys" / init["key_id"]
+    doc = json.loads(path.read_bytes())
+    doc.pop("backvault_label")
+    doc["username"], doc["hostname"] = f"backvault-password:{ACCOUNT}", vault.url
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    forged = hashlib.sha256(raw).hexdigest()
+    (repo / "keys" / forged).write_bytes(raw)
+    path.unlink()
+    changed = phone.ok("--json", "password", "change", env={"BACKVAULT_NEW_PASSWORD": NEW_PASSWORD})
+    assert changed.json()["removed"] == [init["password_key_id"]]
+    assert "cannot verify" in changed.err
+    phone.ok("password", "disable")
+    phone.ok("forget-device")
+    phone.ok("snapshots", key=init["recovery_key"])  # the recovery key still opens
 
 
 def test_a_label_moved_to_another_key_file_is_not_believed(phone: Cli, tmp_path: Path) -> None:

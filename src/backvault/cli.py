@@ -603,12 +603,18 @@ def key_remove(ctx: Context, key_id: str) -> None:
             "repository again; add another key first (`backvault key add`)"
         )
     target = matching[0]
-    from .client.password import is_password_slot
+    from .client.password import is_password_slot, is_verified_password_slot
 
-    if is_password_slot(target):
+    if is_verified_password_slot(target):
         # The vault record is what makes this slot usable: erase it too.
         vault = require_vault(ctx)
         delete_vault_record(vault)
+    elif is_password_slot(target):
+        ctx.warn(
+            "this slot was named a password slot by an earlier version, in clear, which "
+            "backvault cannot verify: the vault's record is left alone (`backvault password "
+            "disable` erases it)"
+        )
     repo.remove_key(target.id)
     ctx.emit_json({"removed": target.id})
     ctx.out(f"Removed key slot {target.id[:8]} ({slot_kind(target)}).")
@@ -624,6 +630,17 @@ def relabel_legacy_keys(ctx: Context, repo: Repository) -> dict[str, str]:
             f"the storage provider; its id is now {new[:8]}"
         )
     return renamed
+
+
+def warn_unverified_slots(ctx: Context, slots: Any, repo: Repository) -> None:
+    """Slots an earlier version named password slots in clear are never removed on that
+    word (whoever can write the storage could have renamed the recovery key so)."""
+    for slot in slots.unverified_slots_of_account(repo):
+        ctx.warn(
+            f"key slot {slot.id[:8]} was named a password slot by an earlier version, in "
+            "clear, which backvault cannot verify, so it was left in place; if it is your old "
+            "password slot it opens nothing any more (`backvault key remove` removes it)"
+        )
 
 
 def require_vault(ctx: Context) -> VaultSettings:
@@ -659,6 +676,7 @@ def enable_password(ctx: Context, max_attempts: int | None) -> None:
     # The vault holds one record per account: earlier password slots no longer open.
     for slot in old:
         repo.remove_key(slot.id)
+    warn_unverified_slots(ctx, slots, repo)
     renamed = relabel_legacy_keys(ctx, repo)
     ctx.emit_json(
         {
@@ -697,7 +715,7 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
     repo = open_repo(ctx)
     slots = PasswordSlots(vault)
     old = slots.slots_of_account(repo)
-    if not old:
+    if not slots.slots_of_account(repo, verified_only=False):
         fail(
             "this repository has no password slot for this account; add one with "
             "`backvault key add --password`"
@@ -711,6 +729,7 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
         vault_failure(exc, vault)
     for slot in old:
         repo.remove_key(slot.id)
+    warn_unverified_slots(ctx, slots, repo)
     renamed = relabel_legacy_keys(ctx, repo)
     ctx.emit_json({"password_key_id": key_id, "removed": [s.id for s in old], "renamed": renamed})
     ctx.out("Password changed: the old one no longer opens anything.")
@@ -824,6 +843,7 @@ def password_disable(ctx: Context) -> None:
     delete_vault_record(vault)
     for slot in mine:
         repo.remove_key(slot.id)
+    warn_unverified_slots(ctx, slots, repo)
     ctx.emit_json({"removed": [s.id for s in mine]})
     ctx.out("The password is turned off: the vault record is erased and the slot removed.")
 

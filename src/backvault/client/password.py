@@ -92,6 +92,11 @@ def is_password_slot(slot: KeySlot) -> bool:
     return slot.label is not None and slot.label.kind == PASSWORD
 
 
+def is_verified_password_slot(slot: KeySlot) -> bool:
+    """A password slot whose kind the master key vouches for (not clear names)."""
+    return is_password_slot(slot) and slot.label is not None and not slot.label.from_clear_names
+
+
 @dataclass
 class PasswordSlots:
     vault: VaultSettings
@@ -175,10 +180,19 @@ class PasswordSlots:
                     raise
         vault_state.forget_registration(self.vault.url, self.vault.account)
 
-    def slots_of_account(self, repo: Repository) -> list[KeySlot]:
-        """This account's password slots (their labels say so; read with the master key)."""
+    def slots_of_account(self, repo: Repository, verified_only: bool = True) -> list[KeySlot]:
+        """This account's password slots, as their sealed labels say. ``verified_only``
+        leaves out slots whose kind an earlier version wrote in clear (anyone who can write
+        the storage can forge those): never remove a slot on their word."""
         return [
             s
             for s in repo.list_keys()
-            if is_password_slot(s) and s.label is not None and s.label.account == self.vault.account
+            if is_password_slot(s)
+            and s.label is not None
+            and s.label.account == self.vault.account
+            and (not verified_only or not s.label.from_clear_names)
         ]
+
+    def unverified_slots_of_account(self, repo: Repository) -> list[KeySlot]:
+        verified = {s.id for s in self.slots_of_account(repo)}
+        return [s for s in self.slots_of_account(repo, False) if s.id not in verified]

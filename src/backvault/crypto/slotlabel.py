@@ -46,6 +46,10 @@ class SlotLabel:
     kind: str  # RECOVERY, PASSWORD or OTHER
     vault_url: str = ""  # password slots: the vault holding the slot secret
     account: str = ""  # … and the account there
+    # The kind was read from clear names an earlier version wrote, which anyone who can
+    # write the storage could have changed: good enough to show, never a reason to remove
+    # a slot or erase a vault record. Relabelling keeps the flag.
+    from_clear_names: bool = False
 
     @classmethod
     def recovery(cls) -> SlotLabel:
@@ -70,6 +74,8 @@ class SlotLabel:
             "account": self.account,
             "keyfile": _binding(salt),
         }
+        if self.from_clear_names:
+            document["clear"] = True
         plain = json.dumps(document, separators=(",", ":")).encode()
         padded_size = -(-(len(plain) + 1) // _PAD_TO) * _PAD_TO
         return master.seal(plain.ljust(padded_size, b" "))  # JSON ignores trailing spaces
@@ -89,15 +95,21 @@ class SlotLabel:
         kind = document.get("kind")
         if kind not in (RECOVERY, PASSWORD, OTHER):
             raise LabelError(f"unknown slot kind {kind!r}")
-        return cls(kind, str(document.get("vault", "")), str(document.get("account", "")))
+        return cls(
+            kind,
+            str(document.get("vault", "")),
+            str(document.get("account", "")),
+            document.get("clear") is True,
+        )
 
     @classmethod
     def from_legacy_names(cls, username: str, hostname: str) -> SlotLabel | None:
         """The label of a key file an earlier version wrote, from its clear names."""
         if username == LEGACY_RECOVERY_USERNAME:
-            return cls.recovery()
+            return cls(RECOVERY, from_clear_names=True)
         if username.startswith(LEGACY_PASSWORD_PREFIX):
-            return cls.password(hostname, username.removeprefix(LEGACY_PASSWORD_PREFIX))
+            account = username.removeprefix(LEGACY_PASSWORD_PREFIX)
+            return cls(PASSWORD, hostname, account, from_clear_names=True)
         return None
 
 
