@@ -9,9 +9,11 @@ with a clock of its own over a real database.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,7 +28,10 @@ from backvault.opaque import (
     OpaqueConfig,
     RegistrationResponse,
     client,
+    group,
+    oprf,
 )
+from backvault.opaque import protocol as opaque_protocol
 from backvault.opaque import server as opaque_server
 from backvault.vault import schema
 from backvault.vault.sealing import FileSealer
@@ -39,7 +44,13 @@ from backvault.vault.service import (
 from backvault.vault.store import make_engine
 from tests.conftest import Cli
 from tests.servers import VaultNode, make_node
-from tests.test_vault_oracle import attack_with_registration_starts, captured_ke2, captured_login
+from tests.test_vault_oracle import (
+    attack_with_registration_starts,
+    captured_ke2,
+    captured_login,
+    guess_opens,
+    server_public_key,
+)
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())
 SECRET = b"S" * 48
@@ -255,7 +266,18 @@ def test_password_check_reports_guesses_the_user_did_not_make(
     assert "password change" in text.err
 
 
-def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path, str]:
+@dataclass
+class LegacyVault:
+    db: Path
+    record: bytes
+    key_file: Path
+    token: str
+    oprf_seed: bytes
+
+
+def make_legacy_vault(
+    tmp_path: Path, wrap_for: Callable[[bytes], bytes] = lambda _export_key: SECRET
+) -> LegacyVault:
     """A database as the vault before per-registration credential identifiers left it:
     schema version 1, one record whose OPRF key derives from the account name."""
     db = tmp_path / "legacy.db"
@@ -288,22 +310,23 @@ def make_legacy_vault(tmp_path: Path) -> tuple[Path, bytes, Path, str]:
         response = opaque_server.create_registration_response(
             request, keys.public_key, legacy_credential_identifier("ana"), seed
         )
-        record, _ = client.finalize_registration_request(state, response, CONFIG)
+        record, export_key = client.finalize_registration_request(state, response, CONFIG)
         conn.execute(
             sa.text(
                 "INSERT INTO records (account, generation, sealed_payload, attempts_used, "
                 "max_attempts, created_at, updated_at) VALUES ('ana', 1, :p, 0, 10, 0, 0)"
             ),
-            {"p": sealer.seal(record.to_bytes() + SECRET, b"record:ana:1")},
+            {"p": sealer.seal(record.to_bytes() + wrap_for(export_key), b"record:ana:1")},
         )
     engine.dispose()
-    return db, record.to_bytes(), key_file, token
+    return LegacyVault(db, record.to_bytes(), key_file, token, seed)
 
 
 def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
     from backvault.opaque import RegistrationRecord
 
-    db, record, key_file, token = make_legacy_vault(tmp_path)
+    legacy = make_legacy_vault(tmp_path)
+    db, record, key_file, token = legacy.db, legacy.record, legacy.key_file, legacy.token
     node = make_node(
         tmp_path / "vault",
         f"sqlite:///{db}",
@@ -323,6 +346,56 @@ def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
             vc.register(PASSWORD, wrap)  # what `password change` does
             assert vc.status()["legacy_record"] is False
             assert vc.login(PASSWORD).wrapped_secret == SECRET
+    finally:
+        node.stop()
+
+
+def test_a_legacy_record_moves_to_a_fresh_key_at_the_first_successful_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the upgrade, a token holder collected OPRF evaluations of its guesses under
+    the account-derived key (the old registration endpoint gave them freely). The owner's
+    first login after the upgrade must make them useless, without fresh guesses for anyone."""
+    from backvault.client.password import PasswordSlots, wrap_slot_secret
+    from backvault.client.settings import VaultSettings
+
+    monkeypatch.setenv("BACKVAULT_CONFIG_DIR", str(tmp_path / "device"))
+    slot_secret = secrets.token_bytes(32)
+    legacy = make_legacy_vault(
+        tmp_path, lambda export_key: wrap_slot_secret(export_key, slot_secret, "ana")
+    )
+    legacy_key = opaque_protocol.derive_oprf_key(
+        legacy.oprf_seed, legacy_credential_identifier("ana")
+    )
+    harvested = []
+    for guess in [b"guess-1", b"guess-2", PASSWORD]:  # what the old endpoint answered
+        blind = group.random_scalar()
+        harvested.append((guess, blind, oprf.blind_evaluate(legacy_key, oprf.blind(guess, blind))))
+    node = make_node(
+        tmp_path / "vault",
+        f"sqlite:///{legacy.db}",
+        "--sealing-key-file",
+        str(legacy.key_file),
+    ).start()
+    try:
+        server_key = server_public_key(node, legacy.token)
+
+        def cracked(ke2: KE2) -> list[bytes]:
+            return [g for g, b, e in harvested if guess_opens(g, b, e, ke2, server_key)]
+
+        assert cracked(captured_ke2(node, legacy.token)) == [PASSWORD]  # the threat
+        slots = PasswordSlots(VaultSettings(node.url, "ana", legacy.token), CONFIG)
+        recovery = slots.recover(PASSWORD)
+        assert recovery.secret == slot_secret and recovery.upgraded is True
+        with VaultClient(node.url, legacy.token, CONFIG) as vc:
+            status = vc.status()
+            assert status["legacy_record"] is False
+            assert status["attempts_used"] == 1  # the token holder's attempt stays counted
+            assert "count kept" in vc.audit()[-1]["detail"]
+        assert slots.check_record().ours is True
+        assert cracked(captured_ke2(node, legacy.token)) == []  # the harvest is useless now
+        again = slots.recover(PASSWORD)
+        assert again.secret == slot_secret and again.upgraded is None
     finally:
         node.stop()
 

@@ -268,6 +268,19 @@ def vault_failure(exc: Exception, vault: VaultSettings) -> NoReturn:
 ERASED_MESSAGE = "the vault has erased this key; restore with your 64-digit key if you have one"
 
 
+def report_legacy_upgrade(ctx: Context, recovery: Any) -> None:
+    from .client.password import LEGACY_UPGRADED
+
+    if recovery.upgraded:
+        ctx.warn(f"warning: {LEGACY_UPGRADED}")
+    elif recovery.upgraded is False:
+        ctx.warn(
+            "warning: this vault record was made before each record had its own OPRF key, and "
+            f"moving it to a fresh one failed ({recovery.problem}); it will be tried again at "
+            "the next login, or run `backvault password change`"
+        )
+
+
 def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], Repository | None]:
     def open_with_password(backend: Backend) -> Repository | None:
         from .client.password import PasswordSlots, UnwrapFailed
@@ -302,9 +315,11 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
         if not password:
             return None  # the person chose to type the 64-digit key
         try:
-            return slots.open(backend, password.encode())
+            recovery = slots.recover(password.encode())
         except (VaultRefused, VaultUnavailable, UnwrapFailed) as exc:
             vault_failure(exc, vault)
+        report_legacy_upgrade(ctx, recovery)
+        return Repository.open(backend, [recovery.secret.hex().encode()])
 
     return open_with_password
 
@@ -743,7 +758,7 @@ def password_check(ctx: Context) -> None:
 
     First, at no cost, checks that the vault still holds the record this device
     registered."""
-    from .client.password import PasswordSlots, UnwrapFailed, unwrap_slot_secret
+    from .client.password import PasswordSlots, UnwrapFailed
     from .client.vault_client import VaultRefused, VaultUnavailable
 
     vault = require_vault(ctx)
@@ -770,11 +785,6 @@ def password_check(ctx: Context) -> None:
             "note: this device did not register the vault's record, so it cannot tell whether "
             "someone replaced it; `backvault password change` registers one it can check"
         )
-    if status.get("legacy_record"):
-        ctx.warn(
-            "note: this record was made by an older vault; `backvault password change` moves "
-            "it to a fresh credential identifier"
-        )
     left = int(str(status["attempts_left"]))
     ctx.out(
         f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'} "
@@ -787,10 +797,11 @@ def password_check(ctx: Context) -> None:
     if not typed:
         fail("no password given (BACKVAULT_PASSWORD or a prompt)", 2)
     try:
-        result = slots.login(typed.encode())
-        unwrap_slot_secret(result.export_key, result.wrapped_secret, vault.account)
+        recovery = slots.recover(typed.encode())
     except (VaultRefused, VaultUnavailable, UnwrapFailed) as exc:
         vault_failure(exc, vault)
+    result = recovery.login
+    report_legacy_upgrade(ctx, recovery)
     ctx.emit_json(
         {
             "ok": True,
@@ -798,8 +809,9 @@ def password_check(ctx: Context) -> None:
             "forgiven": result.forgiven,
             "others_counted": result.counted,
             "others_since": result.counted_since,
-            "record_is_ours": record.ours,
+            "record_is_ours": record.ours or recovery.upgraded is True,
             "fingerprint": status.get("fingerprint"),
+            "moved_to_a_fresh_credential_identifier": recovery.upgraded,
         }
     )
     ctx.out(

@@ -27,7 +27,7 @@ from ..repo.repository import KeySlot, Repository
 from ..storage import Backend
 from . import vault_state
 from .settings import VaultSettings
-from .vault_client import LoginResult, VaultClient, VaultRefused
+from .vault_client import LoginResult, VaultClient, VaultRefused, VaultUnavailable
 
 WRAP_INFO = b"backvault vault-slot wrap v1"
 WRAP_VERSION = 1
@@ -79,6 +79,28 @@ def check_strength(password: str) -> str:
         raise WeakPassword("this password is too easy to guess" + (f": {advice}" if advice else ""))
     labels = {2: "fair", 3: "good", 4: "strong"}
     return f"password strength: {labels[result['score']]}" + (f" ({advice})" if advice else "")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    secret: bytes
+    login: LoginResult
+    # None: the record was current; True: it was moved to a fresh credential identifier;
+    # False: moving it failed (``problem``), to be tried again at the next login.
+    upgraded: bool | None
+    problem: Exception | None
+
+    def __repr__(self) -> str:
+        return f"Recovery(<secret>, upgraded={self.upgraded})"
+
+
+LEGACY_UPGRADED = (
+    "this vault record was made before each record had its own OPRF key (its key derives "
+    "from the account name, and an older vault evaluated it for anyone holding the account "
+    "token): it has now been registered again under a fresh key, same password, count kept. "
+    "If anyone else may have held your account token before the vault was upgraded, change "
+    "your password (`backvault password change`)"
+)
 
 
 @dataclass(frozen=True)
@@ -150,10 +172,38 @@ class PasswordSlots:
         vault_state.clear_attempts(url, account)
         return result
 
-    def recover_secret(self, password: bytes) -> bytes:
-        """Log in to the vault and unwrap the slot secret (VaultRefused on a wrong password)."""
+    def recover(self, password: bytes) -> Recovery:
+        """Log in to the vault and unwrap the slot secret (VaultRefused on a wrong password).
+
+        A record made before per-registration credential identifiers answers under an OPRF
+        key derived from the account name, which an old vault's registration endpoint
+        evaluated for anyone holding the token: guesses collected then could still be
+        tested against it. Right after a successful login such a record is registered
+        again — same password, same slot secret, its count kept — under a fresh
+        identifier; no key file changes."""
         result = self.login(password)
-        return unwrap_slot_secret(result.export_key, result.wrapped_secret, self.vault.account)
+        secret = unwrap_slot_secret(result.export_key, result.wrapped_secret, self.vault.account)
+        upgraded: bool | None = None
+        problem: Exception | None = None
+        if result.legacy_record:
+            try:
+                with self.client() as vault:
+                    registration = vault.register(
+                        password,
+                        lambda export_key: wrap_slot_secret(export_key, secret, self.vault.account),
+                        result.max_attempts or None,
+                        keep_count=True,
+                    )
+                vault_state.remember_registration(
+                    self.vault.url, self.vault.account, registration.fingerprint
+                )
+                upgraded = True
+            except (VaultRefused, VaultUnavailable) as exc:
+                upgraded, problem = False, exc
+        return Recovery(secret, result, upgraded, problem)
+
+    def recover_secret(self, password: bytes) -> bytes:
+        return self.recover(password).secret
 
     def open(self, backend: Backend, password: bytes) -> Repository:
         return Repository.open(backend, [self.recover_secret(password).hex().encode()])

@@ -55,6 +55,8 @@ class LoginFinished:
     forgiven: int
     counted: int  # attempts still counted that this client did not prove its own
     counted_since: float | None
+    legacy_record: bool = False  # register again (same password, keep_count) to move it
+    max_attempts: int = 0
 
     def __repr__(self) -> str:
         return f"LoginFinished(attempts_left={self.attempts_left}, counted={self.counted})"
@@ -68,6 +70,8 @@ class LoginResult:
     forgiven: int
     counted: int
     counted_since: float | None
+    legacy_record: bool = False
+    max_attempts: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -146,6 +150,7 @@ class VaultClient:
         record: bytes,
         wrapped_secret: bytes,
         max_attempts: int | None = None,
+        keep_count: bool = False,
     ) -> str:
         """Store the record; returns the fingerprint the vault computed for it."""
         body: dict[str, Any] = {
@@ -155,6 +160,8 @@ class VaultClient:
         }
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
+        if keep_count:
+            body["keep_count"] = True
         return str(self._call("POST", "/v1/registration/finish", body)["fingerprint"])
 
     def login_start(self, ke1: bytes) -> tuple[str, bytes]:
@@ -175,6 +182,8 @@ class VaultClient:
             int(doc["forgiven"]),
             int(doc["counted"]),
             doc.get("counted_since"),
+            bool(doc.get("legacy_record", False)),
+            int(doc.get("max_attempts", 0)),
         )
 
     def status(self) -> dict[str, Any]:
@@ -188,16 +197,23 @@ class VaultClient:
 
     # --- OPAQUE flows ------------------------------------------------------------------
 
-    def register(self, password: bytes, wrap: Any, max_attempts: int | None = None) -> Registration:
+    def register(
+        self,
+        password: bytes,
+        wrap: Any,
+        max_attempts: int | None = None,
+        keep_count: bool = False,
+    ) -> Registration:
         """Register ``password``; ``wrap(export_key) -> bytes`` makes the wrapped secret.
         Returns the export key (for the caller to forget) and the record's fingerprint.
-        A vault that stores something else than the record made here is refused."""
+        A vault that stores something else than the record made here is refused.
+        ``keep_count``: a replaced record's count carries over (see the vault API)."""
         request, state = client.create_registration_request(password)
         started = self.registration_start(request.to_bytes())
         response = RegistrationResponse.from_bytes(started.response)
         record, export_key = client.finalize_registration_request(state, response, self.config)
         stored = self.registration_finish(
-            started.registration_id, record.to_bytes(), wrap(export_key), max_attempts
+            started.registration_id, record.to_bytes(), wrap(export_key), max_attempts, keep_count
         )
         if not hmac.compare_digest(stored, record.fingerprint()):
             raise VaultRefused(
@@ -237,4 +253,6 @@ class VaultClient:
             done.forgiven,
             done.counted,
             done.counted_since,
+            done.legacy_record,
+            done.max_attempts,
         )

@@ -78,6 +78,12 @@ class RegistrationFinishIn(Strict):
         "OPAQUE's export_key. The vault stores it sealed and cannot open it."
     )
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    keep_count: bool = Field(
+        default=False,
+        description="When this replaces a live record, keep its count and attempt history "
+        "(a client moving its record to a fresh credential identifier under the same "
+        "password)",
+    )
 
 
 class RegistrationFinishOut(Strict):
@@ -114,6 +120,11 @@ class LoginFinishOut(Strict):
     forgiven: int = Field(description="Earlier wrong tries of this client now forgiven")
     counted: int = Field(description="Attempts that stay counted: not proven this client's")
     counted_since: float | None = Field(description="When the oldest of those started")
+    legacy_record: bool = Field(
+        description="The record predates per-registration credential identifiers: register "
+        "again (same password, keep_count) to move it to a fresh one"
+    )
+    max_attempts: int
 
 
 class StatusOut(Strict):
@@ -449,6 +460,7 @@ def create_app(
             _decode(body.wrapped_secret, "wrapped_secret"),
             client_of(request),
             body.max_attempts,
+            body.keep_count,
         )
         return RegistrationFinishOut(fingerprint=fingerprint)
 
@@ -478,6 +490,8 @@ def create_app(
             forgiven=done.forgiven,
             counted=done.counted,
             counted_since=done.counted_since,
+            legacy_record=done.legacy_record,
+            max_attempts=done.max_attempts,
         )
 
     @app.get("/v1/record", response_model=StatusOut, tags=["record"])

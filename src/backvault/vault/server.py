@@ -306,6 +306,15 @@ def serve(settings: VaultSettings) -> None:
     service = opened.service
     if opened.first_start:
         print(opened.note, flush=True)
+    old_records = service.legacy_record_count()
+    if old_records:
+        log.warning(
+            "records made before each record had its own OPRF key: their key derives from the "
+            "account name, which an older vault's registration endpoint evaluated for any "
+            "token holder; each moves to a fresh key at its owner's next successful login "
+            "(see the operator guide, 'Upgrading to per-registration credential identifiers')",
+            extra={"records": old_records},
+        )
     if settings.jwt_public_key_file:
         legacy = service.legacy_jwt_records()
         if legacy:

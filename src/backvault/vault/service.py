@@ -138,6 +138,10 @@ class LoginSucceeded:
     forgiven: int  # this client's earlier wrong tries that no longer count
     counted: int  # attempts that stay counted: not this client's, as far as it proved
     counted_since: float | None  # when the oldest of those started
+    # The record predates per-registration credential identifiers: the client should
+    # register it again (same password, count kept) to move it to a fresh one.
+    legacy_record: bool = False
+    max_attempts: int = 0
 
     def __repr__(self) -> str:
         return f"LoginSucceeded(attempts_left={self.attempts_left}, counted={self.counted})"
@@ -408,6 +412,17 @@ class VaultService:
         if row.token_expires_at is not None and self.clock() >= row.token_expires_at:
             return None
         return str(row.name)
+
+    def legacy_record_count(self) -> int:
+        """Records made before per-registration credential identifiers."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(records)
+                    .where(records.c.credential_format == LEGACY_FORMAT)
+                ).scalar_one()
+            )
 
     # --- records made by JWT subjects before the namespaces were separated ---------------
 
@@ -744,9 +759,15 @@ class VaultService:
         wrapped_secret: bytes,
         client: str,
         max_attempts: int | None = None,
+        keep_count: bool = False,
     ) -> str:
         """Store the record under the credential identifier of the start that gave out
-        ``registration_id`` (single use). Returns the record's fingerprint."""
+        ``registration_id`` (single use). Returns the record's fingerprint.
+
+        ``keep_count``: when this replaces a live record, the new one inherits its count
+        and its attempt history (what the cap counts) — for a client that moves a record to
+        a fresh credential identifier under the same password, which must not hand anyone
+        fresh guesses. Keeping a count can only make the vault stricter."""
         try:
             parsed = RegistrationRecord.from_bytes(record)
         except InvalidMessageError as exc:
@@ -776,7 +797,13 @@ class VaultService:
                     credential_id = self.sealer.open(
                         pending.sealed_state, self._registration_purpose(account, key)
                     )
-                    generation = (row.generation + 1) if row is not None else 1
+                    # A new record's generation starts at random, so that a sealed payload from
+                    # an erased record's past (a database backup) never fits a later record.
+                    generation = (
+                        (row.generation + 1) if row is not None else 1 + secrets.randbelow(2**30)
+                    )
+                    carried = keep_count and row is not None
+
                     sealed = self.sealer.seal(
                         _PAYLOAD_V2 + credential_id + record + wrapped_secret,
                         self._record_purpose(account, generation),
@@ -784,8 +811,8 @@ class VaultService:
                     values = dict(
                         generation=generation,
                         sealed_payload=sealed,
-                        attempts_used=0,
-                        max_attempts=limit,
+                        attempts_used=row.attempts_used if carried else 0,
+                        max_attempts=min(limit, row.max_attempts) if carried else limit,
                         updated_at=now,
                         credential_format=CURRENT_FORMAT,
                         fingerprint=fingerprint,
@@ -800,10 +827,24 @@ class VaultService:
                         conn.execute(
                             records.update().where(records.c.account == account).values(**values)
                         )
-                        # Logins begun against the old record can never finish, and its
-                        # attempt history ends with it (the audit log keeps it).
+                        # Logins begun against the old record can never finish (they stay
+                        # counted if the count is kept); otherwise its attempt history ends
+                        # with it (the audit log keeps it).
                         conn.execute(logins.delete().where(logins.c.account == account))
-                        conn.execute(attempts.delete().where(attempts.c.account == account))
+                        if carried:
+                            conn.execute(
+                                attempts.update()
+                                .where(attempts.c.account == account)
+                                .values(
+                                    generation=generation,
+                                    outcome=sa.case(
+                                        (attempts.c.outcome == PENDING, EXPIRED),
+                                        else_=attempts.c.outcome,
+                                    ),
+                                )
+                            )
+                        else:
+                            conn.execute(attempts.delete().where(attempts.c.account == account))
                         conn.info["erased"] = True  # the old record's sealed bytes
                     self._audit(
                         conn,
@@ -811,7 +852,14 @@ class VaultService:
                         "record_replaced" if row is not None else "registered",
                         client,
                         limit,
-                        f"fingerprint {fingerprint[:16]}",
+                        f"fingerprint {fingerprint[:16]}"
+                        + ("; count kept" if carried else "")
+                        + (
+                            "; it replaced a record made before per-registration credential "
+                            "identifiers"
+                            if row is not None and row.credential_format == LEGACY_FORMAT
+                            else ""
+                        ),
                     )
                 return fingerprint
             except sa.exc.IntegrityError:
@@ -1046,7 +1094,15 @@ class VaultService:
             left,
             f"forgave {forgiven} earlier attempts of this client; {used} others stay counted",
         )
-        return LoginSucceeded(secret, left, forgiven, used, counted_since)
+        return LoginSucceeded(
+            secret,
+            left,
+            forgiven,
+            used,
+            counted_since,
+            row.credential_format == LEGACY_FORMAT,
+            int(row.max_attempts),
+        )
 
     # --- status, audit, delete, sweeping -------------------------------------------------
 
