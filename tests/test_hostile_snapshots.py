@@ -613,3 +613,39 @@ def test_ls_lists_a_snapshot_nested_deeper_than_the_recursion_limit(
     paths = [entry["path"] for entry in listed.json()["entries"]]
     assert len(paths) == 1100 + 2
     assert paths[-2:] == ["/d" * 1100 + "/leaf.txt", "/d" * 1100 + "/escape"]
+
+
+def test_names_are_printed_as_text_not_as_terminal_commands_or_markup(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A name is data: escape sequences (clear the screen, write the clipboard), bidi
+    overrides and rich markup in it must reach the terminal as visible text."""
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    names = [
+        "[bold blink]markup",
+        "\x1b[2J\x1b]52;c;cHduZWQ=\x07clip",
+        "[",
+        "x]",
+        "evil\u202etxt.exe",
+    ]
+    snapshot_id = h.snapshot([h.folder(name, [h.file("f", b"x")]) for name in names])
+    listed = cli.run("-r", str(h.path), "ls", snapshot_id, key=h.key)
+    assert listed.code == 0, listed.err
+    assert "\x1b" not in listed.out and "\u202e" not in listed.out and "\x07" not in listed.out
+    lines = set(listed.out.splitlines())
+    assert {
+        "/[bold blink]markup",
+        "/\\x1b[2J\\x1b]52;c;cHduZWQ=\\x07clip",
+        "/[",
+        "/x]/f",
+        "/evil\\u202etxt.exe",
+    } <= lines
+    # Damage reports name such paths the same way instead of crashing.
+    broken = h.snapshot([h.folder("x[/y]", [h.file("a", b"1"), h.file("a", b"2")])])
+    checked = cli.run("-r", str(h.path), "check", key=h.key)
+    assert checked.code == 3 and "internal error" not in checked.err, checked.err
+    restored = cli.run(
+        "-r", str(h.path), "restore", broken, "--target", str(world.target), key=h.key
+    )
+    assert restored.code == 3 and "unsafe name: 'x[/y]'" in restored.err, restored.err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .client import keycache
@@ -93,11 +95,19 @@ class Context:
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            self.errors.print(message, highlight=False, soft_wrap=True)
+            self.errors.print(
+                shown(message, keep_newlines=True), highlight=False, markup=False, soft_wrap=True
+            )
 
     def out(self, message: str = "") -> None:
         if not self.quiet and not self.json:
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(
+                shown(message, keep_newlines=True), highlight=False, markup=False, soft_wrap=True
+            )
+
+    def error_line(self, message: str) -> None:
+        """A line on stderr even with --quiet (damage, errors)."""
+        self.errors.print(shown(message), highlight=False, markup=False, soft_wrap=True)
 
     def emit_json(self, doc: Any) -> None:
         if self.json:
@@ -112,6 +122,31 @@ class Context:
                 2,
             )
         return repository
+
+
+# What a terminal would act on rather than show: C0 and C1 controls (escape sequences,
+# OSC 52 clipboard writes, carriage returns), bidirectional overrides, and the lone
+# surrogates that stand for undecodable bytes in file names.
+_UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def shown(text: str, keep_newlines: bool = False) -> str:
+    """Text that came from a snapshot, the storage or the vault, safe to print: every
+    character a terminal would act on becomes a visible escape (\\x1b, \\u202e)."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSHOWABLE.sub(escape, text)
+
+
+def cell(text: str) -> Text:
+    """A table cell that is shown as it is (rich would read [..] in a str as markup)."""
+    return Text(shown(text, keep_newlines=True))
 
 
 class Failure(Exception):
@@ -144,7 +179,7 @@ def progress_bar(ctx: Context, description: str) -> Iterator[Any]:
 
         def note(self, message: str) -> None:
             if not ctx.quiet and not ctx.json:
-                ctx.errors.print(message, highlight=False)
+                ctx.warn(message)
 
         def finish(self) -> None:
             pass
@@ -559,9 +594,9 @@ def key_list(ctx: Context) -> None:
     for s in slots:
         table.add_row(
             "*" if s.current else "",
-            s.id[:8],
-            slot_kind(s),
-            s.created[:19].replace("T", " "),
+            cell(s.id[:8]),
+            cell(slot_kind(s)),
+            cell(s.created[:19].replace("T", " ")),
         )
     if not ctx.quiet and not ctx.json:
         ctx.console.print(table)
@@ -1018,7 +1053,7 @@ def backup(ctx: Context, paths: tuple[str, ...], tags: tuple[str, ...], host: st
     )
     if result.errors:
         for path, error in result.errors:
-            ctx.errors.print(f"could not read {path}: {error}", highlight=False)
+            ctx.error_line(f"could not read {path}: {error}")
         fail(
             f"the snapshot is incomplete: {len(result.errors)} entries could not be read",
             EXIT_INCOMPLETE,
@@ -1052,18 +1087,23 @@ def snapshots(ctx: Context) -> None:
         table = Table("ID", "time", "host", "tags", "paths")
         for name, snap in items:
             table.add_row(
-                name[:8],
-                snap.time[:19].replace("T", " "),
-                snap.hostname,
-                ",".join(snap.tags),
-                "\n".join(snap.paths),
+                cell(name[:8]),
+                cell(snap.time[:19].replace("T", " ")),
+                cell(shown(snap.hostname)),
+                cell(shown(",".join(snap.tags))),
+                cell("\n".join(shown(path) for path in snap.paths)),
             )
         ctx.console.print(table)
         ctx.out(f"{len(items)} snapshots")
     for error in errors:
-        ctx.errors.print(str(error), highlight=False)
+        ctx.error_line(str(error))
     if errors:
         fail(f"{len(errors)} snapshot files are damaged", EXIT_INCOMPLETE)
+
+
+# Shared subtrees are legitimate (every empty folder is the same tree), but a tree can name
+# the same folder twice at every level: listing 2^40 entries never ends.
+LS_MAX_ENTRIES = 50_000_000
 
 
 @cli.command("ls")
@@ -1078,6 +1118,12 @@ def ls_command(ctx: Context, snapshot: str) -> None:
     # deeper than Python's recursion limit.
     stack = [("", iter(repo.load_tree(snap.tree)))]
     while stack:
+        if len(entries) > LS_MAX_ENTRIES:
+            fail(
+                f"snapshot {name[:8]} lists more than {LS_MAX_ENTRIES:,} entries (a tree that "
+                "names the same folder many times?); the listing was stopped",
+                EXIT_INCOMPLETE,
+            )
         prefix, nodes = stack[-1]
         node = next(nodes, None)
         if node is None:
@@ -1089,7 +1135,7 @@ def ls_command(ctx: Context, snapshot: str) -> None:
             stack.append((path, iter(repo.load_tree(node.subtree))))
     ctx.emit_json({"snapshot": name, "entries": entries})
     for entry in entries:
-        ctx.out(entry["path"])
+        ctx.out(shown(entry["path"]))
 
 
 @cli.command()
@@ -1113,10 +1159,10 @@ def restore(
         f"folders, {result.symlinks} links, {human_bytes(result.bytes)}"
     )
     for path, warning in result.warnings:
-        ctx.errors.print(f"warning: {path}: {warning}", highlight=False)
+        ctx.error_line(f"warning: {path}: {warning}")
     if result.damaged:
         for path, error in result.damaged:
-            ctx.errors.print(f"not restored: {path}: {error}", highlight=False)
+            ctx.error_line(f"not restored: {path}: {error}")
         fail(
             f"{len(result.damaged)} files could not be restored because their data is damaged "
             "or missing; every other file was restored",
@@ -1162,9 +1208,9 @@ def check(ctx: Context, read_data: bool, read_data_subset: str | None) -> None:
         result = Checker(repo, reporter.advance).run(read_data=read_data, subset=subset)
     ctx.emit_json(result.to_json())
     for warning in result.warnings:
-        ctx.errors.print(f"warning: {warning}", highlight=False)
+        ctx.error_line(f"warning: {warning}")
     for error in result.errors:
-        ctx.errors.print(f"error: {error}", highlight=False)
+        ctx.error_line(f"error: {error}")
     summary = f"{result.snapshots} snapshots, {result.trees} trees, {result.packs} packs"
     if read_data:
         summary += f", {result.blobs} blobs and {human_bytes(result.bytes_read)} read"
@@ -1729,7 +1775,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
 
     def report(message: str) -> None:
-        errors.print(f"backvault: {message}", highlight=False, markup=False, soft_wrap=True)
+        errors.print(f"backvault: {shown(message)}", highlight=False, markup=False, soft_wrap=True)
 
     try:
         cli.main(args=argv, prog_name="backvault", standalone_mode=False)
