@@ -458,3 +458,30 @@ def test_no_uncounted_path_in_the_http_api(node: VaultNode) -> None:
         )
     }
     assert takes_elements == {"/v1/registration/start", "/v1/login/start"}
+
+
+def test_the_database_holds_no_login_id(node: VaultNode, tmp_path: Path) -> None:
+    """A reader of the database cannot finish, spoil or claim someone's pending login."""
+    token = node.add_account("ana")
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(PASSWORD, wrap)
+        login_id, _ = captured_login(node, token)
+        with pytest.raises(VaultRefused):
+            vc.login(b"a wrong guess")
+    raw = raw_files(tmp_path / "vault.db")
+    assert login_id.encode() not in raw
+    with sqlite3.connect(tmp_path / "vault.db") as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM logins UNION SELECT id FROM attempts")]
+    assert ids and login_id not in ids
+    with VaultClient(node.url, token, CONFIG) as vc, pytest.raises(VaultRefused) as refused:
+        vc.login_finish(ids[0], bytes(64))  # a key from the database is not a login id
+    assert refused.value.status == 404
+
+
+def test_account_names_end_where_they_seem_to() -> None:
+    from backvault.vault.service import BadRequest, check_account_name
+
+    for name in ("alice\n", "alice\nbob", "\nalice", "alice "):
+        with pytest.raises(BadRequest):
+            check_account_name(name)
+    assert check_account_name("alice") == "alice"

@@ -140,10 +140,13 @@ def test_audit_events_past_retention_are_deleted(tmp_path: Path) -> None:
     token = node.add_account("eve")
     with VaultClient(node.url, token, CONFIG) as vc:
         vc.register(b"pw", lambda _k: SECRET)
+        with pytest.raises(VaultRefused):
+            vc.login(b"a wrong guess")  # an attempt that stays counted, with its address
     node.stop()
     now = time.time()
     db = sqlite3.connect(tmp_path / "v" / "data" / "vault.db")
     db.execute("UPDATE audit SET at = ?", (now - 401 * DAY,))
+    db.execute("UPDATE attempts SET started_at = ?", (now - 401 * DAY,))
     db.execute(
         "INSERT INTO audit (account, at, event, client, attempts_left, detail) "
         "VALUES ('eve', ?, 'login_started', '127.0.0.1', 9, 'recent enough')",
@@ -160,7 +163,11 @@ def test_audit_events_past_retention_are_deleted(tmp_path: Path) -> None:
             assert [e["detail"] for e in vc.audit()] == ["recent enough"]
     finally:
         node.stop()
-    assert '"msg": "audit retention", "deleted": 2' in node.log.read_text()
+    assert '"msg": "audit retention", "deleted": 4' in node.log.read_text()
+    # The attempt still counts, but its client address went with the retention period.
+    db = sqlite3.connect(tmp_path / "v" / "data" / "vault.db")
+    assert db.execute("SELECT client, outcome FROM attempts").fetchall() == [("", "failed")]
+    db.close()
 
 
 def test_truncated_addresses_are_networks() -> None:

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .metrics import SEALING_KEY_SEALS
-from .schema import audit, sealing_key_usage
+from .schema import attempts, audit, sealing_key_usage
 from .sealing import SEALS_PER_KEY_LIMIT, SEALS_PER_KEY_WARNING, Sealer
 
 DAY = 86400.0
@@ -90,4 +90,13 @@ def purge_audit(engine: sa.Engine, retention_days: float, now: float) -> int:
             result = conn.execute(audit.delete().where(audit.c.id.in_(batch)))
         deleted += max(result.rowcount, 0)
         if result.rowcount < AUDIT_PURGE_BATCH:
-            return deleted
+            break
+    # Attempts outlive the audit while they still count (an unforgiven one stays for as long
+    # as its record): their client address goes with the retention period all the same.
+    with engine.begin() as conn:
+        conn.execute(
+            attempts.update()
+            .where(attempts.c.started_at < cutoff, attempts.c.client != "")
+            .values(client="")
+        )
+    return deleted

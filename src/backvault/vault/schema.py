@@ -74,6 +74,8 @@ records = sa.Table(
 logins = sa.Table(
     "logins",
     metadata,
+    # SHA-256 of the login id (hex): the id is the client's proof of its attempt, so a
+    # reader of the database cannot finish or spoil a pending login, nor claim it.
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("account", ACCOUNT_KEY, nullable=False, index=True),
     sa.Column("generation", sa.Integer, nullable=False),  # -1: a fake login (no record)

@@ -52,7 +52,8 @@ CREDENTIAL_ID_SIZE = 32
 MAX_WRAPPED_SECRET = 1024
 # Login ids a succeeding client may present as its own earlier wrong tries.
 MAX_EARLIER_LOGIN_IDS = 256
-ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
+# \Z, not $: "$" also matches before a final newline, which would make "alice\n" a name.
+ACCOUNT_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}\Z")
 TOKEN_PREFIX = "bvt_"  # noqa: S105 - a marker, not a secret
 # JWT subjects are accounts "jwt:SUBJECT"; built-in names cannot hold ":" (ACCOUNT_NAME).
 JWT_NAMESPACE = "jwt:"
@@ -654,10 +655,11 @@ class VaultService:
     def _attempts_left(self, row: Any, used: int, in_window: int) -> int:
         return max(0, min(int(row.max_attempts) - used, self.guess_cap - in_window))
 
-    def _end_attempt(self, conn: Connection, login_id: str, outcome: str, now: float) -> None:
+    def _end_attempt(self, conn: Connection, login_key: str, outcome: str, now: float) -> None:
+        """``login_key``: the SHA-256 of the login id (how logins and attempts are keyed)."""
         conn.execute(
             attempts.update()
-            .where(attempts.c.id == _handle_digest(login_id), attempts.c.outcome == PENDING)
+            .where(attempts.c.id == login_key, attempts.c.outcome == PENDING)
             .values(outcome=outcome, ended_at=now)
         )
 
@@ -681,9 +683,9 @@ class VaultService:
             .returning(logins.c.id, logins.c.generation, logins.c.client)
         ).all()
         in_window = self._guesses_in_window(conn, row.account, row.generation, now)
-        for login_id, generation, client in expired:
+        for login_key, generation, client in expired:
             if generation == row.generation:
-                self._end_attempt(conn, login_id, EXPIRED, now)
+                self._end_attempt(conn, login_key, EXPIRED, now)
                 self._audit(
                     conn,
                     row.account,
@@ -935,11 +937,12 @@ class VaultService:
             if not refused:
                 conn.execute(
                     logins.insert().values(
-                        id=login_id,
+                        id=_handle_digest(login_id),  # the id itself is the client's proof
                         account=account,
                         generation=generation,
                         sealed_state=self.sealer.seal(
-                            state.to_bytes(), self._login_purpose(account, login_id)
+                            state.to_bytes(),
+                            self._login_purpose(account, _handle_digest(login_id)),
                         ),
                         client=client[:64],
                         created_at=now,
@@ -986,13 +989,14 @@ class VaultService:
         if len(earlier_login_ids) > MAX_EARLIER_LOGIN_IDS:
             raise BadRequest(f"at most {MAX_EARLIER_LOGIN_IDS} earlier login ids")
         now = self.clock()
+        login_key = _handle_digest(login_id)
         outcome: VaultError | None = None
         success: LoginSucceeded | None = None
         with self._transaction() as conn:
             row = self._lock_record(conn, account)
             login = conn.execute(
                 logins.delete()
-                .where(logins.c.id == login_id, logins.c.account == account)
+                .where(logins.c.id == login_key, logins.c.account == account)
                 .returning(logins.c.generation, logins.c.sealed_state, logins.c.expires_at)
             ).first()
             if login is None:
@@ -1001,7 +1005,7 @@ class VaultService:
                 )
             elif login.expires_at < now:
                 if row is not None and login.generation == row.generation:
-                    self._end_attempt(conn, login_id, EXPIRED, now)
+                    self._end_attempt(conn, login_key, EXPIRED, now)
                     in_window = self._guesses_in_window(conn, account, row.generation, now)
                     self._audit(
                         conn,
@@ -1015,7 +1019,7 @@ class VaultService:
                 outcome = LoginNotFound("this login expired; start again (it was counted)")
             else:
                 state = ServerLoginState.from_bytes(
-                    self.sealer.open(login.sealed_state, self._login_purpose(account, login_id))
+                    self.sealer.open(login.sealed_state, self._login_purpose(account, login_key))
                 )
                 genuine = row is not None and login.generation == row.generation
                 try:
@@ -1029,7 +1033,7 @@ class VaultService:
                     self._audit(conn, account, "login_failed", client, None, "no record")
                     outcome = WrongPassword(None, False)
                 else:
-                    self._end_attempt(conn, login_id, FAILED, now)
+                    self._end_attempt(conn, login_key, FAILED, now)
                     in_window = self._guesses_in_window(conn, account, row.generation, now)
                     left = self._attempts_left(row, row.attempts_used, in_window)
                     self._audit(conn, account, "login_failed", client, left)
