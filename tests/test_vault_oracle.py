@@ -251,3 +251,30 @@ def test_finish_with_another_starts_handle_is_refused(node: VaultNode) -> None:
         assert again.status_code == 404  # a handle is single use
         # The record is bound to the user's own start: the user's password logs in.
         assert vc.login(RIGHT).wrapped_secret == SECRET
+
+
+def test_registrations_in_progress_beyond_the_limit_drop_the_oldest(tmp_path: Path) -> None:
+    """A token holder cannot block the owner's registration by starting many: the oldest
+    give way (a refusal would block the owner's `password change`)."""
+    vault = make_node(
+        tmp_path / "v",
+        f"sqlite:///{tmp_path / 'v.db'}",
+        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "2"},
+    ).start()
+    try:
+        token = vault.add_account("alice")
+        with VaultClient(vault.url, token, CONFIG) as vc:
+            request, state = client.create_registration_request(RIGHT)
+            first = vc.registration_start(request.to_bytes())
+            for _ in range(3):  # the holder's flood
+                vc.registration_start(client.create_registration_request(b"x")[0].to_bytes())
+            record, _ = client.finalize_registration_request(
+                state, RegistrationResponse.from_bytes(first.response), CONFIG
+            )
+            with pytest.raises(VaultRefused) as dropped:
+                vc.registration_finish(first.registration_id, record.to_bytes(), SECRET)
+            assert dropped.value.code == "registration_not_found"
+            vc.register(RIGHT, wrap)  # the owner simply starts again, and gets through
+            assert vc.login(RIGHT).wrapped_secret == SECRET
+    finally:
+        vault.stop()

@@ -31,7 +31,6 @@ from .service import (
     LoginNotFound,
     NoAttemptsLeft,
     RegistrationNotFound,
-    TooManyRegistrations,
     VaultError,
     VaultService,
     WrongPassword,
@@ -367,7 +366,6 @@ def create_app(
             NoAttemptsLeft: 423,
             LoginNotFound: 404,
             RegistrationNotFound: 404,
-            TooManyRegistrations: 429,
         }.get(type(exc), 400)
         return _error(status, exc.code, str(exc))
 

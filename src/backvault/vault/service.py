@@ -87,10 +87,6 @@ class RegistrationNotFound(VaultError):
     code = "registration_not_found"
 
 
-class TooManyRegistrations(VaultError):
-    code = "too_many_registrations"
-
-
 class NoRecord(VaultError):
     code = "no_record"
 
@@ -726,16 +722,16 @@ class VaultService:
                     registrations.c.account == account, registrations.c.expires_at < now
                 )
             )
-            pending = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(registrations)
+            # Past the limit the oldest give way: refusing instead would let a token holder
+            # block the owner's `password change`, the very remedy against a token holder.
+            oldest = (
+                sa.select(registrations.c.id)
                 .where(registrations.c.account == account)
-            ).scalar_one()
-            if pending >= self.max_pending_registrations:
-                raise TooManyRegistrations(
-                    f"{pending} registrations of this account are in progress; finish one "
-                    f"or wait {self.registration_ttl:g} s for them to expire"
-                )
+                .order_by(registrations.c.created_at.desc(), registrations.c.id)
+                .offset(self.max_pending_registrations - 1)
+                .scalar_subquery()
+            )
+            conn.execute(registrations.delete().where(registrations.c.id.in_(oldest)))
             conn.execute(
                 registrations.insert().values(
                     id=key,
