@@ -752,3 +752,16 @@ def test_database_copy_is_private_and_removed_when_interrupted(
     # The next backup runs as usual, and makes and removes its copy in the same place.
     cli.ok("-r", str(repo.path), "backup", str(source))
     assert database_copies(cli.home / "cache") == []
+
+
+# --- storage credentials in a repository URL ---------------------------------------------
+
+
+def test_a_password_in_a_rest_url_stays_out_of_messages_and_unit_files(
+    cli: Cli, tmp_path: Path
+) -> None:
+    secret = "s3cr3t-rest-password"
+    location = f"rest:http://ana:{secret}@127.0.0.1:9/repo/"  # nothing listens on port 9
+    failed = cli.run("-r", location, "init", env={"BACKVAULT_RETRY_ATTEMPTS": "1"})
+    assert failed.code != 0 and secret not in failed.err + failed.out
+    assert "ana:***@127.0.0.1" in failed.err

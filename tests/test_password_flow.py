@@ -288,6 +288,8 @@ def test_schedule_install_writes_a_systemd_timer_or_a_cron_line(
             "--json", "-r", repo_path, "schedule", "install", str(source), "--at", "02:30", env=env
         ).json()
         assert result["how"] == "systemd"
+        # Private: the command names the repository, whose URL may hold a password.
+        assert all(Path(f).stat().st_mode & 0o077 == 0 for f in result["files"])
         service = Path(result["files"][0]).read_text()
         timer = Path(result["files"][1]).read_text()
         assert f"backup {source}" in service and "--repo " + repo_path in service

@@ -56,6 +56,7 @@ from .repo.errors import (
 from .repo.lock import RepositoryLock, remove_stale_locks
 from .repo.repository import KeySlot, Repository
 from .storage import Backend, FileType, StorageError, open_backend
+from .storage.rest import without_password
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -141,7 +142,8 @@ def shown(text: str, keep_newlines: bool = False) -> str:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
-    return _UNSHOWABLE.sub(escape, text)
+    # A repository URL may carry a password (rest:https://user:secret@host/).
+    return _UNSHOWABLE.sub(escape, without_password(text))
 
 
 def cell(text: str) -> Text:
@@ -529,7 +531,7 @@ def init(
         repo.remove_key(recovery_id)
     ctx.emit_json(
         {
-            "repository": backend.location,
+            "repository": without_password(backend.location),
             "id": repo.config.id,
             "recovery_key": recovery_key.canonical(secret) if show_key else None,
             "recovery_key_groups": recovery_key.display(secret) if show_key else None,
@@ -540,7 +542,7 @@ def init(
             "device_cache": where or None,
         }
     )
-    ctx.out(f"Created repository {repo.config.id[:8]} at {backend.location}\n")
+    ctx.out(f"Created repository {repo.config.id[:8]} at {without_password(backend.location)}\n")
     if show_key:
         ctx.out("Your 64-digit recovery key. Write it down and keep it somewhere safe;")
         ctx.out("it is shown only this once, and without it or the device nobody can restore:\n")

@@ -75,6 +75,10 @@ def install(
         directory.mkdir(parents=True, exist_ok=True)
         service = directory / f"{UNIT}.service"
         timer = directory / f"{UNIT}.timer"
+        # Private: the command line names the repository, whose URL may hold a password.
+        for path in (service, timer):
+            path.touch(mode=0o600, exist_ok=True)
+            os.chmod(path, 0o600)
         service.write_text(
             "[Unit]\n"
             "Description=backvault daily encrypted backup\n"

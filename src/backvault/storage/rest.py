@@ -8,6 +8,7 @@ HEAD|GET|POST|DELETE /{type}/{name}   one object; GET takes a Range header
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -25,6 +26,14 @@ from .base import (
 V2 = "application/vnd.x.restic.rest.v2"
 
 
+_USERINFO = re.compile(r"(//[^/@\s:]*):[^/@\s]*@")
+
+
+def without_password(text: str) -> str:
+    """``rest:https://user:secret@host/`` → ``rest:https://user:***@host/``."""
+    return _USERINFO.sub(r"\1:***@", text)
+
+
 class RestBackend(Backend):
     def __init__(
         self,
@@ -35,6 +44,8 @@ class RestBackend(Backend):
     ) -> None:
         self.base = base_url.rstrip("/") + "/"
         self.location = location or f"rest:{self.base}"
+        # What messages say: the location without the password a URL may carry.
+        self.shown = without_password(self.location)
         self._http = client or httpx.Client(timeout=httpx.Timeout(timeout, connect=15.0))
 
     def _url(self, kind: FileType, name: str = "") -> str:
@@ -46,18 +57,22 @@ class RestBackend(Backend):
         try:
             response = self._http.request(method, url, **kwargs)  # type: ignore[arg-type]
         except httpx.TimeoutException as exc:
-            raise TransientStorageError(f"{self.location}: timed out ({method} {url})") from exc
+            raise TransientStorageError(
+                f"{self.shown}: timed out ({method} {without_password(url)})"
+            ) from exc
         except httpx.TransportError as exc:
-            raise TransientStorageError(f"{self.location}: connection failed: {exc}") from exc
+            raise TransientStorageError(
+                f"{self.shown}: connection failed: {without_password(str(exc))}"
+            ) from exc
         status = response.status_code
         if status == 403 and method == "DELETE":
             raise StorageRefused(
-                f"{self.location} refuses to delete (append-only storage): prune and forget "
+                f"{self.shown} refuses to delete (append-only storage): prune and forget "
                 "cannot run there; run them against the storage directly"
             )
         if status in (401, 403):
             raise StorageAccessDenied(
-                f"{self.location} refused the credentials (HTTP {status}); check the user and "
+                f"{self.shown} refused the credentials (HTTP {status}); check the user and "
                 "password in the URL or the server's configuration"
             )
         if status == 404:
@@ -65,16 +80,19 @@ class RestBackend(Backend):
         if status == 416:  # range beyond the end: an empty read
             return response
         if status >= 500 or status in (408, 429):
-            raise TransientStorageError(f"{self.location}: HTTP {status} for {method} {url}")
+            raise TransientStorageError(
+                f"{self.shown}: HTTP {status} for {method} {without_password(url)}"
+            )
         if status >= 400:
             raise StorageError(
-                f"{self.location}: HTTP {status} for {method} {url}: {response.text[:200]}"
+                f"{self.shown}: HTTP {status} for {method} {without_password(url)}: "
+                f"{response.text[:200]}"
             )
         return response
 
     def create(self) -> None:
         if self.exists():
-            raise StorageError(f"a repository already exists at {self.location}")
+            raise StorageError(f"a repository already exists at {self.shown}")
         self._request("POST", self.base + "?create=true")
 
     def exists(self) -> bool:
