@@ -485,3 +485,41 @@ def test_account_names_end_where_they_seem_to() -> None:
         with pytest.raises(BadRequest):
             check_account_name(name)
     assert check_account_name("alice") == "alice"
+
+
+def test_an_erased_records_sealed_payload_does_not_fit_a_later_record(tmp_path: Path) -> None:
+    """Someone who can write the database (not the key) puts back the sealed payload of an
+    erased record, from an old backup, into the row of the account's next record."""
+    from backvault.vault.sealing import SealingError
+
+    service = VaultService(
+        make_engine(f"sqlite:///{tmp_path / 'v.db'}"), FileSealer(tmp_path / "sealing.key")
+    )
+    service.start()
+
+    def register(password: bytes) -> None:
+        request, state = client.create_registration_request(password)
+        started = service.registration_start("ana", request.to_bytes())
+        record, _ = client.finalize_registration_request(
+            state, RegistrationResponse.from_bytes(started.response), CONFIG
+        )
+        service.registration_finish("ana", started.registration_id, record.to_bytes(), SECRET, "t")
+
+    def row() -> tuple[bytes, int]:
+        with service.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(schema.records.c.sealed_payload, schema.records.c.generation)
+            ).one()
+        return bytes(found[0]), int(found[1])
+
+    register(PASSWORD)
+    old_payload, old_generation = row()
+    service.delete_record("ana", "t")
+    register(b"a new password")
+    _, generation = row()
+    assert generation != old_generation
+    with service.engine.begin() as conn:
+        conn.execute(schema.records.update().values(sealed_payload=old_payload))
+    ke1, _ = client.generate_ke1(PASSWORD)
+    with pytest.raises(SealingError):  # the old payload does not open as the new record's
+        service.login_start("ana", ke1.to_bytes(), "t")
