@@ -1418,19 +1418,27 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
 @vault_options
 def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     """Create the sealing key inside the HSM token, once, before the first node starts
-    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable). Does
-    nothing if it already exists, and refuses an existing key with weaker attributes."""
-    from .vault.sealing import SealingError
-    from .vault.server import make_sealer
+    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable, private),
+    and record it in the vault's database. Does nothing if it already exists, and refuses
+    an existing key with weaker attributes."""
+    from .vault.sealing import SealingError, short_check_value
+    from .vault.server import make_sealer, open_database
 
     settings = load_vault_settings(config_file, **overrides)
     if settings.sealing != "pkcs11":
         fail("init-hsm is for --sealing pkcs11 (a key file is created on first start)", 2)
+    engine = open_database(settings)
     try:
-        sealer = make_sealer(settings, create_hsm_key=True)
+        sealer = make_sealer(settings, engine, create_hsm_key=True)
     except SealingError as exc:
         fail(f"sealing: {exc}")
-    click.echo(f"the sealing key is ready: {sealer.description}")
+    finally:
+        engine.dispose()
+    version = sealer.current_version
+    click.echo(
+        f"the sealing key is ready: {sealer.description}, version {version}, check value "
+        f"{short_check_value(sealer.check_value(version))}"
+    )
     sealer.close()
 
 
@@ -1645,12 +1653,15 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
         states = sealing_key_states(settings)
     except SealingError as exc:
         fail(f"sealing: {exc}")
-    click.echo(f"{'version':>7}  {'state':<7}  {'values':>8}  {'seals':>12}")
+    click.echo(f"{'version':>7}  {'state':<7}  {'values':>8}  {'seals':>12}  check value")
     for state in states:
         click.echo(
-            f"{state.version:>7}  {'current' if state.current else 'old':<7}  "
-            f"{state.values:>8}  {state.seals:>12}"
+            f"{state.version:>7}  {state.state:<7}  {state.values:>8}  {state.seals:>12}  "
+            f"{state.check_value}"
         )
+    for state in states:
+        if state.note:
+            click.echo(state.note, err=True)
 
 
 @vault.command("openapi")
