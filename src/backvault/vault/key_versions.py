@@ -160,7 +160,7 @@ class DatabaseVersionRecords:
                 f"made sealing key version 1 (check value {short_check_value(check_value)})"
             )
             return True
-        keys = [(version, check) for version, checks in stored.items() for check in checks]
+        keys = sorted((version, check) for version, checks in stored.items() for check in checks)
         if len(keys) > 1:
             found = ", ".join(
                 f"{version} (check value {short_check_value(check)})" for version, check in keys
