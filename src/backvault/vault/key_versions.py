@@ -154,8 +154,9 @@ class DatabaseVersionRecords:
         if not stored:
             if not create:
                 raise SealingError(store.no_key_message)
-            check_value = store.make_key_version(1)
-            _insert(conn, 1, check_value, "created", now)
+            check_value = store.make_key_version(
+                1, lambda check_value: _insert(conn, 1, check_value, "created", now)
+            )
             log.warning(
                 f"made sealing key version 1 (check value {short_check_value(check_value)})"
             )

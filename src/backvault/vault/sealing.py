@@ -79,6 +79,9 @@ IGNORED_CHECK_VALUE = "check_value"  # its version is recorded, with another key
 IGNORED_DESTROYED = "destroyed"  # its version was destroyed
 IGNORED_UNFINISHED = "unfinished"  # reserved by a rotation that never recorded its key
 IGNORED_REASONS = (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_DESTROYED, IGNORED_UNFINISHED)
+# A rotation makes its key moments after reserving the version: until then (and for this
+# long) a key of a reserved version is skipped quietly, not reported as unfinished.
+RESERVATION_GRACE = 600.0
 
 
 class SealingError(Exception):
@@ -137,7 +140,7 @@ class KeyStore(Protocol):
 
     def opening_check_values(self, sealed: bytes, purpose: bytes) -> list[bytes]: ...
 
-    def make_key_version(self, version: int) -> bytes: ...
+    def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes: ...
 
 
 class VersionRecords(Protocol):
@@ -209,7 +212,11 @@ class PinnedVersions:
             if not stored:
                 if not create:
                     raise SealingError(store.no_key_message)
-                self._records[1] = RecordedVersion(1, store.make_key_version(1), "created", now)
+
+                def record(check_value: bytes) -> None:
+                    self._records[1] = RecordedVersion(1, check_value, "created", now)
+
+                store.make_key_version(1, record)
                 return True
             for version, check_values in stored.items():
                 if len(set(check_values)) > 1:
@@ -354,15 +361,19 @@ class _VersionedSealer:
             found.append(self._check_value_of(key))
         return found
 
-    def make_key_version(self, version: int) -> bytes:
-        """Make the key for ``version`` and return its check value (undone on failure)."""
+    def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes:
+        """Make the key for ``version``, compute its check value and ``record`` it; on any
+        failure, destroy the key again (unrecorded, it would only ever be ignored).
+        Returns the check value."""
         key = self._create_key(version)
         try:
-            return self._check_value_of(key)
+            check_value = self._check_value_of(key)
+            record(check_value)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._destroy_key(version, key)
             raise
+        return check_value
 
     # --- shared -------------------------------------------------------------------------
 
@@ -395,7 +406,8 @@ class _VersionedSealer:
                 elif record.destroyed_at is not None:
                     ignored.append(IgnoredKey(version, where, IGNORED_DESTROYED))
                 elif record.check_value is None:
-                    ignored.append(IgnoredKey(version, where, IGNORED_UNFINISHED))
+                    if time.time() - record.recorded_at > RESERVATION_GRACE:
+                        ignored.append(IgnoredKey(version, where, IGNORED_UNFINISHED))
                 else:
                     key = self._usable(version, candidate)
                     try:
@@ -545,8 +557,9 @@ class _VersionedSealer:
         node never meets a key of ours that is not recorded."""
         with self._create_lock:
             version = self._records.reserve(self._next_free_version)
-            check_value = self.make_key_version(version)
-            self._records.confirm(version, check_value)
+            self.make_key_version(
+                version, lambda check_value: self._records.confirm(version, check_value)
+            )
         self.refresh()
         return version
 
