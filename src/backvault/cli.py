@@ -1644,7 +1644,8 @@ def vault_destroy_sealing_key(config_file: str | None, version: int, **overrides
 @vault_options
 def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
     """List the sealing key versions: which is current, how many stored values each
-    seals, and how many seals each has made (AES-GCM allows 2^32 per version)."""
+    seals, how many seals each has made (AES-GCM allows 2^32 per version) and its check
+    value; then the keys in the key store that the vault ignores (why: on stderr)."""
     from .vault.rotation import sealing_key_states
     from .vault.sealing import SealingError
 
