@@ -419,6 +419,11 @@ def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
         assert "created sealing key version 4 " in resumed.stdout
         wait_for_version(node, 4)
         assert set(sealed_versions(f"sqlite:///{db}")) == {4}
+        refused = admin(node, "destroy-sealing-key", "3")
+        assert refused.returncode == 1
+        assert f"the vault does not use the key {leftover} for version 3" in refused.stderr
+        leftover.unlink()  # the operator removes it
+        wait_until(lambda: ignored_keys(node) == 0, "the node to stop reporting the key")
         for name in accounts:
             with VaultClient(node.url, tokens[name], CONFIG) as vc:
                 assert vc.login(f"pw-{name}".encode()).wrapped_secret == SECRET

@@ -105,6 +105,13 @@ def destroy_sealing_key(settings: VaultSettings, version: int) -> None:
                 "`backvault vault rotate-sealing-key` first"
             )
         if version not in sealer.versions():
+            ignored = [key for key in sealer.ignored_keys() if key.version == version]
+            if ignored:
+                raise SealingError(
+                    f"the vault does not use the key {ignored[0].where} for version {version} "
+                    "(it is not one the vault recorded); remove it with the HSM's own tools, "
+                    "or delete the file, once you know where it came from"
+                )
             raise SealingError(
                 f"there is no sealing key version {version} (versions: "
                 f"{', '.join(map(str, sealer.versions()))})"
