@@ -273,6 +273,7 @@ def test_a_planted_huge_version_neither_seals_nor_blocks_rotation(
         assert listing.returncode == 0, listing.stderr
         rows = [line.split() for line in listing.stdout.splitlines()[1:]]
         assert [row[:2] for row in rows] == [["1", "old"], ["2", "current"], [str(HUGE), "ignored"]]
+        assert rows[2][4:] == ["-", "unrecorded"]
         assert rows[1][4] == check_value
         assert f"labelled 'backvault-sealing-v{HUGE}'" in listing.stderr
         with VaultClient(node.url, node.add_account("cy"), CONFIG) as vc:

@@ -1645,7 +1645,8 @@ def vault_destroy_sealing_key(config_file: str | None, version: int, **overrides
 def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
     """List the sealing key versions: which is current, how many stored values each
     seals, how many seals each has made (AES-GCM allows 2^32 per version) and its check
-    value; then the keys in the key store that the vault ignores (why: on stderr)."""
+    value; then the keys in the key store that the vault ignores, and why (the log lines
+    on stderr say which key)."""
     from .vault.rotation import sealing_key_states
     from .vault.sealing import SealingError
 
@@ -1658,11 +1659,8 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
     for state in states:
         click.echo(
             f"{state.version:>7}  {state.state:<7}  {state.values:>8}  {state.seals:>12}  "
-            f"{state.check_value}"
+            f"{state.check_value:<16}  {state.reason}".rstrip()
         )
-    for state in states:
-        if state.note:
-            click.echo(state.note, err=True)
 
 
 @vault.command("openapi")

@@ -144,7 +144,7 @@ class KeyVersionState:
     values: int  # sealed values in the database under this version
     seals: int  # seals ever made under it (durable count, all nodes)
     check_value: str  # short form; "-" when unknown
-    note: str = ""  # for an ignored key: which key, and why
+    reason: str = ""  # why an ignored key is ignored (sealing.IGNORED_REASONS)
 
     @property
     def current(self) -> bool:
@@ -177,7 +177,7 @@ def sealing_key_states(settings: VaultSettings) -> list[KeyVersionState]:
                     "ignored",
                     *counts(ignored.version) if ignored.reason != IGNORED_UNRECORDED else (0, 0),
                     short_check_value(ignored.check_value) if ignored.check_value else "-",
-                    ignored.describe(),
+                    ignored.reason,
                 )
             )
         return states
