@@ -123,6 +123,7 @@ def test_planted_key_files_are_never_used(tmp_path: Path) -> None:
     known = b"K" * 32
     write_key_file(path.with_name("sealing.key.v9"), known)
     write_key_file(path.with_name(f"sealing.key.v{2**32 - 1}"), secrets.token_bytes(32))
+    write_key_file(path.with_name("sealing.key.v\N{SUPERSCRIPT TWO}"), secrets.token_bytes(32))
     sealer.refresh()  # what every sweep does
     assert sealer.versions() == [1]
     assert sorted((key.version, key.reason) for key in sealer.ignored_keys()) == [

@@ -27,6 +27,7 @@ Nonce bound: with random 96-bit nonces one key may seal at most 2^32 values (NIS
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
@@ -64,11 +65,13 @@ SEALS_PER_KEY_LIMIT = 2**32
 SEALS_PER_KEY_WARNING = 2**31
 MAX_KEY_VERSION = 2**32 - 1
 
-# A key's check value: AES-256-GCM under the key of one zero block, with a fixed nonce and
-# associated data — 32 bytes that only the key's holder can compute (through the HSM, or
-# with the key file), so a recorded check value tells the vault's own key from one planted
-# under the same label or file name. The same input always gives the same output, which
-# reveals nothing new; a seal's random nonce equals the fixed one with probability 2^-96.
+# A key's check value: SHA-256 of the AES-256-GCM encryption, under the key, of one zero
+# block with a fixed nonce and associated data. Only the key's holder can compute it
+# (through the HSM, or with the key file), and nobody can make a key with a given one, so
+# a recorded check value tells the vault's own key from one planted under the same label
+# or file name. The same input always gives the same output, so computing it again reveals
+# nothing new; hashing keeps even that one block's ciphertext and tag out of the database.
+# (A seal's random nonce equals the fixed one with probability 2^-96.)
 CHECK_VALUE_NONCE = bytes(NONCE_SIZE)
 CHECK_VALUE_ASSOCIATED_DATA = b"backvault sealing-key check value v1"
 CHECK_VALUE_BLOCK = bytes(16)
@@ -86,6 +89,12 @@ RESERVATION_GRACE = 600.0
 
 class SealingError(Exception):
     """The sealing key is unavailable or unsafe, or a sealed blob does not open."""
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses — a label or
+    file name planted with one must not stop the sealer."""
+    return text.isascii() and text.isdigit()
 
 
 def short_check_value(check_value: bytes) -> str:
@@ -338,7 +347,10 @@ class _VersionedSealer:
     # --- check values and first versions (for the records) -------------------------------
 
     def _check_value_of(self, key: Any) -> bytes:
-        return self._encrypt(key, CHECK_VALUE_NONCE, CHECK_VALUE_BLOCK, CHECK_VALUE_ASSOCIATED_DATA)
+        encrypted = self._encrypt(
+            key, CHECK_VALUE_NONCE, CHECK_VALUE_BLOCK, CHECK_VALUE_ASSOCIATED_DATA
+        )
+        return hashlib.sha256(CHECK_VALUE_ASSOCIATED_DATA + b"\0" + encrypted).digest()
 
     def stored_check_values(self) -> dict[int, list[bytes]]:
         """The check value of every key in the store, by the version it claims."""
@@ -650,7 +662,7 @@ class FileSealer(_VersionedSealer):
             prefix = self.path.name + ".v"
             for candidate in self.path.parent.iterdir():
                 suffix = candidate.name.removeprefix(prefix)
-                if candidate.name.startswith(prefix) and suffix.isdigit() and int(suffix) >= 2:
+                if candidate.name.startswith(prefix) and _is_number(suffix) and int(suffix) >= 2:
                     found[int(suffix)] = [candidate]
         return found
 
@@ -821,7 +833,7 @@ class Pkcs11Sealer(_VersionedSealer):
         if label == self.key_label:
             return 1  # created before key versions existed
         suffix = label.removeprefix(self.key_label + "-v")
-        if label.startswith(self.key_label + "-v") and suffix.isdigit() and int(suffix) >= 1:
+        if label.startswith(self.key_label + "-v") and _is_number(suffix) and int(suffix) >= 1:
             return int(suffix)
         return None
 
