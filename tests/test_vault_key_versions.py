@@ -384,15 +384,63 @@ def as_left_by_the_previous_version(db: Path) -> None:
         conn.execute("UPDATE schema_version SET version = ?", (before,))
 
 
+class KeyFiles:
+    """The key-file store of a node, and a key file left in it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def node(self, db: Path) -> VaultNode:
+        return make_node(self.tmp / "n", f"sqlite:///{db}", env=FAST_SWEEP)
+
+    def leave_key(self, node: VaultNode, version: int) -> str:
+        path = node.sealing_key.with_name(f"sealing.key.v{version}")
+        path.write_bytes(os.urandom(32))
+        os.chmod(path, 0o600)
+        return str(path)
+
+    def remove_key(self, node: VaultNode, version: int) -> None:
+        node.sealing_key.with_name(f"sealing.key.v{version}").unlink()
+
+
+class HsmKeys(KeyFiles):
+    """A SoftHSM2 token whose version-1 key has the bare label older vaults gave it."""
+
+    def __init__(self, tmp: Path, token: SoftHsm) -> None:
+        super().__init__(tmp)
+        self.token = token
+        plant_generated_key(token, "backvault-sealing")
+
+    def node(self, db: Path) -> VaultNode:
+        return hsm_node(self.tmp / "n", f"sqlite:///{db}", self.token)
+
+    def leave_key(self, node: VaultNode, version: int) -> str:
+        plant_generated_key(self.token, f"backvault-sealing-v{version}")
+        return f"labelled 'backvault-sealing-v{version}'"
+
+    def remove_key(self, node: VaultNode, version: int) -> None:
+        with softhsm_in_this_process(self.token), pkcs11_session(self.token) as session:  # type: ignore[attr-defined]
+            session.get_key(label=f"backvault-sealing-v{version}").destroy()
+
+
+@pytest.fixture(params=["key files", "SoftHSM2"])
+def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyFiles]:
+    if request.param == "key files":
+        yield KeyFiles(tmp_path)
+        return
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        yield HsmKeys(tmp_path, token)
+
+
 def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
-    tmp_path: Path,
+    tmp_path: Path, key_store: KeyFiles
 ) -> None:
-    """Values sealed under versions 1 and 2 (a rotation stopped half-way) and a key file
-    for version 3 that nothing is sealed under: after the upgrade every record still
-    opens, versions 1 and 2 are adopted (logged with their check values), the file of
-    version 3 is ignored, and the next rotation makes version 4."""
+    """Values sealed under versions 1 and 2 (a rotation stopped half-way) and a key for
+    version 3 that nothing is sealed under: after the upgrade every record still opens,
+    versions 1 and 2 are adopted (logged with their check values), the key of version 3
+    is ignored, and the next rotation makes version 4."""
     db = tmp_path / "vault.db"
-    node = make_node(tmp_path / "n", f"sqlite:///{db}", env=FAST_SWEEP).start()
+    node = key_store.node(db).start()
     accounts = ("hal", "ida", "jon")
     try:
         tokens = {name: node.add_account(name) for name in accounts}
@@ -404,9 +452,7 @@ def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
     assert partial.returncode == 0, partial.stderr
     assert set(sealed_versions(f"sqlite:///{db}")) == {1, 2}
     as_left_by_the_previous_version(db)
-    leftover = node.sealing_key.with_name("sealing.key.v3")
-    leftover.write_bytes(os.urandom(32))
-    os.chmod(leftover, 0o600)
+    leftover = key_store.leave_key(node, 3)
 
     node.start()
     try:
@@ -423,7 +469,7 @@ def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
         refused = admin(node, "destroy-sealing-key", "3")
         assert refused.returncode == 1
         assert f"the vault does not use the key {leftover} for version 3" in refused.stderr
-        leftover.unlink()  # the operator removes it
+        key_store.remove_key(node, 3)  # the operator removes it
         wait_until(lambda: ignored_keys(node) == 0, "the node to stop reporting the key")
         for name in accounts:
             with VaultClient(node.url, tokens[name], CONFIG) as vc:
