@@ -1,6 +1,7 @@
 """Sealing at rest, in process with real keys: the versioned format (and the old one still
-opening), key versions in files and in a real SoftHSM2 token, the attributes an HSM key
-must have (and a weak key made here being refused), and the one registry of sealed
+opening), key versions in files and in a real SoftHSM2 token (only those the vault
+recorded, with their check values), the attributes an HSM key must have (and a weak,
+public or imported key made here being refused), and the one registry of sealed
 columns."""
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from backvault.vault import schema
+from backvault.vault.key_versions import DatabaseVersionRecords
 from backvault.vault.sealed_columns import SEALED_COLUMNS
 from backvault.vault.sealing import (
     FileSealer,
@@ -22,6 +25,7 @@ from backvault.vault.sealing import (
     key_version_of,
     sealed_header,
 )
+from backvault.vault.store import make_engine
 from tests.servers import SOFTHSM_MODULE, SoftHsm, softhsm_in_this_process, softhsm_token
 
 PURPOSE = b"record:alice:1"
@@ -55,13 +59,23 @@ def test_values_sealed_before_key_versions_existed_still_open(tmp_path: Path) ->
     assert sealer.open(old, PURPOSE) == b"old secret"
 
 
+def database_records(tmp_path: Path) -> DatabaseVersionRecords:
+    """The key-version records in a vault database of its own (what a node and the
+    rotation commands share)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'vault.db'}")
+    schema.migrate(engine)
+    return DatabaseVersionRecords(engine)
+
+
 def test_key_files_hold_several_versions_and_the_newest_seals(tmp_path: Path) -> None:
     path = tmp_path / "conf" / "sealing.key"
-    node = FileSealer(path)
+    records = database_records(tmp_path)
+    node = FileSealer(path, records=records)
     assert (path.parent.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
     first = node.seal(b"one", PURPOSE)
 
-    rotator = FileSealer(path)  # another process: `vault rotate-sealing-key`
+    # Another process: `vault rotate-sealing-key`, on the same database.
+    rotator = FileSealer(path, records=database_records(tmp_path))
     assert rotator.create_version() == 2
     assert (path.parent / "sealing.key.v2").stat().st_mode & 0o777 == 0o600
     second = rotator.seal(b"two", PURPOSE)
@@ -78,9 +92,9 @@ def test_key_files_hold_several_versions_and_the_newest_seals(tmp_path: Path) ->
     rotator.destroy_version(1)
     assert not path.exists()
     with pytest.raises(SealingError, match="key version 1, which this vault does not hold"):
-        FileSealer(path).open(first, PURPOSE)
+        FileSealer(path, records=records).open(first, PURPOSE)
     # Destroying version 1 does not make a restart create a new version 1.
-    again = FileSealer(path)
+    again = FileSealer(path, records=records)
     assert again.versions() == [2] and not path.exists()
     assert again.open(second, PURPOSE) == b"two"
     assert node.take_seal_counts() == {1: 1, 2: 1}
@@ -92,6 +106,46 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     os.chmod(path.with_name("sealing.key.v2"), 0o644)
     with pytest.raises(SealingError, match=r"sealing.key.v2 is readable by others; chmod 600"):
         FileSealer(path)
+
+
+def write_key_file(path: Path, key: bytes) -> None:
+    path.write_bytes(key)
+    os.chmod(path, 0o600)
+
+
+def test_planted_key_files_are_never_used(tmp_path: Path) -> None:
+    """Someone who can write to the key folder adds ``sealing.key.v9`` holding a key they
+    know, and ``sealing.key.v4294967295`` (the highest version a header can name), and
+    later swaps the file of a version the vault made for one of theirs: the vault seals
+    under none of them, says so, and the next rotation makes version 2."""
+    path = tmp_path / "conf" / "sealing.key"
+    sealer = FileSealer(path, records=database_records(tmp_path))
+    known = b"K" * 32
+    write_key_file(path.with_name("sealing.key.v9"), known)
+    write_key_file(path.with_name(f"sealing.key.v{2**32 - 1}"), secrets.token_bytes(32))
+    write_key_file(path.with_name("sealing.key.v\N{SUPERSCRIPT TWO}"), secrets.token_bytes(32))
+    sealer.refresh()  # what every sweep does
+    assert sealer.versions() == [1]
+    assert sorted((key.version, key.reason) for key in sealer.ignored_keys()) == [
+        (9, "unrecorded"),
+        (2**32 - 1, "unrecorded"),
+    ]
+    sealed = sealer.seal(b"secret", PURPOSE)
+    assert key_version_of(sealed) == 1
+    with pytest.raises(InvalidTag):
+        AESGCM(known).decrypt(sealed[5:17], sealed[17:], sealed[:5] + PURPOSE)
+
+    assert sealer.create_version() == 2  # not 10, and not "no key version is left"
+    assert key_version_of(sealer.seal(b"secret", PURPOSE)) == 2
+
+    # The file of version 2 replaced by a key the attacker knows: not the recorded key.
+    write_key_file(path.with_name("sealing.key.v2"), known)
+    sealer.refresh()
+    assert sealer.versions() == [1]
+    assert ("sealing.key.v2", "check_value") in {
+        (Path(key.where).name, key.reason) for key in sealer.ignored_keys()
+    }
+    assert key_version_of(sealer.seal(b"secret", PURPOSE)) == 1
 
 
 def test_every_sealed_column_is_in_the_one_registry() -> None:
@@ -138,6 +192,7 @@ SAFE = {
     "SENSITIVE": True,
     "EXTRACTABLE": False,
     "TOKEN": True,
+    "PRIVATE": True,
 }
 
 
@@ -157,6 +212,7 @@ def test_the_hsm_key_ceremony_makes_a_key_for_encryption_only(tmp_path: Path) ->
         assert [key[Attribute.LABEL] for key in keys] == ["backvault-sealing-v1"]
         assert _attributes(keys[0]) == SAFE
         assert keys[0][Attribute.ALWAYS_SENSITIVE] and keys[0][Attribute.NEVER_EXTRACTABLE]
+        assert not keys[0][Attribute.COPYABLE]
         session.close()  # type: ignore[attr-defined]
 
 
@@ -172,6 +228,7 @@ def test_the_hsm_key_ceremony_makes_a_key_for_encryption_only(tmp_path: Path) ->
         ("SENSITIVE", False),
         ("EXTRACTABLE", True),
         ("TOKEN", False),
+        ("PRIVATE", False),
     ],
 )
 def test_a_weaker_hsm_key_is_refused_naming_the_attribute(
@@ -232,4 +289,79 @@ def test_a_weak_key_of_an_older_deployment_moves_to_a_safe_new_version(
     with pytest.raises(SealingError, match="does not hold"):
         node.open(old, PURPOSE)
     assert node.open(new, PURPOSE) == b"new"
+    node.close()
+
+
+def _import_key(token: SoftHsm, label: str, value: bytes, **attributes: bool) -> None:
+    """A key created from a value someone knows (C_CreateObject), with every attribute the
+    vault asks of a generated key."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    template = {getattr(Attribute, name): wanted for name, wanted in SAFE.items()}
+    template.update({getattr(Attribute, name): value for name, value in attributes.items()})
+    template.update(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: value,
+            Attribute.LABEL: label,
+        }
+    )
+    session = _session(token)
+    session.create_object(template)  # type: ignore[attr-defined]
+    session.close()  # type: ignore[attr-defined]
+
+
+def test_an_imported_hsm_key_does_not_seal_unless_cloned_keys_are_accepted(
+    blank_token: SoftHsm, tmp_path: Path
+) -> None:
+    """A key imported with a known value (CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE
+    false, all else as safe as a generated key) — a key ceremony done with another tool,
+    say — is refused as the key that seals; an operator whose HSM cloning procedure
+    clears those flags opts in with accept_cloned_keys."""
+    known = b"K" * 32
+    _import_key(blank_token, "backvault-sealing-v1", known)
+    args = (SOFTHSM_MODULE, blank_token.token_label, blank_token.pin)
+    with pytest.raises(SealingError) as refused:
+        Pkcs11Sealer(*args, create=False, records=database_records(tmp_path))
+    assert "CKA_ALWAYS_SENSITIVE=false" in str(refused.value)
+    assert "pkcs11_accept_cloned_keys = true" in str(refused.value)
+
+    accepted = Pkcs11Sealer(
+        *args, create=False, accept_cloned_keys=True, records=database_records(tmp_path)
+    )
+    sealed = accepted.seal(b"secret", PURPOSE)
+    # The rotation moves values to a key generated inside the HSM, which then seals.
+    assert accepted.create_version() == 2
+    accepted.close()
+    node = Pkcs11Sealer(*args, create=False, records=database_records(tmp_path))
+    assert node.current_version == 2 and node.open(sealed, PURPOSE) == b"secret"
+    node.close()
+
+
+@pytest.mark.parametrize("planted", ["imported, known value", "generated, CKA_PRIVATE=false"])
+def test_a_key_planted_in_the_hsm_as_the_next_version_is_never_used(
+    blank_token: SoftHsm, tmp_path: Path, planted: str
+) -> None:
+    from pkcs11 import Attribute, KeyType
+
+    args = (SOFTHSM_MODULE, blank_token.token_label, blank_token.pin)
+    node = Pkcs11Sealer(*args, create=True, records=database_records(tmp_path))
+    if planted.startswith("imported"):
+        _import_key(blank_token, "backvault-sealing-v2", b"K" * 32)
+    else:
+        session = _session(blank_token)
+        template = {getattr(Attribute, name): wanted for name, wanted in SAFE.items()}
+        template[Attribute.PRIVATE] = False
+        session.generate_key(  # type: ignore[attr-defined]
+            KeyType.AES, 256, label="backvault-sealing-v2", store=True, template=template
+        )
+        session.close()  # type: ignore[attr-defined]
+    node.refresh()
+    assert node.versions() == [1]
+    assert [(key.version, key.reason) for key in node.ignored_keys()] == [(2, "unrecorded")]
+    assert key_version_of(node.seal(b"secret", PURPOSE)) == 1
+    # A rotation steps over the number the planted key took.
+    assert node.create_version() == 3
+    assert node.versions() == [1, 3]
     node.close()

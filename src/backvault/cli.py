@@ -1498,19 +1498,27 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
 @vault_options
 def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     """Create the sealing key inside the HSM token, once, before the first node starts
-    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable). Does
-    nothing if it already exists, and refuses an existing key with weaker attributes."""
-    from .vault.sealing import SealingError
-    from .vault.server import make_sealer
+    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable, private),
+    and record it in the vault's database. Does nothing if it already exists, and refuses
+    an existing key with weaker attributes."""
+    from .vault.sealing import SealingError, short_check_value
+    from .vault.server import make_sealer, open_database
 
     settings = load_vault_settings(config_file, **overrides)
     if settings.sealing != "pkcs11":
         fail("init-hsm is for --sealing pkcs11 (a key file is created on first start)", 2)
+    engine = open_database(settings)
     try:
-        sealer = make_sealer(settings, create_hsm_key=True)
+        sealer = make_sealer(settings, engine, create_hsm_key=True)
     except SealingError as exc:
         fail(f"sealing: {exc}")
-    click.echo(f"the sealing key is ready: {sealer.description}")
+    finally:
+        engine.dispose()
+    version = sealer.current_version
+    click.echo(
+        f"the sealing key is ready: {sealer.description}, version {version}, check value "
+        f"{short_check_value(sealer.check_value(version))}"
+    )
     sealer.close()
 
 
@@ -1716,7 +1724,9 @@ def vault_destroy_sealing_key(config_file: str | None, version: int, **overrides
 @vault_options
 def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
     """List the sealing key versions: which is current, how many stored values each
-    seals, and how many seals each has made (AES-GCM allows 2^32 per version)."""
+    seals, how many seals each has made (AES-GCM allows 2^32 per version) and its check
+    value; then the keys in the key store that the vault ignores, and why (the log lines
+    on stderr say which key)."""
     from .vault.rotation import sealing_key_states
     from .vault.sealing import SealingError
 
@@ -1725,11 +1735,11 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
         states = sealing_key_states(settings)
     except SealingError as exc:
         fail(f"sealing: {exc}")
-    click.echo(f"{'version':>7}  {'state':<7}  {'values':>8}  {'seals':>12}")
+    click.echo(f"{'version':>7}  {'state':<7}  {'values':>8}  {'seals':>12}  check value")
     for state in states:
         click.echo(
-            f"{state.version:>7}  {'current' if state.current else 'old':<7}  "
-            f"{state.values:>8}  {state.seals:>12}"
+            f"{state.version:>7}  {state.state:<7}  {state.values:>8}  {state.seals:>12}  "
+            f"{state.check_value:<16}  {state.reason}".rstrip()
         )
 
 

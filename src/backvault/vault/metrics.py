@@ -25,6 +25,9 @@ __all__ = [
     "COUNTED_EVENTS",
     "HTTP_REQUEST_SECONDS",
     "REGISTRY",
+    "SEALING_KEYS_IGNORED",
+    "SEALING_KEY_CHANGES",
+    "SEALING_KEY_CURRENT_INFO",
     "SEALING_KEY_CURRENT_VERSION",
     "SEALING_KEY_SEALS",
     "SEALING_OPERATIONS",
@@ -108,6 +111,33 @@ SEALING_KEY_CURRENT_VERSION = Gauge(
     "The sealing key version this node seals new values under.",
     registry=REGISTRY,
 )
+
+SEALING_KEY_CURRENT_INFO = Gauge(
+    "backvault_vault_sealing_key_current_info",
+    "1, labelled with the sealing key version this node seals under and the first 8 bytes "
+    "of that key's check value (hex): every node of a vault must show the same.",
+    ["key_version", "check_value"],
+    registry=REGISTRY,
+)
+
+SEALING_KEY_CHANGES = Counter(
+    "backvault_vault_sealing_key_changes",
+    "Times this node's current sealing key version changed since it started (a rotation: "
+    "alert on any you did not run).",
+    registry=REGISTRY,
+)
+
+SEALING_KEYS_IGNORED = Gauge(
+    "backvault_vault_sealing_keys_ignored",
+    "Keys in the key store (HSM token or key-file folder) that this node refuses to use, by "
+    "reason: unrecorded (a version the vault never made), check_value (not the key the "
+    "vault made for that version), destroyed, unfinished (a rotation that never recorded "
+    "its key). Anything above 0 needs a look: alert on it.",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("unrecorded", "check_value", "destroyed", "unfinished"):
+    SEALING_KEYS_IGNORED.labels(reason=_reason)
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

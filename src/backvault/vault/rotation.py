@@ -12,9 +12,8 @@ import sqlalchemy as sa
 
 from .config import VaultSettings
 from .housekeeping import last_seal_at, record_seal_counts, seal_totals
-from .schema import migrate
 from .sealed_columns import ResealProgress, reseal, values_by_key_version, values_under
-from .sealing import Sealer, SealingError
+from .sealing import IGNORED_UNRECORDED, Sealer, SealingError, short_check_value
 from .server import make_sealer
 from .store import make_engine
 
@@ -38,10 +37,9 @@ class RotationReport:
 def _open(settings: VaultSettings) -> tuple[sa.Engine, Sealer]:
     engine = make_engine(settings.db_url)
     try:
-        migrate(engine)
         # A key made before the vault required safe HSM attributes is accepted here, so
         # that its values can move to a new, safe version.
-        return engine, make_sealer(settings, accept_weak_keys=True)
+        return engine, make_sealer(settings, engine, accept_weak_keys=True)
     except BaseException:
         engine.dispose()
         raise
@@ -64,8 +62,9 @@ def rotate_sealing_key(
             version = sealer.create_version()
             created = True
             say(
-                f"created sealing key version {version}: new values are sealed under it "
-                f"(running nodes switch within {switch_delay(settings):g} s)"
+                f"created sealing key version {version} (check value "
+                f"{short_check_value(sealer.check_value(version))}): new values are sealed "
+                f"under it (running nodes switch within {switch_delay(settings):g} s)"
             )
         progress = reseal(engine, sealer, batch_size, max_batches)
         if progress.finished and created:
@@ -106,6 +105,13 @@ def destroy_sealing_key(settings: VaultSettings, version: int) -> None:
                 "`backvault vault rotate-sealing-key` first"
             )
         if version not in sealer.versions():
+            ignored = [key for key in sealer.ignored_keys() if key.version == version]
+            if ignored:
+                raise SealingError(
+                    f"the vault does not use the key {ignored[0].where} for version {version} "
+                    "(it is not one the vault recorded); remove it with the HSM's own tools, "
+                    "or delete the file, once you know where it came from"
+                )
             raise SealingError(
                 f"there is no sealing key version {version} (versions: "
                 f"{', '.join(map(str, sealer.versions()))})"
@@ -134,25 +140,47 @@ def destroy_sealing_key(settings: VaultSettings, version: int) -> None:
 @dataclass(frozen=True)
 class KeyVersionState:
     version: int
-    current: bool
+    state: str  # "current", "old", or "ignored" (a key in the store the vault does not use)
     values: int  # sealed values in the database under this version
     seals: int  # seals ever made under it (durable count, all nodes)
+    check_value: str  # short form; "-" when unknown
+    reason: str = ""  # why an ignored key is ignored (sealing.IGNORED_REASONS)
+
+    @property
+    def current(self) -> bool:
+        return self.state == "current"
 
 
 def sealing_key_states(settings: VaultSettings) -> list[KeyVersionState]:
+    """The key versions in use, then the keys in the store that the vault ignores."""
     engine, sealer = _open(settings)
     try:
         by_version = _by_version(values_by_key_version(engine))
         totals = seal_totals(engine)
-        return [
+
+        def counts(version: int) -> tuple[int, int]:
+            return sum(by_version.get(version, {}).values()), totals.get(version, 0)
+
+        states = [
             KeyVersionState(
                 version,
-                version == sealer.current_version,
-                sum(by_version.get(version, {}).values()),
-                totals.get(version, 0),
+                "current" if version == sealer.current_version else "old",
+                *counts(version),
+                short_check_value(sealer.check_value(version)),
             )
             for version in sealer.versions()
         ]
+        for ignored in sealer.ignored_keys():
+            states.append(
+                KeyVersionState(
+                    ignored.version,
+                    "ignored",
+                    *counts(ignored.version) if ignored.reason != IGNORED_UNRECORDED else (0, 0),
+                    short_check_value(ignored.check_value) if ignored.check_value else "-",
+                    ignored.reason,
+                )
+            )
+        return states
     finally:
         sealer.close()
         engine.dispose()

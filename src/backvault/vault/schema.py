@@ -140,6 +140,24 @@ sealing_key_usage = sa.Table(
 )
 
 
+# Every sealing-key version the vault made (or, once, adopted), with the key's check value
+# (sealing.py): nodes use only keys whose version is recorded here with a matching check
+# value, so a key planted in the HSM or the key folder is never used. Rows are never
+# deleted: a destroyed version keeps its number, which is never made again.
+sealing_key_versions = sa.Table(
+    "sealing_key_versions",
+    metadata,
+    sa.Column("key_version", sa.BigInteger, primary_key=True, autoincrement=False),
+    # hex; NULL while a rotation that reserved the version has not made its key yet
+    sa.Column("check_value", sa.String(64), nullable=True),
+    # "created", "first start" (the one key found at the first start) or "adopted" (values
+    # were sealed under it before versions were recorded)
+    sa.Column("origin", sa.String(16), nullable=False),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+    sa.Column("destroyed_at", sa.Float, nullable=True),
+)
+
+
 def _v1(conn: Connection) -> None:
     # The records table as version 1 made it (version 2 adds columns).
     records_v1 = sa.Table(
@@ -204,12 +222,19 @@ def _v5_sealing_key_usage(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_at ON audit (at)"))
 
 
+def _v6_sealing_key_versions(conn: Connection) -> None:
+    """The sealing-key versions the vault made. Empty after this migration: the next start
+    adopts the versions values are sealed under (key_versions.py)."""
+    metadata.create_all(conn, tables=[sealing_key_versions])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_credential_identifiers,
     _v3_account_tokens,
     _v4_jwt_namespace,
     _v5_sealing_key_usage,
+    _v6_sealing_key_versions,
 ]
 CURRENT_VERSION = len(MIGRATIONS)
 

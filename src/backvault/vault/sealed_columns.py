@@ -72,29 +72,52 @@ def _leading_bytes(column: sa.Column[Any], count: int) -> Any:
 def values_by_key_version(engine: sa.Engine) -> dict[str, dict[int, int]]:
     """For each sealed column, how many values each key version seals (read from the
     values' headers; nothing is opened)."""
+    with engine.connect() as conn:
+        return count_by_key_version(conn)
+
+
+def count_by_key_version(conn: sa.Connection) -> dict[str, dict[int, int]]:
+    """values_by_key_version, inside a transaction of the caller's."""
     unversioned = bytes([FORMAT_UNVERSIONED])
     versioned = bytes([FORMAT_VERSIONED])
     found: dict[str, dict[int, int]] = {}
-    with engine.connect() as conn:
-        for sealed in SEALED_COLUMNS:
-            counts: dict[int, int] = {}
-            old = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(sealed.table)
-                .where(_leading_bytes(sealed.column, 1) == unversioned)
-            ).scalar_one()
-            if old:
-                counts[1] = int(old)
-            header = _leading_bytes(sealed.column, 5)
-            for prefix, count in conn.execute(
-                sa.select(header, sa.func.count())
-                .where(_leading_bytes(sealed.column, 1) == versioned)
-                .group_by(header)
-            ):
-                version = int.from_bytes(bytes(prefix)[1:], "big")
-                counts[version] = counts.get(version, 0) + int(count)
-            found[sealed.name] = counts
+    for sealed in SEALED_COLUMNS:
+        counts: dict[int, int] = {}
+        old = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(sealed.table)
+            .where(_leading_bytes(sealed.column, 1) == unversioned)
+        ).scalar_one()
+        if old:
+            counts[1] = int(old)
+        header = _leading_bytes(sealed.column, 5)
+        for prefix, count in conn.execute(
+            sa.select(header, sa.func.count())
+            .where(_leading_bytes(sealed.column, 1) == versioned)
+            .group_by(header)
+        ):
+            version = int.from_bytes(bytes(prefix)[1:], "big")
+            counts[version] = counts.get(version, 0) + int(count)
+        found[sealed.name] = counts
     return found
+
+
+def sample_sealed_value(conn: sa.Connection, version: int) -> tuple[bytes, bytes] | None:
+    """One value sealed under ``version``, with its purpose — to find out which key really
+    sealed it — or None."""
+    headers = [sealed_header(version)]
+    if version == 1:
+        headers.append(bytes([FORMAT_UNVERSIONED]))
+    for sealed in SEALED_COLUMNS:
+        for header in headers:
+            row = conn.execute(
+                sa.select(sealed.table)
+                .where(_leading_bytes(sealed.column, len(header)) == header)
+                .limit(1)
+            ).first()
+            if row is not None:
+                return bytes(row._mapping[sealed.column]), sealed.purpose(row)
+    return None
 
 
 def values_under(engine: sa.Engine, version: int) -> dict[str, int]:

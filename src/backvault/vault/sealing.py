@@ -9,10 +9,14 @@ Sealed formats (AES-256-GCM; the purpose names what is sealed and for whom, e.g.
 - format 1, written before key versions existed and still read:
   ``0x01 || nonce (12) || ciphertext || tag``, associated data ``purpose``, key version 1.
 
-Key versions: a sealer holds every version it finds — key files ``sealing.key`` (version
-1), ``sealing.key.v2``, …; HSM keys labelled ``LABEL-v1``, ``LABEL-v2``, … (the bare
-``LABEL`` of older deployments is version 1) — and seals under the highest.
-``backvault vault rotate-sealing-key`` adds a version and re-seals every sealed column
+Key versions: key files ``sealing.key`` (version 1), ``sealing.key.v2``, …; HSM keys
+labelled ``LABEL-v1``, ``LABEL-v2``, … (the bare ``LABEL`` of older deployments is version
+1). A label or a file name proves nothing (anyone with the HSM PIN for a moment, or write
+access to the key folder, can add one), so the vault records every version it makes — with
+the key's check value, which only the key's holder can compute — in its database
+(key_versions.py), and a sealer uses only the keys whose version is recorded and whose
+check value matches; it seals under the highest of them. ``backvault vault
+rotate-sealing-key`` records a new version and re-seals every sealed column
 (sealed_columns.py); a serving node picks the new version up at its next sweep, or at once
 when it meets a value sealed under it.
 
@@ -23,18 +27,29 @@ Nonce bound: with random 96-bit nonces one key may seal at most 2^32 values (NIS
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import secrets
 import threading
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .metrics import SEALING_KEY_CURRENT_VERSION, SEALING_OPERATIONS
+from .metrics import (
+    SEALING_KEY_CHANGES,
+    SEALING_KEY_CURRENT_INFO,
+    SEALING_KEY_CURRENT_VERSION,
+    SEALING_KEYS_IGNORED,
+    SEALING_OPERATIONS,
+)
 
 log = logging.getLogger("backvault.vault.sealing")
 
@@ -50,9 +65,179 @@ SEALS_PER_KEY_LIMIT = 2**32
 SEALS_PER_KEY_WARNING = 2**31
 MAX_KEY_VERSION = 2**32 - 1
 
+# A key's check value: SHA-256 of the AES-256-GCM encryption, under the key, of one zero
+# block with a fixed nonce and associated data. Only the key's holder can compute it
+# (through the HSM, or with the key file), and nobody can make a key with a given one, so
+# a recorded check value tells the vault's own key from one planted under the same label
+# or file name. The same input always gives the same output, so computing it again reveals
+# nothing new; hashing keeps even that one block's ciphertext and tag out of the database.
+# (A seal's random nonce equals the fixed one with probability 2^-96.)
+CHECK_VALUE_NONCE = bytes(NONCE_SIZE)
+CHECK_VALUE_ASSOCIATED_DATA = b"backvault sealing-key check value v1"
+CHECK_VALUE_BLOCK = bytes(16)
+
+# Why a key in the store is not used (the label values of the ignored-keys metric).
+IGNORED_UNRECORDED = "unrecorded"  # its version is not one the vault recorded
+IGNORED_CHECK_VALUE = "check_value"  # its version is recorded, with another key's check value
+IGNORED_DESTROYED = "destroyed"  # its version was destroyed
+IGNORED_UNFINISHED = "unfinished"  # reserved by a rotation that never recorded its key
+IGNORED_REASONS = (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_DESTROYED, IGNORED_UNFINISHED)
+# A rotation makes its key moments after reserving the version: until then (and for this
+# long) a key of a reserved version is skipped quietly, not reported as unfinished.
+RESERVATION_GRACE = 600.0
+
 
 class SealingError(Exception):
     """The sealing key is unavailable or unsafe, or a sealed blob does not open."""
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses — a label or
+    file name planted with one must not stop the sealer."""
+    return text.isascii() and text.isdigit()
+
+
+def short_check_value(check_value: bytes) -> str:
+    """How logs, metrics and listings show a check value: its first 8 bytes in hex."""
+    return check_value[:8].hex()
+
+
+@dataclass(frozen=True)
+class RecordedVersion:
+    """A key version as the vault recorded it."""
+
+    version: int
+    check_value: bytes | None  # None: reserved by a rotation that has not made its key yet
+    origin: str  # "created", "first start" or "adopted"
+    recorded_at: float
+    destroyed_at: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.check_value is not None and self.destroyed_at is None
+
+
+@dataclass(frozen=True)
+class IgnoredKey:
+    """A key in the key store that the sealer does not use, and why."""
+
+    version: int
+    where: str  # the HSM key's label, or the key file
+    reason: str  # one of IGNORED_REASONS
+    check_value: bytes | None = None  # when computed
+
+    def describe(self) -> str:
+        why = {
+            IGNORED_UNRECORDED: "this vault never made that version (it is not recorded in "
+            "its database)",
+            IGNORED_CHECK_VALUE: "it is not the key this vault made for that version (its "
+            "check value differs from the recorded one)",
+            IGNORED_DESTROYED: "that version was destroyed",
+            IGNORED_UNFINISHED: "a rotation reserved that version but never recorded its key",
+        }[self.reason]
+        check = f" (check value {short_check_value(self.check_value)})" if self.check_value else ""
+        return f"ignoring the sealing key {self.where} for key version {self.version}{check}: {why}"
+
+
+class KeyStore(Protocol):
+    """What a record keeper needs from a sealer to record its first versions."""
+
+    description: str
+    no_key_message: str
+
+    def stored_check_values(self) -> dict[int, list[bytes]]: ...
+
+    def opening_check_values(self, sealed: bytes, purpose: bytes) -> list[bytes]: ...
+
+    def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes: ...
+
+
+class VersionRecords(Protocol):
+    """Where the key versions the vault made are recorded (its database: key_versions.py;
+    in memory for a sealer used on its own)."""
+
+    def load(self) -> dict[int, RecordedVersion]:
+        """Every version ever recorded, destroyed and reserved ones included."""
+        ...
+
+    def reserve(self, choose: Callable[[Mapping[int, RecordedVersion]], int]) -> int:
+        """Record, atomically, the version ``choose`` picks from the recorded ones, as
+        reserved (no check value yet)."""
+        ...
+
+    def confirm(self, version: int, check_value: bytes) -> None:
+        """Record the check value of the key made for a reserved version."""
+        ...
+
+    def mark_destroyed(self, version: int) -> None: ...
+
+    def prepare(self, store: KeyStore, create: bool) -> bool:
+        """Before first use: when nothing is recorded yet, record the versions the vault
+        already uses (or make version 1 when ``create`` and the store is empty). Returns
+        whether it made a key."""
+        ...
+
+
+class PinnedVersions:
+    """Records kept in memory, for a sealer used without the vault's database (tests,
+    tools): the versions in the key store when the sealer starts are taken as recorded,
+    and so are those this sealer makes. Share one between sealers that must see each
+    other's new versions."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, RecordedVersion] = {}
+        self._lock = threading.RLock()
+
+    def load(self) -> dict[int, RecordedVersion]:
+        with self._lock:
+            return dict(self._records)
+
+    def reserve(self, choose: Callable[[Mapping[int, RecordedVersion]], int]) -> int:
+        with self._lock:
+            version = choose(dict(self._records))
+            self._records[version] = RecordedVersion(version, None, "created", time.time())
+            return version
+
+    def confirm(self, version: int, check_value: bytes) -> None:
+        with self._lock:
+            reserved = self._records[version]
+            self._records[version] = RecordedVersion(
+                version, check_value, reserved.origin, reserved.recorded_at
+            )
+
+    def mark_destroyed(self, version: int) -> None:
+        with self._lock:
+            record = self._records[version]
+            self._records[version] = RecordedVersion(
+                version, record.check_value, record.origin, record.recorded_at, time.time()
+            )
+
+    def prepare(self, store: KeyStore, create: bool) -> bool:
+        with self._lock:
+            if self._records:
+                return False
+            stored = store.stored_check_values()
+            now = time.time()
+            if not stored:
+                if not create:
+                    raise SealingError(store.no_key_message)
+
+                def record(check_value: bytes) -> None:
+                    self._records[1] = RecordedVersion(1, check_value, "created", now)
+
+                store.make_key_version(1, record)
+                return True
+            for version, check_values in stored.items():
+                if len(set(check_values)) > 1:
+                    raise SealingError(
+                        f"{store.description} holds {len(check_values)} different keys for "
+                        f"sealing key version {version}; destroy the ones you did not make "
+                        "with backvault"
+                    )
+                self._records[version] = RecordedVersion(
+                    version, check_values[0], "first start", now
+                )
+            return False
 
 
 class Sealer(Protocol):
@@ -62,6 +247,10 @@ class Sealer(Protocol):
     def current_version(self) -> int: ...
 
     def versions(self) -> list[int]: ...
+
+    def check_value(self, version: int) -> bytes: ...
+
+    def ignored_keys(self) -> list[IgnoredKey]: ...
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes: ...
 
@@ -104,20 +293,40 @@ def _parse(sealed: bytes) -> tuple[int, bytes, bytes, bytes]:
 
 
 class _VersionedSealer:
-    """What every sealer shares: the sealed format, the set of key versions (the highest
-    seals), refreshing that set, counting seals per version, metrics."""
+    """What every sealer shares: the sealed format; the key versions it uses (those the
+    records name, with a matching check value; the highest seals); refreshing them;
+    counting seals per version; logs and metrics."""
 
     description: str
+    no_key_message: str
 
-    def __init__(self) -> None:
+    def __init__(self, records: VersionRecords | None) -> None:
+        self._records: VersionRecords = records if records is not None else PinnedVersions()
         self._keys: dict[int, Any] = {}
+        self._check_values: dict[int, bytes] = {}
+        self._ignored: list[IgnoredKey] = []
+        self._reported: set[IgnoredKey] = set()
         self._refresh_lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._counts_lock = threading.Lock()
         self._seal_counts: dict[int, int] = {}
+        self.created = False
+
+    def _start(self, create: bool) -> None:
+        self.created = self._records.prepare(self, create)
+        self.refresh()
 
     # --- what a key store provides --------------------------------------------------------
 
-    def _load_keys(self) -> dict[int, Any]:
+    def _stored(self) -> dict[int, list[Any]]:
+        """Every key in the store that claims a version (by label or file name), unchecked."""
+        raise NotImplementedError
+
+    def _where(self, candidate: Any) -> str:
+        raise NotImplementedError
+
+    def _usable(self, version: int, candidate: Any) -> Any:
+        """The key to encrypt with; a SealingError when the store holds it unsafely."""
         raise NotImplementedError
 
     def _encrypt(self, key: Any, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -126,11 +335,57 @@ class _VersionedSealer:
     def _decrypt(self, key: Any, nonce: bytes, body: bytes, aad: bytes) -> bytes:
         raise NotImplementedError
 
-    def _create_key(self, version: int) -> None:
+    def _create_key(self, version: int) -> Any:
         raise NotImplementedError
 
     def _destroy_key(self, version: int, key: Any) -> None:
         raise NotImplementedError
+
+    def _check_attributes(self, version: int, key: Any, strict: bool) -> None:
+        """Refuse (``strict``: the key that seals) or warn about an unsafe key."""
+
+    # --- check values and first versions (for the records) -------------------------------
+
+    def _check_value_of(self, key: Any) -> bytes:
+        encrypted = self._encrypt(
+            key, CHECK_VALUE_NONCE, CHECK_VALUE_BLOCK, CHECK_VALUE_ASSOCIATED_DATA
+        )
+        return hashlib.sha256(CHECK_VALUE_ASSOCIATED_DATA + b"\0" + encrypted).digest()
+
+    def stored_check_values(self) -> dict[int, list[bytes]]:
+        """The check value of every key in the store, by the version it claims."""
+        return {
+            version: [self._check_value_of(self._usable(version, c)) for c in candidates]
+            for version, candidates in self._stored().items()
+        }
+
+    def opening_check_values(self, sealed: bytes, purpose: bytes) -> list[bytes]:
+        """The check values of the keys in the store that open ``sealed``: which key an
+        older vault really sealed under."""
+        version, nonce, body, aad_prefix = _parse(sealed)
+        found = []
+        for candidate in self._stored().get(version, []):
+            key = self._usable(version, candidate)
+            try:
+                self._decrypt(key, nonce, body, aad_prefix + purpose)
+            except SealingError:
+                continue
+            found.append(self._check_value_of(key))
+        return found
+
+    def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes:
+        """Make the key for ``version``, compute its check value and ``record`` it; on any
+        failure, destroy the key again (unrecorded, it would only ever be ignored).
+        Returns the check value."""
+        key = self._create_key(version)
+        try:
+            check_value = self._check_value_of(key)
+            record(check_value)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._destroy_key(version, key)
+            raise
+        return check_value
 
     # --- shared -------------------------------------------------------------------------
 
@@ -141,17 +396,113 @@ class _VersionedSealer:
     def versions(self) -> list[int]:
         return sorted(self._keys)
 
+    def check_value(self, version: int) -> bytes:
+        return self._check_values[version]
+
+    def ignored_keys(self) -> list[IgnoredKey]:
+        return list(self._ignored)
+
+    def _select(
+        self, records: Mapping[int, RecordedVersion]
+    ) -> tuple[dict[int, tuple[Any, bytes]], list[IgnoredKey]]:
+        """The keys to use, with their check values — for a recorded, live version, the
+        key whose check value is the recorded one — and the keys to ignore."""
+        keys: dict[int, tuple[Any, bytes]] = {}
+        ignored: list[IgnoredKey] = []
+        for version, candidates in sorted(self._stored().items()):
+            record = records.get(version)
+            for candidate in candidates:
+                where = self._where(candidate)
+                if record is None:
+                    ignored.append(IgnoredKey(version, where, IGNORED_UNRECORDED))
+                elif record.destroyed_at is not None:
+                    ignored.append(IgnoredKey(version, where, IGNORED_DESTROYED))
+                elif record.check_value is None:
+                    if time.time() - record.recorded_at > RESERVATION_GRACE:
+                        ignored.append(IgnoredKey(version, where, IGNORED_UNFINISHED))
+                else:
+                    key = self._usable(version, candidate)
+                    try:
+                        check_value: bytes | None = self._check_value_of(key)
+                    except SealingError:
+                        check_value = None  # a key that cannot even encrypt is not ours
+                    if check_value is None or not hmac.compare_digest(
+                        check_value, record.check_value
+                    ):
+                        ignored.append(IgnoredKey(version, where, IGNORED_CHECK_VALUE, check_value))
+                    else:
+                        # A second object with the recorded check value is a copy of the
+                        # same key: either will do.
+                        keys.setdefault(version, (key, check_value))
+        return keys, ignored
+
     def refresh(self) -> None:
-        """Reload the key versions from the key store (a rotation may have added one, or
-        destroyed an old one)."""
+        """Reload the key versions: a rotation may have recorded a new one, or destroyed
+        an old one; a key nobody recorded may have appeared (ignored, loudly)."""
         with self._refresh_lock:
-            keys = self._load_keys()
+            records = self._records.load()
+            keys, ignored = self._select(records)
+            self._report_ignored(ignored)
             if not keys:
-                raise SealingError(f"no sealing key found ({self.description})")
-            if self._keys and max(keys) != max(self._keys):
-                log.info("sealing key version changed", extra={"key_version": max(keys)})
-            self._keys = keys
-        SEALING_KEY_CURRENT_VERSION.set(max(keys))
+                raise SealingError(self._nothing_usable(records, ignored))
+            current = max(keys)
+            for version, (key, _check_value) in keys.items():
+                self._check_attributes(version, key, strict=version == current)
+            previous = max(self._keys) if self._keys else None
+            self._keys = {version: key for version, (key, _check_value) in keys.items()}
+            self._check_values = {version: check for version, (_key, check) in keys.items()}
+        if previous != current:
+            self._report_current(previous, current)
+
+    def _nothing_usable(
+        self, records: Mapping[int, RecordedVersion], ignored: list[IgnoredKey]
+    ) -> str:
+        usable = sorted(version for version, record in records.items() if record.usable)
+        if not usable:
+            return self.no_key_message
+        message = (
+            f"no key for the sealing key versions this vault recorded "
+            f"({', '.join(map(str, usable))}) is in {self.description}"
+        )
+        if ignored:
+            message += f"; {len(ignored)} other keys there are ignored (see the log)"
+        return message
+
+    def _report_ignored(self, ignored: list[IgnoredKey]) -> None:
+        self._ignored = ignored
+        for reason in IGNORED_REASONS:
+            SEALING_KEYS_IGNORED.labels(reason=reason).set(
+                sum(1 for key in ignored if key.reason == reason)
+            )
+        for key in ignored:
+            if key not in self._reported:
+                self._reported.add(key)
+                advice = (
+                    " — someone who could write to the key store may have planted it: find "
+                    "out who, then destroy it"
+                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE)
+                    else "; destroy it"
+                )
+                log.error(
+                    key.describe() + advice,
+                    extra={"key_version": key.version, "reason": key.reason},
+                )
+
+    def _report_current(self, previous: int | None, current: int) -> None:
+        check = short_check_value(self._check_values[current])
+        SEALING_KEY_CURRENT_VERSION.set(current)
+        SEALING_KEY_CURRENT_INFO.clear()
+        SEALING_KEY_CURRENT_INFO.labels(key_version=str(current), check_value=check).set(1)
+        fields = {"key_version": current, "check_value": check}
+        if previous is None:
+            log.info(f"sealing under key version {current} (check value {check})", extra=fields)
+            return
+        SEALING_KEY_CHANGES.inc()
+        log.warning(
+            f"the current sealing key version changed from {previous} to {current} "
+            f"(check value {check})",
+            extra=fields,
+        )
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes:
         for attempt in range(2):
@@ -185,12 +536,13 @@ class _VersionedSealer:
             version, nonce, body, aad_prefix = _parse(sealed)
             key = self._keys.get(version)
             if key is None:
-                self.refresh()  # sealed under a version created since this node started
+                self.refresh()  # sealed under a version recorded since this node looked
                 key = self._keys.get(version)
             if key is None:
                 raise SealingError(
                     f"sealed under key version {version}, which this vault does not hold "
-                    "(destroyed, or not yet copied to this node's key store)"
+                    "(destroyed, not yet copied to this node's key store, or not a version "
+                    "this vault recorded)"
                 )
             plaintext = self._decrypt(key, nonce, body, aad_prefix + purpose)
         except SealingError:
@@ -199,14 +551,27 @@ class _VersionedSealer:
         SEALING_OPERATIONS.labels(operation="open", outcome="ok").inc()
         return plaintext
 
+    def _next_free_version(self, recorded: Mapping[int, RecordedVersion]) -> int:
+        """The version after the highest one ever recorded — whatever numbers keys in the
+        store claim, so a planted huge one blocks nothing — skipping numbers a key in the
+        store already claims (its version could never be told apart from ours)."""
+        taken = set(self._stored())
+        version = max(recorded, default=0) + 1
+        while version in taken:
+            version += 1
+        if version > MAX_KEY_VERSION:
+            raise SealingError("no key version is left")
+        return version
+
     def create_version(self) -> int:
-        """Add a key version, which then seals everything new; returns its number."""
-        with self._refresh_lock:
-            existing = self._load_keys()
-            version = max(existing, default=0) + 1
-            if version > MAX_KEY_VERSION:
-                raise SealingError("no key version is left")
-            self._create_key(version)
+        """Make and record a new key version, which then seals everything new; returns
+        its number. The version is reserved in the records before its key exists, so a
+        node never meets a key of ours that is not recorded."""
+        with self._create_lock:
+            version = self._records.reserve(self._next_free_version)
+            self.make_key_version(
+                version, lambda check_value: self._records.confirm(version, check_value)
+            )
         self.refresh()
         return version
 
@@ -223,6 +588,7 @@ class _VersionedSealer:
         if key is None:
             raise SealingError(f"there is no sealing key version {version}")
         self._destroy_key(version, key)
+        self._records.mark_destroyed(version)
         self.refresh()
 
     def take_seal_counts(self) -> dict[int, int]:
@@ -259,6 +625,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class _FileKey:
+    path: Path
+    aead: AESGCM = dataclass_field(repr=False)
+
+
 class FileSealer(_VersionedSealer):
     """AES-256-GCM under 32-byte keys kept in files (mode 0600): ``PATH`` is key version
     1, ``PATH.v2``, ``PATH.v3``, … the later ones.
@@ -267,50 +639,48 @@ class FileSealer(_VersionedSealer):
     backups: whoever holds both can open the records.
     """
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        create: bool = True,
+        records: VersionRecords | None = None,
+    ) -> None:
+        super().__init__(records)
         self.path = Path(path)
         self.description = f"sealing-key file {self.path}"
-        self.created = False
-        if not self._version_files():
-            if not create:
-                raise SealingError(f"the sealing key file {self.path} does not exist")
-            make_private_dir(self.path.parent)
-            self._write_new_key(self.path)
-            self.created = True
-        self.refresh()
+        self.no_key_message = f"the sealing key file {self.path} does not exist"
+        self._start(create)
 
     def version_path(self, version: int) -> Path:
         return self.path if version == 1 else self.path.with_name(f"{self.path.name}.v{version}")
 
-    def _version_files(self) -> dict[int, Path]:
-        found: dict[int, Path] = {}
+    def _stored(self) -> dict[int, list[Any]]:
+        found: dict[int, list[Any]] = {}
         if self.path.exists():
-            found[1] = self.path
+            found[1] = [self.path]
         if self.path.parent.is_dir():
             prefix = self.path.name + ".v"
             for candidate in self.path.parent.iterdir():
                 suffix = candidate.name.removeprefix(prefix)
-                if candidate.name.startswith(prefix) and suffix.isdigit() and int(suffix) >= 2:
-                    found[int(suffix)] = candidate
+                if candidate.name.startswith(prefix) and _is_number(suffix) and int(suffix) >= 2:
+                    found[int(suffix)] = [candidate]
         return found
 
-    def _load_keys(self) -> dict[int, Any]:
-        keys: dict[int, Any] = {}
-        for version, path in self._version_files().items():
-            try:
-                key = path.read_bytes()
-                mode = path.stat().st_mode
-            except FileNotFoundError:
-                continue  # destroyed while we looked
-            if len(key) != KEY_SIZE:
-                raise SealingError(f"the sealing key file {path} must hold exactly 32 bytes")
-            if mode & 0o077:
-                raise SealingError(
-                    f"the sealing key file {path} is readable by others; chmod 600 it"
-                )
-            keys[version] = AESGCM(key)
-        return keys
+    def _where(self, candidate: Any) -> str:
+        return str(candidate)
+
+    def _usable(self, version: int, candidate: Any) -> Any:
+        path = Path(candidate)
+        try:
+            key = path.read_bytes()
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise SealingError(f"the sealing key file {path} disappeared") from None
+        if len(key) != KEY_SIZE:
+            raise SealingError(f"the sealing key file {path} must hold exactly 32 bytes")
+        if mode & 0o077:
+            raise SealingError(f"the sealing key file {path} is readable by others; chmod 600 it")
+        return _FileKey(path, AESGCM(key))
 
     def _write_new_key(self, path: Path) -> None:
         # Written under a temporary name, then linked into place: a reader never sees a
@@ -334,22 +704,25 @@ class FileSealer(_VersionedSealer):
         _fsync_dir(path.parent)
 
     def _encrypt(self, key: Any, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return bytes(key.encrypt(nonce, plaintext, aad))
+        return bytes(key.aead.encrypt(nonce, plaintext, aad))
 
     def _decrypt(self, key: Any, nonce: bytes, body: bytes, aad: bytes) -> bytes:
         try:
-            return bytes(key.decrypt(nonce, body, aad))
+            return bytes(key.aead.decrypt(nonce, body, aad))
         except InvalidTag as exc:
             raise SealingError("sealed data does not open (wrong key, or altered)") from exc
 
-    def _create_key(self, version: int) -> None:
-        self._write_new_key(self.version_path(version))
+    def _create_key(self, version: int) -> Any:
+        path = self.version_path(version)
+        make_private_dir(path.parent)
+        self._write_new_key(path)
+        return self._usable(version, path)
 
     def _destroy_key(self, version: int, key: Any) -> None:
         # Overwrite before unlinking, so the key's blocks do not simply become free space.
         # (Copy-on-write filesystems, SSD wear levelling and backups may still keep copies:
         # see the operator guide.)
-        path = self._version_files()[version]
+        path = key.path
         with open(path, "r+b") as handle:
             handle.write(bytes(KEY_SIZE))
             handle.flush()
@@ -363,7 +736,8 @@ _OPEN_ATTEMPTS = 6
 
 # What a sealing key in an HSM must be: usable only to encrypt and decrypt, never to wrap
 # or unwrap other keys, sign, verify or derive; its attributes frozen; its value never
-# readable or exportable; kept in the token.
+# readable or exportable; kept in the token, and usable only in a session logged in with
+# the PIN (CKA_PRIVATE: a public key object is usable by anyone who can open a session).
 SAFE_KEY_ATTRIBUTES: tuple[tuple[str, bool], ...] = (
     ("ENCRYPT", True),
     ("DECRYPT", True),
@@ -376,17 +750,20 @@ SAFE_KEY_ATTRIBUTES: tuple[tuple[str, bool], ...] = (
     ("SENSITIVE", True),
     ("EXTRACTABLE", False),
     ("TOKEN", True),
+    ("PRIVATE", True),
 )
-# Attributes that tell a key's history: false means it was once readable or exportable
-# (an imported or unwrapped copy). Worth a warning, not a refusal: HSM cloning procedures
-# that unwrap a key onto another appliance clear them.
+# Attributes that tell a key's history: false means its value was readable or exportable
+# at some point — an imported key (whose value someone typed in) or an unwrapped copy.
+# The key that seals must have both true, unless the operator accepts cloned keys
+# (pkcs11_accept_cloned_keys: HSM cloning procedures that unwrap a key onto another
+# appliance clear them); older versions, which only open, are warned about.
 HISTORY_ATTRIBUTES = ("ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE")
 
 
 class Pkcs11Sealer(_VersionedSealer):
     """AES-256-GCM inside an HSM over PKCS#11: the key is generated in the token with only
-    encrypt/decrypt allowed, sensitive, not extractable and not modifiable (checked on
-    every load), and every seal/open is a call into the token.
+    encrypt/decrypt allowed, sensitive, not extractable, not modifiable, private and not
+    copyable (checked on every load), and every seal/open is a call into the token.
 
     python-pkcs11 initialises the library without OS locking, so calls into the token are
     serialised here with one lock (a seal or open takes about 0.2 ms on SoftHSM2).
@@ -400,16 +777,23 @@ class Pkcs11Sealer(_VersionedSealer):
         key_label: str = "backvault-sealing",
         create: bool = True,
         accept_weak_keys: bool = False,
+        accept_cloned_keys: bool = False,
+        records: VersionRecords | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(records)
         import pkcs11
 
         self._pkcs11 = pkcs11
         self._lock = threading.Lock()
         self.key_label = key_label
         self.accept_weak_keys = accept_weak_keys
+        self.accept_cloned_keys = accept_cloned_keys
         self._warned: set[tuple[int, str]] = set()
         self.description = f"PKCS#11 token {token_label!r} ({module}), key {key_label!r}"
+        self.no_key_message = (
+            f"the HSM token has no key labelled {key_label!r} or {key_label + '-v1'!r}; "
+            "create it once with `backvault vault init-hsm`"
+        )
         for attempt in range(_OPEN_ATTEMPTS):
             try:
                 lib = pkcs11.lib(module)
@@ -437,14 +821,7 @@ class Pkcs11Sealer(_VersionedSealer):
                     f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
                 ) from exc
         try:
-            if not self._find_keys():
-                if not create:
-                    raise SealingError(
-                        f"the HSM token has no key labelled {key_label!r} or "
-                        f"{key_label + '-v1'!r}; create it once with `backvault vault init-hsm`"
-                    )
-                self._create_key(1)
-            self.refresh()
+            self._start(create)
         except BaseException:
             self.close()
             raise
@@ -456,14 +833,13 @@ class Pkcs11Sealer(_VersionedSealer):
         if label == self.key_label:
             return 1  # created before key versions existed
         suffix = label.removeprefix(self.key_label + "-v")
-        if label.startswith(self.key_label + "-v") and suffix.isdigit() and int(suffix) >= 1:
+        if label.startswith(self.key_label + "-v") and _is_number(suffix) and int(suffix) >= 1:
             return int(suffix)
         return None
 
-    def _find_keys(self) -> dict[int, Any]:
+    def _stored(self) -> dict[int, list[Any]]:
         from pkcs11 import Attribute, KeyType, ObjectClass
 
-        found: dict[int, tuple[str, Any]] = {}
         try:
             with self._lock:
                 candidates = [
@@ -474,26 +850,18 @@ class Pkcs11Sealer(_VersionedSealer):
                 ]
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
+        found: dict[int, list[Any]] = {}
         for label, obj in candidates:
             version = self._version_of(label)
-            if version is None:
-                continue
-            if version in found:
-                raise SealingError(
-                    f"the HSM token has two keys for sealing key version {version} "
-                    f"({found[version][0]!r} and {label!r}); destroy the one you did not "
-                    "make with backvault"
-                )
-            found[version] = (label, obj)
-        return {version: obj for version, (_label, obj) in found.items()}
+            if version is not None:
+                found.setdefault(version, []).append((label, obj))
+        return found
 
-    def _load_keys(self) -> dict[int, Any]:
-        keys = self._find_keys()
-        if keys:
-            newest = max(keys)
-            for version, key in keys.items():
-                self._check_attributes(version, key, strict=version == newest)
-        return keys
+    def _where(self, candidate: Any) -> str:
+        return f"labelled {candidate[0]!r}"
+
+    def _usable(self, version: int, candidate: Any) -> Any:
+        return candidate[1]
 
     def _check_attributes(self, version: int, key: Any, strict: bool) -> None:
         from pkcs11 import Attribute
@@ -520,36 +888,54 @@ class Pkcs11Sealer(_VersionedSealer):
                 )
             self._warn_once(version, name, problem + "; destroy this version once nothing uses it")
         for name, value in history.items():
-            if not value:
-                self._warn_once(
-                    version,
-                    name,
-                    f"the HSM sealing key version {version} has CKA_{name}=false: it was "
-                    "readable or exportable at some point (imported or unwrapped)",
+            if value:
+                continue
+            problem = (
+                f"the HSM sealing key version {version} has CKA_{name}=false: its value was "
+                "readable or exportable at some point (an imported key, or an unwrapped copy), "
+                "so someone may know it"
+            )
+            if strict and not (self.accept_cloned_keys or self.accept_weak_keys):
+                raise SealingError(
+                    f"{problem}. Make a new key version inside the HSM and move every value "
+                    "to it: `backvault vault rotate-sealing-key`; or, if your HSM's cloning "
+                    "procedure cleared this flag on a copy of the vault's own key, set "
+                    "pkcs11_accept_cloned_keys = true (see the operator guide)"
                 )
+            self._warn_once(version, name, problem)
 
     def _warn_once(self, version: int, attribute: str, message: str) -> None:
         if (version, attribute) not in self._warned:
             self._warned.add((version, attribute))
             log.warning(message)
 
-    def _create_key(self, version: int) -> None:
+    def _create_key(self, version: int) -> Any:
         from pkcs11 import Attribute, KeyType, MechanismFlag
 
         template = {getattr(Attribute, name): wanted for name, wanted in SAFE_KEY_ATTRIBUTES}
-        template[Attribute.PRIVATE] = True
-        try:
-            with self._lock:
-                self._session.generate_key(
-                    KeyType.AES,
-                    256,
-                    label=self.label_of(version),
-                    store=True,
-                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                    template=template,
-                )
-        except self._pkcs11.PKCS11Error as exc:
-            raise SealingError(f"the HSM refused to create a sealing key: {exc!r}") from exc
+        # Not even a PIN holder may copy the key (a copy could be made public, or given
+        # other uses). PKCS#11 2.40; a token that does not know the attribute goes without.
+        attempts = [{**template, Attribute.COPYABLE: False}, template]
+        for index, attempt in enumerate(attempts):
+            try:
+                with self._lock:
+                    return self._session.generate_key(
+                        KeyType.AES,
+                        256,
+                        label=self.label_of(version),
+                        store=True,
+                        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                        template=attempt,
+                    )
+            except self._pkcs11.AttributeTypeInvalid:
+                if index + 1 == len(attempts):
+                    raise SealingError(
+                        "the HSM refused to create a sealing key: it does not know one of "
+                        "the attributes a sealing key needs"
+                    ) from None
+            except self._pkcs11.PKCS11Error as exc:
+                raise SealingError(f"the HSM refused to create a sealing key: {exc!r}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _destroy_key(self, version: int, key: Any) -> None:
         try:

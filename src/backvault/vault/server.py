@@ -30,8 +30,9 @@ from .accounts import (
 from .app import JsonLogFormatter, create_app
 from .config import SettingsError, VaultSettings, default_config_dir
 from .housekeeping import nonce_budget_warning, purge_audit, record_seal_counts
+from .key_versions import DatabaseVersionRecords
 from .ratelimit import RateLimiter
-from .schema import vault_keys
+from .schema import migrate, vault_keys
 from .sealing import FileSealer, Pkcs11Sealer, Sealer, make_private_dir
 from .service import VaultService
 from .store import make_engine
@@ -40,12 +41,18 @@ log = logging.getLogger("backvault.vault")
 
 
 def make_sealer(
-    settings: VaultSettings, create_hsm_key: bool = False, accept_weak_keys: bool = False
+    settings: VaultSettings,
+    engine: sa.Engine,
+    create_hsm_key: bool = False,
+    accept_weak_keys: bool = False,
 ) -> Sealer:
-    """The sealer. An HSM key is never created implicitly (several nodes starting at once
-    would each make their own): `backvault vault init-hsm` creates it once.
-    ``accept_weak_keys`` lets the rotation commands use an HSM key made before the vault
-    required safe attributes, so that its values can move to a new key."""
+    """The sealer, using only the key versions recorded in the vault's database (migrated
+    here first; key_versions.py). An HSM key is never created implicitly (several nodes
+    starting at once would each make their own): `backvault vault init-hsm` creates it
+    once. ``accept_weak_keys`` lets the rotation commands use an HSM key made before the
+    vault required safe attributes, so that its values can move to a new key."""
+    migrate(engine)
+    records = DatabaseVersionRecords(engine)
     if settings.sealing == "pkcs11":
         return Pkcs11Sealer(
             settings.pkcs11_module,
@@ -54,10 +61,19 @@ def make_sealer(
             settings.pkcs11_key_label,
             create=create_hsm_key,
             accept_weak_keys=accept_weak_keys,
+            accept_cloned_keys=settings.pkcs11_accept_cloned_keys,
+            records=records,
         )
     if settings.sealing == "file":
-        return FileSealer(settings.sealing_key_path)
+        return FileSealer(settings.sealing_key_path, records=records)
     raise ValueError(f"sealing must be 'file' or 'pkcs11', not {settings.sealing!r}")
+
+
+def open_database(settings: VaultSettings) -> sa.Engine:
+    """The database engine, after making its files private (SQLite)."""
+    for change in secure_database_files(settings):
+        log.warning("tightened permissions", extra={"change": change})
+    return make_engine(settings.db_url)
 
 
 def secure_database_files(settings: VaultSettings) -> list[str]:
@@ -142,12 +158,11 @@ def open_vault(settings: VaultSettings) -> OpenedVault:
     """Prepare the database files, open the sealer and the database, start the service,
     and log what an operator must know (permissions tightened, a key in the database's
     folder, where things are at first start)."""
-    for change in secure_database_files(settings):
-        log.warning("tightened permissions", extra={"change": change})
-    sealer = make_sealer(settings)
-    engine = make_engine(settings.db_url)
+    engine = open_database(settings)
+    sealer: Sealer | None = None
     try:
         first_start = not _initialised(engine)
+        sealer = make_sealer(settings, engine)
         service = VaultService(
             engine,
             sealer,
@@ -164,14 +179,15 @@ def open_vault(settings: VaultSettings) -> OpenedVault:
         )
         service.start()
     except BaseException:
-        sealer.close()
+        if sealer is not None:
+            sealer.close()
         engine.dispose()
         raise
     warning = key_location_warning(settings)
     if warning:
         log.warning(warning)
-    note = where_things_are(settings, sealer)
-    if first_start or getattr(sealer, "created", False):
+    note = where_things_are(settings, service.sealer)
+    if first_start or getattr(service.sealer, "created", False):
         log.warning(note)
     return OpenedVault(service, first_start, note)
 

@@ -213,12 +213,18 @@ class _Keys:
     server: opaque_server.ServerKeyPair
     fake_record_seed: bytes
 
+    def __repr__(self) -> str:
+        return f"_Keys(server={self.server!r})"
+
 
 @dataclass(frozen=True)
 class _OpenRecord:
     credential_identifier: bytes
     record: RegistrationRecord
     wrapped_secret: bytes
+
+    def __repr__(self) -> str:
+        return f"_OpenRecord(fingerprint={self.record.fingerprint()})"
 
 
 class VaultService:

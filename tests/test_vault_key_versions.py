@@ -1,0 +1,508 @@
+"""Only key versions the vault made seal, on real vault processes with a real SoftHSM2
+token and real key files: keys planted in the HSM (an imported key of known value, a
+generated key anyone can use without the PIN, a huge version number) or in the key folder
+are ignored — logged and counted — and nothing is sealed under them; rotation goes on; an
+imported key is refused as the current one unless the operator opts in; `init-hsm`
+records the key it makes; a deployment from before versions were recorded upgrades
+without a hitch. Also: the service's secret-holding objects have redacted reprs."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from backvault.client.vault_client import VaultClient
+from backvault.opaque import IdentityKSF, OpaqueConfig
+from backvault.vault import schema
+from backvault.vault.sealed_columns import SEALED_COLUMNS
+from tests.servers import (
+    SOFTHSM_MODULE,
+    SoftHsm,
+    VaultNode,
+    free_port,
+    make_node,
+    softhsm_in_this_process,
+    softhsm_token,
+)
+from tests.test_vault_rotation import admin, current_version, sealed_versions, wait_for_version
+
+CONFIG = OpaqueConfig(ksf=IdentityKSF())
+SECRET = b"S" * 48
+FAST_SWEEP = {"BACKVAULT_VAULT_SWEEP_EVERY": "0.2"}
+KNOWN_KEY = b"K" * 32  # the value an attacker chose
+HUGE = 2**32 - 1  # the highest version a sealed value's header can name
+
+SAFE = {
+    "ENCRYPT": True,
+    "DECRYPT": True,
+    "WRAP": False,
+    "UNWRAP": False,
+    "SIGN": False,
+    "VERIFY": False,
+    "DERIVE": False,
+    "MODIFIABLE": False,
+    "SENSITIVE": True,
+    "EXTRACTABLE": False,
+    "TOKEN": True,
+    "PRIVATE": True,
+}
+
+
+@pytest.fixture
+def hsm(tmp_path: Path) -> Iterator[SoftHsm]:
+    with softhsm_token(tmp_path / "hsm") as token:
+        yield token
+
+
+def hsm_node(tmp: Path, db: str, token: SoftHsm, env: dict[str, str] | None = None) -> VaultNode:
+    return make_node(
+        tmp,
+        db,
+        "--sealing",
+        "pkcs11",
+        "--pkcs11-token-label",
+        token.token_label,
+        "--pkcs11-pin-file",
+        str(token.pin_file),
+        env={**token.env, **FAST_SWEEP, **(env or {})},
+    )
+
+
+def metric(node: VaultNode, name: str) -> float | None:
+    for line in httpx.get(node.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def ignored_keys(node: VaultNode) -> float:
+    return metric(node, 'backvault_vault_sealing_keys_ignored{reason="unrecorded"}') or 0.0
+
+
+def wait_until(done: Callable[[], bool], what: str) -> None:
+    deadline = time.time() + 30
+    while not done():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def wait_for_a_sweep_to_see_the_planted_key(node: VaultNode) -> None:
+    """A sweep has looked at the key store: it either ignored the planted key (the fix)
+    or switched to it (the attack)."""
+    wait_until(
+        lambda: ignored_keys(node) >= 1 or current_version(node) != 1,
+        "a sweep to look at the planted key",
+    )
+
+
+def register_and_login(node: VaultNode, token: str, password: bytes) -> None:
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(password, lambda _k: SECRET)
+        assert vc.login(password).wrapped_secret == SECRET
+
+
+def sealed_values(db: Path) -> list[tuple[bytes, bytes]]:
+    """Every sealed value in an SQLite vault database, with its purpose."""
+    found = []
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        for sealed in SEALED_COLUMNS:
+            for row in conn.execute(f"SELECT * FROM {sealed.table.name}"):
+                found.append((bytes(row[sealed.column_name]), sealed.purpose(_Row(row))))
+    return found
+
+
+class _Row:
+    def __init__(self, row: sqlite3.Row) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> object:
+        return self._row[name]
+
+
+def opens_with_known_key(sealed: bytes, purpose: bytes) -> bool:
+    try:
+        AESGCM(KNOWN_KEY).decrypt(sealed[5:17], sealed[17:], sealed[:5] + purpose)
+    except InvalidTag:
+        return False
+    return True
+
+
+def log_lines(node: VaultNode, level: str, text: str) -> list[str]:
+    return [
+        line
+        for line in node.log.read_text().splitlines()
+        if f'"level": "{level}"' in line and text in line
+    ]
+
+
+def pkcs11_session(token: SoftHsm, pin: bool = True) -> object:
+    import pkcs11
+
+    found = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=token.token_label)
+    return found.open(user_pin=token.pin, rw=True) if pin else found.open()
+
+
+def plant_imported_key(token: SoftHsm, label: str) -> None:
+    """With the PIN for a moment: a key of known value, with every attribute the vault
+    checks set as a generated key has them."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    template = {getattr(Attribute, name): wanted for name, wanted in SAFE.items()}
+    template.update(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: KNOWN_KEY,
+            Attribute.LABEL: label,
+        }
+    )
+    with softhsm_in_this_process(token), pkcs11_session(token) as session:  # type: ignore[attr-defined]
+        session.create_object(template)
+
+
+def plant_generated_key(token: SoftHsm, label: str, **changes: bool) -> None:
+    from pkcs11 import Attribute, KeyType
+
+    template = {getattr(Attribute, name): wanted for name, wanted in {**SAFE, **changes}.items()}
+    with softhsm_in_this_process(token), pkcs11_session(token) as session:  # type: ignore[attr-defined]
+        session.generate_key(KeyType.AES, 256, label=label, store=True, template=template)
+
+
+def opens_without_the_pin(token: SoftHsm, label: str, sealed: bytes, purpose: bytes) -> bool:
+    """Whoever can open a session on the token, without logging in, tries the key."""
+    import pkcs11
+    from pkcs11.mechanisms import GCMParams, Mechanism
+
+    with softhsm_in_this_process(token), pkcs11_session(token, pin=False) as public:  # type: ignore[attr-defined]
+        try:
+            key = public.get_key(label=label)
+            key.decrypt(
+                sealed[17:],
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(sealed[5:17], sealed[:5] + purpose, 128),
+            )
+        except pkcs11.PKCS11Error:
+            return False
+    return True
+
+
+# --- planted keys ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["imported, known value", "generated, CKA_PRIVATE=false"])
+def test_a_key_planted_in_the_hsm_as_the_next_version_is_never_used(
+    tmp_path: Path, hsm: SoftHsm, planted: str
+) -> None:
+    """The red team's attacks: with the HSM PIN for a moment, add `backvault-sealing-v2` —
+    imported with a value the attacker knows, or generated with CKA_PRIVATE false so that
+    anyone who can open a session uses it without the PIN. Nodes switched to it at their
+    next sweep; a database copy (or a PIN-less session) then opened every new record."""
+    db = tmp_path / "vault.db"
+    node = hsm_node(tmp_path / "n", f"sqlite:///{db}", hsm).start()
+    try:
+        token = node.add_account("alice")
+        if planted.startswith("imported"):
+            plant_imported_key(hsm, "backvault-sealing-v2")
+        else:
+            plant_generated_key(hsm, "backvault-sealing-v2", PRIVATE=False)
+        wait_for_a_sweep_to_see_the_planted_key(node)
+        assert current_version(node) == 1
+        assert ignored_keys(node) == 1
+        register_and_login(node, token, b"the owner's password")
+    finally:
+        node.stop()
+
+    values = sealed_values(db)
+    assert {int.from_bytes(sealed[1:5], "big") for sealed, _ in values} == {1}
+    for sealed, purpose in values:
+        assert not opens_with_known_key(sealed, purpose)
+        assert not opens_without_the_pin(hsm, "backvault-sealing-v2", sealed, purpose)
+        assert not opens_without_the_pin(hsm, "backvault-sealing-v1", sealed, purpose)
+    assert log_lines(
+        node,
+        "error",
+        "ignoring the sealing key labelled 'backvault-sealing-v2' for key version 2: this "
+        "vault never made that version",
+    )
+
+
+def test_a_planted_huge_version_neither_seals_nor_blocks_rotation(
+    tmp_path: Path, hsm: SoftHsm
+) -> None:
+    """`backvault-sealing-v4294967295` (safe attributes, generated): nodes switched to it,
+    and `rotate-sealing-key` then failed with "no key version is left"."""
+    db = tmp_path / "vault.db"
+    node = hsm_node(tmp_path / "n", f"sqlite:///{db}", hsm).start()
+    try:
+        register_and_login(node, node.add_account("bob"), b"pw-bob")
+        plant_generated_key(hsm, f"backvault-sealing-v{HUGE}")
+        wait_for_a_sweep_to_see_the_planted_key(node)
+        assert current_version(node) == 1
+
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        created = re.search(
+            r"created sealing key version 2 \(check value ([0-9a-f]{16})\)", rotated.stdout
+        )
+        assert created, rotated.stdout
+        check_value = created.group(1)
+        wait_for_version(node, 2)
+        assert set(sealed_versions(f"sqlite:///{db}")) == {2}
+        # The switch is logged with the check value, and shown in /metrics.
+        assert log_lines(
+            node,
+            "warning",
+            f"the current sealing key version changed from 1 to 2 (check value {check_value})",
+        )
+        info = f'backvault_vault_sealing_key_current_info{{check_value="{check_value}",key_version="2"}}'
+        assert metric(node, info) == 1
+        assert metric(node, "backvault_vault_sealing_key_changes_total") == 1
+
+        listing = admin(node, "sealing-keys")
+        assert listing.returncode == 0, listing.stderr
+        rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+        assert [row[:2] for row in rows] == [["1", "old"], ["2", "current"], [str(HUGE), "ignored"]]
+        assert rows[2][4:] == ["-", "unrecorded"]
+        assert rows[1][4] == check_value
+        assert f"labelled 'backvault-sealing-v{HUGE}'" in listing.stderr
+        with VaultClient(node.url, node.add_account("cy"), CONFIG) as vc:
+            vc.register(b"pw-cy", lambda _k: SECRET)
+        assert set(sealed_versions(f"sqlite:///{db}")) == {2}
+    finally:
+        node.stop()
+
+
+def test_a_planted_key_file_is_never_used_and_rotation_goes_on(tmp_path: Path) -> None:
+    """Someone who can write to the key folder adds `sealing.key.v9` holding a key they
+    know: the node switched to it at its next sweep."""
+    db = tmp_path / "vault.db"
+    node = make_node(tmp_path / "n", f"sqlite:///{db}", env=FAST_SWEEP).start()
+    try:
+        register_and_login(node, node.add_account("dee"), b"pw-dee")
+        planted = node.sealing_key.with_name("sealing.key.v9")
+        planted.write_bytes(KNOWN_KEY)
+        os.chmod(planted, 0o600)
+        wait_for_a_sweep_to_see_the_planted_key(node)
+        assert current_version(node) == 1
+        register_and_login(node, node.add_account("eli"), b"pw-eli")
+        assert set(sealed_versions(f"sqlite:///{db}")) == {1}
+        assert not any(opens_with_known_key(*value) for value in sealed_values(db))
+
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "created sealing key version 2 " in rotated.stdout
+        wait_for_version(node, 2)
+        assert node.sealing_key.with_name("sealing.key.v2").exists()
+        assert set(sealed_versions(f"sqlite:///{db}")) == {2}
+        assert ignored_keys(node) == 1
+    finally:
+        node.stop()
+    assert log_lines(node, "error", f"ignoring the sealing key {planted} for key version 9")
+
+
+# --- what the vault accepts as its key ---------------------------------------------------
+
+
+def test_an_imported_key_is_refused_as_the_current_key_unless_the_operator_opts_in(
+    tmp_path: Path,
+) -> None:
+    """A key ceremony done with another tool that imported a key (its value known to
+    whoever typed it in): nodes used to seal under it with a warning."""
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        plant_imported_key(token, "backvault-sealing-v1")
+        node = hsm_node(tmp_path / "n", f"sqlite:///{tmp_path / 'vault.db'}", token)
+
+        def serve() -> subprocess.CompletedProcess[str]:
+            command = node.command("serve", "--listen", f"127.0.0.1:{free_port()}", *node.args)
+            return subprocess.run(command, env=node.env, capture_output=True, text=True, timeout=60)
+
+        refused = serve()
+        assert refused.returncode == 1
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            "backvault: sealing: the HSM sealing key version 1 has CKA_ALWAYS_SENSITIVE=false"
+        )
+        assert "rotate-sealing-key" in last and "pkcs11_accept_cloned_keys = true" in last
+
+        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.start()
+        try:
+            register_and_login(node, node.add_account("fay"), b"pw-fay")
+        finally:
+            node.stop()
+        assert log_lines(node, "warning", "CKA_ALWAYS_SENSITIVE=false")
+
+
+def test_init_hsm_records_its_key_so_a_key_planted_before_the_first_start_is_ignored(
+    tmp_path: Path,
+) -> None:
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        db = tmp_path / "vault.db"
+        node = hsm_node(tmp_path / "n", f"sqlite:///{db}", token)
+        made = admin(node, "init-hsm")
+        assert made.returncode == 0, made.stderr
+        check = re.search(r"version 1, check value ([0-9a-f]{16})$", made.stdout.strip())
+        assert check, made.stdout
+        plant_imported_key(token, "backvault-sealing-v2")
+        node.start()
+        try:
+            assert current_version(node) == 1
+            info = f'backvault_vault_sealing_key_current_info{{check_value="{check.group(1)}",key_version="1"}}'
+            assert metric(node, info) == 1
+            assert ignored_keys(node) == 1
+        finally:
+            node.stop()
+
+        # A database that records no key, facing a token with two: which is the vault's?
+        other = hsm_node(tmp_path / "other", f"sqlite:///{tmp_path / 'other.db'}", token)
+        refused = admin(other, "add-account", "gus")
+        assert refused.returncode == 1
+        assert "holds several sealing keys (versions 1 (check value " in refused.stderr
+        assert "this database records none" in refused.stderr
+
+
+# --- upgrading ---------------------------------------------------------------------------
+
+
+def as_left_by_the_previous_version(db: Path) -> None:
+    """The database as the vault left it before it recorded key versions: without the
+    table, at the schema version before the migration that adds it."""
+    before = schema.MIGRATIONS.index(schema._v6_sealing_key_versions)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE sealing_key_versions")
+        conn.execute("UPDATE schema_version SET version = ?", (before,))
+
+
+class KeyFiles:
+    """The key-file store of a node, and a key file left in it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def node(self, db: Path) -> VaultNode:
+        return make_node(self.tmp / "n", f"sqlite:///{db}", env=FAST_SWEEP)
+
+    def leave_key(self, node: VaultNode, version: int) -> str:
+        path = node.sealing_key.with_name(f"sealing.key.v{version}")
+        path.write_bytes(os.urandom(32))
+        os.chmod(path, 0o600)
+        return str(path)
+
+    def remove_key(self, node: VaultNode, version: int) -> None:
+        node.sealing_key.with_name(f"sealing.key.v{version}").unlink()
+
+
+class HsmKeys(KeyFiles):
+    """A SoftHSM2 token whose version-1 key has the bare label older vaults gave it."""
+
+    def __init__(self, tmp: Path, token: SoftHsm) -> None:
+        super().__init__(tmp)
+        self.token = token
+        plant_generated_key(token, "backvault-sealing")
+
+    def node(self, db: Path) -> VaultNode:
+        return hsm_node(self.tmp / "n", f"sqlite:///{db}", self.token)
+
+    def leave_key(self, node: VaultNode, version: int) -> str:
+        plant_generated_key(self.token, f"backvault-sealing-v{version}")
+        return f"labelled 'backvault-sealing-v{version}'"
+
+    def remove_key(self, node: VaultNode, version: int) -> None:
+        with softhsm_in_this_process(self.token), pkcs11_session(self.token) as session:  # type: ignore[attr-defined]
+            session.get_key(label=f"backvault-sealing-v{version}").destroy()
+
+
+@pytest.fixture(params=["key files", "SoftHSM2"])
+def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyFiles]:
+    if request.param == "key files":
+        yield KeyFiles(tmp_path)
+        return
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        yield HsmKeys(tmp_path, token)
+
+
+def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
+    tmp_path: Path, key_store: KeyFiles
+) -> None:
+    """Values sealed under versions 1 and 2 (a rotation stopped half-way) and a key for
+    version 3 that nothing is sealed under: after the upgrade every record still opens,
+    versions 1 and 2 are adopted (logged with their check values), the key of version 3
+    is ignored, and the next rotation makes version 4."""
+    db = tmp_path / "vault.db"
+    node = key_store.node(db).start()
+    accounts = ("hal", "ida", "jon")
+    try:
+        tokens = {name: node.add_account(name) for name in accounts}
+        for name in accounts:
+            register_and_login(node, tokens[name], f"pw-{name}".encode())
+    finally:
+        node.stop()
+    partial = admin(node, "rotate-sealing-key", "--batch-size", "2", "--max-batches", "1")
+    assert partial.returncode == 0, partial.stderr
+    assert set(sealed_versions(f"sqlite:///{db}")) == {1, 2}
+    as_left_by_the_previous_version(db)
+    leftover = key_store.leave_key(node, 3)
+
+    node.start()
+    try:
+        assert current_version(node) == 2
+        for name in accounts:
+            with VaultClient(node.url, tokens[name], CONFIG) as vc:
+                assert vc.login(f"pw-{name}".encode()).wrapped_secret == SECRET
+        assert ignored_keys(node) == 1
+        resumed = admin(node, "rotate-sealing-key")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "created sealing key version 4 " in resumed.stdout
+        wait_for_version(node, 4)
+        assert set(sealed_versions(f"sqlite:///{db}")) == {4}
+        refused = admin(node, "destroy-sealing-key", "3")
+        assert refused.returncode == 1
+        assert f"the vault does not use the key {leftover} for version 3" in refused.stderr
+        key_store.remove_key(node, 3)  # the operator removes it
+        wait_until(lambda: ignored_keys(node) == 0, "the node to stop reporting the key")
+        for name in accounts:
+            with VaultClient(node.url, tokens[name], CONFIG) as vc:
+                assert vc.login(f"pw-{name}".encode()).wrapped_secret == SECRET
+    finally:
+        node.stop()
+    adopted = log_lines(
+        node, "warning", "recorded the sealing key versions this vault already seals under: 1 ("
+    )
+    assert len(adopted) == 1 and "), 2 (check value " in adopted[0]
+    assert log_lines(node, "error", f"ignoring the sealing key {leftover} for key version 3")
+
+
+# --- reprs -------------------------------------------------------------------------------
+
+
+def test_the_services_key_holders_have_redacted_reprs() -> None:
+    from backvault.opaque import client, server
+    from backvault.vault.service import _Keys, _OpenRecord
+
+    seed, fake_seed = server.generate_oprf_seed(), os.urandom(32)
+    pair = server.generate_server_key_pair()
+    keys = _Keys(seed, pair, fake_seed)
+    request, state = client.create_registration_request(b"pw")
+    response = server.create_registration_response(request, pair.public_key, b"credential", seed)
+    record, _ = client.finalize_registration_request(state, response, CONFIG)
+    wrapped, credential = os.urandom(61), os.urandom(32)
+    opened = _OpenRecord(credential, record, wrapped)
+    for obj, held in (
+        (keys, [seed, fake_seed, pair.private_key]),
+        (opened, [credential, wrapped, record.masking_key, record.envelope.to_bytes()]),
+    ):
+        for text in (repr(obj), str(obj)):
+            for secret in held:
+                for form in (secret.hex(), repr(secret)[2:-1]):
+                    assert form[:16] not in text, f"{type(obj).__name__} shows a secret: {text}"
