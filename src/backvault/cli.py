@@ -1085,16 +1085,34 @@ def ls_command(ctx: Context, snapshot: str) -> None:
 @click.option("-t", "--target", required=True, type=click.Path(), help="Folder to restore into.")
 @click.option("-i", "--include", "includes", multiple=True, help="Restore only matching paths.")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty target; replace files.")
+@click.option(
+    "--special-files", is_flag=True, help="Restore device nodes too (as root; skipped otherwise)."
+)
+@click.option("--keep-setuid", is_flag=True, help="Restore setuid and setgid bits of files.")
 @pass_context
 def restore(
-    ctx: Context, snapshot: str, target: str, includes: tuple[str, ...], overwrite: bool
+    ctx: Context,
+    snapshot: str,
+    target: str,
+    includes: tuple[str, ...],
+    overwrite: bool,
+    special_files: bool,
+    keep_setuid: bool,
 ) -> None:
     """Restore SNAPSHOT (an ID or 'latest') into TARGET."""
     repo = open_repo(ctx)
     name, snap = repo.find_snapshot(snapshot)
     with progress_bar(ctx, "restore") as reporter:
-        restorer = Restorer(repo, target, list(includes), overwrite, reporter)
-        result = restorer.run(snap)
+        restorer = Restorer(
+            repo,
+            target,
+            list(includes),
+            overwrite,
+            reporter,
+            special_files=special_files,
+            keep_setuid=keep_setuid,
+        )
+        result = restorer.run(snap, name)
     ctx.emit_json({"snapshot": name, **result.to_json()})
     ctx.out(
         f"restored snapshot {name[:8]} into {target}: {result.files} files, {result.dirs} "
@@ -1106,8 +1124,8 @@ def restore(
         for path, error in result.damaged:
             ctx.errors.print(f"not restored: {path}: {error}", highlight=False)
         fail(
-            f"{len(result.damaged)} files could not be restored because their data is damaged "
-            "or missing; every other file was restored",
+            f"{len(result.damaged)} entries could not be restored (listed above); everything "
+            "else was restored",
             EXIT_INCOMPLETE,
         )
 
@@ -1752,8 +1770,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BACKVAULT_DEBUG"):
             raise
         report(
-            f"internal error: {type(exc).__name__}: {exc} (nothing was lost; rerun with "
-            "BACKVAULT_DEBUG=1 for details and please report it)"
+            f"internal error: {type(exc).__name__}: {exc} (rerun with BACKVAULT_DEBUG=1 for "
+            "details and please report it)"
         )
         return EXIT_ERROR
     return EXIT_OK
