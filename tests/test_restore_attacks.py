@@ -705,3 +705,51 @@ def test_device_nodes_and_setuid_bits_need_a_flag(tmp_path: Path, cli: Cli) -> N
         mem = (asked / "mem").lstat()
         assert stat.S_ISCHR(mem.st_mode) and mem.st_rdev == os.makedev(1, 1)
         assert stat.S_ISBLK((asked / "disk").lstat().st_mode)
+
+
+# --- stopped half-way -----------------------------------------------------------------
+
+
+def test_a_restore_stopped_half_way_leaves_no_partial_file_and_says_what_is_left(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """SIGTERM: what is in place is complete, and the private folder is gone. SIGKILL:
+    the private folder stays; the next restore into that target says what it is."""
+    import signal
+    import time
+
+    h = Hostile(tmp_path / "repo")
+    data = {f"v{i:02d}.mp4": os.urandom(2_000_000) for i in range(40)}
+    snapshot_id = h.snapshot([h.file(name, content) for name, content in data.items()])
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        target = tmp_path / f"out-{how.name}"
+        target.mkdir()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backvault.cli", "-r", str(h.path), "restore", snapshot_id,
+             "--target", str(target)],
+            env={**cli.env, **PROCESSES, "BACKVAULT_KEY": h.key},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        while proc.poll() is None and not leftovers(target):
+            time.sleep(0.01)
+        proc.send_signal(how)
+        proc.wait(timeout=60)
+        for path in target.iterdir():
+            if not path.name.startswith(".backvault-"):
+                assert path.read_bytes() == data[path.name]
+        if how == signal.SIGTERM:
+            assert proc.returncode in (0, 143)
+            assert leftovers(target) == []
+        elif proc.returncode == -signal.SIGKILL:
+            assert leftovers(target) != []
+        cli.ok(
+            "-r", str(h.path), "restore", snapshot_id, "--target", str(target), "--overwrite",
+            key=h.key,
+        )  # fmt: skip
+        for name, content in data.items():
+            assert (target / name).read_bytes() == content
+    lone = tmp_path / "lone"
+    os.makedirs(lone / ".backvault-restore-0123456789abcdef", mode=0o700)
+    again = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
+    assert again.code == 1 and len(again.err.strip().splitlines()) == 1, again.err
+    assert ".backvault-restore-0123456789abcdef" in again.err and "was killed" in again.err

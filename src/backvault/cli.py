@@ -1123,9 +1123,10 @@ def restore(
     if result.damaged:
         for path, error in result.damaged:
             ctx.errors.print(f"not restored: {path}: {error}", highlight=False)
+        count = len(result.damaged)
         fail(
-            f"{len(result.damaged)} entries could not be restored (listed above); everything "
-            "else was restored",
+            f"{count} {'entry' if count == 1 else 'entries'} could not be restored (listed "
+            "above); everything else was restored",
             EXIT_INCOMPLETE,
         )
 

@@ -244,6 +244,7 @@ _ENTRY_ERRNOS = frozenset(
         errno.EOPNOTSUPP,
         errno.EMLINK,
         errno.EBUSY,
+        errno.EROFS,
     }
 )
 # Errors that concern the whole restore: it stops.
@@ -352,7 +353,13 @@ class Restorer:
         self._resolved = os.path.realpath(self.target)
         fd, on_the_way = open_target(self._resolved)
         try:
-            if not self.overwrite and os.listdir(fd):
+            names = [] if self.overwrite else os.listdir(fd)
+            if names and all(name.startswith(STAGING_PREFIX) for name in names):
+                raise TargetNotEmpty(
+                    f"the target {self.target} holds only {names[0]}, the private folder of a "
+                    "restore that was killed; remove it and run the restore again"
+                )
+            if names:
                 raise self._not_empty()
         except BaseException:
             os.close(fd)
@@ -650,7 +657,7 @@ class Restorer:
                         "replace it"
                     ) from exc
                 except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
                         raise
                     # No hard links on this file system: look, then rename.
                     if _lstat(name, fd) is not None:
