@@ -491,6 +491,28 @@ def test_overwrite_replaces_folders_files_and_symlinks_without_removing_first(
     assert leftovers(t) == []
 
 
+def test_overwrite_with_include_puts_back_what_a_folder_walked_for_nothing_replaced(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """--include 'b.txt' walks every folder (one may hold a b.txt); where a walked folder
+    of the snapshot holds none, the file that had its name in the target was deleted."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(
+        [h.folder("notes", [h.file("a.txt", b"a\n")]), h.file("b.txt", b"new b\n")]
+    )
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes").write_text("my notes\n")
+    (target / "b.txt").write_text("old b\n")
+    cli.ok(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(target), "--overwrite",
+        "--include", "b.txt", key=h.key,
+    )  # fmt: skip
+    assert (target / "notes").read_text() == "my notes\n"
+    assert (target / "b.txt").read_text() == "new b\n"
+    assert leftovers(target) == []
+
+
 def test_one_entry_the_target_refuses_is_reported_and_the_rest_restored(
     tmp_path: Path, cli: Cli
 ) -> None:

@@ -180,6 +180,7 @@ class _FolderJob:
     path: str
     parent: _FolderJob | None
     made: bool  # this restore made it (else it was there: the target, or kept by --overwrite)
+    aside: str | None = None  # what had its name, moved into the staging folder
     pending: int = 1
     keep: bool = True  # False once its walk found nothing selected in it: it is removed
 
@@ -293,6 +294,7 @@ class Restorer:
         self._deferred_links: list[tuple[_FileJob, Node, _FolderJob, str]] = []
         # Folders this restore made or took over (device, inode): never replaced by it.
         self._own_folders: set[tuple[int, int]] = set()
+        self._totals: dict[bytes, tuple[int, int]] = {}  # entries and bytes, by tree
 
     def run(self, snapshot: Snapshot, name: str | None = None) -> RestoreResult:
         """Restore ``snapshot`` (``name``: its ID, for messages)."""
@@ -300,23 +302,18 @@ class Restorer:
         try:
             self.repo.ensure_index()
             total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
-            assert self._root is not None
             try:
-                self._staging_for(self._root)
-            except OSError as exc:
-                raise RepositoryError(
-                    f"cannot write into the target {self.target}: {exc.strerror or exc}"
-                ) from exc
-            self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
-            self.progress.start(total, "restore")
-            try:
+                self._first_staging()
+                self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
+                self.progress.start(total, "restore")
                 self._restore_tree(snapshot.tree)
                 self._submit_batch()
                 self._budget.wait_idle()
                 self._raise_fatal()
                 self._make_deferred_links()
             finally:
-                self._pool.shutdown(cancel=True)
+                if self._pool is not None:
+                    self._pool.shutdown(cancel=True)
                 self._remove_stagings()
                 self.progress.finish()
         finally:
@@ -379,6 +376,17 @@ class Restorer:
                     )
                     break
 
+    def _first_staging(self) -> None:
+        """The staging folder in the target: made first, so that a target this user
+        cannot write into is one clear error."""
+        assert self._root is not None
+        try:
+            self._staging_for(self._root)
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot write into the target {self.target}: {exc.strerror or exc}"
+            ) from exc
+
     def _staging_for(self, folder: _FolderJob) -> _Staging:
         """The staging folder on ``folder``'s device (so renames from it into ``folder``
         stay on one file system), made in ``folder`` if there is none yet."""
@@ -438,7 +446,7 @@ class Restorer:
     def _plan(self, tree_id: bytes, label: str) -> int:
         """The bytes the restore will write; refuses a snapshot that expands to more
         entries than ``max_entries`` (folders sharing subtrees), before writing anything."""
-        entries, size = fmt.expanded_totals(tree_id, self._tree_shape, {})
+        entries, size = fmt.expanded_totals(tree_id, self._tree_shape, self._totals)
         if entries > self.max_entries:
             raise TooManyEntries(
                 f"{label} expands to {entries:,} entries (its folders share subtrees), more "
@@ -453,8 +461,8 @@ class Restorer:
             return None
 
     def _selected_size(self, tree_id: bytes) -> int:
-        """The bytes of the files ``includes`` select (the walk is bounded by the
-        snapshot's expansion, checked first)."""
+        """The bytes of the files ``includes`` select: a selected folder's from the
+        totals, the rest walked (bounded by the snapshot's expansion, checked first)."""
         total = 0
         todo = [(tree_id, "")]
         while todo:  # not recursive: a snapshot may nest folders thousands deep
@@ -466,7 +474,11 @@ class Restorer:
             for node in nodes:
                 path = f"{rel}/{node.name}"
                 if node.type == "dir" and node.subtree is not None:
-                    if matches(path, self.includes) or could_contain_match(path, self.includes):
+                    if matches(path, self.includes):
+                        total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[
+                            1
+                        ]
+                    elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
                 elif node.type == "file" and matches(path, self.includes):
                     total += node.size
@@ -552,9 +564,19 @@ class Restorer:
         try:
             if not folder.keep:
                 if folder.made and folder.parent is not None:
+                    # Walked only because it might hold a selected entry: it goes, and what
+                    # had its name comes back.
                     self._target_folders.forget(folder.ref)
                     with self._target_folders.folder(folder.parent.ref) as parent:
                         os.rmdir(folder.ref.name, dir_fd=parent)
+                        if folder.aside is not None:
+                            staging = self._staging_for(folder.parent)
+                            os.rename(
+                                folder.aside,
+                                folder.ref.name,
+                                src_dir_fd=staging.fd,
+                                dst_dir_fd=parent,
+                            )
                 return
             with self._target_folders.folder(folder.ref) as fd:
                 self._set_metadata(fd, folder.node, folder.path, is_folder=True)
@@ -578,7 +600,7 @@ class Restorer:
                 os.mkdir(tmp, 0o700, dir_fd=staging.fd)
                 fd = os.open(tmp, FOLDER_FLAGS, dir_fd=staging.fd)
                 try:
-                    self._move_in(staging, tmp, parent_fd, name, aside=existing is not None)
+                    aside = self._move_in(staging, tmp, parent_fd, name, existing is not None)
                 except BaseException:
                     os.close(fd)
                     with contextlib.suppress(OSError):
@@ -592,7 +614,7 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        return _FolderJob(ref, node, path, parent, made=True)
+        return _FolderJob(ref, node, path, parent, made=True, aside=aside)
 
     def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node, path: str) -> _FolderJob:
         """With --overwrite, a folder already has this name: restore into it."""
@@ -624,14 +646,14 @@ class Restorer:
 
     def _move_in(
         self, staging: _Staging, tmp: str, fd: int, name: str, aside: bool = False
-    ) -> None:
+    ) -> str | None:
         """Rename ``tmp`` from the staging folder to ``name`` in folder ``fd``. With
         ``aside``, what has the name (not a folder this restore made) is first moved into
         the staging folder (removed with it at the end), and put back if the rename
-        fails."""
+        fails; gives its name there."""
         if not aside:
             os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
-            return
+            return None
         moved = secrets.token_hex(8)
         os.rename(name, moved, src_dir_fd=fd, dst_dir_fd=staging.fd)
         try:
@@ -640,6 +662,7 @@ class Restorer:
             with contextlib.suppress(OSError):
                 os.rename(moved, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
             raise
+        return moved
 
     def _place(self, staging: _Staging, tmp: str, folder: _FolderJob, name: str) -> None:
         """Put the finished entry ``tmp`` (not a folder) in place. In a folder this
@@ -895,7 +918,8 @@ class Restorer:
         be the inode this restore created (``fd``: one already open)."""
         own = fd is None
         if fd is None:
-            fd = os.open(staged.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=staging.fd)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(staged.name, flags, dir_fd=staging.fd)
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (staged.device, staged.inode):

@@ -307,7 +307,9 @@ def open_staged(staged: StagedFile) -> int:
     or renamed over it, is refused)."""
     folder = staging_fd(staged.staging)
     try:
-        fd = os.open(staged.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        # O_NONBLOCK: a fifo put in its place must not hang the worker (it is refused).
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(staged.name, flags, dir_fd=folder)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOENT, errno.EISDIR, errno.ENXIO):
             raise _replaced() from exc
