@@ -204,6 +204,41 @@ def test_tree_decoder_refuses_what_would_lead_a_restore_astray() -> None:
             fmt.decode_tree(tree_json(*tree))
 
 
+def test_tree_decoder_refuses_numbers_the_system_cannot_take() -> None:
+    """restic's own types bound them (uid and gid are 32 bits, device numbers 64, a size
+    is a file offset): beyond, a root restore crashed with OverflowError in chown or
+    mknod, and check passed the tree."""
+    limits = {"mode": 32, "uid": 32, "gid": 32, "inode": 64, "device_id": 64}
+    limits |= {"size": 63, "links": 64, "device": 64}
+    for key, bits in limits.items():
+        largest = fmt.decode_tree(tree_json({"name": "x", "type": "file", key: 2**bits - 1}))
+        assert getattr(largest[0], key) == 2**bits - 1
+        with pytest.raises(fmt.FormatError, match=re.escape(f"has {key} {2**bits}, out of range")):
+            fmt.decode_tree(tree_json({"name": "x", "type": "file", key: 2**bits}))
+
+
+def test_expansion_counts_a_shared_tree_once_per_folder_and_adds_it_up_once() -> None:
+    leaf, middle, top = b"L" * 32, b"M" * 32, b"T" * 32
+    shapes = {
+        leaf: fmt.TreeShape(entries=1, file_bytes=10, subtrees=()),
+        middle: fmt.TreeShape(entries=2, file_bytes=0, subtrees=(leaf, leaf)),
+        top: fmt.TreeShape(entries=3, file_bytes=5, subtrees=(middle, middle, b"?" * 32)),
+    }
+    asked: list[bytes] = []
+
+    def shape(tree: bytes) -> fmt.TreeShape | None:
+        asked.append(tree)
+        return shapes.get(tree)
+
+    memo: dict[bytes, tuple[int, int]] = {}
+    # top: 3 entries + 2 x middle (2 + 2 x 1) = 11; bytes 5 + 2 x 2 x 10 = 45; "?" unreadable
+    assert fmt.expanded_totals(top, shape, memo) == (11, 45)
+    assert len(asked) <= 2 * len(shapes) + 1
+    chain = {bytes([i]) * 32: fmt.TreeShape(2, 0, (bytes([i + 1]) * 32,) * 2) for i in range(60)}
+    chain[bytes([60]) * 32] = fmt.TreeShape(1, 1, ())
+    assert fmt.expanded_totals(bytes(32), chain.get, {}) == (3 * 2**60 - 2, 2**60)
+
+
 def test_tree_decoder_accepts_every_type_restic_writes() -> None:
     tree = [{"name": kind, "type": kind} for kind in fmt.NODE_TYPES if kind != "dir"]
     tree.append({"name": "dir", "type": "dir", "subtree": "00" * 32})

@@ -45,6 +45,7 @@ from .client.settings import Settings, SettingsError, VaultSettings
 from .crypto import recovery_key
 from .crypto.slotlabel import SlotLabel
 from .hardening import disable_core_dumps, secret_variable, withdraw_secrets_from_environment
+from .repo import format as fmt
 from .repo.check import Checker
 from .repo.errors import (
     DamagedObject,
@@ -1103,11 +1104,6 @@ def snapshots(ctx: Context) -> None:
         fail(f"{len(errors)} snapshot files are damaged", EXIT_INCOMPLETE)
 
 
-# Shared subtrees are legitimate (every empty folder is the same tree), but a tree can name
-# the same folder twice at every level: listing 2^40 entries never ends.
-LS_MAX_ENTRIES = 50_000_000
-
-
 @cli.command("ls")
 @click.argument("snapshot")
 @pass_context
@@ -1118,14 +1114,20 @@ def ls_command(ctx: Context, snapshot: str) -> None:
     entries: list[dict[str, Any]] = []
     # Depth first, in tree order, with a stack of our own: a snapshot may nest folders
     # deeper than Python's recursion limit.
+    # Shared subtrees are legitimate (every empty folder is the same tree), but a tree can
+    # name the same folder twice at every level: count before listing 2^40 entries.
+    expanded, _ = fmt.expanded_totals(
+        snap.tree, lambda tree: fmt.TreeShape.of(repo.load_tree(tree)), {}
+    )
+    if expanded > fmt.MAX_RESTORE_ENTRIES:
+        fail(
+            f"snapshot {name[:8]} expands to {expanded:,} entries, more than "
+            f"{fmt.MAX_RESTORE_ENTRIES:,} (a tree that names the same folder many times); "
+            "not listing it",
+            EXIT_INCOMPLETE,
+        )
     stack = [("", iter(repo.load_tree(snap.tree)))]
     while stack:
-        if len(entries) > LS_MAX_ENTRIES:
-            fail(
-                f"snapshot {name[:8]} lists more than {LS_MAX_ENTRIES:,} entries (a tree that "
-                "names the same folder many times?); the listing was stopped",
-                EXIT_INCOMPLETE,
-            )
         prefix, nodes = stack[-1]
         node = next(nodes, None)
         if node is None:
@@ -1145,16 +1147,34 @@ def ls_command(ctx: Context, snapshot: str) -> None:
 @click.option("-t", "--target", required=True, type=click.Path(), help="Folder to restore into.")
 @click.option("-i", "--include", "includes", multiple=True, help="Restore only matching paths.")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty target; replace files.")
+@click.option(
+    "--special-files", is_flag=True, help="Restore device nodes too (as root; skipped otherwise)."
+)
+@click.option("--keep-setuid", is_flag=True, help="Restore setuid and setgid bits of files.")
 @pass_context
 def restore(
-    ctx: Context, snapshot: str, target: str, includes: tuple[str, ...], overwrite: bool
+    ctx: Context,
+    snapshot: str,
+    target: str,
+    includes: tuple[str, ...],
+    overwrite: bool,
+    special_files: bool,
+    keep_setuid: bool,
 ) -> None:
     """Restore SNAPSHOT (an ID or 'latest') into TARGET."""
     repo = open_repo(ctx)
     name, snap = repo.find_snapshot(snapshot)
     with progress_bar(ctx, "restore") as reporter:
-        restorer = Restorer(repo, target, list(includes), overwrite, reporter)
-        result = restorer.run(snap)
+        restorer = Restorer(
+            repo,
+            target,
+            list(includes),
+            overwrite,
+            reporter,
+            special_files=special_files,
+            keep_setuid=keep_setuid,
+        )
+        result = restorer.run(snap, name)
     ctx.emit_json({"snapshot": name, **result.to_json()})
     ctx.out(
         f"restored snapshot {name[:8]} into {target}: {result.files} files, {result.dirs} "
@@ -1165,9 +1185,10 @@ def restore(
     if result.damaged:
         for path, error in result.damaged:
             ctx.error_line(f"not restored: {path}: {error}")
+        count = len(result.damaged)
         fail(
-            f"{len(result.damaged)} files could not be restored because their data is damaged "
-            "or missing; every other file was restored",
+            f"{count} {'entry' if count == 1 else 'entries'} could not be restored (listed "
+            "above); everything else was restored",
             EXIT_INCOMPLETE,
         )
 
@@ -1822,8 +1843,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BACKVAULT_DEBUG"):
             raise
         report(
-            f"internal error: {type(exc).__name__}: {exc} (nothing was lost; rerun with "
-            "BACKVAULT_DEBUG=1 for details and please report it)"
+            f"internal error: {type(exc).__name__}: {exc} (rerun with BACKVAULT_DEBUG=1 for "
+            "details and please report it)"
         )
         return EXIT_ERROR
     return EXIT_OK

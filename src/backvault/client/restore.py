@@ -1,25 +1,33 @@
 """Restoring a snapshot into a folder.
 
-Each file is written under a temporary name and renamed into place once complete, so a
-crash or a damaged blob never leaves a half-written file under its real name. A file whose
-data is damaged or missing is named in the result and skipped; every other file is
-restored. The target must be empty unless ``overwrite`` is set.
+Every entry but a folder is made in a staging folder of the restore's own (mode 0700, a
+random name, inside the target: see ``target_folders``), given its owner, mode and times
+there, and only then renamed into place; a file once all its data is written and
+verified. So a crash or a damaged blob never leaves a half-written file under its real
+name, ``--overwrite`` replaces an old file (or symlink) only with a complete new one, in
+one rename, and another user who can write into a folder of the target never sees a name
+the restore will still act on. A file whose data is damaged or missing, or an entry the
+target refuses (a name too long, a folder that is not writable...), is named in the result
+and skipped; every other entry is restored. The target must be empty unless ``overwrite``
+is set.
 
-The main thread walks the snapshot, creates folders and cuts every file into runs (blobs
+The main thread walks the snapshot, makes folders and cuts every file into runs (blobs
 stored back to back in one pack); workers (processes for a repository on a local disk,
 threads otherwise: see ``repo.workers``) read, decrypt and verify a run and write it at its
-offset with ``pwrite``, so many files, and the parts of one large file, are restored at
-once. Whoever writes a file's last run renames it into place. Folder metadata
-is applied last, deepest first, once nothing more is written inside.
+offset with ``pwrite`` into the file the main thread created, so many files, and the parts
+of one large file, are restored at once. Whoever writes a file's last run puts it in place.
+A folder is made in the staging folder too and renamed into place empty (mode 0700 until it
+is finished); it gets its own owner, mode and times, through its descriptor, as soon as
+everything in it is in place.
 
 A snapshot is data from whoever holds the master key, so the restore never writes by
 path: every folder is reached from the target's descriptor without following a symlink
-(``target_folders``), and everything is created, renamed, linked and changed relative to
-it. A symlink in the snapshot is restored as a symlink wherever it points; nothing is
-written through one. Trees with duplicate or unsafe names are refused when read (see
+and checked to be the folder the restore made or found. A symlink in the snapshot is
+restored as a symlink wherever it points; nothing is written through one. Trees with
+duplicate or unsafe names, or numbers out of range, are refused when read (see
 ``repo.format.decode_tree``) and reported as damaged. With ``overwrite``, what is in the
-way is removed as it is (a symlink, not what it points to), and never what this restore
-made itself.
+way is replaced as it is (a symlink, not what it points to), never what this restore made
+itself, and never before its replacement is complete.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ import contextlib
 import errno
 import fnmatch
 import functools
-import itertools
 import os
 import secrets
 import shutil
@@ -51,13 +58,17 @@ from ..repo.workers import WorkerPool
 from .budget import ByteBudget
 from .progress import NoProgress, Progress
 from .target_folders import (
-    Folder,
-    RestoreTarget,
+    FOLDER_FLAGS,
+    FolderRef,
+    StagedFile,
+    StagingRef,
     TargetFolders,
     UnsafeTarget,
-    close_target,
-    folders_of,
+    open_staged,
     open_target,
+    others_can_change,
+    share_staging,
+    unshare_staging,
 )
 
 # A run is read with one request; small runs of small SQLite chunks would cost a request
@@ -72,6 +83,9 @@ _IN_FLIGHT_BYTES = 32 * 1024 * 1024
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_RUNS = 64
 
+STAGING_PREFIX = ".backvault-restore-"
+_SETID_BITS = stat_module.S_ISUID | stat_module.S_ISGID
+
 
 class TargetNotEmpty(RepositoryError):
     pass
@@ -79,6 +93,14 @@ class TargetNotEmpty(RepositoryError):
 
 class DiskFull(RepositoryError):
     pass
+
+
+class TooManyEntries(RepositoryError):
+    pass
+
+
+class EntryRefused(RepositoryError):
+    """An entry cannot take its name (something else has it): reported, not restored."""
 
 
 @dataclass
@@ -136,16 +158,56 @@ def could_contain_match(path: str, patterns: list[str]) -> bool:
     return False
 
 
-class _FileJob:
-    """One file being restored: the folder it goes into, its temporary name there, and
-    the runs still to write."""
+@dataclass(eq=False)
+class _Staging:
+    """A staging folder: where it is (its parent is the folder it was made in), its
+    descriptor, and how workers find it."""
 
-    def __init__(self, node: Node, folder: Folder, path: str, tmp: str, runs: int) -> None:
+    ref: FolderRef
+    fd: int
+    shared: StagingRef
+
+
+@dataclass(eq=False)
+class _FolderJob:
+    """A folder of the snapshot being restored (or the target itself, with no node).
+    ``pending`` counts what must be done before its own owner, mode and times are set:
+    its walk, its files still being written, its hard links still to make, its folders
+    not yet finished."""
+
+    ref: FolderRef
+    node: Node | None
+    path: str
+    parent: _FolderJob | None
+    made: bool  # this restore made it (else it was there: the target, or kept by --overwrite)
+    aside: str | None = None  # what had its name, moved into the staging folder
+    pending: int = 1
+    keep: bool = True  # False once its walk found nothing selected in it: it is removed
+
+
+class _FileJob:
+    """One file being restored: the folder it goes into, its temporary copy in a staging
+    folder, and the runs still to write."""
+
+    def __init__(
+        self,
+        node: Node,
+        folder: _FolderJob,
+        path: str,
+        staging: _Staging,
+        staged: StagedFile,
+        runs: int,
+        anchor: bool,
+    ) -> None:
         self.node = node
         self.folder = folder
         self.path = path
-        self.tmp = tmp
+        self.staging = staging
+        self.staged = staged
         self.remaining = runs
+        # The first of a hard-link group: its temporary copy stays in the staging folder,
+        # where the others are linked from (never from a name someone else could replace).
+        self.anchor = anchor
         self.written = 0
         self.error: str | None = None
         self.succeeded = False
@@ -157,15 +219,14 @@ class _Walk:
     """A folder of the snapshot being walked: what is left of its entries."""
 
     nodes: Iterator[Node]
-    folder: Folder
-    path: str
+    folder: _FolderJob
     selected: bool
-    node: Node | None  # the folder's own entry (None for the snapshot's root)
     restored_any: bool = False
 
 
 # Errors that concern one entry (its name is too long for this file system, something
-# took its place...): it is reported and the restore goes on.
+# took its place, the folder it goes into refuses it...): it is reported and the restore
+# goes on.
 _ENTRY_ERRNOS = frozenset(
     {
         errno.ENAMETOOLONG,
@@ -177,8 +238,18 @@ _ENTRY_ERRNOS = frozenset(
         errno.ENOENT,
         errno.EISDIR,
         errno.ENOTEMPTY,
+        errno.EPERM,
+        errno.EACCES,
+        errno.EFBIG,
+        errno.EXDEV,
+        errno.EOPNOTSUPP,
+        errno.EMLINK,
+        errno.EBUSY,
+        errno.EROFS,
     }
 )
+# Errors that concern the whole restore: it stops.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class Restorer:
@@ -190,67 +261,63 @@ class Restorer:
         overwrite: bool = False,
         progress: Progress | None = None,
         workers: int | None = None,
+        *,
+        special_files: bool = False,
+        keep_setuid: bool = False,
+        max_entries: int = fmt.MAX_RESTORE_ENTRIES,
     ) -> None:
         self.repo = repo
         self.target = Path(target).absolute()
         self.includes = includes or []
         self.overwrite = overwrite
         self.progress = progress or NoProgress()
+        # A chat history holds no device nodes and no setuid programs; a hostile snapshot
+        # restored by root could plant both: they come back only when asked for.
+        self.special_files = special_files
+        self.keep_setuid = keep_setuid
+        self.max_entries = max_entries
         self.result = RestoreResult()
-        self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+        self.euid = os.geteuid()
+        self.is_root = self.euid == 0
         self._threads = workers or 4
         self._pool: WorkerPool | None = None
         self._folders: TargetFolders | None = None
-        self._target_ref: RestoreTarget | None = None
+        self._root: _FolderJob | None = None
+        self._resolved = ""
+        self._stagings: dict[int, _Staging] = {}  # by device
         self._budget = ByteBudget(_IN_FLIGHT_BYTES)
         self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
         self._batch_bytes = 0
-        self._lock = threading.Lock()  # guards result, _open_jobs and _fatal
-        self._open_jobs: set[_FileJob] = set()
+        self._lock = threading.Lock()  # guards result, pending counts and _fatal
         self._fatal: BaseException | None = None
         self._hardlinks: dict[tuple[int, int], _FileJob] = {}
-        self._deferred_links: list[tuple[_FileJob, Node, Folder, str]] = []
-        self._dir_metadata: list[tuple[Folder, Node, str]] = []
-        # Folders this restore made or took over (device, inode): never removed by it.
+        self._deferred_links: list[tuple[_FileJob, Node, _FolderJob, str]] = []
+        # Folders this restore made or took over (device, inode): never replaced by it.
         self._own_folders: set[tuple[int, int]] = set()
-        # Temporary names no snapshot can know (so none of its entries can take their
-        # place): a random prefix for this restore and a counter.
-        self._tmp_prefix = f".backvault-{secrets.token_hex(12)}-"
-        self._tmp_count = itertools.count()
+        self._totals: dict[bytes, tuple[int, int]] = {}  # entries and bytes, by tree
 
-    def check_target(self) -> None:
-        if self.target.exists():
-            if not self.target.is_dir():
-                raise RepositoryError(f"the target {self.target} exists and is not a folder")
-            if not self.overwrite and any(self.target.iterdir()):
-                raise TargetNotEmpty(
-                    f"the target {self.target} is not empty; choose an empty folder, or "
-                    "pass --overwrite to replace what is there"
-                )
-
-    def run(self, snapshot: Snapshot) -> RestoreResult:
-        self.check_target()
-        self.repo.ensure_index()
-        self.target.mkdir(parents=True, exist_ok=True)
-        total = self._selected_size(snapshot.tree)
-        self._target_ref, self._folders = open_target(self.target)
+    def run(self, snapshot: Snapshot, name: str | None = None) -> RestoreResult:
+        """Restore ``snapshot`` (``name``: its ID, for messages)."""
+        self._open_target()
         try:
-            self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
-            self.progress.start(total, "restore")
+            self.repo.ensure_index()
+            total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
             try:
+                self._first_staging()
+                self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
+                self.progress.start(total, "restore")
                 self._restore_tree(snapshot.tree)
                 self._submit_batch()
                 self._budget.wait_idle()
                 self._raise_fatal()
                 self._make_deferred_links()
-                for folder, node, path in self._dir_metadata:  # children before parents
-                    self._apply_folder_metadata(folder, node, path)
             finally:
-                self._pool.shutdown(cancel=True)
-                self._discard_unfinished()
+                if self._pool is not None:
+                    self._pool.shutdown(cancel=True)
+                self._remove_stagings()
                 self.progress.finish()
         finally:
-            close_target(self._target_ref)
+            self._target_folders.close()
         self.result.damaged.sort()
         return self.result
 
@@ -259,7 +326,143 @@ class Restorer:
         assert self._folders is not None
         return self._folders
 
+    def _not_empty(self) -> TargetNotEmpty:
+        return TargetNotEmpty(
+            f"the target {self.target} is not empty; choose an empty folder, or pass "
+            "--overwrite to replace what is there"
+        )
+
+    # --- the target ----------------------------------------------------------------------
+
+    def _open_target(self) -> None:
+        """Make the target if needed, resolve its path once (a symlink the user gave as
+        the target is followed: the user's choice), open it one component at a time
+        without following anything, and from then on use only that descriptor: the
+        emptiness check is made on it, so a target swapped for a symlink after it was
+        checked is never written into (worker processes, which open it by path, find out
+        and stop)."""
+        if self.target.exists() and not self.target.is_dir():
+            raise RepositoryError(f"the target {self.target} exists and is not a folder")
+        try:
+            os.makedirs(self.target, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise RepositoryError(f"the target {self.target} exists and is not a folder") from exc
+        self._resolved = os.path.realpath(self.target)
+        fd, on_the_way = open_target(self._resolved)
+        try:
+            names = [] if self.overwrite else os.listdir(fd)
+            if names and all(name.startswith(STAGING_PREFIX) for name in names):
+                raise TargetNotEmpty(
+                    f"the target {self.target} holds only {names[0]}, the private folder of a "
+                    "restore that was killed; remove it and run the restore again"
+                )
+            if names:
+                raise self._not_empty()
+        except BaseException:
+            os.close(fd)
+            raise
+        st = on_the_way[-1][1]
+        root = FolderRef(None, "", st.st_dev, st.st_ino)
+        self._folders = TargetFolders(root, fd)
+        self._root = _FolderJob(root, None, "", None, made=False)
+        if self.is_root:
+            for where, folder in on_the_way:
+                why = others_can_change(folder, self.euid)
+                if why is not None:
+                    self._add_warning(
+                        where,
+                        f"other users can change this folder on the way to the target ({why}): "
+                        "they can move or replace what is restored there",
+                    )
+                    break
+
+    def _first_staging(self) -> None:
+        """The staging folder in the target: made first, so that a target this user
+        cannot write into is one clear error."""
+        assert self._root is not None
+        try:
+            self._staging_for(self._root)
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot write into the target {self.target}: {exc.strerror or exc}"
+            ) from exc
+
+    def _staging_for(self, folder: _FolderJob) -> _Staging:
+        """The staging folder on ``folder``'s device (so renames from it into ``folder``
+        stay on one file system), made in ``folder`` if there is none yet."""
+        staging = self._stagings.get(folder.ref.device)
+        if staging is not None:
+            return staging
+        name = f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        with self._target_folders.folder(folder.ref) as parent:
+            os.mkdir(name, 0o700, dir_fd=parent)
+            fd = os.open(name, FOLDER_FLAGS, dir_fd=parent)
+        st = os.fstat(fd)
+        path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
+        # Between mkdir and open someone who can write the folder could put another in its
+        # place; only this user (or root) can own one, and it must be empty.
+        if st.st_uid != self.euid or os.listdir(fd):
+            os.close(fd)
+            raise RepositoryError(
+                f"the restore's private folder {path} belongs to uid {st.st_uid} or is not "
+                "empty: another user replaced it, or the file system does not keep owners "
+                "(then restore as the user that owns the target)"
+            )
+        shared = StagingRef(path, st.st_dev, st.st_ino)
+        staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared)
+        share_staging(shared, fd)
+        self._stagings[st.st_dev] = staging
+        return staging
+
+    def _remove_stagings(self) -> None:
+        """Remove the staging folders with what is left in them: temporary copies of
+        unfinished or damaged files, hard-link anchors, entries that --overwrite moved
+        aside."""
+        for staging in self._stagings.values():
+            unshare_staging(staging.shared)
+            try:
+                with os.scandir(staging.fd) as entries:
+                    names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+                for name, is_folder in names:
+                    if is_folder:
+                        shutil.rmtree(name, dir_fd=staging.fd)
+                    else:
+                        os.unlink(name, dir_fd=staging.fd)
+                assert staging.ref.parent is not None
+                with self._target_folders.folder(staging.ref.parent) as parent:
+                    st = os.stat(staging.ref.name, dir_fd=parent, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == (staging.ref.device, staging.ref.inode):
+                        os.rmdir(staging.ref.name, dir_fd=parent)
+            except (OSError, UnsafeTarget) as exc:
+                self._add_warning(
+                    staging.shared.path, f"the restore's private folder was not removed: {exc}"
+                )
+            finally:
+                os.close(staging.fd)
+        self._stagings.clear()
+
+    # --- what to restore -----------------------------------------------------------------
+
+    def _plan(self, tree_id: bytes, label: str) -> int:
+        """The bytes the restore will write; refuses a snapshot that expands to more
+        entries than ``max_entries`` (folders sharing subtrees), before writing anything."""
+        entries, size = fmt.expanded_totals(tree_id, self._tree_shape, self._totals)
+        if entries > self.max_entries:
+            raise TooManyEntries(
+                f"{label} expands to {entries:,} entries (its folders share subtrees), more "
+                f"than the {self.max_entries:,} a restore makes; nothing was restored"
+            )
+        return self._selected_size(tree_id) if self.includes else size
+
+    def _tree_shape(self, tree_id: bytes) -> fmt.TreeShape | None:
+        try:
+            return fmt.TreeShape.of(self.repo.load_tree(tree_id))
+        except DamagedObject:
+            return None
+
     def _selected_size(self, tree_id: bytes) -> int:
+        """The bytes of the files ``includes`` select: a selected folder's from the
+        totals, the rest walked (bounded by the snapshot's expansion, checked first)."""
         total = 0
         todo = [(tree_id, "")]
         while todo:  # not recursive: a snapshot may nest folders thousands deep
@@ -271,130 +474,249 @@ class Restorer:
             for node in nodes:
                 path = f"{rel}/{node.name}"
                 if node.type == "dir" and node.subtree is not None:
-                    if (
-                        not self.includes
-                        or matches(path, self.includes)
-                        or could_contain_match(path, self.includes)
-                    ):
+                    if matches(path, self.includes):
+                        total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[
+                            1
+                        ]
+                    elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
-                elif node.type == "file" and (not self.includes or matches(path, self.includes)):
+                elif node.type == "file" and matches(path, self.includes):
                     total += node.size
         return total
 
-    def _load_nodes(self, tree_id: bytes, path: str) -> list[Node]:
-        """A folder's entries; none if its tree is damaged (or breaks the format: names
-        that are not one path component, duplicates), which is reported."""
+    def _load_nodes(self, tree_id: bytes, path: str) -> list[Node] | None:
+        """A folder's entries; None if its tree is damaged (or breaks the format: names
+        that are not one path component, duplicates, numbers out of range), which is
+        reported."""
         try:
             return self.repo.load_tree(tree_id)
         except DamagedObject as exc:
             self._add_damaged(path or "/", str(exc))
-            return []
+            return None
+
+    # --- the walk ------------------------------------------------------------------------
 
     def _restore_tree(self, tree_id: bytes) -> None:
         """Restore the selected entries of the snapshot, folder by folder, depth first
         (with a stack of its own: a snapshot may nest folders thousands deep)."""
-        root = _Walk(iter(self._load_nodes(tree_id, "")), (), "", not self.includes, None)
-        stack = [root]
+        assert self._root is not None
+        top = _Walk(iter(self._load_nodes(tree_id, "") or []), self._root, not self.includes)
+        stack = [top]
         while stack:
             walk = stack[-1]
             node = next(walk.nodes, None)
             if node is None:
                 stack.pop()
-                if stack:
-                    self._leave_folder(walk, stack[-1])
+                self._leave_folder(walk, stack[-1] if stack else None)
                 continue
             self._raise_fatal()
-            path = f"{walk.path}/{node.name}"
+            path = f"{walk.folder.path}/{node.name}"
             chosen = walk.selected or matches(path, self.includes)
             if node.type == "dir":
                 if not chosen and not could_contain_match(path, self.includes):
                     continue
-                if self._make_folder(walk.folder, node.name, path):
-                    assert node.subtree is not None
-                    nodes = self._load_nodes(node.subtree, path)
-                    stack.append(_Walk(iter(nodes), (*walk.folder, node.name), path, chosen, node))
+                assert node.subtree is not None
+                # A damaged folder is reported before anything is made or replaced: what
+                # --overwrite finds under its name stays as it is.
+                nodes = self._load_nodes(node.subtree, path)
+                if nodes is None:
+                    continue
+                folder = self._make_folder(walk.folder, node, path)
+                if folder is not None:
+                    stack.append(_Walk(iter(nodes), folder, chosen))
             elif chosen and self._restore_leaf(node, walk.folder, path):
                 walk.restored_any = True
 
-    def _leave_folder(self, walk: _Walk, parent: _Walk) -> None:
-        """A folder's entries are all under way: keep it (its metadata is applied at the
-        end) if anything in it was restored or it was chosen itself, else remove it."""
-        assert walk.node is not None
-        if walk.restored_any or walk.selected:
-            self._dir_metadata.append((walk.folder, walk.node, walk.path))
-            self.result.dirs += 1
-            parent.restored_any = True
-            return
-        with (
-            contextlib.suppress(OSError, UnsafeTarget),
-            self._target_folders.folder(parent.folder) as fd,
-        ):
-            os.rmdir(walk.node.name, dir_fd=fd)
+    def _leave_folder(self, walk: _Walk, parent: _Walk | None) -> None:
+        """A folder's entries are all under way: keep it if anything in it was restored
+        or it was chosen itself (else it is removed, if this restore made it); its
+        metadata is set once everything in it is in place."""
+        folder = walk.folder
+        if parent is not None:
+            folder.keep = walk.restored_any or walk.selected
+            if folder.keep:
+                with self._lock:
+                    self.result.dirs += 1
+                parent.restored_any = True
+        self._release(folder)
 
-    def _make_folder(self, parent: Folder, name: str, path: str) -> bool:
-        """Create folder ``name`` in ``parent`` (or keep the folder already there); False
-        if it could not be (reported)."""
+    def _release(self, folder: _FolderJob | None) -> None:
+        """One thing ``folder`` waited for is done; finish it (and then its parent, and
+        so on up) when nothing is left."""
+        while folder is not None:
+            with self._lock:
+                folder.pending -= 1
+                done = folder.pending == 0
+            if not done:
+                return
+            self._finish_folder(folder)
+            folder = folder.parent
+
+    def _hold(self, folder: _FolderJob) -> None:
+        with self._lock:
+            folder.pending += 1
+
+    def _finish_folder(self, folder: _FolderJob) -> None:
+        """Everything in ``folder`` is in place: set its owner, mode and times through its
+        descriptor (or remove it: made, and nothing selected in it)."""
+        if folder.node is None:
+            return  # the target itself
         try:
-            with self._target_folders.folder(parent) as fd:
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    if not self._make_room(fd, name, path, for_folder=True):
-                        return False
-                    with contextlib.suppress(FileExistsError):  # a folder kept
-                        os.mkdir(name, 0o700, dir_fd=fd)
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not folder.keep:
+                if folder.made and folder.parent is not None:
+                    # Walked only because it might hold a selected entry: it goes, and what
+                    # had its name comes back.
+                    self._target_folders.forget(folder.ref)
+                    with self._target_folders.folder(folder.parent.ref) as parent:
+                        os.rmdir(folder.ref.name, dir_fd=parent)
+                        if folder.aside is not None:
+                            staging = self._staging_for(folder.parent)
+                            os.rename(
+                                folder.aside,
+                                folder.ref.name,
+                                src_dir_fd=staging.fd,
+                                dst_dir_fd=parent,
+                            )
+                return
+            with self._target_folders.folder(folder.ref) as fd:
+                self._set_metadata(fd, folder.node, folder.path, is_folder=True)
         except (UnsafeTarget, OSError) as exc:
-            return self._entry_failed(path, exc)
-        if not stat_module.S_ISDIR(st.st_mode):
-            self._add_damaged(path, "something else took this folder's place during the restore")
-            return False
-        self._own_folders.add((st.st_dev, st.st_ino))
-        return True
+            self._add_warning(folder.path, f"metadata not restored: {exc}")
 
-    def _make_room(self, fd: int, name: str, path: str, for_folder: bool) -> bool:
-        """Before entry ``name`` is created in the folder ``fd``: remove what is there
-        (only with --overwrite, and only what this restore did not make), or keep it if
-        it is a folder and a folder is wanted. Nothing is followed: a symlink is removed
-        as a symlink, a folder with everything in it but what its symlinks point to."""
+    def _make_folder(self, parent: _FolderJob, node: Node, path: str) -> _FolderJob | None:
+        """Folder ``node`` in ``parent``: made in the staging folder and renamed into
+        place, or kept if a folder is there (with --overwrite); None if it cannot be
+        (reported)."""
+        name = node.name
         try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return True
-        is_folder = stat_module.S_ISDIR(st.st_mode)
-        if is_folder and (st.st_dev, st.st_ino) in self._own_folders:
+            with self._target_folders.folder(parent.ref) as parent_fd:
+                existing = _lstat(name, parent_fd)
+                if existing is not None:
+                    self._check_in_the_way(existing)
+                    if stat_module.S_ISDIR(existing.st_mode):
+                        return self._keep_folder(parent, parent_fd, node, path)
+                staging = self._staging_for(parent)
+                tmp = secrets.token_hex(8)
+                os.mkdir(tmp, 0o700, dir_fd=staging.fd)
+                fd = os.open(tmp, FOLDER_FLAGS, dir_fd=staging.fd)
+                try:
+                    aside = self._move_in(staging, tmp, parent_fd, name, existing is not None)
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(tmp, dir_fd=staging.fd)
+                    raise
+        except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
+            self._entry_failed(path, exc)
+            return None
+        st = os.fstat(fd)
+        ref = FolderRef(parent.ref, name, st.st_dev, st.st_ino)
+        self._target_folders.add(ref, fd)
+        self._own_folders.add((st.st_dev, st.st_ino))
+        self._hold(parent)
+        return _FolderJob(ref, node, path, parent, made=True, aside=aside)
+
+    def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node, path: str) -> _FolderJob:
+        """With --overwrite, a folder already has this name: restore into it."""
+        fd = os.open(node.name, FOLDER_FLAGS, dir_fd=parent_fd)
+        st = os.fstat(fd)
+        ref = FolderRef(parent.ref, node.name, st.st_dev, st.st_ino)
+        self._target_folders.add(ref, fd)
+        self._own_folders.add((st.st_dev, st.st_ino))
+        self._hold(parent)
+        return _FolderJob(ref, node, path, parent, made=False)
+
+    def _check_in_the_way(self, existing: os.stat_result) -> None:
+        """Something has the entry's name: it may be replaced (or restored into) only
+        with --overwrite, and never if this restore made it."""
+        if (
+            stat_module.S_ISDIR(existing.st_mode)
+            and (existing.st_dev, existing.st_ino) in self._own_folders
+        ):
             # Two entries of the snapshot landed on one name (a file system that ignores
-            # case): the folder restored first may have files still being written.
-            self._add_damaged(
-                path,
+            # case): the folder restored first may have files being written into it.
+            raise EntryRefused(
                 "another entry of the snapshot was restored under this name (does the "
-                "target's file system ignore case?); not restored",
+                "target's file system ignore case?); not restored"
             )
-            return False
         if not self.overwrite:
-            self._add_damaged(
-                path,
-                "something already has this name in the target; pass --overwrite to replace it",
+            raise EntryRefused(
+                "something already has this name in the target; pass --overwrite to replace it"
             )
-            return False
-        if is_folder and for_folder:
-            return True
-        if is_folder:
-            shutil.rmtree(name, dir_fd=fd)
-        else:
-            os.unlink(name, dir_fd=fd)
-        return True
+
+    def _move_in(
+        self, staging: _Staging, tmp: str, fd: int, name: str, aside: bool = False
+    ) -> str | None:
+        """Rename ``tmp`` from the staging folder to ``name`` in folder ``fd``. With
+        ``aside``, what has the name (not a folder this restore made) is first moved into
+        the staging folder (removed with it at the end), and put back if the rename
+        fails; gives its name there."""
+        if not aside:
+            os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
+            return None
+        moved = secrets.token_hex(8)
+        os.rename(name, moved, src_dir_fd=fd, dst_dir_fd=staging.fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(moved, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
+            raise
+        return moved
+
+    def _place(self, staging: _Staging, tmp: str, folder: _FolderJob, name: str) -> None:
+        """Put the finished entry ``tmp`` (not a folder) in place. In a folder this
+        restore made, nothing but its own entries can be there; elsewhere, without
+        --overwrite, an existing name is never replaced (a hard link fails if it exists);
+        with it, a file or symlink is replaced in one rename and a folder in the way is
+        moved aside first."""
+        with self._target_folders.folder(folder.ref) as fd:
+            if not folder.made and not self.overwrite:
+                try:
+                    os.link(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd, follow_symlinks=False)
+                except FileExistsError as exc:
+                    raise EntryRefused(
+                        "something already has this name in the target; pass --overwrite to "
+                        "replace it"
+                    ) from exc
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                        raise
+                    # No hard links on this file system: look, then rename.
+                    if _lstat(name, fd) is not None:
+                        raise EntryRefused(
+                            "something already has this name in the target; pass --overwrite "
+                            "to replace it"
+                        ) from exc
+                    os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
+                    return
+                os.unlink(tmp, dir_fd=staging.fd)
+                return
+            try:
+                os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                existing = _lstat(name, fd)
+                if existing is None or not stat_module.S_ISDIR(existing.st_mode):
+                    raise
+                self._check_in_the_way(existing)
+            self._move_in(staging, tmp, fd, name, aside=True)
 
     def _entry_failed(self, path: str, exc: BaseException) -> bool:
         """Report an entry that could not be restored and go on (False); a full disk and
         other errors that concern the whole restore stop it."""
-        if isinstance(exc, UnsafeTarget):
+        if isinstance(exc, UnsafeTarget | EntryRefused):
             self._add_damaged(path, str(exc))
             return False
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
             raise self._disk_full() from exc
         if isinstance(exc, OSError) and exc.errno in _ENTRY_ERRNOS:
             self._add_damaged(path, f"cannot be created in the target: {exc.strerror}")
+            return False
+        if isinstance(exc, OverflowError):
+            self._add_damaged(path, f"cannot be created in the target: {exc}")
             return False
         raise exc
 
@@ -404,44 +726,63 @@ class Restorer:
             f"files; free some space and run the restore again with --overwrite"
         )
 
-    def _restore_leaf(self, node: Node, folder: Folder, path: str) -> bool:
+    def _restore_leaf(self, node: Node, folder: _FolderJob, path: str) -> bool:
         name = node.name
         try:
-            with self._target_folders.folder(folder) as fd:
-                if not self._make_room(fd, name, path, for_folder=False):
+            if not folder.made:
+                # Known early in a folder this restore did not make: no data is read for
+                # an entry that cannot take its name.
+                with self._target_folders.folder(folder.ref) as fd:
+                    existing = _lstat(name, fd)
+                if existing is not None:
+                    self._check_in_the_way(existing)
+            if node.type == "file":
+                return self._start_file(node, folder, path)
+            if node.type in ("dev", "chardev"):
+                if not self.is_root:
+                    self._add_warning(path, "device nodes need root; skipped")
                     return False
-                if node.type == "file":
-                    # Metadata is applied when the last run is written.
-                    return self._start_file(node, folder, fd, path)
-                if node.type == "symlink":
-                    # Where it points is data (it may well point outside the target);
-                    # nothing is ever written through it.
-                    os.symlink(node.linktarget, name, dir_fd=fd)
-                    with self._lock:
-                        self.result.symlinks += 1
-                elif node.type == "fifo":
-                    os.mkfifo(name, 0o600, dir_fd=fd)
-                elif node.type in ("dev", "chardev"):
-                    if not self.is_root:
-                        self._add_warning(path, "device nodes need root; skipped")
-                        return False
-                    kind = stat_module.S_IFCHR if node.type == "chardev" else stat_module.S_IFBLK
-                    os.mknod(name, kind | 0o600, node.device, dir_fd=fd)
-                else:
-                    self._add_warning(path, f"{node.type} entries are not restored")
+                if not self.special_files:
+                    self._add_warning(
+                        path, "device node not restored (pass --special-files to restore them)"
+                    )
                     return False
-                self._apply_metadata(fd, name, node, path)
-        except (UnsafeTarget, OSError) as exc:
+            elif node.type not in ("symlink", "fifo"):
+                self._add_warning(path, f"{node.type} entries are not restored")
+                return False
+            staging = self._staging_for(folder)
+            tmp = secrets.token_hex(8)
+            if node.type == "symlink":
+                # Where it points is data (it may well point outside the target); nothing
+                # is ever written through it.
+                os.symlink(node.linktarget, tmp, dir_fd=staging.fd)
+            elif node.type == "fifo":
+                os.mkfifo(tmp, 0o600, dir_fd=staging.fd)
+            else:
+                kind = stat_module.S_IFCHR if node.type == "chardev" else stat_module.S_IFBLK
+                os.mknod(tmp, kind | 0o600, node.device, dir_fd=staging.fd)
+            try:
+                self._set_staged_metadata(staging.fd, tmp, node, path)
+                self._place(staging, tmp, folder, name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=staging.fd)
+                raise
+        except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
             return self._entry_failed(path, exc)
+        if node.type == "symlink":
+            with self._lock:
+                self.result.symlinks += 1
         return True
 
     # --- files ---------------------------------------------------------------------------
 
-    def _start_file(self, node: Node, folder: Folder, fd: int, path: str) -> bool:
-        """Create the file's temporary copy (or let a worker do it) and hand its runs to
-        the workers."""
+    def _start_file(self, node: Node, folder: _FolderJob, path: str) -> bool:
+        """Create the file's temporary copy in the staging folder (once: O_EXCL) and hand
+        its runs to the workers."""
         link_key = (node.device_id, node.inode) if node.links > 1 and node.inode else None
         if link_key is not None and link_key in self._hardlinks:
+            self._hold(folder)
             self._deferred_links.append((self._hardlinks[link_key], node, folder, path))
             return True
         try:
@@ -449,19 +790,30 @@ class Restorer:
         except DamagedObject as exc:
             self._add_damaged(path, str(exc))
             return False
-        # The worker that writes the first run creates the file (one system call less for
-        # this busy thread); an empty file is created here.
-        tmp = f"{self._tmp_prefix}{next(self._tmp_count)}"
-        if not runs:
-            os.close(os.open(tmp, _CREATE_FLAGS | os.O_EXCL, 0o600, dir_fd=fd))
-        job = _FileJob(node, folder, path, tmp, len(runs))
-        with self._lock:
-            self._open_jobs.add(job)
-        if link_key is not None:
-            self._hardlinks[link_key] = job
-        if not runs:
-            self._finish_file(job)
-            return True
+        # The index gives every blob's length: a file whose blobs do not add up to its
+        # size is damaged (an index that lies about one would have the workers write past
+        # the end of the file, at offsets up to 2^63).
+        expected = sum(loc.blob.plaintext_length for run in runs for loc in run)
+        if expected != node.size:
+            self._add_damaged(
+                path, f"its blobs hold {expected} bytes by the index, its entry says {node.size}"
+            )
+            return False
+        staging = self._staging_for(folder)
+        tmp = secrets.token_hex(8)
+        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=staging.fd)
+        try:
+            st = os.fstat(fd)
+            staged = StagedFile(staging.shared, tmp, st.st_dev, st.st_ino)
+            job = _FileJob(node, folder, path, staging, staged, len(runs), link_key is not None)
+            self._hold(folder)
+            if link_key is not None:
+                self._hardlinks[link_key] = job
+            if not runs:
+                self._finish_file(job, fd)  # nothing to write: finished with this descriptor
+                return True
+        finally:
+            os.close(fd)
         offset = 0
         for run in runs:
             self._batch.append((job, run, offset))
@@ -481,8 +833,7 @@ class Restorer:
         try:
             future = self._pool.submit(
                 restore_runs,
-                self._target_ref,
-                [(run, job.folder, job.tmp, offset) for job, run, offset in batch],
+                [(run, job.staged, offset) for job, run, offset in batch],
                 work_bytes=charge,
             )
         except BaseException:
@@ -498,7 +849,7 @@ class Restorer:
         """Runs were written (or failed): count them, and finish each file after its last."""
         try:
             if future.cancelled():
-                return  # interrupted: the files are removed by _discard_unfinished
+                return  # interrupted: the staging folders are removed with what is in them
             exc = future.exception()
             if exc is not None:
                 self._set_fatal(exc)
@@ -522,78 +873,96 @@ class Restorer:
         finally:
             self._budget.give(charge)
 
-    def _finish_file(self, job: _FileJob) -> None:
-        """Rename the temporary copy into place, or remove it if it is damaged."""
-        with self._lock:
-            self._open_jobs.discard(job)  # from now on this takes care of its file
+    def _finish_file(self, job: _FileJob, fd: int | None = None) -> None:
+        """Give the finished temporary copy its owner, mode and times (through a
+        descriptor of the very inode this restore created) and put it in place; or
+        remove it, if it is damaged."""
         if self._fatal is None and job.error is None and job.written != job.node.size:
             job.error = f"restored {job.written} bytes, expected {job.node.size}"
+        staging = job.staging
         try:
-            with self._target_folders.folder(job.folder) as fd:
-                if job.error is not None or self._fatal is not None:
-                    # After a fatal error (a full disk) the restore stops: its unfinished
-                    # files are removed, not reported as damaged.
-                    with contextlib.suppress(OSError):
-                        os.unlink(job.tmp, dir_fd=fd)
-                    if job.error is not None and self._fatal is None:
-                        self._add_damaged(job.path, job.error)
-                        self.progress.note(f"damaged: {job.path}: {job.error}")
-                    return
-                # The temporary copy gets its metadata before it takes its name.
-                self._apply_metadata(fd, job.tmp, job.node, job.path, own_file=True)
-                try:
-                    os.replace(job.tmp, job.node.name, src_dir_fd=fd, dst_dir_fd=fd)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(job.tmp, dir_fd=fd)
-                    raise
-        except (UnsafeTarget, OSError) as exc:
+            if job.error is not None or self._fatal is not None:
+                # After a fatal error (a full disk) the restore stops: its unfinished
+                # files are removed, not reported as damaged.
+                with contextlib.suppress(OSError):
+                    os.unlink(job.staged.name, dir_fd=staging.fd)
+                if job.error is not None and self._fatal is None:
+                    self._add_damaged(job.path, job.error)
+                    self.progress.note(f"damaged: {job.path}: {job.error}")
+                return
+            self._set_file_metadata(staging, job.staged, job.node, job.path, fd)
+            placed = job.staged.name
+            if job.anchor:
+                placed = secrets.token_hex(8)
+                os.link(job.staged.name, placed, src_dir_fd=staging.fd, dst_dir_fd=staging.fd)
+            try:
+                self._place(staging, placed, job.folder, job.node.name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(placed, dir_fd=staging.fd)
+                raise
+        except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
             self._entry_failed(job.path, exc)
             return
+        finally:
+            self._release(job.folder)
         with self._lock:
             self.result.files += 1
             self.result.bytes += job.written
         job.succeeded = True
 
+    def _set_file_metadata(
+        self, staging: _Staging, staged: StagedFile, node: Node, path: str, fd: int | None
+    ) -> None:
+        """Owner, mode and times of a staged file, through a descriptor of it, checked to
+        be the inode this restore created (``fd``: one already open)."""
+        own = fd is None
+        if fd is None:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(staged.name, flags, dir_fd=staging.fd)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (staged.device, staged.inode):
+                raise _copy_replaced()
+            self._set_metadata(fd, node, path)
+        finally:
+            if own:
+                os.close(fd)
+
     def _make_deferred_links(self) -> None:
-        """Hard links to files restored earlier in this run; a link is made to the entry
-        itself (never through a symlink), in folders opened without following any."""
+        """Hard links to files restored earlier in this run: linked in the staging folder
+        from the first file's own temporary copy (kept there for this), then renamed into
+        place like any entry."""
         for first, node, folder, path in self._deferred_links:
-            if not first.succeeded:
-                self._add_damaged(path, f"hard link to {first.path}, which was not restored")
-                continue
             try:
-                with (
-                    self._target_folders.folder(first.folder) as source,
-                    self._target_folders.folder(folder) as fd,
-                ):
-                    os.link(
-                        first.node.name,
-                        node.name,
-                        src_dir_fd=source,
-                        dst_dir_fd=fd,
-                        follow_symlinks=False,
-                    )
-                    self._apply_metadata(fd, node.name, node, path)
-            except (UnsafeTarget, OSError) as exc:
+                if not first.succeeded:
+                    self._add_damaged(path, f"hard link to {first.path}, which was not restored")
+                    continue
+                staging = first.staging
+                tmp = secrets.token_hex(8)
+                os.link(first.staged.name, tmp, src_dir_fd=staging.fd, dst_dir_fd=staging.fd)
+                try:
+                    # By name: the staging folder is private, and the inode may already
+                    # have a mode this user cannot open it with.
+                    st = os.stat(tmp, dir_fd=staging.fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) != (first.staged.device, first.staged.inode):
+                        raise _copy_replaced()
+                    self._set_staged_metadata(staging.fd, tmp, node, path)
+                    self._place(staging, tmp, folder, node.name)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=staging.fd)
+                    raise
+            except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
                 self._entry_failed(path, exc)
                 continue
-            self.result.files += 1
-
-    def _discard_unfinished(self) -> None:
-        """After an interruption or a fatal error: remove temporary copies left open."""
-        with self._lock:
-            unfinished = list(self._open_jobs)
-            self._open_jobs.clear()
-        for job in unfinished:
-            with (
-                contextlib.suppress(OSError, UnsafeTarget),
-                self._target_folders.folder(job.folder) as fd,
-            ):
-                os.unlink(job.tmp, dir_fd=fd)
+            finally:
+                self._release(folder)
+            with self._lock:
+                self.result.files += 1
 
     def _set_fatal(self, exc: BaseException) -> None:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
             exc = self._disk_full()
         elif isinstance(exc, BrokenProcessPool):
             exc = RepositoryError(
@@ -637,73 +1006,113 @@ class Restorer:
             runs.append([location])
         return runs
 
-    def _apply_metadata(
-        self, fd: int, name: str, node: Node, path: str, own_file: bool = False
-    ) -> None:
-        """Owner, mode and times of entry ``name`` of folder ``fd``, none through a
-        symlink. ``own_file``: a temporary copy this restore made (O_NOFOLLOW, under a
-        name no snapshot knows), which no symlink can have replaced: its mode is set with
-        one call, where the no-follow form costs four (glibc emulates it through /proc)."""
-        try:
-            if self.is_root:
-                os.chown(name, node.uid, node.gid, dir_fd=fd, follow_symlinks=False)
-            if node.type != "symlink":
-                mode = fmt.unix_permissions_from_go(node.mode)
-                if own_file:
-                    os.chmod(name, mode, dir_fd=fd)
-                else:
-                    os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
-            mtime = parse_ns(node.mtime) if node.mtime else None
-            if mtime is not None:
-                atime = parse_ns(node.atime) if node.atime else mtime
-                os.utime(name, ns=(atime, mtime), dir_fd=fd, follow_symlinks=False)
-        except (OSError, ValueError, NotImplementedError) as exc:
-            self._add_warning(path, f"metadata not restored: {exc}")
+    # --- metadata ------------------------------------------------------------------------
 
-    def _apply_folder_metadata(self, folder: Folder, node: Node, path: str) -> None:
-        """A folder's owner, mode and times, set on the folder's own descriptor."""
-        try:
-            with self._target_folders.folder(folder) as fd:
-                if self.is_root:
-                    os.chown(fd, node.uid, node.gid)
-                os.chmod(fd, fmt.unix_permissions_from_go(node.mode))
-                mtime = parse_ns(node.mtime) if node.mtime else None
-                if mtime is not None:
-                    atime = parse_ns(node.atime) if node.atime else mtime
-                    os.utime(fd, ns=(atime, mtime))
-        except (UnsafeTarget, OSError, ValueError) as exc:
-            self._add_warning(path, f"metadata not restored: {exc}")
+    def _mode(self, node: Node, path: str, is_folder: bool) -> int:
+        mode = fmt.unix_permissions_from_go(node.mode)
+        # A folder's setgid bit only passes its group on (and setuid means nothing there).
+        if not is_folder and mode & _SETID_BITS and not self.keep_setuid:
+            mode &= ~_SETID_BITS
+            self._add_warning(
+                path, "setuid/setgid bits not restored (pass --keep-setuid to restore them)"
+            )
+        return mode
+
+    def _set_metadata(self, fd: int, node: Node, path: str, is_folder: bool = False) -> None:
+        """Owner, mode and times of the file or folder open as ``fd`` (owner first:
+        chown clears setuid bits). What fails is a warning."""
+        problems: list[str] = []
+        if self.is_root:
+            _attempt(problems, os.chown, fd, node.uid, node.gid)
+        _attempt(problems, os.chmod, fd, self._mode(node, path, is_folder))
+        times = _times(node, problems)
+        if times is not None:
+            _attempt(problems, os.utime, fd, ns=times)
+        if problems:
+            self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+
+    def _set_staged_metadata(self, staging_fd: int, name: str, node: Node, path: str) -> None:
+        """Owner, mode and times of a symlink, fifo or device node just made in the
+        staging folder. By name: no one else can put anything there (and a symlink's
+        owner and times are set without following it)."""
+        problems: list[str] = []
+        if self.is_root:
+            _attempt(
+                problems, os.chown, name, node.uid, node.gid,
+                dir_fd=staging_fd, follow_symlinks=False,
+            )  # fmt: skip
+        if node.type != "symlink":
+            _attempt(problems, os.chmod, name, self._mode(node, path, False), dir_fd=staging_fd)
+        times = _times(node, problems)
+        if times is not None:
+            _attempt(problems, os.utime, name, ns=times, dir_fd=staging_fd, follow_symlinks=False)
+        if problems:
+            self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
 
 
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+def _attempt(problems: list[str], call: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except (OSError, ValueError, OverflowError, NotImplementedError) as exc:
+        problems.append(f"{call.__name__}: {exc}")
+
+
+def _times(node: Node, problems: list[str]) -> tuple[int, int] | None:
+    try:
+        mtime = parse_ns(node.mtime) if node.mtime else None
+        if mtime is None:
+            return None
+        return (parse_ns(node.atime) if node.atime else mtime), mtime
+    except (ValueError, OverflowError) as exc:
+        problems.append(f"times: {exc}")
+        return None
+
+
+def _copy_replaced() -> UnsafeTarget:
+    return UnsafeTarget(
+        "its temporary copy was replaced by something else during the restore; not restored"
+    )
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+# Created once, by the main thread: never opened if it exists, never through a symlink.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class RunNotWritten(RepositoryError):
+    pass
 
 
 def restore_runs(
-    reader: BlobReader,
-    target: RestoreTarget,
-    runs: list[tuple[list[BlobLocation], Folder, str, int]],
+    reader: BlobReader, runs: list[tuple[list[BlobLocation], StagedFile, int]]
 ) -> list[int | RepositoryError]:
     """Runs in a worker: read, verify and write each run at its offset of its file (the
-    temporary copy named in its folder, opened from the target without following a
-    symlink). Gives each run's bytes written, or what stopped it."""
-    folders = folders_of(target)
+    temporary copy the main thread created, opened without creating or following anything
+    and checked to be that inode). Gives each run's bytes written, or what stopped it; a
+    full disk, or a staging folder that was moved or replaced, stops the whole batch."""
     outcomes: list[int | RepositoryError] = []
-    files: dict[str, int] = {}  # a file's runs often come one after another: open it once
+    files: dict[StagedFile, int] = {}  # a file's runs often come one after another: open it once
     try:
-        for run, folder, tmp, offset in runs:
-            fd = files.get(tmp)
-            if fd is None:
-                try:
-                    with folders.folder(folder) as folder_fd:
-                        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=folder_fd)
-                except UnsafeTarget as exc:
-                    outcomes.append(exc)
-                    continue
-                files[tmp] = fd
+        for run, staged, offset in runs:
             try:
+                fd = files.get(staged)
+                if fd is None:
+                    fd = files[staged] = open_staged(staged)
                 outcomes.append(reader.write_run(run, fd, offset))
-            except DamagedObject as exc:
+            except (UnsafeTarget, DamagedObject) as exc:
                 outcomes.append(exc)
+            except OverflowError as exc:
+                outcomes.append(RunNotWritten(f"cannot be written: {exc}"))
+            except OSError as exc:
+                if exc.errno in _FULL_ERRNOS:
+                    raise
+                outcomes.append(RunNotWritten(f"cannot be written: {exc.strerror or exc}"))
     finally:
         for fd in files.values():
             os.close(fd)

@@ -1,57 +1,72 @@
-"""Folders below a restore target, reached without following a symlink.
+"""Folders of a restore target, reached without following a symlink and checked to be
+the very folders the restore made or found there.
 
-A snapshot is data from whoever holds the master key, and a target restored with
-``--overwrite`` holds whatever was there before: either may put a symlink where the
-restore expects a folder. So nothing is written by path. Each folder is opened from its
-parent's descriptor with ``O_NOFOLLOW | O_DIRECTORY``, one name at a time from the
-target's own descriptor, and everything in it is created, renamed, changed or removed
-relative to that descriptor (``dir_fd=``). A component that is a symlink, a file or gone
-stops the walk with :class:`UnsafeTarget`: the entry is reported, nothing is written.
+A snapshot is data from whoever holds the master key, a target restored with
+``--overwrite`` holds whatever was there before, and another local user may be able to
+write into the target (her home, restored by root) and race the restore. So nothing is
+written by path, and nothing by a name that someone else could have replaced:
 
-Worker processes cannot share the parent's descriptors, so they get a
-:class:`RestoreTarget` (the target's path and identity) and open the same folders the
-same way; a worker whose target is not the parent's (same device and inode) stops.
-Each process keeps a bounded number of folders open (the most recently used), so a
-folder is opened about once per process, not once per file.
+- Every folder is opened from its parent's descriptor with ``O_NOFOLLOW | O_DIRECTORY``,
+  and its device and inode must be those recorded when the restore made it or first
+  found it; a folder that was moved, or replaced by a symlink or another folder, stops
+  with :class:`UnsafeTarget` and nothing is written there.
+- Every entry other than a folder is made in a *staging folder*: a folder of the restore's
+  own in the target (mode 0700, a random name, checked to be the one it made), where no
+  one else can reach it. Its owner, mode and times are set there, a file's through a
+  descriptor of the inode the restore created, and only then is it renamed into place.
+  In a folder others can write, the final rename is the only thing done by name.
+
+Worker processes cannot share the parent's descriptors: they get a :class:`StagedFile`
+(the staging folder's path and identity, the file's name and identity), open both by
+path, and refuse either if it is not the one the parent made (a path that now leads
+elsewhere is harmless if the identity check follows it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import secrets
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..repo.errors import RepositoryError
 
-# A folder below the target, as the names of its components (the target itself is ()).
-Folder = tuple[str, ...]
-
-_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # What opening a component yields when it is not a real folder (any more).
 _NOT_A_FOLDER = (errno.ELOOP, errno.ENOTDIR, errno.ENOENT)
 KEEP_OPEN = 64
 
 
 class UnsafeTarget(RepositoryError):
-    """A folder of the target is not a real folder below it (a symlink or a file took its
-    place): nothing is written there."""
+    """A folder of the target, or a file the restore made, is not the one it made or
+    found (moved, or replaced by a symlink, a file or another folder): nothing is
+    written there."""
 
 
-@dataclass(frozen=True)
-class RestoreTarget:
-    """How a worker process finds a restore's target: its path, and its device and inode
-    to check it found the same folder."""
+@dataclass(eq=False)
+class FolderRef:
+    """A folder of the target: where it is (its parent and name; the target itself has no
+    parent) and what it is (device and inode, recorded when the restore made or found it).
+    Compared by identity: a key for the descriptors kept open."""
 
-    path: str
+    parent: FolderRef | None
+    name: str
     device: int
     inode: int
-    restore_id: str
+
+    def names(self) -> list[str]:
+        """The components from the target to this folder."""
+        names: list[str] = []
+        ref: FolderRef | None = self
+        while ref is not None and ref.parent is not None:
+            names.append(ref.name)
+            ref = ref.parent
+        return names[::-1]
 
 
 @dataclass
@@ -61,27 +76,31 @@ class _OpenFolder:
 
 
 class TargetFolders:
-    """Descriptors of folders below one target; safe to share between threads."""
+    """Descriptors of the folders of one target, each opened from its parent and checked
+    against its recorded identity; the most recently used are kept open. Safe to share
+    between threads."""
 
-    def __init__(self, root_fd: int, keep_open: int = KEEP_OPEN) -> None:
-        self._root = root_fd
+    def __init__(self, root: FolderRef, root_fd: int, keep_open: int = KEEP_OPEN) -> None:
+        self.root = root
+        self._root_fd = root_fd
         self._keep_open = keep_open
-        self._open: OrderedDict[Folder, _OpenFolder] = OrderedDict()
+        self._open: OrderedDict[FolderRef, _OpenFolder] = OrderedDict()
         self._lock = threading.Lock()
 
     @contextmanager
-    def folder(self, folder: Folder) -> Iterator[int]:
-        """A descriptor of ``folder``, valid inside the ``with`` block. Raises
-        :class:`UnsafeTarget` if a component is not a real folder."""
-        if not folder:
-            yield self._root
+    def folder(self, ref: FolderRef) -> Iterator[int]:
+        """A descriptor of ``ref``, valid inside the ``with`` block. Raises
+        :class:`UnsafeTarget` if the folder (or one on the way to it) was moved or
+        replaced."""
+        if ref is self.root:
+            yield self._root_fd
             return
         with self._lock:
-            entry = self._open.get(folder)
+            entry = self._open.get(ref)
             if entry is None:
-                entry = self._walk(folder)
+                entry = self._reach(ref)
             else:
-                self._open.move_to_end(folder)
+                self._open.move_to_end(ref)
             entry.users += 1
         try:
             yield entry.fd
@@ -89,35 +108,53 @@ class TargetFolders:
             with self._lock:
                 entry.users -= 1
 
-    def _walk(self, folder: Folder) -> _OpenFolder:
-        """Open ``folder`` from its nearest open ancestor, one component at a time
-        (holding the lock)."""
-        known = len(folder) - 1
-        while known and folder[:known] not in self._open:
-            known -= 1
-        parent = self._open[folder[:known]].fd if known else self._root
-        entry = None
-        for depth in range(known, len(folder)):
-            name = folder[depth]
-            where = "/".join(folder[: depth + 1])
-            if not name or name in (".", "..") or "/" in name or "\x00" in name:
-                raise UnsafeTarget(f"{where!r} is not a name inside the target")
+    def add(self, ref: FolderRef, fd: int) -> None:
+        """Keep ``fd``, just opened and checked by the caller, as ``ref``'s descriptor."""
+        with self._lock:
+            old = self._open.pop(ref, None)
+            if old is not None:  # pragma: no cover - a folder is made once
+                os.close(old.fd)
+            entry = self._open[ref] = _OpenFolder(fd)
+            self._close_unused(keep=entry)
+
+    def _reach(self, ref: FolderRef) -> _OpenFolder:
+        """Open ``ref`` (holding the lock): through ``..`` of an open folder inside it
+        (the way back up a walk: one step however deep), else down from its nearest open
+        ancestor, one checked component at a time."""
+        inside = next((entry for child, entry in self._open.items() if child.parent is ref), None)
+        if inside is not None:
+            with contextlib.suppress(OSError):  # no search permission (mode 0): go down
+                fd = os.open("..", FOLDER_FLAGS, dir_fd=inside.fd)
+                if _identity(fd) == (ref.device, ref.inode):
+                    return self._keep(ref, fd)
+                os.close(fd)  # that folder was moved elsewhere: go down
+        path: list[FolderRef] = []
+        step: FolderRef | None = ref
+        while step is not None and step is not self.root and step not in self._open:
+            path.append(step)
+            step = step.parent
+        if step is None:  # pragma: no cover - every folder is below the target
+            raise moved()
+        parent = self._root_fd if step is self.root else self._open[step].fd
+        for folder in reversed(path):
             try:
-                fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+                fd = os.open(folder.name, FOLDER_FLAGS, dir_fd=parent)
             except OSError as exc:
                 if exc.errno in _NOT_A_FOLDER:
-                    raise UnsafeTarget(
-                        f"{where} is no longer a folder of this restore (a symlink or a file "
-                        "took its place); nothing was written through it"
-                    ) from exc
+                    raise moved() from exc
                 raise
-            entry = _OpenFolder(fd)
-            self._open[folder[: depth + 1]] = entry
-            # Close the least recently used as we go: a walk hundreds of levels deep
-            # must not hold hundreds of descriptors.
-            self._close_unused(keep=entry)
+            if _identity(fd) != (folder.device, folder.inode):
+                os.close(fd)
+                raise moved()
+            entry = self._keep(folder, fd)
             parent = fd
-        assert entry is not None
+        return entry
+
+    def _keep(self, ref: FolderRef, fd: int) -> _OpenFolder:
+        entry = self._open[ref] = _OpenFolder(fd)
+        # Close the least recently used as we go: a walk thousands of levels deep must not
+        # hold thousands of descriptors.
+        self._close_unused(keep=entry)
         return entry
 
     def _close_unused(self, keep: _OpenFolder) -> None:
@@ -132,52 +169,160 @@ class TargetFolders:
                 if not excess:
                     return
 
+    def forget(self, ref: FolderRef) -> None:
+        """``ref`` was removed: close its descriptor."""
+        with self._lock:
+            entry = self._open.get(ref)
+            if entry is not None and entry.users == 0:
+                os.close(entry.fd)
+                del self._open[ref]
+
     def close(self) -> None:
         with self._lock:
             for entry in self._open.values():
                 os.close(entry.fd)
             self._open.clear()
-            os.close(self._root)
+            os.close(self._root_fd)
 
 
-# The targets this process restores into, by restore: in the parent, the one its main
-# thread and its worker threads share; in a worker process, the one it opened.
-_targets: dict[str, TargetFolders] = {}
-_targets_lock = threading.Lock()
-
-
-def open_target(path: Path) -> tuple[RestoreTarget, TargetFolders]:
-    """Open a restore's target folder (following a symlink the user gave as the target
-    is the user's choice) and register it for this process's worker threads."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
-    target = RestoreTarget(str(path), st.st_dev, st.st_ino, secrets.token_hex(16))
-    folders = TargetFolders(fd)
-    with _targets_lock:
-        _targets[target.restore_id] = folders
-    return target, folders
+    return st.st_dev, st.st_ino
 
 
-def close_target(target: RestoreTarget) -> None:
-    with _targets_lock:
-        folders = _targets.pop(target.restore_id, None)
-    if folders is not None:
-        folders.close()
+def moved() -> UnsafeTarget:
+    return UnsafeTarget(
+        "a folder on its way is no longer the one this restore made or found there (it was "
+        "moved, or replaced by a symlink or another folder); nothing was written there"
+    )
 
 
-def folders_of(target: RestoreTarget) -> TargetFolders:
-    """This process's folders of ``target``: in a worker process, opened on first use
-    and checked to be the parent's target folder."""
-    with _targets_lock:
-        folders = _targets.get(target.restore_id)
-        if folders is None:
-            fd = os.open(target.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (target.device, target.inode):
-                os.close(fd)
-                raise RepositoryError(
-                    f"the restore target {target.path} was replaced by another folder during "
-                    "the restore; run the restore again"
-                )
-            folders = _targets[target.restore_id] = TargetFolders(fd)
-    return folders
+def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
+    """Open the folder at ``path`` (absolute, with no symlink in it: the caller resolved
+    it) one component at a time from ``/`` without following a symlink: a symlink met
+    now was put there since the path was resolved. Gives the descriptor and the status
+    of each folder on the way, the target last."""
+    parts = [part for part in path.split("/") if part]
+    fd = os.open("/", FOLDER_FLAGS)
+    on_the_way = [("/", os.fstat(fd))]
+    where = ""
+    try:
+        for part in parts:
+            where = f"{where}/{part}"
+            try:
+                inner = os.open(part, FOLDER_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                    raise RepositoryError(
+                        f"the target {path} changed while it was opened ({where} was moved "
+                        "or replaced); run the restore again"
+                    ) from exc
+                raise
+            os.close(fd)
+            fd = inner
+            on_the_way.append((where, os.fstat(fd)))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, on_the_way
+
+
+def others_can_change(st: os.stat_result, euid: int) -> str | None:
+    """Why users other than ``euid`` (and root) can rename or replace entries of the
+    folder ``st``, or None."""
+    if st.st_uid not in (0, euid):
+        return f"it belongs to uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return f"its mode is {stat.S_IMODE(st.st_mode):o}"
+    return None
+
+
+@dataclass(frozen=True)
+class StagingRef:
+    """How a worker process finds a staging folder: its path, and its device and inode
+    to check it found the same folder."""
+
+    path: str
+    device: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file the restore created (once, with ``O_EXCL``) in a staging folder: the worker
+    writing it checks it opened that very inode."""
+
+    staging: StagingRef
+    name: str
+    device: int
+    inode: int
+
+
+# Staging folders by identity: in the parent, the descriptors its worker threads share;
+# in a worker process, the ones it opened (and checked).
+_stagings: dict[tuple[int, int], int] = {}
+_stagings_lock = threading.Lock()
+
+
+def share_staging(ref: StagingRef, fd: int) -> None:
+    with _stagings_lock:
+        _stagings[(ref.device, ref.inode)] = fd
+
+
+def unshare_staging(ref: StagingRef) -> None:
+    with _stagings_lock:
+        _stagings.pop((ref.device, ref.inode), None)
+
+
+def staging_fd(ref: StagingRef) -> int:
+    """This process's descriptor of the staging folder ``ref``: in a worker process,
+    opened on first use and checked to be the parent's."""
+    key = (ref.device, ref.inode)
+    with _stagings_lock:
+        fd = _stagings.get(key)
+        if fd is not None:
+            return fd
+        try:
+            fd = os.open(ref.path, FOLDER_FLAGS)
+        except OSError as exc:
+            raise _staging_moved(ref) from exc
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key:
+            os.close(fd)
+            raise _staging_moved(ref)
+        _stagings[key] = fd
+        return fd
+
+
+def _staging_moved(ref: StagingRef) -> RepositoryError:
+    return RepositoryError(
+        f"the restore's private folder {ref.path} was moved or replaced during the "
+        "restore; run the restore again"
+    )
+
+
+def open_staged(staged: StagedFile) -> int:
+    """Open a staged file for writing: without creating it, without following a symlink,
+    and only if it is the inode the restore created (a hard link planted under its name,
+    or renamed over it, is refused)."""
+    folder = staging_fd(staged.staging)
+    try:
+        # O_NONBLOCK: a fifo put in its place must not hang the worker (it is refused).
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(staged.name, flags, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOENT, errno.EISDIR, errno.ENXIO):
+            raise _replaced() from exc
+        raise
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (staged.device, staged.inode) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _replaced()
+    return fd
+
+
+def _replaced() -> UnsafeTarget:
+    return UnsafeTarget(
+        "its temporary copy was replaced by something else during the restore; nothing was "
+        "written into it"
+    )

@@ -88,6 +88,7 @@ class Checker:
         self.result.errors.extend(str(e) for e in errors)
         self.result.snapshots = len(snapshots)
         seen: set[bytes] = set()
+        shapes: dict[bytes, fmt.TreeShape] = {}
         todo = [(snap.tree, f"snapshot {name[:8]}") for name, snap in snapshots]
         while todo:
             tree_id, where = todo.pop()
@@ -109,6 +110,7 @@ class Checker:
                 self.result.errors.append(f"{exc} (tree of {where})")
                 continue
             self.result.trees += 1
+            shapes[tree_id] = fmt.TreeShape.of(nodes)
             for node in nodes:
                 if node.type == "dir" and node.subtree is not None:
                     todo.append((node.subtree, f"{where}: {node.name}"))
@@ -123,6 +125,17 @@ class Checker:
                         self.result.errors.append(
                             f"blob {blob_id.hex()[:12]} of {node.name!r} is not data"
                         )
+        # Folders may share trees: a snapshot of a few trees can expand to 2^40 entries,
+        # which restore refuses. Each tree is added up once.
+        totals: dict[bytes, tuple[int, int]] = {}
+        for name, snap in snapshots:
+            entries, _ = fmt.expanded_totals(snap.tree, shapes.get, totals)
+            if entries > fmt.MAX_RESTORE_ENTRIES:
+                self.result.errors.append(
+                    f"snapshot {name[:8]} expands to {entries:,} entries when restored (its "
+                    f"folders share subtrees), more than the {fmt.MAX_RESTORE_ENTRIES:,} a "
+                    "restore makes"
+                )
 
     def _read_packs(
         self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]
@@ -155,7 +168,9 @@ class Checker:
         self.result.errors.extend(report.errors)
         self.result.blobs += report.blobs_ok
         if indexed is not None and report.header is not None:
-            ours = {(b.id, b.offset, b.length) for b in report.header}
-            theirs = {(b.id, b.offset, b.length) for b in indexed}
+            # The uncompressed length too: an index that lies about it makes a restore
+            # place the file's next blobs at the wrong offset.
+            ours = {(b.id, b.offset, b.length, b.uncompressed_length) for b in report.header}
+            theirs = {(b.id, b.offset, b.length, b.uncompressed_length) for b in indexed}
             if not theirs <= ours:
                 self.result.errors.append(f"data/{name}: the index does not match the pack header")

@@ -12,7 +12,7 @@ import itertools
 import json
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -244,6 +244,31 @@ def _nonneg_int(value: Any) -> int:
     return value
 
 
+# How many bits each number of a tree node has in restic (Go's types), so a restore never
+# meets one the system cannot take (chown of uid 2^40, mknod of device 2^70). A size is a
+# file offset: at most 2^63 - 1.
+_NODE_INT_BITS = {
+    "mode": 32,
+    "uid": 32,
+    "gid": 32,
+    "inode": 64,
+    "device_id": 64,
+    "size": 63,
+    "links": 64,
+    "device": 64,
+}
+
+
+def _node_int(doc: dict[str, Any], key: str, name: str) -> int:
+    value = _nonneg_int(doc.get(key, 0))
+    if value >> _NODE_INT_BITS[key]:
+        raise FormatError(
+            f"tree node {name!r} has {key} {value}, out of range "
+            f"(at most 2^{_NODE_INT_BITS[key]} - 1)"
+        )
+    return value
+
+
 def _index_blob_json(blob: PackedBlob) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "id": blob.id.hex(),
@@ -414,20 +439,20 @@ class Node:
             node = cls(
                 name=name,
                 type=node_type,
-                mode=_nonneg_int(doc.get("mode", 0)),
+                mode=_node_int(doc, "mode", name),
                 mtime=str(doc.get("mtime", "")),
                 atime=str(doc.get("atime", "")),
                 ctime=str(doc.get("ctime", "")),
-                uid=_nonneg_int(doc.get("uid", 0)),
-                gid=_nonneg_int(doc.get("gid", 0)),
+                uid=_node_int(doc, "uid", name),
+                gid=_node_int(doc, "gid", name),
                 user=str(doc.get("user", "")),
                 group=str(doc.get("group", "")),
-                inode=_nonneg_int(doc.get("inode", 0)),
-                device_id=_nonneg_int(doc.get("device_id", 0)),
-                size=_nonneg_int(doc.get("size", 0)),
-                links=_nonneg_int(doc.get("links", 0)),
+                inode=_node_int(doc, "inode", name),
+                device_id=_node_int(doc, "device_id", name),
+                size=_node_int(doc, "size", name),
+                links=_node_int(doc, "links", name),
                 linktarget=linktarget,
-                device=_nonneg_int(doc.get("device", 0)),
+                device=_node_int(doc, "device", name),
                 content=None
                 if content is None
                 else [parse_id(c, f"content of {name!r}") for c in content],
@@ -442,6 +467,65 @@ class Node:
         if node.type == "dir" and node.subtree is None:
             raise FormatError(f"directory {name!r} has no subtree")
         return node
+
+
+# A restore makes one entry per node of every folder it walks, counting a tree once for
+# each folder that holds it. Folders may share a tree (every empty folder is the same
+# tree), so a few kilobytes of trees can stand for 2^40 entries: restore refuses, and
+# check reports, a snapshot that expands to more than this.
+MAX_RESTORE_ENTRIES = 50_000_000
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What of a tree counts for its expansion: its nodes, the sizes of its files, and
+    the subtree of each of its folders (a repeated one once per folder)."""
+
+    entries: int
+    file_bytes: int
+    subtrees: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, nodes: list[Node]) -> TreeShape:
+        return cls(
+            len(nodes),
+            sum(node.size for node in nodes if node.type == "file"),
+            tuple(node.subtree for node in nodes if node.type == "dir" and node.subtree),
+        )
+
+
+def expanded_totals(
+    root: bytes,
+    shape: Callable[[bytes], TreeShape | None],
+    memo: dict[bytes, tuple[int, int]],
+) -> tuple[int, int]:
+    """Entries and file bytes of tree ``root`` with every folder below it expanded, each
+    shared subtree counted as often as folders hold it. ``shape`` gives a tree's shape, or
+    None for a tree that cannot be read (it counts as empty). Each tree is added up once
+    (``memo``, by tree id), so 2^40 entries take as many steps as there are trees; no
+    recursion (nesting may be thousands deep). Tree ids are hashes of their content, so a
+    tree cannot hold itself."""
+    todo = [root]
+    while todo:
+        tree = todo[-1]
+        if tree in memo:
+            todo.pop()
+            continue
+        found = shape(tree)
+        if found is None:
+            memo[tree] = (0, 0)
+            todo.pop()
+            continue
+        missing = [sub for sub in found.subtrees if sub not in memo]
+        if missing:
+            todo.extend(missing)
+            continue
+        memo[tree] = (
+            found.entries + sum(memo[sub][0] for sub in found.subtrees),
+            found.file_bytes + sum(memo[sub][1] for sub in found.subtrees),
+        )
+        todo.pop()
+    return memo[root]
 
 
 def tree_order(node: Node) -> bytes:
