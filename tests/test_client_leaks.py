@@ -765,3 +765,33 @@ def test_a_password_in_a_rest_url_stays_out_of_messages_and_unit_files(
     failed = cli.run("-r", location, "init", env={"BACKVAULT_RETRY_ATTEMPTS": "1"})
     assert failed.code != 0 and secret not in failed.err + failed.out
     assert "ana:***@127.0.0.1" in failed.err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rest:https://ana:s3cr3t@host/repo/",
+        "rest:https://ana:s3@cr3t@host/repo/",  # an "@" in the password
+        "rest:https://ana:s3 cr3t@host:8000/repo/",  # a space
+    ],
+)
+def test_the_password_of_a_repository_url_is_masked_whatever_it_holds(url: str) -> None:
+    from backvault.storage.rest import without_password
+
+    shown = without_password(f"{url} failed: {url}config")
+    assert "s3" not in shown and "cr3t" not in shown
+    assert shown.count("ana:***@host") == 2
+
+
+def test_a_damaged_vault_state_file_does_not_stop_a_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backvault.client import vault_state
+
+    monkeypatch.setenv("BACKVAULT_CONFIG_DIR", str(tmp_path))
+    for damaged in ('{"vaults": []}', '{"vaults": {"https://v ana": 3}}', "not json"):
+        vault_state.state_path().write_text(damaged)
+        assert vault_state.earlier_attempts("https://v", "ana") == []
+        vault_state.add_attempt("https://v", "ana", "id-1")
+        assert vault_state.earlier_attempts("https://v", "ana") == ["id-1"]
+        assert vault_state.registered_fingerprint("https://v", "ana") is None

@@ -148,9 +148,14 @@ def test_wrong_passwords_count_down_warn_and_end_in_erasure(phone: Cli, tmp_path
     assert "wrong password — 1 attempt left; careful: one more wrong password" in second.err
     third = phone.run("snapshots", env=with_password("nope nope nope"))
     assert "warning: this is the last attempt the vault allows" in third.err
-    assert third.err.strip().endswith(
-        "backvault: the vault has erased this key; restore with your 64-digit key if you have one"
+    assert (
+        third.err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "backvault: the vault has erased this key; restore with your 64-digit key if you have one"
+        )
     )
+    assert "choose a different one" in third.err
     assert third.code == 10
     again = phone.run("snapshots", env=with_password(PASSWORD))
     assert again.code == 10 and "the vault has erased this key" in again.err

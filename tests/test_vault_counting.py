@@ -9,6 +9,8 @@ with a clock of its own over a real database.
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 import sqlite3
 import time
@@ -523,3 +525,133 @@ def test_an_erased_records_sealed_payload_does_not_fit_a_later_record(tmp_path: 
     ke1, _ = client.generate_ke1(PASSWORD)
     with pytest.raises(SealingError):  # the old payload does not open as the new record's
         service.login_start("ana", ke1.to_bytes(), "t")
+
+
+def test_the_legacy_move_keeps_the_count_of_the_record_logged_into_or_nothing(
+    tmp_path: Path,
+) -> None:
+    """Round two of the red team: the owner's client logs in to a legacy record, then (before
+    it registers the record again with keep_count) a token holder deletes or replaces the
+    record, so that the owner's same password would be registered with a fresh count."""
+    legacy = make_legacy_vault(tmp_path)
+    node = make_node(
+        tmp_path / "vault", f"sqlite:///{legacy.db}", "--sealing-key-file", str(legacy.key_file)
+    ).start()
+    try:
+        with (
+            VaultClient(node.url, legacy.token, CONFIG) as owner,
+            VaultClient(node.url, legacy.token, CONFIG) as thief,
+        ):
+            wrong_guesses(thief, 4)
+            logged_in = owner.login(PASSWORD)
+            assert logged_in.legacy_record and logged_in.counted == 4
+            thief.register(b"the thief's own password", wrap)  # between login and move
+            with pytest.raises(VaultRefused) as changed:
+                owner.register(PASSWORD, wrap, keep_count=True, replaces=logged_in.fingerprint)
+            assert changed.value.status == 409 and changed.value.code == "record_changed"
+            thief.delete_record()
+            with pytest.raises(VaultRefused) as gone:
+                owner.register(PASSWORD, wrap, keep_count=True, replaces=logged_in.fingerprint)
+            assert gone.value.code == "record_changed"
+            assert owner.status()["exists"] is False  # nothing was registered
+            with pytest.raises(VaultRefused):
+                owner.register(PASSWORD, wrap, keep_count=True)  # keep_count needs replaces
+    finally:
+        node.stop()
+
+
+def test_the_cap_is_the_accounts_not_the_records(node: VaultNode) -> None:
+    """Erasing, deleting or replacing a record does not reset the cap (14 here): the same
+    password registered again gets only what is left of it."""
+    token = node.add_account("ana")
+    with (
+        VaultClient(node.url, token, CONFIG) as owner,
+        VaultClient(node.url, token, CONFIG) as thief,
+    ):
+        owner.register(PASSWORD, wrap)
+        wrong_guesses(thief, 9)
+        thief.delete_record()
+        owner.register(PASSWORD, wrap)  # the owner turns the password on again
+        status = owner.status()
+        assert status["wrong_guesses_in_window"] == 9 and status["attempts_left"] == 5
+        wrong_guesses(thief, 4)
+        with pytest.raises(VaultRefused) as erased:
+            thief.login(b"a wrong guess")
+        assert erased.value.status == 410  # 14 in all on this password, not 19
+        with pytest.raises(VaultRefused) as refused:
+            owner.register(PASSWORD, wrap)
+        assert refused.value.status == 423 and refused.value.code == "guess_cap_reached"
+        assert "64-digit key" in refused.value.message
+
+
+def test_a_vault_that_accepts_an_unverified_login_is_not_believed(
+    node: VaultNode, tmp_path: Path
+) -> None:
+    """Whoever answers for the vault says "success" to a login the client could not
+    verify (its KE3 is all zeros): the client must not use what it sends."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    token = node.add_account("ana")
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(PASSWORD, wrap)
+
+    class LyingVault(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/login/finish":
+                answer = {
+                    "wrapped_secret": base64.b64encode(b"x" * 61).decode(),
+                    "attempts_left": 10,
+                    "forgiven": 0,
+                    "counted": 0,
+                    "counted_since": None,
+                    "legacy_record": True,
+                    "max_attempts": 10,
+                    "fingerprint": "00" * 32,
+                }
+                data, status = json.dumps(answer).encode(), 200
+            else:
+                real = httpx.post(
+                    node.url + self.path,
+                    content=body,
+                    headers={
+                        "Authorization": self.headers["Authorization"],
+                        "Content-Type": "application/json",
+                    },
+                )
+                data, status = real.content, real.status_code
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LyingVault)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with VaultClient(url, token, CONFIG) as lied_to, pytest.raises(VaultRefused) as caught:
+            lied_to.login(b"not the password")
+        assert caught.value.code == "vault_misbehaved"
+    finally:
+        server.shutdown()
+
+
+def test_the_token_api_shows_networks_and_filters_events(node: VaultNode) -> None:
+    token = node.add_account("ana")
+    with VaultClient(node.url, token, CONFIG) as vc:
+        vc.register(PASSWORD, wrap)
+        wrong_guesses(vc, 1)
+        for _ in range(30):  # uncounted events that could push the failures out of view
+            vc.registration_start(client.create_registration_request(b"x")[0].to_bytes())
+    answer = httpx.get(
+        node.url + "/v1/audit",
+        params=[("limit", "5"), ("event", "login_failed"), ("event", "login_started")],
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()["events"]
+    assert [e["event"] for e in answer] == ["login_started", "login_failed"]
+    assert {e["client"] for e in answer} == {"127.0.0.0/24"}

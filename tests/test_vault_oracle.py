@@ -254,27 +254,53 @@ def test_finish_with_another_starts_handle_is_refused(node: VaultNode) -> None:
 
 
 def test_registrations_in_progress_beyond_the_limit_drop_the_oldest(tmp_path: Path) -> None:
-    """A token holder cannot block the owner's registration by starting many: the oldest
-    give way (a refusal would block the owner's `password change`)."""
+    """A token holder cannot block the owner's registration by starting many: past the
+    limit, the oldest ones from the same address give way (a refusal would block the
+    owner's `password change`), so a flood from elsewhere pushes out only its own."""
     vault = make_node(
         tmp_path / "v",
         f"sqlite:///{tmp_path / 'v.db'}",
         env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "2"},
     ).start()
+
+    def flood_from(address: str, count: int) -> list[int]:
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(transport=transport, timeout=30) as http:
+            return [
+                http.post(
+                    vault.url + "/v1/registration/start",
+                    json={"registration_request": b64(oprf.blind(b"x", group.random_scalar()))},
+                    headers={"Authorization": f"Bearer {token}"},
+                ).status_code
+                for _ in range(count)
+            ]
+
     try:
         token = vault.add_account("alice")
         with VaultClient(vault.url, token, CONFIG) as vc:
             request, state = client.create_registration_request(RIGHT)
-            first = vc.registration_start(request.to_bytes())
-            for _ in range(3):  # the holder's flood
-                vc.registration_start(client.create_registration_request(b"x")[0].to_bytes())
+            first = vc.registration_start(request.to_bytes())  # the owner, from 127.0.0.1
+            assert set(flood_from("127.0.0.2", 10)) == {200}  # the holder, from elsewhere
             record, _ = client.finalize_registration_request(
                 state, RegistrationResponse.from_bytes(first.response), CONFIG
             )
-            with pytest.raises(VaultRefused) as dropped:
-                vc.registration_finish(first.registration_id, record.to_bytes(), SECRET)
-            assert dropped.value.code == "registration_not_found"
-            vc.register(RIGHT, wrap)  # the owner simply starts again, and gets through
+            vc.registration_finish(first.registration_id, record.to_bytes(), SECRET)
             assert vc.login(RIGHT).wrapped_secret == SECRET
+            # From the owner's own address, the oldest of its starts give way.
+            request, state = client.create_registration_request(RIGHT)
+            mine = vc.registration_start(request.to_bytes())
+            for _ in range(2):
+                vc.registration_start(client.create_registration_request(b"x")[0].to_bytes())
+            record, _ = client.finalize_registration_request(
+                state, RegistrationResponse.from_bytes(mine.response), CONFIG
+            )
+            with pytest.raises(VaultRefused) as dropped:
+                vc.registration_finish(mine.registration_id, record.to_bytes(), SECRET)
+            assert dropped.value.code == "registration_not_found"
+            # Many addresses together fill the account's larger limit (2 x 8): then new
+            # starts are refused until they expire, and revoking the token is the remedy.
+            for last in range(3, 11):
+                flood_from(f"127.0.0.{last}", 2)
+            assert flood_from("127.0.0.11", 1) == [429]  # a device with none of its own
     finally:
         vault.stop()

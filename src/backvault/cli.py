@@ -303,7 +303,11 @@ def vault_failure(exc: Exception, vault: VaultSettings) -> NoReturn:
     raise exc
 
 
-ERASED_MESSAGE = "the vault has erased this key; restore with your 64-digit key if you have one"
+ERASED_MESSAGE = (
+    "the vault has erased this key; restore with your 64-digit key if you have one. If you "
+    "turn the password on again, choose a different one: the guesses made against this one "
+    "may have narrowed it down"
+)
 
 
 def report_legacy_upgrade(ctx: Context, recovery: Any) -> None:

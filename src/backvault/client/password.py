@@ -193,6 +193,7 @@ class PasswordSlots:
                         lambda export_key: wrap_slot_secret(export_key, secret, self.vault.account),
                         result.max_attempts or None,
                         keep_count=True,
+                        replaces=result.fingerprint,
                     )
                 vault_state.remember_registration(
                     self.vault.url, self.vault.account, registration.fingerprint

@@ -57,6 +57,7 @@ class LoginFinished:
     counted_since: float | None
     legacy_record: bool = False  # register again (same password, keep_count) to move it
     max_attempts: int = 0
+    fingerprint: str = ""  # of the record this login opened
 
     def __repr__(self) -> str:
         return f"LoginFinished(attempts_left={self.attempts_left}, counted={self.counted})"
@@ -72,6 +73,7 @@ class LoginResult:
     counted_since: float | None
     legacy_record: bool = False
     max_attempts: int = 0
+    fingerprint: str = ""
 
     def __repr__(self) -> str:
         return (
@@ -151,6 +153,7 @@ class VaultClient:
         wrapped_secret: bytes,
         max_attempts: int | None = None,
         keep_count: bool = False,
+        replaces: str | None = None,
     ) -> str:
         """Store the record; returns the fingerprint the vault computed for it."""
         body: dict[str, Any] = {
@@ -162,6 +165,7 @@ class VaultClient:
             body["max_attempts"] = max_attempts
         if keep_count:
             body["keep_count"] = True
+            body["replaces"] = replaces
         return str(self._call("POST", "/v1/registration/finish", body)["fingerprint"])
 
     def login_start(self, ke1: bytes) -> tuple[str, bytes]:
@@ -184,6 +188,7 @@ class VaultClient:
             doc.get("counted_since"),
             bool(doc.get("legacy_record", False)),
             int(doc.get("max_attempts", 0)),
+            str(doc.get("fingerprint", "")),
         )
 
     def status(self) -> dict[str, Any]:
@@ -203,17 +208,24 @@ class VaultClient:
         wrap: Any,
         max_attempts: int | None = None,
         keep_count: bool = False,
+        replaces: str | None = None,
     ) -> Registration:
         """Register ``password``; ``wrap(export_key) -> bytes`` makes the wrapped secret.
         Returns the export key (for the caller to forget) and the record's fingerprint.
         A vault that stores something else than the record made here is refused.
-        ``keep_count``: a replaced record's count carries over (see the vault API)."""
+        ``keep_count``: the replaced record's count carries over; ``replaces`` names that
+        record (its fingerprint), and the vault refuses if it is not the one there."""
         request, state = client.create_registration_request(password)
         started = self.registration_start(request.to_bytes())
         response = RegistrationResponse.from_bytes(started.response)
         record, export_key = client.finalize_registration_request(state, response, self.config)
         stored = self.registration_finish(
-            started.registration_id, record.to_bytes(), wrap(export_key), max_attempts, keep_count
+            started.registration_id,
+            record.to_bytes(),
+            wrap(export_key),
+            max_attempts,
+            keep_count,
+            replaces,
         )
         if not hmac.compare_digest(stored, record.fingerprint()):
             raise VaultRefused(
@@ -246,6 +258,15 @@ class VaultClient:
             # Tell the vault this attempt is over; it fails and reports what is left.
             ke3, export_key = bytes(64), b""
         done = self.login_finish(login_id, ke3, earlier_login_ids)
+        if not export_key:
+            # A real vault never accepts a KE3 of zeros: whoever answered is not the vault
+            # the client registered with, and what it sent must not be used.
+            raise VaultRefused(
+                502,
+                "vault_misbehaved",
+                "the vault accepted a login that this client could not verify; it is not "
+                "behaving as a vault: nothing it sent was used",
+            )
         return LoginResult(
             done.wrapped_secret,
             export_key,
@@ -255,4 +276,5 @@ class VaultClient:
             done.counted_since,
             done.legacy_record,
             done.max_attempts,
+            done.fingerprint,
         )

@@ -53,9 +53,14 @@ def _save(doc: dict[str, Any]) -> None:
 
 
 def _section(doc: dict[str, Any], url: str, account: str) -> dict[str, Any]:
-    entries = doc.setdefault("vaults", {})
-    section = entries.setdefault(_entry(url, account), {})
-    assert isinstance(section, dict)
+    """This vault account's part of the file; a part that is not what this module writes
+    (edited by hand, damaged) starts again empty rather than stopping a login."""
+    if not isinstance(doc.get("vaults"), dict):
+        doc["vaults"] = {}
+    entries = doc["vaults"]
+    if not isinstance(entries.get(_entry(url, account)), dict):
+        entries[_entry(url, account)] = {}
+    section: dict[str, Any] = entries[_entry(url, account)]
     return section
 
 
@@ -76,7 +81,9 @@ def registered_fingerprint(url: str, account: str) -> str | None:
 
 def forget_registration(url: str, account: str) -> None:
     doc = _load()
-    doc.get("vaults", {}).pop(_entry(url, account), None)
+    vaults = doc.get("vaults")
+    if isinstance(vaults, dict):
+        vaults.pop(_entry(url, account), None)
     _save(doc)
 
 

@@ -26,7 +26,8 @@ from .base import (
 V2 = "application/vnd.x.restic.rest.v2"
 
 
-_USERINFO = re.compile(r"(//[^/@\s:]*):[^/@\s]*@")
+# The password runs to the LAST "@" before the path: it may itself hold "@" or spaces.
+_USERINFO = re.compile(r"(//[^/@\s:]*):[^/]*@")
 
 
 def without_password(text: str) -> str:

@@ -28,9 +28,12 @@ from .accounts import TokenVerifier
 from .ratelimit import RateLimiter
 from .service import (
     BadRequest,
+    GuessCapReached,
     LoginNotFound,
     NoAttemptsLeft,
+    RecordChanged,
     RegistrationNotFound,
+    TooManyRegistrations,
     VaultError,
     VaultService,
     WrongPassword,
@@ -81,7 +84,13 @@ class RegistrationFinishIn(Strict):
         default=False,
         description="When this replaces a live record, keep its count and attempt history "
         "(a client moving its record to a fresh credential identifier under the same "
-        "password)",
+        "password); needs replaces",
+    )
+    replaces: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="With keep_count: the fingerprint of the record this client logged into; "
+        "409 record_changed if the account holds another record (or none) by now",
     )
 
 
@@ -124,6 +133,7 @@ class LoginFinishOut(Strict):
         "again (same password, keep_count) to move it to a fresh one"
     )
     max_attempts: int
+    fingerprint: str = Field(description="Of the record this login opened")
 
 
 class StatusOut(Strict):
@@ -183,7 +193,7 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 410, 413, 422, 423, 429, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 422, 423, 429, 503)
 }
 
 
@@ -366,6 +376,9 @@ def create_app(
             NoAttemptsLeft: 423,
             LoginNotFound: 404,
             RegistrationNotFound: 404,
+            RecordChanged: 409,
+            GuessCapReached: 423,
+            TooManyRegistrations: 429,
         }.get(type(exc), 400)
         return _error(status, exc.code, str(exc))
 
@@ -459,6 +472,7 @@ def create_app(
             client_of(request),
             body.max_attempts,
             body.keep_count,
+            body.replaces,
         )
         return RegistrationFinishOut(fingerprint=fingerprint)
 
@@ -490,6 +504,7 @@ def create_app(
             counted_since=done.counted_since,
             legacy_record=done.legacy_record,
             max_attempts=done.max_attempts,
+            fingerprint=done.fingerprint,
         )
 
     @app.get("/v1/record", response_model=StatusOut, tags=["record"])
@@ -507,9 +522,20 @@ def create_app(
     def audit_log(
         name: Account,
         limit: Annotated[int, Query(ge=1, le=10000, description="Most recent events")] = 1000,
+        event: Annotated[
+            list[str] | None,
+            Query(max_length=20, description="Only these kinds of event (repeatable)"),
+        ] = None,
     ) -> AuditOut:
-        """Every registration and login attempt on the account's record, oldest first."""
-        return AuditOut(events=[AuditEvent(**e) for e in service.audit_log(name, limit)])
+        """Every registration and login attempt on the account's record, oldest first.
+        Client addresses are shown as networks (IPv4 /24, IPv6 /48): whoever holds the
+        account token reads this too."""
+        return AuditOut(
+            events=[
+                AuditEvent(**{**e, "client": truncated_address(e["client"])})
+                for e in service.audit_log(name, limit, event or ())
+            ]
+        )
 
     if serve_metrics:
 

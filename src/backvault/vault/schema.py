@@ -95,6 +95,9 @@ registrations = sa.Table(
     sa.Column("sealed_state", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
+    # Who started it (the address, truncated if the vault truncates addresses): a flood
+    # of starts from one place pushes out only that place's own registrations.
+    sa.Column("client", sa.String(64), nullable=False, server_default=""),
 )
 
 # Every login attempt on a record, kept while the record lives: what a success may

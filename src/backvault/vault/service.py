@@ -62,6 +62,10 @@ LEGACY_FORMAT = 1  # OPRF key derived from the account name (records made before
 CURRENT_FORMAT = 2  # the record's own random credential identifier, sealed with it
 _PAYLOAD_V2 = b"\x02"
 
+# Registrations in progress an account may have in all, as a multiple of those one address
+# may have (max_pending_registrations).
+ACCOUNT_REGISTRATION_FACTOR = 8
+
 PENDING, FAILED, EXPIRED, SUCCEEDED = "pending", "failed", "expired", "succeeded"
 
 
@@ -89,6 +93,18 @@ class RegistrationNotFound(VaultError):
 
 class NoRecord(VaultError):
     code = "no_record"
+
+
+class RecordChanged(VaultError):
+    code = "record_changed"
+
+
+class TooManyRegistrations(VaultError):
+    code = "too_many_registrations"
+
+
+class GuessCapReached(VaultError):
+    code = "guess_cap_reached"
 
 
 class NoSuchAccount(VaultError):
@@ -139,6 +155,7 @@ class LoginSucceeded:
     # register it again (same password, count kept) to move it to a fresh one.
     legacy_record: bool = False
     max_attempts: int = 0
+    fingerprint: str = ""  # of the record this login opened
 
     def __repr__(self) -> str:
         return f"LoginSucceeded(attempts_left={self.attempts_left}, counted={self.counted})"
@@ -503,6 +520,7 @@ class VaultService:
                 row.sealed_payload, self._record_purpose(old, row.generation)
             )
             conn.execute(logins.delete().where(logins.c.account == old))
+            self._expire_pending_attempts(conn, old)  # their logins are gone; still counted
             conn.execute(registrations.delete().where(registrations.c.account == old))
             conn.execute(attempts.update().where(attempts.c.account == old).values(account=new))
             conn.execute(
@@ -623,6 +641,9 @@ class VaultService:
             payload[RECORD_SIZE:],
         )
 
+    def _fingerprint_of(self, row: Any) -> str:
+        return str(row.fingerprint or self._open_record(row).record.fingerprint())
+
     def _live_logins(self, conn: Connection, account: str, generation: int, now: float) -> int:
         return int(
             conn.execute(
@@ -636,18 +657,18 @@ class VaultService:
             ).scalar_one()
         )
 
-    def _guesses_in_window(
-        self, conn: Connection, account: str, generation: int, now: float
-    ) -> int:
-        """Attempts on this record within the cap's window that were not successes
-        (pending ones included, so the cap is exact), forgiven or not."""
+    def _guesses_in_window(self, conn: Connection, account: str, now: float) -> int:
+        """Attempts on the account within the cap's window that were not successes
+        (pending ones included, so the cap is exact), forgiven or not, on this record or an
+        earlier one: deleting, erasing or replacing a record does not reset the cap (a
+        token holder could otherwise do so, and the owner may register the same password
+        again)."""
         return int(
             conn.execute(
                 sa.select(sa.func.count())
                 .select_from(attempts)
                 .where(
                     attempts.c.account == account,
-                    attempts.c.generation == generation,
                     attempts.c.outcome != SUCCEEDED,
                     attempts.c.started_at >= now - self.guess_cap_days * 86400,
                 )
@@ -666,10 +687,19 @@ class VaultService:
         )
 
     def _forget_record(self, conn: Connection, account: str) -> None:
+        """The record and its pending logins go; its attempts stay (as history the cap
+        counts, until they leave its window), the pending ones ended as expired."""
         conn.execute(records.delete().where(records.c.account == account))
         conn.execute(logins.delete().where(logins.c.account == account))
-        conn.execute(attempts.delete().where(attempts.c.account == account))
+        self._expire_pending_attempts(conn, account)
         conn.info["erased"] = True
+
+    def _expire_pending_attempts(self, conn: Connection, account: str) -> None:
+        conn.execute(
+            attempts.update()
+            .where(attempts.c.account == account, attempts.c.outcome == PENDING)
+            .values(outcome=EXPIRED, ended_at=self.clock())
+        )
 
     def _erase(self, conn: Connection, account: str, client: str, why: str) -> None:
         self._forget_record(conn, account)
@@ -684,7 +714,7 @@ class VaultService:
             .where(logins.c.account == row.account, logins.c.expires_at < now)
             .returning(logins.c.id, logins.c.generation, logins.c.client)
         ).all()
-        in_window = self._guesses_in_window(conn, row.account, row.generation, now)
+        in_window = self._guesses_in_window(conn, row.account, now)
         for login_key, generation, client in expired:
             if generation == row.generation:
                 self._end_attempt(conn, login_key, EXPIRED, now)
@@ -728,16 +758,30 @@ class VaultService:
                     registrations.c.account == account, registrations.c.expires_at < now
                 )
             )
-            # Past the limit the oldest give way: refusing instead would let a token holder
-            # block the owner's `password change`, the very remedy against a token holder.
-            oldest = (
+            # Past the limit, the oldest registrations started from the same address give
+            # way: a flood then pushes out only its own (refusing would let a token holder
+            # block the owner's `password change`, the very remedy against a token holder).
+            # Many addresses together can still fill the account's larger limit: revoking
+            # the token is the remedy then.
+            mine = (
                 sa.select(registrations.c.id)
-                .where(registrations.c.account == account)
+                .where(registrations.c.account == account, registrations.c.client == client[:64])
                 .order_by(registrations.c.created_at.desc(), registrations.c.id)
                 .offset(self.max_pending_registrations - 1)
                 .scalar_subquery()
             )
-            conn.execute(registrations.delete().where(registrations.c.id.in_(oldest)))
+            conn.execute(registrations.delete().where(registrations.c.id.in_(mine)))
+            pending = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(registrations)
+                .where(registrations.c.account == account)
+            ).scalar_one()
+            if pending >= self.max_pending_registrations * ACCOUNT_REGISTRATION_FACTOR:
+                raise TooManyRegistrations(
+                    f"{pending} registrations of this account are in progress from elsewhere; "
+                    f"retry within {self.registration_ttl:g} s, or ask the service to revoke "
+                    "the account token if they are not yours"
+                )
             conn.execute(
                 registrations.insert().values(
                     id=key,
@@ -747,6 +791,7 @@ class VaultService:
                     ),
                     created_at=now,
                     expires_at=now + self.registration_ttl,
+                    client=client[:64],
                 )
             )
             self._audit(conn, account, "registration_started", client)
@@ -764,6 +809,7 @@ class VaultService:
         client: str,
         max_attempts: int | None = None,
         keep_count: bool = False,
+        replaces: str | None = None,
     ) -> str:
         """Store the record under the credential identifier of the start that gave out
         ``registration_id`` (single use). Returns the record's fingerprint.
@@ -771,7 +817,12 @@ class VaultService:
         ``keep_count``: when this replaces a live record, the new one inherits its count
         and its attempt history (what the cap counts) — for a client that moves a record to
         a fresh credential identifier under the same password, which must not hand anyone
-        fresh guesses. Keeping a count can only make the vault stricter."""
+        fresh guesses. Keeping a count can only make the vault stricter. It needs
+        ``replaces``, the fingerprint of the record the client logged into: if the record
+        is gone or another one by now (a token holder deleted or replaced it meanwhile, to
+        have the same password registered with a fresh count), nothing is registered."""
+        if keep_count and not replaces:
+            raise BadRequest("keep_count needs replaces: the fingerprint of the record")
         try:
             parsed = RegistrationRecord.from_bytes(record)
         except InvalidMessageError as exc:
@@ -801,12 +852,28 @@ class VaultService:
                     credential_id = self.sealer.open(
                         pending.sealed_state, self._registration_purpose(account, key)
                     )
+                    in_window = self._guesses_in_window(conn, account, now)
+                    if in_window >= self.guess_cap:
+                        raise GuessCapReached(
+                            f"this account has had {in_window} wrong password guesses within "
+                            f"{self.guess_cap_days:g} days, the most the vault allows; a password "
+                            "can be registered again once older guesses leave that window "
+                            "(open the repository with your 64-digit key meanwhile)"
+                        )
                     # A new record's generation starts at random, so that a sealed payload from
                     # an erased record's past (a database backup) never fits a later record.
                     generation = (
                         (row.generation + 1) if row is not None else 1 + secrets.randbelow(2**30)
                     )
                     carried = keep_count and row is not None
+                    if keep_count and (
+                        row is None
+                        or not hmac.compare_digest(self._fingerprint_of(row), str(replaces))
+                    ):
+                        raise RecordChanged(
+                            "the record changed since this client logged in (deleted or "
+                            "replaced); nothing was registered"
+                        )
 
                     sealed = self.sealer.seal(
                         _PAYLOAD_V2 + credential_id + record + wrapped_secret,
@@ -838,7 +905,10 @@ class VaultService:
                         if carried:
                             conn.execute(
                                 attempts.update()
-                                .where(attempts.c.account == account)
+                                .where(
+                                    attempts.c.account == account,
+                                    attempts.c.generation == row.generation,
+                                )
                                 .values(
                                     generation=generation,
                                     outcome=sa.case(
@@ -848,7 +918,7 @@ class VaultService:
                                 )
                             )
                         else:
-                            conn.execute(attempts.delete().where(attempts.c.account == account))
+                            self._expire_pending_attempts(conn, account)
                         conn.info["erased"] = True  # the old record's sealed bytes
                     self._audit(
                         conn,
@@ -886,7 +956,7 @@ class VaultService:
             row = self._lock_record(conn, account)
             if row is not None and self._expire_and_maybe_erase(conn, row, now):
                 row = None
-            in_window = self._guesses_in_window(conn, account, row.generation, now) if row else 0
+            in_window = self._guesses_in_window(conn, account, now) if row else 0
             if row is None:
                 ke2, state = self._fake_ke2(account, parsed)
                 generation = -1
@@ -1008,7 +1078,7 @@ class VaultService:
             elif login.expires_at < now:
                 if row is not None and login.generation == row.generation:
                     self._end_attempt(conn, login_key, EXPIRED, now)
-                    in_window = self._guesses_in_window(conn, account, row.generation, now)
+                    in_window = self._guesses_in_window(conn, account, now)
                     self._audit(
                         conn,
                         account,
@@ -1036,7 +1106,7 @@ class VaultService:
                     outcome = WrongPassword(None, False)
                 else:
                     self._end_attempt(conn, login_key, FAILED, now)
-                    in_window = self._guesses_in_window(conn, account, row.generation, now)
+                    in_window = self._guesses_in_window(conn, account, now)
                     left = self._attempts_left(row, row.attempts_used, in_window)
                     self._audit(conn, account, "login_failed", client, left)
                     erased = self._expire_and_maybe_erase(conn, row, now)
@@ -1056,7 +1126,8 @@ class VaultService:
         now: float,
     ) -> LoginSucceeded:
         account = row.account
-        secret = self._open_record(row).wrapped_secret
+        opened = self._open_record(row)
+        secret = opened.wrapped_secret
         conn.execute(
             attempts.update()
             .where(attempts.c.id == _handle_digest(login_id))
@@ -1090,7 +1161,7 @@ class VaultService:
                 attempts.c.outcome != SUCCEEDED,
             )
         ).scalar_one()
-        in_window = self._guesses_in_window(conn, account, row.generation, now)
+        in_window = self._guesses_in_window(conn, account, now)
         left = self._attempts_left(row, used, in_window)
         self._audit(
             conn,
@@ -1108,6 +1179,7 @@ class VaultService:
             counted_since,
             row.credential_format == LEGACY_FORMAT,
             int(row.max_attempts),
+            opened.record.fingerprint(),
         )
 
     # --- status, audit, delete, sweeping -------------------------------------------------
@@ -1130,7 +1202,7 @@ class VaultService:
                     .values(fingerprint=fingerprint)
                 )
             pending = self._live_logins(conn, account, row.generation, now)
-            in_window = self._guesses_in_window(conn, account, row.generation, now)
+            in_window = self._guesses_in_window(conn, account, now)
             counted_since = conn.execute(
                 sa.select(sa.func.min(attempts.c.started_at)).where(
                     attempts.c.account == account,
@@ -1156,14 +1228,16 @@ class VaultService:
                 self.guess_cap_days,
             )
 
-    def audit_log(self, account: str, limit: int = 1000) -> list[dict[str, Any]]:
+    def audit_log(
+        self, account: str, limit: int = 1000, events: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The most recent ``limit`` events (of the kinds in ``events``, if given), oldest
+        first."""
+        query = sa.select(audit).where(audit.c.account == account)
+        if events:
+            query = query.where(audit.c.event.in_(list(events)))
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(audit)
-                .where(audit.c.account == account)
-                .order_by(audit.c.id.desc())
-                .limit(limit)
-            ).all()
+            rows = conn.execute(query.order_by(audit.c.id.desc()).limit(limit)).all()
         return [
             {
                 "at": r.at,
@@ -1190,12 +1264,21 @@ class VaultService:
         now = self.clock()
         with self.engine.begin() as conn:
             conn.execute(registrations.delete().where(registrations.c.expires_at < now))
-            # Attempts that no longer count for anything: forgiven or successful, and out
-            # of the cap's window. Unforgiven ones stay while their record lives.
+            # Attempts that no longer count for anything: out of the cap's window, and
+            # forgiven, successful or an earlier record's. Unforgiven ones of the current
+            # record stay while it lives (its count holds them).
             conn.execute(
                 attempts.delete().where(
-                    sa.or_(attempts.c.forgiven.is_(True), attempts.c.outcome == SUCCEEDED),
                     attempts.c.started_at < now - self.guess_cap_days * 86400,
+                    sa.or_(
+                        attempts.c.forgiven.is_(True),
+                        attempts.c.outcome == SUCCEEDED,
+                        # an earlier record's: it counts for nothing out of the window
+                        ~sa.exists().where(
+                            records.c.account == attempts.c.account,
+                            records.c.generation == attempts.c.generation,
+                        ),
+                    ),
                 )
             )
         with self.engine.connect() as conn:
