@@ -523,7 +523,7 @@ def create_app(
         name: Account,
         limit: Annotated[int, Query(ge=1, le=10000, description="Most recent events")] = 1000,
         event: Annotated[
-            list[str] | None,
+            list[Annotated[str, Field(pattern=r"^[a-z_]{1,32}$")]] | None,
             Query(max_length=20, description="Only these kinds of event (repeatable)"),
         ] = None,
     ) -> AuditOut:
