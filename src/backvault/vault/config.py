@@ -54,7 +54,7 @@ class VaultSettings:
     max_attempts: int = 10
     login_ttl: float = 60.0
     registration_ttl: float = 600.0
-    guess_cap: int = 30  # wrong guesses per record within guess_cap_days, across successes
+    guess_cap: int = 30  # attempts not successes per account within guess_cap_days, across records
     guess_cap_days: float = 365.0
     max_pending_registrations: int = 8  # per account
     opaque_context: str = "backvault OPAQUE-3DH ristretto255-SHA512 v1"
