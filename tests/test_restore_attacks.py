@@ -777,3 +777,168 @@ def test_a_restore_stopped_half_way_leaves_no_partial_file_and_says_what_is_left
     again = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
     assert again.code == 1 and len(again.err.strip().splitlines()) == 1, again.err
     assert ".backvault-restore-0123456789abcdef" in again.err and "was killed" in again.err
+
+
+# --- round two: the private folder is private, whatever the target's ACLs --------------
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def acl_granting(uid: int) -> bytes:
+    """The ``system.posix_acl_*`` value of ``setfacl -m u:<uid>:rwx`` (the kernel's
+    format: version 2, then tag, permissions and id of each entry, in tag order)."""
+    import struct
+
+    entries = [
+        (ACL_USER_OBJ, 7, _NO_ID),
+        (ACL_USER, 7, uid),
+        (ACL_GROUP_OBJ, 5, _NO_ID),
+        (ACL_MASK, 7, _NO_ID),
+        (ACL_OTHER, 5, _NO_ID),
+    ]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def attacker_reaches(folder: Path) -> list[str]:
+    """What uid 65534, in a real process of its own, manages in ``folder``."""
+    probe = r"""
+import os, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+folder = sys.argv[1]
+for what, act in (("list", lambda: os.listdir(folder)),
+                  ("create", lambda: os.close(os.open(os.path.join(folder, "planted"),
+                                                      os.O_CREAT | os.O_WRONLY, 0o600)))):
+    try:
+        act()
+        print(what)
+    except OSError:
+        pass
+"""
+    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@needs_root
+@pytest.mark.parametrize("file_system", ["acl-passthrough", "mode-ignored"])
+def test_the_private_folder_is_private_despite_a_default_acl_on_the_target(
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch, file_system: str
+) -> None:
+    """The target carries a default ACL granting uid 65534 rwx (``setfacl -d -m
+    u:nobody:rwx``). On a file system whose ACL inheritance ignores the create mode (ZFS
+    with aclinherit=passthrough: simulated by giving every new folder that ACL with an
+    rwx mask), or one that makes folders 0777, the private folder and the folders made in
+    it were open to 65534 while the restore worked in them. Each is checked by a real
+    process as 65534 the moment the restore made it, and again for a folder made inside
+    before it is renamed into place."""
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.folder("docs", [h.file("a.txt", b"a\n")]), h.file("b", b"b\n")])
+    target = open_dir / "target"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    try:
+        os.setxattr(target, "system.posix_acl_default", acl_granting(ATTACKER))
+    except OSError as exc:
+        pytest.skip(f"this file system keeps no POSIX ACLs ({exc.strerror})")
+    real_mkdir = os.mkdir
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+        try:
+            if file_system == "acl-passthrough":
+                os.setxattr(fd, "system.posix_acl_access", acl_granting(ATTACKER))
+            else:
+                os.fchmod(fd, 0o777)
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    reached: dict[str, list[str]] = {}
+    real_staging_for = Restorer._staging_for
+    real_move_in = Restorer._move_in
+
+    def staging_for(self: Restorer, folder: Any) -> Any:
+        staging = real_staging_for(self, folder)
+        reached.setdefault("private folder", attacker_reaches(Path(staging.shared.path)))
+        return staging
+
+    def move_in(self: Restorer, staging: Any, tmp: str, *args: Any, **kwargs: Any) -> Any:
+        reached["folder made in it"] = attacker_reaches(Path(staging.shared.path) / tmp)
+        return real_move_in(self, staging, tmp, *args, **kwargs)
+
+    monkeypatch.setattr(Restorer, "_staging_for", staging_for)
+    monkeypatch.setattr(Restorer, "_move_in", move_in)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    assert reached == {"private folder": [], "folder made in it": []}
+    assert outcome.damaged == []
+    assert (target / "docs" / "a.txt").read_bytes() == b"a\n"
+    assert sorted(os.listdir(target)) == ["b", "docs"]
+
+
+def test_a_private_folder_the_file_system_keeps_open_to_others_stops_the_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that keeps folders 0755 whatever is asked (vfat-like mount options:
+    simulated by folders made 0755 and a chmod that changes nothing) cannot hold a
+    private folder: the restore stops with one line before anything is written."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot([h.file("a.txt", b"a\n")])
+    real_mkdir = os.mkdir
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        os.chmod(path, 0o755, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: None)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(RepositoryError) as raised:
+        Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    message = str(raised.value)
+    assert "\n" not in message and "keeps mode 755" in message, message
+    assert os.listdir(target) == []
+
+
+# --- round two: fifos, device nodes and symlinks get metadata only if they are the ones made
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_an_entry_swapped_in_the_private_folder_is_not_given_the_snapshots_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The moment the fifo (or symlink) is made in the private folder, a hard link of an
+    outside root-only file takes its name (simulated in the creation step itself: how it
+    got there does not matter). Before the fix the restore chown'ed it to the snapshot's
+    owner (65534), chmod'ed it 0666 and set its times, by name."""
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    common = {"uid": ATTACKER, "gid": ATTACKER, "mtime": "2001-02-03T04:05:06Z"}
+    if kind == "fifo":
+        node = {"name": "pipe", "type": "fifo", "mode": fmt.GO_MODE_NAMED_PIPE | 0o666}
+    else:
+        node = {**link("pipe", "anywhere")}
+    snapshot_id = h.snapshot([{**node, **common}, h.file("plain", b"plain\n")])
+    os.chmod(world.victim, 0o600)
+    before = world.digest()
+    real = os.mkfifo if kind == "fifo" else os.symlink
+
+    def make_then_swap(*args: Any, dir_fd: int | None = None, **kwargs: Any) -> None:
+        real(*args, dir_fd=dir_fd, **kwargs)
+        name = args[0] if kind == "fifo" else args[1]
+        os.unlink(name, dir_fd=dir_fd)
+        os.link(world.victim, name, dst_dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkfifo" if kind == "fifo" else "symlink", make_then_swap)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    outcome = Restorer(repo, world.target).run(repo.find_snapshot(snapshot_id)[1])
+    monkeypatch.undo()
+    assert world.digest() == before
+    assert [path for path, _ in outcome.damaged] == ["/pipe"], outcome.damaged
+    assert "replaced" in outcome.damaged[0][1]
+    assert sorted(os.listdir(world.target)) == ["plain"]

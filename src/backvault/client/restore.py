@@ -60,12 +60,14 @@ from .progress import NoProgress, Progress
 from .target_folders import (
     FOLDER_FLAGS,
     FolderRef,
+    NotPrivate,
     StagedFile,
     StagingRef,
     TargetFolders,
     UnsafeTarget,
     open_staged,
     open_target,
+    make_private,
     others_can_change,
     share_staging,
     unshare_staging,
@@ -394,20 +396,27 @@ class Restorer:
         if staging is not None:
             return staging
         name = f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
         with self._target_folders.folder(folder.ref) as parent:
             os.mkdir(name, 0o700, dir_fd=parent)
             fd = os.open(name, FOLDER_FLAGS, dir_fd=parent)
+            # Between mkdir and open someone who can write the folder could put another in
+            # its place: only this user (or root) can own one, and it must be empty. A
+            # default ACL of the target, or a file system that ignores the create mode,
+            # could let others in: it is made 0700 without ACLs, and checked to be.
+            try:
+                if os.listdir(fd):
+                    raise NotPrivate(
+                        f"the restore's private folder {path} is not empty: another user "
+                        "replaced it"
+                    )
+                make_private(fd, self.euid, path)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=parent)
+                raise
         st = os.fstat(fd)
-        path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
-        # Between mkdir and open someone who can write the folder could put another in its
-        # place; only this user (or root) can own one, and it must be empty.
-        if st.st_uid != self.euid or os.listdir(fd):
-            os.close(fd)
-            raise RepositoryError(
-                f"the restore's private folder {path} belongs to uid {st.st_uid} or is not "
-                "empty: another user replaced it, or the file system does not keep owners "
-                "(then restore as the user that owns the target)"
-            )
         shared = StagingRef(path, st.st_dev, st.st_ino)
         staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared)
         share_staging(shared, fd)
@@ -600,6 +609,9 @@ class Restorer:
                 os.mkdir(tmp, 0o700, dir_fd=staging.fd)
                 fd = os.open(tmp, FOLDER_FLAGS, dir_fd=staging.fd)
                 try:
+                    # 0700 and no ACL until everything in it is in place (its own mode
+                    # is set then).
+                    make_private(fd, self.euid, f"{staging.shared.path}/{tmp}")
                     aside = self._move_in(staging, tmp, parent_fd, name, existing is not None)
                 except BaseException:
                     os.close(fd)
@@ -755,14 +767,17 @@ class Restorer:
             if node.type == "symlink":
                 # Where it points is data (it may well point outside the target); nothing
                 # is ever written through it.
+                kind = stat_module.S_IFLNK
                 os.symlink(node.linktarget, tmp, dir_fd=staging.fd)
             elif node.type == "fifo":
+                kind = stat_module.S_IFIFO
                 os.mkfifo(tmp, 0o600, dir_fd=staging.fd)
             else:
                 kind = stat_module.S_IFCHR if node.type == "chardev" else stat_module.S_IFBLK
                 os.mknod(tmp, kind | 0o600, node.device, dir_fd=staging.fd)
             try:
-                self._set_staged_metadata(staging.fd, tmp, node, path)
+                created = self._check_created(staging.fd, tmp, kind, node)
+                self._set_staged_metadata(staging.fd, tmp, node, path, created)
                 self._place(staging, tmp, folder, name)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -944,10 +959,8 @@ class Restorer:
                 try:
                     # By name: the staging folder is private, and the inode may already
                     # have a mode this user cannot open it with.
-                    st = os.stat(tmp, dir_fd=staging.fd, follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) != (first.staged.device, first.staged.inode):
-                        raise _copy_replaced()
-                    self._set_staged_metadata(staging.fd, tmp, node, path)
+                    identity = (first.staged.device, first.staged.inode)
+                    self._set_staged_metadata(staging.fd, tmp, node, path, identity)
                     self._place(staging, tmp, folder, node.name)
                 except BaseException:
                     with contextlib.suppress(OSError):
@@ -1031,23 +1044,64 @@ class Restorer:
         if problems:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
 
-    def _set_staged_metadata(self, staging_fd: int, name: str, node: Node, path: str) -> None:
-        """Owner, mode and times of a symlink, fifo or device node just made in the
-        staging folder. By name: no one else can put anything there (and a symlink's
-        owner and times are set without following it)."""
-        problems: list[str] = []
-        if self.is_root:
-            _attempt(
-                problems, os.chown, name, node.uid, node.gid,
-                dir_fd=staging_fd, follow_symlinks=False,
-            )  # fmt: skip
-        if node.type != "symlink":
-            _attempt(problems, os.chmod, name, self._mode(node, path, False), dir_fd=staging_fd)
-        times = _times(node, problems)
-        if times is not None:
-            _attempt(problems, os.utime, name, ns=times, dir_fd=staging_fd, follow_symlinks=False)
-        if problems:
-            self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+    def _check_created(
+        self, staging_fd: int, name: str, kind: int, node: Node
+    ) -> tuple[int, int]:
+        """The identity of the symlink, fifo or device node just made as ``name``, checked
+        to be a new one of this restore: of its type (and device number), this user's,
+        with no other link. Something else in its place (however it got into the private
+        folder) is refused and never given the snapshot's owner and mode."""
+        st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
+        if (
+            stat_module.S_IFMT(st.st_mode) != kind
+            or st.st_nlink != 1
+            or st.st_uid != self.euid
+            or (kind in (stat_module.S_IFCHR, stat_module.S_IFBLK) and st.st_rdev != node.device)
+        ):
+            raise _copy_replaced()
+        return st.st_dev, st.st_ino
+
+    def _set_staged_metadata(
+        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+    ) -> None:
+        """Owner, mode and times of a symlink, fifo, device node or hard link in the
+        staging folder, through an ``O_PATH`` descriptor checked to be the inode
+        ``identity`` (``/proc/self/fd``: a fifo or device node is never opened, which
+        could block or act on a device). A symlink has no mode on Linux; its owner and
+        times are set by name, without following it, once its descriptor passed the
+        check (no one else can reach the private folder)."""
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=staging_fd)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                raise _copy_replaced()
+            symlink = stat_module.S_ISLNK(st.st_mode)
+            proc = f"/proc/self/fd/{fd}"
+            problems: list[str] = []
+            if self.is_root:
+                if symlink:
+                    _attempt(
+                        problems, os.chown, name, node.uid, node.gid,
+                        dir_fd=staging_fd, follow_symlinks=False,
+                    )  # fmt: skip
+                else:
+                    _attempt(problems, os.chown, proc, node.uid, node.gid)
+            if not symlink:
+                _attempt(problems, os.chmod, proc, self._mode(node, path, False))
+            times = _times(node, problems)
+            if times is not None:
+                if symlink:
+                    _attempt(
+                        problems, os.utime, name, ns=times, dir_fd=staging_fd,
+                        follow_symlinks=False,
+                    )  # fmt: skip
+                else:
+                    _attempt(problems, os.utime, proc, ns=times)
+            if problems:
+                self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+        finally:
+            os.close(fd)
 
 
 def _attempt(problems: list[str], call: Any, *args: Any, **kwargs: Any) -> None:

@@ -237,6 +237,46 @@ def others_can_change(st: os.stat_result, euid: int) -> str | None:
     return None
 
 
+# POSIX ACLs a folder may carry: an access ACL can grant other users what the mode
+# denies (on file systems whose inheritance ignores the create mode: ZFS with
+# aclinherit=passthrough, some network and FUSE file systems), a default ACL is passed on
+# to everything made inside.
+_ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+_NO_ACL_ERRNOS = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+class NotPrivate(RepositoryError):
+    """A folder the restore made for itself is reachable by other users."""
+
+
+def make_private(fd: int, euid: int, where: str) -> None:
+    """Make the folder the restore just made and opened as ``fd`` its own: mode 0700 and
+    no ACL (neither one granting access nor one passed on to what is made inside), then
+    check that it is: it belongs to ``euid`` and no one else has any permission bit.
+    Raises :class:`NotPrivate` naming ``where`` otherwise (a file system that does not
+    keep owners or modes: vfat, some network file systems)."""
+    os.fchmod(fd, 0o700)
+    for name in _ACL_XATTRS:
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in _NO_ACL_ERRNOS:
+                raise
+    st = os.fstat(fd)
+    if st.st_uid != euid:
+        raise NotPrivate(
+            f"the restore's private folder {where} belongs to uid {st.st_uid}, not to this "
+            "user: another user replaced it, or the file system does not keep owners "
+            "(then restore as the user that owns the target)"
+        )
+    if st.st_mode & 0o077:
+        raise NotPrivate(
+            f"the restore's private folder {where} keeps mode {stat.S_IMODE(st.st_mode):o} "
+            "(other users could reach what is restored before it is in place): the file "
+            "system does not keep modes; restore into another file system"
+        )
+
+
 @dataclass(frozen=True)
 class StagingRef:
     """How a worker process finds a staging folder: its path, and its device and inode
