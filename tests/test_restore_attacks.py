@@ -942,3 +942,83 @@ def test_an_entry_swapped_in_the_private_folder_is_not_given_the_snapshots_metad
     assert [path for path, _ in outcome.damaged] == ["/pipe"], outcome.damaged
     assert "replaced" in outcome.damaged[0][1]
     assert sorted(os.listdir(world.target)) == ["plain"]
+
+
+# --- round two: the target's path ------------------------------------------------------
+
+
+@needs_root
+def test_a_symlink_of_another_user_on_the_way_to_the_target_is_not_followed(
+    open_dir: Path, cli: Cli
+) -> None:
+    """Root restores into /home/alice/restored (or below it); alice made ``restored`` a
+    symlink to a root-owned folder (``etc``) before the restore started. Before the fix
+    the path was resolved with ``realpath`` and root restored into ``etc``. A symlink of
+    root's own on the way is still followed."""
+    etc = open_dir / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    home = open_dir / "home-alice"
+    home.mkdir()
+    os.chown(home, ATTACKER, ATTACKER)
+    restored = home / "restored"
+    os.symlink(etc, restored)
+    os.chown(restored, ATTACKER, ATTACKER, follow_symlinks=False)
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.file("ld.so.preload", b"/home/alice/evil.so\n")])
+    before = fingerprint(etc)
+    for target in (restored, restored / "deeper", home / "x" / ".." / "restored"):
+        result = cli.run(
+            "-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key
+        )
+        assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+        assert f"{restored}, a symlink that belongs to uid {ATTACKER}" in result.err, result.err
+        assert fingerprint(etc) == before
+    mine = open_dir / "mine"
+    os.symlink(open_dir / "real", mine)  # root's own: followed
+    cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(mine / "out"), key=h.key)
+    assert (open_dir / "real" / "out" / "ld.so.preload").is_file()
+
+
+USER_RESTORE = r"""
+import json, sys
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target = sys.argv[1:5]
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+print(json.dumps(outcome.to_json()))
+"""
+
+
+@needs_root
+def test_a_user_who_is_not_root_is_warned_when_others_can_change_the_target(
+    open_dir: Path,
+) -> None:
+    """A user (65534 here, in a real process) restoring into a folder under one that
+    every user can write (0777, not sticky): another user can move her restored data
+    away or swap in his own. Before the fix only root was warned."""
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.file("a.txt", b"a\n")])
+    subprocess.run(["chmod", "-R", "a+rX", str(h.path)], check=True)
+    shared = open_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    sticky = open_dir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    outcomes = {}
+    for name, target in (("shared", shared / "out"), ("sticky", sticky / "out")):
+        done = subprocess.run(
+            ["setpriv", f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups",
+             sys.executable, "-c", USER_RESTORE, str(h.path), h.key, snapshot_id, str(target)],
+            capture_output=True, text=True, cwd="/",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outcomes[name] = json.loads(done.stdout)
+        assert (target / "a.txt").read_bytes() == b"a\n"
+        assert (target / "a.txt").stat().st_uid == ATTACKER
+    assert [w["path"] for w in outcomes["shared"]["warnings"]] == [str(shared)]
+    assert "other users can change" in outcomes["shared"]["warnings"][0]["warning"]
+    assert outcomes["sticky"]["warnings"] == []

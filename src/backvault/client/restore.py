@@ -65,10 +65,11 @@ from .target_folders import (
     StagingRef,
     TargetFolders,
     UnsafeTarget,
+    make_private,
     open_staged,
     open_target,
-    make_private,
     others_can_change,
+    resolve_target,
     share_staging,
     unshare_staging,
 )
@@ -337,19 +338,14 @@ class Restorer:
     # --- the target ----------------------------------------------------------------------
 
     def _open_target(self) -> None:
-        """Make the target if needed, resolve its path once (a symlink the user gave as
-        the target is followed: the user's choice), open it one component at a time
-        without following anything, and from then on use only that descriptor: the
+        """Resolve the target's path once (a symlink on the way is followed only if it
+        belongs to root or to this user: see ``resolve_target``), open it one component
+        at a time without following anything (making what is missing), and from then on
+        use only that descriptor: the
         emptiness check is made on it, so a target swapped for a symlink after it was
         checked is never written into (worker processes, which open it by path, find out
         and stop)."""
-        if self.target.exists() and not self.target.is_dir():
-            raise RepositoryError(f"the target {self.target} exists and is not a folder")
-        try:
-            os.makedirs(self.target, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise RepositoryError(f"the target {self.target} exists and is not a folder") from exc
-        self._resolved = os.path.realpath(self.target)
+        self._resolved = resolve_target(str(self.target), self.euid)
         fd, on_the_way = open_target(self._resolved)
         try:
             names = [] if self.overwrite else os.listdir(fd)
@@ -367,16 +363,17 @@ class Restorer:
         root = FolderRef(None, "", st.st_dev, st.st_ino)
         self._folders = TargetFolders(root, fd)
         self._root = _FolderJob(root, None, "", None, made=False)
-        if self.is_root:
-            for where, folder in on_the_way:
-                why = others_can_change(folder, self.euid)
-                if why is not None:
-                    self._add_warning(
-                        where,
-                        f"other users can change this folder on the way to the target ({why}): "
-                        "they can move or replace what is restored there",
-                    )
-                    break
+        # Whoever restores (not only root): another user who can change a folder on the
+        # way can move the restored data elsewhere, or swap in her own.
+        for where, folder in on_the_way:
+            why = others_can_change(folder, self.euid)
+            if why is not None:
+                self._add_warning(
+                    where,
+                    f"other users can change this folder on the way to the target ({why}): "
+                    "they can move or replace what is restored there",
+                )
+                break
 
     def _first_staging(self) -> None:
         """The staging folder in the target: made first, so that a target this user

@@ -197,11 +197,66 @@ def moved() -> UnsafeTarget:
     )
 
 
+# Symlinks followed while the target's path is resolved (Linux's own limit).
+_MAX_SYMLINKS = 40
+
+
+def resolve_target(path: str, euid: int) -> str:
+    """The target's path, absolute and with no symlink or ``..`` in it, resolved once.
+    A symlink on the way is followed only if it belongs to root or to ``euid``, as the
+    kernel's ``fs.protected_symlinks`` does in sticky folders: another user's symlink
+    (``/home/alice/restored`` -> ``/etc``, made by alice) could be pointed anywhere, so
+    the restore stops, naming it. What does not exist yet is kept as given (it is made
+    later, one component at a time)."""
+    todo = [part for part in path.split("/") if part][::-1]  # a stack: next part last
+    resolved: list[str] = []
+    followed = 0
+    missing = False
+    while todo:
+        part = todo.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            missing = False  # what follows may exist again: look
+            continue
+        where = "/" + "/".join([*resolved, part])
+        st = None
+        if not missing:
+            try:
+                st = os.lstat(where)
+            except FileNotFoundError:
+                missing = True
+            except NotADirectoryError as exc:
+                raise RepositoryError(
+                    f"the target {path} cannot be made: {os.path.dirname(where)} is not a folder"
+                ) from exc
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, euid):
+                raise RepositoryError(
+                    f"the target's path goes through {where}, a symlink that belongs to uid "
+                    f"{st.st_uid}, who could point it anywhere; give the target's path "
+                    "without it"
+                )
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise RepositoryError(f"the target {path} has too many levels of symlinks")
+            link = os.readlink(where)
+            if link.startswith("/"):
+                resolved = []
+            todo.extend(part for part in reversed(link.split("/")) if part)
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
+
+
 def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
-    """Open the folder at ``path`` (absolute, with no symlink in it: the caller resolved
-    it) one component at a time from ``/`` without following a symlink: a symlink met
-    now was put there since the path was resolved. Gives the descriptor and the status
-    of each folder on the way, the target last."""
+    """Open the folder at ``path`` (absolute, with no symlink in it: see
+    :func:`resolve_target`) one component at a time from ``/`` without following a
+    symlink, making the folders that do not exist: a symlink met now was put there since
+    the path was resolved. Gives the descriptor and the status of each folder on the
+    way, the target last."""
     parts = [part for part in path.split("/") if part]
     fd = os.open("/", FOLDER_FLAGS)
     on_the_way = [("/", os.fstat(fd))]
@@ -210,9 +265,17 @@ def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
         for part in parts:
             where = f"{where}/{part}"
             try:
-                inner = os.open(part, FOLDER_FLAGS, dir_fd=fd)
+                inner = _open_or_make(part, fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                    st = _lstat_or_none(part, fd)
+                    if st is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(
+                        st.st_mode
+                    ):
+                        raise RepositoryError(
+                            f"the target {path} cannot be used: {where} exists and is not a "
+                            "folder"
+                        ) from exc
                     raise RepositoryError(
                         f"the target {path} changed while it was opened ({where} was moved "
                         "or replaced); run the restore again"
@@ -225,6 +288,22 @@ def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
         os.close(fd)
         raise
     return fd, on_the_way
+
+
+def _open_or_make(name: str, parent: int) -> int:
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=parent)  # as makedirs: the umask applies
+        return os.open(name, FOLDER_FLAGS, dir_fd=parent)
+
+
+def _lstat_or_none(name: str, parent: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError:
+        return None
 
 
 def others_can_change(st: os.stat_result, euid: int) -> str | None:
