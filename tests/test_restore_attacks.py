@@ -1022,3 +1022,109 @@ def test_a_user_who_is_not_root_is_warned_when_others_can_change_the_target(
     assert [w["path"] for w in outcomes["shared"]["warnings"]] == [str(shared)]
     assert "other users can change" in outcomes["shared"]["warnings"][0]["warning"]
     assert outcomes["sticky"]["warnings"] == []
+
+
+# --- round two: blobs are what the index says, in size and type -------------------------
+
+
+def raw_pack(h: Hostile, blobs: list[tuple[BlobType, bytes, bytes, int | None]]) -> None:
+    """Store a pack written by hand: each blob as (type, id, the plaintext to seal, the
+    uncompressed length to record), indexed as given, with no check of any of it."""
+    data = bytearray()
+    entries = []
+    for blob_type, blob_id, payload, uncompressed in blobs:
+        sealed = h.repo.key.seal(payload)
+        entries.append(fmt.PackedBlob(blob_id, blob_type, len(data), len(sealed), uncompressed))
+        data += sealed
+    header = h.repo.key.seal(fmt.encode_pack_header(entries))
+    data += header + len(header).to_bytes(4, "little")
+    pack_id = fmt.sha256(bytes(data))
+    h.repo.backend.save(FileType.DATA, pack_id.hex(), bytes(data))
+    h.writer.adopt_pack(pack_id, entries)
+
+
+def zstd_bomb(claimed: int) -> bytes:
+    """A zstd frame of ``claimed`` zero bytes that records its size: 64 KiB for 2 GiB."""
+    import zstandard
+
+    out = zstandard.ZstdCompressor(level=1).compressobj(size=claimed)
+    chunk = bytes(1 << 24)
+    parts = [out.compress(chunk) for _ in range(claimed >> 24)]
+    return b"".join([*parts, out.flush()])
+
+
+LIMITED_RESTORE = r"""
+import json, resource, sys
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target, limit = sys.argv[1:6]
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+print(json.dumps(outcome.to_json()))
+"""
+
+
+@pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lie", ["frame claims 2 GiB", "index and frame claim 2 GiB"])
+def test_a_zstd_bomb_in_a_pack_is_never_decompressed(
+    tmp_path: Path, env: dict[str, str], lie: str
+) -> None:
+    """A 64 KiB zstd frame of 2 GiB of zeros, sealed as the blob of a 1000-byte file (or
+    with the index and the tree agreeing on 2 GiB). The frame records its size, so zstd
+    allocated 2 GiB whatever ``max_output_size`` said: under a 1 GiB address-space limit
+    the restore died of MemoryError. Now the file is damaged, the rest restored."""
+    h = Hostile(tmp_path / "repo")
+    claimed = 2 << 30
+    content = b"x" * 1000
+    blob_id = fmt.sha256(content)
+    recorded = 1000 if lie == "frame claims 2 GiB" else claimed
+    raw_pack(h, [(BlobType.DATA, blob_id, zstd_bomb(claimed), recorded)])
+    bomb = {**h.file("bomb", b""), "content": [blob_id.hex()], "size": recorded}
+    snapshot_id = h.snapshot([bomb, h.file("fine", b"fine\n")])
+    target = tmp_path / "target"
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED_RESTORE, str(h.path), h.key, snapshot_id, str(target),
+         str(1 << 30)],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout)
+    assert [d["path"] for d in outcome["damaged"]] == ["/bomb"], outcome
+    error = outcome["damaged"][0]["error"]
+    assert str(claimed) in error and blob_id.hex()[:12] in error, error
+    assert os.listdir(target) == ["fine"]
+    assert (target / "fine").read_bytes() == b"fine\n"
+
+
+def test_a_blob_is_used_only_as_the_type_the_index_gives(tmp_path: Path, cli: Cli) -> None:
+    """A data blob holding a tree's JSON named as a folder's subtree, and a tree blob
+    named as a file's content: both were used as given (the folder restored from file
+    data, the file holding the tree). Now each is damaged; a file whose bytes equal a
+    tree blob is still restored from its own data blob."""
+    h = Hostile(tmp_path / "repo")
+    inner = json.dumps({"nodes": [h.file("planted", b"from a data blob\n")]}).encode()
+    data_as_tree = h.writer.add(BlobType.DATA, inner + b"\n").hex()
+    tree_id = h.tree([h.file("t.txt", b"t\n")])
+    h.writer.flush()
+    plain = h.repo.load_blob(bytes.fromhex(tree_id))
+    folder = {**h.folder("folder", []), "subtree": data_as_tree}
+    tree_as_file = {**h.file("tree-as-file", b""), "content": [tree_id], "size": len(plain)}
+    snapshot_id = h.snapshot([folder, tree_as_file, h.file("fine", b"fine\n")])
+    target = tmp_path / "target"
+    result = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key)
+    assert result.code == 3, result.err
+    assert "not restored: /folder: " in result.err and "data blob, used as a tree" in result.err
+    assert "not restored: /tree-as-file: " in result.err
+    assert "tree blob, used as a data" in result.err, result.err
+    assert os.listdir(target) == ["fine"]
+    # The same bytes stored as a data blob too (restic indexes by type and id): a file
+    # of those bytes is restored from it.
+    raw_pack(h, [(BlobType.DATA, bytes.fromhex(tree_id), plain, None)])
+    twin = {**h.file("same-bytes-as-a-tree", b""), "content": [tree_id], "size": len(plain)}
+    snapshot_id = h.snapshot([twin, h.folder("d", [h.file("in-d", b"d\n")])])
+    again = tmp_path / "again"
+    cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(again), key=h.key)
+    assert (again / "same-bytes-as-a-tree").read_bytes() == plain
+    assert (again / "d" / "in-d").read_bytes() == b"d\n"

@@ -1002,7 +1002,7 @@ class Restorer:
         older packs with gaps where the changed ones were."""
         runs: list[list[BlobLocation]] = []
         for blob_id in content:
-            location = self.repo.locate(blob_id)
+            location = self.repo.locate(blob_id, fmt.BlobType.DATA)
             if runs:
                 first, prev = runs[-1][0].blob, runs[-1][-1].blob
                 gap = location.blob.offset - (prev.offset + prev.length)
