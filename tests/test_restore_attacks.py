@@ -1128,3 +1128,91 @@ def test_a_blob_is_used_only_as_the_type_the_index_gives(tmp_path: Path, cli: Cl
     cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(again), key=h.key)
     assert (again / "same-bytes-as-a-tree").read_bytes() == plain
     assert (again / "d" / "in-d").read_bytes() == b"d\n"
+
+
+# --- round two: free space is checked before anything is written -----------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), unmounted after."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@needs_root
+def test_a_snapshot_larger_than_the_free_space_is_refused_before_anything_is_written(
+    small_tmpfs: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """Three files of 600 kB into a 1 MiB file system: before the fix the restore wrote
+    until the disk was full (after --overwrite had moved things aside). Now one line says
+    what is needed and what is free, and nothing is written; a subset that fits is
+    restored; --ignore-free-space goes ahead (and meets the full disk)."""
+    h = Hostile(tmp_path / "repo")
+    data = {f"v{i}.mp4": os.urandom(600_000) for i in range(3)}
+    snapshot_id = h.snapshot([h.file(name, content) for name, content in data.items()])
+    (small_tmpfs / "old.txt").write_text("kept\n")
+    result = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        key=h.key,
+    )  # fmt: skip
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "needs 1.7 MiB" in result.err and "--ignore-free-space" in result.err, result.err
+    assert os.listdir(small_tmpfs) == ["old.txt"]
+    cli.ok(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        "--include", "v1.mp4", key=h.key,
+    )  # fmt: skip
+    assert (small_tmpfs / "v1.mp4").read_bytes() == data["v1.mp4"]
+    os.unlink(small_tmpfs / "v1.mp4")
+    forced = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        "--ignore-free-space", key=h.key,
+    )  # fmt: skip
+    assert forced.code == 1 and "is full" in forced.err, forced.err
+    assert leftovers(small_tmpfs) == []
+
+
+def test_free_space_is_compared_with_what_is_selected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target's file system reports 150 kB free (``statvfs`` of the target's own
+    descriptor): the whole snapshot (300 kB) is refused, one file of it is restored, and
+    ``ignore_free_space`` restores it all."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(
+        [h.file("a", os.urandom(100_000)), h.folder("d", [h.file("b", os.urandom(200_000))])]
+    )
+    real = os.statvfs
+    asked: list[Any] = []
+
+    def statvfs(path: Any) -> Any:
+        asked.append(path)
+        st = real(path)
+        fields = list(st)
+        fields[3] = fields[4] = 150_000 // st.f_frsize  # f_bfree, f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    snapshot = repo.find_snapshot(snapshot_id)[1]
+    target = tmp_path / "target"
+    with pytest.raises(RepositoryError, match="needs 293.0 KiB.*has 14"):
+        Restorer(repo, target).run(snapshot)
+    assert os.listdir(target) == []
+    assert all(isinstance(path, int) for path in asked)  # the target's descriptor
+    Restorer(repo, target, includes=["/a"]).run(snapshot)
+    assert os.listdir(target) == ["a"]
+    everything = tmp_path / "everything"
+    outcome = Restorer(repo, everything, ignore_free_space=True).run(snapshot)
+    assert outcome.files == 2 and outcome.damaged == []

@@ -56,7 +56,7 @@ from ..repo.repository import Repository
 from ..repo.timefmt import parse_ns
 from ..repo.workers import WorkerPool
 from .budget import ByteBudget
-from .progress import NoProgress, Progress
+from .progress import NoProgress, Progress, human_bytes
 from .target_folders import (
     FOLDER_FLAGS,
     FolderRef,
@@ -99,6 +99,10 @@ class DiskFull(RepositoryError):
 
 
 class TooManyEntries(RepositoryError):
+    pass
+
+
+class NotEnoughSpace(RepositoryError):
     pass
 
 
@@ -268,6 +272,7 @@ class Restorer:
         special_files: bool = False,
         keep_setuid: bool = False,
         max_entries: int = fmt.MAX_RESTORE_ENTRIES,
+        ignore_free_space: bool = False,
     ) -> None:
         self.repo = repo
         self.target = Path(target).absolute()
@@ -279,6 +284,7 @@ class Restorer:
         self.special_files = special_files
         self.keep_setuid = keep_setuid
         self.max_entries = max_entries
+        self.ignore_free_space = ignore_free_space
         self.result = RestoreResult()
         self.euid = os.geteuid()
         self.is_root = self.euid == 0
@@ -305,6 +311,7 @@ class Restorer:
         try:
             self.repo.ensure_index()
             total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
+            self._check_free_space(total)
             try:
                 self._first_staging()
                 self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
@@ -374,6 +381,21 @@ class Restorer:
                     "they can move or replace what is restored there",
                 )
                 break
+
+    def _check_free_space(self, needed: int) -> None:
+        """Refuse, before anything is written or moved aside, a restore whose files do not
+        fit in the free space of the target's file system (what ``--overwrite`` replaces
+        is freed only once its replacement is complete)."""
+        if self.ignore_free_space:
+            return
+        st = os.statvfs(self._target_folders.root_fd)
+        # Root may fill the blocks kept back for it; other users may not.
+        free = (st.f_bfree if self.is_root else st.f_bavail) * st.f_frsize
+        if needed > free:
+            raise NotEnoughSpace(
+                f"the restore needs {human_bytes(needed)}, the target {self.target} has "
+                f"{human_bytes(free)} free; free space or use --ignore-free-space"
+            )
 
     def _first_staging(self) -> None:
         """The staging folder in the target: made first, so that a target this user
@@ -487,7 +509,7 @@ class Restorer:
                     elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
                 elif node.type == "file" and matches(path, self.includes):
-                    total += node.size
+                    total += fmt.restorable_size(node)
         return total
 
     def _load_nodes(self, tree_id: bytes, path: str) -> list[Node] | None:

@@ -108,6 +108,11 @@ class TargetFolders:
             with self._lock:
                 entry.users -= 1
 
+    @property
+    def root_fd(self) -> int:
+        """The target's own descriptor (valid until :meth:`close`)."""
+        return self._root_fd
+
     def add(self, ref: FolderRef, fd: int) -> None:
         """Keep ``fd``, just opened and checked by the caller, as ``ref``'s descriptor."""
         with self._lock:

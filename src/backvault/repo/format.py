@@ -493,9 +493,15 @@ class TreeShape:
     def of(cls, nodes: list[Node]) -> TreeShape:
         return cls(
             len(nodes),
-            sum(node.size for node in nodes if node.type == "file"),
+            sum(restorable_size(node) for node in nodes if node.type == "file"),
             tuple(node.subtree for node in nodes if node.type == "dir" and node.subtree),
         )
+
+
+def restorable_size(node: Node) -> int:
+    """The most bytes a restore can write for file ``node``: its size, but no more than
+    its blobs can hold (a file claiming more is damaged and written not at all)."""
+    return min(node.size, len(node.content or []) * MAX_BLOB_PLAINTEXT["data"])
 
 
 def expanded_totals(
