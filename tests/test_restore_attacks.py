@@ -1216,3 +1216,76 @@ def test_free_space_is_compared_with_what_is_selected(
     everything = tmp_path / "everything"
     outcome = Restorer(repo, everything, ignore_free_space=True).run(snapshot)
     assert outcome.files == 2 and outcome.damaged == []
+
+
+# --- round two: a file system mounted inside the target ---------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
+def test_a_file_system_mounted_inside_the_target_is_restored_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    """``media`` in the target is another file system (a tmpfs; a USB disk, say), kept by
+    --overwrite, with folders already in it. Entries are staged on the file system they
+    go to (a rename across file systems fails with EXDEV): one private folder per file
+    system, made in its top folder within the target — before the fix it was made in
+    ``media/old/deeper``, the first folder that needed one — and all removed at the end;
+    removing it no longer leaves that folder with the time of the removal instead of the
+    snapshot's."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(
+        [
+            h.file("top.txt", b"top\n"),
+            h.folder(
+                "media",
+                [
+                    h.folder("old", [h.folder("deeper", [h.file("x.jpg", b"x" * 5000)])]),
+                    h.folder("new", [h.file("y.jpg", b"y" * 5000)]),
+                    h.file("z.txt", b"z\n"),
+                    link("l", "z.txt"),
+                ],
+            ),
+        ]
+    )
+    target = tmp_path / "target"
+    media = target / "media"
+    media.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(media)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (media / "old" / "deeper").mkdir(parents=True)
+        (media / "mine.txt").write_text("kept\n")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        made: list[Path] = []
+        real_staging_for = Restorer._staging_for
+
+        def staging_for(self: Restorer, folder: Any) -> Any:
+            staging = real_staging_for(self, folder)
+            if Path(staging.shared.path) not in made:
+                made.append(Path(staging.shared.path))
+            return staging
+
+        monkeypatch.setattr(Restorer, "_staging_for", staging_for)
+        repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+        outcome = Restorer(repo, target, overwrite=True).run(repo.find_snapshot(snapshot_id)[1])
+        assert outcome.damaged == [] and outcome.warnings == [], outcome
+        assert (target / "top.txt").read_bytes() == b"top\n"
+        assert (media / "old" / "deeper" / "x.jpg").read_bytes() == b"x" * 5000
+        assert (media / "new" / "y.jpg").read_bytes() == b"y" * 5000
+        assert (media / "z.txt").read_bytes() == b"z\n"
+        assert os.readlink(media / "l") == "z.txt"
+        assert (media / "mine.txt").read_text() == "kept\n"
+        assert os.stat(media / "new").st_dev == os.stat(media).st_dev != os.stat(target).st_dev
+        assert leftovers(target) == []
+        assert sorted(path.parent for path in made) == sorted([target, media]), made
+        old_mtime = 1_500_000_000_000_000_000
+        for folder in (media, media / "old", media / "old" / "deeper", media / "new"):
+            assert folder.stat().st_mtime_ns == old_mtime, folder
+    finally:
+        subprocess.run(["umount", "-l", str(media)], check=True)

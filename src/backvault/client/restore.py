@@ -173,6 +173,7 @@ class _Staging:
     ref: FolderRef
     fd: int
     shared: StagingRef
+    folder: _FolderJob  # the folder it was made in
 
 
 @dataclass(eq=False)
@@ -294,6 +295,9 @@ class Restorer:
         self._root: _FolderJob | None = None
         self._resolved = ""
         self._stagings: dict[int, _Staging] = {}  # by device
+        # The top folder within the target of each file system met there (the target's
+        # own, and a mount point's): where its staging folder is made.
+        self._device_tops: dict[int, _FolderJob] = {}
         self._budget = ByteBudget(_IN_FLIGHT_BYTES)
         self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
         self._batch_bytes = 0
@@ -370,6 +374,7 @@ class Restorer:
         root = FolderRef(None, "", st.st_dev, st.st_ino)
         self._folders = TargetFolders(root, fd)
         self._root = _FolderJob(root, None, "", None, made=False)
+        self._device_tops[st.st_dev] = self._root
         # Whoever restores (not only root): another user who can change a folder on the
         # way can move the restored data elsewhere, or swap in her own.
         for where, folder in on_the_way:
@@ -410,10 +415,12 @@ class Restorer:
 
     def _staging_for(self, folder: _FolderJob) -> _Staging:
         """The staging folder on ``folder``'s device (so renames from it into ``folder``
-        stay on one file system), made in ``folder`` if there is none yet."""
+        stay on one file system: a mount point inside the target has its own), made on
+        first need in that file system's top folder within the target."""
         staging = self._stagings.get(folder.ref.device)
         if staging is not None:
             return staging
+        folder = self._device_tops.get(folder.ref.device, folder)
         name = f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
         with self._target_folders.folder(folder.ref) as parent:
@@ -437,7 +444,7 @@ class Restorer:
                 raise
         st = os.fstat(fd)
         shared = StagingRef(path, st.st_dev, st.st_ino)
-        staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared)
+        staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared, folder)
         share_staging(shared, fd)
         self._stagings[st.st_dev] = staging
         return staging
@@ -461,6 +468,7 @@ class Restorer:
                     st = os.stat(staging.ref.name, dir_fd=parent, follow_symlinks=False)
                     if (st.st_dev, st.st_ino) == (staging.ref.device, staging.ref.inode):
                         os.rmdir(staging.ref.name, dir_fd=parent)
+                        self._restore_times(staging.folder, parent)
             except (OSError, UnsafeTarget) as exc:
                 self._add_warning(
                     staging.shared.path, f"the restore's private folder was not removed: {exc}"
@@ -468,6 +476,19 @@ class Restorer:
             finally:
                 os.close(staging.fd)
         self._stagings.clear()
+
+    def _restore_times(self, folder: _FolderJob, fd: int) -> None:
+        """Removing a staging folder changed the times of the folder it was in (a mount
+        point's top folder, restored from the snapshot): give it its own again."""
+        node = folder.node
+        if node is None or not folder.keep or folder.pending:
+            return  # the target itself, or a folder that was not finished
+        problems: list[str] = []
+        times = _times(node, problems)
+        if times is not None:
+            _attempt(problems, os.utime, fd, ns=times)
+        if problems:
+            self._add_warning(folder.path, f"metadata not restored: {'; '.join(problems)}")
 
     # --- what to restore -----------------------------------------------------------------
 
@@ -655,7 +676,10 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        return _FolderJob(ref, node, path, parent, made=False)
+        job = _FolderJob(ref, node, path, parent, made=False)
+        if st.st_dev != parent.ref.device:  # a mount point: the top of its file system
+            self._device_tops.setdefault(st.st_dev, job)
+        return job
 
     def _check_in_the_way(self, existing: os.stat_result) -> None:
         """Something has the entry's name: it may be replaced (or restored into) only
