@@ -1289,3 +1289,35 @@ def test_a_file_system_mounted_inside_the_target_is_restored_into(
             assert folder.stat().st_mtime_ns == old_mtime, folder
     finally:
         subprocess.run(["umount", "-l", str(media)], check=True)
+
+
+# --- round two: check names a file whose blobs do not add up to its size ---------------
+
+
+def test_check_names_a_file_whose_blobs_do_not_add_up_to_its_size(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A file whose entry claims more than its blobs hold, and one whose index entry lies
+    about a blob's length: restore refuses both, but ``check`` (without --read-data)
+    passed the repository. Now it names each file, its path and its snapshot."""
+    h = Hostile(tmp_path / "repo")
+    short = h.file("chat.db", b"short", size=10**6)
+    first = h.writer.add(BlobType.DATA, b"A" * 100_000).hex()
+    h.writer.flush()
+    lied = {**h.file("video.mp4", b""), "content": [first], "size": 100_000}
+    _lie_in_index(h, first, 2**45)
+    snapshot_id = h.snapshot(
+        [h.folder("docs", [short, h.file("fine", b"fine\n")]), lied, h.file("ok", b"ok\n")]
+    )
+    result = cli.run("-r", str(h.path), "check", key=h.key)
+    assert result.code == 3, result.err
+    errors = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.err
+    assert (
+        f"error: file /docs/chat.db (snapshot {snapshot_id[:8]}) has the wrong size: its blobs "
+        "hold 5 bytes by the index, its entry says 1000000" in errors
+    ), errors
+    assert (
+        f"error: file /video.mp4 (snapshot {snapshot_id[:8]}) has the wrong size: its blobs "
+        f"hold {2**45} bytes by the index, its entry says 100000" in errors
+    ), errors

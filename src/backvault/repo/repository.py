@@ -288,8 +288,13 @@ class Repository:
         """Every pack the index files list, with all its blobs (duplicates included)."""
         return self._packs
 
-    def lookup(self, blob_id: bytes) -> BlobLocation | None:
-        return self._index.get(blob_id)
+    def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
+        """Where the index has a blob (as a blob of type ``kind``, if given)."""
+        location = self._index.get(blob_id)
+        if kind is None or location is None or location.blob.type is kind:
+            return location
+        other = self._other_type.get(blob_id)
+        return other if other is not None and other.blob.type is kind else None
 
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self._index
