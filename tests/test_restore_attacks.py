@@ -766,17 +766,41 @@ def test_a_restore_stopped_half_way_leaves_no_partial_file_and_says_what_is_left
             assert leftovers(target) == []
         elif proc.returncode == -signal.SIGKILL:
             assert leftovers(target) != []
-        cli.ok(
+        left = leftovers(target)
+        rerun = cli.ok(
             "-r", str(h.path), "restore", snapshot_id, "--target", str(target), "--overwrite",
             key=h.key,
         )  # fmt: skip
         for name, content in data.items():
             assert (target / name).read_bytes() == content
+        said = [line for line in rerun.err.splitlines() if "interrupted" in line]
+        if left:  # named in one line, with the command that removes it
+            assert len(said) == 1 and all(Path(p).name in said[0] for p in left), rerun.err
+            subprocess.run(said[0].split("with: ", 1)[1], shell=True, check=True)
+            assert leftovers(target) == []
+        else:
+            assert said == [], rerun.err
+    # A target holding only a killed restore's private folder is empty: restored into,
+    # the folder named (before the fix: refused).
     lone = tmp_path / "lone"
     os.makedirs(lone / ".backvault-restore-0123456789abcdef", mode=0o700)
-    again = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
-    assert again.code == 1 and len(again.err.strip().splitlines()) == 1, again.err
-    assert ".backvault-restore-0123456789abcdef" in again.err and "was killed" in again.err
+    again = cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
+    said = [line for line in again.err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and ".backvault-restore-0123456789abcdef is left" in said[0], again.err
+    assert f"rm -rf -- {lone}/.backvault-restore-0123456789abcdef" in said[0], again.err
+    assert sorted(os.listdir(lone)) == sorted([*data, ".backvault-restore-0123456789abcdef"])
+    # Not empty otherwise: one line, which names the leftover folder too.
+    (lone / "v00.mp4").unlink()
+    refused = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
+    assert refused.code == 1 and len(refused.err.strip().splitlines()) == 1, refused.err
+    assert "not empty" in refused.err and "rm -rf -- " in refused.err, refused.err
+    replaced = cli.ok(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(lone), "--overwrite",
+        key=h.key,
+    )  # fmt: skip
+    said = [line for line in replaced.err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and ".backvault-restore-0123456789abcdef" in said[0], replaced.err
+    assert (lone / ".backvault-restore-0123456789abcdef").is_dir()  # never touched
 
 
 # --- round two: the private folder is private, whatever the target's ACLs --------------

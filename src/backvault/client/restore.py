@@ -37,7 +37,9 @@ import errno
 import fnmatch
 import functools
 import os
+import re
 import secrets
+import shlex
 import shutil
 import stat as stat_module
 import threading
@@ -87,6 +89,7 @@ _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_RUNS = 64
 
 STAGING_PREFIX = ".backvault-restore-"
+_LEFTOVER = re.compile(re.escape(STAGING_PREFIX) + "[0-9a-f]{16}")
 _SETID_BITS = stat_module.S_ISUID | stat_module.S_ISGID
 
 
@@ -340,12 +343,6 @@ class Restorer:
         assert self._folders is not None
         return self._folders
 
-    def _not_empty(self) -> TargetNotEmpty:
-        return TargetNotEmpty(
-            f"the target {self.target} is not empty; choose an empty folder, or pass "
-            "--overwrite to replace what is there"
-        )
-
     # --- the target ----------------------------------------------------------------------
 
     def _open_target(self) -> None:
@@ -359,14 +356,16 @@ class Restorer:
         self._resolved = resolve_target(str(self.target), self.euid)
         fd, on_the_way = open_target(self._resolved)
         try:
-            names = [] if self.overwrite else os.listdir(fd)
-            if names and all(name.startswith(STAGING_PREFIX) for name in names):
+            names = os.listdir(fd)
+            # Private folders of restores that were killed (or are still running): not
+            # content of the target, never touched (one may be in use), but named.
+            leftovers = sorted(name for name in names if _LEFTOVER.fullmatch(name))
+            left = self._leftover_note(leftovers)
+            if len(names) > len(leftovers) and not self.overwrite:
                 raise TargetNotEmpty(
-                    f"the target {self.target} holds only {names[0]}, the private folder of a "
-                    "restore that was killed; remove it and run the restore again"
+                    f"the target {self.target} is not empty; choose an empty folder, or pass "
+                    f"--overwrite to replace what is there{f' ({left})' if left else ''}"
                 )
-            if names:
-                raise self._not_empty()
         except BaseException:
             os.close(fd)
             raise
@@ -375,6 +374,8 @@ class Restorer:
         self._folders = TargetFolders(root, fd)
         self._root = _FolderJob(root, None, "", None, made=False)
         self._device_tops[st.st_dev] = self._root
+        if left:
+            self._add_warning(str(self.target), left)
         # Whoever restores (not only root): another user who can change a folder on the
         # way can move the restored data elsewhere, or swap in her own.
         for where, folder in on_the_way:
@@ -386,6 +387,19 @@ class Restorer:
                     "they can move or replace what is restored there",
                 )
                 break
+
+    def _leftover_note(self, names: list[str]) -> str:
+        """What to say about private folders left in the target by other restores."""
+        if not names:
+            return ""
+        paths = " ".join(shlex.quote(f"{self._resolved.rstrip('/')}/{name}") for name in names)
+        what = f"{names[0]} is" if len(names) == 1 else f"{', '.join(names)} are"
+        them = "it" if len(names) == 1 else "them"
+        return (
+            f"{what} left by a restore that was interrupted (or is still running), not part "
+            f"of the target; once no restore into it is running, remove {them} with: "
+            f"rm -rf -- {paths}"
+        )
 
     def _check_free_space(self, needed: int) -> None:
         """Refuse, before anything is written or moved aside, a restore whose files do not
