@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -776,7 +777,7 @@ def test_a_restore_stopped_half_way_leaves_no_partial_file_and_says_what_is_left
         said = [line for line in rerun.err.splitlines() if "interrupted" in line]
         if left:  # named in one line, with the command that removes it
             assert len(said) == 1 and all(Path(p).name in said[0] for p in left), rerun.err
-            subprocess.run(said[0].split("with: ", 1)[1], shell=True, check=True)
+            subprocess.run(shlex.split(said[0].split("with: ", 1)[1]), check=True)
             assert leftovers(target) == []
         else:
             assert said == [], rerun.err
@@ -839,7 +840,9 @@ for what, act in (("list", lambda: os.listdir(folder)),
     except OSError:
         pass
 """
-    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(folder)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -1231,7 +1234,7 @@ def test_free_space_is_compared_with_what_is_selected(
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
     snapshot = repo.find_snapshot(snapshot_id)[1]
     target = tmp_path / "target"
-    with pytest.raises(RepositoryError, match="needs 293.0 KiB.*has 14"):
+    with pytest.raises(RepositoryError, match=r"needs 293\.0 KiB.*has 14"):
         Restorer(repo, target).run(snapshot)
     assert os.listdir(target) == []
     assert all(isinstance(path, int) for path in asked)  # the target's descriptor
@@ -1318,9 +1321,7 @@ def test_a_file_system_mounted_inside_the_target_is_restored_into(
 # --- round two: check names a file whose blobs do not add up to its size ---------------
 
 
-def test_check_names_a_file_whose_blobs_do_not_add_up_to_its_size(
-    tmp_path: Path, cli: Cli
-) -> None:
+def test_check_names_a_file_whose_blobs_do_not_add_up_to_its_size(tmp_path: Path, cli: Cli) -> None:
     """A file whose entry claims more than its blobs hold, and one whose index entry lies
     about a blob's length: restore refuses both, but ``check`` (without --read-data)
     passed the repository. Now it names each file, its path and its snapshot."""

@@ -1101,9 +1101,7 @@ class Restorer:
         if problems:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
 
-    def _check_created(
-        self, staging_fd: int, name: str, kind: int, node: Node
-    ) -> tuple[int, int]:
+    def _check_created(self, staging_fd: int, name: str, kind: int, node: Node) -> tuple[int, int]:
         """The identity of the symlink, fifo or device node just made as ``name``, checked
         to be a new one of this restore: of its type (and device number), this user's,
         with no other link. Something else in its place (however it got into the private

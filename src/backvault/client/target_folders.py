@@ -274,12 +274,13 @@ def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                     st = _lstat_or_none(part, fd)
-                    if st is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(
-                        st.st_mode
+                    if (
+                        st is not None
+                        and not stat.S_ISDIR(st.st_mode)
+                        and not stat.S_ISLNK(st.st_mode)
                     ):
                         raise RepositoryError(
-                            f"the target {path} cannot be used: {where} exists and is not a "
-                            "folder"
+                            f"the target {path} cannot be used: {where} exists and is not a folder"
                         ) from exc
                     raise RepositoryError(
                         f"the target {path} changed while it was opened ({where} was moved "

@@ -151,7 +151,8 @@ class BlobReader:
                 raise DamagedObject(label, f"{name}: {exc}") from exc
             if len(plain) != expected:
                 raise DamagedObject(
-                    label, f"{name}: it decompresses to {len(plain)} bytes, the index says {expected}"
+                    label,
+                    f"{name}: it decompresses to {len(plain)} bytes, the index says {expected}",
                 )
         if fmt.sha256(plain) != blob.id:
             raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
