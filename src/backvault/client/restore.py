@@ -1125,8 +1125,10 @@ class Restorer:
         could block or act on a device). A symlink has no mode on Linux; its owner and
         times are set by name, without following it, once its descriptor passed the
         check (no one else can reach the private folder)."""
-        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, dir_fd=staging_fd)
+        if _O_PATH is None:  # not Linux: checked, then by name in the private folder
+            self._set_staged_metadata_by_name(staging_fd, name, node, path, identity)
+            return
+        fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=staging_fd)
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != identity:
@@ -1157,6 +1159,33 @@ class Restorer:
                 self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
         finally:
             os.close(fd)
+
+    def _set_staged_metadata_by_name(
+        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+    ) -> None:
+        """Where there is no ``O_PATH``: the entry is checked to be ``identity``, then its
+        metadata is set by name, without following it (only this user can reach the
+        private folder)."""
+        st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != identity:
+            raise _copy_replaced()
+        problems: list[str] = []
+        if self.is_root:
+            _attempt(
+                problems, os.chown, name, node.uid, node.gid,
+                dir_fd=staging_fd, follow_symlinks=False,
+            )  # fmt: skip
+        if not stat_module.S_ISLNK(st.st_mode):
+            _attempt(problems, os.chmod, name, self._mode(node, path, False), dir_fd=staging_fd)
+        times = _times(node, problems)
+        if times is not None:
+            _attempt(problems, os.utime, name, ns=times, dir_fd=staging_fd, follow_symlinks=False)
+        if problems:
+            self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+
+
+# Linux: a descriptor of an entry that opens nothing (a fifo, a device node, a symlink).
+_O_PATH: int | None = getattr(os, "O_PATH", None)
 
 
 def _attempt(problems: list[str], call: Any, *args: Any, **kwargs: Any) -> None:

@@ -341,7 +341,7 @@ def make_private(fd: int, euid: int, where: str) -> None:
     Raises :class:`NotPrivate` naming ``where`` otherwise (a file system that does not
     keep owners or modes: vfat, some network file systems)."""
     os.fchmod(fd, 0o700)
-    for name in _ACL_XATTRS:
+    for name in _ACL_XATTRS if hasattr(os, "removexattr") else ():  # Linux
         try:
             os.removexattr(fd, name)
         except OSError as exc:
