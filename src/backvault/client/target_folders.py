@@ -340,7 +340,8 @@ def make_private(fd: int, euid: int, where: str) -> None:
     check that it is: it belongs to ``euid`` and no one else has any permission bit.
     Raises :class:`NotPrivate` naming ``where`` otherwise (a file system that does not
     keep owners or modes: vfat, some network file systems)."""
-    os.fchmod(fd, 0o700)
+    with contextlib.suppress(PermissionError):  # vfat: the check below says what it keeps
+        os.fchmod(fd, 0o700)
     for name in _ACL_XATTRS if hasattr(os, "removexattr") else ():  # Linux
         try:
             os.removexattr(fd, name)
