@@ -905,8 +905,9 @@ def test_the_private_folder_is_private_despite_a_default_acl_on_the_target(
     assert sorted(os.listdir(target)) == ["b", "docs"]
 
 
+@pytest.mark.parametrize("chmod", ["ignored", "refused"])
 def test_a_private_folder_the_file_system_keeps_open_to_others_stops_the_restore(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chmod: str
 ) -> None:
     """A file system that keeps folders 0755 whatever is asked (vfat-like mount options:
     simulated by folders made 0755 and a chmod that changes nothing) cannot hold a
@@ -920,7 +921,12 @@ def test_a_private_folder_the_file_system_keeps_open_to_others_stops_the_restore
         os.chmod(path, 0o755, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "mkdir", mkdir)
-    monkeypatch.setattr(os, "fchmod", lambda fd, mode: None)
+
+    def fchmod(fd: int, mode: int) -> None:
+        if chmod == "refused":  # vfat without the quiet option
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
     target = tmp_path / "target"
     target.mkdir()
