@@ -941,11 +941,11 @@ def test_a_private_folder_the_file_system_keeps_open_to_others_stops_the_restore
 
 
 @needs_root
-@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "symlink"])
 def test_an_entry_swapped_in_the_private_folder_is_not_given_the_snapshots_metadata(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """The moment the fifo (or symlink) is made in the private folder, a hard link of an
+    """The moment the fifo (device node, symlink) is made in the private folder, a hard link of an
     outside root-only file takes its name (simulated in the creation step itself: how it
     got there does not matter). Before the fix the restore chown'ed it to the snapshot's
     owner (65534), chmod'ed it 0666 and set its times, by name."""
@@ -954,22 +954,31 @@ def test_an_entry_swapped_in_the_private_folder_is_not_given_the_snapshots_metad
     common = {"uid": ATTACKER, "gid": ATTACKER, "mtime": "2001-02-03T04:05:06Z"}
     if kind == "fifo":
         node = {"name": "pipe", "type": "fifo", "mode": fmt.GO_MODE_NAMED_PIPE | 0o666}
+    elif kind == "device":
+        node = {
+            "name": "pipe",
+            "type": "chardev",
+            "mode": fmt.GO_MODE_DEVICE | fmt.GO_MODE_CHAR_DEVICE | 0o666,
+            "device": os.makedev(1, 3),
+        }
     else:
         node = {**link("pipe", "anywhere")}
     snapshot_id = h.snapshot([{**node, **common}, h.file("plain", b"plain\n")])
     os.chmod(world.victim, 0o600)
     before = world.digest()
-    real = os.mkfifo if kind == "fifo" else os.symlink
+    maker = {"fifo": "mkfifo", "device": "mknod", "symlink": "symlink"}[kind]
+    real = getattr(os, maker)
 
     def make_then_swap(*args: Any, dir_fd: int | None = None, **kwargs: Any) -> None:
         real(*args, dir_fd=dir_fd, **kwargs)
-        name = args[0] if kind == "fifo" else args[1]
+        name = args[1] if kind == "symlink" else args[0]
         os.unlink(name, dir_fd=dir_fd)
         os.link(world.victim, name, dst_dir_fd=dir_fd)
 
-    monkeypatch.setattr(os, "mkfifo" if kind == "fifo" else "symlink", make_then_swap)
+    monkeypatch.setattr(os, maker, make_then_swap)
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
-    outcome = Restorer(repo, world.target).run(repo.find_snapshot(snapshot_id)[1])
+    restorer = Restorer(repo, world.target, special_files=True)
+    outcome = restorer.run(repo.find_snapshot(snapshot_id)[1])
     monkeypatch.undo()
     assert world.digest() == before
     assert [path for path, _ in outcome.damaged] == ["/pipe"], outcome.damaged
