@@ -335,7 +335,16 @@ def test_restore_onto_a_full_disk(cli: Cli, repo: InitRepo, tmp_path: Path) -> N
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.decode().strip()}")
     try:
+        # Refused before anything is written: it does not fit.
         result = cli.run("-r", str(repo.path), "restore", "latest", "--target", str(small / "out"))
+        assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "free; free space or use --ignore-free-space" in result.err
+        assert os.listdir(small / "out") == []
+        # Told to go ahead, it meets the full disk: stops with one line, leaves nothing.
+        result = cli.run(
+            "-r", str(repo.path), "restore", "latest", "--target", str(small / "out"),
+            "--ignore-free-space",
+        )  # fmt: skip
         assert result.code == 1
         assert "is full" in result.err and "--overwrite" in result.err
         assert len(result.err.strip().splitlines()) == 1

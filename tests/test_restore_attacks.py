@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -766,14 +767,597 @@ def test_a_restore_stopped_half_way_leaves_no_partial_file_and_says_what_is_left
             assert leftovers(target) == []
         elif proc.returncode == -signal.SIGKILL:
             assert leftovers(target) != []
-        cli.ok(
+        left = leftovers(target)
+        rerun = cli.ok(
             "-r", str(h.path), "restore", snapshot_id, "--target", str(target), "--overwrite",
             key=h.key,
         )  # fmt: skip
         for name, content in data.items():
             assert (target / name).read_bytes() == content
+        said = [line for line in rerun.err.splitlines() if "interrupted" in line]
+        if left:  # named in one line, with the command that removes it
+            assert len(said) == 1 and all(Path(p).name in said[0] for p in left), rerun.err
+            subprocess.run(shlex.split(said[0].split("with: ", 1)[1]), check=True)
+            assert leftovers(target) == []
+        else:
+            assert said == [], rerun.err
+    # A target holding only a killed restore's private folder is empty: restored into,
+    # the folder named (before the fix: refused).
     lone = tmp_path / "lone"
     os.makedirs(lone / ".backvault-restore-0123456789abcdef", mode=0o700)
-    again = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
-    assert again.code == 1 and len(again.err.strip().splitlines()) == 1, again.err
-    assert ".backvault-restore-0123456789abcdef" in again.err and "was killed" in again.err
+    again = cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
+    said = [line for line in again.err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and ".backvault-restore-0123456789abcdef is left" in said[0], again.err
+    assert f"rm -rf -- {lone}/.backvault-restore-0123456789abcdef" in said[0], again.err
+    assert sorted(os.listdir(lone)) == sorted([*data, ".backvault-restore-0123456789abcdef"])
+    # Not empty otherwise: one line, which names the leftover folder too.
+    (lone / "v00.mp4").unlink()
+    refused = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(lone), key=h.key)
+    assert refused.code == 1 and len(refused.err.strip().splitlines()) == 1, refused.err
+    assert "not empty" in refused.err and "rm -rf -- " in refused.err, refused.err
+    replaced = cli.ok(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(lone), "--overwrite",
+        key=h.key,
+    )  # fmt: skip
+    said = [line for line in replaced.err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and ".backvault-restore-0123456789abcdef" in said[0], replaced.err
+    assert (lone / ".backvault-restore-0123456789abcdef").is_dir()  # never touched
+
+
+# --- round two: the private folder is private, whatever the target's ACLs --------------
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def acl_granting(uid: int) -> bytes:
+    """The ``system.posix_acl_*`` value of ``setfacl -m u:<uid>:rwx`` (the kernel's
+    format: version 2, then tag, permissions and id of each entry, in tag order)."""
+    import struct
+
+    entries = [
+        (ACL_USER_OBJ, 7, _NO_ID),
+        (ACL_USER, 7, uid),
+        (ACL_GROUP_OBJ, 5, _NO_ID),
+        (ACL_MASK, 7, _NO_ID),
+        (ACL_OTHER, 5, _NO_ID),
+    ]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def attacker_reaches(folder: Path) -> list[str]:
+    """What uid 65534, in a real process of its own, manages in ``folder``."""
+    probe = r"""
+import os, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+folder = sys.argv[1]
+for what, act in (("list", lambda: os.listdir(folder)),
+                  ("create", lambda: os.close(os.open(os.path.join(folder, "planted"),
+                                                      os.O_CREAT | os.O_WRONLY, 0o600)))):
+    try:
+        act()
+        print(what)
+    except OSError:
+        pass
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@needs_root
+@pytest.mark.parametrize("file_system", ["acl-passthrough", "mode-ignored"])
+def test_the_private_folder_is_private_despite_a_default_acl_on_the_target(
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch, file_system: str
+) -> None:
+    """The target carries a default ACL granting uid 65534 rwx (``setfacl -d -m
+    u:nobody:rwx``). On a file system whose ACL inheritance ignores the create mode (ZFS
+    with aclinherit=passthrough: simulated by giving every new folder that ACL with an
+    rwx mask), or one that makes folders 0777, the private folder and the folders made in
+    it were open to 65534 while the restore worked in them. Each is checked by a real
+    process as 65534 the moment the restore made it, and again for a folder made inside
+    before it is renamed into place."""
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.folder("docs", [h.file("a.txt", b"a\n")]), h.file("b", b"b\n")])
+    target = open_dir / "target"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    try:
+        os.setxattr(target, "system.posix_acl_default", acl_granting(ATTACKER))
+    except OSError as exc:
+        pytest.skip(f"this file system keeps no POSIX ACLs ({exc.strerror})")
+    real_mkdir = os.mkdir
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+        try:
+            if file_system == "acl-passthrough":
+                os.setxattr(fd, "system.posix_acl_access", acl_granting(ATTACKER))
+            else:
+                os.fchmod(fd, 0o777)
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    reached: dict[str, list[str]] = {}
+    real_staging_for = Restorer._staging_for
+    real_move_in = Restorer._move_in
+
+    def staging_for(self: Restorer, folder: Any) -> Any:
+        staging = real_staging_for(self, folder)
+        reached.setdefault("private folder", attacker_reaches(Path(staging.shared.path)))
+        return staging
+
+    def move_in(self: Restorer, staging: Any, tmp: str, *args: Any, **kwargs: Any) -> Any:
+        reached["folder made in it"] = attacker_reaches(Path(staging.shared.path) / tmp)
+        return real_move_in(self, staging, tmp, *args, **kwargs)
+
+    monkeypatch.setattr(Restorer, "_staging_for", staging_for)
+    monkeypatch.setattr(Restorer, "_move_in", move_in)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    assert reached == {"private folder": [], "folder made in it": []}
+    assert outcome.damaged == []
+    assert (target / "docs" / "a.txt").read_bytes() == b"a\n"
+    assert sorted(os.listdir(target)) == ["b", "docs"]
+
+
+@pytest.mark.parametrize("chmod", ["ignored", "refused"])
+def test_a_private_folder_the_file_system_keeps_open_to_others_stops_the_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chmod: str
+) -> None:
+    """A file system that keeps folders 0755 whatever is asked (vfat-like mount options:
+    simulated by folders made 0755 and a chmod that changes nothing) cannot hold a
+    private folder: the restore stops with one line before anything is written."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot([h.file("a.txt", b"a\n")])
+    real_mkdir = os.mkdir
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        os.chmod(path, 0o755, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+    def fchmod(fd: int, mode: int) -> None:
+        if chmod == "refused":  # vfat without the quiet option
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(RepositoryError) as raised:
+        Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    message = str(raised.value)
+    assert "\n" not in message and "keeps mode 755" in message, message
+    assert os.listdir(target) == []
+
+
+# --- round two: fifos, device nodes and symlinks get metadata only if they are the ones made
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["fifo", "device", "symlink"])
+def test_an_entry_swapped_in_the_private_folder_is_not_given_the_snapshots_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The moment the fifo (device node, symlink) is made in the private folder, a hard link of an
+    outside root-only file takes its name (simulated in the creation step itself: how it
+    got there does not matter). Before the fix the restore chown'ed it to the snapshot's
+    owner (65534), chmod'ed it 0666 and set its times, by name."""
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    common = {"uid": ATTACKER, "gid": ATTACKER, "mtime": "2001-02-03T04:05:06Z"}
+    if kind == "fifo":
+        node = {"name": "pipe", "type": "fifo", "mode": fmt.GO_MODE_NAMED_PIPE | 0o666}
+    elif kind == "device":
+        node = {
+            "name": "pipe",
+            "type": "chardev",
+            "mode": fmt.GO_MODE_DEVICE | fmt.GO_MODE_CHAR_DEVICE | 0o666,
+            "device": os.makedev(1, 3),
+        }
+    else:
+        node = {**link("pipe", "anywhere")}
+    snapshot_id = h.snapshot([{**node, **common}, h.file("plain", b"plain\n")])
+    os.chmod(world.victim, 0o600)
+    before = world.digest()
+    maker = {"fifo": "mkfifo", "device": "mknod", "symlink": "symlink"}[kind]
+    real = getattr(os, maker)
+
+    def make_then_swap(*args: Any, dir_fd: int | None = None, **kwargs: Any) -> None:
+        real(*args, dir_fd=dir_fd, **kwargs)
+        name = args[1] if kind == "symlink" else args[0]
+        os.unlink(name, dir_fd=dir_fd)
+        os.link(world.victim, name, dst_dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, maker, make_then_swap)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    restorer = Restorer(repo, world.target, special_files=True)
+    outcome = restorer.run(repo.find_snapshot(snapshot_id)[1])
+    monkeypatch.undo()
+    assert world.digest() == before
+    assert [path for path, _ in outcome.damaged] == ["/pipe"], outcome.damaged
+    assert "replaced" in outcome.damaged[0][1]
+    assert sorted(os.listdir(world.target)) == ["plain"]
+
+
+# --- round two: the target's path ------------------------------------------------------
+
+
+@needs_root
+def test_a_symlink_of_another_user_on_the_way_to_the_target_is_not_followed(
+    open_dir: Path, cli: Cli
+) -> None:
+    """Root restores into /home/alice/restored (or below it); alice made ``restored`` a
+    symlink to a root-owned folder (``etc``) before the restore started. Before the fix
+    the path was resolved with ``realpath`` and root restored into ``etc``. A symlink of
+    root's own on the way is still followed."""
+    etc = open_dir / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    home = open_dir / "home-alice"
+    home.mkdir()
+    os.chown(home, ATTACKER, ATTACKER)
+    restored = home / "restored"
+    os.symlink(etc, restored)
+    os.chown(restored, ATTACKER, ATTACKER, follow_symlinks=False)
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.file("ld.so.preload", b"/home/alice/evil.so\n")])
+    before = fingerprint(etc)
+    for target in (restored, restored / "deeper", home / "x" / ".." / "restored"):
+        result = cli.run(
+            "-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key
+        )
+        assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+        assert f"{restored}, a symlink that belongs to uid {ATTACKER}" in result.err, result.err
+        assert fingerprint(etc) == before
+    mine = open_dir / "mine"
+    os.symlink(open_dir / "real", mine)  # root's own: followed
+    cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(mine / "out"), key=h.key)
+    assert (open_dir / "real" / "out" / "ld.so.preload").is_file()
+
+
+USER_RESTORE = r"""
+import json, sys
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target = sys.argv[1:5]
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+print(json.dumps(outcome.to_json()))
+"""
+
+
+@needs_root
+def test_a_user_who_is_not_root_is_warned_when_others_can_change_the_target(
+    open_dir: Path,
+) -> None:
+    """A user (65534 here, in a real process) restoring into a folder under one that
+    every user can write (0777, not sticky): another user can move her restored data
+    away or swap in his own. Before the fix only root was warned."""
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot([h.file("a.txt", b"a\n")])
+    subprocess.run(["chmod", "-R", "a+rX", str(h.path)], check=True)
+    shared = open_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    sticky = open_dir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    outcomes = {}
+    for name, target in (("shared", shared / "out"), ("sticky", sticky / "out")):
+        done = subprocess.run(
+            ["setpriv", f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups",
+             sys.executable, "-c", USER_RESTORE, str(h.path), h.key, snapshot_id, str(target)],
+            capture_output=True, text=True, cwd="/",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outcomes[name] = json.loads(done.stdout)
+        assert (target / "a.txt").read_bytes() == b"a\n"
+        assert (target / "a.txt").stat().st_uid == ATTACKER
+    assert [w["path"] for w in outcomes["shared"]["warnings"]] == [str(shared)]
+    assert "other users can change" in outcomes["shared"]["warnings"][0]["warning"]
+    assert outcomes["sticky"]["warnings"] == []
+
+
+# --- round two: blobs are what the index says, in size and type -------------------------
+
+
+def raw_pack(h: Hostile, blobs: list[tuple[BlobType, bytes, bytes, int | None]]) -> None:
+    """Store a pack written by hand: each blob as (type, id, the plaintext to seal, the
+    uncompressed length to record), indexed as given, with no check of any of it."""
+    data = bytearray()
+    entries = []
+    for blob_type, blob_id, payload, uncompressed in blobs:
+        sealed = h.repo.key.seal(payload)
+        entries.append(fmt.PackedBlob(blob_id, blob_type, len(data), len(sealed), uncompressed))
+        data += sealed
+    header = h.repo.key.seal(fmt.encode_pack_header(entries))
+    data += header + len(header).to_bytes(4, "little")
+    pack_id = fmt.sha256(bytes(data))
+    h.repo.backend.save(FileType.DATA, pack_id.hex(), bytes(data))
+    h.writer.adopt_pack(pack_id, entries)
+
+
+def zstd_bomb(claimed: int) -> bytes:
+    """A zstd frame of ``claimed`` zero bytes that records its size: 64 KiB for 2 GiB."""
+    import zstandard
+
+    out = zstandard.ZstdCompressor(level=1).compressobj(size=claimed)
+    chunk = bytes(1 << 24)
+    parts = [out.compress(chunk) for _ in range(claimed >> 24)]
+    return b"".join([*parts, out.flush()])
+
+
+LIMITED_RESTORE = r"""
+import json, resource, sys
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target, limit = sys.argv[1:6]
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+print(json.dumps(outcome.to_json()))
+"""
+
+
+@pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("lie", ["frame claims 2 GiB", "index and frame claim 2 GiB"])
+def test_a_zstd_bomb_in_a_pack_is_never_decompressed(
+    tmp_path: Path, env: dict[str, str], lie: str
+) -> None:
+    """A 64 KiB zstd frame of 2 GiB of zeros, sealed as the blob of a 1000-byte file (or
+    with the index and the tree agreeing on 2 GiB). The frame records its size, so zstd
+    allocated 2 GiB whatever ``max_output_size`` said: under a 1 GiB address-space limit
+    the restore died of MemoryError. Now the file is damaged, the rest restored."""
+    h = Hostile(tmp_path / "repo")
+    claimed = 2 << 30
+    content = b"x" * 1000
+    blob_id = fmt.sha256(content)
+    recorded = 1000 if lie == "frame claims 2 GiB" else claimed
+    raw_pack(h, [(BlobType.DATA, blob_id, zstd_bomb(claimed), recorded)])
+    bomb = {**h.file("bomb", b""), "content": [blob_id.hex()], "size": recorded}
+    snapshot_id = h.snapshot([bomb, h.file("fine", b"fine\n")])
+    target = tmp_path / "target"
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED_RESTORE, str(h.path), h.key, snapshot_id, str(target),
+         str(1 << 30)],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout)
+    assert [d["path"] for d in outcome["damaged"]] == ["/bomb"], outcome
+    error = outcome["damaged"][0]["error"]
+    assert str(claimed) in error and blob_id.hex()[:12] in error, error
+    assert os.listdir(target) == ["fine"]
+    assert (target / "fine").read_bytes() == b"fine\n"
+
+
+def test_a_blob_is_used_only_as_the_type_the_index_gives(tmp_path: Path, cli: Cli) -> None:
+    """A data blob holding a tree's JSON named as a folder's subtree, and a tree blob
+    named as a file's content: both were used as given (the folder restored from file
+    data, the file holding the tree). Now each is damaged; a file whose bytes equal a
+    tree blob is still restored from its own data blob."""
+    h = Hostile(tmp_path / "repo")
+    inner = json.dumps({"nodes": [h.file("planted", b"from a data blob\n")]}).encode()
+    data_as_tree = h.writer.add(BlobType.DATA, inner + b"\n").hex()
+    tree_id = h.tree([h.file("t.txt", b"t\n")])
+    h.writer.flush()
+    plain = h.repo.load_blob(bytes.fromhex(tree_id))
+    folder = {**h.folder("folder", []), "subtree": data_as_tree}
+    tree_as_file = {**h.file("tree-as-file", b""), "content": [tree_id], "size": len(plain)}
+    snapshot_id = h.snapshot([folder, tree_as_file, h.file("fine", b"fine\n")])
+    target = tmp_path / "target"
+    result = cli.run("-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key)
+    assert result.code == 3, result.err
+    assert "not restored: /folder: " in result.err and "data blob, used as a tree" in result.err
+    assert "not restored: /tree-as-file: " in result.err
+    assert "tree blob, used as a data" in result.err, result.err
+    assert os.listdir(target) == ["fine"]
+    # The same bytes stored as a data blob too (restic indexes by type and id): a file
+    # of those bytes is restored from it.
+    raw_pack(h, [(BlobType.DATA, bytes.fromhex(tree_id), plain, None)])
+    twin = {**h.file("same-bytes-as-a-tree", b""), "content": [tree_id], "size": len(plain)}
+    snapshot_id = h.snapshot([twin, h.folder("d", [h.file("in-d", b"d\n")])])
+    again = tmp_path / "again"
+    cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(again), key=h.key)
+    assert (again / "same-bytes-as-a-tree").read_bytes() == plain
+    assert (again / "d" / "in-d").read_bytes() == b"d\n"
+
+
+# --- round two: free space is checked before anything is written -----------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), unmounted after."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@needs_root
+def test_a_snapshot_larger_than_the_free_space_is_refused_before_anything_is_written(
+    small_tmpfs: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """Three files of 600 kB into a 1 MiB file system: before the fix the restore wrote
+    until the disk was full (after --overwrite had moved things aside). Now one line says
+    what is needed and what is free, and nothing is written; a subset that fits is
+    restored; --ignore-free-space goes ahead (and meets the full disk)."""
+    h = Hostile(tmp_path / "repo")
+    data = {f"v{i}.mp4": os.urandom(600_000) for i in range(3)}
+    snapshot_id = h.snapshot([h.file(name, content) for name, content in data.items()])
+    (small_tmpfs / "old.txt").write_text("kept\n")
+    result = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        key=h.key,
+    )  # fmt: skip
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "needs 1.7 MiB" in result.err and "--ignore-free-space" in result.err, result.err
+    assert os.listdir(small_tmpfs) == ["old.txt"]
+    cli.ok(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        "--include", "v1.mp4", key=h.key,
+    )  # fmt: skip
+    assert (small_tmpfs / "v1.mp4").read_bytes() == data["v1.mp4"]
+    os.unlink(small_tmpfs / "v1.mp4")
+    forced = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(small_tmpfs), "--overwrite",
+        "--ignore-free-space", key=h.key,
+    )  # fmt: skip
+    assert forced.code == 1 and "is full" in forced.err, forced.err
+    assert leftovers(small_tmpfs) == []
+
+
+def test_free_space_is_compared_with_what_is_selected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target's file system reports 150 kB free (``statvfs`` of the target's own
+    descriptor): the whole snapshot (300 kB) is refused, one file of it is restored, and
+    ``ignore_free_space`` restores it all."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(
+        [h.file("a", os.urandom(100_000)), h.folder("d", [h.file("b", os.urandom(200_000))])]
+    )
+    real = os.statvfs
+    asked: list[Any] = []
+
+    def statvfs(path: Any) -> Any:
+        asked.append(path)
+        st = real(path)
+        fields = list(st)
+        fields[3] = fields[4] = 150_000 // st.f_frsize  # f_bfree, f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    snapshot = repo.find_snapshot(snapshot_id)[1]
+    target = tmp_path / "target"
+    with pytest.raises(RepositoryError, match=r"needs 293\.0 KiB.*has 14"):
+        Restorer(repo, target).run(snapshot)
+    assert os.listdir(target) == []
+    assert all(isinstance(path, int) for path in asked)  # the target's descriptor
+    Restorer(repo, target, includes=["/a"]).run(snapshot)
+    assert os.listdir(target) == ["a"]
+    everything = tmp_path / "everything"
+    outcome = Restorer(repo, everything, ignore_free_space=True).run(snapshot)
+    assert outcome.files == 2 and outcome.damaged == []
+
+
+# --- round two: a file system mounted inside the target ---------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
+def test_a_file_system_mounted_inside_the_target_is_restored_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    """``media`` in the target is another file system (a tmpfs; a USB disk, say), kept by
+    --overwrite, with folders already in it. Entries are staged on the file system they
+    go to (a rename across file systems fails with EXDEV): one private folder per file
+    system, made in its top folder within the target — before the fix it was made in
+    ``media/old/deeper``, the first folder that needed one — and all removed at the end;
+    removing it no longer leaves that folder with the time of the removal instead of the
+    snapshot's."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot(
+        [
+            h.file("top.txt", b"top\n"),
+            h.folder(
+                "media",
+                [
+                    h.folder("old", [h.folder("deeper", [h.file("x.jpg", b"x" * 5000)])]),
+                    h.folder("new", [h.file("y.jpg", b"y" * 5000)]),
+                    h.file("z.txt", b"z\n"),
+                    link("l", "z.txt"),
+                ],
+            ),
+        ]
+    )
+    target = tmp_path / "target"
+    media = target / "media"
+    media.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(media)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (media / "old" / "deeper").mkdir(parents=True)
+        (media / "mine.txt").write_text("kept\n")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        made: list[Path] = []
+        real_staging_for = Restorer._staging_for
+
+        def staging_for(self: Restorer, folder: Any) -> Any:
+            staging = real_staging_for(self, folder)
+            if Path(staging.shared.path) not in made:
+                made.append(Path(staging.shared.path))
+            return staging
+
+        monkeypatch.setattr(Restorer, "_staging_for", staging_for)
+        repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+        outcome = Restorer(repo, target, overwrite=True).run(repo.find_snapshot(snapshot_id)[1])
+        assert outcome.damaged == [] and outcome.warnings == [], outcome
+        assert (target / "top.txt").read_bytes() == b"top\n"
+        assert (media / "old" / "deeper" / "x.jpg").read_bytes() == b"x" * 5000
+        assert (media / "new" / "y.jpg").read_bytes() == b"y" * 5000
+        assert (media / "z.txt").read_bytes() == b"z\n"
+        assert os.readlink(media / "l") == "z.txt"
+        assert (media / "mine.txt").read_text() == "kept\n"
+        assert os.stat(media / "new").st_dev == os.stat(media).st_dev != os.stat(target).st_dev
+        assert leftovers(target) == []
+        assert sorted(path.parent for path in made) == sorted([target, media]), made
+        old_mtime = 1_500_000_000_000_000_000
+        for folder in (media, media / "old", media / "old" / "deeper", media / "new"):
+            assert folder.stat().st_mtime_ns == old_mtime, folder
+    finally:
+        subprocess.run(["umount", "-l", str(media)], check=True)
+
+
+# --- round two: check names a file whose blobs do not add up to its size ---------------
+
+
+def test_check_names_a_file_whose_blobs_do_not_add_up_to_its_size(tmp_path: Path, cli: Cli) -> None:
+    """A file whose entry claims more than its blobs hold, and one whose index entry lies
+    about a blob's length: restore refuses both, but ``check`` (without --read-data)
+    passed the repository. Now it names each file, its path and its snapshot."""
+    h = Hostile(tmp_path / "repo")
+    short = h.file("chat.db", b"short", size=10**6)
+    first = h.writer.add(BlobType.DATA, b"A" * 100_000).hex()
+    h.writer.flush()
+    lied = {**h.file("video.mp4", b""), "content": [first], "size": 100_000}
+    _lie_in_index(h, first, 2**45)
+    snapshot_id = h.snapshot(
+        [h.folder("docs", [short, h.file("fine", b"fine\n")]), lied, h.file("ok", b"ok\n")]
+    )
+    result = cli.run("-r", str(h.path), "check", key=h.key)
+    assert result.code == 3, result.err
+    errors = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.err
+    assert (
+        f"error: file /docs/chat.db (snapshot {snapshot_id[:8]}) has the wrong size: its blobs "
+        "hold 5 bytes by the index, its entry says 1000000" in errors
+    ), errors
+    assert (
+        f"error: file /video.mp4 (snapshot {snapshot_id[:8]}) has the wrong size: its blobs "
+        f"hold {2**45} bytes by the index, its entry says 100000" in errors
+    ), errors

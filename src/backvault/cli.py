@@ -39,6 +39,7 @@ from . import __version__
 from .client import keycache
 from .client.backup import Backup
 from .client.paths import cache_dir
+from .client.progress import human_bytes
 from .client.restore import DiskFull, Restorer, TargetNotEmpty
 from .client.session import MalformedKeyError, NoKeyAvailable, open_repository, open_with_text
 from .client.settings import Settings, SettingsError, VaultSettings
@@ -201,14 +202,6 @@ def progress_bar(ctx: Context, description: str) -> Iterator[Any]:
     )
     with bar:
         yield Reporter(bar)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def ask_key() -> str:
@@ -1155,6 +1148,11 @@ def ls_command(ctx: Context, snapshot: str) -> None:
     "--special-files", is_flag=True, help="Restore device nodes too (as root; skipped otherwise)."
 )
 @click.option("--keep-setuid", is_flag=True, help="Restore setuid and setgid bits of files.")
+@click.option(
+    "--ignore-free-space",
+    is_flag=True,
+    help="Restore even if the target's file system has less free space than it needs.",
+)
 @pass_context
 def restore(
     ctx: Context,
@@ -1164,6 +1162,7 @@ def restore(
     overwrite: bool,
     special_files: bool,
     keep_setuid: bool,
+    ignore_free_space: bool,
 ) -> None:
     """Restore SNAPSHOT (an ID or 'latest') into TARGET."""
     repo = open_repo(ctx)
@@ -1177,6 +1176,7 @@ def restore(
             reporter,
             special_files=special_files,
             keep_setuid=keep_setuid,
+            ignore_free_space=ignore_free_space,
         )
         result = restorer.run(snap, name)
     ctx.emit_json({"snapshot": name, **result.to_json()})

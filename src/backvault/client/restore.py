@@ -37,7 +37,9 @@ import errno
 import fnmatch
 import functools
 import os
+import re
 import secrets
+import shlex
 import shutil
 import stat as stat_module
 import threading
@@ -56,17 +58,20 @@ from ..repo.repository import Repository
 from ..repo.timefmt import parse_ns
 from ..repo.workers import WorkerPool
 from .budget import ByteBudget
-from .progress import NoProgress, Progress
+from .progress import NoProgress, Progress, human_bytes
 from .target_folders import (
     FOLDER_FLAGS,
     FolderRef,
+    NotPrivate,
     StagedFile,
     StagingRef,
     TargetFolders,
     UnsafeTarget,
+    make_private,
     open_staged,
     open_target,
     others_can_change,
+    resolve_target,
     share_staging,
     unshare_staging,
 )
@@ -84,6 +89,7 @@ _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_RUNS = 64
 
 STAGING_PREFIX = ".backvault-restore-"
+_LEFTOVER = re.compile(re.escape(STAGING_PREFIX) + "[0-9a-f]{16}")
 _SETID_BITS = stat_module.S_ISUID | stat_module.S_ISGID
 
 
@@ -96,6 +102,10 @@ class DiskFull(RepositoryError):
 
 
 class TooManyEntries(RepositoryError):
+    pass
+
+
+class NotEnoughSpace(RepositoryError):
     pass
 
 
@@ -166,6 +176,7 @@ class _Staging:
     ref: FolderRef
     fd: int
     shared: StagingRef
+    folder: _FolderJob  # the folder it was made in
 
 
 @dataclass(eq=False)
@@ -265,6 +276,7 @@ class Restorer:
         special_files: bool = False,
         keep_setuid: bool = False,
         max_entries: int = fmt.MAX_RESTORE_ENTRIES,
+        ignore_free_space: bool = False,
     ) -> None:
         self.repo = repo
         self.target = Path(target).absolute()
@@ -276,6 +288,7 @@ class Restorer:
         self.special_files = special_files
         self.keep_setuid = keep_setuid
         self.max_entries = max_entries
+        self.ignore_free_space = ignore_free_space
         self.result = RestoreResult()
         self.euid = os.geteuid()
         self.is_root = self.euid == 0
@@ -285,6 +298,9 @@ class Restorer:
         self._root: _FolderJob | None = None
         self._resolved = ""
         self._stagings: dict[int, _Staging] = {}  # by device
+        # The top folder within the target of each file system met there (the target's
+        # own, and a mount point's): where its staging folder is made.
+        self._device_tops: dict[int, _FolderJob] = {}
         self._budget = ByteBudget(_IN_FLIGHT_BYTES)
         self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
         self._batch_bytes = 0
@@ -302,6 +318,7 @@ class Restorer:
         try:
             self.repo.ensure_index()
             total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
+            self._check_free_space(total)
             try:
                 self._first_staging()
                 self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
@@ -326,38 +343,29 @@ class Restorer:
         assert self._folders is not None
         return self._folders
 
-    def _not_empty(self) -> TargetNotEmpty:
-        return TargetNotEmpty(
-            f"the target {self.target} is not empty; choose an empty folder, or pass "
-            "--overwrite to replace what is there"
-        )
-
     # --- the target ----------------------------------------------------------------------
 
     def _open_target(self) -> None:
-        """Make the target if needed, resolve its path once (a symlink the user gave as
-        the target is followed: the user's choice), open it one component at a time
-        without following anything, and from then on use only that descriptor: the
+        """Resolve the target's path once (a symlink on the way is followed only if it
+        belongs to root or to this user: see ``resolve_target``), open it one component
+        at a time without following anything (making what is missing), and from then on
+        use only that descriptor: the
         emptiness check is made on it, so a target swapped for a symlink after it was
         checked is never written into (worker processes, which open it by path, find out
         and stop)."""
-        if self.target.exists() and not self.target.is_dir():
-            raise RepositoryError(f"the target {self.target} exists and is not a folder")
-        try:
-            os.makedirs(self.target, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise RepositoryError(f"the target {self.target} exists and is not a folder") from exc
-        self._resolved = os.path.realpath(self.target)
+        self._resolved = resolve_target(str(self.target), self.euid)
         fd, on_the_way = open_target(self._resolved)
         try:
-            names = [] if self.overwrite else os.listdir(fd)
-            if names and all(name.startswith(STAGING_PREFIX) for name in names):
+            names = os.listdir(fd)
+            # Private folders of restores that were killed (or are still running): not
+            # content of the target, never touched (one may be in use), but named.
+            leftovers = sorted(name for name in names if _LEFTOVER.fullmatch(name))
+            left = self._leftover_note(leftovers)
+            if len(names) > len(leftovers) and not self.overwrite:
                 raise TargetNotEmpty(
-                    f"the target {self.target} holds only {names[0]}, the private folder of a "
-                    "restore that was killed; remove it and run the restore again"
+                    f"the target {self.target} is not empty; choose an empty folder, or pass "
+                    f"--overwrite to replace what is there{f' ({left})' if left else ''}"
                 )
-            if names:
-                raise self._not_empty()
         except BaseException:
             os.close(fd)
             raise
@@ -365,16 +373,48 @@ class Restorer:
         root = FolderRef(None, "", st.st_dev, st.st_ino)
         self._folders = TargetFolders(root, fd)
         self._root = _FolderJob(root, None, "", None, made=False)
-        if self.is_root:
-            for where, folder in on_the_way:
-                why = others_can_change(folder, self.euid)
-                if why is not None:
-                    self._add_warning(
-                        where,
-                        f"other users can change this folder on the way to the target ({why}): "
-                        "they can move or replace what is restored there",
-                    )
-                    break
+        self._device_tops[st.st_dev] = self._root
+        if left:
+            self._add_warning(str(self.target), left)
+        # Whoever restores (not only root): another user who can change a folder on the
+        # way can move the restored data elsewhere, or swap in her own.
+        for where, folder in on_the_way:
+            why = others_can_change(folder, self.euid)
+            if why is not None:
+                self._add_warning(
+                    where,
+                    f"other users can change this folder on the way to the target ({why}): "
+                    "they can move or replace what is restored there",
+                )
+                break
+
+    def _leftover_note(self, names: list[str]) -> str:
+        """What to say about private folders left in the target by other restores."""
+        if not names:
+            return ""
+        paths = " ".join(shlex.quote(f"{self._resolved.rstrip('/')}/{name}") for name in names)
+        what = f"{names[0]} is" if len(names) == 1 else f"{', '.join(names)} are"
+        them = "it" if len(names) == 1 else "them"
+        return (
+            f"{what} left by a restore that was interrupted (or is still running), not part "
+            f"of the target; once no restore into it is running, remove {them} with: "
+            f"rm -rf -- {paths}"
+        )
+
+    def _check_free_space(self, needed: int) -> None:
+        """Refuse, before anything is written or moved aside, a restore whose files do not
+        fit in the free space of the target's file system (what ``--overwrite`` replaces
+        is freed only once its replacement is complete)."""
+        if self.ignore_free_space:
+            return
+        st = os.statvfs(self._target_folders.root_fd)
+        # Root may fill the blocks kept back for it; other users may not.
+        free = (st.f_bfree if self.is_root else st.f_bavail) * st.f_frsize
+        if needed > free:
+            raise NotEnoughSpace(
+                f"the restore needs {human_bytes(needed)}, the target {self.target} has "
+                f"{human_bytes(free)} free; free space or use --ignore-free-space"
+            )
 
     def _first_staging(self) -> None:
         """The staging folder in the target: made first, so that a target this user
@@ -389,27 +429,36 @@ class Restorer:
 
     def _staging_for(self, folder: _FolderJob) -> _Staging:
         """The staging folder on ``folder``'s device (so renames from it into ``folder``
-        stay on one file system), made in ``folder`` if there is none yet."""
+        stay on one file system: a mount point inside the target has its own), made on
+        first need in that file system's top folder within the target."""
         staging = self._stagings.get(folder.ref.device)
         if staging is not None:
             return staging
+        folder = self._device_tops.get(folder.ref.device, folder)
         name = f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
         with self._target_folders.folder(folder.ref) as parent:
             os.mkdir(name, 0o700, dir_fd=parent)
             fd = os.open(name, FOLDER_FLAGS, dir_fd=parent)
+            # Between mkdir and open someone who can write the folder could put another in
+            # its place: only this user (or root) can own one, and it must be empty. A
+            # default ACL of the target, or a file system that ignores the create mode,
+            # could let others in: it is made 0700 without ACLs, and checked to be.
+            try:
+                if os.listdir(fd):
+                    raise NotPrivate(
+                        f"the restore's private folder {path} is not empty: another user "
+                        "replaced it"
+                    )
+                make_private(fd, self.euid, path)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=parent)
+                raise
         st = os.fstat(fd)
-        path = "/".join([self._resolved.rstrip("/"), *folder.ref.names(), name])
-        # Between mkdir and open someone who can write the folder could put another in its
-        # place; only this user (or root) can own one, and it must be empty.
-        if st.st_uid != self.euid or os.listdir(fd):
-            os.close(fd)
-            raise RepositoryError(
-                f"the restore's private folder {path} belongs to uid {st.st_uid} or is not "
-                "empty: another user replaced it, or the file system does not keep owners "
-                "(then restore as the user that owns the target)"
-            )
         shared = StagingRef(path, st.st_dev, st.st_ino)
-        staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared)
+        staging = _Staging(FolderRef(folder.ref, name, st.st_dev, st.st_ino), fd, shared, folder)
         share_staging(shared, fd)
         self._stagings[st.st_dev] = staging
         return staging
@@ -433,6 +482,7 @@ class Restorer:
                     st = os.stat(staging.ref.name, dir_fd=parent, follow_symlinks=False)
                     if (st.st_dev, st.st_ino) == (staging.ref.device, staging.ref.inode):
                         os.rmdir(staging.ref.name, dir_fd=parent)
+                        self._restore_times(staging.folder, parent)
             except (OSError, UnsafeTarget) as exc:
                 self._add_warning(
                     staging.shared.path, f"the restore's private folder was not removed: {exc}"
@@ -440,6 +490,19 @@ class Restorer:
             finally:
                 os.close(staging.fd)
         self._stagings.clear()
+
+    def _restore_times(self, folder: _FolderJob, fd: int) -> None:
+        """Removing a staging folder changed the times of the folder it was in (a mount
+        point's top folder, restored from the snapshot): give it its own again."""
+        node = folder.node
+        if node is None or not folder.keep or folder.pending:
+            return  # the target itself, or a folder that was not finished
+        problems: list[str] = []
+        times = _times(node, problems)
+        if times is not None:
+            _attempt(problems, os.utime, fd, ns=times)
+        if problems:
+            self._add_warning(folder.path, f"metadata not restored: {'; '.join(problems)}")
 
     # --- what to restore -----------------------------------------------------------------
 
@@ -481,7 +544,7 @@ class Restorer:
                     elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
                 elif node.type == "file" and matches(path, self.includes):
-                    total += node.size
+                    total += fmt.restorable_size(node)
         return total
 
     def _load_nodes(self, tree_id: bytes, path: str) -> list[Node] | None:
@@ -600,6 +663,9 @@ class Restorer:
                 os.mkdir(tmp, 0o700, dir_fd=staging.fd)
                 fd = os.open(tmp, FOLDER_FLAGS, dir_fd=staging.fd)
                 try:
+                    # 0700 and no ACL until everything in it is in place (its own mode
+                    # is set then).
+                    make_private(fd, self.euid, f"{staging.shared.path}/{tmp}")
                     aside = self._move_in(staging, tmp, parent_fd, name, existing is not None)
                 except BaseException:
                     os.close(fd)
@@ -624,7 +690,10 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        return _FolderJob(ref, node, path, parent, made=False)
+        job = _FolderJob(ref, node, path, parent, made=False)
+        if st.st_dev != parent.ref.device:  # a mount point: the top of its file system
+            self._device_tops.setdefault(st.st_dev, job)
+        return job
 
     def _check_in_the_way(self, existing: os.stat_result) -> None:
         """Something has the entry's name: it may be replaced (or restored into) only
@@ -755,14 +824,17 @@ class Restorer:
             if node.type == "symlink":
                 # Where it points is data (it may well point outside the target); nothing
                 # is ever written through it.
+                kind = stat_module.S_IFLNK
                 os.symlink(node.linktarget, tmp, dir_fd=staging.fd)
             elif node.type == "fifo":
+                kind = stat_module.S_IFIFO
                 os.mkfifo(tmp, 0o600, dir_fd=staging.fd)
             else:
                 kind = stat_module.S_IFCHR if node.type == "chardev" else stat_module.S_IFBLK
                 os.mknod(tmp, kind | 0o600, node.device, dir_fd=staging.fd)
             try:
-                self._set_staged_metadata(staging.fd, tmp, node, path)
+                created = self._check_created(staging.fd, tmp, kind, node)
+                self._set_staged_metadata(staging.fd, tmp, node, path, created)
                 self._place(staging, tmp, folder, name)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -944,10 +1016,8 @@ class Restorer:
                 try:
                     # By name: the staging folder is private, and the inode may already
                     # have a mode this user cannot open it with.
-                    st = os.stat(tmp, dir_fd=staging.fd, follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) != (first.staged.device, first.staged.inode):
-                        raise _copy_replaced()
-                    self._set_staged_metadata(staging.fd, tmp, node, path)
+                    identity = (first.staged.device, first.staged.inode)
+                    self._set_staged_metadata(staging.fd, tmp, node, path, identity)
                     self._place(staging, tmp, folder, node.name)
                 except BaseException:
                     with contextlib.suppress(OSError):
@@ -992,7 +1062,7 @@ class Restorer:
         older packs with gaps where the changed ones were."""
         runs: list[list[BlobLocation]] = []
         for blob_id in content:
-            location = self.repo.locate(blob_id)
+            location = self.repo.locate(blob_id, fmt.BlobType.DATA)
             if runs:
                 first, prev = runs[-1][0].blob, runs[-1][-1].blob
                 gap = location.blob.offset - (prev.offset + prev.length)
@@ -1031,23 +1101,91 @@ class Restorer:
         if problems:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
 
-    def _set_staged_metadata(self, staging_fd: int, name: str, node: Node, path: str) -> None:
-        """Owner, mode and times of a symlink, fifo or device node just made in the
-        staging folder. By name: no one else can put anything there (and a symlink's
-        owner and times are set without following it)."""
+    def _check_created(self, staging_fd: int, name: str, kind: int, node: Node) -> tuple[int, int]:
+        """The identity of the symlink, fifo or device node just made as ``name``, checked
+        to be a new one of this restore: of its type (and device number), this user's,
+        with no other link. Something else in its place (however it got into the private
+        folder) is refused and never given the snapshot's owner and mode."""
+        st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
+        if (
+            stat_module.S_IFMT(st.st_mode) != kind
+            or st.st_nlink != 1
+            or st.st_uid != self.euid
+            or (kind in (stat_module.S_IFCHR, stat_module.S_IFBLK) and st.st_rdev != node.device)
+        ):
+            raise _copy_replaced()
+        return st.st_dev, st.st_ino
+
+    def _set_staged_metadata(
+        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+    ) -> None:
+        """Owner, mode and times of a symlink, fifo, device node or hard link in the
+        staging folder, through an ``O_PATH`` descriptor checked to be the inode
+        ``identity`` (``/proc/self/fd``: a fifo or device node is never opened, which
+        could block or act on a device). A symlink has no mode on Linux; its owner and
+        times are set by name, without following it, once its descriptor passed the
+        check (no one else can reach the private folder)."""
+        if _O_PATH is None:  # not Linux: checked, then by name in the private folder
+            self._set_staged_metadata_by_name(staging_fd, name, node, path, identity)
+            return
+        fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=staging_fd)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                raise _copy_replaced()
+            symlink = stat_module.S_ISLNK(st.st_mode)
+            proc = f"/proc/self/fd/{fd}"
+            problems: list[str] = []
+            if self.is_root:
+                if symlink:
+                    _attempt(
+                        problems, os.chown, name, node.uid, node.gid,
+                        dir_fd=staging_fd, follow_symlinks=False,
+                    )  # fmt: skip
+                else:
+                    _attempt(problems, os.chown, proc, node.uid, node.gid)
+            if not symlink:
+                _attempt(problems, os.chmod, proc, self._mode(node, path, False))
+            times = _times(node, problems)
+            if times is not None:
+                if symlink:
+                    _attempt(
+                        problems, os.utime, name, ns=times, dir_fd=staging_fd,
+                        follow_symlinks=False,
+                    )  # fmt: skip
+                else:
+                    _attempt(problems, os.utime, proc, ns=times)
+            if problems:
+                self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+        finally:
+            os.close(fd)
+
+    def _set_staged_metadata_by_name(
+        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+    ) -> None:
+        """Where there is no ``O_PATH``: the entry is checked to be ``identity``, then its
+        metadata is set by name, without following it (only this user can reach the
+        private folder)."""
+        st = os.stat(name, dir_fd=staging_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != identity:
+            raise _copy_replaced()
         problems: list[str] = []
         if self.is_root:
             _attempt(
                 problems, os.chown, name, node.uid, node.gid,
                 dir_fd=staging_fd, follow_symlinks=False,
             )  # fmt: skip
-        if node.type != "symlink":
+        if not stat_module.S_ISLNK(st.st_mode):
             _attempt(problems, os.chmod, name, self._mode(node, path, False), dir_fd=staging_fd)
         times = _times(node, problems)
         if times is not None:
             _attempt(problems, os.utime, name, ns=times, dir_fd=staging_fd, follow_symlinks=False)
         if problems:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+
+
+# Linux: a descriptor of an entry that opens nothing (a fifo, a device node, a symlink).
+_O_PATH: int | None = getattr(os, "O_PATH", None)
 
 
 def _attempt(problems: list[str], call: Any, *args: Any, **kwargs: Any) -> None:

@@ -108,6 +108,11 @@ class TargetFolders:
             with self._lock:
                 entry.users -= 1
 
+    @property
+    def root_fd(self) -> int:
+        """The target's own descriptor (valid until :meth:`close`)."""
+        return self._root_fd
+
     def add(self, ref: FolderRef, fd: int) -> None:
         """Keep ``fd``, just opened and checked by the caller, as ``ref``'s descriptor."""
         with self._lock:
@@ -197,11 +202,66 @@ def moved() -> UnsafeTarget:
     )
 
 
+# Symlinks followed while the target's path is resolved (Linux's own limit).
+_MAX_SYMLINKS = 40
+
+
+def resolve_target(path: str, euid: int) -> str:
+    """The target's path, absolute and with no symlink or ``..`` in it, resolved once.
+    A symlink on the way is followed only if it belongs to root or to ``euid``, as the
+    kernel's ``fs.protected_symlinks`` does in sticky folders: another user's symlink
+    (``/home/alice/restored`` -> ``/etc``, made by alice) could be pointed anywhere, so
+    the restore stops, naming it. What does not exist yet is kept as given (it is made
+    later, one component at a time)."""
+    todo = [part for part in path.split("/") if part][::-1]  # a stack: next part last
+    resolved: list[str] = []
+    followed = 0
+    missing = False
+    while todo:
+        part = todo.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            missing = False  # what follows may exist again: look
+            continue
+        where = "/" + "/".join([*resolved, part])
+        st = None
+        if not missing:
+            try:
+                st = os.lstat(where)
+            except FileNotFoundError:
+                missing = True
+            except NotADirectoryError as exc:
+                raise RepositoryError(
+                    f"the target {path} cannot be made: {os.path.dirname(where)} is not a folder"
+                ) from exc
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, euid):
+                raise RepositoryError(
+                    f"the target's path goes through {where}, a symlink that belongs to uid "
+                    f"{st.st_uid}, who could point it anywhere; give the target's path "
+                    "without it"
+                )
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise RepositoryError(f"the target {path} has too many levels of symlinks")
+            link = os.readlink(where)
+            if link.startswith("/"):
+                resolved = []
+            todo.extend(part for part in reversed(link.split("/")) if part)
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
+
+
 def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
-    """Open the folder at ``path`` (absolute, with no symlink in it: the caller resolved
-    it) one component at a time from ``/`` without following a symlink: a symlink met
-    now was put there since the path was resolved. Gives the descriptor and the status
-    of each folder on the way, the target last."""
+    """Open the folder at ``path`` (absolute, with no symlink in it: see
+    :func:`resolve_target`) one component at a time from ``/`` without following a
+    symlink, making the folders that do not exist: a symlink met now was put there since
+    the path was resolved. Gives the descriptor and the status of each folder on the
+    way, the target last."""
     parts = [part for part in path.split("/") if part]
     fd = os.open("/", FOLDER_FLAGS)
     on_the_way = [("/", os.fstat(fd))]
@@ -210,9 +270,18 @@ def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
         for part in parts:
             where = f"{where}/{part}"
             try:
-                inner = os.open(part, FOLDER_FLAGS, dir_fd=fd)
+                inner = _open_or_make(part, fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                    st = _lstat_or_none(part, fd)
+                    if (
+                        st is not None
+                        and not stat.S_ISDIR(st.st_mode)
+                        and not stat.S_ISLNK(st.st_mode)
+                    ):
+                        raise RepositoryError(
+                            f"the target {path} cannot be used: {where} exists and is not a folder"
+                        ) from exc
                     raise RepositoryError(
                         f"the target {path} changed while it was opened ({where} was moved "
                         "or replaced); run the restore again"
@@ -227,6 +296,22 @@ def open_target(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
     return fd, on_the_way
 
 
+def _open_or_make(name: str, parent: int) -> int:
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=parent)  # as makedirs: the umask applies
+        return os.open(name, FOLDER_FLAGS, dir_fd=parent)
+
+
+def _lstat_or_none(name: str, parent: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 def others_can_change(st: os.stat_result, euid: int) -> str | None:
     """Why users other than ``euid`` (and root) can rename or replace entries of the
     folder ``st``, or None."""
@@ -235,6 +320,47 @@ def others_can_change(st: os.stat_result, euid: int) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         return f"its mode is {stat.S_IMODE(st.st_mode):o}"
     return None
+
+
+# POSIX ACLs a folder may carry: an access ACL can grant other users what the mode
+# denies (on file systems whose inheritance ignores the create mode: ZFS with
+# aclinherit=passthrough, some network and FUSE file systems), a default ACL is passed on
+# to everything made inside.
+_ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+_NO_ACL_ERRNOS = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+class NotPrivate(RepositoryError):
+    """A folder the restore made for itself is reachable by other users."""
+
+
+def make_private(fd: int, euid: int, where: str) -> None:
+    """Make the folder the restore just made and opened as ``fd`` its own: mode 0700 and
+    no ACL (neither one granting access nor one passed on to what is made inside), then
+    check that it is: it belongs to ``euid`` and no one else has any permission bit.
+    Raises :class:`NotPrivate` naming ``where`` otherwise (a file system that does not
+    keep owners or modes: vfat, some network file systems)."""
+    with contextlib.suppress(PermissionError):  # vfat: the check below says what it keeps
+        os.fchmod(fd, 0o700)
+    for name in _ACL_XATTRS if hasattr(os, "removexattr") else ():  # Linux
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in _NO_ACL_ERRNOS:
+                raise
+    st = os.fstat(fd)
+    if st.st_uid != euid:
+        raise NotPrivate(
+            f"the restore's private folder {where} belongs to uid {st.st_uid}, not to this "
+            "user: another user replaced it, or the file system does not keep owners "
+            "(then restore as the user that owns the target)"
+        )
+    if st.st_mode & 0o077:
+        raise NotPrivate(
+            f"the restore's private folder {where} keeps mode {stat.S_IMODE(st.st_mode):o} "
+            "(other users could reach what is restored before it is in place): the file "
+            "system does not keep modes; restore into another file system"
+        )
 
 
 @dataclass(frozen=True)

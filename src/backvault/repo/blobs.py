@@ -14,7 +14,7 @@ from typing import Any
 
 import zstandard
 
-from ..crypto.aead import AuthenticationFailed, Key
+from ..crypto.aead import OVERHEAD, AuthenticationFailed, Key
 from ..storage import Backend, FileType, ObjectNotFound, StorageError
 from ..storage.local import LocalBackend
 from . import format as fmt
@@ -130,12 +130,30 @@ class BlobReader:
     def _verify(
         self, blob: PackedBlob, plain: bytes | memoryview, label: str
     ) -> bytes | memoryview:
-        """Decompress (if the blob is compressed) and check the blob's SHA-256."""
-        if blob.uncompressed_length is not None:
+        """Decompress (if the blob is compressed) into at most the length the index (or
+        pack header) gives, and check the blob's SHA-256."""
+        expected = blob.uncompressed_length
+        if expected is not None:
+            check_blob_size(blob, label)
+            name = f"blob {blob.id.hex()[:12]}"
             try:
-                plain = self._zstd().decompress(plain, max_output_size=blob.uncompressed_length)
+                # A frame that records its size is decompressed into a buffer of that size
+                # whatever max_output_size says: a few KiB could claim gigabytes.
+                claimed = zstandard.frame_content_size(plain)
+                if claimed not in (-1, expected):
+                    raise DamagedObject(
+                        label,
+                        f"{name}: its compressed data holds {claimed} bytes, the index says "
+                        f"{expected}",
+                    )
+                plain = self._zstd().decompress(plain, max_output_size=expected)
             except zstandard.ZstdError as exc:
-                raise DamagedObject(label, f"blob {blob.id.hex()[:12]}: {exc}") from exc
+                raise DamagedObject(label, f"{name}: {exc}") from exc
+            if len(plain) != expected:
+                raise DamagedObject(
+                    label,
+                    f"{name}: it decompresses to {len(plain)} bytes, the index says {expected}",
+                )
         if fmt.sha256(plain) != blob.id:
             raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
         return plain
@@ -194,6 +212,18 @@ class BlobReader:
             except DamagedObject as exc:
                 report.errors.append(str(exc))
         return report
+
+
+def check_blob_size(blob: PackedBlob, label: str) -> None:
+    """Refuse a blob whose lengths (as the index or a pack header gives them) are more
+    than a blob of its type may hold, before anything is read or decompressed."""
+    limit = fmt.MAX_BLOB_PLAINTEXT[blob.type.value]
+    if blob.plaintext_length > limit or blob.length > limit + OVERHEAD:
+        raise DamagedObject(
+            label,
+            f"blob {blob.id.hex()[:12]} claims {max(blob.plaintext_length, blob.length)} bytes, "
+            f"more than a {blob.type.value} blob may hold ({limit})",
+        )
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from ..crypto.aead import OVERHEAD
 from ..storage import FileType
 from . import format as fmt
-from .blobs import BlobReader, PackReport, reader_pool
+from .blobs import BlobLocation, BlobReader, PackReport, reader_pool
 from .errors import DamagedObject
 from .format import BlobType, PackedBlob
 from .repository import Repository
@@ -89,13 +89,17 @@ class Checker:
         self.result.snapshots = len(snapshots)
         seen: set[bytes] = set()
         shapes: dict[bytes, fmt.TreeShape] = {}
-        todo = [(snap.tree, f"snapshot {name[:8]}") for name, snap in snapshots]
+        # (tree, where it is for messages, its snapshot, its path in the snapshot)
+        todo = [
+            (snap.tree, f"snapshot {name[:8]}", f"snapshot {name[:8]}", "")
+            for name, snap in snapshots
+        ]
         while todo:
-            tree_id, where = todo.pop()
+            tree_id, where, snapshot, folder = todo.pop()
             if tree_id in seen:
                 continue
             seen.add(tree_id)
-            location = self.repo.lookup(tree_id)
+            location = self.repo.lookup(tree_id, BlobType.TREE) or self.repo.lookup(tree_id)
             if location is None:
                 self.result.errors.append(
                     f"tree {tree_id.hex()[:12]} ({where}) is not in any index"
@@ -112,19 +116,32 @@ class Checker:
             self.result.trees += 1
             shapes[tree_id] = fmt.TreeShape.of(nodes)
             for node in nodes:
+                path = f"{folder}/{node.name}"
                 if node.type == "dir" and node.subtree is not None:
-                    todo.append((node.subtree, f"{where}: {node.name}"))
+                    todo.append((node.subtree, f"{where}: {node.name}", snapshot, path))
+                held: int | None = 0
                 for blob_id in node.content or []:
-                    loc = self.repo.lookup(blob_id)
+                    loc = self._data_blob(blob_id)
                     if loc is None:
                         self.result.errors.append(
                             f"data blob {blob_id.hex()[:12]} of {node.name!r} ({where}) "
                             "is not in any index"
                         )
+                        held = None
                     elif loc.blob.type is not BlobType.DATA:
                         self.result.errors.append(
                             f"blob {blob_id.hex()[:12]} of {node.name!r} is not data"
                         )
+                        held = None
+                    elif held is not None:
+                        held += loc.blob.plaintext_length
+                if node.type == "file" and held is not None and held != node.size:
+                    # A restore refuses such a file (its blobs cannot fill it, or would
+                    # write past its end): name it before a restore is needed.
+                    self.result.errors.append(
+                        f"file {path} ({snapshot}) has the wrong size: its blobs hold "
+                        f"{held} bytes by the index, its entry says {node.size}"
+                    )
         # Folders may share trees: a snapshot of a few trees can expand to 2^40 entries,
         # which restore refuses. Each tree is added up once.
         totals: dict[bytes, tuple[int, int]] = {}
@@ -136,6 +153,11 @@ class Checker:
                     f"folders share subtrees), more than the {fmt.MAX_RESTORE_ENTRIES:,} a "
                     "restore makes"
                 )
+
+    def _data_blob(self, blob_id: bytes) -> BlobLocation | None:
+        """Where a data blob is by the index, found as data if it is stored as both
+        types."""
+        return self.repo.lookup(blob_id, BlobType.DATA) or self.repo.lookup(blob_id)
 
     def _read_packs(
         self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]

@@ -24,6 +24,10 @@ from ..crypto.aead import OVERHEAD
 REPOSITORY_VERSION = 2
 ID_SIZE = 32
 MAX_UNPACKED_SIZE = 1 << 30  # refuse to decompress a bomb
+# The largest plaintext a blob may have, by type: restic's chunker makes data blobs of at
+# most 8 MiB; a tree blob of 256 MiB lists about a million entries. A blob that claims
+# more is damaged: it is never read or decompressed (a zstd bomb of gigabytes).
+MAX_BLOB_PLAINTEXT = {"data": 64 << 20, "tree": 256 << 20}
 
 
 class FormatError(ValueError):
@@ -489,9 +493,15 @@ class TreeShape:
     def of(cls, nodes: list[Node]) -> TreeShape:
         return cls(
             len(nodes),
-            sum(node.size for node in nodes if node.type == "file"),
+            sum(restorable_size(node) for node in nodes if node.type == "file"),
             tuple(node.subtree for node in nodes if node.type == "dir" and node.subtree),
         )
+
+
+def restorable_size(node: Node) -> int:
+    """The most bytes a restore can write for file ``node``: its size, but no more than
+    its blobs can hold (a file claiming more is damaged and written not at all)."""
+    return min(node.size, len(node.content or []) * MAX_BLOB_PLAINTEXT["data"])
 
 
 def expanded_totals(

@@ -17,9 +17,9 @@ from ..crypto.keyfile import KeyFile, KeyFileError, WrongSecret
 from ..crypto.slotlabel import OTHER, SlotLabel
 from ..storage import Backend, FileType, ObjectNotFound, StorageError
 from . import format as fmt
-from .blobs import BlobLocation, BlobReader, decode_pack_header_blob
+from .blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
 from .errors import DamagedObject, NotARepository, RepositoryError, WrongKey
-from .format import Config, IndexFile, Node, PackedBlob, Snapshot
+from .format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
 from .polynomial import random_irreducible
 from .timefmt import format_ns, now_ns
 
@@ -55,6 +55,8 @@ class Repository:
         self.config = config
         self.key_id = key_id
         self._index: dict[bytes, BlobLocation] = {}
+        # Blobs also stored as the other type than the one ``_index`` has for their id.
+        self._other_type: dict[bytes, BlobLocation] = {}
         self._packs: dict[bytes, list[PackedBlob]] = {}
         self._scanned_unindexed = False
         self._scan_lock = threading.Lock()
@@ -222,6 +224,7 @@ class Repository:
     def load_index(self, errors: list[DamagedObject] | None = None) -> None:
         """Read every index file. Damaged ones are collected in ``errors`` if given."""
         index: dict[bytes, BlobLocation] = {}
+        other: dict[bytes, BlobLocation] = {}
         packs: dict[bytes, dict[tuple[bytes, int], PackedBlob]] = {}
         names = [name for name, _ in self.backend.list(FileType.INDEX)]
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -235,9 +238,12 @@ class Repository:
             for pack_id, blobs in result.packs.items():
                 entries = packs.setdefault(pack_id, {})
                 for blob in blobs:
-                    index.setdefault(blob.id, BlobLocation(pack_id, blob))
+                    found = index.setdefault(blob.id, BlobLocation(pack_id, blob))
+                    if found.blob.type is not blob.type:
+                        other.setdefault(blob.id, BlobLocation(pack_id, blob))
                     entries[(blob.id, blob.offset)] = blob
         self._index = index
+        self._other_type = other
         self._packs = {
             pack_id: sorted(entries.values(), key=lambda b: b.offset)
             for pack_id, entries in packs.items()
@@ -282,8 +288,13 @@ class Repository:
         """Every pack the index files list, with all its blobs (duplicates included)."""
         return self._packs
 
-    def lookup(self, blob_id: bytes) -> BlobLocation | None:
-        return self._index.get(blob_id)
+    def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
+        """Where the index has a blob (as a blob of type ``kind``, if given)."""
+        location = self._index.get(blob_id)
+        if kind is None or location is None or location.blob.type is kind:
+            return location
+        other = self._other_type.get(blob_id)
+        return other if other is not None and other.blob.type is kind else None
 
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self._index
@@ -300,7 +311,11 @@ class Repository:
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         blobs = list(blobs)
         for blob in blobs:
-            self._index.setdefault(blob.id, BlobLocation(pack_id, blob))
+            found = self._index.setdefault(blob.id, BlobLocation(pack_id, blob))
+            if found.blob.type is not blob.type:
+                # The same bytes stored as a blob of the other type (a file holding a
+                # tree's JSON): restic indexes by type and id; so is it found here.
+                self._other_type.setdefault(blob.id, BlobLocation(pack_id, blob))
         self._packs[pack_id] = blobs
 
     # --- blobs and trees ---------------------------------------------------------------
@@ -309,8 +324,23 @@ class Repository:
         """Decrypt, decompress and verify one blob's bytes as read from its pack."""
         return self.reader.open_blob(blob, sealed, label)
 
-    def locate(self, blob_id: bytes) -> BlobLocation:
-        """Where a blob is stored; DamagedObject if no index (nor pack header) lists it."""
+    def locate(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation:
+        """Where a blob is stored, as a blob of type ``kind`` if given; DamagedObject if no
+        index (nor pack header) lists it so, or if it claims more bytes than a blob of its
+        type may hold."""
+        location = self._locate(blob_id)
+        if kind is not None and location.blob.type is not kind:
+            other = self._other_type.get(blob_id)
+            if other is None or other.blob.type is not kind:
+                raise DamagedObject(
+                    f"blob {blob_id.hex()[:12]}",
+                    f"it is a {location.blob.type.value} blob, used as a {kind.value} blob",
+                )
+            location = other
+        check_blob_size(location.blob, f"data/{location.pack_id.hex()}")
+        return location
+
+    def _locate(self, blob_id: bytes) -> BlobLocation:
         self.ensure_index()
         location = self._index.get(blob_id)
         if location is None:
@@ -329,8 +359,8 @@ class Repository:
         """Blobs stored in this order in one pack, read with a single request."""
         return self.reader.load_run(locations)
 
-    def load_blob(self, blob_id: bytes) -> bytes:
-        location = self.locate(blob_id)
+    def load_blob(self, blob_id: bytes, kind: BlobType | None = None) -> bytes:
+        location = self.locate(blob_id, kind)
         pack = location.pack_id.hex()
         label = f"data/{pack}"
         try:
@@ -352,7 +382,7 @@ class Repository:
                 self._tree_cache.move_to_end(tree_id)
                 return cached
         try:
-            nodes = fmt.decode_tree(self.load_blob(tree_id))
+            nodes = fmt.decode_tree(self.load_blob(tree_id, BlobType.TREE))
         except fmt.FormatError as exc:
             raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
         with self._tree_cache_lock:

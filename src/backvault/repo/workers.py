@@ -197,4 +197,14 @@ class WorkerPool:
     def shutdown(self, cancel: bool = False) -> None:
         self._threads.shutdown(wait=True, cancel_futures=cancel)
         if self._process_pool is not None:
-            self._process_pool.shutdown(wait=True, cancel_futures=cancel)
+            try:
+                self._process_pool.shutdown(wait=True, cancel_futures=cancel)
+            except RuntimeError:
+                # A signal (SIGTERM, Ctrl-C) raised in the main thread while the pool was
+                # starting: its manager thread never started ("cannot join thread before
+                # it is started"), so nothing will stop its processes: stop them here,
+                # and let the signal's exception, not this one, end the command.
+                processes = getattr(self._process_pool, "_processes", None) or {}
+                for process in list(processes.values()):
+                    process.terminate()
+                    process.join()
