@@ -149,8 +149,13 @@ def log_lines(node: VaultNode, level: str, text: str) -> list[str]:
 def pkcs11_session(token: SoftHsm, pin: bool = True) -> object:
     import pkcs11
 
+    from backvault.vault.sealing import pkcs11_attribute_mapper
+
     found = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=token.token_label)
-    return found.open(user_pin=token.pin, rw=True) if pin else found.open()
+    mapper = pkcs11_attribute_mapper()
+    if pin:
+        return found.open(user_pin=token.pin, rw=True, attribute_mapper=mapper)
+    return found.open(rw=True, attribute_mapper=mapper)
 
 
 def plant_imported_key(token: SoftHsm, label: str) -> None:
@@ -171,7 +176,7 @@ def plant_imported_key(token: SoftHsm, label: str) -> None:
         session.create_object(template)
 
 
-def plant_generated_key(token: SoftHsm, label: str, **changes: bool) -> None:
+def plant_generated_key(token: SoftHsm, label: str, **changes: object) -> None:
     from pkcs11 import Attribute, KeyType
 
     template = {getattr(Attribute, name): wanted for name, wanted in {**SAFE, **changes}.items()}
@@ -342,6 +347,151 @@ def test_an_imported_key_is_refused_as_the_current_key_unless_the_operator_opts_
         finally:
             node.stop()
         assert log_lines(node, "warning", "CKA_ALWAYS_SENSITIVE=false")
+
+
+DERIVATION_DATA = b"D" * 32  # what the attacker derives the key from
+
+
+def plant_derived_key(token: SoftHsm, label: str) -> None:
+    """With the PIN for a moment: a public base key allowed to derive (left in the token),
+    and derived from it a key with every attribute the vault checked as a generated key has
+    them — CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE true — but CKA_LOCAL false."""
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    # SoftHSM2 takes the attributes in order: CKA_MODIFIABLE=false goes last.
+    template = {getattr(Attribute, name): wanted for name, wanted in SAFE.items()}
+    template[Attribute.LABEL] = label
+    template[Attribute.MODIFIABLE] = template.pop(Attribute.MODIFIABLE)
+    with softhsm_in_this_process(token), pkcs11_session(token) as session:  # type: ignore[attr-defined]
+        base = session.generate_key(
+            KeyType.AES,
+            256,
+            label="attacker-base",
+            store=True,
+            template={
+                Attribute.DERIVE: True,
+                Attribute.PRIVATE: False,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+            },
+        )
+        base.derive_key(
+            KeyType.AES,
+            256,
+            mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+            mechanism_param=DERIVATION_DATA,
+            template=template,
+        )
+
+
+def derive_without_the_pin(token: SoftHsm) -> bytes:
+    """Anyone who can open a session on the token, without logging in, derives the key
+    again from the public base key — readable this time."""
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    with softhsm_in_this_process(token), pkcs11_session(token, pin=False) as public:  # type: ignore[attr-defined]
+        base = public.get_key(label="attacker-base")
+        copy = base.derive_key(
+            KeyType.AES,
+            256,
+            store=False,
+            mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+            mechanism_param=DERIVATION_DATA,
+            template={
+                Attribute.PRIVATE: False,
+                Attribute.SENSITIVE: False,
+                Attribute.EXTRACTABLE: True,
+                Attribute.VALUE_LEN: 32,
+            },
+        )
+        return bytes(copy[Attribute.VALUE])
+
+
+def serve_once(node: VaultNode) -> subprocess.CompletedProcess[str]:
+    command = node.command("serve", "--listen", f"127.0.0.1:{free_port()}", *node.args)
+    return subprocess.run(command, env=node.env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_derived_key_is_refused_as_the_current_key_unless_the_operator_opts_in(
+    tmp_path: Path,
+) -> None:
+    """Round two: a key derived in the token from a public base key the attacker left
+    there has CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE true, so the vault sealed
+    under it; anyone who can open a session without the PIN derived it again, readable,
+    and opened every record in a database copy. CKA_LOCAL (false for any key not generated
+    in the token) now refuses it as the current key; as an older version it only warns."""
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        plant_derived_key(token, "backvault-sealing-v1")
+        db = tmp_path / "vault.db"
+        node = hsm_node(tmp_path / "n", f"sqlite:///{db}", token)
+
+        refused = serve_once(node)
+        assert refused.returncode == 1
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            "backvault: sealing: the HSM sealing key version 1 has CKA_LOCAL=false"
+        ), last
+        assert "pkcs11_accept_cloned_keys = true" in last
+
+        # The operator opts in: the key works, and the attack shows why it should not.
+        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.start()
+        try:
+            register_and_login(node, node.add_account("kim"), b"pw-kim")
+        finally:
+            node.stop()
+        value = derive_without_the_pin(token)
+        sealed, purpose = sealed_values(db)[0]
+        assert AESGCM(value).decrypt(sealed[5:17], sealed[17:], sealed[:5] + purpose)
+
+        # A rotation moves every value to a key generated in the token; the derived one,
+        # now an older version, is warned about but no longer stops the vault.
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        del node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"]
+        node.start()
+        try:
+            assert current_version(node) == 2
+            register_and_login(node, node.add_account("lee"), b"pw-lee")
+        finally:
+            node.stop()
+        assert log_lines(node, "warning", "version 1 has CKA_LOCAL=false")
+        for sealed, purpose in sealed_values(db):
+            assert sealed[:5] == bytes([2, 0, 0, 0, 2])
+            with pytest.raises(InvalidTag):
+                AESGCM(value).decrypt(sealed[5:17], sealed[17:], sealed[:5] + purpose)
+
+
+def test_keys_the_vault_makes_allow_only_aes_gcm_and_a_current_key_allowing_more_is_refused(
+    tmp_path: Path, hsm: SoftHsm
+) -> None:
+    """Round two: CKA_ALLOWED_MECHANISMS. `init-hsm` and rotations make keys the token
+    lets only CKM_AES_GCM use (SoftHSM2 enforces it: CKM_AES_ECB is refused); a current
+    key that allows another mechanism is refused."""
+    import pkcs11
+    from pkcs11 import Attribute, Mechanism
+
+    with softhsm_in_this_process(hsm), pkcs11_session(hsm) as session:  # type: ignore[attr-defined]
+        made = session.get_key(label="backvault-sealing-v1")
+        assert list(made[Attribute.ALLOWED_MECHANISMS]) == [Mechanism.AES_GCM]
+        assert made[Attribute.LOCAL] is True
+        with pytest.raises(pkcs11.MechanismInvalid):
+            made.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+
+    with softhsm_token(tmp_path / "other", ceremony=False) as token:
+        plant_generated_key(
+            token,
+            "backvault-sealing-v1",
+            ALLOWED_MECHANISMS=[Mechanism.AES_GCM, Mechanism.AES_ECB],
+        )
+        node = hsm_node(tmp_path / "n", f"sqlite:///{tmp_path / 'vault.db'}", token)
+        refused = serve_once(node)
+        assert refused.returncode == 1
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            "backvault: sealing: the HSM sealing key version 1 allows mechanisms other than "
+            "CKM_AES_GCM (CKM_AES_ECB)"
+        ), last
 
 
 def test_init_hsm_records_its_key_so_a_key_planted_before_the_first_start_is_ignored(

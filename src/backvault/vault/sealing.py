@@ -757,7 +757,42 @@ SAFE_KEY_ATTRIBUTES: tuple[tuple[str, bool], ...] = (
 # The key that seals must have both true, unless the operator accepts cloned keys
 # (pkcs11_accept_cloned_keys: HSM cloning procedures that unwrap a key onto another
 # appliance clear them); older versions, which only open, are warned about.
-HISTORY_ATTRIBUTES = ("ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE")
+# CKA_LOCAL tells the same of how the key was made: true only for a key generated in the
+# token (C_GenerateKey); false for one imported, unwrapped or derived — a key derived
+# from a base key someone kept (public, with CKA_DERIVE) can be derived again, readable,
+# without the PIN.
+HISTORY_ATTRIBUTES = ("ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "LOCAL")
+# The one mechanism the vault uses a sealing key with. Keys the vault makes are limited to
+# it (CKA_ALLOWED_MECHANISMS, PKCS#11 2.40; the token refuses every other mechanism, such
+# as CKM_AES_ECB, which would make the key a raw block-cipher oracle for any PIN holder).
+# A current key that allows another mechanism is refused; one that allows every mechanism
+# (an empty list: keys made before the vault set it) is warned about.
+ALLOWED_MECHANISMS_NAME = "ALLOWED_MECHANISMS"
+
+
+def pkcs11_attribute_mapper() -> Any:
+    """python-pkcs11's attribute mapper, taught CKA_ALLOWED_MECHANISMS (an array of
+    CK_MECHANISM_TYPE, which it does not handle by itself)."""
+    import struct
+
+    from pkcs11 import Attribute, Mechanism
+    from pkcs11.attributes import AttributeMapper
+
+    known = {int(mechanism) for mechanism in Mechanism}
+    size = struct.calcsize("L")
+
+    def pack(mechanisms: Any) -> bytes:
+        return b"".join(struct.pack("L", int(mechanism)) for mechanism in mechanisms)
+
+    def unpack(raw: bytes) -> list[Any]:
+        return [
+            Mechanism(value) if value in known else value
+            for (value,) in struct.iter_unpack("L", raw[: len(raw) - len(raw) % size])
+        ]
+
+    mapper = AttributeMapper()
+    mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
+    return mapper
 
 
 class Pkcs11Sealer(_VersionedSealer):
@@ -798,11 +833,12 @@ class Pkcs11Sealer(_VersionedSealer):
             try:
                 lib = pkcs11.lib(module)
                 token = lib.get_token(token_label=token_label)
+                mapper = pkcs11_attribute_mapper()
                 try:
-                    self._session: Any = token.open(user_pin=pin, rw=True)
+                    self._session: Any = token.open(user_pin=pin, rw=True, attribute_mapper=mapper)
                 except pkcs11.UserAlreadyLoggedIn:
                     # PKCS#11 logs in per process: another session here already did.
-                    self._session = token.open(rw=True)
+                    self._session = token.open(rw=True, attribute_mapper=mapper)
                 break
             except pkcs11.exceptions.GeneralError as exc:
                 # Transient: SoftHSM2 answers this while another process (a second vault
@@ -890,11 +926,18 @@ class Pkcs11Sealer(_VersionedSealer):
         for name, value in history.items():
             if value:
                 continue
-            problem = (
-                f"the HSM sealing key version {version} has CKA_{name}=false: its value was "
-                "readable or exportable at some point (an imported key, or an unwrapped copy), "
-                "so someone may know it"
-            )
+            if name == "LOCAL":
+                problem = (
+                    f"the HSM sealing key version {version} has CKA_LOCAL=false: it was not "
+                    "generated in the token but imported, unwrapped or derived, so someone may "
+                    "know its value or be able to make it again"
+                )
+            else:
+                problem = (
+                    f"the HSM sealing key version {version} has CKA_{name}=false: its value "
+                    "was readable or exportable at some point (an imported key, or an "
+                    "unwrapped copy), so someone may know it"
+                )
             if strict and not (self.accept_cloned_keys or self.accept_weak_keys):
                 raise SealingError(
                     f"{problem}. Make a new key version inside the HSM and move every value "
@@ -903,6 +946,55 @@ class Pkcs11Sealer(_VersionedSealer):
                     "pkcs11_accept_cloned_keys = true (see the operator guide)"
                 )
             self._warn_once(version, name, problem)
+        self._check_mechanisms(version, key, strict)
+
+    def _allowed_mechanisms(self, version: int, key: Any) -> list[Any] | None:
+        """The key's CKA_ALLOWED_MECHANISMS (empty: every mechanism), or None when the
+        token does not know the attribute."""
+        from pkcs11 import Attribute
+
+        try:
+            with self._lock:
+                return list(key[Attribute.ALLOWED_MECHANISMS])
+        except (self._pkcs11.AttributeTypeInvalid, self._pkcs11.AttributeSensitive):
+            return None
+        except self._pkcs11.PKCS11Error as exc:
+            raise SealingError(
+                f"cannot read the allowed mechanisms of HSM sealing key version {version}: {exc!r}"
+            ) from exc
+
+    def _check_mechanisms(self, version: int, key: Any, strict: bool) -> None:
+        from pkcs11 import Mechanism
+
+        allowed = self._allowed_mechanisms(version, key)
+        if allowed is None:
+            return  # a token without CKA_ALLOWED_MECHANISMS: nothing to check
+        if not allowed:
+            self._warn_once(
+                version,
+                ALLOWED_MECHANISMS_NAME,
+                f"the HSM sealing key version {version} may be used with any mechanism "
+                "(CKA_ALLOWED_MECHANISMS is empty), not only CKM_AES_GCM: keys the vault "
+                "makes now are limited to it; move to one with `backvault vault "
+                "rotate-sealing-key`",
+            )
+            return
+        others = [m for m in allowed if m != Mechanism.AES_GCM]
+        if not others:
+            return
+        names = ", ".join(
+            f"CKM_{m.name}" if isinstance(m, Mechanism) else f"0x{int(m):x}" for m in others
+        )
+        problem = (
+            f"the HSM sealing key version {version} allows mechanisms other than "
+            f"CKM_AES_GCM ({names}) in CKA_ALLOWED_MECHANISMS"
+        )
+        if strict and not self.accept_weak_keys:
+            raise SealingError(
+                f"{problem}. Make a new key version with `backvault vault rotate-sealing-key` "
+                "(the vault limits the keys it makes to CKM_AES_GCM) and move every value to it"
+            )
+        self._warn_once(version, ALLOWED_MECHANISMS_NAME, problem)
 
     def _warn_once(self, version: int, attribute: str, message: str) -> None:
         if (version, attribute) not in self._warned:
@@ -910,12 +1002,20 @@ class Pkcs11Sealer(_VersionedSealer):
             log.warning(message)
 
     def _create_key(self, version: int) -> Any:
-        from pkcs11 import Attribute, KeyType, MechanismFlag
+        from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag
 
         template = {getattr(Attribute, name): wanted for name, wanted in SAFE_KEY_ATTRIBUTES}
         # Not even a PIN holder may copy the key (a copy could be made public, or given
-        # other uses). PKCS#11 2.40; a token that does not know the attribute goes without.
-        attempts = [{**template, Attribute.COPYABLE: False}, template]
+        # other uses), nor use it with another mechanism than AES-GCM. PKCS#11 2.40; a
+        # token that does not know an attribute goes without it.
+        copyable = {Attribute.COPYABLE: False}
+        mechanisms = {Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_GCM]}
+        attempts = [
+            {**template, **copyable, **mechanisms},
+            {**template, **mechanisms},
+            {**template, **copyable},
+            template,
+        ]
         for index, attempt in enumerate(attempts):
             try:
                 with self._lock:
