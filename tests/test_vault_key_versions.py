@@ -522,6 +522,217 @@ def test_init_hsm_records_its_key_so_a_key_planted_before_the_first_start_is_ign
         assert "this database records none" in refused.stderr
 
 
+# --- round two: version records written into the database -------------------------------
+
+
+def unvouched_keys(node: VaultNode) -> float:
+    return metric(node, 'backvault_vault_sealing_keys_ignored{reason="unvouched"}') or 0.0
+
+
+Encrypt = Callable[[bytes, bytes, bytes], bytes]  # (nonce, plaintext, associated data)
+
+
+def attacker_check_value(encrypt: Encrypt) -> bytes:
+    """The check value of the planted key, computed as the vault does (sealing.py)."""
+    import hashlib
+
+    from backvault.vault.sealing import (
+        CHECK_VALUE_ASSOCIATED_DATA,
+        CHECK_VALUE_BLOCK,
+        CHECK_VALUE_NONCE,
+    )
+
+    encrypted = encrypt(CHECK_VALUE_NONCE, CHECK_VALUE_BLOCK, CHECK_VALUE_ASSOCIATED_DATA)
+    return hashlib.sha256(CHECK_VALUE_ASSOCIATED_DATA + b"\0" + encrypted).digest()
+
+
+def attacker_vouch(encrypt: Encrypt, voucher: int, version: int, check_value: bytes) -> bytes:
+    """A vouch made with the planted key (the only key the attacker can use)."""
+    from backvault.vault.sealing import sealed_header, vouch_purpose
+
+    header, nonce = sealed_header(voucher), os.urandom(12)
+    return header + nonce + encrypt(nonce, b"", header + vouch_purpose(version, check_value))
+
+
+class PlantedStore:
+    """Where the attacker plants a key of version 2, and how they use it."""
+
+    def node(self, tmp: Path, db: Path) -> VaultNode:
+        return make_node(tmp / "n", f"sqlite:///{db}", env=FAST_SWEEP)
+
+    def plant(self, node: VaultNode) -> Encrypt:
+        planted = node.sealing_key.with_name("sealing.key.v2")
+        planted.write_bytes(KNOWN_KEY)
+        os.chmod(planted, 0o600)
+        return lambda nonce, data, aad: AESGCM(KNOWN_KEY).encrypt(nonce, data, aad)
+
+    def where(self, node: VaultNode) -> str:
+        return str(node.sealing_key.with_name("sealing.key.v2"))
+
+
+class PlantedHsm(PlantedStore):
+    """With the PIN for a moment: a key generated in the token with every attribute the
+    vault checks (CKA_LOCAL, CKA_ALLOWED_MECHANISMS included), used while the PIN lasts."""
+
+    def __init__(self, token: SoftHsm) -> None:
+        self.token = token
+
+    def node(self, tmp: Path, db: Path) -> VaultNode:
+        return hsm_node(tmp / "n", f"sqlite:///{db}", self.token)
+
+    def plant(self, node: VaultNode) -> Encrypt:
+        from pkcs11 import Mechanism
+        from pkcs11.mechanisms import GCMParams
+
+        plant_generated_key(
+            self.token, "backvault-sealing-v2", ALLOWED_MECHANISMS=[Mechanism.AES_GCM]
+        )
+        made: dict[tuple[bytes, bytes, bytes], bytes] = {}
+
+        def encrypt(nonce: bytes, data: bytes, aad: bytes) -> bytes:
+            if (nonce, data, aad) not in made:
+                with softhsm_in_this_process(self.token), pkcs11_session(self.token) as session:  # type: ignore[attr-defined]
+                    key = session.get_key(label="backvault-sealing-v2")
+                    made[nonce, data, aad] = bytes(
+                        key.encrypt(
+                            data,
+                            mechanism=Mechanism.AES_GCM,
+                            mechanism_param=GCMParams(nonce, aad, 128),
+                        )
+                    )
+            return made[nonce, data, aad]
+
+        return encrypt
+
+    def where(self, node: VaultNode) -> str:
+        return "labelled 'backvault-sealing-v2'"
+
+
+@pytest.fixture(params=["key files", "SoftHSM2"])
+def planted_store(request: pytest.FixtureRequest, hsm: SoftHsm) -> PlantedStore:
+    return PlantedStore() if request.param == "key files" else PlantedHsm(hsm)
+
+
+def write_version_record(db: Path, version: int, check_value: bytes, vouch: bytes | None) -> None:
+    """Database write access, no key: the record the attacker adds for the planted key."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO sealing_key_versions (key_version, check_value, origin, recorded_at) "
+            "VALUES (?, ?, 'created', ?)",
+            (version, check_value.hex(), time.time()),
+        )
+        if vouch is not None:
+            conn.execute(
+                "UPDATE sealing_key_versions SET vouch = ? WHERE key_version = ?",
+                (vouch.hex(), version),
+            )
+
+
+@pytest.mark.parametrize("vouched", ["not vouched for", "vouched for by itself"])
+def test_a_version_record_written_into_the_database_for_a_planted_key_is_ignored(
+    tmp_path: Path, planted_store: PlantedStore, vouched: str
+) -> None:
+    """Round two: someone who once had the PIN for a moment (or could write to the key
+    folder) plants `v2`, and with write access to the database adds its record with the
+    planted key's check value — and a vouch made with that same key. Nodes sealed under the
+    planted key at their next sweep. Now a version is used only when a version the node
+    trusts vouches for it; the record is ignored, logged and counted, also after a restart,
+    and the next rotation goes on from version 1."""
+    db = tmp_path / "vault.db"
+    node = planted_store.node(tmp_path, db).start()
+    try:
+        token = node.add_account("max")
+        encrypt = planted_store.plant(node)
+        check_value = attacker_check_value(encrypt)
+        vouch = attacker_vouch(encrypt, 2, 2, check_value) if vouched.endswith("itself") else None
+        write_version_record(db, 2, check_value, vouch)
+        wait_until(
+            lambda: unvouched_keys(node) >= 1 or current_version(node) != 1,
+            "a sweep to look at the planted record",
+        )
+        assert current_version(node) == 1
+        register_and_login(node, token, b"pw-max")
+        assert set(sealed_versions(f"sqlite:///{db}")) == {1}
+    finally:
+        node.stop()
+    assert log_lines(
+        node,
+        "error",
+        f"ignoring the sealing key {planted_store.where(node)} for key version 2 (check value "
+        f"{check_value[:8].hex()}): its record in the database is not vouched for",
+    )
+    assert not any(opens_with_known_key(*value) for value in sealed_values(db))
+
+    node.start()  # a node starting afresh trusts what its sealed rows are sealed under
+    try:
+        assert current_version(node) == 1
+        assert unvouched_keys(node) == 1
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "created sealing key version 3 " in rotated.stdout
+        wait_for_version(node, 3)
+        with VaultClient(node.url, token, CONFIG) as vc:
+            assert vc.login(b"pw-max").wrapped_secret == SECRET
+        listing = admin(node, "sealing-keys")
+        rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+        assert [row[:2] for row in rows] == [["1", "old"], ["3", "current"], ["2", "ignored"]]
+        assert rows[2][-1] == "unvouched"
+    finally:
+        node.stop()
+    assert set(sealed_versions(f"sqlite:///{db}")) == {3}
+    assert not any(opens_with_known_key(*value) for value in sealed_values(db))
+
+
+def test_a_record_vouched_for_by_a_higher_version_is_ignored(tmp_path: Path) -> None:
+    """Two planted keys, v2 and v3, whose records vouch for each other downwards (v3's key
+    vouches for v2, v2's for v3): neither is vouched for by a version the node trusts."""
+    db = tmp_path / "vault.db"
+    node = make_node(tmp_path / "n", f"sqlite:///{db}", env=FAST_SWEEP).start()
+    try:
+        node.add_account("ned")
+        checks = {}
+        for version in (2, 3):
+            planted = node.sealing_key.with_name(f"sealing.key.v{version}")
+            planted.write_bytes(bytes([version]) * 32)
+            os.chmod(planted, 0o600)
+        encrypts: dict[int, Encrypt] = {
+            version: (
+                lambda nonce, data, aad, k=bytes([version]) * 32: AESGCM(k).encrypt(
+                    nonce, data, aad
+                )
+            )
+            for version in (2, 3)
+        }
+        checks = {version: attacker_check_value(encrypts[version]) for version in (2, 3)}
+        write_version_record(db, 2, checks[2], attacker_vouch(encrypts[3], 3, 2, checks[2]))
+        write_version_record(db, 3, checks[3], attacker_vouch(encrypts[2], 2, 3, checks[3]))
+        wait_until(
+            lambda: unvouched_keys(node) >= 2 or current_version(node) != 1,
+            "a sweep to look at the planted records",
+        )
+        assert current_version(node) == 1
+    finally:
+        node.stop()
+
+
+def test_init_hsm_vouches_for_its_key_and_prints_its_check_value(tmp_path: Path) -> None:
+    """The first version of a database is trusted on first use, as `init-hsm` printed it;
+    its record carries its own vouch, which marks the database as chained."""
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token:
+        db = tmp_path / "vault.db"
+        node = hsm_node(tmp_path / "n", f"sqlite:///{db}", token)
+        made = admin(node, "init-hsm")
+        assert made.returncode == 0, made.stderr
+        check = re.search(r"version 1, check value ([0-9a-f]{16})$", made.stdout.strip())
+        assert check, made.stdout
+        with sqlite3.connect(db) as conn:
+            ((check_value, vouch),) = conn.execute(
+                "SELECT check_value, vouch FROM sealing_key_versions"
+            ).fetchall()
+        assert check_value.startswith(check.group(1))
+        assert bytes.fromhex(vouch)[:5] == bytes([2, 0, 0, 0, 1])
+
+
 # --- upgrading ---------------------------------------------------------------------------
 
 
@@ -631,6 +842,58 @@ def test_an_existing_deployment_upgrades_adopting_the_versions_it_seals_under(
     )
     assert len(adopted) == 1 and "), 2 (check value " in adopted[0]
     assert log_lines(node, "error", f"ignoring the sealing key {leftover} for key version 3")
+
+
+def as_left_before_vouches(db: Path) -> None:
+    """The database as the vault left it before versions were vouched for."""
+    before = schema.MIGRATIONS.index(schema._v7_sealing_key_vouches)
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE sealing_key_versions DROP COLUMN vouch")
+        conn.execute("UPDATE schema_version SET version = ?", (before,))
+
+
+def test_a_deployment_from_before_vouches_chains_its_versions_once(
+    tmp_path: Path, key_store: KeyFiles
+) -> None:
+    """Round two, upgrading: records of versions 1 and 2 (values under both, a rotation
+    stopped half-way) without vouches. The first start after the upgrade chains them once
+    (logged); every record opens; a later start does not chain again; rotation goes on."""
+    db = tmp_path / "vault.db"
+    node = key_store.node(db).start()
+    try:
+        tokens = {name: node.add_account(name) for name in ("oli", "pam")}
+        for name, token in tokens.items():
+            register_and_login(node, token, f"pw-{name}".encode())
+    finally:
+        node.stop()
+    partial = admin(node, "rotate-sealing-key", "--batch-size", "1", "--max-batches", "1")
+    assert partial.returncode == 0, partial.stderr
+    assert set(sealed_versions(f"sqlite:///{db}")) == {1, 2}
+    as_left_before_vouches(db)
+
+    for _start in range(2):
+        node.start()
+        try:
+            assert current_version(node) == 2
+            assert unvouched_keys(node) == 0
+            for name, token in tokens.items():
+                with VaultClient(node.url, token, CONFIG) as vc:
+                    assert vc.login(f"pw-{name}".encode()).wrapped_secret == SECRET
+        finally:
+            node.stop()
+    chained = log_lines(node, "warning", "chained the sealing key versions recorded before")
+    assert len(chained) == 1, chained
+    assert ": 1 (check value " in chained[0] and "), 2 (check value " in chained[0]
+
+    resumed = admin(node, "rotate-sealing-key")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "created sealing key version 3 " in resumed.stdout
+    assert set(sealed_versions(f"sqlite:///{db}")) == {3}
+    node.start()
+    try:
+        assert current_version(node) == 3
+    finally:
+        node.stop()
 
 
 # --- reprs -------------------------------------------------------------------------------

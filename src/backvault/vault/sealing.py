@@ -76,12 +76,36 @@ CHECK_VALUE_NONCE = bytes(NONCE_SIZE)
 CHECK_VALUE_ASSOCIATED_DATA = b"backvault sealing-key check value v1"
 CHECK_VALUE_BLOCK = bytes(16)
 
+# A version's record is vouched for by the key of a lower version the vault already
+# trusts: the vouch is a value sealed (format 2, naming the vouching version) under that
+# key, of nothing, with associated data naming this context, the version and its check
+# value. Only the holder of the lower key makes one, so a record written into the database
+# by someone who cannot use the vault's keys — even with the check value of a key they
+# planted — is not vouched for, and its key is ignored. The first version of a database
+# (and those adopted from before records existed) vouches for itself: that marks the
+# database as chained, and a self-vouch never makes any other version trusted.
+VOUCH_CONTEXT = b"backvault sealing-key version vouch v1\0"
+
+
+def vouch_purpose(version: int, check_value: bytes) -> bytes:
+    """The associated data of the vouch for ``version`` with ``check_value``."""
+    return VOUCH_CONTEXT + version.to_bytes(8, "big") + check_value
+
+
 # Why a key in the store is not used (the label values of the ignored-keys metric).
 IGNORED_UNRECORDED = "unrecorded"  # its version is not one the vault recorded
 IGNORED_CHECK_VALUE = "check_value"  # its version is recorded, with another key's check value
 IGNORED_DESTROYED = "destroyed"  # its version was destroyed
 IGNORED_UNFINISHED = "unfinished"  # reserved by a rotation that never recorded its key
-IGNORED_REASONS = (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_DESTROYED, IGNORED_UNFINISHED)
+# recorded with its check value, but not vouched for by a version the vault trusts
+IGNORED_UNVOUCHED = "unvouched"
+IGNORED_REASONS = (
+    IGNORED_UNRECORDED,
+    IGNORED_CHECK_VALUE,
+    IGNORED_DESTROYED,
+    IGNORED_UNFINISHED,
+    IGNORED_UNVOUCHED,
+)
 # A rotation makes its key moments after reserving the version: until then (and for this
 # long) a key of a reserved version is skipped quietly, not reported as unfinished.
 RESERVATION_GRACE = 600.0
@@ -111,10 +135,22 @@ class RecordedVersion:
     origin: str  # "created", "first start" or "adopted"
     recorded_at: float
     destroyed_at: float | None = None
+    # sealed under the key of the version that vouches for this one (VOUCH_CONTEXT)
+    vouch: bytes | None = None
 
     @property
     def usable(self) -> bool:
         return self.check_value is not None and self.destroyed_at is None
+
+    @property
+    def voucher(self) -> int | None:
+        """The version whose key made the vouch (unverified), or None."""
+        if self.vouch is None:
+            return None
+        try:
+            return key_version_of(self.vouch)
+        except SealingError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -134,6 +170,8 @@ class IgnoredKey:
             "check value differs from the recorded one)",
             IGNORED_DESTROYED: "that version was destroyed",
             IGNORED_UNFINISHED: "a rotation reserved that version but never recorded its key",
+            IGNORED_UNVOUCHED: "its record in the database is not vouched for by a key "
+            "version this vault trusts (a record written into the database is not enough)",
         }[self.reason]
         check = f" (check value {short_check_value(self.check_value)})" if self.check_value else ""
         return f"ignoring the sealing key {self.where} for key version {self.version}{check}: {why}"
@@ -151,6 +189,10 @@ class KeyStore(Protocol):
 
     def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes: ...
 
+    def vouch(
+        self, version: int, check_value: bytes, voucher: int, voucher_check_value: bytes
+    ) -> bytes: ...
+
 
 class VersionRecords(Protocol):
     """Where the key versions the vault made are recorded (its database: key_versions.py;
@@ -165,8 +207,13 @@ class VersionRecords(Protocol):
         reserved (no check value yet)."""
         ...
 
-    def confirm(self, version: int, check_value: bytes) -> None:
-        """Record the check value of the key made for a reserved version."""
+    def confirm(self, version: int, check_value: bytes, vouch: bytes) -> None:
+        """Record the check value of the key made for a reserved version, and the vouch
+        for it made with the current version's key."""
+        ...
+
+    def in_use(self) -> set[int]:
+        """The key versions stored values name (their headers; nothing is opened)."""
         ...
 
     def mark_destroyed(self, version: int) -> None: ...
@@ -198,18 +245,26 @@ class PinnedVersions:
             self._records[version] = RecordedVersion(version, None, "created", time.time())
             return version
 
-    def confirm(self, version: int, check_value: bytes) -> None:
+    def confirm(self, version: int, check_value: bytes, vouch: bytes) -> None:
         with self._lock:
             reserved = self._records[version]
             self._records[version] = RecordedVersion(
-                version, check_value, reserved.origin, reserved.recorded_at
+                version, check_value, reserved.origin, reserved.recorded_at, vouch=vouch
             )
+
+    def in_use(self) -> set[int]:
+        return set()
 
     def mark_destroyed(self, version: int) -> None:
         with self._lock:
             record = self._records[version]
             self._records[version] = RecordedVersion(
-                version, record.check_value, record.origin, record.recorded_at, time.time()
+                version,
+                record.check_value,
+                record.origin,
+                record.recorded_at,
+                time.time(),
+                record.vouch,
             )
 
     def prepare(self, store: KeyStore, create: bool) -> bool:
@@ -223,20 +278,29 @@ class PinnedVersions:
                     raise SealingError(store.no_key_message)
 
                 def record(check_value: bytes) -> None:
-                    self._records[1] = RecordedVersion(1, check_value, "created", now)
+                    vouch = store.vouch(1, check_value, 1, check_value)
+                    self._records[1] = RecordedVersion(1, check_value, "created", now, vouch=vouch)
 
                 store.make_key_version(1, record)
                 return True
-            for version, check_values in stored.items():
+            previous: tuple[int, bytes] | None = None
+            for version, check_values in sorted(stored.items()):
                 if len(set(check_values)) > 1:
                     raise SealingError(
                         f"{store.description} holds {len(check_values)} different keys for "
                         f"sealing key version {version}; destroy the ones you did not make "
                         "with backvault"
                     )
+                check_value = check_values[0]
+                voucher = previous or (version, check_value)
                 self._records[version] = RecordedVersion(
-                    version, check_values[0], "first start", now
+                    version,
+                    check_value,
+                    "first start",
+                    now,
+                    vouch=store.vouch(version, check_value, *voucher),
                 )
+                previous = (version, check_value)
             return False
 
 
@@ -251,6 +315,8 @@ class Sealer(Protocol):
     def check_value(self, version: int) -> bytes: ...
 
     def ignored_keys(self) -> list[IgnoredKey]: ...
+
+    def unfinished_versions(self) -> list[int]: ...
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes: ...
 
@@ -310,10 +376,16 @@ class _VersionedSealer:
         self._create_lock = threading.Lock()
         self._counts_lock = threading.Lock()
         self._seal_counts: dict[int, int] = {}
+        # The versions this sealer trusts (vouched for by a chain from its anchor): kept
+        # across refreshes, so a running node never needs the database to tell it again.
+        self._trusted: set[int] = set()
+        self._in_use: set[int] = set()
+        self._unfinished: list[int] = []
         self.created = False
 
     def _start(self, create: bool) -> None:
         self.created = self._records.prepare(self, create)
+        self._in_use = self._records.in_use()
         self.refresh()
 
     # --- what a key store provides --------------------------------------------------------
@@ -387,6 +459,87 @@ class _VersionedSealer:
             raise
         return check_value
 
+    def vouch(
+        self, version: int, check_value: bytes, voucher: int, voucher_check_value: bytes
+    ) -> bytes:
+        """The vouch for ``version`` (with ``check_value``), made with the key in the
+        store of version ``voucher`` whose check value is ``voucher_check_value``."""
+        for candidate in self._stored().get(voucher, []):
+            key = self._usable(voucher, candidate)
+            if hmac.compare_digest(self._check_value_of(key), voucher_check_value):
+                return self._make_vouch(voucher, key, version, check_value)
+        raise SealingError(
+            f"no key in {self.description} has the check value recorded for sealing key "
+            f"version {voucher}"
+        )
+
+    def _make_vouch(self, voucher: int, key: Any, version: int, check_value: bytes) -> bytes:
+        header = sealed_header(voucher)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        body = self._encrypt(key, nonce, b"", header + vouch_purpose(version, check_value))
+        with self._counts_lock:
+            self._seal_counts[voucher] = self._seal_counts.get(voucher, 0) + 1
+        return header + nonce + body
+
+    def _vouched(
+        self,
+        record: RecordedVersion,
+        check_value: bytes,
+        keys: Mapping[int, tuple[Any, bytes, str]],
+        trusted: set[int],
+    ) -> bool:
+        """Whether ``record`` is vouched for by a lower version in ``trusted``."""
+        voucher = record.voucher
+        if record.vouch is None or voucher is None:
+            return False
+        if voucher >= record.version or voucher not in trusted or voucher not in keys:
+            return False  # by itself, by a higher version, or by one not trusted
+        _version, nonce, body, header = _parse(record.vouch)
+        try:
+            self._decrypt(
+                keys[voucher][0], nonce, body, header + vouch_purpose(record.version, check_value)
+            )
+        except SealingError:
+            return False
+        return True
+
+    def _trust(
+        self,
+        records: Mapping[int, RecordedVersion],
+        keys: Mapping[int, tuple[Any, bytes, str]],
+    ) -> set[int]:
+        """The versions to use among ``keys`` (recorded, with the recorded check value):
+        those a chain of vouches links to the anchor — the versions this sealer trusted
+        before; at its first look, the lowest version stored values are sealed under
+        (their sealed rows are what a node must open), or on a database holding none yet
+        the lowest recorded version (trust on first use, as `init-hsm` prints its check
+        value). Lower versions count too when a chain from the lowest one reaches the
+        anchor."""
+        if not keys:
+            return set()
+
+        def chained(start: set[int]) -> set[int]:
+            trusted = set(start)
+            for version in sorted(keys):  # a voucher is lower: it was decided before
+                if version not in trusted and self._vouched(
+                    records[version], keys[version][1], keys, trusted
+                ):
+                    trusted.add(version)
+            return trusted
+
+        remembered = {version for version in self._trusted if version in keys}
+        if remembered:
+            return chained(remembered)
+        in_use = sorted(version for version in self._in_use if version in keys)
+        anchor = in_use[0] if in_use else min(keys)
+        trusted = chained({anchor})
+        lowest = min(keys)
+        if lowest < anchor:
+            below = chained({lowest})
+            if anchor in below:
+                trusted |= below
+        return trusted
+
     # --- shared -------------------------------------------------------------------------
 
     @property
@@ -402,12 +555,17 @@ class _VersionedSealer:
     def ignored_keys(self) -> list[IgnoredKey]:
         return list(self._ignored)
 
+    def unfinished_versions(self) -> list[int]:
+        """Versions a rotation reserved long ago and never recorded a key for."""
+        return list(self._unfinished)
+
     def _select(
         self, records: Mapping[int, RecordedVersion]
-    ) -> tuple[dict[int, tuple[Any, bytes]], list[IgnoredKey]]:
-        """The keys to use, with their check values — for a recorded, live version, the
-        key whose check value is the recorded one — and the keys to ignore."""
-        keys: dict[int, tuple[Any, bytes]] = {}
+    ) -> tuple[dict[int, tuple[Any, bytes, str]], list[IgnoredKey]]:
+        """The keys to use, with their check values and where they are — for a recorded,
+        live version, the key whose check value is the recorded one — and the keys to
+        ignore."""
+        keys: dict[int, tuple[Any, bytes, str]] = {}
         ignored: list[IgnoredKey] = []
         for version, candidates in sorted(self._stored().items()):
             record = records.get(version)
@@ -433,7 +591,7 @@ class _VersionedSealer:
                     else:
                         # A second object with the recorded check value is a copy of the
                         # same key: either will do.
-                        keys.setdefault(version, (key, check_value))
+                        keys.setdefault(version, (key, check_value, where))
         return keys, ignored
 
     def refresh(self) -> None:
@@ -441,16 +599,22 @@ class _VersionedSealer:
         an old one; a key nobody recorded may have appeared (ignored, loudly)."""
         with self._refresh_lock:
             records = self._records.load()
-            keys, ignored = self._select(records)
+            found, ignored = self._select(records)
+            trusted = self._trust(records, found)
+            for version, (_key, check_value, where) in sorted(found.items()):
+                if version not in trusted:
+                    ignored.append(IgnoredKey(version, where, IGNORED_UNVOUCHED, check_value))
+            keys = {version: found[version] for version in trusted}
             self._report_ignored(ignored)
             if not keys:
                 raise SealingError(self._nothing_usable(records, ignored))
             current = max(keys)
-            for version, (key, _check_value) in keys.items():
+            for version, (key, _check_value, _where) in keys.items():
                 self._check_attributes(version, key, strict=version == current)
             previous = max(self._keys) if self._keys else None
-            self._keys = {version: key for version, (key, _check_value) in keys.items()}
-            self._check_values = {version: check for version, (_key, check) in keys.items()}
+            self._trusted = set(keys)
+            self._keys = {version: key for version, (key, _check, _where) in keys.items()}
+            self._check_values = {version: check for version, (_key, check, _w) in keys.items()}
         if previous != current:
             self._report_current(previous, current)
 
@@ -480,7 +644,7 @@ class _VersionedSealer:
                 advice = (
                     " — someone who could write to the key store may have planted it: find "
                     "out who, then destroy it"
-                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE)
+                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_UNVOUCHED)
                     else "; destroy it"
                 )
                 log.error(
@@ -568,12 +732,30 @@ class _VersionedSealer:
         its number. The version is reserved in the records before its key exists, so a
         node never meets a key of ours that is not recorded."""
         with self._create_lock:
+            self.refresh()
+            voucher = self.current_version
+            voucher_key = self._keys[voucher]
             version = self._records.reserve(self._next_free_version)
             self.make_key_version(
-                version, lambda check_value: self._records.confirm(version, check_value)
+                version,
+                lambda check_value: self._records.confirm(
+                    version,
+                    check_value,
+                    self._make_vouch(voucher, voucher_key, version, check_value),
+                ),
             )
-        self.refresh()
-        return version
+            self._trusted.add(version)  # made and vouched for here
+        # A token shared with running nodes may fail a call now and then while another
+        # process rewrites its files (SoftHSM2): look again a few times.
+        for attempt in range(5):
+            self.refresh()
+            if version in self._keys:
+                return version
+            time.sleep(0.1 * (attempt + 1))
+        raise SealingError(
+            f"made sealing key version {version}, but cannot use it yet (see the log); run "
+            "`backvault vault rotate-sealing-key --resume` in a moment"
+        )
 
     def destroy_version(self, version: int) -> None:
         """Destroy an old key version for good. Check first that nothing is sealed under
