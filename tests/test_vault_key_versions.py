@@ -896,6 +896,101 @@ def test_a_deployment_from_before_vouches_chains_its_versions_once(
         node.stop()
 
 
+# --- round two: the current version never goes down --------------------------------------
+
+
+def ready(node: VaultNode) -> bool:
+    return httpx.get(node.url + "/readyz").status_code == 200
+
+
+@pytest.fixture(params=["key files", "SoftHSM2"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyFiles]:
+    if request.param == "key files":
+        yield KeyFiles(tmp_path)
+        return
+    with softhsm_token(tmp_path / "hsm") as token:
+        yield HsmNodes(tmp_path, token)
+
+
+class HsmNodes(KeyFiles):
+    def __init__(self, tmp: Path, token: SoftHsm) -> None:
+        super().__init__(tmp)
+        self.token = token
+
+    def node(self, db: Path) -> VaultNode:
+        return hsm_node(self.tmp / "n", f"sqlite:///{db}", self.token)
+
+
+def test_deleting_the_newest_version_record_does_not_make_nodes_seal_under_an_older_one(
+    tmp_path: Path, any_store: KeyFiles
+) -> None:
+    """Round two: after a rotation to version 2, someone who can write to the database
+    deletes version 2's record. Nodes fell back to sealing under version 1 — the version
+    the operator is about to destroy (then those values are lost) or whose key leaked.
+    Now a node refuses to seal under a version lower than one it sealed under (or stored
+    values use): it logs an error naming version 2 and /readyz answers 503, also after a
+    restart, until the record is back."""
+    db = tmp_path / "vault.db"
+    node = any_store.node(db).start()
+    try:
+        token = node.add_account("quinn")
+        register_and_login(node, token, b"pw-quinn")
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        wait_for_version(node, 2)
+        assert set(sealed_versions(f"sqlite:///{db}")) == {2}
+
+        with sqlite3.connect(db) as conn:
+            saved = conn.execute(
+                "SELECT * FROM sealing_key_versions WHERE key_version = 2"
+            ).fetchone()
+            conn.execute("DELETE FROM sealing_key_versions WHERE key_version = 2")
+        wait_until(
+            lambda: not ready(node) or current_version(node) == 1,
+            "a sweep to see the record gone",
+        )
+        assert not ready(node)
+        with VaultClient(node.url, token, CONFIG) as vc, pytest.raises(Exception) as refused:
+            vc.login(b"pw-quinn")
+        assert getattr(refused.value, "status", None) == 500, refused.value
+        assert 1 not in sealed_versions(f"sqlite:///{db}")
+
+        restore(db, saved)  # the operator puts the record back
+        wait_until(lambda: ready(node), "the node to be ready again")
+        assert current_version(node) == 2
+        with VaultClient(node.url, token, CONFIG) as vc:
+            assert vc.login(b"pw-quinn").wrapped_secret == SECRET
+    finally:
+        node.stop()
+    refusal = "refusing to seal: sealing key version 2 \\u2014 the newest this node sealed under"
+    assert log_lines(node, "error", refusal)
+    assert log_lines(node, "warning", "sealing key version 2 is usable again: sealing resumes")
+
+    # A node starting afresh knows version 2 from the sealed rows: it does not start.
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM sealing_key_versions WHERE key_version = 2")
+    refused_start = serve_once(node)
+    assert refused_start.returncode == 1
+    last = refused_start.stderr.strip().splitlines()[-1]
+    assert last.startswith("backvault: sealing: refusing to seal: sealing key version 2 "), last
+    assert "never falls back to an older version (1)" in last
+    restore(db, saved)
+    node.start()
+    try:
+        assert current_version(node) == 2
+        register_and_login(node, node.add_account("ray"), b"pw-ray")
+    finally:
+        node.stop()
+    assert set(sealed_versions(f"sqlite:///{db}")) == {2}
+
+
+def restore(db: Path, saved: tuple[object, ...]) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            f"INSERT INTO sealing_key_versions VALUES ({', '.join('?' * len(saved))})", saved
+        )
+
+
 # --- reprs -------------------------------------------------------------------------------
 
 

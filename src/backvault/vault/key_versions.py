@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from .schema import sealing_key_versions
 from .sealed_columns import count_by_key_version, sample_sealed_value
 from .sealing import KeyStore, RecordedVersion, SealingError, short_check_value
+from .store import READ_ONLY
 
 log = logging.getLogger("backvault.vault.sealing")
 
@@ -110,7 +111,8 @@ class DatabaseVersionRecords:
             yield conn
 
     def load(self) -> dict[int, RecordedVersion]:
-        with self.engine.connect() as conn:
+        # Read only: a node may look while a login of its own holds SQLite's write lock.
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return _load(conn)
 
     def reserve(self, choose: Callable[[Mapping[int, RecordedVersion]], int]) -> int:

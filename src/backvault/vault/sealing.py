@@ -381,11 +381,18 @@ class _VersionedSealer:
         self._trusted: set[int] = set()
         self._in_use: set[int] = set()
         self._unfinished: list[int] = []
+        # The lowest version this sealer may seal under: the highest it sealed under (or
+        # saw as current), or that stored values name. A current version below it means
+        # the newest version's record or key went missing: sealing stops (``_blocked``)
+        # rather than fall back to an older version the operator may be destroying.
+        self._floor = 0
+        self._blocked: str | None = None
         self.created = False
 
     def _start(self, create: bool) -> None:
         self.created = self._records.prepare(self, create)
         self._in_use = self._records.in_use()
+        self._floor = max(self._in_use, default=0)
         self.refresh()
 
     # --- what a key store provides --------------------------------------------------------
@@ -476,9 +483,9 @@ class _VersionedSealer:
     def _make_vouch(self, voucher: int, key: Any, version: int, check_value: bytes) -> bytes:
         header = sealed_header(voucher)
         nonce = secrets.token_bytes(NONCE_SIZE)
+        # One GCM nonce per new version: not counted with the seals (whose latest time
+        # tells whether a node still seals under a version about to be destroyed).
         body = self._encrypt(key, nonce, b"", header + vouch_purpose(version, check_value))
-        with self._counts_lock:
-            self._seal_counts[voucher] = self._seal_counts.get(voucher, 0) + 1
         return header + nonce + body
 
     def _vouched(
@@ -615,8 +622,28 @@ class _VersionedSealer:
             self._trusted = set(keys)
             self._keys = {version: key for version, (key, _check, _where) in keys.items()}
             self._check_values = {version: check for version, (_key, check, _w) in keys.items()}
+            if current < self._floor:
+                self._block(current)
+                return
+            self._floor = current
+            if self._blocked is not None:
+                self._blocked = None
+                log.warning(f"sealing key version {current} is usable again: sealing resumes")
         if previous != current:
             self._report_current(previous, current)
+
+    def _block(self, current: int) -> None:
+        message = (
+            f"refusing to seal: sealing key version {self._floor} — the newest this node "
+            "sealed under, or that stored values are sealed under — is missing (its record "
+            "was deleted from the database or marked destroyed, or its key is gone from "
+            f"{self.description}); the vault never falls back to an older version "
+            f"({current}), which may be about to be destroyed. Restore the record of version "
+            f"{self._floor} (from a backup of the database) or its key (see the operator guide)"
+        )
+        if message != self._blocked:
+            log.error(message, extra={"key_version": self._floor, "usable_version": current})
+        self._blocked = message
 
     def _nothing_usable(
         self, records: Mapping[int, RecordedVersion], ignored: list[IgnoredKey]
@@ -670,6 +697,9 @@ class _VersionedSealer:
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes:
         for attempt in range(2):
+            if self._blocked is not None:
+                SEALING_OPERATIONS.labels(operation="seal", outcome="error").inc()
+                raise SealingError(self._blocked)
             keys = self._keys
             version = max(keys)
             header = sealed_header(version)
@@ -702,6 +732,8 @@ class _VersionedSealer:
             if key is None:
                 self.refresh()  # sealed under a version recorded since this node looked
                 key = self._keys.get(version)
+            if key is None and self._blocked is not None and version >= self._floor:
+                raise SealingError(self._blocked)
             if key is None:
                 raise SealingError(
                     f"sealed under key version {version}, which this vault does not hold "
@@ -733,6 +765,8 @@ class _VersionedSealer:
         node never meets a key of ours that is not recorded."""
         with self._create_lock:
             self.refresh()
+            if self._blocked is not None:
+                raise SealingError(self._blocked)
             voucher = self.current_version
             voucher_key = self._keys[voucher]
             version = self._records.reserve(self._next_free_version)
@@ -780,7 +814,14 @@ class _VersionedSealer:
         return counts
 
     def check(self) -> None:
-        """Cheap liveness, without a seal: the key is reachable."""
+        """Cheap readiness, without a seal: sealing is not stopped, and the key is
+        reachable."""
+        if self._blocked is not None:
+            raise SealingError(self._blocked)
+        self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -1260,7 +1301,7 @@ class Pkcs11Sealer(_VersionedSealer):
                 f"sealed data does not open (wrong key, or altered): {exc!r}"
             ) from exc
 
-    def check(self) -> None:
+    def _check_reachable(self) -> None:
         """Reads the current key's label: proves the session is logged in and the key
         handle valid, without spending a GCM nonce or an encryption in the HSM."""
         from pkcs11 import Attribute
