@@ -991,6 +991,54 @@ def restore(db: Path, saved: tuple[object, ...]) -> None:
         )
 
 
+# --- round two: reservations never finished --------------------------------------------
+
+
+def test_reservations_never_finished_are_reported_and_hold_up_nothing(tmp_path: Path) -> None:
+    """Round two: a rotation that crashed between reserving version 2 and recording its
+    key left the reservation; someone who can write to the database adds one for version
+    4294967295, dated years ahead. Nothing said so, and the planted one stopped every
+    rotation ("no key version is left"). Now each is logged once, counted, listed by
+    `vault sealing-keys` as unfinished, never used, and the next rotation makes version 3."""
+    db = tmp_path / "vault.db"
+    node = make_node(tmp_path / "n", f"sqlite:///{db}", env=FAST_SWEEP).start()
+    try:
+        token = node.add_account("sam")
+        register_and_login(node, token, b"pw-sam")
+        now = time.time()
+        with sqlite3.connect(db) as conn:
+            for version, at in ((2, now - 3600), (HUGE, now + 10 * 365 * 86400)):
+                conn.execute(
+                    "INSERT INTO sealing_key_versions (key_version, check_value, origin, "
+                    "recorded_at) VALUES (?, NULL, 'created', ?)",
+                    (version, at),
+                )
+        unfinished = 'backvault_vault_sealing_keys_ignored{reason="unfinished"}'
+        wait_until(lambda: (metric(node, unfinished) or 0) >= 2, "the sweep to report them")
+        assert current_version(node) == 1
+
+        rotated = admin(node, "rotate-sealing-key")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "created sealing key version 3 " in rotated.stdout
+        wait_for_version(node, 3)
+        with VaultClient(node.url, token, CONFIG) as vc:
+            assert vc.login(b"pw-sam").wrapped_secret == SECRET
+
+        listing = admin(node, "sealing-keys")
+        assert listing.returncode == 0, listing.stderr
+        rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+        assert ["2", "ignored", "0", "0", "-", "unfinished"] in rows
+        assert [str(HUGE), "ignored", "0", "0", "-", "unfinished"] in rows
+        assert [row[:2] for row in rows][:2] == [["1", "old"], ["3", "current"]]
+    finally:
+        node.stop()
+    assert set(sealed_versions(f"sqlite:///{db}")) == {3}
+    for version in (2, HUGE):
+        reported = log_lines(node, "warning", f"sealing key version {version} was reserved (at ")
+        assert len(reported) == 1, reported
+        assert "never recorded its key" in reported[0]
+
+
 # --- reprs -------------------------------------------------------------------------------
 
 

@@ -111,6 +111,13 @@ IGNORED_REASONS = (
 RESERVATION_GRACE = 600.0
 
 
+def reservation_is_fresh(record: RecordedVersion, now: float) -> bool:
+    """A reservation made moments ago by a rotation that is making its key now. Any other
+    (older, or dated in the future by whoever wrote it) is unfinished: reported, never
+    used, and no obstacle to the next rotation."""
+    return record.check_value is None and abs(now - record.recorded_at) <= RESERVATION_GRACE
+
+
 class SealingError(Exception):
     """The sealing key is unavailable or unsafe, or a sealed blob does not open."""
 
@@ -381,6 +388,7 @@ class _VersionedSealer:
         self._trusted: set[int] = set()
         self._in_use: set[int] = set()
         self._unfinished: list[int] = []
+        self._unfinished_reported: set[int] = set()
         # The lowest version this sealer may seal under: the highest it sealed under (or
         # saw as current), or that stored values name. A current version below it means
         # the newest version's record or key went missing: sealing stops (``_blocked``)
@@ -583,7 +591,7 @@ class _VersionedSealer:
                 elif record.destroyed_at is not None:
                     ignored.append(IgnoredKey(version, where, IGNORED_DESTROYED))
                 elif record.check_value is None:
-                    if time.time() - record.recorded_at > RESERVATION_GRACE:
+                    if not reservation_is_fresh(record, time.time()):
                         ignored.append(IgnoredKey(version, where, IGNORED_UNFINISHED))
                 else:
                     key = self._usable(version, candidate)
@@ -612,6 +620,7 @@ class _VersionedSealer:
                 if version not in trusted:
                     ignored.append(IgnoredKey(version, where, IGNORED_UNVOUCHED, check_value))
             keys = {version: found[version] for version in trusted}
+            self._report_unfinished(records)
             self._report_ignored(ignored)
             if not keys:
                 raise SealingError(self._nothing_usable(records, ignored))
@@ -659,12 +668,44 @@ class _VersionedSealer:
             message += f"; {len(ignored)} other keys there are ignored (see the log)"
         return message
 
+    def _report_unfinished(self, records: Mapping[int, RecordedVersion]) -> None:
+        """Versions reserved long ago (or dated in the future) that never got a key's check
+        value: a rotation that crashed between reserving and recording, or a row written
+        into the database. Logged once each; listed by `vault sealing-keys`."""
+        now = time.time()
+        unfinished = sorted(
+            version
+            for version, record in records.items()
+            if record.check_value is None
+            and record.destroyed_at is None
+            and not reservation_is_fresh(record, now)
+        )
+        for version in unfinished:
+            if version not in self._unfinished_reported:
+                self._unfinished_reported.add(version)
+                recorded = time.strftime(
+                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(0.0, records[version].recorded_at))
+                )
+                log.warning(
+                    f"sealing key version {version} was reserved (at {recorded}) by a "
+                    "rotation that never recorded its key — one that crashed, or a row "
+                    "written into the database: it is never used and does not hold up the "
+                    "next rotation. Run `backvault vault rotate-sealing-key` again if a "
+                    "rotation was interrupted; otherwise find out who wrote it",
+                    extra={"key_version": version, "reason": IGNORED_UNFINISHED},
+                )
+        self._unfinished = unfinished
+
     def _report_ignored(self, ignored: list[IgnoredKey]) -> None:
         self._ignored = ignored
         for reason in IGNORED_REASONS:
-            SEALING_KEYS_IGNORED.labels(reason=reason).set(
-                sum(1 for key in ignored if key.reason == reason)
-            )
+            count = sum(1 for key in ignored if key.reason == reason)
+            if reason == IGNORED_UNFINISHED:
+                # reservations, whether or not a key was made for them
+                count = len(
+                    set(self._unfinished) | {k.version for k in ignored if k.reason == reason}
+                )
+            SEALING_KEYS_IGNORED.labels(reason=reason).set(count)
         for key in ignored:
             if key not in self._reported:
                 self._reported.add(key)
@@ -748,11 +789,15 @@ class _VersionedSealer:
         return plaintext
 
     def _next_free_version(self, recorded: Mapping[int, RecordedVersion]) -> int:
-        """The version after the highest one ever recorded — whatever numbers keys in the
-        store claim, so a planted huge one blocks nothing — skipping numbers a key in the
-        store already claims (its version could never be told apart from ours)."""
-        taken = set(self._stored())
-        version = max(recorded, default=0) + 1
+        """The version after the highest one this sealer uses (or a rotation reserved
+        moments ago) — whatever numbers keys in the store claim or rows in the database
+        name, so a planted huge one blocks nothing — skipping every number recorded in any
+        state, and those a key in the store already claims (its version could never be
+        told apart from ours)."""
+        taken = set(self._stored()) | set(recorded)
+        now = time.time()
+        fresh = [v for v, record in recorded.items() if reservation_is_fresh(record, now)]
+        version = max([*self._keys, *fresh], default=0) + 1
         while version in taken:
             version += 1
         if version > MAX_KEY_VERSION:
