@@ -15,7 +15,11 @@ labelled ``LABEL-v1``, ``LABEL-v2``, … (the bare ``LABEL`` of older deployment
 access to the key folder, can add one), so the vault records every version it makes — with
 the key's check value, which only the key's holder can compute — in its database
 (key_versions.py), and a sealer uses only the keys whose version is recorded and whose
-check value matches; it seals under the highest of them. ``backvault vault
+check value matches — and whose record is vouched for by the key of a lower version it
+already trusts (VOUCH_CONTEXT), since a record proves nothing either to someone who can
+write to the database; it seals under the highest of them, and never under a lower one
+than it sealed under before or than stored values name (it stops sealing instead: the
+newest version's record or key went missing). ``backvault vault
 rotate-sealing-key`` records a new version and re-seals every sealed column
 (sealed_columns.py); a serving node picks the new version up at its next sweep, or at once
 when it meets a value sealed under it.
