@@ -1322,29 +1322,46 @@ class Pkcs11Sealer(_VersionedSealer):
         from pkcs11.mechanisms import GCMParams, Mechanism
 
         try:
-            with self._lock:
-                return bytes(
+            return self._transient_retried(
+                lambda: bytes(
                     key.encrypt(
                         plaintext,
                         mechanism=Mechanism.AES_GCM,
                         mechanism_param=GCMParams(nonce, aad, 128),
                     )
                 )
+            )
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(f"the HSM refused to seal: {exc!r}") from exc
+
+    def _transient_retried(self, call: Callable[[], bytes]) -> bytes:
+        """``call`` in the token, tried again on CKR_GENERAL_ERROR: SoftHSM2 answers it now
+        and then while another process (a node, a rotation) rewrites the token's files.
+        (A retried seal reuses its nonce for the same plaintext and associated data: the
+        same ciphertext, nothing revealed.)"""
+        for attempt in range(3):
+            try:
+                with self._lock:
+                    return call()
+            except self._pkcs11.exceptions.GeneralError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _decrypt(self, key: Any, nonce: bytes, body: bytes, aad: bytes) -> bytes:
         from pkcs11.mechanisms import GCMParams, Mechanism
 
         try:
-            with self._lock:
-                return bytes(
+            return self._transient_retried(
+                lambda: bytes(
                     key.decrypt(
                         body,
                         mechanism=Mechanism.AES_GCM,
                         mechanism_param=GCMParams(nonce, aad, 128),
                     )
                 )
+            )
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(
                 f"sealed data does not open (wrong key, or altered): {exc!r}"
