@@ -117,7 +117,8 @@ def test_planted_key_files_are_never_used(tmp_path: Path) -> None:
     """Someone who can write to the key folder adds ``sealing.key.v9`` holding a key they
     know, and ``sealing.key.v4294967295`` (the highest version a header can name), and
     later swaps the file of a version the vault made for one of theirs: the vault seals
-    under none of them, says so, and the next rotation makes version 2."""
+    under none of them, says so, and the next rotation makes version 2; once version 2's
+    key is swapped, it stops sealing rather than fall back to version 1."""
     path = tmp_path / "conf" / "sealing.key"
     sealer = FileSealer(path, records=database_records(tmp_path))
     known = b"K" * 32
@@ -145,7 +146,11 @@ def test_planted_key_files_are_never_used(tmp_path: Path) -> None:
     assert ("sealing.key.v2", "check_value") in {
         (Path(key.where).name, key.reason) for key in sealer.ignored_keys()
     }
-    assert key_version_of(sealer.seal(b"secret", PURPOSE)) == 1
+    # Nor does the vault fall back to version 1 (round two): it stops sealing.
+    with pytest.raises(SealingError, match="refusing to seal: sealing key version 2 "):
+        sealer.seal(b"secret", PURPOSE)
+    with pytest.raises(SealingError, match="never falls back to an older version"):
+        sealer.check()
 
 
 def test_every_sealed_column_is_in_the_one_registry() -> None:

@@ -1523,9 +1523,10 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
 @vault_options
 def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     """Create the sealing key inside the HSM token, once, before the first node starts
-    (AES-256; encrypt/decrypt only; sensitive, not extractable, not modifiable, private),
-    and record it in the vault's database. Does nothing if it already exists, and refuses
-    an existing key with weaker attributes."""
+    (AES-256; encrypt/decrypt only, with CKM_AES_GCM only; sensitive, not extractable,
+    not modifiable, private), and record it in the vault's database with its check value
+    (printed: compare it later) and its own vouch. Does nothing if it already exists, and
+    refuses an existing key with weaker attributes."""
     from .vault.sealing import SealingError, short_check_value
     from .vault.server import make_sealer, open_database
 

@@ -48,8 +48,9 @@ class VaultSettings:
     pkcs11_pin: str = ""
     pkcs11_pin_file: str = ""
     pkcs11_key_label: str = "backvault-sealing"
-    # Accept a current HSM key whose CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE is false
-    # (an imported key, or a copy unwrapped by an HSM's cloning procedure).
+    # Accept a current HSM key whose CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE or
+    # CKA_LOCAL is false (an imported or derived key, or a copy unwrapped by an HSM's
+    # cloning procedure).
     pkcs11_accept_cloned_keys: bool = False
     max_attempts: int = 10
     login_ttl: float = 60.0

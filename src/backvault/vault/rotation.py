@@ -13,7 +13,13 @@ import sqlalchemy as sa
 from .config import VaultSettings
 from .housekeeping import last_seal_at, record_seal_counts, seal_totals
 from .sealed_columns import ResealProgress, reseal, values_by_key_version, values_under
-from .sealing import IGNORED_UNRECORDED, Sealer, SealingError, short_check_value
+from .sealing import (
+    IGNORED_UNFINISHED,
+    IGNORED_UNRECORDED,
+    Sealer,
+    SealingError,
+    short_check_value,
+)
 from .server import make_sealer
 from .store import make_engine
 
@@ -170,7 +176,9 @@ def sealing_key_states(settings: VaultSettings) -> list[KeyVersionState]:
             )
             for version in sealer.versions()
         ]
+        listed = set()
         for ignored in sealer.ignored_keys():
+            listed.add(ignored.version)
             states.append(
                 KeyVersionState(
                     ignored.version,
@@ -180,6 +188,9 @@ def sealing_key_states(settings: VaultSettings) -> list[KeyVersionState]:
                     ignored.reason,
                 )
             )
+        for version in sealer.unfinished_versions():
+            if version not in listed:  # reserved, and no key was made for it
+                states.append(KeyVersionState(version, "ignored", 0, 0, "-", IGNORED_UNFINISHED))
         return states
     finally:
         sealer.close()

@@ -158,6 +158,10 @@ sealing_key_versions = sa.Table(
     sa.Column("origin", sa.String(16), nullable=False),
     sa.Column("recorded_at", sa.Float, nullable=False),
     sa.Column("destroyed_at", sa.Float, nullable=True),
+    # hex: the vouch for this version (sealing.VOUCH_CONTEXT), sealed under the key of the
+    # lower version that vouches for it (its own, for the first version); NULL in records
+    # from before vouches, until the next start chains them (key_versions.py)
+    sa.Column("vouch", sa.String(200), nullable=True),
 )
 
 
@@ -228,7 +232,22 @@ def _v5_sealing_key_usage(conn: Connection) -> None:
 def _v6_sealing_key_versions(conn: Connection) -> None:
     """The sealing-key versions the vault made. Empty after this migration: the next start
     adopts the versions values are sealed under (key_versions.py)."""
-    metadata.create_all(conn, tables=[sealing_key_versions])
+    # The table as this migration made it (``_v7`` adds the vouch).
+    sa.Table(
+        "sealing_key_versions",
+        sa.MetaData(),
+        sa.Column("key_version", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("check_value", sa.String(64), nullable=True),
+        sa.Column("origin", sa.String(16), nullable=False),
+        sa.Column("recorded_at", sa.Float, nullable=False),
+        sa.Column("destroyed_at", sa.Float, nullable=True),
+    ).create(conn, checkfirst=True)
+
+
+def _v7_sealing_key_vouches(conn: Connection) -> None:
+    """Each sealing-key version vouched for by the key of the version before it. Records
+    from before have none: the next start chains them (key_versions.py)."""
+    _add_missing_columns(conn, sealing_key_versions, ["vouch"])
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -238,6 +257,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_jwt_namespace,
     _v5_sealing_key_usage,
     _v6_sealing_key_versions,
+    _v7_sealing_key_vouches,
 ]
 CURRENT_VERSION = len(MIGRATIONS)
 

@@ -15,7 +15,11 @@ labelled ``LABEL-v1``, ``LABEL-v2``, … (the bare ``LABEL`` of older deployment
 access to the key folder, can add one), so the vault records every version it makes — with
 the key's check value, which only the key's holder can compute — in its database
 (key_versions.py), and a sealer uses only the keys whose version is recorded and whose
-check value matches; it seals under the highest of them. ``backvault vault
+check value matches — and whose record is vouched for by the key of a lower version it
+already trusts (VOUCH_CONTEXT), since a record proves nothing either to someone who can
+write to the database; it seals under the highest of them, and never under a lower one
+than it sealed under before or than stored values name (it stops sealing instead: the
+newest version's record or key went missing). ``backvault vault
 rotate-sealing-key`` records a new version and re-seals every sealed column
 (sealed_columns.py); a serving node picks the new version up at its next sweep, or at once
 when it meets a value sealed under it.
@@ -76,15 +80,46 @@ CHECK_VALUE_NONCE = bytes(NONCE_SIZE)
 CHECK_VALUE_ASSOCIATED_DATA = b"backvault sealing-key check value v1"
 CHECK_VALUE_BLOCK = bytes(16)
 
+# A version's record is vouched for by the key of a lower version the vault already
+# trusts: the vouch is a value sealed (format 2, naming the vouching version) under that
+# key, of nothing, with associated data naming this context, the version and its check
+# value. Only the holder of the lower key makes one, so a record written into the database
+# by someone who cannot use the vault's keys — even with the check value of a key they
+# planted — is not vouched for, and its key is ignored. The first version of a database
+# (and those adopted from before records existed) vouches for itself: that marks the
+# database as chained, and a self-vouch never makes any other version trusted.
+VOUCH_CONTEXT = b"backvault sealing-key version vouch v1\0"
+
+
+def vouch_purpose(version: int, check_value: bytes) -> bytes:
+    """The associated data of the vouch for ``version`` with ``check_value``."""
+    return VOUCH_CONTEXT + version.to_bytes(8, "big") + check_value
+
+
 # Why a key in the store is not used (the label values of the ignored-keys metric).
 IGNORED_UNRECORDED = "unrecorded"  # its version is not one the vault recorded
 IGNORED_CHECK_VALUE = "check_value"  # its version is recorded, with another key's check value
 IGNORED_DESTROYED = "destroyed"  # its version was destroyed
 IGNORED_UNFINISHED = "unfinished"  # reserved by a rotation that never recorded its key
-IGNORED_REASONS = (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_DESTROYED, IGNORED_UNFINISHED)
+# recorded with its check value, but not vouched for by a version the vault trusts
+IGNORED_UNVOUCHED = "unvouched"
+IGNORED_REASONS = (
+    IGNORED_UNRECORDED,
+    IGNORED_CHECK_VALUE,
+    IGNORED_DESTROYED,
+    IGNORED_UNFINISHED,
+    IGNORED_UNVOUCHED,
+)
 # A rotation makes its key moments after reserving the version: until then (and for this
 # long) a key of a reserved version is skipped quietly, not reported as unfinished.
 RESERVATION_GRACE = 600.0
+
+
+def reservation_is_fresh(record: RecordedVersion, now: float) -> bool:
+    """A reservation made moments ago by a rotation that is making its key now. Any other
+    (older, or dated in the future by whoever wrote it) is unfinished: reported, never
+    used, and no obstacle to the next rotation."""
+    return record.check_value is None and abs(now - record.recorded_at) <= RESERVATION_GRACE
 
 
 class SealingError(Exception):
@@ -111,10 +146,22 @@ class RecordedVersion:
     origin: str  # "created", "first start" or "adopted"
     recorded_at: float
     destroyed_at: float | None = None
+    # sealed under the key of the version that vouches for this one (VOUCH_CONTEXT)
+    vouch: bytes | None = None
 
     @property
     def usable(self) -> bool:
         return self.check_value is not None and self.destroyed_at is None
+
+    @property
+    def voucher(self) -> int | None:
+        """The version whose key made the vouch (unverified), or None."""
+        if self.vouch is None:
+            return None
+        try:
+            return key_version_of(self.vouch)
+        except SealingError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -134,6 +181,8 @@ class IgnoredKey:
             "check value differs from the recorded one)",
             IGNORED_DESTROYED: "that version was destroyed",
             IGNORED_UNFINISHED: "a rotation reserved that version but never recorded its key",
+            IGNORED_UNVOUCHED: "its record in the database is not vouched for by a key "
+            "version this vault trusts (a record written into the database is not enough)",
         }[self.reason]
         check = f" (check value {short_check_value(self.check_value)})" if self.check_value else ""
         return f"ignoring the sealing key {self.where} for key version {self.version}{check}: {why}"
@@ -151,6 +200,10 @@ class KeyStore(Protocol):
 
     def make_key_version(self, version: int, record: Callable[[bytes], None]) -> bytes: ...
 
+    def vouch(
+        self, version: int, check_value: bytes, voucher: int, voucher_check_value: bytes
+    ) -> bytes: ...
+
 
 class VersionRecords(Protocol):
     """Where the key versions the vault made are recorded (its database: key_versions.py;
@@ -165,8 +218,13 @@ class VersionRecords(Protocol):
         reserved (no check value yet)."""
         ...
 
-    def confirm(self, version: int, check_value: bytes) -> None:
-        """Record the check value of the key made for a reserved version."""
+    def confirm(self, version: int, check_value: bytes, vouch: bytes) -> None:
+        """Record the check value of the key made for a reserved version, and the vouch
+        for it made with the current version's key."""
+        ...
+
+    def in_use(self) -> set[int]:
+        """The key versions stored values name (their headers; nothing is opened)."""
         ...
 
     def mark_destroyed(self, version: int) -> None: ...
@@ -198,18 +256,26 @@ class PinnedVersions:
             self._records[version] = RecordedVersion(version, None, "created", time.time())
             return version
 
-    def confirm(self, version: int, check_value: bytes) -> None:
+    def confirm(self, version: int, check_value: bytes, vouch: bytes) -> None:
         with self._lock:
             reserved = self._records[version]
             self._records[version] = RecordedVersion(
-                version, check_value, reserved.origin, reserved.recorded_at
+                version, check_value, reserved.origin, reserved.recorded_at, vouch=vouch
             )
+
+    def in_use(self) -> set[int]:
+        return set()
 
     def mark_destroyed(self, version: int) -> None:
         with self._lock:
             record = self._records[version]
             self._records[version] = RecordedVersion(
-                version, record.check_value, record.origin, record.recorded_at, time.time()
+                version,
+                record.check_value,
+                record.origin,
+                record.recorded_at,
+                time.time(),
+                record.vouch,
             )
 
     def prepare(self, store: KeyStore, create: bool) -> bool:
@@ -223,20 +289,29 @@ class PinnedVersions:
                     raise SealingError(store.no_key_message)
 
                 def record(check_value: bytes) -> None:
-                    self._records[1] = RecordedVersion(1, check_value, "created", now)
+                    vouch = store.vouch(1, check_value, 1, check_value)
+                    self._records[1] = RecordedVersion(1, check_value, "created", now, vouch=vouch)
 
                 store.make_key_version(1, record)
                 return True
-            for version, check_values in stored.items():
+            previous: tuple[int, bytes] | None = None
+            for version, check_values in sorted(stored.items()):
                 if len(set(check_values)) > 1:
                     raise SealingError(
                         f"{store.description} holds {len(check_values)} different keys for "
                         f"sealing key version {version}; destroy the ones you did not make "
                         "with backvault"
                     )
+                check_value = check_values[0]
+                voucher = previous or (version, check_value)
                 self._records[version] = RecordedVersion(
-                    version, check_values[0], "first start", now
+                    version,
+                    check_value,
+                    "first start",
+                    now,
+                    vouch=store.vouch(version, check_value, *voucher),
                 )
+                previous = (version, check_value)
             return False
 
 
@@ -251,6 +326,8 @@ class Sealer(Protocol):
     def check_value(self, version: int) -> bytes: ...
 
     def ignored_keys(self) -> list[IgnoredKey]: ...
+
+    def unfinished_versions(self) -> list[int]: ...
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes: ...
 
@@ -310,10 +387,24 @@ class _VersionedSealer:
         self._create_lock = threading.Lock()
         self._counts_lock = threading.Lock()
         self._seal_counts: dict[int, int] = {}
+        # The versions this sealer trusts (vouched for by a chain from its anchor): kept
+        # across refreshes, so a running node never needs the database to tell it again.
+        self._trusted: set[int] = set()
+        self._in_use: set[int] = set()
+        self._unfinished: list[int] = []
+        self._unfinished_reported: set[int] = set()
+        # The lowest version this sealer may seal under: the highest it sealed under (or
+        # saw as current), or that stored values name. A current version below it means
+        # the newest version's record or key went missing: sealing stops (``_blocked``)
+        # rather than fall back to an older version the operator may be destroying.
+        self._floor = 0
+        self._blocked: str | None = None
         self.created = False
 
     def _start(self, create: bool) -> None:
         self.created = self._records.prepare(self, create)
+        self._in_use = self._records.in_use()
+        self._floor = max(self._in_use, default=0)
         self.refresh()
 
     # --- what a key store provides --------------------------------------------------------
@@ -387,6 +478,87 @@ class _VersionedSealer:
             raise
         return check_value
 
+    def vouch(
+        self, version: int, check_value: bytes, voucher: int, voucher_check_value: bytes
+    ) -> bytes:
+        """The vouch for ``version`` (with ``check_value``), made with the key in the
+        store of version ``voucher`` whose check value is ``voucher_check_value``."""
+        for candidate in self._stored().get(voucher, []):
+            key = self._usable(voucher, candidate)
+            if hmac.compare_digest(self._check_value_of(key), voucher_check_value):
+                return self._make_vouch(voucher, key, version, check_value)
+        raise SealingError(
+            f"no key in {self.description} has the check value recorded for sealing key "
+            f"version {voucher}"
+        )
+
+    def _make_vouch(self, voucher: int, key: Any, version: int, check_value: bytes) -> bytes:
+        header = sealed_header(voucher)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        # One GCM nonce per new version: not counted with the seals (whose latest time
+        # tells whether a node still seals under a version about to be destroyed).
+        body = self._encrypt(key, nonce, b"", header + vouch_purpose(version, check_value))
+        return header + nonce + body
+
+    def _vouched(
+        self,
+        record: RecordedVersion,
+        check_value: bytes,
+        keys: Mapping[int, tuple[Any, bytes, str]],
+        trusted: set[int],
+    ) -> bool:
+        """Whether ``record`` is vouched for by a lower version in ``trusted``."""
+        voucher = record.voucher
+        if record.vouch is None or voucher is None:
+            return False
+        if voucher >= record.version or voucher not in trusted or voucher not in keys:
+            return False  # by itself, by a higher version, or by one not trusted
+        _version, nonce, body, header = _parse(record.vouch)
+        try:
+            self._decrypt(
+                keys[voucher][0], nonce, body, header + vouch_purpose(record.version, check_value)
+            )
+        except SealingError:
+            return False
+        return True
+
+    def _trust(
+        self,
+        records: Mapping[int, RecordedVersion],
+        keys: Mapping[int, tuple[Any, bytes, str]],
+    ) -> set[int]:
+        """The versions to use among ``keys`` (recorded, with the recorded check value):
+        those a chain of vouches links to the anchor — the versions this sealer trusted
+        before; at its first look, the lowest version stored values are sealed under
+        (their sealed rows are what a node must open), or on a database holding none yet
+        the lowest recorded version (trust on first use, as `init-hsm` prints its check
+        value). Lower versions count too when a chain from the lowest one reaches the
+        anchor."""
+        if not keys:
+            return set()
+
+        def chained(start: set[int]) -> set[int]:
+            trusted = set(start)
+            for version in sorted(keys):  # a voucher is lower: it was decided before
+                if version not in trusted and self._vouched(
+                    records[version], keys[version][1], keys, trusted
+                ):
+                    trusted.add(version)
+            return trusted
+
+        remembered = {version for version in self._trusted if version in keys}
+        if remembered:
+            return chained(remembered)
+        in_use = sorted(version for version in self._in_use if version in keys)
+        anchor = in_use[0] if in_use else min(keys)
+        trusted = chained({anchor})
+        lowest = min(keys)
+        if lowest < anchor:
+            below = chained({lowest})
+            if anchor in below:
+                trusted |= below
+        return trusted
+
     # --- shared -------------------------------------------------------------------------
 
     @property
@@ -402,12 +574,17 @@ class _VersionedSealer:
     def ignored_keys(self) -> list[IgnoredKey]:
         return list(self._ignored)
 
+    def unfinished_versions(self) -> list[int]:
+        """Versions a rotation reserved long ago and never recorded a key for."""
+        return list(self._unfinished)
+
     def _select(
         self, records: Mapping[int, RecordedVersion]
-    ) -> tuple[dict[int, tuple[Any, bytes]], list[IgnoredKey]]:
-        """The keys to use, with their check values — for a recorded, live version, the
-        key whose check value is the recorded one — and the keys to ignore."""
-        keys: dict[int, tuple[Any, bytes]] = {}
+    ) -> tuple[dict[int, tuple[Any, bytes, str]], list[IgnoredKey]]:
+        """The keys to use, with their check values and where they are — for a recorded,
+        live version, the key whose check value is the recorded one — and the keys to
+        ignore."""
+        keys: dict[int, tuple[Any, bytes, str]] = {}
         ignored: list[IgnoredKey] = []
         for version, candidates in sorted(self._stored().items()):
             record = records.get(version)
@@ -418,7 +595,7 @@ class _VersionedSealer:
                 elif record.destroyed_at is not None:
                     ignored.append(IgnoredKey(version, where, IGNORED_DESTROYED))
                 elif record.check_value is None:
-                    if time.time() - record.recorded_at > RESERVATION_GRACE:
+                    if not reservation_is_fresh(record, time.time()):
                         ignored.append(IgnoredKey(version, where, IGNORED_UNFINISHED))
                 else:
                     key = self._usable(version, candidate)
@@ -433,7 +610,7 @@ class _VersionedSealer:
                     else:
                         # A second object with the recorded check value is a copy of the
                         # same key: either will do.
-                        keys.setdefault(version, (key, check_value))
+                        keys.setdefault(version, (key, check_value, where))
         return keys, ignored
 
     def refresh(self) -> None:
@@ -441,18 +618,45 @@ class _VersionedSealer:
         an old one; a key nobody recorded may have appeared (ignored, loudly)."""
         with self._refresh_lock:
             records = self._records.load()
-            keys, ignored = self._select(records)
+            found, ignored = self._select(records)
+            trusted = self._trust(records, found)
+            for version, (_key, check_value, where) in sorted(found.items()):
+                if version not in trusted:
+                    ignored.append(IgnoredKey(version, where, IGNORED_UNVOUCHED, check_value))
+            keys = {version: found[version] for version in trusted}
+            self._report_unfinished(records)
             self._report_ignored(ignored)
             if not keys:
                 raise SealingError(self._nothing_usable(records, ignored))
             current = max(keys)
-            for version, (key, _check_value) in keys.items():
+            for version, (key, _check_value, _where) in keys.items():
                 self._check_attributes(version, key, strict=version == current)
             previous = max(self._keys) if self._keys else None
-            self._keys = {version: key for version, (key, _check_value) in keys.items()}
-            self._check_values = {version: check for version, (_key, check) in keys.items()}
+            self._trusted = set(keys)
+            self._keys = {version: key for version, (key, _check, _where) in keys.items()}
+            self._check_values = {version: check for version, (_key, check, _w) in keys.items()}
+            if current < self._floor:
+                self._block(current)
+                return
+            self._floor = current
+            if self._blocked is not None:
+                self._blocked = None
+                log.warning(f"sealing key version {current} is usable again: sealing resumes")
         if previous != current:
             self._report_current(previous, current)
+
+    def _block(self, current: int) -> None:
+        message = (
+            f"refusing to seal: sealing key version {self._floor} — the newest this node "
+            "sealed under, or that stored values are sealed under — is missing (its record "
+            "was deleted from the database or marked destroyed, or its key is gone from "
+            f"{self.description}); the vault never falls back to an older version "
+            f"({current}), which may be about to be destroyed. Restore the record of version "
+            f"{self._floor} (from a backup of the database) or its key (see the operator guide)"
+        )
+        if message != self._blocked:
+            log.error(message, extra={"key_version": self._floor, "usable_version": current})
+        self._blocked = message
 
     def _nothing_usable(
         self, records: Mapping[int, RecordedVersion], ignored: list[IgnoredKey]
@@ -468,19 +672,51 @@ class _VersionedSealer:
             message += f"; {len(ignored)} other keys there are ignored (see the log)"
         return message
 
+    def _report_unfinished(self, records: Mapping[int, RecordedVersion]) -> None:
+        """Versions reserved long ago (or dated in the future) that never got a key's check
+        value: a rotation that crashed between reserving and recording, or a row written
+        into the database. Logged once each; listed by `vault sealing-keys`."""
+        now = time.time()
+        unfinished = sorted(
+            version
+            for version, record in records.items()
+            if record.check_value is None
+            and record.destroyed_at is None
+            and not reservation_is_fresh(record, now)
+        )
+        for version in unfinished:
+            if version not in self._unfinished_reported:
+                self._unfinished_reported.add(version)
+                recorded = time.strftime(
+                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(0.0, records[version].recorded_at))
+                )
+                log.warning(
+                    f"sealing key version {version} was reserved (at {recorded}) by a "
+                    "rotation that never recorded its key — one that crashed, or a row "
+                    "written into the database: it is never used and does not hold up the "
+                    "next rotation. Run `backvault vault rotate-sealing-key` again if a "
+                    "rotation was interrupted; otherwise find out who wrote it",
+                    extra={"key_version": version, "reason": IGNORED_UNFINISHED},
+                )
+        self._unfinished = unfinished
+
     def _report_ignored(self, ignored: list[IgnoredKey]) -> None:
         self._ignored = ignored
         for reason in IGNORED_REASONS:
-            SEALING_KEYS_IGNORED.labels(reason=reason).set(
-                sum(1 for key in ignored if key.reason == reason)
-            )
+            count = sum(1 for key in ignored if key.reason == reason)
+            if reason == IGNORED_UNFINISHED:
+                # reservations, whether or not a key was made for them
+                count = len(
+                    set(self._unfinished) | {k.version for k in ignored if k.reason == reason}
+                )
+            SEALING_KEYS_IGNORED.labels(reason=reason).set(count)
         for key in ignored:
             if key not in self._reported:
                 self._reported.add(key)
                 advice = (
                     " — someone who could write to the key store may have planted it: find "
                     "out who, then destroy it"
-                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE)
+                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_UNVOUCHED)
                     else "; destroy it"
                 )
                 log.error(
@@ -506,6 +742,9 @@ class _VersionedSealer:
 
     def seal(self, plaintext: bytes, purpose: bytes) -> bytes:
         for attempt in range(2):
+            if self._blocked is not None:
+                SEALING_OPERATIONS.labels(operation="seal", outcome="error").inc()
+                raise SealingError(self._blocked)
             keys = self._keys
             version = max(keys)
             header = sealed_header(version)
@@ -538,6 +777,8 @@ class _VersionedSealer:
             if key is None:
                 self.refresh()  # sealed under a version recorded since this node looked
                 key = self._keys.get(version)
+            if key is None and self._blocked is not None and version >= self._floor:
+                raise SealingError(self._blocked)
             if key is None:
                 raise SealingError(
                     f"sealed under key version {version}, which this vault does not hold "
@@ -552,11 +793,15 @@ class _VersionedSealer:
         return plaintext
 
     def _next_free_version(self, recorded: Mapping[int, RecordedVersion]) -> int:
-        """The version after the highest one ever recorded — whatever numbers keys in the
-        store claim, so a planted huge one blocks nothing — skipping numbers a key in the
-        store already claims (its version could never be told apart from ours)."""
-        taken = set(self._stored())
-        version = max(recorded, default=0) + 1
+        """The version after the highest one this sealer uses (or a rotation reserved
+        moments ago) — whatever numbers keys in the store claim or rows in the database
+        name, so a planted huge one blocks nothing — skipping every number recorded in any
+        state, and those a key in the store already claims (its version could never be
+        told apart from ours)."""
+        taken = set(self._stored()) | set(recorded)
+        now = time.time()
+        fresh = [v for v, record in recorded.items() if reservation_is_fresh(record, now)]
+        version = max([*self._keys, *fresh], default=0) + 1
         while version in taken:
             version += 1
         if version > MAX_KEY_VERSION:
@@ -568,12 +813,32 @@ class _VersionedSealer:
         its number. The version is reserved in the records before its key exists, so a
         node never meets a key of ours that is not recorded."""
         with self._create_lock:
+            self.refresh()
+            if self._blocked is not None:
+                raise SealingError(self._blocked)
+            voucher = self.current_version
+            voucher_key = self._keys[voucher]
             version = self._records.reserve(self._next_free_version)
             self.make_key_version(
-                version, lambda check_value: self._records.confirm(version, check_value)
+                version,
+                lambda check_value: self._records.confirm(
+                    version,
+                    check_value,
+                    self._make_vouch(voucher, voucher_key, version, check_value),
+                ),
             )
-        self.refresh()
-        return version
+            self._trusted.add(version)  # made and vouched for here
+        # A token shared with running nodes may fail a call now and then while another
+        # process rewrites its files (SoftHSM2): look again a few times.
+        for attempt in range(5):
+            self.refresh()
+            if version in self._keys:
+                return version
+            time.sleep(0.1 * (attempt + 1))
+        raise SealingError(
+            f"made sealing key version {version}, but cannot use it yet (see the log); run "
+            "`backvault vault rotate-sealing-key --resume` in a moment"
+        )
 
     def destroy_version(self, version: int) -> None:
         """Destroy an old key version for good. Check first that nothing is sealed under
@@ -598,7 +863,14 @@ class _VersionedSealer:
         return counts
 
     def check(self) -> None:
-        """Cheap liveness, without a seal: the key is reachable."""
+        """Cheap readiness, without a seal: sealing is not stopped, and the key is
+        reachable."""
+        if self._blocked is not None:
+            raise SealingError(self._blocked)
+        self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -757,7 +1029,42 @@ SAFE_KEY_ATTRIBUTES: tuple[tuple[str, bool], ...] = (
 # The key that seals must have both true, unless the operator accepts cloned keys
 # (pkcs11_accept_cloned_keys: HSM cloning procedures that unwrap a key onto another
 # appliance clear them); older versions, which only open, are warned about.
-HISTORY_ATTRIBUTES = ("ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE")
+# CKA_LOCAL tells the same of how the key was made: true only for a key generated in the
+# token (C_GenerateKey); false for one imported, unwrapped or derived — a key derived
+# from a base key someone kept (public, with CKA_DERIVE) can be derived again, readable,
+# without the PIN.
+HISTORY_ATTRIBUTES = ("ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "LOCAL")
+# The one mechanism the vault uses a sealing key with. Keys the vault makes are limited to
+# it (CKA_ALLOWED_MECHANISMS, PKCS#11 2.40; the token refuses every other mechanism, such
+# as CKM_AES_ECB, which would make the key a raw block-cipher oracle for any PIN holder).
+# A current key that allows another mechanism is refused; one that allows every mechanism
+# (an empty list: keys made before the vault set it) is warned about.
+ALLOWED_MECHANISMS_NAME = "ALLOWED_MECHANISMS"
+
+
+def pkcs11_attribute_mapper() -> Any:
+    """python-pkcs11's attribute mapper, taught CKA_ALLOWED_MECHANISMS (an array of
+    CK_MECHANISM_TYPE, which it does not handle by itself)."""
+    import struct
+
+    from pkcs11 import Attribute, Mechanism
+    from pkcs11.attributes import AttributeMapper
+
+    known = {int(mechanism) for mechanism in Mechanism}
+    size = struct.calcsize("L")
+
+    def pack(mechanisms: Any) -> bytes:
+        return b"".join(struct.pack("L", int(mechanism)) for mechanism in mechanisms)
+
+    def unpack(raw: bytes) -> list[Any]:
+        return [
+            Mechanism(value) if value in known else value
+            for (value,) in struct.iter_unpack("L", raw[: len(raw) - len(raw) % size])
+        ]
+
+    mapper = AttributeMapper()
+    mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
+    return mapper
 
 
 class Pkcs11Sealer(_VersionedSealer):
@@ -798,11 +1105,12 @@ class Pkcs11Sealer(_VersionedSealer):
             try:
                 lib = pkcs11.lib(module)
                 token = lib.get_token(token_label=token_label)
+                mapper = pkcs11_attribute_mapper()
                 try:
-                    self._session: Any = token.open(user_pin=pin, rw=True)
+                    self._session: Any = token.open(user_pin=pin, rw=True, attribute_mapper=mapper)
                 except pkcs11.UserAlreadyLoggedIn:
                     # PKCS#11 logs in per process: another session here already did.
-                    self._session = token.open(rw=True)
+                    self._session = token.open(rw=True, attribute_mapper=mapper)
                 break
             except pkcs11.exceptions.GeneralError as exc:
                 # Transient: SoftHSM2 answers this while another process (a second vault
@@ -890,11 +1198,18 @@ class Pkcs11Sealer(_VersionedSealer):
         for name, value in history.items():
             if value:
                 continue
-            problem = (
-                f"the HSM sealing key version {version} has CKA_{name}=false: its value was "
-                "readable or exportable at some point (an imported key, or an unwrapped copy), "
-                "so someone may know it"
-            )
+            if name == "LOCAL":
+                problem = (
+                    f"the HSM sealing key version {version} has CKA_LOCAL=false: it was not "
+                    "generated in the token but imported, unwrapped or derived, so someone may "
+                    "know its value or be able to make it again"
+                )
+            else:
+                problem = (
+                    f"the HSM sealing key version {version} has CKA_{name}=false: its value "
+                    "was readable or exportable at some point (an imported key, or an "
+                    "unwrapped copy), so someone may know it"
+                )
             if strict and not (self.accept_cloned_keys or self.accept_weak_keys):
                 raise SealingError(
                     f"{problem}. Make a new key version inside the HSM and move every value "
@@ -903,6 +1218,55 @@ class Pkcs11Sealer(_VersionedSealer):
                     "pkcs11_accept_cloned_keys = true (see the operator guide)"
                 )
             self._warn_once(version, name, problem)
+        self._check_mechanisms(version, key, strict)
+
+    def _allowed_mechanisms(self, version: int, key: Any) -> list[Any] | None:
+        """The key's CKA_ALLOWED_MECHANISMS (empty: every mechanism), or None when the
+        token does not know the attribute."""
+        from pkcs11 import Attribute
+
+        try:
+            with self._lock:
+                return list(key[Attribute.ALLOWED_MECHANISMS])
+        except (self._pkcs11.AttributeTypeInvalid, self._pkcs11.AttributeSensitive):
+            return None
+        except self._pkcs11.PKCS11Error as exc:
+            raise SealingError(
+                f"cannot read the allowed mechanisms of HSM sealing key version {version}: {exc!r}"
+            ) from exc
+
+    def _check_mechanisms(self, version: int, key: Any, strict: bool) -> None:
+        from pkcs11 import Mechanism
+
+        allowed = self._allowed_mechanisms(version, key)
+        if allowed is None:
+            return  # a token without CKA_ALLOWED_MECHANISMS: nothing to check
+        if not allowed:
+            self._warn_once(
+                version,
+                ALLOWED_MECHANISMS_NAME,
+                f"the HSM sealing key version {version} may be used with any mechanism "
+                "(CKA_ALLOWED_MECHANISMS is empty), not only CKM_AES_GCM: keys the vault "
+                "makes now are limited to it; move to one with `backvault vault "
+                "rotate-sealing-key`",
+            )
+            return
+        others = [m for m in allowed if m != Mechanism.AES_GCM]
+        if not others:
+            return
+        names = ", ".join(
+            f"CKM_{m.name}" if isinstance(m, Mechanism) else f"0x{int(m):x}" for m in others
+        )
+        problem = (
+            f"the HSM sealing key version {version} allows mechanisms other than "
+            f"CKM_AES_GCM ({names}) in CKA_ALLOWED_MECHANISMS"
+        )
+        if strict and not self.accept_weak_keys:
+            raise SealingError(
+                f"{problem}. Make a new key version with `backvault vault rotate-sealing-key` "
+                "(the vault limits the keys it makes to CKM_AES_GCM) and move every value to it"
+            )
+        self._warn_once(version, ALLOWED_MECHANISMS_NAME, problem)
 
     def _warn_once(self, version: int, attribute: str, message: str) -> None:
         if (version, attribute) not in self._warned:
@@ -910,12 +1274,20 @@ class Pkcs11Sealer(_VersionedSealer):
             log.warning(message)
 
     def _create_key(self, version: int) -> Any:
-        from pkcs11 import Attribute, KeyType, MechanismFlag
+        from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag
 
         template = {getattr(Attribute, name): wanted for name, wanted in SAFE_KEY_ATTRIBUTES}
         # Not even a PIN holder may copy the key (a copy could be made public, or given
-        # other uses). PKCS#11 2.40; a token that does not know the attribute goes without.
-        attempts = [{**template, Attribute.COPYABLE: False}, template]
+        # other uses), nor use it with another mechanism than AES-GCM. PKCS#11 2.40; a
+        # token that does not know an attribute goes without it.
+        copyable = {Attribute.COPYABLE: False}
+        mechanisms = {Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_GCM]}
+        attempts = [
+            {**template, **copyable, **mechanisms},
+            {**template, **mechanisms},
+            {**template, **copyable},
+            template,
+        ]
         for index, attempt in enumerate(attempts):
             try:
                 with self._lock:
@@ -950,35 +1322,52 @@ class Pkcs11Sealer(_VersionedSealer):
         from pkcs11.mechanisms import GCMParams, Mechanism
 
         try:
-            with self._lock:
-                return bytes(
+            return self._transient_retried(
+                lambda: bytes(
                     key.encrypt(
                         plaintext,
                         mechanism=Mechanism.AES_GCM,
                         mechanism_param=GCMParams(nonce, aad, 128),
                     )
                 )
+            )
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(f"the HSM refused to seal: {exc!r}") from exc
+
+    def _transient_retried(self, call: Callable[[], bytes]) -> bytes:
+        """``call`` in the token, tried again on CKR_GENERAL_ERROR: SoftHSM2 answers it now
+        and then while another process (a node, a rotation) rewrites the token's files.
+        (A retried seal reuses its nonce for the same plaintext and associated data: the
+        same ciphertext, nothing revealed.)"""
+        for attempt in range(3):
+            try:
+                with self._lock:
+                    return call()
+            except self._pkcs11.exceptions.GeneralError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _decrypt(self, key: Any, nonce: bytes, body: bytes, aad: bytes) -> bytes:
         from pkcs11.mechanisms import GCMParams, Mechanism
 
         try:
-            with self._lock:
-                return bytes(
+            return self._transient_retried(
+                lambda: bytes(
                     key.decrypt(
                         body,
                         mechanism=Mechanism.AES_GCM,
                         mechanism_param=GCMParams(nonce, aad, 128),
                     )
                 )
+            )
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(
                 f"sealed data does not open (wrong key, or altered): {exc!r}"
             ) from exc
 
-    def check(self) -> None:
+    def _check_reachable(self) -> None:
         """Reads the current key's label: proves the session is logged in and the key
         handle valid, without spending a GCM nonce or an encryption in the HSM."""
         from pkcs11 import Attribute

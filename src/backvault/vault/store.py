@@ -12,6 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
+# Execution option of a connection that only reads (SQLite: a deferred transaction).
+READ_ONLY = "backvault_read_only"
+
 
 def make_engine(url: str, pool_size: int = 10) -> sa.Engine:
     if url.startswith("sqlite"):
@@ -34,7 +37,13 @@ def make_engine(url: str, pool_size: int = 10) -> sa.Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A reader that may run while its own thread holds the write lock (a node
+            # looking for new sealing-key versions in the middle of a login) must not
+            # wait for it: a deferred transaction reads the last commit (WAL).
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
