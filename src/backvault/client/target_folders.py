@@ -211,7 +211,8 @@ def resolve_target(path: str, euid: int) -> str:
     A symlink on the way is followed only if it belongs to root or to ``euid``, as the
     kernel's ``fs.protected_symlinks`` does in sticky folders: another user's symlink
     (``/home/alice/restored`` -> ``/etc``, made by alice) could be pointed anywhere, so
-    the restore stops, naming it. What does not exist yet is kept as given (it is made
+    the restore stops, naming it. Nor is one followed in a folder another user can change:
+    she could have moved a symlink of root's there (one a root restore put in her home). What does not exist yet is kept as given (it is made
     later, one component at a time)."""
     todo = [part for part in path.split("/") if part][::-1]  # a stack: next part last
     resolved: list[str] = []
@@ -243,6 +244,16 @@ def resolve_target(path: str, euid: int) -> str:
                     f"the target's path goes through {where}, a symlink that belongs to uid "
                     f"{st.st_uid}, who could point it anywhere; give the target's path "
                     "without it"
+                )
+            # Root's own symlink, but in a folder another user can change: she may have
+            # moved it there (one a root restore gave back to root in her home).
+            folder = "/" + "/".join(resolved)
+            why = others_can_change(os.lstat(folder), euid)
+            if why is not None:
+                raise RepositoryError(
+                    f"the target's path goes through {where}, a symlink in {folder}, where "
+                    f"other users can put a symlink of their choice ({why}); give the "
+                    "target's path without it"
                 )
             followed += 1
             if followed > _MAX_SYMLINKS:
