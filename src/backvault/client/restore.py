@@ -133,25 +133,27 @@ class RestoreResult:
         }
 
 
-def matches(path: str, patterns: list[str]) -> bool:
+def matches(path: str, patterns: list[str], *, ancestors: bool = True) -> bool:
     """restic-style include: a pattern with a leading / is anchored at the snapshot root;
     one without matches any trailing run of path components. A match on a directory
-    selects everything below it."""
+    selects everything below it. With ``ancestors=False`` only the path itself is tried
+    (the walk knows that no folder above it matched): a snapshot nests folders thousands
+    deep, and trying every ancestor of every entry cost the cube of the depth."""
     parts = path.strip("/").split("/")
     for pattern in patterns:
         anchored = pattern.startswith("/")
         pparts = pattern.strip("/").split("/")
-        for end in range(1, len(parts) + 1):  # the path or one of its ancestors
-            candidate = parts[:end]
-            starts = [0] if anchored else range(0, len(candidate) - len(pparts) + 1)
-            for start in starts:
-                window = candidate[start : start + len(pparts)]
-                if (
-                    len(window) == len(pparts)
-                    and start + len(pparts) == len(candidate)
-                    and all(fnmatch.fnmatchcase(c, p) for c, p in zip(window, pparts, strict=True))
-                ):
-                    return True
+        size = len(pparts)
+        if anchored:
+            ends: range | list[int] = [size] if ancestors or size == len(parts) else []
+        else:
+            ends = range(size, len(parts) + 1) if ancestors else [len(parts)]
+        for end in ends:  # the path or one of its ancestors: its last ``size`` components
+            if end < size or end > len(parts):
+                continue
+            window = parts[end - size : end]
+            if all(fnmatch.fnmatchcase(c, p) for c, p in zip(window, pparts, strict=True)):
+                return True
     return False
 
 
@@ -537,13 +539,13 @@ class Restorer:
             for node in nodes:
                 path = f"{rel}/{node.name}"
                 if node.type == "dir" and node.subtree is not None:
-                    if matches(path, self.includes):
+                    if matches(path, self.includes, ancestors=False):
                         total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[
                             1
                         ]
                     elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
-                elif node.type == "file" and matches(path, self.includes):
+                elif node.type == "file" and matches(path, self.includes, ancestors=False):
                     total += fmt.restorable_size(node)
         return total
 
@@ -574,7 +576,7 @@ class Restorer:
                 continue
             self._raise_fatal()
             path = f"{walk.folder.path}/{node.name}"
-            chosen = walk.selected or matches(path, self.includes)
+            chosen = walk.selected or matches(path, self.includes, ancestors=False)
             if node.type == "dir":
                 if not chosen and not could_contain_match(path, self.includes):
                     continue
