@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -114,3 +116,36 @@ def test_include_patterns_match_as_before(
 ) -> None:
     assert matches(path, [pattern]) is expected
     assert matches(path, [pattern], ancestors=False) is itself
+
+
+def test_an_interrupted_overwrite_puts_back_the_file_a_folder_replaced(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """``restore --overwrite`` of a snapshot where a folder ``notes`` (of 100 files) goes
+    where the target has a file ``notes``; Ctrl-C once the folder is in place. The old file
+    had been moved aside into the private folder, which the stopped restore removed: the
+    only copy was gone, and ``notes`` was a folder holding part of the files."""
+    h = Hostile(tmp_path / "repo")
+    files = [h.file(f"f{i:03d}", os.urandom(2_000_000)) for i in range(100)]
+    snapshot_id = h.snapshot([h.folder("notes", files)])
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes").write_text("the only copy of my notes\n")
+    restore = subprocess.Popen(
+        [sys.executable, "-m", "backvault.cli", "-r", str(h.path), "restore", snapshot_id,
+         "--target", str(target), "--overwrite"],
+        env={**cli.env, "BACKVAULT_KEY": h.key}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (target / "notes").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.1)
+    restore.send_signal(signal.SIGINT)
+    _, err = restore.communicate(timeout=60)
+    if restore.returncode == 0:  # pragma: no cover - finished before the signal
+        assert len(os.listdir(target / "notes")) == 100
+        return
+    assert restore.returncode == 130, err
+    assert (target / "notes").read_text() == "the only copy of my notes\n"
+    assert os.listdir(target) == ["notes"]

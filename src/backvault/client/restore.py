@@ -312,6 +312,9 @@ class Restorer:
         self._deferred_links: list[tuple[_FileJob, Node, _FolderJob, str]] = []
         # Folders this restore made or took over (device, inode): never replaced by it.
         self._own_folders: set[tuple[int, int]] = set()
+        # Folders that took the name of an entry --overwrite moved aside (put back if the
+        # restore stops before they are finished).
+        self._replacing: list[_FolderJob] = []
         self._totals: dict[bytes, tuple[int, int]] = {}  # entries and bytes, by tree
 
     def run(self, snapshot: Snapshot, name: str | None = None) -> RestoreResult:
@@ -321,6 +324,7 @@ class Restorer:
             self.repo.ensure_index()
             total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
             self._check_free_space(total)
+            completed = False
             try:
                 self._first_staging()
                 self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
@@ -330,9 +334,12 @@ class Restorer:
                 self._budget.wait_idle()
                 self._raise_fatal()
                 self._make_deferred_links()
+                completed = True
             finally:
                 if self._pool is not None:
                     self._pool.shutdown(cancel=True)
+                if not completed:
+                    self._put_back_replaced()
                 self._remove_stagings()
                 self.progress.finish()
         finally:
@@ -464,6 +471,36 @@ class Restorer:
         share_staging(shared, fd)
         self._stagings[st.st_dev] = staging
         return staging
+
+    def _put_back_replaced(self) -> None:
+        """The restore stopped (interrupted, a full disk, a fatal error): a folder that took
+        the name of an entry ``--overwrite`` moved aside, and is not finished, is no
+        complete replacement. It goes into the private folder (removed with it), and what
+        it replaced comes back under its name."""
+        for folder in reversed(self._replacing):
+            if folder.aside is None or folder.pending == 0 or folder.parent is None:
+                continue
+            try:
+                staging = self._staging_for(folder.parent)
+                with self._target_folders.folder(folder.parent.ref) as parent:
+                    st = os.stat(folder.ref.name, dir_fd=parent, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) != (folder.ref.device, folder.ref.inode):
+                        raise UnsafeTarget("another entry took its name")
+                    self._target_folders.forget(folder.ref)
+                    os.rename(
+                        folder.ref.name,
+                        secrets.token_hex(8),
+                        src_dir_fd=parent,
+                        dst_dir_fd=staging.fd,
+                    )
+                    os.rename(
+                        folder.aside, folder.ref.name, src_dir_fd=staging.fd, dst_dir_fd=parent
+                    )
+                    folder.aside = None
+            except (OSError, UnsafeTarget) as exc:
+                self._add_warning(
+                    folder.path, f"what this folder replaced could not be put back: {exc}"
+                )
 
     def _remove_stagings(self) -> None:
         """Remove the staging folders with what is left in them: temporary copies of
@@ -682,7 +719,10 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        return _FolderJob(ref, node, path, parent, made=True, aside=aside)
+        job = _FolderJob(ref, node, path, parent, made=True, aside=aside)
+        if aside is not None:
+            self._replacing.append(job)
+        return job
 
     def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node, path: str) -> _FolderJob:
         """With --overwrite, a folder already has this name: restore into it."""
