@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -149,3 +150,80 @@ def test_an_interrupted_overwrite_puts_back_the_file_a_folder_replaced(
     assert restore.returncode == 130, err
     assert (target / "notes").read_text() == "the only copy of my notes\n"
     assert os.listdir(target) == ["notes"]
+
+
+def _deep_folder(top: Path, depth: int) -> None:
+    fd = os.open(top.parent, os.O_RDONLY)
+    name = top.name
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, name = inner, "d"
+    finally:
+        os.close(fd)
+
+
+def test_a_deep_folder_that_overwrite_replaces_is_removed(tmp_path: Path, cli: Cli) -> None:
+    """``restore --overwrite`` of a file ``x`` where the target holds a folder ``x`` nested
+    1200 deep (anyone who can write into the target can make one): it was moved aside and
+    removed with shutil.rmtree, which recursed: ``internal error: RecursionError`` after
+    the restore, and the private folder stayed."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot([h.file("x", b"new x\n")])
+    target = tmp_path / "out"
+    target.mkdir()
+    _deep_folder(target / "x", 1200)
+    cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(target), "--overwrite",
+           key=h.key)  # fmt: skip
+    assert os.listdir(target) == ["x"] and (target / "x").read_bytes() == b"new x\n"
+
+
+SWAP_AT_OPEN = r"""
+import os, sys
+from backvault.client.restore import Restorer
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target, kind, outside = sys.argv[1:7]
+real_open = os.open
+def racing_open(path, flags, mode=0o777, *, dir_fd=None):
+    # The other user's move, at the worst moment: the folder "swap" of what was moved
+    # aside, listed and seen as a folder, is a fifo (or a symlink to one) when opened.
+    if path == "swap" and dir_fd is not None:
+        os.rename("swap", "was-swap", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if kind == "fifo":
+            os.mkfifo("swap", dir_fd=dir_fd)
+        else:
+            os.symlink(outside, "swap", dir_fd=dir_fd)
+    return real_open(path, flags, mode, dir_fd=dir_fd)
+os.open = racing_open
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+result = Restorer(repo, target, overwrite=True).run(repo.find_snapshot(snapshot_id)[1])
+print(result.to_json()["warnings"])
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_what_overwrite_moved_aside_is_removed_without_opening_a_swapped_in_fifo(
+    tmp_path: Path, kind: str
+) -> None:
+    """The folder ``x`` that ``--overwrite`` moves aside belongs to another user, who kept
+    a descriptor of it and swaps a subfolder for a fifo (or a symlink to a fifo, or to a
+    device) between shutil.rmtree's lstat and its open: root's restore opened it with
+    O_RDONLY, following symlinks, and hung there for good (a device would have been
+    opened as root). The swap is made at that very moment here."""
+    h = Hostile(tmp_path / "repo")
+    snapshot_id = h.snapshot([h.file("x", b"new x\n")])
+    target = tmp_path / "out"
+    (target / "x" / "swap" / "inner").mkdir(parents=True)
+    outside = tmp_path / "outside-fifo"
+    os.mkfifo(outside)
+    done = subprocess.run(
+        [sys.executable, "-c", SWAP_AT_OPEN, str(h.path), h.key, snapshot_id, str(target),
+         kind, str(outside)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(target) == ["x"] and (target / "x").read_bytes() == b"new x\n"
+    assert stat.S_ISFIFO(outside.lstat().st_mode)

@@ -40,7 +40,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import stat as stat_module
 import threading
 from collections.abc import Iterator
@@ -71,6 +70,7 @@ from .target_folders import (
     open_staged,
     open_target,
     others_can_change,
+    remove_tree,
     resolve_target,
     share_staging,
     unshare_staging,
@@ -513,7 +513,11 @@ class Restorer:
                     names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
                 for name, is_folder in names:
                     if is_folder:
-                        shutil.rmtree(name, dir_fd=staging.fd)
+                        # Not shutil.rmtree: it recurses (a folder nested 1200 deep
+                        # ended the restore in RecursionError) and opens what it met as
+                        # a folder without O_DIRECTORY or O_NOFOLLOW (a fifo or a device
+                        # swapped in by whoever can still change what was moved aside).
+                        remove_tree(name, staging.fd)
                     else:
                         os.unlink(name, dir_fd=staging.fd)
                 assert staging.ref.parent is not None
