@@ -227,3 +227,40 @@ def test_what_overwrite_moved_aside_is_removed_without_opening_a_swapped_in_fifo
     assert done.returncode == 0, done.stderr
     assert os.listdir(target) == ["x"] and (target / "x").read_bytes() == b"new x\n"
     assert stat.S_ISFIFO(outside.lstat().st_mode)
+
+
+@needs_root
+def test_entries_planted_under_a_leftover_name_change_nothing_outside(
+    open_dir: Path, cli: Cli
+) -> None:
+    """Attack that failed: alice, who owns the target, plants entries named like a killed
+    restore's private folder (a symlink to a root-only folder, and a folder holding
+    symlinks out), so the target counts as empty; root restores there (without
+    --overwrite) and then runs the ``rm -rf`` the restore prints. Nothing outside the
+    target is read, written or removed: the leftovers are never touched, the command
+    removes the symlink itself, not what it points to."""
+    secret = open_dir / "root-only"
+    secret.mkdir(mode=0o700)
+    (secret / "keep").write_text("root's\n")
+    target = open_dir / "home-alice"
+    target.mkdir()
+    os.chown(target, ATTACKER, ATTACKER)
+    link_name, folder_name = (
+        ".backvault-restore-0123456789abcdef",
+        ".backvault-restore-fedcba9876543210",
+    )
+    as_attacker("ln", "-s", str(secret), str(target / link_name))
+    as_attacker("mkdir", str(target / folder_name))
+    as_attacker("ln", "-s", str(secret), str(target / folder_name / "keep"))
+    h = Hostile(open_dir / "repo")
+    snapshot_id = h.snapshot(
+        [h.file("a.txt", b"a\n"), h.folder(link_name[:-1] + "0", [h.file("b", b"b\n")])]
+    )
+    before = fingerprint(secret)
+    done = cli.ok("-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key)
+    said = [line for line in done.err.splitlines() if "interrupted" in line]
+    assert len(said) == 1, done.err
+    assert fingerprint(secret) == before
+    subprocess.run(["sh", "-c", said[0].split("with: ", 1)[1]], check=True)
+    assert fingerprint(secret) == before
+    assert sorted(os.listdir(target)) == sorted(["a.txt", link_name[:-1] + "0"])
