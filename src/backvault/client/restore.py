@@ -40,7 +40,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import stat as stat_module
 import threading
 from collections.abc import Iterator
@@ -71,6 +70,7 @@ from .target_folders import (
     open_staged,
     open_target,
     others_can_change,
+    remove_tree,
     resolve_target,
     share_staging,
     unshare_staging,
@@ -133,25 +133,27 @@ class RestoreResult:
         }
 
 
-def matches(path: str, patterns: list[str]) -> bool:
+def matches(path: str, patterns: list[str], *, ancestors: bool = True) -> bool:
     """restic-style include: a pattern with a leading / is anchored at the snapshot root;
     one without matches any trailing run of path components. A match on a directory
-    selects everything below it."""
+    selects everything below it. With ``ancestors=False`` only the path itself is tried
+    (the walk knows that no folder above it matched): a snapshot nests folders thousands
+    deep, and trying every ancestor of every entry cost the cube of the depth."""
     parts = path.strip("/").split("/")
     for pattern in patterns:
         anchored = pattern.startswith("/")
         pparts = pattern.strip("/").split("/")
-        for end in range(1, len(parts) + 1):  # the path or one of its ancestors
-            candidate = parts[:end]
-            starts = [0] if anchored else range(0, len(candidate) - len(pparts) + 1)
-            for start in starts:
-                window = candidate[start : start + len(pparts)]
-                if (
-                    len(window) == len(pparts)
-                    and start + len(pparts) == len(candidate)
-                    and all(fnmatch.fnmatchcase(c, p) for c, p in zip(window, pparts, strict=True))
-                ):
-                    return True
+        size = len(pparts)
+        if anchored:
+            ends: range | list[int] = [size] if ancestors or size == len(parts) else []
+        else:
+            ends = range(size, len(parts) + 1) if ancestors else [len(parts)]
+        for end in ends:  # the path or one of its ancestors: its last ``size`` components
+            if end < size or end > len(parts):
+                continue
+            window = parts[end - size : end]
+            if all(fnmatch.fnmatchcase(c, p) for c, p in zip(window, pparts, strict=True)):
+                return True
     return False
 
 
@@ -310,6 +312,9 @@ class Restorer:
         self._deferred_links: list[tuple[_FileJob, Node, _FolderJob, str]] = []
         # Folders this restore made or took over (device, inode): never replaced by it.
         self._own_folders: set[tuple[int, int]] = set()
+        # Folders that took the name of an entry --overwrite moved aside (put back if the
+        # restore stops before they are finished).
+        self._replacing: list[_FolderJob] = []
         self._totals: dict[bytes, tuple[int, int]] = {}  # entries and bytes, by tree
 
     def run(self, snapshot: Snapshot, name: str | None = None) -> RestoreResult:
@@ -319,6 +324,7 @@ class Restorer:
             self.repo.ensure_index()
             total = self._plan(snapshot.tree, f"snapshot {name[:8]}" if name else "the snapshot")
             self._check_free_space(total)
+            completed = False
             try:
                 self._first_staging()
                 self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
@@ -328,9 +334,12 @@ class Restorer:
                 self._budget.wait_idle()
                 self._raise_fatal()
                 self._make_deferred_links()
+                completed = True
             finally:
                 if self._pool is not None:
                     self._pool.shutdown(cancel=True)
+                if not completed:
+                    self._put_back_replaced()
                 self._remove_stagings()
                 self.progress.finish()
         finally:
@@ -463,6 +472,36 @@ class Restorer:
         self._stagings[st.st_dev] = staging
         return staging
 
+    def _put_back_replaced(self) -> None:
+        """The restore stopped (interrupted, a full disk, a fatal error): a folder that took
+        the name of an entry ``--overwrite`` moved aside, and is not finished, is no
+        complete replacement. It goes into the private folder (removed with it), and what
+        it replaced comes back under its name."""
+        for folder in reversed(self._replacing):
+            if folder.aside is None or folder.pending == 0 or folder.parent is None:
+                continue
+            try:
+                staging = self._staging_for(folder.parent)
+                with self._target_folders.folder(folder.parent.ref) as parent:
+                    st = os.stat(folder.ref.name, dir_fd=parent, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) != (folder.ref.device, folder.ref.inode):
+                        raise UnsafeTarget("another entry took its name")
+                    self._target_folders.forget(folder.ref)
+                    os.rename(
+                        folder.ref.name,
+                        secrets.token_hex(8),
+                        src_dir_fd=parent,
+                        dst_dir_fd=staging.fd,
+                    )
+                    os.rename(
+                        folder.aside, folder.ref.name, src_dir_fd=staging.fd, dst_dir_fd=parent
+                    )
+                    folder.aside = None
+            except (OSError, UnsafeTarget) as exc:
+                self._add_warning(
+                    folder.path, f"what this folder replaced could not be put back: {exc}"
+                )
+
     def _remove_stagings(self) -> None:
         """Remove the staging folders with what is left in them: temporary copies of
         unfinished or damaged files, hard-link anchors, entries that --overwrite moved
@@ -474,7 +513,11 @@ class Restorer:
                     names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
                 for name, is_folder in names:
                     if is_folder:
-                        shutil.rmtree(name, dir_fd=staging.fd)
+                        # Not shutil.rmtree: it recurses (a folder nested 1200 deep
+                        # ended the restore in RecursionError) and opens what it met as
+                        # a folder without O_DIRECTORY or O_NOFOLLOW (a fifo or a device
+                        # swapped in by whoever can still change what was moved aside).
+                        remove_tree(name, staging.fd)
                     else:
                         os.unlink(name, dir_fd=staging.fd)
                 assert staging.ref.parent is not None
@@ -537,13 +580,13 @@ class Restorer:
             for node in nodes:
                 path = f"{rel}/{node.name}"
                 if node.type == "dir" and node.subtree is not None:
-                    if matches(path, self.includes):
+                    if matches(path, self.includes, ancestors=False):
                         total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[
                             1
                         ]
                     elif could_contain_match(path, self.includes):
                         todo.append((node.subtree, path))
-                elif node.type == "file" and matches(path, self.includes):
+                elif node.type == "file" and matches(path, self.includes, ancestors=False):
                     total += fmt.restorable_size(node)
         return total
 
@@ -574,7 +617,7 @@ class Restorer:
                 continue
             self._raise_fatal()
             path = f"{walk.folder.path}/{node.name}"
-            chosen = walk.selected or matches(path, self.includes)
+            chosen = walk.selected or matches(path, self.includes, ancestors=False)
             if node.type == "dir":
                 if not chosen and not could_contain_match(path, self.includes):
                     continue
@@ -680,7 +723,10 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        return _FolderJob(ref, node, path, parent, made=True, aside=aside)
+        job = _FolderJob(ref, node, path, parent, made=True, aside=aside)
+        if aside is not None:
+            self._replacing.append(job)
+        return job
 
     def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node, path: str) -> _FolderJob:
         """With --overwrite, a folder already has this name: restore into it."""

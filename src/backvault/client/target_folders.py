@@ -211,7 +211,8 @@ def resolve_target(path: str, euid: int) -> str:
     A symlink on the way is followed only if it belongs to root or to ``euid``, as the
     kernel's ``fs.protected_symlinks`` does in sticky folders: another user's symlink
     (``/home/alice/restored`` -> ``/etc``, made by alice) could be pointed anywhere, so
-    the restore stops, naming it. What does not exist yet is kept as given (it is made
+    the restore stops, naming it. Nor is one followed in a folder another user can change:
+    she could have moved a symlink of root's there (one a root restore put in her home). What does not exist yet is kept as given (it is made
     later, one component at a time)."""
     todo = [part for part in path.split("/") if part][::-1]  # a stack: next part last
     resolved: list[str] = []
@@ -243,6 +244,16 @@ def resolve_target(path: str, euid: int) -> str:
                     f"the target's path goes through {where}, a symlink that belongs to uid "
                     f"{st.st_uid}, who could point it anywhere; give the target's path "
                     "without it"
+                )
+            # Root's own symlink, but in a folder another user can change: she may have
+            # moved it there (one a root restore gave back to root in her home).
+            folder = "/" + "/".join(resolved)
+            why = others_can_change(os.lstat(folder), euid)
+            if why is not None:
+                raise RepositoryError(
+                    f"the target's path goes through {where}, a symlink in {folder}, where "
+                    f"other users can put a symlink of their choice ({why}); give the "
+                    "target's path without it"
                 )
             followed += 1
             if followed > _MAX_SYMLINKS:
@@ -452,3 +463,88 @@ def _replaced() -> UnsafeTarget:
         "its temporary copy was replaced by something else during the restore; nothing was "
         "written into it"
     )
+
+
+_LISTINGS = 4
+
+
+def remove_tree(name: str, parent: int) -> None:
+    """Remove the entry ``name`` of folder ``parent`` with everything below it: what
+    ``--overwrite`` moved aside into the private folder, which may belong to another user
+    who can still change it through a descriptor she kept. Nothing is followed and nothing
+    but a folder is opened (``O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK``: a symlink to a
+    device, or a fifo, swapped in for a folder is unlinked, never opened); each folder is
+    listed again when emptied (a few times at most); one descriptor is open at a time (the way up is ``..``, checked by device
+    and inode), so nesting thousands deep costs no recursion and no descriptors."""
+    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent)
+        return
+    fd = _open_to_remove(name, parent)
+    if fd is None:
+        return
+    # Each folder: its name, identity, folders still to empty, and listings left (what
+    # appeared since it was listed is found by listing it again, a few times at most).
+    frames = [(name, _identity(fd), _clear_folder(fd), [_LISTINGS])]
+    try:
+        while True:
+            todo, listings = frames[-1][2], frames[-1][3]
+            if not todo and listings[0] > 1:
+                listings[0] -= 1
+                todo.extend(_clear_folder(fd))
+            if todo:
+                sub = todo.pop()
+                inner = _open_to_remove(sub, fd)
+                if inner is not None:
+                    os.close(fd)
+                    fd = inner
+                    frames.append((sub, _identity(fd), _clear_folder(fd), [_LISTINGS]))
+                continue
+            done = frames.pop()[0]
+            if not frames:
+                os.close(fd)
+                fd = -1
+                os.rmdir(done, dir_fd=parent)
+                return
+            up = os.open("..", FOLDER_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            if _identity(fd) != frames[-1][1]:
+                raise moved()
+            os.rmdir(done, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open_to_remove(name: str, parent: int) -> int | None:
+    """Folder ``name`` of ``parent``, opened to be emptied; None if it is gone, or is no
+    folder any more (then it is unlinked as it is)."""
+    try:
+        return os.open(name, FOLDER_FLAGS | os.O_NONBLOCK, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            os.unlink(name, dir_fd=parent)
+            return None
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _clear_folder(fd: int) -> list[str]:
+    """Unlink what is not a folder in the folder ``fd`` (as listed now); gives the names
+    of its folders."""
+    folders: list[str] = []
+    with os.scandir(fd) as entries:
+        listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_folder in listed:
+        if is_folder:
+            folders.append(name)
+            continue
+        try:
+            os.unlink(name, dir_fd=fd)
+        except IsADirectoryError:  # a folder now: emptied as one
+            folders.append(name)
+        except FileNotFoundError:
+            pass
+    return folders
