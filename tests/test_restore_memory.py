@@ -85,3 +85,46 @@ def check_deep(outcome: dict[str, Any], target: Path, depth: int, name: str) -> 
             assert leaf.read() == b"leaf\n"
     finally:
         os.close(fd)
+
+
+LIMITED_PLAN = r"""
+import json, resource, sys
+from backvault.client.restore import Restorer, TooManyEntries
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+repo_path, key, snapshot_id, target, limit, max_entries = sys.argv[1:7]
+repo = Repository.open(LocalBackend(repo_path), [key.encode()])
+resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+try:
+    Restorer(repo, target, max_entries=int(max_entries)).run(repo.find_snapshot(snapshot_id)[1])
+except TooManyEntries as exc:
+    print(json.dumps({"refused": str(exc)}))
+"""
+
+
+def test_planning_keeps_no_more_trees_than_the_cache_holds(tmp_path: Path) -> None:
+    """30 folders of 40,000 fifos each (the trees compress to a few hundred KiB).
+    Planning read every tree and the tree cache, bounded by count (4096 trees), kept them
+    all: MemoryError under a 384 MiB limit (and a 512 MiB one; it needed about 768). Now
+    the cache is bounded by nodes and planning reads each tree once (it fits in 256 MiB).
+    The restore is refused right after planning (``max_entries`` below the snapshot's
+    count), so every tree is read and nothing is written."""
+    folders, per_folder = 30, 40_000
+    h = Hostile(tmp_path / "repo")
+    top = [
+        h.folder(
+            f"dir{f:02d}", [{"name": f"{f}-{i:06d}", "type": "fifo"} for i in range(per_folder)]
+        )
+        for f in range(folders)
+    ]
+    snapshot_id = h.snapshot(top)
+    target = tmp_path / "target"
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED_PLAN, str(h.path), h.key, snapshot_id, str(target),
+         str(384 << 20), str(folders * per_folder)],
+        capture_output=True, text=True, env={**os.environ, **THREADS},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = json.loads(done.stdout)["refused"]
+    assert f"expands to {folders * (per_folder + 1):,} entries" in refused, refused
+    assert os.listdir(target) == []
