@@ -32,14 +32,14 @@ if sys.argv[2] == "make":
             fh.write(os.urandom(6 << 20))
     print(
         subprocess.run(
-            cli + ["backup", str(src)], env=env, capture_output=True, text=True
+            [*cli, "backup", str(src)], env=env, capture_output=True, text=True
         ).returncode
     )
 else:
     out = base / f"out{time.time()}"
     t = time.time()
     p = subprocess.run(
-        cli + ["restore", "latest", "--target", str(out)], env=env, capture_output=True, text=True
+        [*cli, "restore", "latest", "--target", str(out)], env=env, capture_output=True, text=True
     )
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
