@@ -1186,10 +1186,14 @@ def restore(
     )
     for path, warning in result.warnings:
         ctx.error_line(f"warning: {path}: {warning}")
-    if result.damaged:
+    if result.warnings_unlisted:
+        ctx.error_line(f"warning: {result.warnings_unlisted:,} more warnings not listed")
+    if result.damaged_count:
         for path, error in result.damaged:
             ctx.error_line(f"not restored: {path}: {error}")
-        count = len(result.damaged)
+        if result.damaged_unlisted:
+            ctx.error_line(f"not restored: {result.damaged_unlisted:,} more entries not listed")
+        count = result.damaged_count
         fail(
             f"{count} {'entry' if count == 1 else 'entries'} could not be restored (listed "
             "above); everything else was restored",

@@ -42,7 +42,7 @@ import secrets
 import shlex
 import stat as stat_module
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -91,6 +91,15 @@ _BATCH_RUNS = 64
 STAGING_PREFIX = ".backvault-restore-"
 _LEFTOVER = re.compile(re.escape(STAGING_PREFIX) + "[0-9a-f]{16}")
 _SETID_BITS = stat_module.S_ISUID | stat_module.S_ISGID
+# The damaged entries and warnings a result lists (the rest are counted), and the longest
+# path it lists whole: a hostile snapshot nests folders 16,000 deep with 255-character
+# names (4 MB paths), and gives every entry a warning.
+MAX_LISTED = 1000
+MAX_LISTED_PATH = 4096
+
+# Where an entry is, for messages: its path, or how to build it (built only if a message
+# needs it: a folder keeps no path of its own, see ``_FolderJob.path``).
+Where = str | Callable[[], str]
 
 
 class TargetNotEmpty(RepositoryError):
@@ -119,8 +128,14 @@ class RestoreResult:
     dirs: int = 0
     symlinks: int = 0
     bytes: int = 0
-    damaged: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_LISTED
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_LISTED
+    damaged_unlisted: int = 0  # damaged entries beyond those listed
+    warnings_unlisted: int = 0
+
+    @property
+    def damaged_count(self) -> int:
+        return len(self.damaged) + self.damaged_unlisted
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,7 +145,18 @@ class RestoreResult:
             "bytes": self.bytes,
             "damaged": [{"path": p, "error": e} for p, e in self.damaged],
             "warnings": [{"path": p, "warning": w} for p, w in self.warnings],
+            "damaged_unlisted": self.damaged_unlisted,
+            "warnings_unlisted": self.warnings_unlisted,
         }
+
+
+def _listed(where: Where) -> str:
+    """A path as a result lists it: whole up to MAX_LISTED_PATH characters, else its
+    start and its end."""
+    path = where if isinstance(where, str) else where()
+    if len(path) <= MAX_LISTED_PATH:
+        return path
+    return f"{path[:1024]}/…({len(path):,} characters)…/{path[-(MAX_LISTED_PATH - 1100) :]}"
 
 
 def matches(path: str, patterns: list[str], *, ancestors: bool = True) -> bool:
@@ -186,16 +212,22 @@ class _FolderJob:
     """A folder of the snapshot being restored (or the target itself, with no node).
     ``pending`` counts what must be done before its own owner, mode and times are set:
     its walk, its files still being written, its hard links still to make, its folders
-    not yet finished."""
+    not yet finished. Its path is not kept (``ref`` links it to its parent): a chain of
+    folders 16,000 deep with 255-character names would hold 32 GB of paths."""
 
     ref: FolderRef
     node: Node | None
-    path: str
     parent: _FolderJob | None
     made: bool  # this restore made it (else it was there: the target, or kept by --overwrite)
     aside: str | None = None  # what had its name, moved into the staging folder
     pending: int = 1
     keep: bool = True  # False once its walk found nothing selected in it: it is removed
+
+    @property
+    def path(self) -> str:
+        """Its path in the snapshot ("" for the target), built from the names on the way
+        (for messages only)."""
+        return "".join(f"/{name}" for name in self.ref.names())
 
 
 class _FileJob:
@@ -206,7 +238,6 @@ class _FileJob:
         self,
         node: Node,
         folder: _FolderJob,
-        path: str,
         staging: _Staging,
         staged: StagedFile,
         runs: int,
@@ -214,7 +245,6 @@ class _FileJob:
     ) -> None:
         self.node = node
         self.folder = folder
-        self.path = path
         self.staging = staging
         self.staged = staged
         self.remaining = runs
@@ -225,6 +255,11 @@ class _FileJob:
         self.error: str | None = None
         self.succeeded = False
         self.lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        """Built when a message needs it (not kept: see ``_FolderJob``)."""
+        return f"{self.folder.path}/{self.node.name}"
 
 
 @dataclass
@@ -309,7 +344,7 @@ class Restorer:
         self._lock = threading.Lock()  # guards result, pending counts and _fatal
         self._fatal: BaseException | None = None
         self._hardlinks: dict[tuple[int, int], _FileJob] = {}
-        self._deferred_links: list[tuple[_FileJob, Node, _FolderJob, str]] = []
+        self._deferred_links: list[tuple[_FileJob, Node, _FolderJob]] = []
         # Folders this restore made or took over (device, inode): never replaced by it.
         self._own_folders: set[tuple[int, int]] = set()
         # Folders that took the name of an entry --overwrite moved aside (put back if the
@@ -381,7 +416,7 @@ class Restorer:
         st = on_the_way[-1][1]
         root = FolderRef(None, "", st.st_dev, st.st_ino)
         self._folders = TargetFolders(root, fd)
-        self._root = _FolderJob(root, None, "", None, made=False)
+        self._root = _FolderJob(root, None, None, made=False)
         self._device_tops[st.st_dev] = self._root
         if left:
             self._add_warning(str(self.target), left)
@@ -545,7 +580,7 @@ class Restorer:
         if times is not None:
             _attempt(problems, os.utime, fd, ns=times)
         if problems:
-            self._add_warning(folder.path, f"metadata not restored: {'; '.join(problems)}")
+            self._add_warning(lambda: folder.path, f"metadata not restored: {'; '.join(problems)}")
 
     # --- what to restore -----------------------------------------------------------------
 
@@ -570,24 +605,35 @@ class Restorer:
         """The bytes of the files ``includes`` select: a selected folder's from the
         totals, the rest walked (bounded by the snapshot's expansion, checked first)."""
         total = 0
-        todo = [(tree_id, "")]
-        while todo:  # not recursive: a snapshot may nest folders thousands deep
-            tree, rel = todo.pop()
-            try:
-                nodes = self.repo.load_tree(tree)
-            except DamagedObject:
+        try:
+            top = self.repo.load_tree(tree_id)
+        except DamagedObject:
+            return 0
+        # Depth first with a stack of its own (a snapshot may nest folders thousands
+        # deep), each level with the name of its folder; only the deepest folder's path is
+        # a string (a path kept per level would cost the square of the depth).
+        stack: list[tuple[Iterator[Node], str]] = [(iter(top), "")]
+        rel = ""
+        while stack:
+            nodes, name = stack[-1]
+            node = next(nodes, None)
+            if node is None:
+                stack.pop()
+                rel = rel[: len(rel) - len(name) - 1]  # back to the folder above
                 continue
-            for node in nodes:
-                path = f"{rel}/{node.name}"
-                if node.type == "dir" and node.subtree is not None:
-                    if matches(path, self.includes, ancestors=False):
-                        total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[
-                            1
-                        ]
-                    elif could_contain_match(path, self.includes):
-                        todo.append((node.subtree, path))
-                elif node.type == "file" and matches(path, self.includes, ancestors=False):
-                    total += fmt.restorable_size(node)
+            path = f"{rel}/{node.name}"
+            if node.type == "dir" and node.subtree is not None:
+                if matches(path, self.includes, ancestors=False):
+                    total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[1]
+                elif could_contain_match(path, self.includes):
+                    try:
+                        below = self.repo.load_tree(node.subtree)
+                    except DamagedObject:
+                        continue
+                    stack.append((iter(below), node.name))
+                    rel = path
+            elif node.type == "file" and matches(path, self.includes, ancestors=False):
+                total += fmt.restorable_size(node)
         return total
 
     def _load_nodes(self, tree_id: bytes, path: str) -> list[Node] | None:
@@ -604,19 +650,24 @@ class Restorer:
 
     def _restore_tree(self, tree_id: bytes) -> None:
         """Restore the selected entries of the snapshot, folder by folder, depth first
-        (with a stack of its own: a snapshot may nest folders thousands deep)."""
+        (with a stack of its own: a snapshot may nest folders thousands deep). Only the
+        path of the folder being walked is a string (``rel``): one per level would cost
+        the square of the depth."""
         assert self._root is not None
         top = _Walk(iter(self._load_nodes(tree_id, "") or []), self._root, not self.includes)
         stack = [top]
+        rel = ""
         while stack:
             walk = stack[-1]
             node = next(walk.nodes, None)
             if node is None:
                 stack.pop()
+                if stack:  # back to the folder above
+                    rel = rel[: len(rel) - len(walk.folder.ref.name) - 1]
                 self._leave_folder(walk, stack[-1] if stack else None)
                 continue
             self._raise_fatal()
-            path = f"{walk.folder.path}/{node.name}"
+            path = f"{rel}/{node.name}"
             chosen = walk.selected or matches(path, self.includes, ancestors=False)
             if node.type == "dir":
                 if not chosen and not could_contain_match(path, self.includes):
@@ -630,6 +681,7 @@ class Restorer:
                 folder = self._make_folder(walk.folder, node, path)
                 if folder is not None:
                     stack.append(_Walk(iter(nodes), folder, chosen))
+                    rel = path
             elif chosen and self._restore_leaf(node, walk.folder, path):
                 walk.restored_any = True
 
@@ -685,9 +737,9 @@ class Restorer:
                             )
                 return
             with self._target_folders.folder(folder.ref) as fd:
-                self._set_metadata(fd, folder.node, folder.path, is_folder=True)
+                self._set_metadata(fd, folder.node, lambda: folder.path, is_folder=True)
         except (UnsafeTarget, OSError) as exc:
-            self._add_warning(folder.path, f"metadata not restored: {exc}")
+            self._add_warning(lambda: folder.path, f"metadata not restored: {exc}")
 
     def _make_folder(self, parent: _FolderJob, node: Node, path: str) -> _FolderJob | None:
         """Folder ``node`` in ``parent``: made in the staging folder and renamed into
@@ -700,7 +752,7 @@ class Restorer:
                 if existing is not None:
                     self._check_in_the_way(existing)
                     if stat_module.S_ISDIR(existing.st_mode):
-                        return self._keep_folder(parent, parent_fd, node, path)
+                        return self._keep_folder(parent, parent_fd, node)
                 staging = self._staging_for(parent)
                 tmp = secrets.token_hex(8)
                 os.mkdir(tmp, 0o700, dir_fd=staging.fd)
@@ -723,12 +775,12 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        job = _FolderJob(ref, node, path, parent, made=True, aside=aside)
+        job = _FolderJob(ref, node, parent, made=True, aside=aside)
         if aside is not None:
             self._replacing.append(job)
         return job
 
-    def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node, path: str) -> _FolderJob:
+    def _keep_folder(self, parent: _FolderJob, parent_fd: int, node: Node) -> _FolderJob:
         """With --overwrite, a folder already has this name: restore into it."""
         fd = os.open(node.name, FOLDER_FLAGS, dir_fd=parent_fd)
         st = os.fstat(fd)
@@ -736,7 +788,7 @@ class Restorer:
         self._target_folders.add(ref, fd)
         self._own_folders.add((st.st_dev, st.st_ino))
         self._hold(parent)
-        job = _FolderJob(ref, node, path, parent, made=False)
+        job = _FolderJob(ref, node, parent, made=False)
         if st.st_dev != parent.ref.device:  # a mount point: the top of its file system
             self._device_tops.setdefault(st.st_dev, job)
         return job
@@ -819,7 +871,7 @@ class Restorer:
                 self._check_in_the_way(existing)
             self._move_in(staging, tmp, fd, name, aside=True)
 
-    def _entry_failed(self, path: str, exc: BaseException) -> bool:
+    def _entry_failed(self, path: Where, exc: BaseException) -> bool:
         """Report an entry that could not be restored and go on (False); a full disk and
         other errors that concern the whole restore stop it."""
         if isinstance(exc, UnsafeTarget | EntryRefused):
@@ -901,7 +953,7 @@ class Restorer:
         link_key = (node.device_id, node.inode) if node.links > 1 and node.inode else None
         if link_key is not None and link_key in self._hardlinks:
             self._hold(folder)
-            self._deferred_links.append((self._hardlinks[link_key], node, folder, path))
+            self._deferred_links.append((self._hardlinks[link_key], node, folder))
             return True
         try:
             runs = self._runs(node.content or [])
@@ -923,7 +975,7 @@ class Restorer:
         try:
             st = os.fstat(fd)
             staged = StagedFile(staging.shared, tmp, st.st_dev, st.st_ino)
-            job = _FileJob(node, folder, path, staging, staged, len(runs), link_key is not None)
+            job = _FileJob(node, folder, staging, staged, len(runs), link_key is not None)
             self._hold(folder)
             if link_key is not None:
                 self._hardlinks[link_key] = job
@@ -1005,10 +1057,11 @@ class Restorer:
                 with contextlib.suppress(OSError):
                     os.unlink(job.staged.name, dir_fd=staging.fd)
                 if job.error is not None and self._fatal is None:
-                    self._add_damaged(job.path, job.error)
-                    self.progress.note(f"damaged: {job.path}: {job.error}")
+                    path = job.path
+                    self._add_damaged(path, job.error)
+                    self.progress.note(f"damaged: {_listed(path)}: {job.error}")
                 return
-            self._set_file_metadata(staging, job.staged, job.node, job.path, fd)
+            self._set_file_metadata(staging, job.staged, job.node, lambda: job.path, fd)
             placed = job.staged.name
             if job.anchor:
                 placed = secrets.token_hex(8)
@@ -1020,7 +1073,7 @@ class Restorer:
                     os.unlink(placed, dir_fd=staging.fd)
                 raise
         except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
-            self._entry_failed(job.path, exc)
+            self._entry_failed(lambda: job.path, exc)
             return
         finally:
             self._release(job.folder)
@@ -1030,7 +1083,7 @@ class Restorer:
         job.succeeded = True
 
     def _set_file_metadata(
-        self, staging: _Staging, staged: StagedFile, node: Node, path: str, fd: int | None
+        self, staging: _Staging, staged: StagedFile, node: Node, path: Where, fd: int | None
     ) -> None:
         """Owner, mode and times of a staged file, through a descriptor of it, checked to
         be the inode this restore created (``fd``: one already open)."""
@@ -1051,10 +1104,13 @@ class Restorer:
         """Hard links to files restored earlier in this run: linked in the staging folder
         from the first file's own temporary copy (kept there for this), then renamed into
         place like any entry."""
-        for first, node, folder, path in self._deferred_links:
+        for first, node, folder in self._deferred_links:
+            path = functools.partial(_entry_path, folder, node)
             try:
                 if not first.succeeded:
-                    self._add_damaged(path, f"hard link to {first.path}, which was not restored")
+                    self._add_damaged(
+                        path, f"hard link to {_listed(first.path)}, which was not restored"
+                    )
                     continue
                 staging = first.staging
                 tmp = secrets.token_hex(8)
@@ -1093,13 +1149,31 @@ class Restorer:
         if self._fatal is not None:
             raise self._fatal
 
-    def _add_damaged(self, path: str, error: str) -> None:
+    def _add_damaged(self, path: Where, error: str) -> None:
+        """List a damaged entry (the first MAX_LISTED; the rest are counted)."""
         with self._lock:
-            self.result.damaged.append((path, error))
+            if len(self.result.damaged) >= MAX_LISTED:
+                self.result.damaged_unlisted += 1
+                return
+        listed = _listed(path)
+        with self._lock:
+            if len(self.result.damaged) < MAX_LISTED:
+                self.result.damaged.append((listed, error))
+            else:
+                self.result.damaged_unlisted += 1
 
-    def _add_warning(self, path: str, warning: str) -> None:
+    def _add_warning(self, path: Where, warning: str) -> None:
+        """List a warning (the first MAX_LISTED; the rest are counted)."""
         with self._lock:
-            self.result.warnings.append((path, warning))
+            if len(self.result.warnings) >= MAX_LISTED:
+                self.result.warnings_unlisted += 1
+                return
+        listed = _listed(path)
+        with self._lock:
+            if len(self.result.warnings) < MAX_LISTED:
+                self.result.warnings.append((listed, warning))
+            else:
+                self.result.warnings_unlisted += 1
 
     def _runs(self, content: list[bytes]) -> list[list[BlobLocation]]:
         """Group a file's blobs into runs that lie close together in one pack, so each run
@@ -1124,7 +1198,7 @@ class Restorer:
 
     # --- metadata ------------------------------------------------------------------------
 
-    def _mode(self, node: Node, path: str, is_folder: bool) -> int:
+    def _mode(self, node: Node, path: Where, is_folder: bool) -> int:
         mode = fmt.unix_permissions_from_go(node.mode)
         # A folder's setgid bit only passes its group on (and setuid means nothing there).
         if not is_folder and mode & _SETID_BITS and not self.keep_setuid:
@@ -1134,7 +1208,7 @@ class Restorer:
             )
         return mode
 
-    def _set_metadata(self, fd: int, node: Node, path: str, is_folder: bool = False) -> None:
+    def _set_metadata(self, fd: int, node: Node, path: Where, is_folder: bool = False) -> None:
         """Owner, mode and times of the file or folder open as ``fd`` (owner first:
         chown clears setuid bits). What fails is a warning."""
         problems: list[str] = []
@@ -1163,7 +1237,7 @@ class Restorer:
         return st.st_dev, st.st_ino
 
     def _set_staged_metadata(
-        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+        self, staging_fd: int, name: str, node: Node, path: Where, identity: tuple[int, int]
     ) -> None:
         """Owner, mode and times of a symlink, fifo, device node or hard link in the
         staging folder, through an ``O_PATH`` descriptor checked to be the inode
@@ -1207,7 +1281,7 @@ class Restorer:
             os.close(fd)
 
     def _set_staged_metadata_by_name(
-        self, staging_fd: int, name: str, node: Node, path: str, identity: tuple[int, int]
+        self, staging_fd: int, name: str, node: Node, path: Where, identity: tuple[int, int]
     ) -> None:
         """Where there is no ``O_PATH``: the entry is checked to be ``identity``, then its
         metadata is set by name, without following it (only this user can reach the
@@ -1228,6 +1302,10 @@ class Restorer:
             _attempt(problems, os.utime, name, ns=times, dir_fd=staging_fd, follow_symlinks=False)
         if problems:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
+
+
+def _entry_path(folder: _FolderJob, node: Node) -> str:
+    return f"{folder.path}/{node.name}"
 
 
 # Linux: a descriptor of an entry that opens nothing (a fifo, a device node, a symlink).

@@ -491,10 +491,17 @@ class TreeShape:
 
     @classmethod
     def of(cls, nodes: list[Node]) -> TreeShape:
+        # A repeated subtree is one bytes object (a tree naming one subtree a million
+        # times costs a pointer each).
+        ids: dict[bytes, bytes] = {}
         return cls(
             len(nodes),
             sum(restorable_size(node) for node in nodes if node.type == "file"),
-            tuple(node.subtree for node in nodes if node.type == "dir" and node.subtree),
+            tuple(
+                ids.setdefault(node.subtree, node.subtree)
+                for node in nodes
+                if node.type == "dir" and node.subtree
+            ),
         )
 
 
@@ -514,21 +521,25 @@ def expanded_totals(
     None for a tree that cannot be read (it counts as empty). Each tree is added up once
     (``memo``, by tree id), so 2^40 entries take as many steps as there are trees; no
     recursion (nesting may be thousands deep). Tree ids are hashes of their content, so a
-    tree cannot hold itself."""
-    todo = [root]
+    tree cannot hold itself. Each tree is read once: only the shapes of the trees being
+    added up are kept (``shape`` need not keep any tree: a snapshot's trees may not fit
+    in memory)."""
+    todo: list[tuple[bytes, TreeShape | None]] = [(root, None)]
     while todo:
-        tree = todo[-1]
+        tree, found = todo[-1]
         if tree in memo:
             todo.pop()
             continue
-        found = shape(tree)
         if found is None:
-            memo[tree] = (0, 0)
-            todo.pop()
-            continue
-        missing = [sub for sub in found.subtrees if sub not in memo]
+            found = shape(tree)
+            if found is None:
+                memo[tree] = (0, 0)
+                todo.pop()
+                continue
+            todo[-1] = (tree, found)
+        missing = {sub: None for sub in found.subtrees if sub not in memo}
         if missing:
-            todo.extend(missing)
+            todo.extend((sub, None) for sub in missing)
             continue
         memo[tree] = (
             found.entries + sum(memo[sub][0] for sub in found.subtrees),
