@@ -61,12 +61,17 @@ def hsm_node(tmp: Path, db: str, hsm: SoftHsm, **env: str) -> VaultNode:
 def cluster(tmp_path: Path, pg: Postgres, hsm: SoftHsm) -> Iterator[list[VaultNode]]:
     db = pg.new_database("v" + secrets.token_hex(4))
     nodes = [hsm_node(tmp_path / f"node{i}", db, hsm) for i in range(3)]
-    # Started together: migrations and key creation must not race.
-    threads = [threading.Thread(target=n.start) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # Started together: migrations and key creation must not race. A node that fails to
+    # start fails the fixture (an exception in a thread would only be a warning).
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        started = [pool.submit(n.start) for n in nodes]
+    try:
+        for future in started:
+            future.result()
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
     yield nodes
     for n in nodes:
         n.stop()

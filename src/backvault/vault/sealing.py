@@ -1003,7 +1003,7 @@ class FileSealer(_VersionedSealer):
         _fsync_dir(path.parent)
 
 
-# Opening a token is retried this many times on a transient GeneralError.
+# Opening a token is retried this many times on a transient GeneralError or NoSuchToken.
 _OPEN_ATTEMPTS = 6
 
 # What a sealing key in an HSM must be: usable only to encrypt and decrypt, never to wrap
@@ -1112,9 +1112,10 @@ class Pkcs11Sealer(_VersionedSealer):
                     # PKCS#11 logs in per process: another session here already did.
                     self._session = token.open(rw=True, attribute_mapper=mapper)
                 break
-            except pkcs11.exceptions.GeneralError as exc:
-                # Transient: SoftHSM2 answers this while another process (a second vault
-                # node starting) rewrites the token's files; network HSMs while busy.
+            except (pkcs11.exceptions.GeneralError, pkcs11.exceptions.NoSuchToken) as exc:
+                # Transient: SoftHSM2 answers either while another process (a second vault
+                # node starting) rewrites the token's files; network HSMs while busy. A
+                # token that is really missing is reported after the last attempt (~2 s).
                 if attempt + 1 == _OPEN_ATTEMPTS:
                     raise SealingError(
                         f"cannot reach the HSM token {token_label!r} through {module}: {exc!r}"
