@@ -546,9 +546,12 @@ class _VersionedSealer:
                     trusted.add(version)
             return trusted
 
-        remembered = {version for version in self._trusted if version in keys}
-        if remembered:
-            return chained(remembered)
+        if self._trusted:
+            # Only what a chain links to the versions trusted before, even when none of them
+            # is usable any more (its record marked destroyed or given another check value):
+            # choosing a new anchor then would trust whatever record is lowest — a planted
+            # one. Nothing trusted is left: nothing is used (refresh says so).
+            return chained({version for version in self._trusted if version in keys})
         in_use = sorted(version for version in self._in_use if version in keys)
         anchor = in_use[0] if in_use else min(keys)
         trusted = chained({anchor})
