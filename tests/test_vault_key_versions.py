@@ -1076,9 +1076,11 @@ def test_a_planted_key_is_not_trusted_when_the_trusted_versions_records_disappea
     by the planted key itself) written into the database — and version 1's record is marked
     destroyed (or given another check value). A running node forgot the versions it
     trusted as soon as none of them was usable any more and chose a new anchor, the lowest
-    usable version: the planted one, under which it then sealed every new value. Now a node
-    that trusted versions before trusts only what a chain of vouches links to them; with
-    none of them usable it seals nothing (and the planted key stays ignored)."""
+    usable version: the planted one, under which it then sealed every new value; a node
+    starting on that database did the same. Now a node that trusted versions before trusts
+    only what a chain of vouches links to them (with none of them usable it takes no new
+    version, and the planted key stays ignored), and a starting node anchors on nothing
+    above a recorded version its sealed rows use but it cannot use."""
     db = tmp_path / "vault.db"
     node = planted_store.node(tmp_path, db).start()
     try:
@@ -1112,3 +1114,14 @@ def test_a_planted_key_is_not_trusted_when_the_trusted_versions_records_disappea
     assert 2 not in sealed_versions(f"sqlite:///{db}")
     assert not any(opens_with_known_key(*value) for value in sealed_values(db))
     assert seen != 2
+
+    # A node starting afresh on that database (the vault's own keys deleted too, so that
+    # it would make new ones) found none of its sealed rows' versions usable and anchored
+    # on the lowest usable recorded version — the planted one. Now nothing above a
+    # recorded version stored values use, and cannot be used, anchors: it does not start.
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM vault_keys")
+    refused = serve_once(node)
+    assert refused.returncode == 1, refused.stderr
+    assert "backvault: sealing: no key for the sealing key versions" in refused.stderr
+    assert 2 not in sealed_versions(f"sqlite:///{db}")
