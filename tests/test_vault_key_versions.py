@@ -8,6 +8,7 @@ without a hitch. Also: the service's secret-holding objects have redacted reprs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -1062,3 +1063,65 @@ def test_the_services_key_holders_have_redacted_reprs() -> None:
             for secret in held:
                 for form in (secret.hex(), repr(secret)[2:-1]):
                     assert form[:16] not in text, f"{type(obj).__name__} shows a secret: {text}"
+
+
+# --- round three: a trusted version made to disappear -----------------------------------
+
+
+@pytest.mark.parametrize("hidden", ["marked destroyed", "check value changed"])
+def test_a_planted_key_is_not_trusted_when_the_trusted_versions_records_disappear(
+    tmp_path: Path, planted_store: PlantedStore, hidden: str
+) -> None:
+    """Round three: as in round two, `v2` is planted once and its record (with a vouch made
+    by the planted key itself) written into the database — and version 1's record is marked
+    destroyed (or given another check value). A running node forgot the versions it
+    trusted as soon as none of them was usable any more and chose a new anchor, the lowest
+    usable version: the planted one, under which it then sealed every new value; a node
+    starting on that database did the same. Now a node that trusted versions before trusts
+    only what a chain of vouches links to them (with none of them usable it takes no new
+    version, and the planted key stays ignored), and a starting node anchors on nothing
+    above a recorded version its sealed rows use but it cannot use."""
+    db = tmp_path / "vault.db"
+    node = planted_store.node(tmp_path, db).start()
+    try:
+        token = node.add_account("una")
+        register_and_login(node, token, b"pw-una")
+        other = node.add_account("vic")
+        encrypt = planted_store.plant(node)
+        check_value = attacker_check_value(encrypt)
+        write_version_record(db, 2, check_value, attacker_vouch(encrypt, 2, 2, check_value))
+        with sqlite3.connect(db) as conn:
+            if hidden == "marked destroyed":
+                conn.execute(
+                    "UPDATE sealing_key_versions SET destroyed_at = ? WHERE key_version = 1",
+                    (time.time(),),
+                )
+            else:
+                conn.execute(
+                    "UPDATE sealing_key_versions SET check_value = ? WHERE key_version = 1",
+                    ((b"\1" * 32).hex(),),
+                )
+        wait_until(
+            lambda: unvouched_keys(node) >= 1 or current_version(node) != 1,
+            "a sweep to look at the records",
+        )
+        time.sleep(1)  # a few more sweeps
+        with contextlib.suppress(Exception):  # refused: the fix
+            register_and_login(node, other, b"pw-vic")
+        seen = current_version(node)
+    finally:
+        node.stop()
+    assert 2 not in sealed_versions(f"sqlite:///{db}")
+    assert not any(opens_with_known_key(*value) for value in sealed_values(db))
+    assert seen != 2
+
+    # A node starting afresh on that database (the vault's own keys deleted too, so that
+    # it would make new ones) found none of its sealed rows' versions usable and anchored
+    # on the lowest usable recorded version — the planted one. Now nothing above a
+    # recorded version stored values use, and cannot be used, anchors: it does not start.
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM vault_keys")
+    refused = serve_once(node)
+    assert refused.returncode == 1, refused.stderr
+    assert "backvault: sealing: no key for the sealing key versions" in refused.stderr
+    assert 2 not in sealed_versions(f"sqlite:///{db}")

@@ -546,11 +546,31 @@ class _VersionedSealer:
                     trusted.add(version)
             return trusted
 
-        remembered = {version for version in self._trusted if version in keys}
-        if remembered:
-            return chained(remembered)
-        in_use = sorted(version for version in self._in_use if version in keys)
-        anchor = in_use[0] if in_use else min(keys)
+        if self._trusted:
+            # Only what a chain links to the versions trusted before, even when none of them
+            # is usable any more (its record marked destroyed or given another check value):
+            # choosing a new anchor then would trust whatever record is lowest — a planted
+            # one. Nothing trusted is left: nothing is used (refresh says so).
+            return chained({version for version in self._trusted if version in keys})
+        # A recorded version stored values are sealed under that is not usable here (its
+        # record marked destroyed or given another check value — the vault destroys no
+        # version values still use — or its key missing): nothing above it anchors, or
+        # marking version 1 destroyed would make the lowest recorded version above it — a
+        # planted one, vouched for by nobody — the anchor. On a database holding no sealed
+        # value, only the lowest recorded version not destroyed anchors.
+        if self._in_use:
+            limit = min((v for v in self._in_use if v in records and v not in keys), default=None)
+            if limit is not None:
+                keys = {version: key for version, key in keys.items() if version < limit}
+                if not keys:
+                    return set()
+            in_use = sorted(version for version in self._in_use if version in keys)
+            anchor = in_use[0] if in_use else min(keys)
+        else:
+            recorded = [v for v, record in records.items() if record.usable]
+            anchor = min(recorded, default=min(keys))
+            if anchor not in keys:
+                return set()
         trusted = chained({anchor})
         lowest = min(keys)
         if lowest < anchor:
