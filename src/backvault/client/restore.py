@@ -66,11 +66,11 @@ from .target_folders import (
     StagingRef,
     TargetFolders,
     UnsafeTarget,
+    empty_folder,
     make_private,
     open_staged,
     open_target,
     others_can_change,
-    remove_tree,
     resolve_target,
     share_staging,
     unshare_staging,
@@ -544,17 +544,11 @@ class Restorer:
         for staging in self._stagings.values():
             unshare_staging(staging.shared)
             try:
-                with os.scandir(staging.fd) as entries:
-                    names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-                for name, is_folder in names:
-                    if is_folder:
-                        # Not shutil.rmtree: it recurses (a folder nested 1200 deep
-                        # ended the restore in RecursionError) and opens what it met as
-                        # a folder without O_DIRECTORY or O_NOFOLLOW (a fifo or a device
-                        # swapped in by whoever can still change what was moved aside).
-                        remove_tree(name, staging.fd)
-                    else:
-                        os.unlink(name, dir_fd=staging.fd)
+                # Not shutil.rmtree: it recurses (a folder nested 1200 deep ended the
+                # restore in RecursionError) and opens what it meets as a folder without
+                # O_DIRECTORY or O_NOFOLLOW (a fifo or a device swapped in by whoever can
+                # still change what was moved aside).
+                empty_folder(staging.fd)
                 assert staging.ref.parent is not None
                 with self._target_folders.folder(staging.ref.parent) as parent:
                     st = os.stat(staging.ref.name, dir_fd=parent, follow_symlinks=False)
@@ -807,9 +801,7 @@ class Restorer:
                 "target's file system ignore case?); not restored"
             )
         if not self.overwrite:
-            raise EntryRefused(
-                "something already has this name in the target; pass --overwrite to replace it"
-            )
+            raise _name_taken()
 
     def _move_in(
         self, staging: _Staging, tmp: str, fd: int, name: str, aside: bool = False
@@ -842,19 +834,13 @@ class Restorer:
                 try:
                     os.link(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd, follow_symlinks=False)
                 except FileExistsError as exc:
-                    raise EntryRefused(
-                        "something already has this name in the target; pass --overwrite to "
-                        "replace it"
-                    ) from exc
+                    raise _name_taken() from exc
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
                         raise
                     # No hard links on this file system: look, then rename.
                     if _lstat(name, fd) is not None:
-                        raise EntryRefused(
-                            "something already has this name in the target; pass --overwrite "
-                            "to replace it"
-                        ) from exc
+                        raise _name_taken() from exc
                     os.rename(tmp, name, src_dir_fd=staging.fd, dst_dir_fd=fd)
                     return
                 os.unlink(tmp, dir_fd=staging.fd)
@@ -1151,29 +1137,28 @@ class Restorer:
 
     def _add_damaged(self, path: Where, error: str) -> None:
         """List a damaged entry (the first MAX_LISTED; the rest are counted)."""
-        with self._lock:
-            if len(self.result.damaged) >= MAX_LISTED:
-                self.result.damaged_unlisted += 1
-                return
-        listed = _listed(path)
-        with self._lock:
-            if len(self.result.damaged) < MAX_LISTED:
-                self.result.damaged.append((listed, error))
-            else:
+        if not self._list_capped(self.result.damaged, path, error):
+            with self._lock:
                 self.result.damaged_unlisted += 1
 
     def _add_warning(self, path: Where, warning: str) -> None:
         """List a warning (the first MAX_LISTED; the rest are counted)."""
-        with self._lock:
-            if len(self.result.warnings) >= MAX_LISTED:
+        if not self._list_capped(self.result.warnings, path, warning):
+            with self._lock:
                 self.result.warnings_unlisted += 1
-                return
+
+    def _list_capped(self, listing: list[tuple[str, str]], path: Where, text: str) -> bool:
+        """Append ``(path, text)`` to ``listing`` unless it holds MAX_LISTED entries
+        already (then False). The path is built outside the lock, and only if listed."""
+        with self._lock:
+            if len(listing) >= MAX_LISTED:
+                return False
         listed = _listed(path)
         with self._lock:
-            if len(self.result.warnings) < MAX_LISTED:
-                self.result.warnings.append((listed, warning))
-            else:
-                self.result.warnings_unlisted += 1
+            if len(listing) >= MAX_LISTED:
+                return False
+            listing.append((listed, text))
+            return True
 
     def _runs(self, content: list[bytes]) -> list[list[BlobLocation]]:
         """Group a file's blobs into runs that lie close together in one pack, so each run
@@ -1328,6 +1313,12 @@ def _times(node: Node, problems: list[str]) -> tuple[int, int] | None:
     except (ValueError, OverflowError) as exc:
         problems.append(f"times: {exc}")
         return None
+
+
+def _name_taken() -> EntryRefused:
+    return EntryRefused(
+        "something already has this name in the target; pass --overwrite to replace it"
+    )
 
 
 def _copy_replaced() -> UnsafeTarget:

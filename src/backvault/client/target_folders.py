@@ -468,6 +468,13 @@ def _replaced() -> UnsafeTarget:
 _LISTINGS = 4
 
 
+def empty_folder(fd: int) -> None:
+    """Remove everything in the folder ``fd`` (as ``remove_tree`` removes a folder's
+    content)."""
+    for name in _clear_folder(fd):
+        remove_tree(name, fd)
+
+
 def remove_tree(name: str, parent: int) -> None:
     """Remove the entry ``name`` of folder ``parent`` with everything below it: what
     ``--overwrite`` moved aside into the private folder, which may belong to another user
