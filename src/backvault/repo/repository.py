@@ -245,9 +245,7 @@ class Repository:
             for pack_id, blobs in result.packs.items():
                 entries = packs.setdefault(pack_id, {})
                 for blob in blobs:
-                    found = index.setdefault(blob.id, BlobLocation(pack_id, blob))
-                    if found.blob.type is not blob.type:
-                        other.setdefault(blob.id, BlobLocation(pack_id, blob))
+                    _add_location(index, other, pack_id, blob)
                     entries[(blob.id, blob.offset)] = blob
         self._index = index
         self._other_type = other
@@ -318,11 +316,7 @@ class Repository:
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         blobs = list(blobs)
         for blob in blobs:
-            found = self._index.setdefault(blob.id, BlobLocation(pack_id, blob))
-            if found.blob.type is not blob.type:
-                # The same bytes stored as a blob of the other type (a file holding a
-                # tree's JSON): restic indexes by type and id; so is it found here.
-                self._other_type.setdefault(blob.id, BlobLocation(pack_id, blob))
+            _add_location(self._index, self._other_type, pack_id, blob)
         self._packs[pack_id] = blobs
 
     # --- blobs and trees ---------------------------------------------------------------
@@ -337,13 +331,13 @@ class Repository:
         type may hold."""
         location = self._locate(blob_id)
         if kind is not None and location.blob.type is not kind:
-            other = self._other_type.get(blob_id)
-            if other is None or other.blob.type is not kind:
+            as_kind = self.lookup(blob_id, kind)
+            if as_kind is None:
                 raise DamagedObject(
                     f"blob {blob_id.hex()[:12]}",
                     f"it is a {location.blob.type.value} blob, used as a {kind.value} blob",
                 )
-            location = other
+            location = as_kind
         check_blob_size(location.blob, f"data/{location.pack_id.hex()}")
         return location
 
@@ -488,3 +482,17 @@ def _sort_time(text: str) -> int:
 def _random_polynomial_hex() -> str:
     """The config's chunker polynomial (restic's chunker uses it; ours is keyed instead)."""
     return f"{random_irreducible():x}"
+
+
+def _add_location(
+    index: dict[bytes, BlobLocation],
+    other_type: dict[bytes, BlobLocation],
+    pack_id: bytes,
+    blob: PackedBlob,
+) -> None:
+    """Index ``blob`` (the first location of an id wins). The same bytes stored as a blob
+    of the other type (a file holding a tree's JSON) go to ``other_type``: restic indexes
+    by type and id, and so is such a blob found here."""
+    found = index.setdefault(blob.id, BlobLocation(pack_id, blob))
+    if found.blob.type is not blob.type:
+        other_type.setdefault(blob.id, BlobLocation(pack_id, blob))
