@@ -951,6 +951,7 @@ class VaultService:
         keys = self.keys
         now = self.clock()
         login_id = secrets.token_urlsafe(24)
+        login_key = _handle_digest(login_id)  # how logins and attempts are keyed
         refused = False
         with self._transaction() as conn:
             row = self._lock_record(conn, account)
@@ -990,7 +991,7 @@ class VaultService:
                 )
                 conn.execute(
                     attempts.insert().values(
-                        id=_handle_digest(login_id),
+                        id=login_key,
                         account=account,
                         generation=generation,
                         started_at=now,
@@ -1009,12 +1010,12 @@ class VaultService:
             if not refused:
                 conn.execute(
                     logins.insert().values(
-                        id=_handle_digest(login_id),  # the id itself is the client's proof
+                        id=login_key,  # the id itself is the client's proof
                         account=account,
                         generation=generation,
                         sealed_state=self.sealer.seal(
                             state.to_bytes(),
-                            self._login_purpose(account, _handle_digest(login_id)),
+                            self._login_purpose(account, login_key),
                         ),
                         client=client[:64],
                         created_at=now,
