@@ -24,6 +24,8 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 
@@ -183,3 +185,16 @@ def tree_digest(root: Path, skip_sqlite_sidecars: bool = True) -> dict[str, Any]
             entry["mtime_ns"] = st.st_mtime_ns
         result[rel] = entry
     return result
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder other users can reach (pytest's own is private to root), removed after:
+    where the restore attack tests put what a local user races."""
+    base = Path(tempfile.mkdtemp(prefix="backvault-race-"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True)
+        shutil.rmtree(base)

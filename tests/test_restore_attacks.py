@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,18 +42,6 @@ ATTACKER = 65534  # nobody: the local user who races the restore
 needs_root = pytest.mark.skipif(not ROOT, reason="the racer drops from root to another user")
 MODES = [PROCESSES, THREADS]
 MODE_IDS = ["processes", "threads"]
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A folder other users can reach (pytest's own is private to root), removed after."""
-    base = Path(tempfile.mkdtemp(prefix="backvault-race-"))
-    os.chmod(base, 0o755)
-    try:
-        yield base
-    finally:
-        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True)
-        shutil.rmtree(base)
 
 
 def fingerprint(root: Path) -> dict[str, Any]:

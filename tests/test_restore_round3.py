@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,6 @@ from backvault.storage import LocalBackend
 from tests.conftest import Cli
 from tests.test_hostile_snapshots import Hostile, link, remove_tree
 from tests.test_restore_attacks import ATTACKER, fingerprint, needs_root
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A folder other users can reach (pytest's own is private to root), removed after."""
-    base = Path(tempfile.mkdtemp(prefix="backvault-rt3-"))
-    os.chmod(base, 0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base)
 
 
 def as_attacker(*argv: str) -> None:
