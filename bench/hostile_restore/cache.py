@@ -1,12 +1,11 @@
-import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from measure import cli_env, timed
+
 from tests.test_hostile_snapshots import Hostile
 
 folders, per = int(sys.argv[1]), int(sys.argv[2])
@@ -16,32 +15,19 @@ top = []
 for f in range(folders):
     nodes = [{"name": f"{f}-{i:07d}", "type": "fifo"} for i in range(per)]
     top.append(h.folder(f"dir{f}", nodes))
-big = h.file("big", b"x")
-big["size"] = 1  # keep valid
 sid = h.snapshot(top)
 size = sum(p.stat().st_size for p in (base / "repo").rglob("*") if p.is_file())
-env = {
-    **os.environ,
-    "BACKVAULT_KEY": h.key,
-    "HOME": str(base),
-    "BACKVAULT_CONFIG_DIR": str(base / "c"),
-    "BACKVAULT_CACHE_DIR": str(base / "cc"),
-    "BACKVAULT_KEYRING": "file",
-}
+env = cli_env(base, h.key)
 # a target on a 64 KiB tmpfs: the restore plans (loads every tree), then stops for want of inodes/space
 t = base / "t"
 t.mkdir()
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=50", "tmpfs", str(t)], check=True)
-start = time.time()
-p = subprocess.run(
+p, secs, maxrss = timed(
     [sys.executable, "-m", "backvault.cli", "-r", str(h.path), "restore", sid, "--target", str(t)],
-    env=env,
-    capture_output=True,
-    text=True,
+    env,
 )
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(
-    f"{folders}x{per} entries, repo {size // 1024} KiB: rc {p.returncode} {time.time() - start:.0f}s maxrss {ru.ru_maxrss // 1024} MB",
+    f"{folders}x{per} entries, repo {size // 1024} KiB: rc {p.returncode} {secs:.0f}s maxrss {maxrss} MB",
     p.stderr[-200:].strip(),
 )
 subprocess.run(["umount", str(t)])

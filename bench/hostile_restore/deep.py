@@ -1,12 +1,11 @@
-import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from measure import cli_env, timed
+
 from tests.test_hostile_snapshots import Hostile
 
 mode, depth = sys.argv[1], int(sys.argv[2])
@@ -30,24 +29,15 @@ args = [
 ]
 if mode == "include":
     args += ["--include", "nomatch.txt"]
-env = {
-    **os.environ,
-    "BACKVAULT_KEY": h.key,
-    "HOME": str(base),
-    "BACKVAULT_CONFIG_DIR": str(base / "c"),
-    "BACKVAULT_CACHE_DIR": str(base / "cc"),
-    "BACKVAULT_KEYRING": "file",
-}
-t = time.time()
-p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1200)
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+env = cli_env(base, h.key)
+p, secs, maxrss = timed(args, env, timeout=1200)
 print(
     mode,
     depth,
     "rc",
     p.returncode,
-    f"secs {time.time() - t:.1f}",
-    f"maxrss MB {ru.ru_maxrss // 1024}",
+    f"secs {secs:.1f}",
+    f"maxrss MB {maxrss}",
     p.stderr[-300:],
 )
 subprocess.run(["rm", "-rf", str(base)])

@@ -4,20 +4,15 @@ HOME=DIR BACKVAULT_CONFIG_DIR=DIR/c BACKVAULT_CACHE_DIR=DIR/cc BACKVAULT_KEYRING
 `speed.py DIR run`: time and peak RSS of one restore."""
 
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from measure import cli_env, timed
+
 base = Path(sys.argv[1])
-env = {
-    **os.environ,
-    "HOME": str(base),
-    "BACKVAULT_CONFIG_DIR": str(base / "c"),
-    "BACKVAULT_CACHE_DIR": str(base / "cc"),
-    "BACKVAULT_KEYRING": "file",
-}
+env = cli_env(base)
 cli = [sys.executable, "-m", "backvault.cli", "-r", str(base / "repo")]
 if sys.argv[2] == "make":
     src = base / "src"
@@ -37,16 +32,12 @@ if sys.argv[2] == "make":
     )
 else:
     out = base / f"out{time.time()}"
-    t = time.time()
-    p = subprocess.run(
-        [*cli, "restore", "latest", "--target", str(out)], env=env, capture_output=True, text=True
-    )
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p, secs, maxrss = timed([*cli, "restore", "latest", "--target", str(out)], env)
     print(
         "rc",
         p.returncode,
-        f"secs {time.time() - t:.2f}",
-        f"maxrss MB {ru.ru_maxrss // 1024}",
+        f"secs {secs:.2f}",
+        f"maxrss MB {maxrss}",
         p.stderr[-300:],
     )
     subprocess.run(["rm", "-rf", str(out)])
