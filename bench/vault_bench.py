@@ -32,8 +32,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backvault.client.vault_client import VaultClient  # noqa: E402
 from backvault.opaque import KE2, IdentityKSF, OpaqueConfig, client  # noqa: E402
+from backvault.vaultclient.http import VaultClient  # noqa: E402
 from tests.servers import make_node, postgres_cluster, softhsm_token  # noqa: E402
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())

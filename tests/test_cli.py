@@ -492,7 +492,7 @@ def _unreadable_file_in_process(tmp_path: Path) -> None:
     import builtins
     from unittest import mock
 
-    from backvault.client.backup import Backup
+    from backvault.engine.archiver import Backup
 
     source = tmp_path / "src"
     source.mkdir()

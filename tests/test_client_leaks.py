@@ -281,8 +281,8 @@ def test_a_label_moved_to_another_key_file_is_not_believed(phone: Cli, tmp_path:
 
 
 def test_vault_urls_loopback_or_https_only() -> None:
-    from backvault.client.settings import InsecureVaultUrl, check_vault_url
-    from backvault.client.vault_client import VaultClient
+    from backvault.device.settings import InsecureVaultUrl, check_vault_url
+    from backvault.vaultclient.http import VaultClient
 
     for url in (
         "https://vault.example",
@@ -649,17 +649,17 @@ def assert_redacted(obj: object, *secrets_held: bytes) -> None:
 
 
 def test_secret_holding_objects_have_redacted_reprs() -> None:
-    from backvault.client.keycache import CachedKey
-    from backvault.client.settings import Settings, VaultSettings
-    from backvault.client.vault_client import (
+    from backvault.crypto.aead import Key
+    from backvault.crypto.keyfile import KeyFile
+    from backvault.crypto.slotlabel import SlotLabel
+    from backvault.device.keycache import CachedKey
+    from backvault.device.settings import Settings, VaultSettings
+    from backvault.vaultclient.http import (
         LoginFinished,
         LoginResult,
         Registration,
         RegistrationStart,
     )
-    from backvault.crypto.aead import Key
-    from backvault.crypto.keyfile import KeyFile
-    from backvault.crypto.slotlabel import SlotLabel
 
     wrapped, export_key = secrets.token_bytes(61), secrets.token_bytes(64)
     assert_redacted(LoginResult(wrapped, export_key, 5, 0, 0, None), wrapped, export_key)
@@ -786,7 +786,7 @@ def test_the_password_of_a_repository_url_is_masked_whatever_it_holds(url: str) 
 def test_a_damaged_vault_state_file_does_not_stop_a_login(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backvault.client import vault_state
+    from backvault.device import vault_state
 
     monkeypatch.setenv("BACKVAULT_CONFIG_DIR", str(tmp_path))
     for damaged in ('{"vaults": []}', '{"vaults": {"https://v ana": 3}}', "not json"):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from backvault.client.restore import Restorer
-from backvault.repo.check import Checker
+from backvault.engine.check import Checker
+from backvault.engine.restorer import Restorer
 from backvault.repo.errors import DamagedObject, RepositoryError
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
@@ -126,7 +126,7 @@ def pristine(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, bytes, Path, dict[bytes, dict[str, object]]]:
     """A repository with two snapshots of a 25-file tree, written in-process."""
-    from backvault.client.backup import Backup
+    from backvault.engine.archiver import Backup
 
     base = tmp_path_factory.mktemp("pristine")
     source = make_tree(base / "src", seed=99, big=600_000)

@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from backvault.client.restore import Restorer
 from backvault.crypto import recovery_key
+from backvault.engine.check import Checker
+from backvault.engine.restorer import Restorer
 from backvault.repo import format as fmt
-from backvault.repo.check import Checker
 from backvault.repo.format import BlobType, Snapshot
 from backvault.repo.repository import Repository
 from backvault.repo.timefmt import format_ns
@@ -522,7 +522,7 @@ def test_a_folder_replaced_after_the_restore_made_it_is_never_written_into(
     same name, after the restore made it (a race, a file system that folds two names into
     one), the restore reaches it from the target's descriptor without following a symlink
     and checks it is the folder it made (device and inode): nothing is written there."""
-    from backvault.client.target_folders import (
+    from backvault.engine.target_folders import (
         FOLDER_FLAGS,
         FolderRef,
         TargetFolders,

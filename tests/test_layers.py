@@ -1,5 +1,5 @@
-"""Layers point one way (DESIGN.md): cli -> client -> (repo, vault, source) ->
-(crypto, opaque, storage). Protocol and format code does no I/O of its own."""
+"""Layers point one way (docs/architecture.md): cli -> app -> (engine, vaultclient, device)
+-> (repo, source) -> (crypto, opaque, storage). Protocol and format code does no I/O."""
 
 from __future__ import annotations
 
@@ -8,15 +8,31 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "backvault"
 
-# For each package: the backvault packages it may import.
+# For each package: the backvault packages it may import (docs/architecture.md).
 ALLOWED = {
     "crypto": set(),
     "opaque": set(),
     "storage": set(),
-    "repo": {"crypto", "storage"},
     "source": set(),
+    "repo": {"crypto", "storage"},
+    "engine": {"repo", "crypto", "storage", "source", "device"},
+    "device": {"crypto"},
+    "vaultclient": {"opaque", "crypto", "repo", "storage", "device"},
     "vault": {"opaque", "crypto"},
-    "client": {"repo", "crypto", "opaque", "storage", "source", "vault"},
+    "app": {"engine", "device", "vaultclient", "repo", "crypto", "storage", "source", "opaque"},
+    "cli": {
+        "app",
+        "engine",
+        "device",
+        "vaultclient",
+        "repo",
+        "crypto",
+        "storage",
+        "source",
+        "opaque",
+        "vault",
+        "demo",
+    },
     "hardening": set(),
 }
 # Imported by every package: process hardening (no core dumps, no secrets for children).

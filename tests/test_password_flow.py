@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from argon2.low_level import Type, hash_secret_raw
 
-from backvault.client.vault_client import VaultClient
 from backvault.crypto.keyfile import KeyFile, WrongSecret
+from backvault.vaultclient.http import VaultClient
 from tests.conftest import Cli, make_tree, tree_digest
 from tests.servers import VaultNode, make_node
 

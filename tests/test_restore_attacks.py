@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from backvault.client.restore import Restorer
+from backvault.engine.check import Checker
+from backvault.engine.restorer import Restorer
 from backvault.repo import format as fmt
-from backvault.repo.check import Checker
 from backvault.repo.errors import RepositoryError
 from backvault.repo.format import BlobType
 from backvault.repo.repository import Repository
@@ -278,7 +278,7 @@ def test_root_is_warned_when_other_users_can_change_the_target(open_dir: Path, c
 def staged_file(world: World) -> Any:
     """A temporary file as the restore makes one: in a private folder of the target,
     created once (O_EXCL), its identity recorded."""
-    from backvault.client.target_folders import StagedFile, StagingRef
+    from backvault.engine.target_folders import StagedFile, StagingRef
 
     staging = world.target / ".backvault-restore-test"
     staging.mkdir(mode=0o700)
@@ -294,8 +294,8 @@ def staged_file(world: World) -> Any:
 def test_a_worker_never_writes_into_a_file_it_did_not_create(tmp_path: Path) -> None:
     """The temporary file's name now leads to a hard link of an outside file (planted by
     someone who predicted the name, or renamed over it): the worker refuses it."""
-    from backvault.client.restore import restore_runs
-    from backvault.client.target_folders import UnsafeTarget
+    from backvault.engine.restorer import restore_runs
+    from backvault.engine.target_folders import UnsafeTarget
     from backvault.repo.blobs import BlobReader
 
     world = World.make(tmp_path)
@@ -314,7 +314,7 @@ def test_a_worker_never_writes_into_a_file_it_did_not_create(tmp_path: Path) -> 
 
 
 def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> None:
-    from backvault.client.restore import restore_runs
+    from backvault.engine.restorer import restore_runs
     from backvault.repo.blobs import BlobReader
     from backvault.repo.errors import RepositoryError
 
@@ -613,7 +613,7 @@ def test_folders_that_share_a_subtree_restore_each_in_full(tmp_path: Path) -> No
 DEEP_RESTORE = r"""
 import json, os, sys
 from pathlib import Path
-from backvault.client.restore import Restorer
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target = sys.argv[1:5]
@@ -1010,7 +1010,7 @@ def test_a_symlink_of_another_user_on_the_way_to_the_target_is_not_followed(
 
 USER_RESTORE = r"""
 import json, sys
-from backvault.client.restore import Restorer
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target = sys.argv[1:5]
@@ -1083,7 +1083,7 @@ def zstd_bomb(claimed: int) -> bytes:
 
 LIMITED_RESTORE = r"""
 import json, resource, sys
-from backvault.client.restore import Restorer
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target, limit = sys.argv[1:6]

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backvault.client.restore import MAX_LISTED, MAX_LISTED_PATH
+from backvault.engine.restorer import MAX_LISTED, MAX_LISTED_PATH
 from backvault.repo import format as fmt
 from tests.test_hostile_snapshots import THREADS, Hostile, remove_tree
 
 LIMITED_RESTORE = r"""
 import json, resource, sys
-from backvault.client.restore import Restorer
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target, limit, includes = sys.argv[1:7]
@@ -89,7 +89,7 @@ def check_deep(outcome: dict[str, Any], target: Path, depth: int, name: str) -> 
 
 LIMITED_PLAN = r"""
 import json, resource, sys
-from backvault.client.restore import Restorer, TooManyEntries
+from backvault.engine.restorer import Restorer, TooManyEntries
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target, limit, max_entries = sys.argv[1:7]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backvault.client.restore import Restorer, matches
+from backvault.engine.restorer import Restorer, matches
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 from tests.conftest import Cli
@@ -168,7 +168,7 @@ def test_a_deep_folder_that_overwrite_replaces_is_removed(tmp_path: Path, cli: C
 
 SWAP_AT_OPEN = r"""
 import os, sys
-from backvault.client.restore import Restorer
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 repo_path, key, snapshot_id, target, kind, outside = sys.argv[1:7]

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import IdentityKSF, OpaqueConfig, client
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import VaultNode, make_node
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())  # the KSF runs on the client only

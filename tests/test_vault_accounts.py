@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import IdentityKSF, OpaqueConfig
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import VaultNode, free_port, make_node, postgres_cluster
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())  # the KSF runs on the client only

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import KE2, IdentityKSF, OpaqueConfig, client
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import (
     Postgres,
     SoftHsm,

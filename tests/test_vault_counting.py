@@ -22,7 +22,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import (
     KE2,
     AuthenticationError,
@@ -44,6 +43,7 @@ from backvault.vault.service import (
     legacy_credential_identifier,
 )
 from backvault.vault.store import make_engine
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.conftest import Cli
 from tests.servers import VaultNode, make_node
 from tests.test_vault_oracle import (
@@ -358,8 +358,8 @@ def test_a_legacy_record_moves_to_a_fresh_key_at_the_first_successful_login(
     """Before the upgrade, a token holder collected OPRF evaluations of its guesses under
     the account-derived key (the old registration endpoint gave them freely). The owner's
     first login after the upgrade must make them useless, without fresh guesses for anyone."""
-    from backvault.client.password import PasswordSlots, wrap_slot_secret
-    from backvault.client.settings import VaultSettings
+    from backvault.device.settings import VaultSettings
+    from backvault.vaultclient.slots import PasswordSlots, wrap_slot_secret
 
     monkeypatch.setenv("BACKVAULT_CONFIG_DIR", str(tmp_path / "device"))
     slot_secret = secrets.token_bytes(32)

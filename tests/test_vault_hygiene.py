@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import IdentityKSF, OpaqueConfig
 from backvault.vault.app import truncated_address
 from backvault.vault.sealing import FileSealer
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import (
     SoftHsm,
     VaultNode,

@@ -22,10 +22,10 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from backvault.client.vault_client import VaultClient
 from backvault.opaque import IdentityKSF, OpaqueConfig
 from backvault.vault import schema
 from backvault.vault.sealed_columns import SEALED_COLUMNS
+from backvault.vaultclient.http import VaultClient
 from tests.servers import (
     SOFTHSM_MODULE,
     SoftHsm,

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from backvault.client.vault_client import VaultClient
 from backvault.opaque import IdentityKSF, OpaqueConfig
+from backvault.vaultclient.http import VaultClient
 from tests.servers import free_port, make_node
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backvault.client.vault_client import VaultClient, VaultRefused
 from backvault.opaque import (
     KE2,
     IdentityKSF,
@@ -28,6 +27,7 @@ from backvault.opaque import (
     protocol,
 )
 from backvault.opaque.messages import HASH_SIZE, MASKED_RESPONSE_SIZE, PUBLIC_KEY_SIZE
+from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import VaultNode, make_node
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())

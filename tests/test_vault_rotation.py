@@ -16,9 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from backvault.client.vault_client import VaultClient
 from backvault.opaque import KE2, IdentityKSF, OpaqueConfig, client
 from backvault.vault.sealed_columns import SEALED_COLUMNS
+from backvault.vaultclient.http import VaultClient
 from tests.servers import (
     Postgres,
     SoftHsm,

@@ -16,9 +16,9 @@ from unittest import mock
 
 import pytest
 
-from backvault.client import backup as backup_module
-from backvault.client.backup import Backup
-from backvault.client.restore import Restorer
+from backvault.engine import archiver as backup_module
+from backvault.engine.archiver import Backup
+from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest

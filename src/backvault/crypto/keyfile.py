@@ -16,8 +16,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from .aead import AuthenticationFailed, Key
-from .slotlabel import NEUTRAL_HOSTNAME, NEUTRAL_USERNAME, LabelError, SlotLabel
+from backvault.crypto.aead import AuthenticationFailed, Key
+from backvault.crypto.slotlabel import NEUTRAL_HOSTNAME, NEUTRAL_USERNAME, LabelError, SlotLabel
 
 SALT_SIZE = 64
 # restic's defaults before calibration; accepted by every restic version.

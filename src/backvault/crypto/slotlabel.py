@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .aead import AuthenticationFailed, Key
+from backvault.crypto.aead import AuthenticationFailed, Key
 
 # What every key file backvault writes shows in clear.
 NEUTRAL_USERNAME = "backvault"

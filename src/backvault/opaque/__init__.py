@@ -4,8 +4,8 @@ Pure functions and message types; no I/O. Use :mod:`.client` on the device and
 :mod:`.server` in the vault. See docs/opaque.md.
 """
 
-from .config import Argon2idKSF, IdentityKSF, KeyStretching, OpaqueConfig
-from .errors import (
+from backvault.opaque.config import Argon2idKSF, IdentityKSF, KeyStretching, OpaqueConfig
+from backvault.opaque.errors import (
     AuthenticationError,
     ClientAuthenticationError,
     EnvelopeRecoveryError,
@@ -13,7 +13,7 @@ from .errors import (
     OpaqueError,
     ServerAuthenticationError,
 )
-from .messages import (
+from backvault.opaque.messages import (
     KE1,
     KE2,
     KE3,

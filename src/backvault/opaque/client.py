@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from . import group, protocol
-from .config import OpaqueConfig
-from .messages import (
+from backvault.opaque import group, protocol
+from backvault.opaque.config import OpaqueConfig
+from backvault.opaque.messages import (
     KE1,
     KE2,
     KE3,
@@ -17,7 +17,7 @@ from .messages import (
     RegistrationRequest,
     RegistrationResponse,
 )
-from .protocol import ClientLoginState
+from backvault.opaque.protocol import ClientLoginState
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from argon2.low_level import Type, hash_secret_raw
 
-from .messages import HASH_SIZE
+from backvault.opaque.messages import HASH_SIZE
 
 DEFAULT_CONTEXT = b"backvault OPAQUE-3DH ristretto255-SHA512 v1"
 

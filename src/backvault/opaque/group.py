@@ -13,7 +13,7 @@ import secrets
 
 import pysodium
 
-from .errors import InvalidMessageError
+from backvault.opaque.errors import InvalidMessageError
 
 ELEMENT_SIZE = 32  # Noe
 SCALAR_SIZE = 32  # Nok / Nsk

@@ -11,8 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from . import group
-from .errors import InvalidMessageError
+from backvault.opaque import group
+from backvault.opaque.errors import InvalidMessageError
 
 NONCE_SIZE = 32  # Nn
 SEED_SIZE = 32  # Nseed

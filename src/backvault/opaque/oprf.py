@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
-from . import group
-from .errors import InvalidMessageError
+from backvault.opaque import group
+from backvault.opaque.errors import InvalidMessageError
 
 MODE_OPRF = 0x00
 SUITE_ID = b"ristretto255-SHA512"

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from . import group, oprf
-from .config import OpaqueConfig
-from .errors import (
+from backvault.opaque import group, oprf
+from backvault.opaque.config import OpaqueConfig
+from backvault.opaque.errors import (
     ClientAuthenticationError,
     EnvelopeRecoveryError,
     InvalidMessageError,
     ServerAuthenticationError,
 )
-from .messages import (
+from backvault.opaque.messages import (
     HASH_SIZE,
     KE1,
     KE2,

@@ -8,7 +8,7 @@ that nothing under ``src/`` imports this module.
 
 from __future__ import annotations
 
-from .protocol import (
+from backvault.opaque.protocol import (
     create_credential_response,
     create_registration_request,
     create_registration_response,

@@ -1,8 +1,8 @@
 """Turning stored bytes into verified plaintext.
 
 ``BlobReader`` reads blobs and whole packs and verifies them: decrypt (MAC first),
-decompress, and check the SHA-256 the blob is named by. ``reader_pool`` runs that work
-on every core (see ``workers``).
+decompress, and check the SHA-256 the blob is named by. ``backvault.engine.parallel.reader_pool``
+runs that work on every core.
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import zstandard
 
-from ..crypto.aead import OVERHEAD, AuthenticationFailed, Key
-from ..storage import Backend, FileType, ObjectNotFound, StorageError
-from ..storage.local import LocalBackend
-from . import format as fmt
-from .errors import DamagedObject
-from .format import PackedBlob
-from .workers import WorkerPool
+from backvault.crypto.aead import OVERHEAD, AuthenticationFailed, Key
+from backvault.repo import format as fmt
+from backvault.repo.errors import DamagedObject
+from backvault.repo.format import PackedBlob
+from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
+from backvault.storage.local import LocalBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,22 +230,3 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-def reader_pool(backend: Backend, key: Key, threads: int = 4) -> WorkerPool:
-    """A pool for BlobReader work: worker processes for a repository on a local disk
-    (they open it themselves) once enough work was submitted, threads otherwise (for
-    remote storage the network, not the CPU, is the limit)."""
-    if isinstance(backend, LocalBackend):
-        root = str(backend.root)
-        return WorkerPool(
-            BlobReader(backend, key),
-            threads,
-            make_context=_reader_in_worker,
-            process_args=lambda: (key.to_json(), root),
-        )
-    return WorkerPool(BlobReader(backend, key), threads)
-
-
-def _reader_in_worker(key_doc: dict[str, Any], root: str) -> BlobReader:
-    return BlobReader(LocalBackend(root), Key.from_json(key_doc))

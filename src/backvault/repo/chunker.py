@@ -19,7 +19,7 @@ import os
 
 from pyfastcdc import FastCDC
 
-from ..crypto.aead import Key
+from backvault.crypto.aead import Key
 
 MIN_SIZE = 512 * 1024
 AVG_SIZE = 1024 * 1024

@@ -19,7 +19,7 @@ from typing import Any
 
 import zstandard
 
-from ..crypto.aead import OVERHEAD
+from backvault.crypto.aead import OVERHEAD
 
 REPOSITORY_VERSION = 2
 ID_SIZE = 32

@@ -13,11 +13,11 @@ import socket
 import threading
 from types import TracebackType
 
-from ..storage import FileType, ObjectNotFound
-from .errors import DamagedObject, RepositoryLocked
-from .format import FormatError, Lock
-from .repository import Repository, _identity
-from .timefmt import format_ns, now_ns, parse_ns
+from backvault.repo.errors import DamagedObject, RepositoryLocked
+from backvault.repo.format import FormatError, Lock
+from backvault.repo.repository import Repository, _identity
+from backvault.repo.timefmt import format_ns, now_ns, parse_ns
+from backvault.storage import FileType, ObjectNotFound
 
 STALE_AFTER_NS = 30 * 60 * 1_000_000_000
 REFRESH_EVERY_S = 5 * 60

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .format import Snapshot
-from .timefmt import parse_ns
+from backvault.repo.format import Snapshot
+from backvault.repo.timefmt import parse_ns
 
 GROUP_FIELDS = ("host", "paths", "tags")
 

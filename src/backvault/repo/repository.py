@@ -12,16 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..crypto.aead import AuthenticationFailed, Key
-from ..crypto.keyfile import KeyFile, KeyFileError, WrongSecret
-from ..crypto.slotlabel import OTHER, SlotLabel
-from ..storage import Backend, FileType, ObjectNotFound, StorageError
-from . import format as fmt
-from .blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
-from .errors import DamagedObject, NotARepository, RepositoryError, WrongKey
-from .format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
-from .polynomial import random_irreducible
-from .timefmt import format_ns, now_ns
+from backvault.crypto.aead import AuthenticationFailed, Key
+from backvault.crypto.keyfile import KeyFile, KeyFileError, WrongSecret
+from backvault.crypto.slotlabel import OTHER, SlotLabel
+from backvault.repo import format as fmt
+from backvault.repo.blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
+from backvault.repo.errors import DamagedObject, NotARepository, RepositoryError, WrongKey
+from backvault.repo.format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
+from backvault.repo.polynomial import random_irreducible
+from backvault.repo.timefmt import format_ns, now_ns
+from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
 
 # The decoded trees kept in memory, bounded by their nodes (each a few hundred bytes in
 # Python), not by their number: a count of 4096 trees let 5 million fifo nodes of a 2.4 MB
@@ -471,7 +471,7 @@ class Repository:
 
 
 def _sort_time(text: str) -> int:
-    from .timefmt import parse_ns
+    from backvault.repo.timefmt import parse_ns
 
     try:
         return parse_ns(text)

@@ -18,12 +18,12 @@ from typing import NamedTuple
 
 import zstandard
 
-from ..crypto.aead import Key
-from ..storage import FileType
-from ..storage.local import LocalBackend
-from . import format as fmt
-from .format import BlobType, IndexFile, PackedBlob
-from .repository import Repository
+from backvault.crypto.aead import Key
+from backvault.repo import format as fmt
+from backvault.repo.format import BlobType, IndexFile, PackedBlob
+from backvault.repo.repository import Repository
+from backvault.storage import FileType
+from backvault.storage.local import LocalBackend
 
 # Every worker process holds a pack open: 8 MiB keeps memory low (restic 0.14 writes 4 MiB).
 PACK_TARGET_SIZE = 8 * 1024 * 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from .base import (
+from backvault.storage.base import (
     Backend,
     FileType,
     ObjectNotFound,
@@ -18,13 +18,13 @@ from .base import (
     StorageRefused,
     TransientStorageError,
 )
-from .local import LocalBackend
+from backvault.storage.local import LocalBackend
 
 UNSUPPORTED = ("sftp:", "b2:", "azure:", "gs:", "swift:")
 
 
 def _retrying(inner: Backend, connections: int = 4) -> Backend:
-    from .retry import RetryingBackend
+    from backvault.storage.retry import RetryingBackend
 
     # BACKVAULT_RETRY_ATTEMPTS: how often a transient failure is retried (default 8).
     attempts = int(os.environ.get("BACKVAULT_RETRY_ATTEMPTS", "8"))
@@ -36,7 +36,7 @@ def open_backend(location: str) -> Backend:
     backend = _open_backend(location)
     kill_after = os.environ.get("BACKVAULT_FAULT_KILL_AFTER_WRITES")
     if kill_after:
-        from .faults import KillAfterWrites
+        from backvault.storage.faults import KillAfterWrites
 
         return KillAfterWrites(backend, int(kill_after))
     return backend
@@ -50,7 +50,7 @@ def _open_backend(location: str) -> Backend:
             f"(rclone:REMOTE:PATH) or use s3:, rest: or a local folder"
         )
     if location.startswith("s3:"):
-        from .s3 import S3Backend
+        from backvault.storage.s3 import S3Backend
 
         rest = location[3:]
         if "://" not in rest:
@@ -62,14 +62,14 @@ def _open_backend(location: str) -> Backend:
         endpoint = f"{parts.scheme}://{parts.netloc}"
         return _retrying(S3Backend(endpoint, bucket, prefix, location))
     if location.startswith("rest:"):
-        from .rest import RestBackend
+        from backvault.storage.rest import RestBackend
 
         url = location[5:]
         if not url.startswith(("http://", "https://")):
             raise StorageError(f"{location}: expected rest:http(s)://HOST[:PORT]/PATH")
         return _retrying(RestBackend(url, location=location))
     if location.startswith("rclone:"):
-        from .rclone import RcloneBackend
+        from backvault.storage.rclone import RcloneBackend
 
         remote = location[7:]
         if ":" not in remote:

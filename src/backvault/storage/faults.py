@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .base import Backend, FileType
+from backvault.storage.base import Backend, FileType
 
 ENV = "BACKVAULT_FAULT_KILL_AFTER_WRITES"
 

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import Backend, FileType, ObjectNotFound, StorageError
+from backvault.storage.base import Backend, FileType, ObjectNotFound, StorageError
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o400  # objects are immutable, as restic writes them

@@ -17,9 +17,9 @@ from typing import Any
 import httpcore
 import httpx
 
-from ..hardening import scrubbed_env
-from .base import StorageError
-from .rest import RestBackend
+from backvault.hardening import scrubbed_env
+from backvault.storage.base import StorageError
+from backvault.storage.rest import RestBackend
 
 
 class _PipeStream(httpcore.NetworkStream):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from .base import (
+from backvault.storage.base import (
     Backend,
     FileType,
     ObjectNotFound,

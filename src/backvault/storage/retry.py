@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from .base import Backend, FileType, StorageError, TransientStorageError
+from backvault.storage.base import Backend, FileType, StorageError, TransientStorageError
 
 log = logging.getLogger("backvault.storage")
 T = TypeVar("T")

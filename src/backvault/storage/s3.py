@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from .base import (
+from backvault.storage.base import (
     Backend,
     FileType,
     ObjectNotFound,

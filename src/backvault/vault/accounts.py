@@ -25,8 +25,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import SettingsError
-from .service import ACCOUNT_NAME, JWT_NAMESPACE
+from backvault.vault.config import SettingsError
+from backvault.vault.service import ACCOUNT_NAME, JWT_NAMESPACE
 
 # Header fields a vault token may carry. Anything else (jwk, jku, x5u, x5c, crit, b64, …)
 # would name another key or change how the token is read: refused, the key is ours.

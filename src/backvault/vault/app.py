@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
-from . import metrics
-from .accounts import TokenVerifier
-from .ratelimit import RateLimiter
-from .service import (
+from backvault import __version__
+from backvault.vault import metrics
+from backvault.vault.accounts import TokenVerifier
+from backvault.vault.ratelimit import RateLimiter
+from backvault.vault.service import (
     BadRequest,
     GuessCapReached,
     LoginNotFound,

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from ..hardening import environment_value
+from backvault.hardening import environment_value
 
 
 class SettingsError(ValueError):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .metrics import SEALING_KEY_SEALS
-from .schema import attempts, audit, sealing_key_usage
-from .sealing import SEALS_PER_KEY_LIMIT, SEALS_PER_KEY_WARNING, Sealer
+from backvault.vault.metrics import SEALING_KEY_SEALS
+from backvault.vault.schema import attempts, audit, sealing_key_usage
+from backvault.vault.sealing import SEALS_PER_KEY_LIMIT, SEALS_PER_KEY_WARNING, Sealer
 
 DAY = 86400.0
 AUDIT_PURGE_BATCH = 5000

@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 import sqlalchemy as sa
 
-from .schema import sealing_key_versions
-from .sealed_columns import count_by_key_version, sample_sealed_value
-from .sealing import KeyStore, RecordedVersion, SealingError, short_check_value
-from .store import READ_ONLY
+from backvault.vault.schema import sealing_key_versions
+from backvault.vault.sealed_columns import count_by_key_version, sample_sealed_value
+from backvault.vault.sealing import KeyStore, RecordedVersion, SealingError, short_check_value
+from backvault.vault.store import READ_ONLY
 
 log = logging.getLogger("backvault.vault.sealing")
 

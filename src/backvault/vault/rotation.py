@@ -10,18 +10,23 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from .config import VaultSettings
-from .housekeeping import last_seal_at, record_seal_counts, seal_totals
-from .sealed_columns import ResealProgress, reseal, values_by_key_version, values_under
-from .sealing import (
+from backvault.vault.config import VaultSettings
+from backvault.vault.housekeeping import last_seal_at, record_seal_counts, seal_totals
+from backvault.vault.sealed_columns import (
+    ResealProgress,
+    reseal,
+    values_by_key_version,
+    values_under,
+)
+from backvault.vault.sealing import (
     IGNORED_UNFINISHED,
     IGNORED_UNRECORDED,
     Sealer,
     SealingError,
     short_check_value,
 )
-from .server import make_sealer
-from .store import make_engine
+from backvault.vault.server import make_sealer
+from backvault.vault.store import make_engine
 
 
 def switch_delay(settings: VaultSettings) -> float:

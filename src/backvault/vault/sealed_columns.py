@@ -16,8 +16,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .schema import logins, records, registrations, vault_keys
-from .sealing import FORMAT_UNVERSIONED, FORMAT_VERSIONED, Sealer, SealingError, sealed_header
+from backvault.vault.schema import logins, records, registrations, vault_keys
+from backvault.vault.sealing import (
+    FORMAT_UNVERSIONED,
+    FORMAT_VERSIONED,
+    Sealer,
+    SealingError,
+    sealed_header,
+)
 
 
 @dataclass(frozen=True)

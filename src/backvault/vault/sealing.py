@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .metrics import (
+from backvault.vault.metrics import (
     SEALING_KEY_CHANGES,
     SEALING_KEY_CURRENT_INFO,
     SEALING_KEY_CURRENT_VERSION,

@@ -18,24 +18,24 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
-from ..opaque import OpaqueConfig
-from . import metrics
-from .accounts import (
+from backvault.opaque import OpaqueConfig
+from backvault.vault import metrics
+from backvault.vault.accounts import (
     BuiltinTokens,
     Ed25519JwtVerifier,
     TokenVerifier,
     VerifierChain,
     jwt_verifier_from_settings,
 )
-from .app import JsonLogFormatter, create_app
-from .config import SettingsError, VaultSettings, default_config_dir
-from .housekeeping import nonce_budget_warning, purge_audit, record_seal_counts
-from .key_versions import DatabaseVersionRecords
-from .ratelimit import RateLimiter
-from .schema import migrate, vault_keys
-from .sealing import FileSealer, Pkcs11Sealer, Sealer, make_private_dir
-from .service import VaultService
-from .store import make_engine
+from backvault.vault.app import JsonLogFormatter, create_app
+from backvault.vault.config import SettingsError, VaultSettings, default_config_dir
+from backvault.vault.housekeeping import nonce_budget_warning, purge_audit, record_seal_counts
+from backvault.vault.key_versions import DatabaseVersionRecords
+from backvault.vault.ratelimit import RateLimiter
+from backvault.vault.schema import migrate, vault_keys
+from backvault.vault.sealing import FileSealer, Pkcs11Sealer, Sealer, make_private_dir
+from backvault.vault.service import VaultService
+from backvault.vault.store import make_engine
 
 log = logging.getLogger("backvault.vault")
 

@@ -35,15 +35,24 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..opaque import KE1, KE3, OpaqueConfig, RegistrationRecord, RegistrationRequest
-from ..opaque import protocol as opaque_protocol
-from ..opaque import server as opaque_server
-from ..opaque.errors import ClientAuthenticationError, InvalidMessageError
-from ..opaque.messages import ServerLoginState
-from .metrics import count_audit_event
-from .schema import accounts, attempts, audit, logins, migrate, records, registrations, vault_keys
-from .sealed_columns import login_purpose, record_purpose, registration_purpose
-from .sealing import Sealer
+from backvault.opaque import KE1, KE3, OpaqueConfig, RegistrationRecord, RegistrationRequest
+from backvault.opaque import protocol as opaque_protocol
+from backvault.opaque import server as opaque_server
+from backvault.opaque.errors import ClientAuthenticationError, InvalidMessageError
+from backvault.opaque.messages import ServerLoginState
+from backvault.vault.metrics import count_audit_event
+from backvault.vault.schema import (
+    accounts,
+    attempts,
+    audit,
+    logins,
+    migrate,
+    records,
+    registrations,
+    vault_keys,
+)
+from backvault.vault.sealed_columns import login_purpose, record_purpose, registration_purpose
+from backvault.vault.sealing import Sealer
 
 log = logging.getLogger("backvault.vault")
 

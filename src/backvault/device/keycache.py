@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..crypto.aead import Key
-from . import secretstore
-from .paths import config_dir
+from backvault.crypto.aead import Key
+from backvault.device import secretstore
+from backvault.device.paths import config_dir
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..repo import format as fmt
-from ..repo.chunker import page_ranges
-from ..repo.errors import DamagedObject
-from ..repo.format import BlobType, Node, Snapshot
-from ..repo.lock import RepositoryLock
-from ..repo.repository import Repository
-from ..repo.sealer import (
+from backvault.device.paths import private_temp_dir
+from backvault.engine.budget import ByteBudget
+from backvault.engine.parallel import WorkerPool
+from backvault.engine.progress import NoProgress, Progress
+from backvault.engine.sealer import (
     FILE,
     RANGES,
     ChunkSealer,
@@ -48,14 +46,21 @@ from ..repo.sealer import (
     seal_pieces,
     sealer_in_worker,
 )
-from ..repo.timefmt import format_ns, now_ns
-from ..repo.workers import WorkerPool
-from ..repo.writer import RepositoryWriter
-from ..source.sqlite import SQLiteCopyError, consistent_copy, is_sqlite_database, page_size_of
-from ..storage.local import LocalBackend
-from .budget import ByteBudget
-from .paths import private_temp_dir
-from .progress import NoProgress, Progress
+from backvault.repo import format as fmt
+from backvault.repo.chunker import page_ranges
+from backvault.repo.errors import DamagedObject
+from backvault.repo.format import BlobType, Node, Snapshot
+from backvault.repo.lock import RepositoryLock
+from backvault.repo.repository import Repository
+from backvault.repo.timefmt import format_ns, now_ns
+from backvault.repo.writer import RepositoryWriter
+from backvault.source.sqlite import (
+    SQLiteCopyError,
+    consistent_copy,
+    is_sqlite_database,
+    page_size_of,
+)
+from backvault.storage.local import LocalBackend
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 # Files up to this size are cut and sealed whole by one worker; larger ones are cut first,

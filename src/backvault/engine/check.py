@@ -8,13 +8,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..crypto.aead import OVERHEAD
-from ..storage import FileType
-from . import format as fmt
-from .blobs import BlobLocation, BlobReader, PackReport, reader_pool
-from .errors import DamagedObject
-from .format import BlobType, PackedBlob
-from .repository import Repository
+from backvault.crypto.aead import OVERHEAD
+from backvault.engine.parallel import reader_pool
+from backvault.repo import format as fmt
+from backvault.repo.blobs import BlobLocation, BlobReader, PackReport
+from backvault.repo.errors import DamagedObject
+from backvault.repo.format import BlobType, PackedBlob
+from backvault.repo.repository import Repository
+from backvault.storage import FileType
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from ..opaque import KE2, OpaqueConfig, RegistrationResponse, client
-from .settings import check_vault_url
+from backvault.device.settings import check_vault_url
+from backvault.opaque import KE2, OpaqueConfig, RegistrationResponse, client
 
 
 class VaultUnavailable(Exception):
@@ -244,7 +244,7 @@ class VaultClient:
         ``earlier_login_ids`` are this client's earlier wrong tries (forgiven on success);
         ``on_started(login_id)`` is called as soon as the vault has counted this attempt,
         so the caller can keep its id before anything else can fail."""
-        from ..opaque.errors import AuthenticationError
+        from backvault.opaque.errors import AuthenticationError
 
         ke1, state = client.generate_ke1(password)
         login_id, ke2_bytes = self.login_start(ke1.to_bytes())

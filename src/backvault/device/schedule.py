@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hardening import scrubbed_env
+from backvault.hardening import scrubbed_env
 
 UNIT = "backvault-backup"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..crypto import recovery_key
-from ..repo.errors import RepositoryError, WrongKey
-from ..repo.repository import Repository
-from ..storage import Backend, open_backend
-from . import keycache
+from backvault.crypto import recovery_key
+from backvault.device import keycache
+from backvault.repo.errors import RepositoryError, WrongKey
+from backvault.repo.repository import Repository
+from backvault.storage import Backend, open_backend
 
 
 class MalformedKeyError(RepositoryError):

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from ..hardening import secret_variable
-from . import secretstore
-from .paths import config_dir
+from backvault.device import secretstore
+from backvault.device.paths import config_dir
+from backvault.hardening import secret_variable
 
 KEYS = ("repository", "vault.url", "vault.account", "vault.token")
 ENV = {

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .paths import config_dir
+from backvault.device.paths import config_dir
 
 # A recovery rarely takes more than the vault's limit; keep a margin, not a history.
 MAX_REMEMBERED_ATTEMPTS = 256

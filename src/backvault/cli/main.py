@@ -35,30 +35,34 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .client import keycache
-from .client.backup import Backup
-from .client.paths import cache_dir
-from .client.progress import human_bytes
-from .client.restore import DiskFull, Restorer, TargetNotEmpty
-from .client.session import MalformedKeyError, NoKeyAvailable, open_repository, open_with_text
-from .client.settings import Settings, SettingsError, VaultSettings
-from .crypto import recovery_key
-from .crypto.slotlabel import SlotLabel
-from .hardening import disable_core_dumps, secret_variable, withdraw_secrets_from_environment
-from .repo import format as fmt
-from .repo.check import Checker
-from .repo.errors import (
+from backvault import __version__
+from backvault.app.opening import MalformedKeyError, NoKeyAvailable, open_repository, open_with_text
+from backvault.crypto import recovery_key
+from backvault.crypto.slotlabel import SlotLabel
+from backvault.device import keycache
+from backvault.device.paths import cache_dir
+from backvault.device.settings import Settings, SettingsError, VaultSettings
+from backvault.engine.archiver import Backup
+from backvault.engine.check import Checker
+from backvault.engine.progress import human_bytes
+from backvault.engine.restorer import DiskFull, Restorer, TargetNotEmpty
+from backvault.hardening import (
+    disable_core_dumps,
+    secret_variable,
+    withdraw_secrets_from_environment,
+)
+from backvault.repo import format as fmt
+from backvault.repo.errors import (
     DamagedObject,
     NotARepository,
     RepositoryError,
     RepositoryLocked,
     WrongKey,
 )
-from .repo.lock import RepositoryLock, remove_stale_locks
-from .repo.repository import KeySlot, Repository
-from .storage import Backend, FileType, StorageError, open_backend
-from .storage.rest import without_password
+from backvault.repo.lock import RepositoryLock, remove_stale_locks
+from backvault.repo.repository import KeySlot, Repository
+from backvault.storage import Backend, FileType, StorageError, open_backend
+from backvault.storage.rest import without_password
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -236,7 +240,7 @@ def read_password(prompt: str = "Password") -> str | None:
 def read_new_password(ctx: Context, env_name: str = "BACKVAULT_PASSWORD") -> str:
     """A new password: asked twice on a terminal, with strength feedback; weak ones are
     refused (the vault allows only a few guesses, so the password must not be among them)."""
-    from .client.password import WeakPassword, check_strength
+    from backvault.vaultclient.slots import WeakPassword, check_strength
 
     from_env = secret_variable(env_name)
     if from_env:
@@ -261,8 +265,8 @@ def read_new_password(ctx: Context, env_name: str = "BACKVAULT_PASSWORD") -> str
 
 def vault_failure(exc: Exception, vault: VaultSettings) -> NoReturn:
     """Turn a vault refusal into the one-line message a person needs."""
-    from .client.password import UnwrapFailed
-    from .client.vault_client import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.slots import UnwrapFailed
 
     if isinstance(exc, VaultUnavailable):
         fail(
@@ -304,7 +308,7 @@ ERASED_MESSAGE = (
 
 
 def report_legacy_upgrade(ctx: Context, recovery: Any) -> None:
-    from .client.password import LEGACY_UPGRADED
+    from backvault.vaultclient.slots import LEGACY_UPGRADED
 
     if recovery.upgraded:
         ctx.warn(f"warning: {LEGACY_UPGRADED}")
@@ -318,8 +322,8 @@ def report_legacy_upgrade(ctx: Context, recovery: Any) -> None:
 
 def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], Repository | None]:
     def open_with_password(backend: Backend) -> Repository | None:
-        from .client.password import PasswordSlots, UnwrapFailed
-        from .client.vault_client import VaultRefused, VaultUnavailable
+        from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+        from backvault.vaultclient.slots import PasswordSlots, UnwrapFailed
 
         slots = PasswordSlots(vault)
         try:
@@ -518,7 +522,7 @@ def init(
     password_slot = None
     problem = None
     if vault is not None and password is not None:
-        from .client.password import PasswordSlots
+        from backvault.vaultclient.slots import PasswordSlots
 
         try:
             password_slot = PasswordSlots(vault).enable(repo, password.encode(), max_attempts)
@@ -653,7 +657,7 @@ def key_remove(ctx: Context, key_id: str) -> None:
             "repository again; add another key first (`backvault key add`)"
         )
     target = matching[0]
-    from .client.password import is_password_slot, is_verified_password_slot
+    from backvault.vaultclient.slots import is_password_slot, is_verified_password_slot
 
     if is_verified_password_slot(target):
         # The vault record is what makes this slot usable: erase it too.
@@ -701,8 +705,8 @@ def require_vault(ctx: Context) -> VaultSettings:
 
 
 def delete_vault_record(vault: VaultSettings) -> None:
-    from .client.password import PasswordSlots
-    from .client.vault_client import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.slots import PasswordSlots
 
     try:
         PasswordSlots(vault).delete_record()
@@ -711,8 +715,8 @@ def delete_vault_record(vault: VaultSettings) -> None:
 
 
 def enable_password(ctx: Context, max_attempts: int | None) -> None:
-    from .client.password import PasswordSlots
-    from .client.vault_client import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.slots import PasswordSlots
 
     vault = require_vault(ctx)
     repo = open_repo(ctx)
@@ -759,7 +763,7 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
 
     Opens the repository first with this device's key, BACKVAULT_KEY, or the current
     password."""
-    from .client.password import PasswordSlots
+    from backvault.vaultclient.slots import PasswordSlots
 
     vault = require_vault(ctx)
     repo = open_repo(ctx)
@@ -771,7 +775,7 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
             "`backvault key add --password`"
         )
     new = read_new_password(ctx, "BACKVAULT_NEW_PASSWORD")
-    from .client.vault_client import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.http import VaultRefused, VaultUnavailable
 
     try:
         key_id = slots.enable(repo, new.encode(), max_attempts)  # replaces the vault record
@@ -793,8 +797,8 @@ def password_check(ctx: Context) -> None:
 
     First, at no cost, checks that the vault still holds the record this device
     registered."""
-    from .client.password import PasswordSlots, UnwrapFailed
-    from .client.vault_client import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+    from backvault.vaultclient.slots import PasswordSlots, UnwrapFailed
 
     vault = require_vault(ctx)
     slots = PasswordSlots(vault)
@@ -875,7 +879,7 @@ def password_check(ctx: Context) -> None:
 @pass_context
 def password_disable(ctx: Context) -> None:
     """Remove the password slot and erase the vault record (keeps the 64-digit key)."""
-    from .client.password import PasswordSlots
+    from backvault.vaultclient.slots import PasswordSlots
 
     vault = require_vault(ctx)
     repo = open_repo(ctx)
@@ -924,7 +928,7 @@ def config_set(ctx: Context, name: str, value: str | None) -> None:
     and shells keep them): `backvault config set vault.token` asks for it at a hidden
     prompt, `backvault config set vault.token -` reads it from standard input. It is kept
     in the OS keyring (or a file only you can read), not in the settings file."""
-    from .client.settings import TOKEN, set_value, store_token
+    from backvault.device.settings import TOKEN, set_value, store_token
 
     if name == TOKEN:
         where = store_token(read_token(value))
@@ -966,7 +970,7 @@ def read_token(value: str | None) -> str:
 @pass_context
 def config_unset(ctx: Context, name: str) -> None:
     """Remove NAME from the settings (the token from the keyring too)."""
-    from .client.settings import TOKEN, forget_token, set_value
+    from backvault.device.settings import TOKEN, forget_token, set_value
 
     if name == TOKEN:
         removed = forget_token()
@@ -1283,7 +1287,7 @@ def forget(
     then_prune: bool,
 ) -> None:
     """Remove snapshots that a retention policy does not keep (restic's policies)."""
-    from .repo import policy as retention
+    from backvault.repo import policy as retention
 
     policy = retention.Policy(
         keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, keep_tags
@@ -1321,7 +1325,7 @@ def forget(
 
 
 def run_prune(ctx: Context, repo: Repository, dry_run: bool, max_unused: float) -> None:
-    from .repo import prune as pruning
+    from backvault.engine import prune as pruning
 
     with RepositoryLock(repo, exclusive=True):
         the_plan = pruning.plan(repo, max_unused)
@@ -1364,7 +1368,7 @@ def repair() -> None:
 @pass_context
 def repair_index(ctx: Context) -> None:
     """Rebuild the index from the packs' own headers (after index files were lost or damaged)."""
-    from .repo.prune import rebuild_index
+    from backvault.engine.prune import rebuild_index
 
     repo = open_repo(ctx)
     with RepositoryLock(repo, exclusive=True):
@@ -1407,7 +1411,7 @@ def schedule() -> None:
 def schedule_install(ctx: Context, paths: tuple[str, ...], at: str, force_cron: bool) -> None:
     """Back up PATHS every day with this device's cached key (no password, works without
     the vault)."""
-    from .client.schedule import install
+    from backvault.device.schedule import install
 
     location = open_backend(ctx.require_repo()).location
     if keycache.recall(location) is None:
@@ -1434,7 +1438,7 @@ def schedule_install(ctx: Context, paths: tuple[str, ...], at: str, force_cron: 
 @pass_context
 def schedule_remove(ctx: Context) -> None:
     """Remove the daily backup timer."""
-    from .client.schedule import remove
+    from backvault.device.schedule import remove
 
     removed = remove()
     ctx.emit_json({"removed": [str(p) for p in removed]})
@@ -1448,7 +1452,7 @@ def schedule_remove(ctx: Context) -> None:
 @click.option("--keep", is_flag=True, help="Keep the demo's files afterwards.")
 def demo(keep: bool) -> None:
     """The whole story on embedded defaults, offline, in under a minute."""
-    from .demo import main as run_demo
+    from backvault.demo import main as run_demo
 
     run_demo(keep)
 
@@ -1487,7 +1491,7 @@ def vault_options(command: F) -> F:
 
 
 def load_vault_settings(config_file: str | None, **overrides: Any) -> Any:
-    from .vault.config import load_settings
+    from backvault.vault.config import load_settings
 
     try:
         return load_settings(config_file, overrides)
@@ -1511,8 +1515,8 @@ def vault() -> None:
 @click.option("--tls-key", help="TLS private key (PEM).")
 def vault_serve(config_file: str | None, **overrides: Any) -> None:
     """Run a vault node until SIGTERM or Ctrl-C (then finish requests and stop)."""
-    from .vault.sealing import SealingError
-    from .vault.server import serve
+    from backvault.vault.sealing import SealingError
+    from backvault.vault.server import serve
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1531,8 +1535,8 @@ def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
     not modifiable, private), and record it in the vault's database with its check value
     (printed: compare it later) and its own vouch. Does nothing if it already exists, and
     refuses an existing key with weaker attributes."""
-    from .vault.sealing import SealingError, short_check_value
-    from .vault.server import make_sealer, open_database
+    from backvault.vault.sealing import SealingError, short_check_value
+    from backvault.vault.server import make_sealer, open_database
 
     settings = load_vault_settings(config_file, **overrides)
     if settings.sealing != "pkcs11":
@@ -1553,7 +1557,7 @@ def vault_init_hsm(config_file: str | None, **overrides: Any) -> None:
 
 
 def vault_token_lifetime(expires_in: str | None) -> float | None:
-    from .vault.config import SettingsError, parse_duration
+    from backvault.vault.config import SettingsError, parse_duration
 
     if expires_in is None:
         return None
@@ -1578,9 +1582,9 @@ def vault_add_account(
     config_file: str | None, name: str, expires_in: str | None, **overrides: Any
 ) -> None:
     """Create an account for self-hosting and print its bearer token (shown once)."""
-    from .vault.sealing import SealingError
-    from .vault.server import open_vault
-    from .vault.service import VaultError
+    from backvault.vault.sealing import SealingError
+    from backvault.vault.server import open_vault
+    from backvault.vault.service import VaultError
 
     lifetime = vault_token_lifetime(expires_in)
     settings = load_vault_settings(config_file, **overrides)
@@ -1603,9 +1607,9 @@ def vault_rotate_token(
 ) -> None:
     """Print a new bearer token for a built-in account (shown once); the old one stops
     working at once on every node. Also undoes `revoke-token`. The record is untouched."""
-    from .vault.sealing import SealingError
-    from .vault.server import make_service
-    from .vault.service import VaultError
+    from backvault.vault.sealing import SealingError
+    from backvault.vault.server import make_service
+    from backvault.vault.service import VaultError
 
     lifetime = vault_token_lifetime(expires_in)
     settings = load_vault_settings(config_file, **overrides)
@@ -1622,9 +1626,9 @@ def vault_rotate_token(
 def vault_revoke_token(config_file: str | None, name: str, **overrides: Any) -> None:
     """Make a built-in account's token stop working, at once on every node (until
     `rotate-token` gives the account a new one). The record is untouched."""
-    from .vault.sealing import SealingError
-    from .vault.server import make_service
-    from .vault.service import VaultError
+    from backvault.vault.sealing import SealingError
+    from backvault.vault.server import make_service
+    from backvault.vault.service import VaultError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1646,9 +1650,9 @@ def vault_migrate_jwt_records(
     the bare subject, with no built-in account of that name) to the subject's account
     `jwt:SUBJECT`. Passwords, counters and audit history move with them. Without NAMES,
     every such record moves; records of built-in accounts never do."""
-    from .vault.sealing import SealingError
-    from .vault.server import make_service
-    from .vault.service import VaultError
+    from backvault.vault.sealing import SealingError
+    from backvault.vault.server import make_service
+    from backvault.vault.service import VaultError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1694,8 +1698,8 @@ def vault_rotate_sealing_key(
 ) -> None:
     """Make a new sealing key version and re-seal every sealed value under it, in small
     transactions, while the nodes keep serving. Safe to interrupt and run again."""
-    from .vault.rotation import rotate_sealing_key
-    from .vault.sealing import SealingError
+    from backvault.vault.rotation import rotate_sealing_key
+    from backvault.vault.sealing import SealingError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1739,8 +1743,8 @@ def vault_rotate_sealing_key(
 def vault_destroy_sealing_key(config_file: str | None, version: int, **overrides: Any) -> None:
     """Destroy an old sealing key version for good (refused while any value uses it).
     Database backups sealed under it can then never be opened again."""
-    from .vault.rotation import destroy_sealing_key
-    from .vault.sealing import SealingError
+    from backvault.vault.rotation import destroy_sealing_key
+    from backvault.vault.sealing import SealingError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1757,8 +1761,8 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
     seals, how many seals each has made (AES-GCM allows 2^32 per version) and its check
     value; then the keys in the key store that the vault ignores, and why (the log lines
     on stderr say which key)."""
-    from .vault.rotation import sealing_key_states
-    from .vault.sealing import SealingError
+    from backvault.vault.rotation import sealing_key_states
+    from backvault.vault.sealing import SealingError
 
     settings = load_vault_settings(config_file, **overrides)
     try:
@@ -1776,7 +1780,7 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
 @vault.command("openapi")
 def vault_openapi() -> None:
     """Print the vault's OpenAPI document."""
-    from .vault.app import openapi_document
+    from backvault.vault.app import openapi_document
 
     click.echo(json.dumps(openapi_document(), indent=2))
 

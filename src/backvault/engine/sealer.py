@@ -23,13 +23,13 @@ from typing import NamedTuple
 
 import zstandard
 
-from ..crypto.aead import Key
-from ..storage.local import LocalBackend
-from . import format as fmt
-from .chunker import ContentChunker, chunker_seed
-from .format import BlobType, Config, PackedBlob
-from .repository import Repository
-from .writer import RepositoryWriter, SealedChunk, seal_blob
+from backvault.crypto.aead import Key
+from backvault.repo import format as fmt
+from backvault.repo.chunker import ContentChunker, chunker_seed
+from backvault.repo.format import BlobType, Config, PackedBlob
+from backvault.repo.repository import Repository
+from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
+from backvault.storage.local import LocalBackend
 
 FILE = "file"
 RANGES = "ranges"

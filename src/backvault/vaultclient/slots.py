@@ -21,13 +21,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..crypto.slotlabel import PASSWORD, SlotLabel
-from ..opaque import OpaqueConfig
-from ..repo.repository import KeySlot, Repository
-from ..storage import Backend
-from . import vault_state
-from .settings import VaultSettings
-from .vault_client import LoginResult, VaultClient, VaultRefused, VaultUnavailable
+from backvault.crypto.slotlabel import PASSWORD, SlotLabel
+from backvault.device import vault_state
+from backvault.device.settings import VaultSettings
+from backvault.opaque import OpaqueConfig
+from backvault.repo.repository import KeySlot, Repository
+from backvault.storage import Backend
+from backvault.vaultclient.http import LoginResult, VaultClient, VaultRefused, VaultUnavailable
 
 WRAP_INFO = b"backvault vault-slot wrap v1"
 WRAP_VERSION = 1

@@ -25,7 +25,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..hardening import disable_core_dumps
+from backvault.crypto.aead import Key
+from backvault.hardening import disable_core_dumps
+from backvault.repo.blobs import BlobReader
+from backvault.storage import Backend
+from backvault.storage.local import LocalBackend
 
 T = TypeVar("T")
 
@@ -208,3 +212,22 @@ class WorkerPool:
                 for process in list(processes.values()):
                     process.terminate()
                     process.join()
+
+
+def reader_pool(backend: Backend, key: Key, threads: int = 4) -> WorkerPool:
+    """A pool for BlobReader work: worker processes for a repository on a local disk
+    (they open it themselves) once enough work was submitted, threads otherwise (for
+    remote storage the network, not the CPU, is the limit)."""
+    if isinstance(backend, LocalBackend):
+        root = str(backend.root)
+        return WorkerPool(
+            BlobReader(backend, key),
+            threads,
+            make_context=_reader_in_worker,
+            process_args=lambda: (key.to_json(), root),
+        )
+    return WorkerPool(BlobReader(backend, key), threads)
+
+
+def _reader_in_worker(key_doc: dict[str, Any], root: str) -> BlobReader:
+    return BlobReader(LocalBackend(root), Key.from_json(key_doc))

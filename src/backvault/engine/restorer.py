@@ -49,16 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..repo import format as fmt
-from ..repo.blobs import BlobLocation, BlobReader, reader_pool
-from ..repo.errors import DamagedObject, RepositoryError
-from ..repo.format import Node, Snapshot
-from ..repo.repository import Repository
-from ..repo.timefmt import parse_ns
-from ..repo.workers import WorkerPool
-from .budget import ByteBudget
-from .progress import NoProgress, Progress, human_bytes
-from .target_folders import (
+from backvault.engine.budget import ByteBudget
+from backvault.engine.parallel import WorkerPool, reader_pool
+from backvault.engine.progress import NoProgress, Progress, human_bytes
+from backvault.engine.target_folders import (
     FOLDER_FLAGS,
     FolderRef,
     NotPrivate,
@@ -75,6 +69,12 @@ from .target_folders import (
     share_staging,
     unshare_staging,
 )
+from backvault.repo import format as fmt
+from backvault.repo.blobs import BlobLocation, BlobReader
+from backvault.repo.errors import DamagedObject, RepositoryError
+from backvault.repo.format import Node, Snapshot
+from backvault.repo.repository import Repository
+from backvault.repo.timefmt import parse_ns
 
 # A run is read with one request; small runs of small SQLite chunks would cost a request
 # (and a task) each, large ones would hold much memory per worker.

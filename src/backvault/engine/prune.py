@@ -19,11 +19,11 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..storage import FileType, ObjectNotFound
-from .errors import DamagedObject, RepositoryError
-from .format import BlobType, IndexFile, PackedBlob
-from .repository import Repository
-from .writer import RepositoryWriter
+from backvault.repo.errors import DamagedObject, RepositoryError
+from backvault.repo.format import BlobType, IndexFile, PackedBlob
+from backvault.repo.repository import Repository
+from backvault.repo.writer import RepositoryWriter
+from backvault.storage import FileType, ObjectNotFound
 
 INDEX_PACKS_PER_FILE = 2000
 

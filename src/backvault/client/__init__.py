@@ -1,1 +1,0 @@
-"""Backup and restore orchestration, key slots, the device key cache."""

@@ -1,0 +1,1 @@
+"""The client side of the vault: its HTTP API and the password key slot it unlocks."""
