@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from backvault.hardening.private_files import wipe_file, write_private_file
+
 SERVICE = "backvault"
 
 
@@ -84,27 +86,3 @@ def delete(entry: str, fallback: Path) -> list[str]:
         wipe_file(fallback)
         removed.append(f"file {fallback}")
     return removed
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` to a 0600 file in a 0700 folder, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # a leftover could have been made with a wider mode
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def wipe_file(path: Path) -> None:
-    """Overwrite, then unlink: a best effort on filesystems that write in place."""
-    with contextlib.suppress(OSError), open(path, "r+b") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(0)
-        handle.write(b"\0" * size)
-        handle.flush()
-        os.fsync(handle.fileno())
-    path.unlink()

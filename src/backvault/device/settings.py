@@ -30,6 +30,7 @@ import tomli_w
 from backvault.device import secretstore
 from backvault.device.paths import config_dir
 from backvault.hardening import secret_variable
+from backvault.hardening.private_files import write_private_file
 
 KEYS = ("repository", "vault.url", "vault.account", "vault.token")
 ENV = {
@@ -94,12 +95,7 @@ def set_value(key: str, value: str | None) -> Path:
     else:
         node[parts[-1]] = value
     path = settings_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        tomli_w.dump(doc, handle)
-    os.replace(tmp, path)
+    write_private_file(path, tomli_w.dumps(doc))
     return path
 
 
