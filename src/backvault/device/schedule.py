@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from backvault.device.environment import VARIABLES, EnvironmentSettings
+from backvault.device.paths import user_config_home
 from backvault.hardening import scrubbed_env
 
 UNIT = "backvault-backup"
@@ -29,8 +31,18 @@ class Installed:
 
 
 def _systemd_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    return Path(base) / "systemd" / "user"
+    return user_config_home() / "systemd" / "user"
+
+
+def _device_variables() -> dict[str, str]:
+    """The variables that say where this device keeps its files and secrets, as set here:
+    the job must find the same key cache."""
+    environment = EnvironmentSettings.load()
+    return {
+        VARIABLES[name]: str(getattr(environment, name))
+        for name in ("config_dir", "cache_dir", "keyring")
+        if name in environment.sources
+    }
 
 
 def backup_command(repository: str, paths: list[str]) -> list[str]:
@@ -66,9 +78,7 @@ def install(
         raise ValueError(f"--at must be HH:MM, not {at!r}")
     command = backup_command(repository, paths)
     env_lines = [
-        f"Environment={name}={shlex.quote(value)}"
-        for name, value in os.environ.items()
-        if name in ("BACKVAULT_CONFIG_DIR", "BACKVAULT_CACHE_DIR", "BACKVAULT_KEYRING")
+        f"Environment={name}={shlex.quote(value)}" for name, value in _device_variables().items()
     ]
     if not force_cron and _systemd_dir_usable():
         directory = _systemd_dir()

@@ -9,10 +9,10 @@ in a 0700 folder), and the caller says so.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
+from backvault.device.environment import EnvironmentSettings
 from backvault.hardening.private_files import wipe_file, write_private_file
 
 SERVICE = "backvault"
@@ -20,7 +20,7 @@ SERVICE = "backvault"
 
 def keyring_backend() -> Any | None:
     """The usable keyring backend, or None (no backend, or BACKVAULT_KEYRING=file)."""
-    if os.environ.get("BACKVAULT_KEYRING", "").lower() == "file":
+    if not EnvironmentSettings.load().uses_keyring:
         return None
     try:
         import keyring
