@@ -207,3 +207,27 @@ def test_the_schedule_passes_on_where_the_device_keeps_its_files(
         "BACKVAULT_CACHE_DIR": str(tmp_path / "k"),
         "BACKVAULT_KEYRING": "file",
     }
+
+
+def test_the_lower_layers_take_the_tuning_as_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import backvault.storage as storage
+    from backvault.engine import parallel
+    from backvault.storage.base import StorageError
+
+    for module, name in [
+        (parallel, "_configured"),
+        (parallel, "_requested_processes"),
+        (storage, "_retry_attempts"),
+        (storage, "_rclone_program"),
+    ]:
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setenv("BACKVAULT_WORKER_PROCESSES", "5")  # configure() wins over it
+    parallel.configure(worker_processes=3)
+    assert parallel.worker_processes() == (3, True)
+    parallel.configure(worker_processes=None)
+    assert parallel.worker_processes()[1] is False
+    storage.configure(retry_attempts=2, rclone=str(Path("/nonexistent/rclone")))
+    backend = storage.open_backend("rest:http://127.0.0.1:9/")
+    assert getattr(backend, "attempts", None) == 2
+    with pytest.raises(StorageError, match="rclone is not installed"):
+        storage.open_backend("rclone:remote:path")
