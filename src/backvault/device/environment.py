@@ -1,5 +1,8 @@
 """The settings only the environment gives: how this process is tuned, and where this
-device keeps its files. The one place the client reads its ``BACKVAULT_*`` variables.
+device keeps its files. With ``settings`` (which adds ``BACKVAULT_REPO``,
+``BACKVAULT_VAULT_URL``, ``BACKVAULT_ACCOUNT``, ``BACKVAULT_VAULT_TOKEN``), the one place
+the client reads its setting variables. (The secrets a command is given, ``BACKVAULT_KEY``
+and ``BACKVAULT_PASSWORD``, are inputs, not settings: read where used, through hardening.)
 
 =============================  ===================  ====================================
 variable                       setting              meaning
@@ -14,8 +17,10 @@ BACKVAULT_RCLONE               rclone               the rclone program (default
                                                     ``rclone`` on PATH)
 BACKVAULT_KEYRING              keyring              ``file``: keep secrets in 0600 files
                                                     even where an OS keyring exists
-BACKVAULT_CONFIG_DIR           config_dir           instead of ~/.config/backvault
-BACKVAULT_CACHE_DIR            cache_dir            instead of ~/.cache/backvault
+BACKVAULT_CONFIG_DIR           config_dir           instead of $XDG_CONFIG_HOME/backvault
+                                                    (~/.config/backvault)
+BACKVAULT_CACHE_DIR            cache_dir            instead of $XDG_CACHE_HOME/backvault
+                                                    (~/.cache/backvault)
 =============================  ===================  ====================================
 
 None of them can be set in the settings file: ``BACKVAULT_CONFIG_DIR`` says where that

@@ -1,9 +1,11 @@
 """Small secrets this device keeps for backvault (the device key cache, the vault token).
 
 They go to the OS keyring (Secret Service, macOS Keychain, Windows Credential Locker)
-through ``keyring``. Where no keyring backend exists (a headless server, a container) or
-``BACKVAULT_KEYRING=file`` asks for it, they go to a file readable only by the user (0600,
-in a 0700 folder), and the caller says so.
+through ``keyring``. Where no keyring backend exists (a headless server, a container), where
+it is locked or broken, or where ``BACKVAULT_KEYRING=file`` asks for it, they go to a file
+readable only by the user (hardening.private_files: 0600, in a 0700 folder), and the caller
+tells the user which. Each secret has one entry name in the keyring and one fallback file,
+both chosen by the caller; a secret stored in one place is wiped from the other.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def keyring_backend() -> Any | None:
     return backend
 
 
-def keyring_description(backend: Any) -> str:
+def _keyring_description(backend: Any) -> str:
     return f"the OS keyring ({type(backend).__name__})"
 
 
@@ -48,7 +50,7 @@ def store(entry: str, value: str, fallback: Path) -> str:
             backend.set_password(SERVICE, entry, value)
             with contextlib.suppress(FileNotFoundError):
                 wipe_file(fallback)
-            return keyring_description(backend)
+            return _keyring_description(backend)
         except Exception:  # noqa: S110 - a locked or broken keyring: use the file
             pass
     write_private_file(fallback, value)
@@ -64,15 +66,16 @@ def load(entry: str, fallback: Path) -> tuple[str, str] | None:
         except Exception:
             text = None
         if text:
-            return text, keyring_description(backend)
+            return text, _keyring_description(backend)
     try:
         return fallback.read_text(), str(fallback)
     except OSError:
         return None
 
 
-def delete(entry: str, fallback: Path) -> list[str]:
-    """Remove ``entry`` everywhere it may be; returns what was removed."""
+def delete(entry: str, fallback: Path, file_label: str = "file") -> list[str]:
+    """Remove ``entry`` everywhere it may be; returns what was removed, for the user
+    ("OS keyring entry", "<file_label> <path>")."""
     removed = []
     backend = keyring_backend()
     if backend is not None:
@@ -84,5 +87,5 @@ def delete(entry: str, fallback: Path) -> list[str]:
             pass
     if fallback.exists():
         wipe_file(fallback)
-        removed.append(f"file {fallback}")
+        removed.append(f"{file_label} {fallback}")
     return removed

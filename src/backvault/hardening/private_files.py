@@ -4,7 +4,8 @@ Every small private file backvault keeps (the client's settings, the device key 
 fallback file, the vault token's fallback file, the vault-state file, the SQLite state
 cache, the vault's sealing-key files) is written here, one way:
 
-- in a folder only the user may enter (0700, tightened if it was wider);
+- in a folder only the user may enter (0700, tightened if it was wider), unless the folder
+  belongs to another program's layout (systemd's unit folder);
 - under a fresh temporary name created with ``O_EXCL | O_NOFOLLOW`` and mode 0600, so a
   leftover or a symlink planted there is never followed or written through, and two writers
   never share a temporary file;
@@ -39,12 +40,19 @@ def make_private_dir(path: Path) -> str | None:
     return None
 
 
-def write_private_file(path: Path, data: bytes | str, *, exclusive: bool = False) -> None:
+def write_private_file(
+    path: Path, data: bytes | str, *, exclusive: bool = False, private_folder: bool = True
+) -> None:
     """Write ``data`` (text is UTF-8) to ``path`` as a 0600 file in a 0700 folder,
     atomically and durably. With ``exclusive``, raise FileExistsError rather than replace
-    a file already there (a new key must never overwrite another)."""
+    a file already there (a new key must never overwrite another). With ``private_folder``
+    False, a folder that is not ours to tighten (systemd's unit folder) is created if
+    missing but its mode left alone."""
     content = data.encode() if isinstance(data, str) else data
-    make_private_dir(path.parent)
+    if private_folder:
+        make_private_dir(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temporary, flags, PRIVATE_FILE_MODE)
