@@ -17,9 +17,17 @@ from pathlib import Path
 
 from platformdirs.unix import Unix
 
-from backvault.device.environment import EnvironmentSettings
-
 APP_NAME = "backvault"
+
+
+def _configured(name: str) -> Path | None:
+    """BACKVAULT_CONFIG_DIR or BACKVAULT_CACHE_DIR, through the settings. Imported here, not
+    at the top: pydantic costs a process some 15 MB and a tenth of a second, and worker
+    processes import this module (through the engine) without ever calling it."""
+    from backvault.device.environment import EnvironmentSettings
+
+    folder: Path | None = getattr(EnvironmentSettings.load(), name)
+    return folder
 
 
 def user_config_home() -> Path:
@@ -28,11 +36,11 @@ def user_config_home() -> Path:
 
 
 def config_dir() -> Path:
-    return EnvironmentSettings.load().config_dir or Path(Unix(APP_NAME).user_config_dir)
+    return _configured("config_dir") or Path(Unix(APP_NAME).user_config_dir)
 
 
 def cache_dir() -> Path:
-    return EnvironmentSettings.load().cache_dir or Path(Unix(APP_NAME).user_cache_dir)
+    return _configured("cache_dir") or Path(Unix(APP_NAME).user_cache_dir)
 
 
 def private_temp_dir() -> Path:
