@@ -434,9 +434,9 @@ def pass_context(command: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-r", "--repo", envvar="BACKVAULT_REPO", help="Repository location (or BACKVAULT_REPO)."
-)
+# No envvar= here: Settings reads BACKVAULT_REPO itself, so `backvault config` can say where
+# a value came from (an envvar on the option would pass it off as a flag).
+@click.option("-r", "--repo", help="Repository location (or BACKVAULT_REPO).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("--vault", "vault_url", help="Vault URL (or BACKVAULT_VAULT_URL, or config).")
