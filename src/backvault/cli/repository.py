@@ -14,9 +14,11 @@ forget                 exclusive (shared with      removes snapshot files (then 
                        --dry-run)                  --prune, under the same lock)
 prune                  exclusive                   deletes and repacks packs
 repair index           exclusive                   rewrites the index
-snapshots, ls,         none                        read only; a snapshot a prune removes meanwhile
-restore                                            fails cleanly (its packs are named)
+snapshots, ls,         none                        read only (as today: a prune running meanwhile
+restore                                            can make them report missing data)
 key …, password …      none                        a key file is written or removed on its own
+                                                   (``opened(ctx, Lock.NONE)`` where the vault
+                                                   settings are checked before the key is asked)
 forget-device, init    none                        (no repository yet, or only this device's key)
 unlock                 none                        removes locks
 =====================  ==========================  ===============================================

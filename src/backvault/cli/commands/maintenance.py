@@ -10,9 +10,9 @@ import click
 from backvault.app.checking import subset_filter
 from backvault.app.retention import forget as apply_retention
 from backvault.app.retention import groups_of
-from backvault.cli.context import Context, pass_context
+from backvault.cli.context import Context
 from backvault.cli.failures import EXIT_INCOMPLETE, EXIT_USAGE, fail
-from backvault.cli.repository import Lock, open_repo, with_repository
+from backvault.cli.repository import Lock, with_repository
 from backvault.cli.ui import human_bytes, progress_bar, when
 from backvault.engine import prune as pruning
 from backvault.engine.check import Checker
@@ -178,10 +178,9 @@ def repair_index(ctx: Context, repo: Repository) -> None:
 
 @click.command()
 @click.option("--remove-all", is_flag=True, help="Remove every lock, not only stale ones.")
-@pass_context
-def unlock(ctx: Context, remove_all: bool) -> None:
+@with_repository(lock=Lock.NONE)
+def unlock(ctx: Context, repo: Repository, remove_all: bool) -> None:
     """Remove stale locks (older than 30 minutes, or whose process is gone)."""
-    repo = open_repo(ctx)
     removed = remove_stale_locks(repo, all_locks=remove_all)
     ctx.emit_json({"removed": removed})
     ctx.out(f"removed {removed} locks")

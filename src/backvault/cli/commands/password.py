@@ -17,7 +17,7 @@ from backvault.cli.failures import (
     fail,
 )
 from backvault.cli.prompts import read_new_password, read_password
-from backvault.cli.repository import open_repo, report_legacy_upgrade
+from backvault.cli.repository import Lock, opened, report_legacy_upgrade
 from backvault.repo.repository import KeySlot
 
 
@@ -42,10 +42,10 @@ def warn_unverified_slots(ctx: Context, unverified: list[KeySlot]) -> None:
 
 def enable_password(ctx: Context, max_attempts: int | None) -> None:
     """``key add --password``: a password slot; the account's earlier ones go."""
-    vault = ctx.require_vault()
-    repo = open_repo(ctx)
-    password = read_new_password(ctx)
-    done = passwords.set_password(repo, vault, password, max_attempts)
+    vault = ctx.require_vault()  # before the key is asked for
+    with opened(ctx, Lock.NONE) as repo:
+        password = read_new_password(ctx)
+        done = passwords.set_password(repo, vault, password, max_attempts)
     warn_unverified_slots(ctx, done.unverified)
     warn_renamed(ctx, done.renamed)
     ctx.emit_json(
@@ -76,11 +76,11 @@ def password_change(ctx: Context, max_attempts: int | None) -> None:
 
     Opens the repository first with this device's key, BACKVAULT_KEY, or the current
     password."""
-    vault = ctx.require_vault()
-    repo = open_repo(ctx)
-    passwords.require_password_slot(repo, vault)
-    new = read_new_password(ctx, "BACKVAULT_NEW_PASSWORD")
-    done = passwords.set_password(repo, vault, new, max_attempts)  # replaces the vault record
+    vault = ctx.require_vault()  # before the key is asked for
+    with opened(ctx, Lock.NONE) as repo:
+        passwords.require_password_slot(repo, vault)
+        new = read_new_password(ctx, "BACKVAULT_NEW_PASSWORD")
+        done = passwords.set_password(repo, vault, new, max_attempts)  # replaces the record
     warn_unverified_slots(ctx, done.unverified)
     warn_renamed(ctx, done.renamed)
     ctx.emit_json(
@@ -171,9 +171,9 @@ def password_check(ctx: Context) -> None:
 @pass_context
 def password_disable(ctx: Context) -> None:
     """Remove the password slot and erase the vault record (keeps the 64-digit key)."""
-    vault = ctx.require_vault()
-    repo = open_repo(ctx)
-    done = passwords.disable_password(repo, vault)
+    vault = ctx.require_vault()  # before the key is asked for
+    with opened(ctx, Lock.NONE) as repo:
+        done = passwords.disable_password(repo, vault)
     warn_unverified_slots(ctx, done.unverified)
     ctx.emit_json({"removed": done.removed})
     ctx.out("The password is turned off: the vault record is erased and the slot removed.")
