@@ -85,3 +85,24 @@ def test_nothing_in_src_uses_the_deterministic_opaque_path() -> None:
         if path.name == "testing.py" and path.parent.name == "opaque":
             continue
         assert "backvault.opaque.testing" not in imports_of(path), path
+
+
+PRESENTATION = {"click", "rich"}
+
+
+def test_only_the_command_line_uses_click_and_rich() -> None:
+    """Workflows (app/) and everything below them return data and raise errors; only cli/
+    turns them into text, tables, prompts and exit codes."""
+    for path in SRC.rglob("*.py"):
+        if path.relative_to(SRC).parts[0] == "cli":
+            continue
+        used = {name.split(".")[0] for name in imports_of(path)} & PRESENTATION
+        assert not used, f"{path.relative_to(SRC)} imports {', '.join(sorted(used))}"
+
+
+def test_app_imports_neither_click_nor_rich() -> None:
+    paths = list((SRC / "app").rglob("*.py"))
+    assert paths
+    for path in paths:
+        used = {name.split(".")[0] for name in imports_of(path)} & PRESENTATION
+        assert not used, f"{path.relative_to(SRC)} imports {', '.join(sorted(used))}"
