@@ -35,13 +35,11 @@ from backvault.opaque import (
 from backvault.opaque import protocol as opaque_protocol
 from backvault.opaque import server as opaque_server
 from backvault.vault import schema
+from backvault.vault.accounts import hash_token
+from backvault.vault.outcomes import WrongPassword
+from backvault.vault.records import legacy_credential_identifier
 from backvault.vault.sealing import FileSealer
-from backvault.vault.service import (
-    VaultService,
-    WrongPassword,
-    hash_token,
-    legacy_credential_identifier,
-)
+from backvault.vault.service import VaultService
 from backvault.vault.store import make_engine
 from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.conftest import Cli
@@ -481,7 +479,8 @@ def test_the_database_holds_no_login_id(node: VaultNode, tmp_path: Path) -> None
 
 
 def test_account_names_end_where_they_seem_to() -> None:
-    from backvault.vault.service import BadRequest, check_account_name
+    from backvault.vault.accounts import check_account_name
+    from backvault.vault.outcomes import BadRequest
 
     for name in ("alice\n", "alice\nbob", "\nalice", "alice "):
         with pytest.raises(BadRequest):

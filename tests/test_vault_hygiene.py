@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from backvault.opaque import IdentityKSF, OpaqueConfig
-from backvault.vault.app import truncated_address
+from backvault.vault.api.middleware import truncated_address
 from backvault.vault.sealing import FileSealer
 from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import (

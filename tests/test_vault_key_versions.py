@@ -1045,16 +1045,17 @@ def test_reservations_never_finished_are_reported_and_hold_up_nothing(tmp_path: 
 
 def test_the_services_key_holders_have_redacted_reprs() -> None:
     from backvault.opaque import client, server
-    from backvault.vault.service import _Keys, _OpenRecord
+    from backvault.vault.opaque_keys import OpaqueKeys
+    from backvault.vault.records import OpenRecord
 
     seed, fake_seed = server.generate_oprf_seed(), os.urandom(32)
     pair = server.generate_server_key_pair()
-    keys = _Keys(seed, pair, fake_seed)
+    keys = OpaqueKeys(seed, pair, fake_seed)
     request, state = client.create_registration_request(b"pw")
     response = server.create_registration_response(request, pair.public_key, b"credential", seed)
     record, _ = client.finalize_registration_request(state, response, CONFIG)
     wrapped, credential = os.urandom(61), os.urandom(32)
-    opened = _OpenRecord(credential, record, wrapped)
+    opened = OpenRecord(credential, record, wrapped)
     for obj, held in (
         (keys, [seed, fake_seed, pair.private_key]),
         (opened, [credential, wrapped, record.masking_key, record.envelope.to_bytes()]),
