@@ -68,7 +68,7 @@ def node(tmp_path: Path) -> Iterator[VaultNode]:
         f"sqlite:///{tmp_path / 'vault.db'}",
         "--sealing-key-file",
         str(tmp_path / "keys" / "sealing.key"),
-        env={"BACKVAULT_VAULT_GUESS_CAP": "14"},
+        env={"BACKVAULT_SERVER_GUESS_CAP": "14"},
     ).start()
     yield vault
     assert vault.stop() == 0
@@ -332,7 +332,7 @@ def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
         f"sqlite:///{db}",
         "--sealing-key-file",
         str(key_file),
-        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "1000"},
+        env={"BACKVAULT_SERVER_MAX_PENDING_REGISTRATIONS": "1000"},
     ).start()
     try:
         with VaultClient(node.url, token, CONFIG) as vc:

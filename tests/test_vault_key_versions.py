@@ -39,7 +39,7 @@ from tests.test_vault_rotation import admin, current_version, sealed_versions, w
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())
 SECRET = b"S" * 48
-FAST_SWEEP = {"BACKVAULT_VAULT_SWEEP_EVERY": "0.2"}
+FAST_SWEEP = {"BACKVAULT_SERVER_SWEEP_EVERY": "0.2"}
 KNOWN_KEY = b"K" * 32  # the value an attacker chose
 HUGE = 2**32 - 1  # the highest version a sealed value's header can name
 
@@ -341,7 +341,7 @@ def test_an_imported_key_is_refused_as_the_current_key_unless_the_operator_opts_
         )
         assert "rotate-sealing-key" in last and "pkcs11_accept_cloned_keys = true" in last
 
-        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
         node.start()
         try:
             register_and_login(node, node.add_account("fay"), b"pw-fay")
@@ -435,7 +435,7 @@ def test_a_derived_key_is_refused_as_the_current_key_unless_the_operator_opts_in
         assert "pkcs11_accept_cloned_keys = true" in last
 
         # The operator opts in: the key works, and the attack shows why it should not.
-        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
         node.start()
         try:
             register_and_login(node, node.add_account("kim"), b"pw-kim")
@@ -449,7 +449,7 @@ def test_a_derived_key_is_refused_as_the_current_key_unless_the_operator_opts_in
         # now an older version, is warned about but no longer stops the vault.
         rotated = admin(node, "rotate-sealing-key")
         assert rotated.returncode == 0, rotated.stderr
-        del node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"]
+        del node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"]
         node.start()
         try:
             assert current_version(node) == 2
