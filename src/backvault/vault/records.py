@@ -221,6 +221,19 @@ class RecordStore:
             ).scalar_one()
         )
 
+    def _counted_since(self, conn: Connection, account: str, generation: int) -> float | None:
+        """When the oldest attempt on the record that still counts (not a success, not
+        forgiven) started; None if none does."""
+        started: float | None = conn.execute(
+            sa.select(sa.func.min(attempts.c.started_at)).where(
+                attempts.c.account == account,
+                attempts.c.generation == generation,
+                attempts.c.forgiven.is_(False),
+                attempts.c.outcome != SUCCEEDED,
+            )
+        ).scalar_one()
+        return started
+
     def _attempts_left(self, row: Any, used: int, in_window: int) -> int:
         return max(0, min(int(row.max_attempts) - used, self.guess_cap - in_window))
 

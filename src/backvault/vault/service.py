@@ -551,14 +551,7 @@ class VaultService(AccountBook, RecordStatus, RecordDeletion, JwtRecordMigration
             .where(records.c.account == account)
             .values(attempts_used=used, updated_at=now, last_success_at=now)
         )
-        counted_since = conn.execute(
-            sa.select(sa.func.min(attempts.c.started_at)).where(
-                attempts.c.account == account,
-                attempts.c.generation == row.generation,
-                attempts.c.forgiven.is_(False),
-                attempts.c.outcome != SUCCEEDED,
-            )
-        ).scalar_one()
+        counted_since = self._counted_since(conn, account, row.generation)
         in_window = self._guesses_in_window(conn, account, now)
         left = self._attempts_left(row, used, in_window)
         self._audit(

@@ -10,8 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from backvault.vault.outcomes import Status
-from backvault.vault.records import LEGACY_FORMAT, SUCCEEDED, RecordStore
-from backvault.vault.schema import attempts, audit, records
+from backvault.vault.records import LEGACY_FORMAT, RecordStore
+from backvault.vault.schema import audit, records
 
 
 class RecordStatus(RecordStore):
@@ -36,14 +36,7 @@ class RecordStatus(RecordStore):
                 )
             pending = self._live_logins(conn, account, row.generation, now)
             in_window = self._guesses_in_window(conn, account, now)
-            counted_since = conn.execute(
-                sa.select(sa.func.min(attempts.c.started_at)).where(
-                    attempts.c.account == account,
-                    attempts.c.generation == row.generation,
-                    attempts.c.forgiven.is_(False),
-                    attempts.c.outcome != SUCCEEDED,
-                )
-            ).scalar_one()
+            counted_since = self._counted_since(conn, account, row.generation)
             return Status(
                 True,
                 row.attempts_used,
