@@ -154,11 +154,11 @@ def test_old_backvault_vault_variables_still_work_with_a_warning(
     monkeypatch.setenv("BACKVAULT_SERVER_GUESS_CAP", "40")  # the new name wins
     settings = load_settings(None)
     assert (settings.max_attempts, settings.guess_cap) == (6, 40)
-    assert capsys.readouterr().err.splitlines() == [
-        "backvault: BACKVAULT_VAULT_GUESS_CAP is deprecated and ignored: "
-        "BACKVAULT_SERVER_GUESS_CAP is set",
+    assert capsys.readouterr().err.splitlines() == [  # in the settings' order
         "backvault: BACKVAULT_VAULT_MAX_ATTEMPTS is deprecated for the vault server; set "
         "BACKVAULT_SERVER_MAX_ATTEMPTS instead",
+        "backvault: BACKVAULT_VAULT_GUESS_CAP is deprecated and ignored: "
+        "BACKVAULT_SERVER_GUESS_CAP is set",
     ]
 
 

@@ -255,7 +255,8 @@ def _host_port(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-_SETTING_NAMES = frozenset(VaultSettings.model_fields) - {"config_file"}
+# In declaration order: the environment is read (and warned about) in a stable order.
+_SETTING_NAMES = tuple(name for name in VaultSettings.model_fields if name != "config_file")
 
 
 def _describe(error: ValidationError) -> str:
