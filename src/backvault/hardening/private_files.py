@@ -71,16 +71,24 @@ def write_private_file(
     fsync_dir(path.parent)
 
 
-def wipe_file(path: Path) -> None:
-    """Overwrite with zeros, then unlink: a best effort on filesystems that write in place
-    (copy-on-write filesystems, SSD wear levelling and backups may still keep copies)."""
-    with contextlib.suppress(OSError), open(path, "r+b") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(0)
-        handle.write(b"\0" * size)
-        handle.flush()
-        os.fsync(handle.fileno())
+def wipe_file(path: Path, *, best_effort: bool = True) -> None:
+    """Overwrite with zeros, sync, then unlink (and sync the folder), so that the file's
+    blocks do not simply become free space: a best effort on filesystems that write in
+    place (copy-on-write filesystems, SSD wear levelling and backups may still keep
+    copies). With ``best_effort`` False (a sealing key being destroyed), a file that cannot
+    be overwritten is an error, not a plain unlink."""
+    try:
+        with open(path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(0)
+            handle.write(b"\0" * size)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        if not best_effort:
+            raise
     path.unlink()
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

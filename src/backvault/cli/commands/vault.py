@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def vault_options(command: F) -> F:
     """Options shared by the vault's commands; each overrides the config file and the
-    BACKVAULT_VAULT_* environment."""
+    BACKVAULT_SERVER_* environment."""
     options = [
         click.option(
             "--config",
@@ -335,7 +335,7 @@ def vault_sealing_keys(config_file: str | None, **overrides: Any) -> None:
 @vault.command("openapi")
 def vault_openapi() -> None:
     """Print the vault's OpenAPI document."""
-    from backvault.vault.app import openapi_document
+    from backvault.vault.api import openapi_document
 
     click.echo(json.dumps(openapi_document(), indent=2))
 

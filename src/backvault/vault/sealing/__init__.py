@@ -28,7 +28,7 @@ Nonce bound: with random 96-bit nonces one key may seal at most 2^32 values (NIS
 800-38D, 8.3). Seals are counted per key version (housekeeping.py); rotate well before.
 """
 
-from backvault.vault.files import make_private_dir
+from backvault.hardening.private_files import make_private_dir
 from backvault.vault.sealing.check_values import (
     CHECK_VALUE_ASSOCIATED_DATA,
     CHECK_VALUE_BLOCK,

@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from backvault.vault.files import make_private_dir, overwrite_and_remove, write_new_private_file
+from backvault.hardening.private_files import make_private_dir, wipe_file, write_private_file
 from backvault.vault.sealing.formats import KEY_SIZE, SealingError, is_number
 from backvault.vault.sealing.versioned import VersionedSealer
 from backvault.vault.sealing.versions import VersionRecords
@@ -79,7 +79,7 @@ class FileSealer(VersionedSealer):
     def _write_new_key(self, path: Path) -> None:
         # Atomic and never replacing: two rotations cannot overwrite each other's key.
         try:
-            write_new_private_file(path, secrets.token_bytes(KEY_SIZE))
+            write_private_file(path, secrets.token_bytes(KEY_SIZE), exclusive=True)
         except FileExistsError:
             raise SealingError(f"{path} already exists (another rotation is running?)") from None
 
@@ -99,4 +99,4 @@ class FileSealer(VersionedSealer):
         return self._usable(version, path)
 
     def _destroy_key(self, version: int, key: Any) -> None:
-        overwrite_and_remove(key.path, KEY_SIZE)
+        wipe_file(key.path, best_effort=False)
