@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -20,7 +21,7 @@ from backvault.engine import archiver as backup_module
 from backvault.engine.archiver import Backup
 from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
-from backvault.storage import LocalBackend
+from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest
 from tests.test_restic_interop import restic
 
@@ -194,4 +195,41 @@ def test_an_unchanged_folder_keeps_its_tree_and_a_change_is_seen(tmp_path: Path)
     assert voice[0] != voice[1]
     restored = tmp_path / "out"
     Restorer(repo, restored).run(repo.find_snapshot(third.snapshot_id)[1])
+    assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
+
+
+class RecordingBackend(BackendWrapper):
+    """Records every save, with the id of the process that made it, in a log file (a
+    wrapper such as ``open_backend`` adds: worker processes must keep it)."""
+
+    def __init__(self, inner: Backend, log: str) -> None:
+        super().__init__(inner)
+        self.log = log
+
+    def wrapper_options(self) -> dict[str, Any]:
+        return {"log": self.log}
+
+    def save(self, kind: FileType, name: str, data: bytes) -> None:
+        with open(self.log, "a") as handle:
+            handle.write(f"{os.getpid()} {kind.value}/{name}\n")
+        super().save(kind, name, data)
+
+
+def test_worker_processes_reopen_the_wrapped_backend_stack(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(8):
+        (source / f"f{i}.bin").write_bytes(os.urandom(600_000))
+    log = tmp_path / "saves.log"
+    backend = RecordingBackend(LocalBackend(tmp_path / "repo"), str(log))
+    repo = Repository.init(backend, b"k" * 32)
+    with mock.patch.dict(os.environ, PROCESSES):
+        result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+    saves = [line.split() for line in log.read_text().splitlines()]
+    by_workers = [name for pid, name in saves if int(pid) != os.getpid()]
+    assert by_workers, "no worker process saved through the wrapper"
+    assert all(name.startswith("data/") for name in by_workers)
+    assert result.packs_written >= len(by_workers)
+    restored = tmp_path / "out"
+    Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
     assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)

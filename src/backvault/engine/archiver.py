@@ -60,7 +60,6 @@ from backvault.source.sqlite import (
     is_sqlite_database,
     page_size_of,
 )
-from backvault.storage.local import LocalBackend
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 # Files up to this size are cut and sealed whole by one worker; larger ones are cut first,
@@ -501,9 +500,8 @@ class Backup:
         ``writer`` holds the writer once there is one: processes started before learn what
         the repository holds through ``learn_known``."""
         key, backend, config = self.repo.key, self.repo.backend, self.repo.config
-        if not isinstance(backend, LocalBackend):
+        if not backend.capabilities.direct_file_io:
             return WorkerPool(None, self.workers)
-        root = str(backend.root)
         return WorkerPool(
             None,
             self.workers,
@@ -511,7 +509,7 @@ class Backup:
             process_args=lambda: (
                 key.to_json(),
                 config,
-                root,
+                backend.spec(),
                 writer[0].known_ids() if writer else b"",
             ),
         )

@@ -28,8 +28,7 @@ from typing import Any, TypeVar
 from backvault.crypto.aead import Key
 from backvault.hardening import disable_core_dumps
 from backvault.repo.blobs import BlobReader
-from backvault.storage import Backend
-from backvault.storage.local import LocalBackend
+from backvault.storage import Backend, BackendSpec, open_backend_from_spec
 
 T = TypeVar("T")
 
@@ -215,19 +214,18 @@ class WorkerPool:
 
 
 def reader_pool(backend: Backend, key: Key, threads: int = 4) -> WorkerPool:
-    """A pool for BlobReader work: worker processes for a repository on a local disk
-    (they open it themselves) once enough work was submitted, threads otherwise (for
-    remote storage the network, not the CPU, is the limit)."""
-    if isinstance(backend, LocalBackend):
-        root = str(backend.root)
+    """A pool for BlobReader work: worker processes for a backend with direct file I/O
+    (they reopen the same backend stack from its spec) once enough work was submitted,
+    threads otherwise (for remote storage the network, not the CPU, is the limit)."""
+    if backend.capabilities.direct_file_io:
         return WorkerPool(
             BlobReader(backend, key),
             threads,
             make_context=_reader_in_worker,
-            process_args=lambda: (key.to_json(), root),
+            process_args=lambda: (key.to_json(), backend.spec()),
         )
     return WorkerPool(BlobReader(backend, key), threads)
 
 
-def _reader_in_worker(key_doc: dict[str, Any], root: str) -> BlobReader:
-    return BlobReader(LocalBackend(root), Key.from_json(key_doc))
+def _reader_in_worker(key_doc: dict[str, Any], spec: BackendSpec) -> BlobReader:
+    return BlobReader(open_backend_from_spec(spec), Key.from_json(key_doc))

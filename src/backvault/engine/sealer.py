@@ -29,7 +29,7 @@ from backvault.repo.chunker import ContentChunker, chunker_seed
 from backvault.repo.format import BlobType, Config, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
-from backvault.storage.local import LocalBackend
+from backvault.storage import BackendSpec, open_backend_from_spec
 
 FILE = "file"
 RANGES = "ranges"
@@ -177,15 +177,16 @@ def learn_known(sealer: ChunkSealer, known_ids: bytes) -> None:
 
 
 def sealer_in_worker(
-    key_doc: dict[str, object], config: Config, root: str, known_ids: bytes
+    key_doc: dict[str, object], config: Config, backend_spec: BackendSpec, known_ids: bytes
 ) -> ChunkSealer:
-    """A worker process's sealer, writing packs into the local repository at ``root``."""
+    """A worker process's sealer, writing packs through the parent's backend stack,
+    reopened from its spec."""
     key = Key.from_json(key_doc)
     known: set[bytes] = set()
     sealer = ChunkSealer(key, known.__contains__)
     sealer.known = known
     learn_known(sealer, known_ids)
-    repo = Repository(LocalBackend(root), key, config, None)
+    repo = Repository(open_backend_from_spec(backend_spec), key, config, None)
     repo.assume_empty_index()
     sealer.writer = RepositoryWriter(repo, fresh_dedupe=True)
     return sealer

@@ -18,7 +18,6 @@ from backvault.repo import format as fmt
 from backvault.repo.errors import DamagedObject
 from backvault.repo.format import PackedBlob
 from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
-from backvault.storage.local import LocalBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +161,7 @@ class BlobReader:
         """``length`` bytes of a pack from ``offset``. With ``reuse`` (and a local disk)
         they are read into this thread's reusable buffer: valid until its next use."""
         try:
-            if reuse and isinstance(self.backend, LocalBackend):
+            if reuse and self.backend.capabilities.direct_file_io:
                 view = memoryview(self._buffer("read", length))[:length]
                 got = self.backend.load_into(FileType.DATA, pack, offset, view)
             else:

@@ -23,7 +23,6 @@ from backvault.repo import format as fmt
 from backvault.repo.format import BlobType, IndexFile, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.storage import FileType
-from backvault.storage.local import LocalBackend
 
 # Every worker process holds a pack open: 8 MiB keeps memory low (restic 0.14 writes 4 MiB).
 PACK_TARGET_SIZE = 8 * 1024 * 1024
@@ -180,8 +179,8 @@ class RepositoryWriter:
         pack.data += len(header).to_bytes(4, "little")
         pack_id = fmt.sha256(pack.data)
         backend = self.repo.backend
-        if isinstance(backend, LocalBackend):  # takes the buffer as it is: no copy
-            backend.save(FileType.DATA, pack_id.hex(), pack.data)
+        if backend.capabilities.direct_file_io:  # takes the buffer as it is: no copy
+            backend.save(FileType.DATA, pack_id.hex(), pack.data)  # type: ignore[arg-type]
         else:  # storage clients want bytes
             backend.save(FileType.DATA, pack_id.hex(), bytes(pack.data))
         self._record_pack(pack_id, pack.blobs)

@@ -11,6 +11,9 @@ from urllib.parse import urlsplit
 
 from backvault.storage.base import (
     Backend,
+    BackendSpec,
+    BackendWrapper,
+    Capabilities,
     FileType,
     ObjectNotFound,
     StorageAccessDenied,
@@ -40,6 +43,12 @@ def open_backend(location: str) -> Backend:
 
         return KillAfterWrites(backend, int(kill_after))
     return backend
+
+
+def open_backend_from_spec(spec: BackendSpec) -> Backend:
+    """The same backend stack ``open_backend`` built (wrappers included), opened again from
+    its ``Backend.spec()``: what a worker process uses."""
+    return spec.open()
 
 
 def _open_backend(location: str) -> Backend:
@@ -80,6 +89,9 @@ def _open_backend(location: str) -> Backend:
 
 __all__ = [
     "Backend",
+    "BackendSpec",
+    "BackendWrapper",
+    "Capabilities",
     "FileType",
     "LocalBackend",
     "ObjectNotFound",
@@ -88,4 +100,5 @@ __all__ = [
     "StorageRefused",
     "TransientStorageError",
     "open_backend",
+    "open_backend_from_spec",
 ]

@@ -18,7 +18,7 @@ import httpcore
 import httpx
 
 from backvault.hardening import scrubbed_env
-from backvault.storage.base import StorageError
+from backvault.storage.base import BackendSpec, StorageError
 from backvault.storage.rest import RestBackend
 
 
@@ -106,6 +106,7 @@ class RcloneBackend(RestBackend):
     def __init__(
         self, remote: str, extra_args: list[str] | None = None, timeout: float = 300.0
     ) -> None:
+        self._options = {"remote": remote, "extra_args": extra_args, "timeout": timeout}
         binary = shutil.which(os.environ.get("BACKVAULT_RCLONE", "rclone"))
         if binary is None:
             raise StorageError(
@@ -132,6 +133,9 @@ class RcloneBackend(RestBackend):
         )
         client = httpx.Client(transport=_Http2OverPipe(self._proc), timeout=timeout)
         super().__init__("http://localhost/", client, location=f"rclone:{remote}")
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(RcloneBackend, tuple(self._options.items()))
 
     def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
         if self._proc.poll() is not None:
