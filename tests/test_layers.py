@@ -15,7 +15,7 @@ ALLOWED = {
     "storage": set(),
     "source": set(),
     "repo": {"crypto", "storage"},
-    "engine": {"repo", "crypto", "storage", "source", "device"},
+    "engine": {"repo", "crypto", "storage", "source"},
     "device": {"crypto"},
     "vaultclient": {"opaque", "crypto", "repo", "storage", "device"},
     "vault": {"opaque", "crypto"},

@@ -17,8 +17,8 @@ from unittest import mock
 
 import pytest
 
-from backvault.engine import archiver as backup_module
 from backvault.engine.archiver import Backup
+from backvault.engine.archiver import archiver as backup_module
 from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend

@@ -42,15 +42,14 @@ import secrets
 import shlex
 import stat as stat_module
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backvault.engine.budget import ByteBudget
-from backvault.engine.parallel import WorkerPool, reader_pool
+from backvault.engine.parallel import Batcher, WorkerPool, reader_pool
 from backvault.engine.progress import NoProgress, Progress, human_bytes
 from backvault.engine.target_folders import (
     FOLDER_FLAGS,
@@ -69,6 +68,7 @@ from backvault.engine.target_folders import (
     share_staging,
     unshare_staging,
 )
+from backvault.engine.walk import TooManyEntries, walk
 from backvault.repo import format as fmt
 from backvault.repo.blobs import BlobLocation, BlobReader
 from backvault.repo.errors import DamagedObject, RepositoryError
@@ -107,10 +107,6 @@ class TargetNotEmpty(RepositoryError):
 
 
 class DiskFull(RepositoryError):
-    pass
-
-
-class TooManyEntries(RepositoryError):
     pass
 
 
@@ -264,9 +260,8 @@ class _FileJob:
 
 @dataclass
 class _Walk:
-    """A folder of the snapshot being walked: what is left of its entries."""
+    """A folder of the snapshot being walked: where it goes, and what of it is restored."""
 
-    nodes: Iterator[Node]
     folder: _FolderJob
     selected: bool
     restored_any: bool = False
@@ -338,9 +333,7 @@ class Restorer:
         # The top folder within the target of each file system met there (the target's
         # own, and a mount point's): where its staging folder is made.
         self._device_tops: dict[int, _FolderJob] = {}
-        self._budget = ByteBudget(_IN_FLIGHT_BYTES)
-        self._batch: list[tuple[_FileJob, list[BlobLocation], int]] = []
-        self._batch_bytes = 0
+        self._batcher: Batcher[_RunPayload, _FileJob, list[int | RepositoryError]] | None = None
         self._lock = threading.Lock()  # guards result, pending counts and _fatal
         self._fatal: BaseException | None = None
         self._hardlinks: dict[tuple[int, int], _FileJob] = {}
@@ -363,10 +356,18 @@ class Restorer:
             try:
                 self._first_staging()
                 self._pool = reader_pool(self.repo.backend, self.repo.key, self._threads)
+                self._batcher = Batcher(
+                    self._pool,
+                    restore_runs,
+                    self._batch_done,
+                    budget_bytes=_IN_FLIGHT_BYTES,
+                    batch_bytes=_BATCH_BYTES,
+                    batch_items=_BATCH_RUNS,
+                )
                 self.progress.start(total, "restore")
                 self._restore_tree(snapshot.tree)
-                self._submit_batch()
-                self._budget.wait_idle()
+                self._batcher.submit()
+                self._batcher.wait_idle()
                 self._raise_fatal()
                 self._make_deferred_links()
                 completed = True
@@ -598,86 +599,77 @@ class Restorer:
     def _selected_size(self, tree_id: bytes) -> int:
         """The bytes of the files ``includes`` select: a selected folder's from the
         totals, the rest walked (bounded by the snapshot's expansion, checked first)."""
+        includes = self.includes
+
+        def selected_folder(path: str, node: Node) -> bool:
+            return node.type == "dir" and matches(path, includes, ancestors=False)
+
+        def descend(path: str, node: Node) -> bool:
+            return (
+                node.type == "dir"
+                and not matches(path, includes, ancestors=False)
+                and could_contain_match(path, includes)
+            )
+
         total = 0
-        try:
-            top = self.repo.load_tree(tree_id)
-        except DamagedObject:
-            return 0
-        # Depth first with a stack of its own (a snapshot may nest folders thousands
-        # deep), each level with the name of its folder; only the deepest folder's path is
-        # a string (a path kept per level would cost the square of the depth).
-        stack: list[tuple[Iterator[Node], str]] = [(iter(top), "")]
-        rel = ""
-        while stack:
-            nodes, name = stack[-1]
-            node = next(nodes, None)
-            if node is None:
-                stack.pop()
-                rel = rel[: len(rel) - len(name) - 1]  # back to the folder above
-                continue
-            path = f"{rel}/{node.name}"
-            if node.type == "dir" and node.subtree is not None:
-                if matches(path, self.includes, ancestors=False):
-                    total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[1]
-                elif could_contain_match(path, self.includes):
-                    try:
-                        below = self.repo.load_tree(node.subtree)
-                    except DamagedObject:
-                        continue
-                    stack.append((iter(below), node.name))
-                    rel = path
-            elif node.type == "file" and matches(path, self.includes, ancestors=False):
+        for path, node in walk(
+            self.repo, tree_id, descend=descend, on_damaged=_ignore, max_entries=None
+        ):
+            if node.subtree is not None and selected_folder(path, node):
+                total += fmt.expanded_totals(node.subtree, self._tree_shape, self._totals)[1]
+            elif node.type == "file" and matches(path, includes, ancestors=False):
                 total += fmt.restorable_size(node)
         return total
-
-    def _load_nodes(self, tree_id: bytes, path: str) -> list[Node] | None:
-        """A folder's entries; None if its tree is damaged (or breaks the format: names
-        that are not one path component, duplicates, numbers out of range), which is
-        reported."""
-        try:
-            return self.repo.load_tree(tree_id)
-        except DamagedObject as exc:
-            self._add_damaged(path or "/", str(exc))
-            return None
 
     # --- the walk ------------------------------------------------------------------------
 
     def _restore_tree(self, tree_id: bytes) -> None:
         """Restore the selected entries of the snapshot, folder by folder, depth first
-        (with a stack of its own: a snapshot may nest folders thousands deep). Only the
-        path of the folder being walked is a string (``rel``): one per level would cost
-        the square of the depth."""
+        (``engine.walk``: a stack of its own, the snapshot's expansion checked by
+        ``_plan``). ``stack`` holds the folders being walked, the deepest last."""
         assert self._root is not None
-        top = _Walk(iter(self._load_nodes(tree_id, "") or []), self._root, not self.includes)
-        stack = [top]
-        rel = ""
-        while stack:
-            walk = stack[-1]
-            node = next(walk.nodes, None)
-            if node is None:
-                stack.pop()
-                if stack:  # back to the folder above
-                    rel = rel[: len(rel) - len(walk.folder.ref.name) - 1]
-                self._leave_folder(walk, stack[-1] if stack else None)
-                continue
+        stack = [_Walk(self._root, not self.includes)]
+        entering: list[bool] = []  # whether the folder being entered was chosen
+
+        def descend(path: str, node: Node) -> bool:
+            if node.type != "dir":
+                return False
+            chosen = stack[-1].selected or matches(path, self.includes, ancestors=False)
+            entering[:] = [chosen]
+            return chosen or could_contain_match(path, self.includes)
+
+        def enter(path: str, node: Node) -> bool:
+            # Its tree was read: a damaged folder is reported before anything is made or
+            # replaced (what --overwrite finds under its name stays as it is).
+            folder = self._make_folder(stack[-1].folder, node, path)
+            if folder is None:
+                return False
+            stack.append(_Walk(folder, entering[0]))
+            return True
+
+        def leave(path: str) -> None:
+            done = stack.pop()
+            self._leave_folder(done, stack[-1] if stack else None)
+
+        def damaged(path: str, exc: DamagedObject) -> None:
+            self._add_damaged(path or "/", str(exc))
+
+        for path, node in walk(
+            self.repo,
+            tree_id,
+            descend=descend,
+            enter=enter,
+            leave=leave,
+            on_damaged=damaged,
+            max_entries=None,
+        ):
             self._raise_fatal()
-            path = f"{rel}/{node.name}"
-            chosen = walk.selected or matches(path, self.includes, ancestors=False)
             if node.type == "dir":
-                if not chosen and not could_contain_match(path, self.includes):
-                    continue
-                assert node.subtree is not None
-                # A damaged folder is reported before anything is made or replaced: what
-                # --overwrite finds under its name stays as it is.
-                nodes = self._load_nodes(node.subtree, path)
-                if nodes is None:
-                    continue
-                folder = self._make_folder(walk.folder, node, path)
-                if folder is not None:
-                    stack.append(_Walk(iter(nodes), folder, chosen))
-                    rel = path
-            elif chosen and self._restore_leaf(node, walk.folder, path):
-                walk.restored_any = True
+                continue
+            here = stack[-1]
+            chosen = here.selected or matches(path, self.includes, ancestors=False)
+            if chosen and self._restore_leaf(node, here.folder, path):
+                here.restored_any = True
 
     def _leave_folder(self, walk: _Walk, parent: _Walk | None) -> None:
         """A folder's entries are all under way: keep it if anything in it was restored
@@ -970,37 +962,19 @@ class Restorer:
                 return True
         finally:
             os.close(fd)
+        assert self._batcher is not None
         offset = 0
         for run in runs:
-            self._batch.append((job, run, offset))
-            self._batch_bytes += run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
+            stored = run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
+            self._batcher.add((run, job.staged, offset), job, stored)
             offset += sum(loc.blob.plaintext_length for loc in run)
-            if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_RUNS:
-                self._submit_batch()
         return True
 
-    def _submit_batch(self) -> None:
-        batch, charge = self._batch, self._batch_bytes
-        if not batch:
-            return
-        self._batch, self._batch_bytes = [], 0
-        assert self._pool is not None
-        self._budget.take(charge)
-        try:
-            future = self._pool.submit(
-                restore_runs,
-                [(run, job.staged, offset) for job, run, offset in batch],
-                work_bytes=charge,
-            )
-        except BaseException:
-            self._budget.give(charge)
-            raise
-        future.add_done_callback(
-            functools.partial(self._batch_done, [job for job, _, _ in batch], charge)
-        )
-
     def _batch_done(
-        self, jobs: list[_FileJob], charge: int, future: Future[list[int | RepositoryError]]
+        self,
+        jobs: list[_FileJob],
+        future: Future[list[int | RepositoryError]],
+        release: Callable[[], None],
     ) -> None:
         """Runs were written (or failed): count them, and finish each file after its last."""
         try:
@@ -1027,7 +1001,7 @@ class Restorer:
         except BaseException as exc:
             self._set_fatal(exc)
         finally:
-            self._budget.give(charge)
+            release()
 
     def _finish_file(self, job: _FileJob, fd: int | None = None) -> None:
         """Give the finished temporary copy its owner, mode and times (through a
@@ -1289,6 +1263,10 @@ class Restorer:
             self._add_warning(path, f"metadata not restored: {'; '.join(problems)}")
 
 
+def _ignore(path: str, exc: DamagedObject) -> None:
+    """A damaged tree, met while adding up sizes: the restore reports it when it gets there."""
+
+
 def _entry_path(folder: _FolderJob, node: Node) -> str:
     return f"{folder.path}/{node.name}"
 
@@ -1336,6 +1314,10 @@ def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
 
 # Created once, by the main thread: never opened if it exists, never through a symlink.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+# A run of blobs to restore: where they are, the file, and the offset in it.
+_RunPayload = tuple[list[BlobLocation], StagedFile, int]
 
 
 class RunNotWritten(RepositoryError):

@@ -26,6 +26,7 @@ import zstandard
 from backvault.crypto.aead import Key
 from backvault.repo import format as fmt
 from backvault.repo.chunker import ContentChunker, chunker_seed
+from backvault.repo.compression import ThreadCompressors
 from backvault.repo.format import BlobType, Config, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
@@ -72,7 +73,7 @@ class ChunkSealer:
         self.key = key
         self._seed = chunker_seed(key)
         self._is_known = is_known
-        self._level = compression_level
+        self._zstd = ThreadCompressors(compression_level)
         self._local = threading.local()
         # A worker process stores the blobs it seals in packs of its own, written to the
         # repository directly (sealed data never travels back to the parent).
@@ -86,20 +87,13 @@ class ChunkSealer:
             self._local.chunker = chunker
         return chunker
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        compressor = getattr(self._local, "zstd", None)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=self._level)
-            self._local.zstd = compressor
-        return compressor
-
     def seal(self, data: bytes | memoryview, compress: bool) -> SealedChunk:
         blob_id = fmt.sha256(data)
         writer = self.writer
         if self._is_known(blob_id) or (writer is not None and writer.knows(blob_id)):
             return SealedChunk(blob_id, len(data), None, None)
         sealed, uncompressed_length = seal_blob(
-            self.key, self._compressor() if compress else None, data
+            self.key, self._zstd.compressor() if compress else None, data
         )
         chunk = SealedChunk(blob_id, len(data), sealed, uncompressed_length)
         if writer is None:

@@ -15,6 +15,7 @@ import zstandard
 
 from backvault.crypto.aead import OVERHEAD, AuthenticationFailed, Key
 from backvault.repo import format as fmt
+from backvault.repo.compression import ThreadCompressors
 from backvault.repo.errors import DamagedObject
 from backvault.repo.format import PackedBlob
 from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
@@ -58,13 +59,7 @@ class BlobReader:
         self.backend = backend
         self.key = key
         self._local = threading.local()
-
-    def _zstd(self) -> zstandard.ZstdDecompressor:
-        decompressor = getattr(self._local, "zstd", None)
-        if decompressor is None:
-            decompressor = zstandard.ZstdDecompressor()
-            self._local.zstd = decompressor
-        return decompressor
+        self._zstd = ThreadCompressors()
 
     def open_blob(self, blob: PackedBlob, sealed: bytes | memoryview, label: str) -> bytes:
         """Decrypt, decompress and verify one blob's bytes as read from its pack."""
@@ -143,7 +138,7 @@ class BlobReader:
                         f"{name}: its compressed data holds {claimed} bytes, the index says "
                         f"{expected}",
                     )
-                plain = self._zstd().decompress(plain, max_output_size=expected)
+                plain = self._zstd.decompressor().decompress(plain, max_output_size=expected)
             except zstandard.ZstdError as exc:
                 raise DamagedObject(label, f"{name}: {exc}") from exc
             if len(plain) != expected:
