@@ -84,6 +84,9 @@ class TargetFolders:
         self.root = root
         self._root_fd = root_fd
         self._keep_open = keep_open
+        # Least recently used first. Not a cachetools cache: an entry in use is never
+        # evicted (its descriptor is being used) and eviction closes a descriptor, while
+        # a cachetools LRUCache evicts whatever is oldest as soon as it is full.
         self._open: OrderedDict[FolderRef, _OpenFolder] = OrderedDict()
         self._lock = threading.Lock()
 

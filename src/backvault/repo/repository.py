@@ -6,11 +6,12 @@ import getpass
 import secrets
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from cachetools import LRUCache
 
 from backvault.crypto.aead import AuthenticationFailed, Key
 from backvault.crypto.keyfile import KeyFile, KeyFileError, WrongSecret
@@ -67,16 +68,25 @@ class Repository:
         self._scanned_unindexed = False
         self._scan_lock = threading.Lock()
         self._index_loaded = False
-        self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._tree_cache: LRUCache[bytes, list[Node]] = LRUCache(
+            TREE_CACHE_NODES, getsizeof=_tree_cost
+        )
         self._tree_cache_lock = threading.Lock()
-        self._tree_cache_nodes = 0  # nodes in the cached trees
         self.reader = BlobReader(backend, key)
 
     # --- opening ---------------------------------------------------------------------
 
     @classmethod
-    def init(cls, backend: Backend, secret: bytes, label: SlotLabel | None = None) -> Repository:
-        """Create a repository with a new master key and one key file for ``secret``."""
+    def init(
+        cls,
+        backend: Backend,
+        secret: bytes,
+        label: SlotLabel | None = None,
+        sqlite_chunk_kib: int | None = None,
+    ) -> Repository:
+        """Create a repository with a new master key and one key file for ``secret``.
+        ``sqlite_chunk_kib``: the SQLite chunk size every backup to it uses (None: the
+        default, not written into the config)."""
         if backend.exists():
             raise RepositoryError(f"a repository already exists at {backend.location}")
         master = Key.generate()
@@ -84,6 +94,7 @@ class Repository:
             version=fmt.REPOSITORY_VERSION,
             id=secrets.token_hex(32),
             chunker_polynomial=_random_polynomial_hex(),
+            sqlite_chunk_kib=sqlite_chunk_kib,
         )
         backend.create()
         repo = cls(backend, master, config, None)
@@ -380,22 +391,15 @@ class Repository:
         with self._tree_cache_lock:
             cached = self._tree_cache.get(tree_id)
             if cached is not None:
-                self._tree_cache.move_to_end(tree_id)
                 return cached
         try:
             nodes = fmt.decode_tree(self.load_blob(tree_id, BlobType.TREE))
         except fmt.FormatError as exc:
             raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
-        cost = len(nodes) + 1
-        if cost > TREE_CACHE_NODES // 4:
+        if _tree_cost(nodes) > TREE_CACHE_NODES // 4:
             return nodes  # a huge folder would push out everything else: not kept
         with self._tree_cache_lock:
-            if tree_id not in self._tree_cache:
-                self._tree_cache[tree_id] = nodes
-                self._tree_cache_nodes += cost
-            while self._tree_cache_nodes > TREE_CACHE_NODES:
-                _, evicted = self._tree_cache.popitem(last=False)
-                self._tree_cache_nodes -= len(evicted) + 1
+            self._tree_cache.setdefault(tree_id, nodes)
         return nodes
 
     # --- pack headers ------------------------------------------------------------------
@@ -468,6 +472,11 @@ class Repository:
 
     def save_snapshot(self, snapshot: Snapshot) -> str:
         return self.save_unpacked(FileType.SNAPSHOT, snapshot.to_json())
+
+
+def _tree_cost(nodes: list[Node]) -> int:
+    """What a decoded tree costs in the tree cache: its nodes (one for an empty tree)."""
+    return len(nodes) + 1
 
 
 def _sort_time(text: str) -> int:

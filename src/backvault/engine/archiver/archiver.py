@@ -44,6 +44,7 @@ from backvault.source.sqlite import (
     page_size_of,
 )
 
+CHUNK_OVERRIDE_ENV = "BACKVAULT_SQLITE_CHUNK_KIB"
 _Pending = list[tuple[Node, Future[list[bytes]]]]  # files whose content is being stored
 
 
@@ -73,6 +74,11 @@ class BackupResult:
 class Backup:
     """A backup of a repository: ``run`` makes one snapshot.
 
+    ``sqlite_chunk_bytes``: the size SQLite databases are cut into; by default the
+    repository's setting (``Config.sqlite_chunk_bytes``), so that every machine backing up
+    to it cuts alike. ``BACKVAULT_SQLITE_CHUNK_KIB`` overrides it, for measurements only
+    (chunks cut to another size do not dedupe with the repository's).
+
     ``temp_dir``: where the run's folder of database copies goes, a folder only this user
     may enter (the command line gives ``device.paths.private_temp_dir()``). Without one,
     the folder of ``sqlite_state_file`` (the device's own cache), or else a new private
@@ -86,8 +92,15 @@ class Backup:
         workers: int | None = None,
         sqlite_state_file: Path | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
+        sqlite_chunk_bytes: int | None = None,
     ) -> None:
         self.repo = repo
+        if sqlite_chunk_bytes is None:
+            override = os.environ.get(CHUNK_OVERRIDE_ENV)
+            sqlite_chunk_bytes = (
+                int(override) * 1024 if override else repo.config.sqlite_chunk_bytes
+            )
+        self.sqlite_chunk_bytes = sqlite_chunk_bytes
         self.progress = progress or NoProgress()
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.sqlite_state_file = sqlite_state_file
@@ -146,6 +159,7 @@ class _BackupRun:
         self.sqlite_cache = SQLiteStateCache(backup.sqlite_state_file)
         self.result = BackupResult(snapshot_id="", parent_id=None)
         self.pipeline = SealingPipeline(backup.repo, backup.workers, self._read)
+        self.sqlite_chunk_bytes = backup.sqlite_chunk_bytes
 
     def _read(self, nbytes: int) -> None:
         self.result.bytes_read += nbytes
@@ -394,7 +408,9 @@ class _BackupRun:
         with made.stack:
             node.size = made.path.stat().st_size
             future = self.pipeline.store_ranges(
-                str(made.path), page_ranges(node.size, page_size_of(made.path)), compress=True
+                str(made.path),
+                page_ranges(node.size, page_size_of(made.path), self.sqlite_chunk_bytes),
+                compress=True,
             )
             self.pipeline.flush()
             content = future.result()  # the copy must stay until the workers read it
