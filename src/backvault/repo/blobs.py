@@ -71,20 +71,6 @@ class BlobReader:
         assert isinstance(verified, bytes)
         return verified
 
-    def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
-        """Blobs stored in this order in one pack, read with a single request (what lies
-        between them is read and skipped)."""
-        first, last = locations[0].blob, locations[-1].blob
-        pack = locations[0].pack_id.hex()
-        label = f"data/{pack}"
-        length = last.offset + last.length - first.offset
-        view = self._read_range(pack, first.offset, length, label, reuse=False)
-        blobs = []
-        for loc in locations:
-            start = loc.blob.offset - first.offset
-            blobs.append(self.open_blob(loc.blob, view[start : start + loc.blob.length], label))
-        return blobs
-
     def _buffer(self, name: str, size: int) -> bytearray:
         """This thread's reusable buffer ``name``, at least ``size`` bytes. A buffer too
         small is replaced, not resized: views of the old one may still be alive."""
@@ -102,7 +88,7 @@ class BlobReader:
         pack = locations[0].pack_id.hex()
         label = f"data/{pack}"
         length = last.offset + last.length - first.offset
-        view = self._read_range(pack, first.offset, length, label, reuse=True)
+        view = self._read_range(pack, first.offset, length, label)
         out = self._buffer("plain", max(loc.blob.length for loc in locations))
         written = 0
         for loc in locations:
@@ -150,13 +136,11 @@ class BlobReader:
             raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
         return plain
 
-    def _read_range(
-        self, pack: str, offset: int, length: int, label: str, reuse: bool
-    ) -> memoryview:
-        """``length`` bytes of a pack from ``offset``. With ``reuse`` (and a local disk)
+    def _read_range(self, pack: str, offset: int, length: int, label: str) -> memoryview:
+        """``length`` bytes of a pack from ``offset``. From a backend with direct file I/O
         they are read into this thread's reusable buffer: valid until its next use."""
         try:
-            if reuse and self.backend.capabilities.direct_file_io:
+            if self.backend.capabilities.direct_file_io:
                 view = memoryview(self._buffer("read", length))[:length]
                 got = self.backend.load_into(FileType.DATA, pack, offset, view)
             else:
