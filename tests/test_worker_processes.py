@@ -1,4 +1,4 @@
-"""Backup, restore and check on worker processes (repo/workers.py), judged by the real
+"""Backup, restore and check on worker processes (engine/parallel.py), judged by the real
 restic: the same data with and without worker processes gives repositories restic
 accepts and restores identically; duplicates, large files cut in pieces, damage and kill -9
 behave as they do on threads."""

@@ -1,6 +1,6 @@
 """The backup's heavy work: cut file data into chunks, hash, compress and encrypt them.
 
-It runs in worker processes (see ``workers``), which know the blobs the repository held
+It runs in worker processes (see ``engine.parallel``), which know the blobs the repository held
 when they started and the ones they stored themselves; a chunk they know comes back as its
 id alone. A worker stores what it seals in packs of its own, written to the repository
 directly, and reports those packs; the parent indexes them. Two workers that meet the same

@@ -12,8 +12,8 @@ and skipped; every other entry is restored. The target must be empty unless ``ov
 is set.
 
 The main thread walks the snapshot, makes folders and cuts every file into runs (blobs
-stored back to back in one pack); workers (processes for a repository on a local disk,
-threads otherwise: see ``repo.workers``) read, decrypt and verify a run and write it at its
+stored back to back in one pack); workers (processes for a backend with direct file I/O,
+threads otherwise: see ``engine.parallel``) read, decrypt and verify a run and write it at its
 offset with ``pwrite`` into the file the main thread created, so many files, and the parts
 of one large file, are restored at once. Whoever writes a file's last run puts it in place.
 A folder is made in the staging folder too and renamed into place empty (mode 0700 until it
