@@ -58,6 +58,7 @@ class BlobReader:
     def __init__(self, backend: Backend, key: Key) -> None:
         self.backend = backend
         self.key = key
+        self._direct_file_io = backend.capabilities.direct_file_io
         self._local = threading.local()
         self._zstd = ThreadCompressors()
 
@@ -140,7 +141,7 @@ class BlobReader:
         """``length`` bytes of a pack from ``offset``. From a backend with direct file I/O
         they are read into this thread's reusable buffer: valid until its next use."""
         try:
-            if self.backend.capabilities.direct_file_io:
+            if self._direct_file_io:
                 view = memoryview(self._buffer("read", length))[:length]
                 got = self.backend.load_into(FileType.DATA, pack, offset, view)
             else:

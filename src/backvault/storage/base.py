@@ -66,6 +66,10 @@ class Capabilities:
     direct_file_io: bool = False
 
 
+NO_CAPABILITIES = Capabilities()
+DIRECT_FILE_IO = Capabilities(direct_file_io=True)
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """How to open a backend stack again, in another process: the factory (a class or a
@@ -99,7 +103,7 @@ class Backend(ABC):
     @property
     def capabilities(self) -> Capabilities:
         """What this backend can do beyond the interface (nothing, unless it says so)."""
-        return Capabilities()
+        return NO_CAPABILITIES
 
     @abstractmethod
     def spec(self) -> BackendSpec:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from backvault.storage.base import (
+    DIRECT_FILE_IO,
     Backend,
     BackendSpec,
     Capabilities,
@@ -29,7 +30,7 @@ class LocalBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(direct_file_io=True)
+        return DIRECT_FILE_IO
 
     def spec(self) -> BackendSpec:
         return BackendSpec(LocalBackend, (("path", str(self.root)),))
