@@ -2,6 +2,11 @@
 
 Locations use restic's syntax: a folder path (or ``local:PATH``), ``s3:URL/BUCKET/PATH``,
 ``rest:URL``, ``rclone:REMOTE:PATH``.
+
+A new backend subclasses ``Backend`` (``base``): the object operations, a ``spec()`` to
+reopen it in a worker process, and ``capabilities`` if it can do more than the interface
+(``direct_file_io``); ``open_backend`` maps its location prefix to it. Wrappers that add
+behaviour around any backend (retries, fault injection) subclass ``BackendWrapper``.
 """
 
 from __future__ import annotations
