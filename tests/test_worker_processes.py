@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,30 @@ def test_worker_processes_reopen_the_wrapped_backend_stack(tmp_path: Path) -> No
     restored = tmp_path / "out"
     Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
     assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
+
+
+def _no_context() -> str:
+    return "nothing"
+
+
+def _pid(context: str) -> int:
+    return os.getpid()
+
+
+def test_a_cancelled_shutdown_frees_a_worker_waiting_at_the_barrier() -> None:
+    """Ctrl-C while ``on_each_process`` hands out its tasks: a worker that took its task
+    waits at the barrier for the others, whose tasks the shutdown cancels. The shutdown
+    must not wait for it for ever (a backup interrupted then hung)."""
+    from backvault.engine import parallel
+
+    pool = parallel.WorkerPool(None, 1, _no_context, lambda: (), threshold=0, processes=2)
+    pool.submit(_pid).result(timeout=60)  # the processes are running
+    assert pool._process_pool is not None
+    waiting = pool._process_pool.submit(parallel._on_each, _pid)  # one of the two tasks
+    time.sleep(0.5)
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel": True})
+    stopper.start()
+    stopper.join(timeout=60)
+    assert not stopper.is_alive(), "the shutdown waits for a worker at the barrier"
+    with pytest.raises(threading.BrokenBarrierError):
+        waiting.result(timeout=10)

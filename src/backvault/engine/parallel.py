@@ -131,6 +131,7 @@ class WorkerPool:
         if make_context is None or process_args is None:
             self._processes = 0
         self._process_pool: ProcessPoolExecutor | None = None
+        self._barrier: Any = None  # the workers' barrier for ``on_each_process``
         self._submitted = 0
         self._lock = threading.Lock()
 
@@ -182,6 +183,7 @@ class WorkerPool:
             ):
                 assert self._make_context is not None and self._process_args is not None
                 context = multiprocessing.get_context("spawn")
+                self._barrier = context.Barrier(self._processes)
                 self._process_pool = ProcessPoolExecutor(
                     self._processes,
                     mp_context=context,
@@ -189,7 +191,7 @@ class WorkerPool:
                     initargs=(
                         self._make_context,
                         self._process_args(),
-                        context.Barrier(self._processes),
+                        self._barrier,
                         os.getpid(),
                     ),
                 )
@@ -208,6 +210,10 @@ class WorkerPool:
     def shutdown(self, cancel: bool = False) -> None:
         self._threads.shutdown(wait=True, cancel_futures=cancel)
         if self._process_pool is not None:
+            if cancel:
+                # A worker may wait at the barrier of ``on_each_process`` for a task that
+                # is now cancelled: it would wait for ever, and this shutdown with it.
+                self._barrier.abort()
             try:
                 self._process_pool.shutdown(wait=True, cancel_futures=cancel)
             except RuntimeError:
