@@ -273,8 +273,8 @@ def make_node(tmp: Path, db: str, *extra: str, env: dict[str, str] | None = None
         "HOME": str(tmp),
         "XDG_CONFIG_HOME": str(tmp / "config"),
         "XDG_DATA_HOME": str(tmp / "share"),
-        "BACKVAULT_VAULT_RATE_PER_IP_PER_MINUTE": "0",
-        "BACKVAULT_VAULT_RATE_PER_ACCOUNT_PER_MINUTE": "0",
+        "BACKVAULT_SERVER_RATE_PER_IP_PER_MINUTE": "0",
+        "BACKVAULT_SERVER_RATE_PER_ACCOUNT_PER_MINUTE": "0",
         **(env or {}),
     }
     args = ["--db", db, "--data-dir", str(tmp / "data"), *extra]

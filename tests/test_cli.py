@@ -522,3 +522,20 @@ def test_global_options_work_after_the_command_name(cli: Cli, tmp_path: Path) ->
     assert len(doc["recovery_key"]) == 64
     assert cli.ok("snapshots", "-r", repo, "--json").json() == []
     assert cli.ok("snapshots", "-q", "-r", repo).out == ""
+
+
+def test_config_names_the_environment_as_the_source_of_backvault_repo(
+    cli: Cli, tmp_path: Path
+) -> None:
+    env = {"BACKVAULT_REPO": str(tmp_path / "from-env")}
+    doc = cli.ok("--json", "config", env=env).json()
+    assert doc["repository"] == str(tmp_path / "from-env")
+    assert doc["sources"]["repository"] == "$BACKVAULT_REPO"
+    assert "($BACKVAULT_REPO)" in cli.ok("config", env=env).out
+    # A flag still beats the variable, and is named as the source.
+    flagged = cli.ok("--json", "-r", str(tmp_path / "flag"), "config", env=env).json()
+    assert flagged["repository"] == str(tmp_path / "flag")
+    assert flagged["sources"]["repository"] == "flag"
+    # The variable still opens the repository.
+    cli.ok("init", env=env)
+    assert (tmp_path / "from-env" / "config").exists()

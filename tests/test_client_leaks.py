@@ -672,7 +672,12 @@ def test_secret_holding_objects_have_redacted_reprs() -> None:
     vault = VaultSettings("https://vault.example", "ana", token)
     assert_redacted(vault, token.encode())
     assert "ana" in repr(vault)  # what is not secret still shows
-    settings = Settings("/repo", "https://vault.example", "ana", token, {})
+    settings = Settings(
+        repository="/repo",
+        vault_url="https://vault.example",
+        vault_account="ana",
+        vault_token=token,
+    )
     assert_redacted(settings, token.encode())
 
     master = Key.generate()

@@ -176,6 +176,34 @@ def test_fake_ke2_looks_real_and_never_logs_in() -> None:
         server.server_finish(state, KE3(bytes(64)))
 
 
+def test_a_stable_fake_record_is_the_same_per_identifier_and_never_logs_in() -> None:
+    """RFC 9807 Section 10.9: the fake record of an identifier does not change between
+    logins (a fresh one each time would tell that the account has no record)."""
+    keys = server.generate_server_key_pair()
+    seed, fake_seed = server.generate_oprf_seed(), bytes(range(32))
+    first = server.stable_fake_record(fake_seed, b"backvault-fake:nobody")
+    assert (
+        first.to_bytes()
+        == server.stable_fake_record(fake_seed, b"backvault-fake:nobody").to_bytes()
+    )
+    assert (
+        first.to_bytes() != server.stable_fake_record(fake_seed, b"backvault-fake:other").to_bytes()
+    )
+    assert (
+        first.to_bytes()
+        != server.stable_fake_record(bytes(32), b"backvault-fake:nobody").to_bytes()
+    )
+    ke1, client_state = client.generate_ke1(b"anything")
+    ke2, state = server.generate_stable_fake_ke2(
+        CONFIG, keys, fake_seed, b"backvault-fake:nobody", seed, ke1
+    )
+    assert len(ke2.to_bytes()) == messages.KE2.size()
+    with pytest.raises(EnvelopeRecoveryError):
+        client.generate_ke3(client_state, ke2, CONFIG)
+    with pytest.raises(ClientAuthenticationError):
+        server.server_finish(state, KE3(bytes(64)))
+
+
 def test_macs_are_compared_in_constant_time() -> None:
     keys, seed, record, _ = register(b"pw")
     ke1, client_state = client.generate_ke1(b"pw")

@@ -249,6 +249,56 @@ def test_unreachable_vault_restore_fails_clearly_and_daily_backup_still_runs(
     )
 
 
+# `backvault password check` in a child process whose vault dies the moment it has counted
+# the login: between the login's start (the right password's KE1) and its finish.
+KILL_THE_VAULT_MID_LOGIN = """
+import os, signal, sys, time
+from backvault.vaultclient import http
+
+started = http.VaultClient.login_start
+
+
+def login_start(self, ke1):
+    answer = started(self, ke1)
+    pid = int(os.environ["VAULT_PID"])
+    os.kill(pid, signal.SIGKILL)
+    while os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read():
+        time.sleep(0.01)
+    return answer
+
+
+http.VaultClient.login_start = login_start
+from backvault.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_vault_outage_in_the_middle_of_password_check_is_reported_as_an_outage(
+    phone: Cli, vault: VaultNode
+) -> None:
+    phone.ok("init", "--password", env=with_password(PASSWORD))
+    assert vault.proc is not None
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_THE_VAULT_MID_LOGIN, "password", "check"],
+        capture_output=True,
+        text=True,
+        env={**phone.env, **with_password(PASSWORD), "VAULT_PID": str(vault.proc.pid)},
+        timeout=120,
+    )
+    assert vault.proc.poll() is not None, "the vault was killed mid-login"
+    assert result.returncode == 13, result.stderr
+    assert result.stderr.strip() == (
+        f"backvault: cannot reach the vault at {phone.env['BACKVAULT_VAULT_URL']}; check the "
+        "network and try again, or restore with your 64-digit key"
+    )
+    assert "internal error" not in result.stderr
+    # The other vault commands say the same, through the same exit-code table.
+    for command in (("password", "check"), ("password", "disable")):
+        other = phone.run(*command, env=with_password(PASSWORD))
+        assert (other.code, other.err) == (13, result.stderr), command
+
+
 def test_settings_file_and_overrides(cli: Cli, tmp_path: Path) -> None:
     cli.ok("config", "set", "repository", str(tmp_path / "from-file"))
     cli.ok("config", "set", "vault.url", "https://vault.example")

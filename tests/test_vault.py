@@ -96,7 +96,7 @@ def test_unknown_account_gets_a_fake_ke2_of_the_same_shape(node: VaultNode) -> N
 
 def test_login_state_is_single_use_and_expires(tmp_path: Path) -> None:
     vault = make_node(
-        tmp_path / "v", f"sqlite:///{tmp_path / 'v.db'}", env={"BACKVAULT_VAULT_LOGIN_TTL": "1"}
+        tmp_path / "v", f"sqlite:///{tmp_path / 'v.db'}", env={"BACKVAULT_SERVER_LOGIN_TTL": "1"}
     ).start()
     try:
         with vault_client(vault, vault.add_account("bob")) as vc:

@@ -128,10 +128,10 @@ class JwtVault:
 
 def jwt_env(key_file: Path, **changes: str | None) -> dict[str, str]:
     env: dict[str, str | None] = {
-        "BACKVAULT_VAULT_JWT_PUBLIC_KEY_FILE": str(key_file),
-        "BACKVAULT_VAULT_JWT_AUDIENCE": AUDIENCE,
-        "BACKVAULT_VAULT_JWT_ISSUER": ISSUER,
-        **{f"BACKVAULT_VAULT_{name.upper()}": value for name, value in changes.items()},
+        "BACKVAULT_SERVER_JWT_PUBLIC_KEY_FILE": str(key_file),
+        "BACKVAULT_SERVER_JWT_AUDIENCE": AUDIENCE,
+        "BACKVAULT_SERVER_JWT_ISSUER": ISSUER,
+        **{f"BACKVAULT_SERVER_{name.upper()}": value for name, value in changes.items()},
     }
     return {name: value for name, value in env.items() if value is not None}
 

@@ -170,7 +170,7 @@ def test_attempts_that_never_finish_expire_and_erase_the_record(
 ) -> None:
     db = pg.new_database("v" + secrets.token_hex(4))
     node = hsm_node(
-        tmp_path / "n", db, hsm, BACKVAULT_VAULT_LOGIN_TTL="1", BACKVAULT_VAULT_SWEEP_EVERY="0.3"
+        tmp_path / "n", db, hsm, BACKVAULT_SERVER_LOGIN_TTL="1", BACKVAULT_SERVER_SWEEP_EVERY="0.3"
     ).start()
     try:
         token = node.add_account("silent")

@@ -35,13 +35,11 @@ from backvault.opaque import (
 from backvault.opaque import protocol as opaque_protocol
 from backvault.opaque import server as opaque_server
 from backvault.vault import schema
+from backvault.vault.accounts import hash_token
+from backvault.vault.outcomes import WrongPassword
+from backvault.vault.records import legacy_credential_identifier
 from backvault.vault.sealing import FileSealer
-from backvault.vault.service import (
-    VaultService,
-    WrongPassword,
-    hash_token,
-    legacy_credential_identifier,
-)
+from backvault.vault.service import VaultService
 from backvault.vault.store import make_engine
 from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.conftest import Cli
@@ -70,7 +68,7 @@ def node(tmp_path: Path) -> Iterator[VaultNode]:
         f"sqlite:///{tmp_path / 'vault.db'}",
         "--sealing-key-file",
         str(tmp_path / "keys" / "sealing.key"),
-        env={"BACKVAULT_VAULT_GUESS_CAP": "14"},
+        env={"BACKVAULT_SERVER_GUESS_CAP": "14"},
     ).start()
     yield vault
     assert vault.stop() == 0
@@ -334,7 +332,7 @@ def test_a_legacy_record_keeps_its_key_for_login_only(tmp_path: Path) -> None:
         f"sqlite:///{db}",
         "--sealing-key-file",
         str(key_file),
-        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "1000"},
+        env={"BACKVAULT_SERVER_MAX_PENDING_REGISTRATIONS": "1000"},
     ).start()
     try:
         with VaultClient(node.url, token, CONFIG) as vc:
@@ -481,7 +479,8 @@ def test_the_database_holds_no_login_id(node: VaultNode, tmp_path: Path) -> None
 
 
 def test_account_names_end_where_they_seem_to() -> None:
-    from backvault.vault.service import BadRequest, check_account_name
+    from backvault.vault.accounts import check_account_name
+    from backvault.vault.outcomes import BadRequest
 
     for name in ("alice\n", "alice\nbob", "\nalice", "alice "):
         with pytest.raises(BadRequest):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from backvault.opaque import IdentityKSF, OpaqueConfig
-from backvault.vault.app import truncated_address
+from backvault.vault.api.middleware import truncated_address
 from backvault.vault.sealing import FileSealer
 from backvault.vaultclient.http import VaultClient, VaultRefused
 from tests.servers import (
@@ -135,7 +135,7 @@ def test_a_key_in_the_database_folder_keeps_working_with_a_warning(tmp_path: Pat
 
 
 def test_audit_events_past_retention_are_deleted(tmp_path: Path) -> None:
-    node = data_node(tmp_path / "v", env={"BACKVAULT_VAULT_AUDIT_RETENTION_DAYS": "400"})
+    node = data_node(tmp_path / "v", env={"BACKVAULT_SERVER_AUDIT_RETENTION_DAYS": "400"})
     node.start()
     token = node.add_account("eve")
     with VaultClient(node.url, token, CONFIG) as vc:
@@ -178,7 +178,7 @@ def test_truncated_addresses_are_networks() -> None:
 
 
 def test_the_vault_can_store_truncated_client_addresses(tmp_path: Path) -> None:
-    node = data_node(tmp_path / "v", env={"BACKVAULT_VAULT_TRUNCATE_CLIENT_ADDRESSES": "true"})
+    node = data_node(tmp_path / "v", env={"BACKVAULT_SERVER_TRUNCATE_CLIENT_ADDRESSES": "true"})
     node.start()
     try:
         with VaultClient(node.url, node.add_account("tia"), CONFIG) as vc:
@@ -228,7 +228,7 @@ def test_readyz_seals_nothing(tmp_path: Path) -> None:
 
 
 def test_a_key_version_near_its_nonce_bound_warns(tmp_path: Path) -> None:
-    env = {"BACKVAULT_VAULT_SWEEP_EVERY": "0.2"}
+    env = {"BACKVAULT_SERVER_SWEEP_EVERY": "0.2"}
     node = data_node(tmp_path / "v", env=env).start()
     with VaultClient(node.url, node.add_account("nia"), CONFIG) as vc:
         vc.register(b"pw", lambda _k: SECRET)
@@ -357,7 +357,7 @@ def test_metrics_can_need_a_token_move_to_another_port_or_be_off(tmp_path: Path)
     token_file = tmp_path / "metrics-token"
     token_file.write_text("a-long-metrics-scrape-token\n")
     guarded = data_node(
-        tmp_path / "a", env={"BACKVAULT_VAULT_METRICS_TOKEN_FILE": str(token_file)}
+        tmp_path / "a", env={"BACKVAULT_SERVER_METRICS_TOKEN_FILE": str(token_file)}
     ).start()
     try:
         refused = httpx.get(guarded.url + "/metrics")
@@ -370,7 +370,7 @@ def test_metrics_can_need_a_token_move_to_another_port_or_be_off(tmp_path: Path)
 
     port = free_port()
     moved = data_node(
-        tmp_path / "b", env={"BACKVAULT_VAULT_METRICS_LISTEN": f"127.0.0.1:{port}"}
+        tmp_path / "b", env={"BACKVAULT_SERVER_METRICS_LISTEN": f"127.0.0.1:{port}"}
     ).start()
     try:
         assert httpx.get(moved.url + "/metrics").status_code == 404
@@ -380,7 +380,7 @@ def test_metrics_can_need_a_token_move_to_another_port_or_be_off(tmp_path: Path)
     finally:
         moved.stop()
 
-    off = data_node(tmp_path / "c", env={"BACKVAULT_VAULT_METRICS": "false"}).start()
+    off = data_node(tmp_path / "c", env={"BACKVAULT_SERVER_METRICS": "false"}).start()
     try:
         assert httpx.get(off.url + "/metrics").status_code == 404
     finally:

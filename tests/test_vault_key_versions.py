@@ -39,7 +39,7 @@ from tests.test_vault_rotation import admin, current_version, sealed_versions, w
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())
 SECRET = b"S" * 48
-FAST_SWEEP = {"BACKVAULT_VAULT_SWEEP_EVERY": "0.2"}
+FAST_SWEEP = {"BACKVAULT_SERVER_SWEEP_EVERY": "0.2"}
 KNOWN_KEY = b"K" * 32  # the value an attacker chose
 HUGE = 2**32 - 1  # the highest version a sealed value's header can name
 
@@ -341,7 +341,7 @@ def test_an_imported_key_is_refused_as_the_current_key_unless_the_operator_opts_
         )
         assert "rotate-sealing-key" in last and "pkcs11_accept_cloned_keys = true" in last
 
-        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
         node.start()
         try:
             register_and_login(node, node.add_account("fay"), b"pw-fay")
@@ -435,7 +435,7 @@ def test_a_derived_key_is_refused_as_the_current_key_unless_the_operator_opts_in
         assert "pkcs11_accept_cloned_keys = true" in last
 
         # The operator opts in: the key works, and the attack shows why it should not.
-        node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
+        node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"] = "true"
         node.start()
         try:
             register_and_login(node, node.add_account("kim"), b"pw-kim")
@@ -449,7 +449,7 @@ def test_a_derived_key_is_refused_as_the_current_key_unless_the_operator_opts_in
         # now an older version, is warned about but no longer stops the vault.
         rotated = admin(node, "rotate-sealing-key")
         assert rotated.returncode == 0, rotated.stderr
-        del node.env["BACKVAULT_VAULT_PKCS11_ACCEPT_CLONED_KEYS"]
+        del node.env["BACKVAULT_SERVER_PKCS11_ACCEPT_CLONED_KEYS"]
         node.start()
         try:
             assert current_version(node) == 2
@@ -1045,16 +1045,17 @@ def test_reservations_never_finished_are_reported_and_hold_up_nothing(tmp_path: 
 
 def test_the_services_key_holders_have_redacted_reprs() -> None:
     from backvault.opaque import client, server
-    from backvault.vault.service import _Keys, _OpenRecord
+    from backvault.vault.opaque_keys import OpaqueKeys
+    from backvault.vault.records import OpenRecord
 
     seed, fake_seed = server.generate_oprf_seed(), os.urandom(32)
     pair = server.generate_server_key_pair()
-    keys = _Keys(seed, pair, fake_seed)
+    keys = OpaqueKeys(seed, pair, fake_seed)
     request, state = client.create_registration_request(b"pw")
     response = server.create_registration_response(request, pair.public_key, b"credential", seed)
     record, _ = client.finalize_registration_request(state, response, CONFIG)
     wrapped, credential = os.urandom(61), os.urandom(32)
-    opened = _OpenRecord(credential, record, wrapped)
+    opened = OpenRecord(credential, record, wrapped)
     for obj, held in (
         (keys, [seed, fake_seed, pair.private_key]),
         (opened, [credential, wrapped, record.masking_key, record.envelope.to_bytes()]),

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from backvault.opaque import IdentityKSF, OpaqueConfig
+from backvault.vault.config import SettingsError, load_settings
 from backvault.vaultclient.http import VaultClient
 from tests.servers import free_port, make_node
 
@@ -96,7 +99,7 @@ def test_rate_limits_answer_429_with_retry_after(tmp_path: Path) -> None:
         tmp_path / "v",
         f"sqlite:///{tmp_path / 'v.db'}",
         env={
-            "BACKVAULT_VAULT_RATE_PER_ACCOUNT_PER_MINUTE": "12",
+            "BACKVAULT_SERVER_RATE_PER_ACCOUNT_PER_MINUTE": "12",
         },
     ).start()
     try:
@@ -128,6 +131,66 @@ def test_bad_settings_fail_with_one_clear_line(tmp_path: Path) -> None:
     assert (
         proc.stderr.strip() == f"backvault: vault settings: {config}: unknown setting 'listen_port'"
     )
+
+
+def test_server_settings_come_from_backvault_server_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BACKVAULT_SERVER_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("BACKVAULT_SERVER_METRICS", "off")
+    # The client's own variables share the old prefix: the vault neither reads nor warns.
+    monkeypatch.setenv("BACKVAULT_VAULT_URL", "https://vault.example")
+    monkeypatch.setenv("BACKVAULT_VAULT_TOKEN", "bvt_client")
+    settings = load_settings(None, {"listen": "127.0.0.1:1", "db": None})
+    assert (settings.max_attempts, settings.metrics, settings.listen) == (7, False, "127.0.0.1:1")
+    assert capsys.readouterr().err == ""
+
+
+def test_old_backvault_vault_variables_still_work_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BACKVAULT_VAULT_MAX_ATTEMPTS", "6")
+    monkeypatch.setenv("BACKVAULT_VAULT_GUESS_CAP", "50")
+    monkeypatch.setenv("BACKVAULT_SERVER_GUESS_CAP", "40")  # the new name wins
+    settings = load_settings(None)
+    assert (settings.max_attempts, settings.guess_cap) == (6, 40)
+    assert capsys.readouterr().err.splitlines() == [  # in the settings' order
+        "backvault: BACKVAULT_VAULT_MAX_ATTEMPTS is deprecated for the vault server; set "
+        "BACKVAULT_SERVER_MAX_ATTEMPTS instead",
+        "backvault: BACKVAULT_VAULT_GUESS_CAP is deprecated and ignored: "
+        "BACKVAULT_SERVER_GUESS_CAP is set",
+    ]
+
+
+def test_an_old_variable_reaches_a_vault_command(tmp_path: Path) -> None:
+    """End to end, through the CLI (which withdraws secret variables first): the old name
+    still configures the vault, with one line on stderr naming the new one."""
+    env = {
+        **os.environ,
+        "BACKVAULT_VAULT_DB": f"sqlite:///{tmp_path / 'old-name.db'}",
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_DATA_HOME": str(tmp_path / "share"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "backvault.cli", "vault", "add-account", "ana"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "old-name.db").exists()
+    deprecations = [line for line in proc.stderr.splitlines() if "deprecated" in line]
+    assert deprecations == [
+        "backvault: BACKVAULT_VAULT_DB is deprecated for the vault server; set "
+        "BACKVAULT_SERVER_DB instead"
+    ]
+
+
+def test_settings_are_validated_on_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKVAULT_SERVER_MAX_ATTEMPTS", "ten")
+    with pytest.raises(SettingsError, match="max_attempts"):
+        load_settings(None)
 
 
 def test_missing_hsm_token_is_reported(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def node(tmp_path: Path) -> Iterator[VaultNode]:
     vault = make_node(
         tmp_path / "vault",
         f"sqlite:///{tmp_path / 'vault.db'}",
-        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "1000"},
+        env={"BACKVAULT_SERVER_MAX_PENDING_REGISTRATIONS": "1000"},
     ).start()
     yield vault
     assert vault.stop() == 0
@@ -260,7 +260,7 @@ def test_registrations_in_progress_beyond_the_limit_drop_the_oldest(tmp_path: Pa
     vault = make_node(
         tmp_path / "v",
         f"sqlite:///{tmp_path / 'v.db'}",
-        env={"BACKVAULT_VAULT_MAX_PENDING_REGISTRATIONS": "2"},
+        env={"BACKVAULT_SERVER_MAX_PENDING_REGISTRATIONS": "2"},
     ).start()
 
     def flood_from(address: str, count: int) -> list[int]:

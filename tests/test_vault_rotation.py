@@ -31,7 +31,7 @@ from tests.servers import (
 
 CONFIG = OpaqueConfig(ksf=IdentityKSF())
 SECRET = b"R" * 40
-FAST_SWEEP = {"BACKVAULT_VAULT_SWEEP_EVERY": "0.2"}
+FAST_SWEEP = {"BACKVAULT_SERVER_SWEEP_EVERY": "0.2"}
 
 
 def sealed_versions(url: str) -> Counter[int]:

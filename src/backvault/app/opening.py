@@ -54,8 +54,9 @@ def open_repository(
     ask: Callable[[], str] | None = None,
     remember: bool = True,
     password: Callable[[Backend], Repository | None] | None = None,
-) -> tuple[Repository, str]:
-    """Open the repository; returns it and a note of how it was opened.
+) -> Repository:
+    """Open the repository and remember its key on this device (unless ``remember`` is
+    false).
 
     ``password`` opens it through the vault; it may return None to say "the user chose to
     type a key instead"."""
@@ -64,21 +65,22 @@ def open_repository(
         Repository.open(backend, [])  # raises NotARepository, before asking for a key
     if key_text is not None:
         repo = open_with_text(backend, key_text)
-        where = keycache.remember(backend.location, repo.config.id, repo.key) if remember else ""
-        return repo, f"opened with the key given; {'remembered in ' + where if where else ''}"
+        if remember:
+            keycache.remember(backend.location, repo.config.id, repo.key)
+        return repo
     cached = keycache.recall(backend.location)
     if cached is not None:
         try:
             repo = Repository.open_with_master_key(backend, cached.master_key)
             if repo.config.id == cached.repo_id:
-                return repo, f"opened with this device's cached key ({cached.where})"
+                return repo
         except WrongKey:
             pass
     if password is not None:
         repo_or_none = password(backend)
         if repo_or_none is not None:
-            where = keycache.remember(backend.location, repo_or_none.config.id, repo_or_none.key)
-            return repo_or_none, f"opened with your password; remembered in {where}"
+            keycache.remember(backend.location, repo_or_none.config.id, repo_or_none.key)
+            return repo_or_none
     if ask is None:
         raise NoKeyAvailable(
             "no key for this repository on this device: set BACKVAULT_KEY to your 64-digit "

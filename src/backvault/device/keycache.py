@@ -1,10 +1,9 @@
 """The device key cache: what unattended daily backups need to open a repository.
 
-It holds the repository's master key, bound to the repository's location and id, in the
-OS keyring (Secret Service, macOS Keychain, Windows Credential Locker) through
-``keyring``. Where no keyring backend exists (a headless server, a container), it falls
-back to a file readable only by the user (0600, in a 0700 folder under the user's config
-folder), and says so (see secretstore). ``forget`` wipes it.
+One entry per repository location: the repository's master key and its id (a key cached
+for a location that now holds another repository is not used). It is kept through
+secretstore — the OS keyring, else a 0600 file under ``config folder/device-keys/`` named
+by a digest of the location — and ``remember`` says which. ``forget`` wipes it.
 """
 
 from __future__ import annotations
@@ -53,13 +52,11 @@ def remember(location: str, repo_id: str, key: Key) -> str:
 
 
 def recall(location: str) -> CachedKey | None:
+    """The key cached for this location, or None (none, or unreadable)."""
     found = secretstore.load(_entry_name(location), _file_for(location))
     return _decode(*found) if found is not None else None
 
 
 def forget(location: str) -> list[str]:
     """Wipe the cached key for this repository everywhere; returns what was removed."""
-    return [
-        "key file " + what.removeprefix("file ") if what.startswith("file ") else what
-        for what in secretstore.delete(_entry_name(location), _file_for(location))
-    ]
+    return secretstore.delete(_entry_name(location), _file_for(location), "key file")

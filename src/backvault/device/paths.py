@@ -1,25 +1,46 @@
-"""Where backvault keeps its per-user files."""
+"""Where backvault keeps its per-user files: the config folder (settings, the fallback
+files of the key cache and the vault token, the vault state) and the cache folder (what a
+run can rebuild: the SQLite state cache, temporary copies).
+
+The XDG folders, through platformdirs: ``$XDG_CONFIG_HOME/backvault`` (else
+``~/.config/backvault``) and ``$XDG_CACHE_HOME/backvault`` (else ``~/.cache/backvault``),
+unless ``BACKVAULT_CONFIG_DIR`` / ``BACKVAULT_CACHE_DIR`` name others. The XDG layout
+holds on every system, macOS included, because that is where earlier versions kept these
+files (platformdirs' native macOS folders would lose them); systemd reads user units
+from the XDG config folder too (``user_config_home``).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from platformdirs.unix import Unix
+
+APP_NAME = "backvault"
+
+
+def _configured(name: str) -> Path | None:
+    """BACKVAULT_CONFIG_DIR or BACKVAULT_CACHE_DIR, through the settings. Imported here, not
+    at the top: pydantic costs a process some 15 MB and a tenth of a second, and worker
+    processes import this module (through the engine) without ever calling it."""
+    from backvault.device.environment import EnvironmentSettings
+
+    folder: Path | None = getattr(EnvironmentSettings.load(), name)
+    return folder
+
+
+def user_config_home() -> Path:
+    """``$XDG_CONFIG_HOME``, else ``~/.config``: the folder every program's settings are in."""
+    return Path(Unix().user_config_dir)
+
 
 def config_dir() -> Path:
-    explicit = os.environ.get("BACKVAULT_CONFIG_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    return Path(base) / "backvault"
+    return _configured("config_dir") or Path(Unix(APP_NAME).user_config_dir)
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("BACKVAULT_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "backvault"
+    return _configured("cache_dir") or Path(Unix(APP_NAME).user_cache_dir)
 
 
 def private_temp_dir() -> Path:

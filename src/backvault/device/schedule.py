@@ -1,7 +1,10 @@
 """Daily unattended backups: a systemd user timer, or a cron line where there is no systemd.
 
 The job runs `backvault backup PATHS` with the device key cache, so it needs no password
-and keeps working when the vault is unreachable.
+and keeps working when the vault is unreachable. The systemd units carry this device's
+``BACKVAULT_CONFIG_DIR``, ``BACKVAULT_CACHE_DIR`` and ``BACKVAULT_KEYRING`` where they are
+set, so the job finds the same key cache, and are private files (their command line names
+the repository, whose URL may hold a password).
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from backvault.device.environment import VARIABLES, EnvironmentSettings
+from backvault.device.paths import user_config_home
 from backvault.hardening import scrubbed_env
+from backvault.hardening.private_files import write_private_file
 
 UNIT = "backvault-backup"
 
 
 @dataclass
 class Installed:
+    """What ``install`` did, for the user."""
+
     how: str  # "systemd" or "cron"
     files: list[Path]
     cron_line: str | None
@@ -29,11 +37,22 @@ class Installed:
 
 
 def _systemd_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
-    return Path(base) / "systemd" / "user"
+    return user_config_home() / "systemd" / "user"
+
+
+def _device_variables() -> dict[str, str]:
+    """The variables that say where this device keeps its files and secrets, as set here:
+    the job must find the same key cache."""
+    environment = EnvironmentSettings.load()
+    return {
+        VARIABLES[name]: str(getattr(environment, name))
+        for name in ("config_dir", "cache_dir", "keyring")
+        if name in environment.sources
+    }
 
 
 def backup_command(repository: str, paths: list[str]) -> list[str]:
+    """The job's command: this Python, this backvault, absolute paths."""
     return [
         sys.executable,
         "-m",
@@ -61,38 +80,38 @@ def _systemctl_user_works() -> bool:
 def install(
     repository: str, paths: list[str], at: str = "03:00", force_cron: bool = False
 ) -> Installed:
+    """A daily backup of ``paths`` at ``at`` (HH:MM): systemd units where systemctl exists
+    (enabled if a user session runs), else the cron line for the user to add."""
     hour, _, minute = at.partition(":")
     if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
         raise ValueError(f"--at must be HH:MM, not {at!r}")
     command = backup_command(repository, paths)
     env_lines = [
-        f"Environment={name}={shlex.quote(value)}"
-        for name, value in os.environ.items()
-        if name in ("BACKVAULT_CONFIG_DIR", "BACKVAULT_CACHE_DIR", "BACKVAULT_KEYRING")
+        f"Environment={name}={shlex.quote(value)}" for name, value in _device_variables().items()
     ]
-    if not force_cron and _systemd_dir_usable():
+    if not force_cron and shutil.which("systemctl") is not None:
         directory = _systemd_dir()
-        directory.mkdir(parents=True, exist_ok=True)
         service = directory / f"{UNIT}.service"
         timer = directory / f"{UNIT}.timer"
         # Private: the command line names the repository, whose URL may hold a password.
-        for path in (service, timer):
-            path.touch(mode=0o600, exist_ok=True)
-            os.chmod(path, 0o600)
-        service.write_text(
+        write_private_file(
+            service,
             "[Unit]\n"
             "Description=backvault daily encrypted backup\n"
             "Wants=network-online.target\nAfter=network-online.target\n\n"
             "[Service]\nType=oneshot\n"
             + "".join(line + "\n" for line in env_lines)
             + f"ExecStart={shlex.join(command)}\n"
-            "Nice=10\nIOSchedulingClass=idle\n"
+            "Nice=10\nIOSchedulingClass=idle\n",
+            private_folder=False,
         )
-        timer.write_text(
+        write_private_file(
+            timer,
             "[Unit]\nDescription=backvault daily encrypted backup\n\n"
             f"[Timer]\nOnCalendar=*-*-* {int(hour):02d}:{int(minute):02d}:00\n"
             "Persistent=true\nRandomizedDelaySec=30min\n\n"
-            "[Install]\nWantedBy=timers.target\n"
+            "[Install]\nWantedBy=timers.target\n",
+            private_folder=False,
         )
         enabled = False
         message = f"wrote {service} and {timer}"
@@ -130,11 +149,8 @@ def install(
     )
 
 
-def _systemd_dir_usable() -> bool:
-    return shutil.which("systemctl") is not None
-
-
 def remove() -> list[Path]:
+    """Disable the timer and delete the units; returns the files removed."""
     directory = _systemd_dir()
     removed = []
     if _systemctl_user_works():

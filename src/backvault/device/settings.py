@@ -1,7 +1,12 @@
-"""The user's settings: ``~/.config/backvault/config.toml`` holds the repository, the vault's
-URL and the account; the account's token, a bearer credential, is kept in the OS keyring
-(or a 0600 file where there is none), never in the settings file. Flags and environment
-variables override both.
+"""The client's settings, one layer: defaults, then ``~/.config/backvault/config.toml``,
+then the keyring (the vault token), then ``BACKVAULT_*`` variables, then flags — each
+overriding the one before, validated on load (pydantic-settings), with where each value
+came from (``describe()``, shown by `backvault config`).
+
+The file holds the repository, the vault's URL and the account; the account's token, a
+bearer credential, is kept in the OS keyring (or a 0600 file where there is none), never
+in the settings file. The settings only the environment gives (worker processes, retries,
+folders, …) are ``environment.EnvironmentSettings``, which ``Settings`` extends.
 
 ```toml
 repository = "/mnt/nas/chat-backup"
@@ -18,7 +23,6 @@ the keyring by the next ``backvault config set vault.token``.
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +30,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import tomli_w
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from backvault.device import secretstore
+from backvault.device.environment import EnvironmentSettings, Variables, field_of
+from backvault.device.environment import SettingsError as SettingsError
 from backvault.device.paths import config_dir
-from backvault.hardening import secret_variable
+from backvault.hardening.private_files import write_private_file
 
+# The settings the file holds (and `config set` sets), with their variables.
 KEYS = ("repository", "vault.url", "vault.account", "vault.token")
 ENV = {
     "repository": "BACKVAULT_REPO",
@@ -43,10 +52,6 @@ ENV = {
 TOKEN = "vault.token"  # noqa: S105 - the setting's name
 TOKEN_ENTRY = "vault-token"  # noqa: S105 - its name in the OS keyring
 HIDDEN = "<hidden>"
-
-
-class SettingsError(ValueError):
-    pass
 
 
 class InsecureVaultUrl(SettingsError):
@@ -94,12 +99,7 @@ def set_value(key: str, value: str | None) -> Path:
     else:
         node[parts[-1]] = value
     path = settings_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        tomli_w.dump(doc, handle)
-    os.replace(tmp, path)
+    write_private_file(path, tomli_w.dumps(doc))
     return path
 
 
@@ -175,53 +175,88 @@ class VaultSettings:
         )
 
 
-@dataclass(frozen=True)
-class Settings:
-    repository: str | None
-    vault_url: str | None
-    vault_account: str | None
-    vault_token: str | None
-    sources: dict[str, str]  # setting -> where its value came from
+class SettingsFile(PydanticBaseSettingsSource):
+    """The settings file's values (``KEYS`` only), as text."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads the whole file itself
+
+    def __call__(self) -> dict[str, Any]:
+        doc = load_file()
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for key in KEYS:
+            value = _get(doc, key)
+            if value is not None:
+                values[field_of(key)], sources[key] = value, str(settings_path())
+        return {**values, "sources": sources} if values else {}
+
+
+class StoredToken(PydanticBaseSettingsSource):
+    """The vault token in the OS keyring (or its 0600 file), looked up only when no flag
+    or variable gave one."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        if self.current_state.get(field_of(TOKEN)):
+            return {}
+        stored = _stored_token()
+        if stored is None:
+            return {}
+        return {field_of(TOKEN): stored[0], "sources": {TOKEN: stored[1]}}
+
+
+class Settings(EnvironmentSettings):
+    """The client's settings, validated: flags beat the environment, which beats the
+    keyring (the token), which beats the settings file, which beats the defaults.
+    ``sources`` says where each value came from. Build it with ``resolve``."""
+
+    repository: str | None = None
+    vault_url: str | None = None
+    vault_account: str | None = None
+    vault_token: str | None = Field(default=None, repr=False)
     allow_plain_http: bool = False  # --insecure-vault
 
-    def __repr__(self) -> str:
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (
-            f"Settings(repository={self.repository!r}, vault_url={self.vault_url!r}, "
-            f"vault_account={self.vault_account!r}, "
-            f"vault_token={HIDDEN if self.vault_token else None}, sources={self.sources!r}, "
-            f"allow_plain_http={self.allow_plain_http})"
+            init_settings,  # the flags
+            Variables(settings_cls, cls.variables()),
+            StoredToken(settings_cls),
+            SettingsFile(settings_cls),
         )
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        return {**ENV, **super().variables()}
 
     @classmethod
     def resolve(
         cls, flags: dict[str, str | None] | None = None, allow_plain_http: bool = False
     ) -> Settings:
-        """Flags beat the environment, which beats the keyring (the token), which beats
-        the file."""
-        doc = load_file()
-        values: dict[str, str | None] = {}
-        sources: dict[str, str] = {}
-        for key in KEYS:
-            flag = (flags or {}).get(key)
-            env = secret_variable(ENV[key]) if key == TOKEN else os.environ.get(ENV[key])
-            if flag:
-                values[key], sources[key] = flag, "flag"
-            elif env:
-                values[key], sources[key] = env, f"${ENV[key]}"
-            elif key == TOKEN and (stored := _stored_token()) is not None:
-                values[key], sources[key] = stored
-            else:
-                values[key] = _get(doc, key)
-                if values[key] is not None:
-                    sources[key] = str(settings_path())
-        return cls(
-            values["repository"],
-            values["vault.url"],
-            values["vault.account"],
-            values["vault.token"],
-            sources,
-            allow_plain_http,
+        """The settings, with ``flags`` (setting name -> value, None or empty if not
+        given) over everything else."""
+        given = {name: value for name, value in (flags or {}).items() if value}
+        return cls.load(
+            **{field_of(name): value for name, value in given.items()},
+            sources=dict.fromkeys(given, "flag"),
+            allow_plain_http=allow_plain_http,
         )
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, value
+            if name == "vault_account":
+                yield "vault_token", HIDDEN if self.vault_token else None
 
     @property
     def vault(self) -> VaultSettings | None:
@@ -259,6 +294,6 @@ class Settings:
             "vault.url": self.vault_url,
             "vault.account": self.vault_account,
             "vault.token": HIDDEN if self.vault_token else None,
-            "sources": self.sources,
+            "sources": {key: self.sources[key] for key in KEYS if key in self.sources},
             "file": str(settings_path()),
         }

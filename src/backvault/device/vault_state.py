@@ -13,12 +13,12 @@ still private to the user (0600 in a 0700 folder), like the rest of the settings
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from backvault.device.paths import config_dir
+from backvault.hardening.private_files import write_private_file
 
 # A recovery rarely takes more than the vault's limit; keep a margin, not a history.
 MAX_REMEMBERED_ATTEMPTS = 256
@@ -41,15 +41,7 @@ def _load() -> dict[str, Any]:
 
 
 def _save(doc: dict[str, Any]) -> None:
-    path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(doc, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_private_file(state_path(), json.dumps(doc, indent=1))
 
 
 def _section(doc: dict[str, Any], url: str, account: str) -> dict[str, Any]:

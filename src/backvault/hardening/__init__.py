@@ -1,5 +1,6 @@
 """What a process holding keys does to keep them in: no core dumps, and no secrets handed
-down to child processes through the environment.
+down to child processes through the environment. ``private_files`` writes the files only
+the user may read (0600, atomically, never through a symlink).
 
 Every package may use this one (it imports nothing of backvault's).
 """

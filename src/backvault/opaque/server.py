@@ -1,7 +1,10 @@
-"""The server side of OPAQUE-3DH, with every random input drawn from ``secrets``."""
+"""The server side of OPAQUE-3DH, with every random input drawn from ``secrets``, and the
+fake records (RFC 9807 Section 10.9) that answer for credential identifiers without one."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -98,6 +101,30 @@ def generate_fake_ke2(
     record = protocol.fake_registration_record(
         fake_client_public_key, secrets.token_bytes(HASH_SIZE)
     )
+    return generate_ke2(config, server_keys, record, credential_identifier, oprf_seed, ke1)
+
+
+def stable_fake_record(fake_record_seed: bytes, credential_identifier: bytes) -> RegistrationRecord:
+    """The fake record of ``credential_identifier``: the same one at every call (derived from
+    a secret seed of the server's), as RFC 9807 Section 10.9 recommends, so that repeated
+    logins to an identifier without a record do not give its absence away by changing."""
+    seed = hmac.new(fake_record_seed, credential_identifier, hashlib.sha512).digest()
+    _, fake_client_public_key = protocol.derive_diffie_hellman_key_pair(seed[:SEED_SIZE])
+    return protocol.fake_registration_record(fake_client_public_key, seed)
+
+
+def generate_stable_fake_ke2(
+    config: OpaqueConfig,
+    server_keys: ServerKeyPair,
+    fake_record_seed: bytes,
+    credential_identifier: bytes,
+    oprf_seed: bytes,
+    ke1: KE1,
+) -> tuple[KE2, ServerLoginState]:
+    """KE2 under the stable fake record of ``credential_identifier`` (stable_fake_record).
+    KE3 never verifies. The caller chooses an identifier no real record ever has, so that
+    this path is no oracle under a real record's OPRF key."""
+    record = stable_fake_record(fake_record_seed, credential_identifier)
     return generate_ke2(config, server_keys, record, credential_identifier, oprf_seed, ke1)
 
 

@@ -31,12 +31,24 @@ from backvault.storage.local import LocalBackend
 UNSUPPORTED = ("sftp:", "b2:", "azure:", "gs:", "swift:")
 
 
+# How often a transient failure is tried, and the rclone program: see configure().
+_retry_attempts: int | None = None
+_rclone_program: str | None = None
+
+
+def configure(*, retry_attempts: int = 8, rclone: str = "rclone") -> None:
+    """The client's settings (``BACKVAULT_RETRY_ATTEMPTS``, ``BACKVAULT_RCLONE``, read by
+    device.settings), for the backends ``open_backend`` opens from now on."""
+    global _retry_attempts, _rclone_program
+    _retry_attempts, _rclone_program = max(1, retry_attempts), rclone
+
+
 def _retrying(inner: Backend, connections: int = 4) -> Backend:
     from backvault.storage.retry import RetryingBackend
 
-    # BACKVAULT_RETRY_ATTEMPTS: how often a transient failure is retried (default 8).
-    attempts = int(os.environ.get("BACKVAULT_RETRY_ATTEMPTS", "8"))
-    return RetryingBackend(inner, attempts=max(1, attempts), connections=connections)
+    attempts = _retry_attempts  # Until the CLI calls configure() (issue 13): the variable.
+    attempts = attempts or max(1, int(os.environ.get("BACKVAULT_RETRY_ATTEMPTS", "8")))
+    return RetryingBackend(inner, attempts=attempts, connections=connections)
 
 
 def open_backend(location: str) -> Backend:
@@ -88,7 +100,8 @@ def _open_backend(location: str) -> Backend:
         remote = location[7:]
         if ":" not in remote:
             raise StorageError(f"{location}: expected rclone:REMOTE:PATH")
-        return _retrying(RcloneBackend(remote), connections=2)
+        program = _rclone_program or os.environ.get("BACKVAULT_RCLONE", "rclone")  # (issue 13)
+        return _retrying(RcloneBackend(remote, program=program), connections=2)
     return LocalBackend(location.removeprefix("local:"))
 
 

@@ -1,7 +1,11 @@
 """Fault injection for crash-safety tests: `BACKVAULT_FAULT_KILL_AFTER_WRITES=N` makes the
 process kill itself with SIGKILL right before its (N+1)-th write or delete on the storage —
 the harshest crash there is (no cleanup, no flush), at an exact, reproducible point.
-Never set it outside tests."""
+Never set it outside tests.
+
+A test hook, not a setting: ``open_backend`` reads the variable itself (the one
+``BACKVAULT_*`` variable the client's settings, device.settings, leave to a lower layer),
+so that a test can crash a process at an exact write without any settings plumbing."""
 
 from __future__ import annotations
 

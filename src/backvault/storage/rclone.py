@@ -104,10 +104,19 @@ class _Http2OverPipe(httpx.BaseTransport):
 
 class RcloneBackend(RestBackend):
     def __init__(
-        self, remote: str, extra_args: list[str] | None = None, timeout: float = 300.0
+        self,
+        remote: str,
+        extra_args: list[str] | None = None,
+        timeout: float = 300.0,
+        program: str = "rclone",
     ) -> None:
-        self._options = {"remote": remote, "extra_args": extra_args, "timeout": timeout}
-        binary = shutil.which(os.environ.get("BACKVAULT_RCLONE", "rclone"))
+        self._options = {
+            "remote": remote,
+            "extra_args": extra_args,
+            "timeout": timeout,
+            "program": program,
+        }
+        binary = shutil.which(program)
         if binary is None:
             raise StorageError(
                 "rclone is not installed: install it (Debian: apt install rclone) to use "

@@ -1,17 +1,37 @@
-"""Vault configuration: defaults, then a TOML file, then BACKVAULT_VAULT_* environment
-variables, then command-line flags — each overriding the one before."""
+"""Vault configuration, on pydantic-settings: defaults, then a TOML file (table ``[vault]``),
+then environment variables ``BACKVAULT_SERVER_<NAME>``, then command-line flags — each
+overriding the one before, and every value validated on load.
+
+The vault once read ``BACKVAULT_VAULT_<NAME>``, a prefix that collides with the client's
+``BACKVAULT_VAULT_URL`` and ``BACKVAULT_VAULT_TOKEN``. Those old names are still read for
+the vault's own settings (never URL or TOKEN), each with a one-line deprecation warning on
+stderr naming its new variable; a new variable wins over its old one.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from sqlalchemy.engine import make_url
 
 from backvault.hardening import environment_value
+
+ENV_PREFIX = "BACKVAULT_SERVER_"
+LEGACY_ENV_PREFIX = "BACKVAULT_VAULT_"
+# The client's variables under the old prefix: never read as the vault's.
+CLIENT_ENV_NAMES = frozenset({"URL", "TOKEN"})
 
 
 class SettingsError(ValueError):
@@ -36,16 +56,84 @@ def has_key_files(path: Path) -> bool:
     return path.exists() or any(path.parent.glob(f"{path.name}.v[0-9]*"))
 
 
-@dataclass
-class VaultSettings:
+class _TomlTable(PydanticBaseSettingsSource):
+    """The ``[vault]`` table of a TOML file (or the whole file without one); ``-`` in keys
+    reads as ``_``; a key that names no setting is an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole table at once
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        with open(self.path, "rb") as handle:
+            doc = tomllib.load(handle)
+        section = doc.get("vault", doc)
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            name = key.replace("-", "_")
+            if name not in _SETTING_NAMES:
+                raise SettingsError(f"{self.path}: unknown setting {key!r}")
+            values[name] = value
+        return values
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """``BACKVAULT_SERVER_<NAME>``, else the deprecated ``BACKVAULT_VAULT_<NAME>``. Read
+    through hardening.environment_value: secrets (the PIN) are withdrawn from os.environ at
+    start."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads every setting at once
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in _SETTING_NAMES:
+            suffix = name.upper()
+            value = environment_value(ENV_PREFIX + suffix)
+            legacy = (
+                None
+                if suffix in CLIENT_ENV_NAMES
+                else environment_value(LEGACY_ENV_PREFIX + suffix)
+            )
+            if legacy is not None:
+                if value is None:
+                    value = legacy
+                    print(
+                        f"backvault: {LEGACY_ENV_PREFIX}{suffix} is deprecated for the vault "
+                        f"server; set {ENV_PREFIX}{suffix} instead",
+                        file=sys.stderr,
+                    )
+                else:
+                    print(
+                        f"backvault: {LEGACY_ENV_PREFIX}{suffix} is deprecated and ignored: "
+                        f"{ENV_PREFIX}{suffix} is set",
+                        file=sys.stderr,
+                    )
+            if value is not None:
+                values[name] = value
+        return values
+
+
+class VaultSettings(BaseSettings):
+    # coerce_numbers_to_str: a TOML number for a text setting (server_identity = 7) reads
+    # as text, as it always did.
+    model_config = SettingsConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    # Where the TOML layer was read from ("" for none): given by the caller, not a setting.
+    config_file: str = Field(default="", exclude=True)
     listen: str = "127.0.0.1:8750"
     db: str = ""  # default: sqlite in data_dir
-    data_dir: str = field(default_factory=lambda: str(default_data_dir()))
-    sealing: str = "file"  # "file" or "pkcs11"
+    data_dir: str = Field(default_factory=lambda: str(default_data_dir()))
+    sealing: Literal["file", "pkcs11"] = "file"
     sealing_key_file: str = ""  # default: config dir/sealing.key (see sealing_key_path)
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
     pkcs11_token_label: str = "backvault"  # noqa: S105 - a label, not a secret
-    pkcs11_pin: str = ""
+    pkcs11_pin: str = Field(default="", repr=False)
     pkcs11_pin_file: str = ""
     pkcs11_key_label: str = "backvault-sealing"
     # Accept a current HSM key whose CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE or
@@ -81,6 +169,21 @@ class VaultSettings:
     metrics: bool = True
     metrics_listen: str = ""  # HOST:PORT: serve /metrics there instead of on `listen`
     metrics_token_file: str = ""  # /metrics on `listen` then needs this bearer token
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (the keyword arguments), then the environment, then the TOML file."""
+        path = None
+        if isinstance(init_settings, InitSettingsSource):
+            path = init_settings.init_kwargs.get("config_file") or None
+        return init_settings, _Environment(settings_cls), _TomlTable(settings_cls, path)
 
     @property
     def db_url(self) -> str:
@@ -152,40 +255,26 @@ def _host_port(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _coerce(kind: Any, value: Any) -> Any:
-    if kind in (bool, "bool"):
-        if isinstance(value, bool):
-            return value
-        return str(value).lower() in ("1", "true", "yes", "on")
-    if kind in (int, "int"):
-        return int(value)
-    if kind in (float, "float"):
-        return float(value)
-    return str(value)
+# In declaration order: the environment is read (and warned about) in a stable order.
+_SETTING_NAMES = tuple(name for name in VaultSettings.model_fields if name != "config_file")
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
 
 
 def load_settings(
     config_file: str | None = None, overrides: dict[str, Any] | None = None
 ) -> VaultSettings:
-    settings = VaultSettings()
-    known = {f.name: f.type for f in fields(VaultSettings)}
-    values: dict[str, Any] = {}
-    if config_file:
-        with open(config_file, "rb") as handle:
-            doc = tomllib.load(handle)
-        section = doc.get("vault", doc)
-        for key, value in section.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"{config_file}: unknown setting {key!r}")
-            values[name] = value
-    for name in known:
-        env = environment_value(f"BACKVAULT_VAULT_{name.upper()}")  # the PIN is withdrawn
-        if env is not None:
-            values[name] = env
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    for name, value in values.items():
-        setattr(settings, name, _coerce(known[name], value))
-    return settings
+    """Settings from the defaults, ``config_file`` (TOML), the environment and
+    ``overrides`` (flags; None values are not given), validated: a SettingsError (or an
+    OSError reading the file) says what is wrong."""
+    flags = {name: value for name, value in (overrides or {}).items() if value is not None}
+    try:
+        return VaultSettings(config_file=config_file or "", **flags)
+    except ValidationError as exc:
+        raise SettingsError(
+            f"{config_file + ': ' if config_file else ''}{_describe(exc)}"
+        ) from None

@@ -1,7 +1,7 @@
 """The sealing-key versions the vault made, recorded in its database with each key's check
-value (sealing.py): what lets a node tell the vault's own keys from keys that someone who
-held the HSM PIN for a moment, or could write to the key folder, planted under a label or
-file name the vault would otherwise pick up.
+value (sealing/check_values.py): what lets a node tell the vault's own keys from keys that
+someone who held the HSM PIN for a moment, or could write to the key folder, planted under
+a label or file name the vault would otherwise pick up.
 
 Versions are recorded by the vault itself: version 1 when it makes the first key (``vault
 init-hsm``, or the first start with a key file), each later one by ``vault
@@ -10,12 +10,12 @@ exactly one key (made by ``init-hsm`` against another database), or one from bef
 versions were recorded — gets them once, at the next start: the one key, or the versions
 that stored values are sealed under and whose key in the store really opens them.
 
-Every version but the first is vouched for by the key of a lower version (sealing.py,
-VOUCH_CONTEXT): `rotate-sealing-key` has the current key vouch for the new one, so a record
-written into the database by someone who cannot use the vault's keys is ignored. Records
-from before vouches existed are chained once, at the first start after the upgrade: the
-versions up to the highest one stored values are sealed under, each vouched for by the one
-before.
+Every version but the first is vouched for by the key of a lower version
+(sealing/check_values.py, VOUCH_CONTEXT): `rotate-sealing-key` has the current key vouch
+for the new one, so a record written into the database by someone who cannot use the
+vault's keys is ignored. Records from before vouches existed are chained once, at the
+first start after the upgrade: the versions up to the highest one stored values are sealed
+under, each vouched for by the one before.
 """
 
 from __future__ import annotations

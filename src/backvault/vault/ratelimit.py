@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+
+from cachetools import LRUCache
 
 
 class RateLimiter:
@@ -14,9 +15,10 @@ class RateLimiter:
     ) -> None:
         self.rate = per_minute / 60.0
         self.burst = burst if burst is not None else max(1.0, per_minute / 6)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # The most recently seen keys' buckets: past max_keys, the least recently seen
+        # key's bucket goes (it starts full again if that key comes back).
+        self._buckets: LRUCache[str, tuple[float, float]] = LRUCache(maxsize=max_keys)
         self._lock = threading.Lock()
-        self._max_keys = max_keys
 
     def allow(self, key: str) -> float:
         """0 if allowed now; otherwise the seconds to wait."""
@@ -32,6 +34,4 @@ class RateLimiter:
             else:
                 self._buckets[key] = (tokens, now)
                 wait = (1 - tokens) / self.rate
-            while len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
         return wait

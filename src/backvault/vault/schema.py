@@ -1,6 +1,6 @@
 """The vault's tables (SQLAlchemy Core) and its migrations.
 
-Every secret column holds sealed bytes only (see sealing.py). Migrations are numbered and
+Every secret column holds sealed bytes only (see sealing/). Migrations are numbered and
 run in order inside one transaction; on PostgreSQL an advisory lock lets several nodes
 start at once without racing. ``_v1`` creates the tables as they are defined now, except
 ``records``, which it creates as version 1 had it; later migrations add only what an older
@@ -144,7 +144,7 @@ sealing_key_usage = sa.Table(
 
 
 # Every sealing-key version the vault made (or, once, adopted), with the key's check value
-# (sealing.py): nodes use only keys whose version is recorded here with a matching check
+# (sealing/): nodes use only keys whose version is recorded here with a matching check
 # value, so a key planted in the HSM or the key folder is never used. Rows are never
 # deleted: a destroyed version keeps its number, which is never made again.
 sealing_key_versions = sa.Table(

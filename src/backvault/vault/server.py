@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import start_http_server
 
+from backvault.hardening.private_files import make_private_dir, write_private_file
 from backvault.opaque import OpaqueConfig
 from backvault.vault import metrics
 from backvault.vault.accounts import (
@@ -27,13 +28,14 @@ from backvault.vault.accounts import (
     VerifierChain,
     jwt_verifier_from_settings,
 )
-from backvault.vault.app import JsonLogFormatter, create_app
+from backvault.vault.api import create_app
 from backvault.vault.config import SettingsError, VaultSettings, default_config_dir
 from backvault.vault.housekeeping import nonce_budget_warning, purge_audit, record_seal_counts
 from backvault.vault.key_versions import DatabaseVersionRecords
+from backvault.vault.logging import JsonLogFormatter
 from backvault.vault.ratelimit import RateLimiter
 from backvault.vault.schema import migrate, vault_keys
-from backvault.vault.sealing import FileSealer, Pkcs11Sealer, Sealer, make_private_dir
+from backvault.vault.sealing import FileSealer, Pkcs11Sealer, Sealer
 from backvault.vault.service import VaultService
 from backvault.vault.store import make_engine
 
@@ -92,7 +94,7 @@ def secure_database_files(settings: VaultSettings) -> list[str]:
             fixed.append(change)
     if not path.exists():
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            write_private_file(path, b"", exclusive=True, private_folder=False)
     for name in (path.name, path.name + "-wal", path.name + "-shm", path.name + "-journal"):
         candidate = folder / name
         try:

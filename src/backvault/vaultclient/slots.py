@@ -26,7 +26,6 @@ from backvault.device import vault_state
 from backvault.device.settings import VaultSettings
 from backvault.opaque import OpaqueConfig
 from backvault.repo.repository import KeySlot, Repository
-from backvault.storage import Backend
 from backvault.vaultclient.http import LoginResult, VaultClient, VaultRefused, VaultUnavailable
 
 WRAP_INFO = b"backvault vault-slot wrap v1"
@@ -202,12 +201,6 @@ class PasswordSlots:
             except (VaultRefused, VaultUnavailable) as exc:
                 upgraded, problem = False, exc
         return Recovery(secret, result, upgraded, problem)
-
-    def recover_secret(self, password: bytes) -> bytes:
-        return self.recover(password).secret
-
-    def open(self, backend: Backend, password: bytes) -> Repository:
-        return Repository.open(backend, [self.recover_secret(password).hex().encode()])
 
     def check_record(self) -> RecordCheck:
         """What the vault holds for this account, compared with what this device

@@ -1,0 +1,84 @@
+"""The password the vault keeps: turning it on (or changing it — the same path: a new slot
+secret and vault record, the account's earlier password slots removed), turning it off,
+and checking it.
+
+The vault holds one record per account, so once a new one is registered the earlier
+password slots of that account open nothing and go. Slots an earlier version named password
+slots in clear are never removed on that word (whoever can write the storage could have
+renamed the recovery key so): they are reported instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backvault.app.errors import AppError, NoPasswordSlot
+from backvault.app.keys import relabel_legacy_keys
+from backvault.device.settings import VaultSettings
+from backvault.repo.repository import KeySlot, Repository
+from backvault.vaultclient.slots import PasswordSlots, RecordCheck, Recovery
+
+
+@dataclass(frozen=True)
+class PasswordSet:
+    key_id: str
+    replaced: list[str]  # the account's earlier password slots, removed
+    unverified: list[KeySlot]  # named password slots in clear by an earlier version: kept
+    renamed: dict[str, str]  # legacy key files relabelled: old id -> new id
+
+
+def require_password_slot(repo: Repository, vault: VaultSettings) -> None:
+    """Changing a password needs one to change (checked before asking for the new one)."""
+    if not PasswordSlots(vault).slots_of_account(repo, verified_only=False):
+        raise NoPasswordSlot(
+            "this repository has no password slot for this account; add one with "
+            "`backvault key add --password`"
+        )
+
+
+def set_password(
+    repo: Repository, vault: VaultSettings, password: str, max_attempts: int | None
+) -> PasswordSet:
+    """Add a password slot for ``password`` (replacing the vault's record for the account)
+    and remove the account's earlier password slots."""
+    slots = PasswordSlots(vault)
+    old = slots.slots_of_account(repo)
+    key_id = slots.enable(repo, password.encode(), max_attempts)
+    for slot in old:
+        repo.remove_key(slot.id)
+    unverified = slots.unverified_slots_of_account(repo)
+    return PasswordSet(key_id, [s.id for s in old], unverified, relabel_legacy_keys(repo))
+
+
+@dataclass(frozen=True)
+class PasswordDisabled:
+    removed: list[str]
+    unverified: list[KeySlot]
+
+
+def disable_password(repo: Repository, vault: VaultSettings) -> PasswordDisabled:
+    """Erase the vault record and remove the account's password slots; refused when the
+    password is the repository's only key."""
+    slots = PasswordSlots(vault)
+    mine = slots.slots_of_account(repo)
+    if not [s for s in repo.list_keys() if s not in mine]:
+        raise AppError(
+            "refusing: the password is the only key of this repository; add a 64-digit key "
+            "first (`backvault key add`)"
+        )
+    slots.delete_record()
+    for slot in mine:
+        repo.remove_key(slot.id)
+    return PasswordDisabled([s.id for s in mine], slots.unverified_slots_of_account(repo))
+
+
+def vault_record(vault: VaultSettings) -> RecordCheck:
+    """What the vault holds for the account, compared with what this device registered;
+    costs no attempt."""
+    return PasswordSlots(vault).check_record()
+
+
+def check_password(vault: VaultSettings, password: str) -> Recovery:
+    """A real login (a wrong password uses an attempt; a right one forgives this device's
+    wrong tries)."""
+    return PasswordSlots(vault).recover(password.encode())

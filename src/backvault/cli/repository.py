@@ -1,0 +1,146 @@
+"""Opening the repository for a command, and the lock each command holds while it works.
+
+Every command that works on a repository is declared with ``@with_repository(lock=…)``
+(borg's ``with_repository(exclusive=…)`` is the model): it opens the repository (with
+BACKVAULT_KEY, this device's key cache, the password through the vault, or a typed
+64-digit key), takes the lock, passes the repository in, and lets the lock go at the end.
+
+=====================  ==========================  ===============================================
+command                lock                        why
+=====================  ==========================  ===============================================
+backup                 shared                      adds packs and a snapshot; others may too
+check                  shared                      reads everything; must not see a prune halfway
+forget                 exclusive (shared with      removes snapshot files (then prunes with
+                       --dry-run)                  --prune, under the same lock)
+prune                  exclusive                   deletes and repacks packs
+repair index           exclusive                   rewrites the index
+snapshots, ls,         none                        read only (as today: a prune running meanwhile
+restore                                            can make them report missing data)
+key …, password …      none                        a key file is written or removed on its own
+                                                   (``opened(ctx, Lock.NONE)`` where the vault
+                                                   settings are checked before the key is asked)
+forget-device, init    none                        (no repository yet, or only this device's key)
+unlock                 none                        removes locks
+=====================  ==========================  ===============================================
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from backvault.app.opening import NoKeyAvailable, open_repository
+from backvault.cli.context import Context, pass_context
+from backvault.cli.failures import ERASED_MESSAGE, EXIT_WRONG_KEY, fail
+from backvault.cli.prompts import ask_key, key_from_env, read_password
+from backvault.device.settings import VaultSettings
+from backvault.repo.lock import RepositoryLock
+from backvault.repo.repository import Repository
+from backvault.storage import Backend
+from backvault.vaultclient.slots import LEGACY_UPGRADED, PasswordSlots, Recovery
+
+
+class Lock(enum.Enum):
+    NONE = "none"
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+# A lock mode, or how to choose it from the command's parameters (forget --dry-run).
+LockPolicy = Lock | Callable[[dict[str, Any]], Lock]
+
+
+@contextmanager
+def holding(repo: Repository, lock: Lock) -> Iterator[None]:
+    if lock is Lock.NONE:
+        yield
+        return
+    with RepositoryLock(repo, exclusive=lock is Lock.EXCLUSIVE):
+        yield
+
+
+@contextmanager
+def opened(ctx: Context, lock: Lock) -> Iterator[Repository]:
+    """The repository, with ``lock`` held until the block ends (for a command whose
+    repository is opened on one branch only: ``key add``)."""
+    repo = open_repo(ctx)
+    with holding(repo, lock):
+        yield repo
+
+
+def with_repository(lock: LockPolicy) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a command that works on the repository: it is called as
+    ``command(ctx, repo, **params)`` with the lock ``lock`` held. Options whose values must
+    be checked before the key is asked for check them in their click callback."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def run(ctx: Context, **params: Any) -> Any:
+            with opened(ctx, lock(params) if callable(lock) else lock) as repo:
+                return command(ctx, repo, **params)
+
+        return pass_context(run)
+
+    return decorate
+
+
+def open_repo(ctx: Context) -> Repository:
+    """Open the repository: BACKVAULT_KEY, else this device's cache, else the password
+    through the vault (when one is configured), else a typed 64-digit key."""
+    location = ctx.require_repo()
+    ask = ask_key if sys.stdin.isatty() else None
+    vault = ctx.optional_vault()
+    opener = password_opener(ctx, vault) if vault is not None else None
+    return open_repository(location, key_from_env(), ask=ask, password=opener)
+
+
+def report_legacy_upgrade(ctx: Context, recovery: Recovery) -> None:
+    if recovery.upgraded:
+        ctx.warn(f"warning: {LEGACY_UPGRADED}")
+    elif recovery.upgraded is False:
+        ctx.warn(
+            "warning: this vault record was made before each record had its own OPRF key, and "
+            f"moving it to a fresh one failed ({recovery.problem}); it will be tried again at "
+            "the next login, or run `backvault password change`"
+        )
+
+
+def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], Repository | None]:
+    """Opens the repository with the password the vault checks (vault errors reach the
+    exit-code table, which explains them)."""
+
+    def open_with_password(backend: Backend) -> Repository | None:
+        slots = PasswordSlots(vault)
+        record = slots.check_record()
+        status = record.status
+        if not status.get("exists"):
+            fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
+        if record.ours is False:
+            ctx.warn(
+                "warning: the vault holds a record this device did not register (someone with "
+                "the account token may have replaced it); if your password fails, use your "
+                "64-digit key and then `backvault password change`"
+            )
+        left = int(str(status.get("attempts_left", 0)))
+        if left == 1:
+            ctx.warn(
+                "warning: this is the last attempt the vault allows; if the password is "
+                "wrong, it erases the key for good"
+            )
+        password = read_password(f"Password (vault {vault.url}; empty to type your 64-digit key)")
+        if password is None:
+            raise NoKeyAvailable(
+                "no key for this repository on this device: set BACKVAULT_PASSWORD (or "
+                "BACKVAULT_KEY to your 64-digit key), or run interactively"
+            )
+        if not password:
+            return None  # the person chose to type the 64-digit key
+        recovery = slots.recover(password.encode())
+        report_legacy_upgrade(ctx, recovery)
+        return Repository.open(backend, [recovery.secret.hex().encode()])
+
+    return open_with_password
