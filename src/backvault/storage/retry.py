@@ -83,6 +83,11 @@ class RetryingBackend(BackendWrapper):
         self._sleep = sleep
         self.retries = 0
 
+    @property
+    def attempts(self) -> int:
+        """How many times a call is tried at most."""
+        return self.policy.attempts
+
     def wrapper_options(self) -> dict[str, Any]:
         return {
             "attempts": self.policy.attempts,
