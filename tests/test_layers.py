@@ -15,7 +15,7 @@ ALLOWED = {
     "storage": set(),
     "source": set(),
     "repo": {"crypto", "storage"},
-    "engine": {"repo", "crypto", "storage", "source", "device"},
+    "engine": {"repo", "crypto", "storage", "source"},
     "device": {"crypto"},
     "vaultclient": {"opaque", "crypto", "repo", "storage", "device"},
     "vault": {"opaque", "crypto"},
@@ -37,6 +37,9 @@ ALLOWED = {
 }
 # Imported by every package: process hardening (no core dumps, no secrets for children).
 EVERYWHERE = {"hardening"}
+# Imports that break the rules for now, each named: the settings fallback of
+# engine.parallel.worker_processes, until the command line calls parallel.configure().
+TEMPORARY = {("engine/parallel.py", "backvault.device.environment")}
 NO_IO_PACKAGES = {"opaque"}
 IO_MODULES = {"os", "socket", "subprocess", "shutil", "pathlib", "urllib", "http", "httpx"}
 
@@ -68,6 +71,7 @@ def test_packages_import_only_lower_layers() -> None:
                     or len(parts) < 2
                     or parts[1] == package
                     or parts[1].startswith("__")  # the package's own metadata (__version__)
+                    or (str(path.relative_to(SRC)), name) in TEMPORARY
                 ):
                     continue
                 assert parts[1] in allowed | EVERYWHERE, f"{path.relative_to(SRC)} imports {name}"

@@ -1,4 +1,4 @@
-"""Backup, restore and check on worker processes (repo/workers.py), judged by the real
+"""Backup, restore and check on worker processes (engine/parallel.py), judged by the real
 restic: the same data with and without worker processes gives repositories restic
 accepts and restores identically; duplicates, large files cut in pieces, damage and kill -9
 behave as they do on threads."""
@@ -10,17 +10,19 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
 
-from backvault.engine import archiver as backup_module
 from backvault.engine.archiver import Backup
+from backvault.engine.archiver import archiver as backup_module
 from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
-from backvault.storage import LocalBackend
+from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest
 from tests.test_restic_interop import restic
 
@@ -195,3 +197,67 @@ def test_an_unchanged_folder_keeps_its_tree_and_a_change_is_seen(tmp_path: Path)
     restored = tmp_path / "out"
     Restorer(repo, restored).run(repo.find_snapshot(third.snapshot_id)[1])
     assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
+
+
+class RecordingBackend(BackendWrapper):
+    """Records every save, with the id of the process that made it, in a log file (a
+    wrapper such as ``open_backend`` adds: worker processes must keep it)."""
+
+    def __init__(self, inner: Backend, log: str) -> None:
+        super().__init__(inner)
+        self.log = log
+
+    def wrapper_options(self) -> dict[str, Any]:
+        return {"log": self.log}
+
+    def save(self, kind: FileType, name: str, data: bytes) -> None:
+        with open(self.log, "a") as handle:
+            handle.write(f"{os.getpid()} {kind.value}/{name}\n")
+        super().save(kind, name, data)
+
+
+def test_worker_processes_reopen_the_wrapped_backend_stack(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(8):
+        (source / f"f{i}.bin").write_bytes(os.urandom(600_000))
+    log = tmp_path / "saves.log"
+    backend = RecordingBackend(LocalBackend(tmp_path / "repo"), str(log))
+    repo = Repository.init(backend, b"k" * 32)
+    with mock.patch.dict(os.environ, PROCESSES):
+        result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+    saves = [line.split() for line in log.read_text().splitlines()]
+    by_workers = [name for pid, name in saves if int(pid) != os.getpid()]
+    assert by_workers, "no worker process saved through the wrapper"
+    assert all(name.startswith("data/") for name in by_workers)
+    assert result.packs_written >= len(by_workers)
+    restored = tmp_path / "out"
+    Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
+    assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
+
+
+def _no_context() -> str:
+    return "nothing"
+
+
+def _pid(context: str) -> int:
+    return os.getpid()
+
+
+def test_a_cancelled_shutdown_frees_a_worker_waiting_at_the_barrier() -> None:
+    """Ctrl-C while ``on_each_process`` hands out its tasks: a worker that took its task
+    waits at the barrier for the others, whose tasks the shutdown cancels. The shutdown
+    must not wait for it for ever (a backup interrupted then hung)."""
+    from backvault.engine import parallel
+
+    pool = parallel.WorkerPool(None, 1, _no_context, lambda: (), threshold=0, processes=2)
+    pool.submit(_pid).result(timeout=60)  # the processes are running
+    assert pool._process_pool is not None
+    waiting = pool._process_pool.submit(parallel._on_each, _pid)  # one of the two tasks
+    time.sleep(0.5)
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel": True})
+    stopper.start()
+    stopper.join(timeout=60)
+    assert not stopper.is_alive(), "the shutdown waits for a worker at the barrier"
+    with pytest.raises(threading.BrokenBarrierError):
+        waiting.result(timeout=10)

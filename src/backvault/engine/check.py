@@ -10,10 +10,11 @@ from typing import Any
 
 from backvault.crypto.aead import OVERHEAD
 from backvault.engine.parallel import reader_pool
+from backvault.engine.walk import walk
 from backvault.repo import format as fmt
 from backvault.repo.blobs import BlobLocation, BlobReader, PackReport
 from backvault.repo.errors import DamagedObject
-from backvault.repo.format import BlobType, PackedBlob
+from backvault.repo.format import BlobType, Node, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.storage import FileType
 
@@ -34,6 +35,14 @@ class CheckResult:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "ok": self.ok}
+
+
+class _TreeProblem(DamagedObject):
+    """A snapshot names a tree the index does not have as a tree: ``kind`` and ``name``
+    begin its message ("tree 1a2b3c4d5e6f", "blob 1a2b3c4d5e6f")."""
+
+    def __init__(self, kind: str, tree_id: bytes, problem: str) -> None:
+        super().__init__(f"{kind} {tree_id.hex()[:12]}", problem)
 
 
 def expected_pack_size(blobs: list[PackedBlob]) -> int:
@@ -88,61 +97,34 @@ class Checker:
         snapshots = self.repo.list_snapshots(errors=errors)
         self.result.errors.extend(str(e) for e in errors)
         self.result.snapshots = len(snapshots)
-        seen: set[bytes] = set()
+        seen: set[bytes] = set()  # each tree is checked once, in the first snapshot met
         shapes: dict[bytes, fmt.TreeShape] = {}
-        # (tree, where it is for messages, its snapshot, its path in the snapshot)
-        todo = [
-            (snap.tree, f"snapshot {name[:8]}", f"snapshot {name[:8]}", "")
-            for name, snap in snapshots
-        ]
-        while todo:
-            tree_id, where, snapshot, folder = todo.pop()
-            if tree_id in seen:
-                continue
-            seen.add(tree_id)
-            location = self.repo.lookup(tree_id, BlobType.TREE) or self.repo.lookup(tree_id)
-            if location is None:
-                self.result.errors.append(
-                    f"tree {tree_id.hex()[:12]} ({where}) is not in any index"
-                )
-                continue
-            if location.blob.type is not BlobType.TREE:
-                self.result.errors.append(f"blob {tree_id.hex()[:12]} ({where}) is not a tree")
-                continue
-            try:
+        for name, snap in reversed(snapshots):
+            label = f"snapshot {name[:8]}"
+
+            def load(tree_id: bytes) -> list[Node]:
+                location = self.repo.lookup(tree_id, BlobType.TREE) or self.repo.lookup(tree_id)
+                if location is None:
+                    raise _TreeProblem("tree", tree_id, "is not in any index")
+                if location.blob.type is not BlobType.TREE:
+                    raise _TreeProblem("blob", tree_id, "is not a tree")
                 nodes = self.repo.load_tree(tree_id)
-            except DamagedObject as exc:
-                self.result.errors.append(f"{exc} (tree of {where})")
-                continue
-            self.result.trees += 1
-            shapes[tree_id] = fmt.TreeShape.of(nodes)
-            for node in nodes:
-                path = f"{folder}/{node.name}"
-                if node.type == "dir" and node.subtree is not None:
-                    todo.append((node.subtree, f"{where}: {node.name}", snapshot, path))
-                held: int | None = 0
-                for blob_id in node.content or []:
-                    loc = self._data_blob(blob_id)
-                    if loc is None:
-                        self.result.errors.append(
-                            f"data blob {blob_id.hex()[:12]} of {node.name!r} ({where}) "
-                            "is not in any index"
-                        )
-                        held = None
-                    elif loc.blob.type is not BlobType.DATA:
-                        self.result.errors.append(
-                            f"blob {blob_id.hex()[:12]} of {node.name!r} is not data"
-                        )
-                        held = None
-                    elif held is not None:
-                        held += loc.blob.plaintext_length
-                if node.type == "file" and held is not None and held != node.size:
-                    # A restore refuses such a file (its blobs cannot fill it, or would
-                    # write past its end): name it before a restore is needed.
-                    self.result.errors.append(
-                        f"file {path} ({snapshot}) has the wrong size: its blobs hold "
-                        f"{held} bytes by the index, its entry says {node.size}"
-                    )
+                self.result.trees += 1
+                shapes[tree_id] = fmt.TreeShape.of(nodes)
+                return nodes
+
+            def damaged(path: str, exc: DamagedObject, label: str = label) -> None:
+                # Where the tree is, for messages: "snapshot 1a2b3c4d: home: chat".
+                where = label + path.replace("/", ": ")
+                if isinstance(exc, _TreeProblem):
+                    self.result.errors.append(f"{exc.name} ({where}) {exc.problem}")
+                else:
+                    self.result.errors.append(f"{exc} (tree of {where})")
+
+            for path, node in walk(
+                self.repo, snap.tree, load=load, on_damaged=damaged, seen=seen, max_entries=None
+            ):
+                self._check_content(node, path, label)
         # Folders may share trees: a snapshot of a few trees can expand to 2^40 entries,
         # which restore refuses. Each tree is added up once.
         totals: dict[bytes, tuple[int, int]] = {}
@@ -154,6 +136,30 @@ class Checker:
                     f"folders share subtrees), more than the {fmt.MAX_RESTORE_ENTRIES:,} a "
                     "restore makes"
                 )
+
+    def _check_content(self, node: Node, path: str, snapshot: str) -> None:
+        """The blobs of an entry are indexed as data, and hold what its size says."""
+        where = snapshot + path.rsplit("/", 1)[0].replace("/", ": ")
+        held: int | None = 0
+        for blob_id in node.content or []:
+            loc = self._data_blob(blob_id)
+            if loc is None:
+                self.result.errors.append(
+                    f"data blob {blob_id.hex()[:12]} of {node.name!r} ({where}) is not in any index"
+                )
+                held = None
+            elif loc.blob.type is not BlobType.DATA:
+                self.result.errors.append(f"blob {blob_id.hex()[:12]} of {node.name!r} is not data")
+                held = None
+            elif held is not None:
+                held += loc.blob.plaintext_length
+        if node.type == "file" and held is not None and held != node.size:
+            # A restore refuses such a file (its blobs cannot fill it, or would write
+            # past its end): name it before a restore is needed.
+            self.result.errors.append(
+                f"file {path} ({snapshot}) has the wrong size: its blobs hold "
+                f"{held} bytes by the index, its entry says {node.size}"
+            )
 
     def _data_blob(self, blob_id: bytes) -> BlobLocation | None:
         """Where a data blob is by the index, found as data if it is stored as both

@@ -7,6 +7,10 @@ time handing the GIL to each other (a million futex calls for a 1 GB restore) th
 working. Small jobs stay on threads in this process, where starting processes would cost
 more than it saves.
 
+Work reaches the pool in batches (``Batcher``): one task per small file would spend more
+time passing tasks between processes than working, and a byte budget (``ByteBudget``)
+bounds what is handed out and not yet finished with, so memory stays flat.
+
 A worker process gets what it needs (the master key, for instance) once, through the pipe
 that starts it, and keeps it in memory only, as the parent does. Processes are started
 with ``spawn``, not ``fork``: the parent has threads (progress bars, storage clients) and
@@ -16,6 +20,7 @@ a forked child could inherit a lock one of them held.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
@@ -23,15 +28,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from backvault.crypto.aead import Key
 from backvault.hardening import disable_core_dumps
 from backvault.repo.blobs import BlobReader
-from backvault.storage import Backend
-from backvault.storage.local import LocalBackend
+from backvault.storage import Backend, BackendSpec, open_backend_from_spec
 
 T = TypeVar("T")
+Payload = TypeVar("Payload")
+Tag = TypeVar("Tag")
+Outcome = TypeVar("Outcome")
 
 # Below this much work, starting worker processes costs more than it saves.
 PROCESS_THRESHOLD_BYTES = 32 * 1024 * 1024
@@ -135,6 +142,7 @@ class WorkerPool:
         if make_context is None or process_args is None:
             self._processes = 0
         self._process_pool: ProcessPoolExecutor | None = None
+        self._barrier: Any = None  # the workers' barrier for ``on_each_process``
         self._submitted = 0
         self._lock = threading.Lock()
 
@@ -186,6 +194,7 @@ class WorkerPool:
             ):
                 assert self._make_context is not None and self._process_args is not None
                 context = multiprocessing.get_context("spawn")
+                self._barrier = context.Barrier(self._processes)
                 self._process_pool = ProcessPoolExecutor(
                     self._processes,
                     mp_context=context,
@@ -193,7 +202,7 @@ class WorkerPool:
                     initargs=(
                         self._make_context,
                         self._process_args(),
-                        context.Barrier(self._processes),
+                        self._barrier,
                         os.getpid(),
                     ),
                 )
@@ -212,6 +221,10 @@ class WorkerPool:
     def shutdown(self, cancel: bool = False) -> None:
         self._threads.shutdown(wait=True, cancel_futures=cancel)
         if self._process_pool is not None:
+            if cancel:
+                # A worker may wait at the barrier of ``on_each_process`` for a task that
+                # is now cancelled: it would wait for ever, and this shutdown with it.
+                self._barrier.abort()
             try:
                 self._process_pool.shutdown(wait=True, cancel_futures=cancel)
             except RuntimeError:
@@ -225,20 +238,116 @@ class WorkerPool:
                     process.join()
 
 
+class ByteBudget:
+    """Bounds the bytes handed to workers and not yet finished with.
+
+    ``take`` blocks while the budget is spent; a single request larger than the whole
+    budget is let through when nothing else is in flight, so it cannot deadlock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self._used and self._used + n > self._limit:
+                self._cond.wait()
+            self._used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+    def wait_idle(self) -> None:
+        """Block until every taken byte was given back."""
+        with self._cond:
+            while self._used:
+                self._cond.wait()
+
+
+class Batcher(Generic[Payload, Tag, Outcome]):
+    """Groups pieces of work into tasks of about ``batch_bytes`` (or ``batch_items``
+    pieces) for a pool, within a byte budget of ``budget_bytes`` in flight.
+
+    ``add(payload, tag, size)`` queues a piece; a full batch goes to the pool as
+    ``fn(context, payloads)``. When the task is done, ``on_done(tags, future, release)``
+    runs on the pool's thread; ``release()`` gives the batch's bytes back to the budget and
+    must be called once, when the results are dealt with (possibly later, on another
+    thread). Each task is charged at least ``min_charge`` bytes. Safe to use from several
+    threads.
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        fn: Callable[..., Outcome],
+        on_done: Callable[[list[Tag], Future[Outcome], Callable[[], None]], None],
+        *,
+        budget_bytes: int,
+        batch_bytes: int,
+        batch_items: int,
+        min_charge: int = 0,
+    ) -> None:
+        self._pool = pool
+        self._fn = fn
+        self._on_done = on_done
+        self._budget = ByteBudget(budget_bytes)
+        self._batch_bytes_limit = batch_bytes
+        self._batch_items = batch_items
+        self._min_charge = min_charge
+        self._payloads: list[Payload] = []
+        self._tags: list[Tag] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, payload: Payload, tag: Tag, size: int) -> None:
+        with self._lock:
+            self._payloads.append(payload)
+            self._tags.append(tag)
+            self._bytes += size
+            full = self._bytes >= self._batch_bytes_limit or len(self._tags) >= self._batch_items
+        if full:
+            self.submit()
+
+    def submit(self) -> None:
+        """Hand what is queued to the pool now, as one task."""
+        with self._lock:
+            if not self._tags:
+                return
+            payloads, tags, size = self._payloads, self._tags, self._bytes
+            self._payloads, self._tags, self._bytes = [], [], 0
+        charge = max(size, self._min_charge)
+        self._budget.take(charge)
+        try:
+            future = self._pool.submit(self._fn, payloads, work_bytes=size)
+        except BaseException:
+            self._budget.give(charge)
+            raise
+        release = functools.partial(self._budget.give, charge)
+        on_done = self._on_done
+        future.add_done_callback(lambda done: on_done(tags, done, release))
+
+    def wait_idle(self) -> None:
+        """Block until every task handed out was dealt with (released)."""
+        self._budget.wait_idle()
+
+
 def reader_pool(backend: Backend, key: Key, threads: int = 4) -> WorkerPool:
-    """A pool for BlobReader work: worker processes for a repository on a local disk
-    (they open it themselves) once enough work was submitted, threads otherwise (for
-    remote storage the network, not the CPU, is the limit)."""
-    if isinstance(backend, LocalBackend):
-        root = str(backend.root)
+    """A pool for BlobReader work: worker processes for a backend with direct file I/O
+    (they reopen the same backend stack from its spec) once enough work was submitted,
+    threads otherwise (for remote storage the network, not the CPU, is the limit)."""
+    if backend.capabilities.direct_file_io:
         return WorkerPool(
             BlobReader(backend, key),
             threads,
             make_context=_reader_in_worker,
-            process_args=lambda: (key.to_json(), root),
+            process_args=lambda: (key.to_json(), backend.spec()),
         )
     return WorkerPool(BlobReader(backend, key), threads)
 
 
-def _reader_in_worker(key_doc: dict[str, Any], root: str) -> BlobReader:
-    return BlobReader(LocalBackend(root), Key.from_json(key_doc))
+def _reader_in_worker(key_doc: dict[str, Any], spec: BackendSpec) -> BlobReader:
+    return BlobReader(open_backend_from_spec(spec), Key.from_json(key_doc))

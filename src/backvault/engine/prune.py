@@ -19,8 +19,9 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from backvault.engine.walk import walk
 from backvault.repo.errors import DamagedObject, RepositoryError
-from backvault.repo.format import BlobType, IndexFile, PackedBlob
+from backvault.repo.format import BlobType, IndexFile, Node, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter
 from backvault.storage import FileType, ObjectNotFound
@@ -62,20 +63,25 @@ def used_blobs(repo: Repository) -> set[bytes]:
             "and deal with the damage first"
         )
     used: set[bytes] = set()
-    todo = [snap.tree for _, snap in snapshots]
-    while todo:
-        tree_id = todo.pop()
-        if tree_id in used:
-            continue
+    trees: set[bytes] = set()
+
+    def load(tree_id: bytes) -> list[Node]:
         if repo.lookup(tree_id) is None:
             raise RepositoryError(
                 f"prune stopped before deleting anything: tree {tree_id.hex()[:12]} is in no "
                 "index; run `backvault repair index`, then `backvault check`"
             )
         used.add(tree_id)
-        for node in repo.load_tree(tree_id):
-            if node.subtree is not None:
-                todo.append(node.subtree)
+        return repo.load_tree(tree_id)
+
+    def has_subtree(path: str, node: Node) -> bool:
+        # Any entry's subtree is kept, a folder's or not: never delete what is referenced.
+        return node.subtree is not None
+
+    for _, snap in reversed(snapshots):
+        for _path, node in walk(
+            repo, snap.tree, descend=has_subtree, load=load, seen=trees, max_entries=None
+        ):
             for blob_id in node.content or []:
                 if repo.lookup(blob_id) is None:
                     raise RepositoryError(

@@ -1,6 +1,6 @@
 """The backup's heavy work: cut file data into chunks, hash, compress and encrypt them.
 
-It runs in worker processes (see ``workers``), which know the blobs the repository held
+It runs in worker processes (see ``engine.parallel``), which know the blobs the repository held
 when they started and the ones they stored themselves; a chunk they know comes back as its
 id alone. A worker stores what it seals in packs of its own, written to the repository
 directly, and reports those packs; the parent indexes them. Two workers that meet the same
@@ -26,10 +26,11 @@ import zstandard
 from backvault.crypto.aead import Key
 from backvault.repo import format as fmt
 from backvault.repo.chunker import ContentChunker, chunker_seed
+from backvault.repo.compression import ThreadCompressors
 from backvault.repo.format import BlobType, Config, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
-from backvault.storage.local import LocalBackend
+from backvault.storage import BackendSpec, open_backend_from_spec
 
 FILE = "file"
 RANGES = "ranges"
@@ -72,7 +73,7 @@ class ChunkSealer:
         self.key = key
         self._seed = chunker_seed(key)
         self._is_known = is_known
-        self._level = compression_level
+        self._zstd = ThreadCompressors(compression_level)
         self._local = threading.local()
         # A worker process stores the blobs it seals in packs of its own, written to the
         # repository directly (sealed data never travels back to the parent).
@@ -86,20 +87,13 @@ class ChunkSealer:
             self._local.chunker = chunker
         return chunker
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        compressor = getattr(self._local, "zstd", None)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=self._level)
-            self._local.zstd = compressor
-        return compressor
-
     def seal(self, data: bytes | memoryview, compress: bool) -> SealedChunk:
         blob_id = fmt.sha256(data)
         writer = self.writer
         if self._is_known(blob_id) or (writer is not None and writer.knows(blob_id)):
             return SealedChunk(blob_id, len(data), None, None)
         sealed, uncompressed_length = seal_blob(
-            self.key, self._compressor() if compress else None, data
+            self.key, self._zstd.compressor() if compress else None, data
         )
         chunk = SealedChunk(blob_id, len(data), sealed, uncompressed_length)
         if writer is None:
@@ -177,15 +171,16 @@ def learn_known(sealer: ChunkSealer, known_ids: bytes) -> None:
 
 
 def sealer_in_worker(
-    key_doc: dict[str, object], config: Config, root: str, known_ids: bytes
+    key_doc: dict[str, object], config: Config, backend_spec: BackendSpec, known_ids: bytes
 ) -> ChunkSealer:
-    """A worker process's sealer, writing packs into the local repository at ``root``."""
+    """A worker process's sealer, writing packs through the parent's backend stack,
+    reopened from its spec."""
     key = Key.from_json(key_doc)
     known: set[bytes] = set()
     sealer = ChunkSealer(key, known.__contains__)
     sealer.known = known
     learn_known(sealer, known_ids)
-    repo = Repository(LocalBackend(root), key, config, None)
+    repo = Repository(open_backend_from_spec(backend_spec), key, config, None)
     repo.assume_empty_index()
     sealer.writer = RepositoryWriter(repo, fresh_dedupe=True)
     return sealer

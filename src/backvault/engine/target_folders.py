@@ -20,6 +20,9 @@ Worker processes cannot share the parent's descriptors: they get a :class:`Stage
 (the staging folder's path and identity, the file's name and identity), open both by
 path, and refuse either if it is not the one the parent made (a path that now leads
 elsewhere is harmless if the identity check follows it).
+
+Over 500 lines on purpose: every way the restore reaches the target's folders is here, in
+one place to audit (opening, checking, staging, emptying), and nowhere else.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class TargetFolders:
         self.root = root
         self._root_fd = root_fd
         self._keep_open = keep_open
+        # Least recently used first. Not a cachetools cache: an entry in use is never
+        # evicted (its descriptor is being used) and eviction closes a descriptor, while
+        # a cachetools LRUCache evicts whatever is oldest as soon as it is full.
         self._open: OrderedDict[FolderRef, _OpenFolder] = OrderedDict()
         self._lock = threading.Lock()
 

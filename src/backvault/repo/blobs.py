@@ -15,10 +15,10 @@ import zstandard
 
 from backvault.crypto.aead import OVERHEAD, AuthenticationFailed, Key
 from backvault.repo import format as fmt
+from backvault.repo.compression import ThreadCompressors
 from backvault.repo.errors import DamagedObject
 from backvault.repo.format import PackedBlob
 from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
-from backvault.storage.local import LocalBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +58,9 @@ class BlobReader:
     def __init__(self, backend: Backend, key: Key) -> None:
         self.backend = backend
         self.key = key
+        self._direct_file_io = backend.capabilities.direct_file_io
         self._local = threading.local()
-
-    def _zstd(self) -> zstandard.ZstdDecompressor:
-        decompressor = getattr(self._local, "zstd", None)
-        if decompressor is None:
-            decompressor = zstandard.ZstdDecompressor()
-            self._local.zstd = decompressor
-        return decompressor
+        self._zstd = ThreadCompressors()
 
     def open_blob(self, blob: PackedBlob, sealed: bytes | memoryview, label: str) -> bytes:
         """Decrypt, decompress and verify one blob's bytes as read from its pack."""
@@ -76,20 +71,6 @@ class BlobReader:
         verified = self._verify(blob, plain, label)
         assert isinstance(verified, bytes)
         return verified
-
-    def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
-        """Blobs stored in this order in one pack, read with a single request (what lies
-        between them is read and skipped)."""
-        first, last = locations[0].blob, locations[-1].blob
-        pack = locations[0].pack_id.hex()
-        label = f"data/{pack}"
-        length = last.offset + last.length - first.offset
-        view = self._read_range(pack, first.offset, length, label, reuse=False)
-        blobs = []
-        for loc in locations:
-            start = loc.blob.offset - first.offset
-            blobs.append(self.open_blob(loc.blob, view[start : start + loc.blob.length], label))
-        return blobs
 
     def _buffer(self, name: str, size: int) -> bytearray:
         """This thread's reusable buffer ``name``, at least ``size`` bytes. A buffer too
@@ -108,7 +89,7 @@ class BlobReader:
         pack = locations[0].pack_id.hex()
         label = f"data/{pack}"
         length = last.offset + last.length - first.offset
-        view = self._read_range(pack, first.offset, length, label, reuse=True)
+        view = self._read_range(pack, first.offset, length, label)
         out = self._buffer("plain", max(loc.blob.length for loc in locations))
         written = 0
         for loc in locations:
@@ -144,7 +125,7 @@ class BlobReader:
                         f"{name}: its compressed data holds {claimed} bytes, the index says "
                         f"{expected}",
                     )
-                plain = self._zstd().decompress(plain, max_output_size=expected)
+                plain = self._zstd.decompressor().decompress(plain, max_output_size=expected)
             except zstandard.ZstdError as exc:
                 raise DamagedObject(label, f"{name}: {exc}") from exc
             if len(plain) != expected:
@@ -156,13 +137,11 @@ class BlobReader:
             raise DamagedObject(label, f"blob {blob.id.hex()[:12]} has the wrong content")
         return plain
 
-    def _read_range(
-        self, pack: str, offset: int, length: int, label: str, reuse: bool
-    ) -> memoryview:
-        """``length`` bytes of a pack from ``offset``. With ``reuse`` (and a local disk)
+    def _read_range(self, pack: str, offset: int, length: int, label: str) -> memoryview:
+        """``length`` bytes of a pack from ``offset``. From a backend with direct file I/O
         they are read into this thread's reusable buffer: valid until its next use."""
         try:
-            if reuse and isinstance(self.backend, LocalBackend):
+            if self._direct_file_io:
                 view = memoryview(self._buffer("read", length))[:length]
                 got = self.backend.load_into(FileType.DATA, pack, offset, view)
             else:

@@ -4,7 +4,8 @@
   512 KiB to 8 MiB, about 1 MiB on average like restic. The gear table is keyed with a
   value derived from the master key, so chunk boundaries reveal nothing about content to
   someone who sees only blob sizes (restic keys its Rabin polynomial the same way).
-- SQLite databases: fixed runs of whole pages (8 KiB: a multiple of the database's page size).
+- SQLite databases: fixed runs of whole pages (8 KiB unless the repository's config says
+  otherwise: ``Config.sqlite_chunk_bytes``; a multiple of the database's page size).
   SQLite changes a database in place, page by page, and appends new pages at the end, so
   with page-aligned chunks a day of new messages touches only the chunks holding the pages
   it changed; content-defined cuts would straddle pages and gain nothing.
@@ -24,11 +25,6 @@ from backvault.crypto.aead import Key
 MIN_SIZE = 512 * 1024
 AVG_SIZE = 1024 * 1024
 MAX_SIZE = 8 * 1024 * 1024
-# Bytes per SQLite chunk, rounded to whole pages. Small, because SQLite rewrites single
-# pages all over the file (b-tree and index updates): a chunk is uploaded again whenever
-# any of its pages changed. Chosen by measurement (docs/performance.md);
-# BACKVAULT_SQLITE_CHUNK_KIB overrides it.
-SQLITE_CHUNK_TARGET = int(os.environ.get("BACKVAULT_SQLITE_CHUNK_KIB", "8")) * 1024
 READ_SIZE = 8 * 1024 * 1024
 
 
@@ -76,10 +72,11 @@ class ContentChunker:
                 return [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
 
 
-def page_ranges(
-    total_size: int, page_size: int, target: int = SQLITE_CHUNK_TARGET
-) -> list[tuple[int, int]]:
+def page_ranges(total_size: int, page_size: int, target: int) -> list[tuple[int, int]]:
     """(offset, length) of fixed chunks of whole pages, ``target`` bytes rounded up to a
-    page multiple."""
+    page multiple. The target is small (the repository's setting, 8 KiB by default)
+    because SQLite rewrites single pages all over the file (b-tree and index updates): a
+    chunk is uploaded again whenever any of its pages changed. Chosen by measurement
+    (docs/performance.md)."""
     size = max(page_size, (target + page_size - 1) // page_size * page_size)
     return [(offset, min(size, total_size - offset)) for offset in range(0, total_size, size)]

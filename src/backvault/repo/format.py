@@ -88,18 +88,35 @@ def decode_unpacked(plaintext: bytes) -> Any:
 # --- config --------------------------------------------------------------------------
 
 
+# SQLite databases are cut into chunks of this many KiB (rounded up to whole pages) unless
+# the repository's config says otherwise: every machine backing up to one repository must
+# cut alike, or their chunks would not dedupe.
+DEFAULT_SQLITE_CHUNK_KIB = 8
+_CHUNK_KIB_FIELD = "backvault_sqlite_chunk_kib"  # restic ignores fields it does not know
+MAX_SQLITE_CHUNK_KIB = 8 * 1024  # as large as the chunker's largest chunk (8 MiB)
+
+
 @dataclass(frozen=True)
 class Config:
     version: int
     id: str
     chunker_polynomial: str
+    # backvault's own: the SQLite chunk size; None (absent from the file): the default.
+    sqlite_chunk_kib: int | None = None
+
+    @property
+    def sqlite_chunk_bytes(self) -> int:
+        return (self.sqlite_chunk_kib or DEFAULT_SQLITE_CHUNK_KIB) * 1024
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "version": self.version,
             "id": self.id,
             "chunker_polynomial": self.chunker_polynomial,
         }
+        if self.sqlite_chunk_kib is not None:
+            doc[_CHUNK_KIB_FIELD] = self.sqlite_chunk_kib
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Config:
@@ -111,7 +128,12 @@ class Config:
         repo_id, poly = doc.get("id"), doc.get("chunker_polynomial")
         if not isinstance(repo_id, str) or not isinstance(poly, str):
             raise FormatError("config lacks id or chunker_polynomial")
-        return cls(version, repo_id, poly)
+        chunk_kib = doc.get(_CHUNK_KIB_FIELD)
+        if chunk_kib is not None and (
+            type(chunk_kib) is not int or not 1 <= chunk_kib <= MAX_SQLITE_CHUNK_KIB
+        ):
+            raise FormatError(f"config: {_CHUNK_KIB_FIELD} must be 1 to {MAX_SQLITE_CHUNK_KIB}")
+        return cls(version, repo_id, poly, chunk_kib)
 
 
 # --- pack files: blobs || encrypted header || header length (uint32 LE) --------------

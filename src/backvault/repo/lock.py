@@ -8,6 +8,7 @@ refreshed every 5 minutes so long backups never look stale.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import socket
 import threading
@@ -15,12 +16,21 @@ from types import TracebackType
 
 from backvault.repo.errors import DamagedObject, RepositoryLocked
 from backvault.repo.format import FormatError, Lock
-from backvault.repo.repository import Repository, _identity
+from backvault.repo.repository import Repository
 from backvault.repo.timefmt import format_ns, now_ns, parse_ns
 from backvault.storage import FileType, ObjectNotFound
 
 STALE_AFTER_NS = 30 * 60 * 1_000_000_000
 REFRESH_EVERY_S = 5 * 60
+
+
+def _identity() -> tuple[str, str]:
+    """This user and device, for locks (encrypted; never for key files, which are not)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return user, socket.gethostname()
 
 
 def is_stale(lock: Lock, now: int | None = None) -> bool:

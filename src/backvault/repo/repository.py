@@ -1,55 +1,39 @@
-"""An open restic repository: keys, config, index, blobs, trees, snapshots, locks."""
+"""An open restic repository: its config and master key, blobs and trees read and
+verified through the index, unpacked files (index files, snapshots), pack headers.
+
+Key slots live in ``keys``, the in-memory index in ``index``, snapshots in
+``snapshots``; ``Repository`` keeps their methods as its own, so callers need one object.
+"""
 
 from __future__ import annotations
 
-import getpass
 import secrets
-import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+from cachetools import LRUCache
+
 from backvault.crypto.aead import AuthenticationFailed, Key
-from backvault.crypto.keyfile import KeyFile, KeyFileError, WrongSecret
-from backvault.crypto.slotlabel import OTHER, SlotLabel
+from backvault.crypto.slotlabel import SlotLabel
 from backvault.repo import format as fmt
+from backvault.repo import keys, snapshots
 from backvault.repo.blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
 from backvault.repo.errors import DamagedObject, NotARepository, RepositoryError, WrongKey
 from backvault.repo.format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
+from backvault.repo.index import Index
+from backvault.repo.keys import KeySlot
 from backvault.repo.polynomial import random_irreducible
-from backvault.repo.timefmt import format_ns, now_ns
 from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
+
+__all__ = ["KeySlot", "Repository"]
 
 # The decoded trees kept in memory, bounded by their nodes (each a few hundred bytes in
 # Python), not by their number: a count of 4096 trees let 5 million fifo nodes of a 2.4 MB
 # repository (whose trees compress to nothing) hold 2.4 GB. A tree with more than a
 # quarter of this is never kept; a tree with no node counts as one.
 TREE_CACHE_NODES = 200_000
-
-
-@dataclass(frozen=True)
-class KeySlot:
-    """A key file as listed: its id, its clear names, what it is (its label, read with the
-    master key; None for a key file restic made), and whether it opened this session."""
-
-    id: str
-    username: str
-    hostname: str
-    created: str
-    current: bool
-    label: SlotLabel | None = None
-
-
-def _identity() -> tuple[str, str]:
-    """This user and device, for locks (encrypted; never for key files, which are not)."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return user, socket.gethostname()
 
 
 class Repository:
@@ -60,23 +44,29 @@ class Repository:
         self.key = key
         self.config = config
         self.key_id = key_id
-        self._index: dict[bytes, BlobLocation] = {}
-        # Blobs also stored as the other type than the one ``_index`` has for their id.
-        self._other_type: dict[bytes, BlobLocation] = {}
-        self._packs: dict[bytes, list[PackedBlob]] = {}
+        self._index = Index()
         self._scanned_unindexed = False
         self._scan_lock = threading.Lock()
         self._index_loaded = False
-        self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._tree_cache: LRUCache[bytes, list[Node]] = LRUCache(
+            TREE_CACHE_NODES, getsizeof=_tree_cost
+        )
         self._tree_cache_lock = threading.Lock()
-        self._tree_cache_nodes = 0  # nodes in the cached trees
         self.reader = BlobReader(backend, key)
 
     # --- opening ---------------------------------------------------------------------
 
     @classmethod
-    def init(cls, backend: Backend, secret: bytes, label: SlotLabel | None = None) -> Repository:
-        """Create a repository with a new master key and one key file for ``secret``."""
+    def init(
+        cls,
+        backend: Backend,
+        secret: bytes,
+        label: SlotLabel | None = None,
+        sqlite_chunk_kib: int | None = None,
+    ) -> Repository:
+        """Create a repository with a new master key and one key file for ``secret``.
+        ``sqlite_chunk_kib``: the SQLite chunk size every backup to it uses (None: the
+        default, not written into the config)."""
         if backend.exists():
             raise RepositoryError(f"a repository already exists at {backend.location}")
         master = Key.generate()
@@ -84,6 +74,7 @@ class Repository:
             version=fmt.REPOSITORY_VERSION,
             id=secrets.token_hex(32),
             chunker_polynomial=_random_polynomial_hex(),
+            sqlite_chunk_kib=sqlite_chunk_kib,
         )
         backend.create()
         repo = cls(backend, master, config, None)
@@ -117,24 +108,8 @@ class Repository:
                 f"there is no repository at {backend.location} (no config file); "
                 "check the path or create one with `backvault init`"
             )
-        candidates = list(secret_candidates)
-        key_files = list(backend.list(FileType.KEY))
-        if not key_files:
-            raise DamagedObject("keys/", "the repository has no key files")
-        for name, _ in key_files:
-            try:
-                key_file = KeyFile.from_bytes(backend.load(FileType.KEY, name))
-            except (KeyFileError, ObjectNotFound):
-                continue
-            for secret in candidates:
-                try:
-                    master = key_file.open(secret)
-                except WrongSecret:
-                    continue
-                except KeyFileError as exc:
-                    raise DamagedObject(f"keys/{name}", str(exc)) from exc
-                return cls(backend, master, cls._load_config(backend, master), name)
-        raise WrongKey("this key does not open this repository")
+        master, name = keys.open_master_key(backend, secret_candidates)
+        return cls(backend, master, cls._load_config(backend, master), name)
 
     @classmethod
     def open_with_master_key(cls, backend: Backend, key: Key) -> Repository:
@@ -143,61 +118,18 @@ class Repository:
     # --- key slots ---------------------------------------------------------------------
 
     def add_key(self, secret: bytes, label: SlotLabel | None = None) -> str:
-        """A new key file for ``secret``; what it is goes into its sealed label, and its
-        clear names are the same neutral ones in every key file (no user, device, vault or
-        account for the storage provider to read)."""
-        key_file = KeyFile.create(
-            self.key, secret, created=format_ns(now_ns()), label=label or SlotLabel(OTHER)
-        )
-        return self._save_key_file(key_file)
-
-    def _save_key_file(self, key_file: KeyFile) -> str:
-        raw = key_file.to_bytes()
-        name = fmt.sha256(raw).hex()
-        self.backend.save(FileType.KEY, name, raw)
-        return name
-
-    def _key_files(self) -> list[tuple[str, KeyFile]]:
-        found = []
-        for name, _ in self.backend.list(FileType.KEY):
-            try:
-                found.append((name, KeyFile.from_bytes(self.backend.load(FileType.KEY, name))))
-            except (KeyFileError, ObjectNotFound):
-                continue
-        return found
+        """A new key file for ``secret`` (see ``keys.add_key``)."""
+        return keys.add_key(self.backend, self.key, secret, label)
 
     def list_keys(self) -> list[KeySlot]:
-        slots = [
-            KeySlot(
-                name,
-                key_file.username,
-                key_file.hostname,
-                key_file.created,
-                name == self.key_id,
-                key_file.read_label(self.key),
-            )
-            for name, key_file in self._key_files()
-        ]
-        return sorted(slots, key=lambda s: s.created)
+        return keys.list_slots(self.backend, self.key, self.key_id)
 
     def relabel_legacy_keys(self) -> list[tuple[str, str]]:
-        """Give key files an earlier version wrote (kind, account and vault in clear) neutral
-        names and a sealed label; the slots open as before. Returns (old id, new id) pairs.
-
-        The new file is saved before the old one is removed: an interruption leaves two
-        files for one slot, never none."""
-        moved = []
-        for name, key_file in self._key_files():
-            if key_file.label:
-                continue
-            label = key_file.read_label(self.key)
-            if label is None:
-                continue  # a key file restic made: its names are its owner's choice
-            new_name = self._save_key_file(key_file.relabelled(self.key, label))
-            self.backend.remove(FileType.KEY, name)
-            if self.key_id == name:
-                self.key_id = new_name
-            moved.append((name, new_name))
+        """See ``keys.relabel_legacy``; the session's own slot keeps its new id."""
+        moved = keys.relabel_legacy(self.backend, self.key)
+        for old, new in moved:
+            if self.key_id == old:
+                self.key_id = new
         return moved
 
     def remove_key(self, key_id: str) -> None:
@@ -230,29 +162,18 @@ class Repository:
 
     def load_index(self, errors: list[DamagedObject] | None = None) -> None:
         """Read every index file. Damaged ones are collected in ``errors`` if given."""
-        index: dict[bytes, BlobLocation] = {}
-        other: dict[bytes, BlobLocation] = {}
-        packs: dict[bytes, dict[tuple[bytes, int], PackedBlob]] = {}
         names = [name for name, _ in self.backend.list(FileType.INDEX)]
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(self._try_load_index_file, names))
+        files = []
         for result in results:
             if isinstance(result, DamagedObject):
                 if errors is None:
                     raise result
                 errors.append(result)
                 continue
-            for pack_id, blobs in result.packs.items():
-                entries = packs.setdefault(pack_id, {})
-                for blob in blobs:
-                    _add_location(index, other, pack_id, blob)
-                    entries[(blob.id, blob.offset)] = blob
-        self._index = index
-        self._other_type = other
-        self._packs = {
-            pack_id: sorted(entries.values(), key=lambda b: b.offset)
-            for pack_id, entries in packs.items()
-        }
+            files.append(result)
+        self._index = Index.of_files(files)
         self._index_loaded = True
 
     def _try_load_index_file(self, name: str) -> IndexFile | DamagedObject:
@@ -279,7 +200,7 @@ class Repository:
         added = 0
         for name, size in self.backend.list(FileType.DATA):
             pack_id = bytes.fromhex(name)
-            if pack_id in self._packs:
+            if pack_id in self._index.packs:
                 continue
             try:
                 blobs = self.read_pack_header(name, size)
@@ -291,18 +212,14 @@ class Repository:
 
     def indexed_packs(self) -> dict[bytes, list[PackedBlob]]:
         """Every pack the index files list, with all its blobs (duplicates included)."""
-        return self._packs
+        return self._index.packs
 
     def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
         """Where the index has a blob (as a blob of type ``kind``, if given)."""
-        location = self._index.get(blob_id)
-        if kind is None or location is None or location.blob.type is kind:
-            return location
-        other = self._other_type.get(blob_id)
-        return other if other is not None and other.blob.type is kind else None
+        return self._index.lookup(blob_id, kind)
 
     def has_blob(self, blob_id: bytes) -> bool:
-        return blob_id in self._index
+        return blob_id in self._index.blobs
 
     def assume_empty_index(self) -> None:
         """Start with an empty index instead of reading the index files (a worker process
@@ -311,13 +228,10 @@ class Repository:
 
     def blob_ids(self) -> list[bytes]:
         """Every indexed blob id."""
-        return list(self._index)
+        return list(self._index.blobs)
 
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
-        blobs = list(blobs)
-        for blob in blobs:
-            _add_location(self._index, self._other_type, pack_id, blob)
-        self._packs[pack_id] = blobs
+        self._index.add_pack(pack_id, blobs)
 
     # --- blobs and trees ---------------------------------------------------------------
 
@@ -343,7 +257,7 @@ class Repository:
 
     def _locate(self, blob_id: bytes) -> BlobLocation:
         self.ensure_index()
-        location = self._index.get(blob_id)
+        location = self._index.blobs.get(blob_id)
         if location is None:
             # Index files lost or damaged: index the packs no index lists from their own
             # headers, once, and look again.
@@ -351,14 +265,10 @@ class Repository:
                 if not self._scanned_unindexed:
                     self._scanned_unindexed = True
                     self.index_unindexed_packs()
-            location = self._index.get(blob_id)
+            location = self._index.blobs.get(blob_id)
         if location is None:
             raise DamagedObject(f"blob {blob_id.hex()[:12]}", "it is not in any index")
         return location
-
-    def load_run(self, locations: list[BlobLocation]) -> list[bytes]:
-        """Blobs stored in this order in one pack, read with a single request."""
-        return self.reader.load_run(locations)
 
     def load_blob(self, blob_id: bytes, kind: BlobType | None = None) -> bytes:
         location = self.locate(blob_id, kind)
@@ -380,22 +290,15 @@ class Repository:
         with self._tree_cache_lock:
             cached = self._tree_cache.get(tree_id)
             if cached is not None:
-                self._tree_cache.move_to_end(tree_id)
                 return cached
         try:
             nodes = fmt.decode_tree(self.load_blob(tree_id, BlobType.TREE))
         except fmt.FormatError as exc:
             raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
-        cost = len(nodes) + 1
-        if cost > TREE_CACHE_NODES // 4:
+        if _tree_cost(nodes) > TREE_CACHE_NODES // 4:
             return nodes  # a huge folder would push out everything else: not kept
         with self._tree_cache_lock:
-            if tree_id not in self._tree_cache:
-                self._tree_cache[tree_id] = nodes
-                self._tree_cache_nodes += cost
-            while self._tree_cache_nodes > TREE_CACHE_NODES:
-                _, evicted = self._tree_cache.popitem(last=False)
-                self._tree_cache_nodes -= len(evicted) + 1
+            self._tree_cache.setdefault(tree_id, nodes)
         return nodes
 
     # --- pack headers ------------------------------------------------------------------
@@ -423,76 +326,21 @@ class Repository:
         self, errors: list[DamagedObject] | None = None
     ) -> list[tuple[str, Snapshot]]:
         """All snapshots, oldest first. Damaged ones go to ``errors`` or raise."""
-        snapshots = []
-        for name, _ in self.backend.list(FileType.SNAPSHOT):
-            try:
-                snapshots.append(
-                    (name, Snapshot.from_json(self.load_unpacked(FileType.SNAPSHOT, name)))
-                )
-            except DamagedObject as exc:
-                if errors is None:
-                    raise
-                errors.append(exc)
-            except fmt.FormatError as exc:
-                damaged = DamagedObject(f"snapshots/{name}", str(exc))
-                if errors is None:
-                    raise damaged from exc
-                errors.append(damaged)
-        snapshots.sort(key=lambda item: (_sort_time(item[1].time), item[0]))
-        return snapshots
+        return snapshots.list_snapshots(self, errors)
 
     def find_snapshot(self, ref: str, paths: list[str] | None = None) -> tuple[str, Snapshot]:
         """``latest`` or an id prefix (at least 4 hex digits, as restic allows)."""
-        if ref == "latest":
-            damaged: list[DamagedObject] = []  # a damaged snapshot file is skipped here
-            found = [
-                item
-                for item in self.list_snapshots(errors=damaged)
-                if paths is None or sorted(item[1].paths) == sorted(paths)
-            ]
-            if not found:
-                raise RepositoryError("the repository has no snapshots yet")
-            return found[-1]
-        matches = [name for name, _ in self.backend.list(FileType.SNAPSHOT) if name.startswith(ref)]
-        if not matches or len(ref) < 4:
-            raise RepositoryError(
-                f"no snapshot matches {ref!r}; list them with `backvault snapshots`"
-            )
-        if len(matches) > 1:
-            raise RepositoryError(f"{ref!r} matches {len(matches)} snapshots; give more digits")
-        name = matches[0]
-        try:
-            return name, Snapshot.from_json(self.load_unpacked(FileType.SNAPSHOT, name))
-        except fmt.FormatError as exc:
-            raise DamagedObject(f"snapshots/{name}", str(exc)) from exc
+        return snapshots.find_snapshot(self, ref, paths)
 
     def save_snapshot(self, snapshot: Snapshot) -> str:
         return self.save_unpacked(FileType.SNAPSHOT, snapshot.to_json())
 
 
-def _sort_time(text: str) -> int:
-    from backvault.repo.timefmt import parse_ns
-
-    try:
-        return parse_ns(text)
-    except ValueError:
-        return 0
+def _tree_cost(nodes: list[Node]) -> int:
+    """What a decoded tree costs in the tree cache: its nodes (one for an empty tree)."""
+    return len(nodes) + 1
 
 
 def _random_polynomial_hex() -> str:
     """The config's chunker polynomial (restic's chunker uses it; ours is keyed instead)."""
     return f"{random_irreducible():x}"
-
-
-def _add_location(
-    index: dict[bytes, BlobLocation],
-    other_type: dict[bytes, BlobLocation],
-    pack_id: bytes,
-    blob: PackedBlob,
-) -> None:
-    """Index ``blob`` (the first location of an id wins). The same bytes stored as a blob
-    of the other type (a file holding a tree's JSON) go to ``other_type``: restic indexes
-    by type and id, and so is such a blob found here."""
-    found = index.setdefault(blob.id, BlobLocation(pack_id, blob))
-    if found.blob.type is not blob.type:
-        other_type.setdefault(blob.id, BlobLocation(pack_id, blob))

@@ -20,10 +20,10 @@ import zstandard
 
 from backvault.crypto.aead import Key
 from backvault.repo import format as fmt
+from backvault.repo.compression import ThreadCompressors
 from backvault.repo.format import BlobType, IndexFile, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.storage import FileType
-from backvault.storage.local import LocalBackend
 
 # Every worker process holds a pack open: 8 MiB keeps memory low (restic 0.14 writes 4 MiB).
 PACK_TARGET_SIZE = 8 * 1024 * 1024
@@ -95,16 +95,8 @@ class RepositoryWriter:
         self._open: dict[BlobType, _Pack] = {}
         self._unindexed: IndexFile = IndexFile()
         self._unindexed_count = 0
-        self._local = threading.local()
-        self._level = compression_level
+        self._zstd = ThreadCompressors(compression_level)
         self._on_pack_written = on_pack_written
-
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        compressor = getattr(self._local, "zstd", None)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=self._level)
-            self._local.zstd = compressor
-        return compressor
 
     def add(
         self, blob_type: BlobType, data: bytes, blob_id: bytes | None = None, compress: bool = True
@@ -120,7 +112,7 @@ class RepositoryWriter:
                 return blob_id
             self._reserved.add(blob_id)
         sealed, uncompressed_length = seal_blob(
-            self.repo.key, self._compressor() if compress else None, data
+            self.repo.key, self._zstd.compressor() if compress else None, data
         )
         with self._lock:
             full = self._append(blob_type, blob_id, sealed, len(data), uncompressed_length)
@@ -180,8 +172,8 @@ class RepositoryWriter:
         pack.data += len(header).to_bytes(4, "little")
         pack_id = fmt.sha256(pack.data)
         backend = self.repo.backend
-        if isinstance(backend, LocalBackend):  # takes the buffer as it is: no copy
-            backend.save(FileType.DATA, pack_id.hex(), pack.data)
+        if backend.capabilities.direct_file_io:  # takes the buffer as it is: no copy
+            backend.save(FileType.DATA, pack_id.hex(), pack.data)  # type: ignore[arg-type]
         else:  # storage clients want bytes
             backend.save(FileType.DATA, pack_id.hex(), bytes(pack.data))
         self._record_pack(pack_id, pack.blobs)

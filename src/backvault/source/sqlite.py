@@ -1,4 +1,4 @@
-"""Consistent copies of live SQLite databases.
+"""Finding SQLite databases, and consistent copies of live ones.
 
 A chat app keeps writing its message database while we back it up; copying the file (and
 its -wal) byte by byte at an arbitrary moment can give a torn, unopenable copy.
@@ -15,6 +15,9 @@ its -wal) byte by byte at an arbitrary moment can give a torn, unopenable copy.
   page through SQLite's cache.
 - Rollback-journal mode: the backup API copies pages in steps, so the app can write in
   between; it restarts by itself if the database changes under it.
+
+A database is found by a cheap guess first (its name, or a -wal or -journal beside it),
+then by its 16-byte header.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -50,6 +53,51 @@ def is_sqlite_database(path: str | os.PathLike[str]) -> bool:
             return handle.read(16) == SQLITE_MAGIC
     except OSError:
         return False
+
+
+SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
+_DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
+
+
+def looks_like_database(name: str, has_sibling: Callable[[str], bool]) -> bool:
+    """A cheap guess, before reading the header: a name like a database's, or a WAL or
+    rollback journal next to it."""
+    return name.endswith(_DATABASE_SUFFIXES) or any(
+        has_sibling(name + suffix) for suffix in SIDECAR_SUFFIXES
+    )
+
+
+def is_sidecar(directory: str, name: str, siblings: set[str]) -> bool:
+    """A live database's -wal, -shm or -journal file: never back it up on its own.
+    Restored next to the consistent copy, a stale WAL could be replayed onto it."""
+    for suffix in SIDECAR_SUFFIXES:
+        if name.endswith(suffix):
+            database = name[: -len(suffix)]
+            if database in siblings and is_sqlite_database(os.path.join(directory, database)):
+                return True
+    return False
+
+
+def databases_under(targets: list[str]) -> list[str]:
+    """SQLite databases under the targets, found by name first (a cheap walk, no stat
+    of every file), then by their header."""
+    found: list[str] = []
+    for target in targets:
+        if os.path.isfile(target) and not os.path.islink(target):
+            candidates = [target]
+        else:
+            candidates = []
+            for directory, _dirs, files in os.walk(target):
+                names = set(files)
+                candidates.extend(
+                    os.path.join(directory, name)
+                    for name in files
+                    if looks_like_database(name, names.__contains__)
+                )
+        found.extend(
+            path for path in candidates if not os.path.islink(path) and is_sqlite_database(path)
+        )
+    return found
 
 
 def page_size_of(path: str | os.PathLike[str]) -> int:

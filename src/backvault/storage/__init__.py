@@ -2,6 +2,11 @@
 
 Locations use restic's syntax: a folder path (or ``local:PATH``), ``s3:URL/BUCKET/PATH``,
 ``rest:URL``, ``rclone:REMOTE:PATH``.
+
+A new backend subclasses ``Backend`` (``base``): the object operations, a ``spec()`` to
+reopen it in a worker process, and ``capabilities`` if it can do more than the interface
+(``direct_file_io``); ``open_backend`` maps its location prefix to it. Wrappers that add
+behaviour around any backend (retries, fault injection) subclass ``BackendWrapper``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from urllib.parse import urlsplit
 
 from backvault.storage.base import (
     Backend,
+    BackendSpec,
+    BackendWrapper,
+    Capabilities,
     FileType,
     ObjectNotFound,
     StorageAccessDenied,
@@ -54,6 +62,12 @@ def open_backend(location: str) -> Backend:
     return backend
 
 
+def open_backend_from_spec(spec: BackendSpec) -> Backend:
+    """The same backend stack ``open_backend`` built (wrappers included), opened again from
+    its ``Backend.spec()``: what a worker process uses."""
+    return spec.open()
+
+
 def _open_backend(location: str) -> Backend:
     if location.startswith(UNSUPPORTED):
         scheme = location.split(":", 1)[0]
@@ -93,6 +107,9 @@ def _open_backend(location: str) -> Backend:
 
 __all__ = [
     "Backend",
+    "BackendSpec",
+    "BackendWrapper",
+    "Capabilities",
     "FileType",
     "LocalBackend",
     "ObjectNotFound",
@@ -101,4 +118,5 @@ __all__ = [
     "StorageRefused",
     "TransientStorageError",
     "open_backend",
+    "open_backend_from_spec",
 ]

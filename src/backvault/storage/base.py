@@ -1,11 +1,18 @@
 """The storage interface: save, load (with offset and length), list, remove and stat of
-named objects, laid out as restic lays out a repository."""
+named objects, laid out as restic lays out a repository.
+
+A backend also says what it can do beyond that (``capabilities``, as restic's
+``Connections()`` and ``HasAtomicReplace()`` do), so generic code asks instead of testing
+for a class, and how to open the same backend stack again in a worker process (``spec``).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class StorageError(Exception):
@@ -46,11 +53,61 @@ class FileType(Enum):
     LOCK = "locks"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the interface.
+
+    ``direct_file_io``: objects are files on this machine. ``load_into`` reads straight
+    into a caller's buffer, ``save`` takes a ``bytearray`` as it is (no copy), and worker
+    processes that reopen the backend from its ``spec`` pay off: the CPU, not the network,
+    is the limit.
+    """
+
+    direct_file_io: bool = False
+
+
+NO_CAPABILITIES = Capabilities()
+DIRECT_FILE_IO = Capabilities(direct_file_io=True)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to open a backend stack again, in another process: the factory (a class or a
+    module-level function, pickled by name), its keyword options, and the spec of the
+    backend it wraps (``None`` for the innermost one). Picklable; holds no connection.
+
+    Its repr names only the factories: options may hold a URL with a password.
+    """
+
+    factory: Callable[..., Backend]
+    options: tuple[tuple[str, Any], ...] = ()
+    inner: BackendSpec | None = None
+
+    def open(self) -> Backend:
+        options = dict(self.options)
+        if self.inner is None:
+            return self.factory(**options)
+        return self.factory(self.inner.open(), **options)
+
+    def __repr__(self) -> str:
+        name = getattr(self.factory, "__qualname__", "backend")
+        return f"BackendSpec({name}{f' over {self.inner!r}' if self.inner else ''})"
+
+
 class Backend(ABC):
     """Objects are written once and never modified: ``save`` must be atomic (a reader sees
     the whole object or nothing) and durable when it returns."""
 
     location: str
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this backend can do beyond the interface (nothing, unless it says so)."""
+        return NO_CAPABILITIES
+
+    @abstractmethod
+    def spec(self) -> BackendSpec:
+        """How to open this same backend (and every wrapper around it) in another process."""
 
     @abstractmethod
     def create(self) -> None:
@@ -68,6 +125,13 @@ class Backend(ABC):
         self, kind: FileType, name: str, offset: int = 0, length: int | None = None
     ) -> bytes: ...
 
+    def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
+        """Read ``len(into)`` bytes from ``offset`` into a caller's buffer; how many there
+        were. Backends with ``direct_file_io`` do it without an intermediate object."""
+        data = self.load(kind, name, offset, len(into))
+        into[: len(data)] = data
+        return len(data)
+
     @abstractmethod
     def stat(self, kind: FileType, name: str) -> int:
         """Size in bytes."""
@@ -81,3 +145,51 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; a no-op for backends that hold none."""
+
+
+class BackendWrapper(Backend):
+    """A backend that adds behaviour around another one (retries, fault injection): every
+    call goes to ``inner`` unless a subclass changes it, capabilities included. Its spec
+    is its class with ``wrapper_options()`` over the inner backend's spec."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.location = inner.location
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    def wrapper_options(self) -> dict[str, Any]:
+        """The keyword options that make this wrapper again (besides the inner backend)."""
+        return {}
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(type(self), tuple(self.wrapper_options().items()), self.inner.spec())
+
+    def create(self) -> None:
+        self.inner.create()
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def save(self, kind: FileType, name: str, data: bytes) -> None:
+        self.inner.save(kind, name, data)
+
+    def load(self, kind: FileType, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.load(kind, name, offset, length)
+
+    def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
+        return self.inner.load_into(kind, name, offset, into)
+
+    def stat(self, kind: FileType, name: str) -> int:
+        return self.inner.stat(kind, name)
+
+    def list(self, kind: FileType) -> Iterator[tuple[str, int]]:
+        return self.inner.list(kind)
+
+    def remove(self, kind: FileType, name: str) -> None:
+        self.inner.remove(kind, name)
+
+    def close(self) -> None:
+        self.inner.close()

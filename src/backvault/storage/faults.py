@@ -12,19 +12,25 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from typing import Any
 
-from backvault.storage.base import Backend, FileType
+from backvault.storage.base import Backend, BackendWrapper, FileType
 
 ENV = "BACKVAULT_FAULT_KILL_AFTER_WRITES"
 
 
-class KillAfterWrites(Backend):
+class KillAfterWrites(BackendWrapper):
+    """Counts the writes and deletes of the process it is in: a worker process reopens it
+    (from the backend's spec) with the count left when the workers started."""
+
     def __init__(self, inner: Backend, writes: int) -> None:
-        self.inner = inner
-        self.location = inner.location
+        super().__init__(inner)
         self._left = writes
         self._lock = threading.Lock()
+
+    def wrapper_options(self) -> dict[str, Any]:
+        with self._lock:
+            return {"writes": self._left}
 
     def _tick(self) -> None:
         with self._lock:
@@ -32,28 +38,10 @@ class KillAfterWrites(Backend):
                 os.kill(os.getpid(), signal.SIGKILL)
             self._left -= 1
 
-    def create(self) -> None:
-        self.inner.create()
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
     def save(self, kind: FileType, name: str, data: bytes) -> None:
         self._tick()
         self.inner.save(kind, name, data)
 
-    def load(self, kind: FileType, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.load(kind, name, offset, length)
-
-    def stat(self, kind: FileType, name: str) -> int:
-        return self.inner.stat(kind, name)
-
-    def list(self, kind: FileType) -> Iterator[tuple[str, int]]:
-        return self.inner.list(kind)
-
     def remove(self, kind: FileType, name: str) -> None:
         self._tick()
         self.inner.remove(kind, name)
-
-    def close(self) -> None:
-        self.inner.close()

@@ -9,7 +9,15 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from backvault.storage.base import Backend, FileType, ObjectNotFound, StorageError
+from backvault.storage.base import (
+    DIRECT_FILE_IO,
+    Backend,
+    BackendSpec,
+    Capabilities,
+    FileType,
+    ObjectNotFound,
+    StorageError,
+)
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o400  # objects are immutable, as restic writes them
@@ -19,6 +27,13 @@ class LocalBackend(Backend):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root: Path = Path(path).expanduser().absolute()
         self.location = str(self.root)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return DIRECT_FILE_IO
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(LocalBackend, (("path", str(self.root)),))
 
     def _path(self, kind: FileType, name: str) -> Path:
         if kind is FileType.CONFIG:
@@ -85,8 +100,6 @@ class LocalBackend(Backend):
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
     def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
-        """Read ``len(into)`` bytes from ``offset`` into a caller's buffer (no new object);
-        how many there were."""
         path = self._path(kind, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -18,7 +18,7 @@ import httpcore
 import httpx
 
 from backvault.hardening import scrubbed_env
-from backvault.storage.base import StorageError
+from backvault.storage.base import BackendSpec, StorageError
 from backvault.storage.rest import RestBackend
 
 
@@ -110,6 +110,12 @@ class RcloneBackend(RestBackend):
         timeout: float = 300.0,
         program: str = "rclone",
     ) -> None:
+        self._options = {
+            "remote": remote,
+            "extra_args": extra_args,
+            "timeout": timeout,
+            "program": program,
+        }
         binary = shutil.which(program)
         if binary is None:
             raise StorageError(
@@ -136,6 +142,9 @@ class RcloneBackend(RestBackend):
         )
         client = httpx.Client(transport=_Http2OverPipe(self._proc), timeout=timeout)
         super().__init__("http://localhost/", client, location=f"rclone:{remote}")
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(RcloneBackend, tuple(self._options.items()))
 
     def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
         if self._proc.poll() is not None:

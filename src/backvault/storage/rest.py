@@ -15,6 +15,7 @@ import httpx
 
 from backvault.storage.base import (
     Backend,
+    BackendSpec,
     FileType,
     ObjectNotFound,
     StorageAccessDenied,
@@ -48,6 +49,12 @@ class RestBackend(Backend):
         # What messages say: the location without the password a URL may carry.
         self.shown = without_password(self.location)
         self._http = client or httpx.Client(timeout=httpx.Timeout(timeout, connect=15.0))
+        self._timeout = timeout
+
+    def spec(self) -> BackendSpec:
+        # A worker opens a client of its own (a client given here cannot cross processes).
+        options = {"base_url": self.base, "location": self.location, "timeout": self._timeout}
+        return BackendSpec(RestBackend, tuple(options.items()))
 
     def _url(self, kind: FileType, name: str = "") -> str:
         if kind is FileType.CONFIG:

@@ -13,6 +13,7 @@ from typing import Any
 
 from backvault.storage.base import (
     Backend,
+    BackendSpec,
     FileType,
     ObjectNotFound,
     StorageAccessDenied,
@@ -43,6 +44,13 @@ class S3Backend(Backend):
         from botocore.config import Config
 
         self.location = location
+        self._options = {
+            "endpoint": endpoint,
+            "bucket": bucket,
+            "prefix": prefix,
+            "location": location,
+            "timeout": timeout,
+        }
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client: Any = boto3.session.Session().client(
@@ -63,6 +71,9 @@ class S3Backend(Backend):
             multipart_chunksize=MULTIPART_THRESHOLD,
             use_threads=False,
         )
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(S3Backend, tuple(self._options.items()))
 
     def _key(self, kind: FileType, name: str) -> str:
         path = object_path(kind, name)

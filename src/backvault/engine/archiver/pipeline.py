@@ -1,0 +1,268 @@
+"""The backup's data path: file data to sealed chunks (on workers) to packs (on one
+packer thread), and each file's blob ids back to the walk.
+
+Pieces of files (whole small files, ranges of large ones and of databases) go to the
+workers in batches (``engine.parallel.Batcher``); a worker seals them (``sealer``). The
+packer thread takes the results in order of arrival, adds the sealed chunks to packs
+(``RepositoryWriter``), indexes the packs worker processes wrote themselves, and
+completes a file's future once all its pieces are in, so writing packs never holds up the
+workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import NamedTuple
+
+from backvault.engine.parallel import Batcher, WorkerPool
+from backvault.engine.sealer import (
+    FILE,
+    RANGES,
+    ChunkSealer,
+    Piece,
+    TaskResult,
+    cut_file,
+    flush_packs,
+    learn_known,
+    seal_pieces,
+    sealer_in_worker,
+)
+from backvault.repo.format import BlobType
+from backvault.repo.repository import Repository
+from backvault.repo.writer import RepositoryWriter
+
+_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+# Files up to this size are cut and sealed whole by one worker; larger ones are cut first,
+# then sealed in pieces by every worker.
+WHOLE_FILE_MAX = 8 * 1024 * 1024
+# Pieces go to the workers in tasks of about this many bytes or _BATCH_PIECES pieces.
+_PIECE_BYTES = 4 * 1024 * 1024
+_BATCH_PIECES = 64
+# Every task is charged at least this much against the in-flight budget.
+_MIN_CHARGE = 256 * 1024
+
+
+class _FileWork:
+    """A file whose pieces are with the workers; ``future`` gives its blob ids."""
+
+    def __init__(self, pieces: int) -> None:
+        self.remaining = pieces
+        self.ids: dict[int, list[bytes]] = {}
+        self.error: OSError | None = None
+        self.future: Future[list[bytes]] = Future()
+
+
+class _PieceTag(NamedTuple):
+    work: _FileWork
+    position: int  # the piece's place in its file
+    size: int  # input bytes
+
+
+class _Delivery(NamedTuple):
+    pieces: list[_PieceTag]
+    future: Future[TaskResult]
+    release: Callable[[], None]  # gives the task's bytes back to the budget
+
+
+class SealingPipeline:
+    """Seals file data into the repository. ``start`` once the index is loaded; then
+    ``store_file``/``store_ranges`` (and ``flush`` at the end of a folder); ``finish``
+    (or ``abort`` after an error). ``on_read(n)`` hears of every n bytes read."""
+
+    def __init__(self, repo: Repository, workers: int, on_read: Callable[[int], None]) -> None:
+        self.repo = repo
+        self._on_read = on_read
+        # The writer, once there is one: worker processes started before it learn what
+        # the repository holds through ``learn_known``.
+        self._writer_box: list[RepositoryWriter] = []
+        self.pool = self._worker_pool(workers)
+        self._results: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._packer_error: BaseException | None = None
+        self._packer = threading.Thread(target=self._pack_results, name="backvault-packer")
+        self._batcher: Batcher[Piece, _PieceTag, TaskResult] = Batcher(
+            self.pool,
+            seal_pieces,
+            self._deliver,
+            budget_bytes=_MAX_IN_FLIGHT_BYTES,
+            batch_bytes=_PIECE_BYTES,
+            batch_items=_BATCH_PIECES,
+            min_charge=_MIN_CHARGE,
+        )
+
+    @property
+    def writer(self) -> RepositoryWriter:
+        return self._writer_box[0]
+
+    def _worker_pool(self, workers: int) -> WorkerPool:
+        """Threads seal chunks for the writer in this process; past a few MiB of work,
+        worker processes take over (for a backend with direct file I/O), writing packs of
+        their own through the same backend stack, reopened from its spec."""
+        key, backend, config, box = (
+            self.repo.key,
+            self.repo.backend,
+            self.repo.config,
+            self._writer_box,
+        )
+        if not backend.capabilities.direct_file_io:
+            return WorkerPool(None, workers)
+        return WorkerPool(
+            None,
+            workers,
+            make_context=sealer_in_worker,
+            process_args=lambda: (
+                key.to_json(),
+                config,
+                backend.spec(),
+                box[0].known_ids() if box else b"",
+            ),
+        )
+
+    def expect(self, work_bytes: int) -> None:
+        """Work of this size is coming: start the worker processes early if it is big."""
+        self.pool.expect(work_bytes)
+
+    def start(self) -> None:
+        """The index is loaded: make the writer and start the packer."""
+        writer = RepositoryWriter(self.repo)
+        self._writer_box.append(writer)
+        self.pool.set_local_context(ChunkSealer(self.repo.key, writer.knows))
+        if self.pool.uses_processes:
+            self.pool.on_each_process(learn_known, writer.known_ids())
+        self._packer.start()
+
+    def finish(self) -> None:
+        """Every file is stored: take the packs the worker processes still hold, stop the
+        workers and the packer, write the open packs and the index."""
+        for packs in self.pool.on_each_process(flush_packs):
+            for pack_id, blobs in packs:
+                self.writer.adopt_pack(pack_id, blobs)
+        self.pool.shutdown()
+        self._stop_packer()
+        self.writer.flush()
+
+    def cancel_workers(self) -> None:
+        self.pool.shutdown(cancel=True)
+
+    def abort(self) -> None:
+        """After an error: stop, and index what was uploaded, so the next run reuses it."""
+        self.pool.shutdown(cancel=True)
+        if self._packer.is_alive():
+            self._stop_packer()
+        if self._writer_box:
+            with contextlib.suppress(Exception):
+                self.writer.flush()
+
+    # --- handing file data to the workers --------------------------------------------
+
+    def store_file(self, path: str, size: int) -> Future[list[bytes]]:
+        """Queue a file for the workers; its future gives the blob ids of its content."""
+        if size <= WHOLE_FILE_MAX:
+            work = _FileWork(1)
+            self._add_piece(work, 0, Piece(FILE, path), size)
+            return work.future
+        # A large file is cut first (one task), then sealed in pieces by every worker.
+        cuts = self.pool.submit(cut_file, path).result()
+        return self.store_ranges(path, cuts, compress=None)
+
+    def store_ranges(
+        self, path: str, ranges: list[tuple[int, int]], compress: bool | None
+    ) -> Future[list[bytes]]:
+        """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES."""
+        pieces: list[list[tuple[int, int]]] = [[]]
+        size = 0
+        for offset, length in ranges:
+            if pieces[-1] and size + length > _PIECE_BYTES:
+                pieces.append([])
+                size = 0
+            pieces[-1].append((offset, length))
+            size += length
+        if not pieces[-1]:
+            pieces.pop()
+        work = _FileWork(len(pieces))
+        if not pieces:
+            work.future.set_result([])
+        for index, piece_ranges in enumerate(pieces):
+            piece = Piece(RANGES, path, piece_ranges, compress)
+            self._add_piece(work, index, piece, sum(length for _, length in piece_ranges))
+        return work.future
+
+    def _add_piece(self, work: _FileWork, index: int, piece: Piece, size: int) -> None:
+        self._raise_packer_error()
+        self._batcher.add(piece, _PieceTag(work, index, size), size)
+
+    def flush(self) -> None:
+        """Hand the queued pieces to a worker now (a folder's files are all queued)."""
+        self._batcher.submit()
+
+    def _deliver(
+        self, pieces: list[_PieceTag], future: Future[TaskResult], release: Callable[[], None]
+    ) -> None:
+        # Runs on the pool's thread: pass the results on, so that writing packs never
+        # holds up the workers.
+        self._results.put(_Delivery(pieces, future, release))
+
+    # --- the packer thread -----------------------------------------------------------
+
+    def _pack_results(self) -> None:
+        """Add the workers' sealed chunks to packs, in order of arrival, and complete
+        each file once all its pieces are in."""
+        while True:
+            delivery = self._results.get()
+            if delivery is None:
+                return
+            failed: BaseException | None = None
+            try:
+                if delivery.future.cancelled():
+                    failed = CancelledError()
+                elif self._packer_error is None:
+                    self._add_results(delivery)
+            except BaseException as exc:
+                self._packer_error = exc
+            finally:
+                delivery.release()
+            failed = self._packer_error or failed
+            if failed is not None:  # nobody must wait for these files for ever
+                for tag in delivery.pieces:
+                    if not tag.work.future.done():
+                        tag.work.future.set_exception(failed)
+
+    def _add_results(self, delivery: _Delivery) -> None:
+        exc = delivery.future.exception()
+        if exc is not None:
+            raise exc
+        outcome = delivery.future.result()
+        writer = self.writer
+        for pack_id, blobs in outcome.packs:
+            writer.adopt_pack(pack_id, blobs)
+        for (work, index, size), result in zip(delivery.pieces, outcome.pieces, strict=True):
+            if isinstance(result, OSError):
+                work.error = work.error or result
+            elif work.error is None:
+                for chunk in result:
+                    if chunk.sealed is not None:
+                        writer.add_sealed(BlobType.DATA, chunk)
+                    elif chunk.sealed_length:
+                        writer.expect(chunk.id)  # in a worker's pack, reported later
+                    elif not writer.knows(chunk.id):
+                        raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
+                work.ids[index] = [chunk.id for chunk in result]
+            self._on_read(size)
+            work.remaining -= 1
+            if work.remaining == 0:
+                if work.error is not None:
+                    work.future.set_exception(work.error)
+                else:
+                    work.future.set_result([i for n in range(len(work.ids)) for i in work.ids[n]])
+
+    def _stop_packer(self) -> None:
+        self._results.put(None)
+        self._packer.join()
+        self._raise_packer_error()
+
+    def _raise_packer_error(self) -> None:
+        if self._packer_error is not None:
+            raise self._packer_error

@@ -1,0 +1,234 @@
+"""Writing files: the main thread creates each file's temporary copy and hands its runs
+to the workers in batches; a worker reads, verifies and writes a run at its offset
+(``restore_runs``); whoever finishes a file's last run puts it in place. Hard links are
+made last, from the first file's copy."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from backvault.engine.parallel import Batcher
+from backvault.engine.restorer.common import (
+    _FULL_ERRNOS,
+    EntryRefused,
+    RestoreBase,
+    _entry_path,
+    _FileJob,
+    _FolderJob,
+    _listed,
+)
+from backvault.engine.restorer.selection import group_runs
+from backvault.engine.target_folders import StagedFile, UnsafeTarget, open_staged
+from backvault.repo.blobs import BlobLocation, BlobReader
+from backvault.repo.errors import DamagedObject, RepositoryError
+from backvault.repo.format import Node
+
+_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+
+# Runs go to the workers in batches of about this many bytes (or _BATCH_RUNS runs): one
+# task per small file would spend more time passing tasks between processes than working.
+_BATCH_BYTES = 4 * 1024 * 1024
+
+_BATCH_RUNS = 64
+
+# Created once, by the main thread: never opened if it exists, never through a symlink.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+# A run of blobs to restore: where they are, the file, and the offset in it.
+_RunPayload = tuple[list[BlobLocation], StagedFile, int]
+
+
+class FilesMixin(RestoreBase):
+    _batcher: Batcher[_RunPayload, _FileJob, list[int | RepositoryError]] | None
+    _hardlinks: dict[tuple[int, int], _FileJob]
+    _deferred_links: list[tuple[_FileJob, Node, _FolderJob]]
+
+    def _start_file(self, node: Node, folder: _FolderJob, path: str) -> bool:
+        """Create the file's temporary copy in the staging folder (once: O_EXCL) and hand
+        its runs to the workers."""
+        link_key = (node.device_id, node.inode) if node.links > 1 and node.inode else None
+        if link_key is not None and link_key in self._hardlinks:
+            self._hold(folder)
+            self._deferred_links.append((self._hardlinks[link_key], node, folder))
+            return True
+        try:
+            runs = group_runs(self.repo, node.content or [])
+        except DamagedObject as exc:
+            self._add_damaged(path, str(exc))
+            return False
+        # The index gives every blob's length: a file whose blobs do not add up to its
+        # size is damaged (an index that lies about one would have the workers write past
+        # the end of the file, at offsets up to 2^63).
+        expected = sum(loc.blob.plaintext_length for run in runs for loc in run)
+        if expected != node.size:
+            self._add_damaged(
+                path, f"its blobs hold {expected} bytes by the index, its entry says {node.size}"
+            )
+            return False
+        staging = self._staging_for(folder)
+        tmp = secrets.token_hex(8)
+        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=staging.fd)
+        try:
+            st = os.fstat(fd)
+            staged = StagedFile(staging.shared, tmp, st.st_dev, st.st_ino)
+            job = _FileJob(node, folder, staging, staged, len(runs), link_key is not None)
+            self._hold(folder)
+            if link_key is not None:
+                self._hardlinks[link_key] = job
+            if not runs:
+                self._finish_file(job, fd)  # nothing to write: finished with this descriptor
+                return True
+        finally:
+            os.close(fd)
+        assert self._batcher is not None
+        offset = 0
+        for run in runs:
+            stored = run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
+            self._batcher.add((run, job.staged, offset), job, stored)
+            offset += sum(loc.blob.plaintext_length for loc in run)
+        return True
+
+    def _batch_done(
+        self,
+        jobs: list[_FileJob],
+        future: Future[list[int | RepositoryError]],
+        release: Callable[[], None],
+    ) -> None:
+        """Runs were written (or failed): count them, and finish each file after its last."""
+        try:
+            if future.cancelled():
+                return  # interrupted: the staging folders are removed with what is in them
+            exc = future.exception()
+            if exc is not None:
+                self._set_fatal(exc)
+                outcomes: list[int | RepositoryError] = [0] * len(jobs)
+            else:
+                outcomes = future.result()
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                with job.lock:
+                    if isinstance(outcome, RepositoryError):
+                        job.error = job.error or str(outcome)
+                    else:
+                        job.written += outcome
+                    job.remaining -= 1
+                    last = job.remaining == 0
+                if not isinstance(outcome, RepositoryError):
+                    self.progress.advance(outcome)
+                if last:
+                    self._finish_file(job)
+        except BaseException as exc:
+            self._set_fatal(exc)
+        finally:
+            release()
+
+    def _finish_file(self, job: _FileJob, fd: int | None = None) -> None:
+        """Give the finished temporary copy its owner, mode and times (through a
+        descriptor of the very inode this restore created) and put it in place; or
+        remove it, if it is damaged."""
+        if self._fatal is None and job.error is None and job.written != job.node.size:
+            job.error = f"restored {job.written} bytes, expected {job.node.size}"
+        staging = job.staging
+        try:
+            if job.error is not None or self._fatal is not None:
+                # After a fatal error (a full disk) the restore stops: its unfinished
+                # files are removed, not reported as damaged.
+                with contextlib.suppress(OSError):
+                    os.unlink(job.staged.name, dir_fd=staging.fd)
+                if job.error is not None and self._fatal is None:
+                    path = job.path
+                    self._add_damaged(path, job.error)
+                    self.progress.note(f"damaged: {_listed(path)}: {job.error}")
+                return
+            self._set_file_metadata(staging, job.staged, job.node, lambda: job.path, fd)
+            placed = job.staged.name
+            if job.anchor:
+                placed = secrets.token_hex(8)
+                os.link(job.staged.name, placed, src_dir_fd=staging.fd, dst_dir_fd=staging.fd)
+            try:
+                self._place(staging, placed, job.folder, job.node.name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(placed, dir_fd=staging.fd)
+                raise
+        except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
+            self._entry_failed(lambda: job.path, exc)
+            return
+        finally:
+            self._release(job.folder)
+        with self._lock:
+            self.result.files += 1
+            self.result.bytes += job.written
+        job.succeeded = True
+
+    def _make_deferred_links(self) -> None:
+        """Hard links to files restored earlier in this run: linked in the staging folder
+        from the first file's own temporary copy (kept there for this), then renamed into
+        place like any entry."""
+        for first, node, folder in self._deferred_links:
+            path = functools.partial(_entry_path, folder, node)
+            try:
+                if not first.succeeded:
+                    self._add_damaged(
+                        path, f"hard link to {_listed(first.path)}, which was not restored"
+                    )
+                    continue
+                staging = first.staging
+                tmp = secrets.token_hex(8)
+                os.link(first.staged.name, tmp, src_dir_fd=staging.fd, dst_dir_fd=staging.fd)
+                try:
+                    # By name: the staging folder is private, and the inode may already
+                    # have a mode this user cannot open it with.
+                    identity = (first.staged.device, first.staged.inode)
+                    self._set_staged_metadata(staging.fd, tmp, node, path, identity)
+                    self._place(staging, tmp, folder, node.name)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=staging.fd)
+                    raise
+            except (UnsafeTarget, EntryRefused, OSError, OverflowError) as exc:
+                self._entry_failed(path, exc)
+                continue
+            finally:
+                self._release(folder)
+            with self._lock:
+                self.result.files += 1
+
+
+class RunNotWritten(RepositoryError):
+    pass
+
+
+def restore_runs(
+    reader: BlobReader, runs: list[tuple[list[BlobLocation], StagedFile, int]]
+) -> list[int | RepositoryError]:
+    """Runs in a worker: read, verify and write each run at its offset of its file (the
+    temporary copy the main thread created, opened without creating or following anything
+    and checked to be that inode). Gives each run's bytes written, or what stopped it; a
+    full disk, or a staging folder that was moved or replaced, stops the whole batch."""
+    outcomes: list[int | RepositoryError] = []
+    files: dict[StagedFile, int] = {}  # a file's runs often come one after another: open it once
+    try:
+        for run, staged, offset in runs:
+            try:
+                fd = files.get(staged)
+                if fd is None:
+                    fd = files[staged] = open_staged(staged)
+                outcomes.append(reader.write_run(run, fd, offset))
+            except (UnsafeTarget, DamagedObject) as exc:
+                outcomes.append(exc)
+            except OverflowError as exc:
+                outcomes.append(RunNotWritten(f"cannot be written: {exc}"))
+            except OSError as exc:
+                if exc.errno in _FULL_ERRNOS:
+                    raise
+                outcomes.append(RunNotWritten(f"cannot be written: {exc.strerror or exc}"))
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return outcomes
