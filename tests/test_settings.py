@@ -215,13 +215,12 @@ def test_the_lower_layers_take_the_tuning_as_arguments(monkeypatch: pytest.Monke
     from backvault.storage.base import StorageError
 
     for module, name in [
-        (parallel, "_configured"),
         (parallel, "_requested_processes"),
         (storage, "_retry_attempts"),
         (storage, "_rclone_program"),
     ]:
         monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setenv("BACKVAULT_WORKER_PROCESSES", "5")  # configure() wins over it
+    monkeypatch.setenv("BACKVAULT_WORKER_PROCESSES", "5")  # the engine never reads it
     parallel.configure(worker_processes=3)
     assert parallel.worker_processes() == (3, True)
     parallel.configure(worker_processes=None)

@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 
+from backvault.engine import parallel
 from backvault.engine.archiver import Backup
 from backvault.engine.archiver import archiver as backup_module
 from backvault.engine.restorer import Restorer
@@ -216,7 +217,9 @@ class RecordingBackend(BackendWrapper):
         super().save(kind, name, data)
 
 
-def test_worker_processes_reopen_the_wrapped_backend_stack(tmp_path: Path) -> None:
+def test_worker_processes_reopen_the_wrapped_backend_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "src"
     source.mkdir()
     for i in range(8):
@@ -224,8 +227,8 @@ def test_worker_processes_reopen_the_wrapped_backend_stack(tmp_path: Path) -> No
     log = tmp_path / "saves.log"
     backend = RecordingBackend(LocalBackend(tmp_path / "repo"), str(log))
     repo = Repository.init(backend, b"k" * 32)
-    with mock.patch.dict(os.environ, PROCESSES):
-        result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+    monkeypatch.setattr(parallel, "_requested_processes", 2)  # BACKVAULT_WORKER_PROCESSES=2
+    result = Backup(repo, temp_dir=tmp_path).run([str(source)])
     saves = [line.split() for line in log.read_text().splitlines()]
     by_workers = [name for pid, name in saves if int(pid) != os.getpid()]
     assert by_workers, "no worker process saved through the wrapper"

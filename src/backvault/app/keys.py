@@ -11,11 +11,12 @@ from backvault.app.opening import open_with_text
 from backvault.crypto import recovery_key
 from backvault.crypto.slotlabel import SlotLabel
 from backvault.device.settings import VaultSettings
+from backvault.repo.ids import AmbiguousPrefix, PrefixNotFound, resolve_prefix
 from backvault.repo.repository import KeySlot, Repository
 from backvault.storage import open_backend
 from backvault.vaultclient.slots import PasswordSlots, is_password_slot, is_verified_password_slot
 
-MIN_PREFIX = 4
+LIST_HINT = "see `backvault key list`"
 
 
 def slot_kind(slot: KeySlot) -> str:
@@ -47,12 +48,13 @@ def add_recovery_key(repo: Repository) -> AddedRecoveryKey:
 
 def find_slot(slots: list[KeySlot], prefix: str) -> KeySlot:
     """The one slot whose ID starts with ``prefix`` (at least four digits)."""
-    matching = [s for s in slots if s.id.startswith(prefix)]
-    if len(prefix) < MIN_PREFIX or not matching:
-        raise NoSuchKeySlot(f"no key slot matches {prefix!r}; see `backvault key list`")
-    if len(matching) > 1:
-        raise AmbiguousKeySlot(f"{prefix!r} matches {len(matching)} key slots; give more digits")
-    return matching[0]
+    try:
+        slot_id = resolve_prefix((s.id for s in slots), prefix, "key slot", LIST_HINT)
+    except AmbiguousPrefix as exc:
+        raise AmbiguousKeySlot(str(exc)) from None
+    except PrefixNotFound as exc:
+        raise NoSuchKeySlot(str(exc)) from None
+    return next(s for s in slots if s.id == slot_id)
 
 
 @dataclass(frozen=True)

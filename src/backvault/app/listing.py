@@ -1,6 +1,5 @@
-"""Listing a snapshot's files (``backvault ls``): depth first, in tree order.
-
-A small walk of its own until the engine's one tree walker takes it over."""
+"""Listing a snapshot's files (``backvault ls``): depth first, in tree order, through the
+engine's one tree walker."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backvault.app.errors import TooManyEntries
+from backvault.engine.walk import walk
 from backvault.repo import format as fmt
 from backvault.repo.repository import Repository
 
@@ -32,17 +32,8 @@ def list_snapshot(repo: Repository, ref: str) -> Listing:
             f"{fmt.MAX_RESTORE_ENTRIES:,} (a tree that names the same folder many times); "
             "not listing it"
         )
-    entries: list[dict[str, Any]] = []
-    # A stack of our own: a snapshot may nest folders deeper than Python's recursion limit.
-    stack = [("", iter(repo.load_tree(snap.tree)))]
-    while stack:
-        prefix, nodes = stack[-1]
-        node = next(nodes, None)
-        if node is None:
-            stack.pop()
-            continue
-        path = f"{prefix}/{node.name}"
-        entries.append({"path": path, "type": node.type, "size": node.size, "mtime": node.mtime})
-        if node.type == "dir" and node.subtree is not None:
-            stack.append((path, iter(repo.load_tree(node.subtree))))
+    entries = [
+        {"path": path, "type": node.type, "size": node.size, "mtime": node.mtime}
+        for path, node in walk(repo, snap.tree, max_entries=None)  # counted above
+    ]
     return Listing(name, entries)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from backvault.app.errors import InvalidArgument
 from backvault.repo import policy as retention
 from backvault.repo.repository import Repository
-from backvault.storage import FileType
 
 
 def groups_of(group_by: str) -> tuple[str, ...]:
@@ -39,11 +38,5 @@ def forget(
     removed = [d.snapshot_id for d in ordered if not d.keep]
     if not dry_run:
         for snapshot_id in removed:
-            remove_snapshot(repo, snapshot_id)
+            repo.remove_snapshot(snapshot_id)
     return Forgotten(decisions, removed)
-
-
-def remove_snapshot(repo: Repository, snapshot_id: str) -> None:
-    # Repository has no call of its own for this yet; the one place that removes a
-    # snapshot file.
-    repo.backend.remove(FileType.SNAPSHOT, snapshot_id)

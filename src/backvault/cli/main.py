@@ -17,7 +17,7 @@ import threading
 import click
 from rich.console import Console
 
-from backvault import __version__
+from backvault import __version__, storage
 from backvault.app.errors import AppError, InvalidArgument, TooManyEntries
 from backvault.app.opening import MalformedKeyError, NoKeyAvailable
 from backvault.cli.commands import register_all
@@ -38,7 +38,9 @@ from backvault.cli.failures import (
 )
 from backvault.cli.ui import shown
 from backvault.crypto import recovery_key
+from backvault.device.environment import EnvironmentSettings
 from backvault.device.settings import SettingsError
+from backvault.engine import parallel
 from backvault.engine.restorer import DiskFull, TargetNotEmpty
 from backvault.hardening import disable_core_dumps, withdraw_secrets_from_environment
 from backvault.repo.errors import (
@@ -80,6 +82,11 @@ def cli(
     # Every command may hold a key (the master key, a slot secret, the vault token, the
     # vault's sealing key): none may land in a core file.
     disable_core_dumps()
+    # How this process is tuned (BACKVAULT_WORKER_PROCESSES, _RETRY_ATTEMPTS, _RCLONE): read
+    # once, here, and handed to the layers that use it.
+    tuning = EnvironmentSettings.load()
+    storage.configure(retry_attempts=tuning.retry_attempts, rclone=tuning.rclone)
+    parallel.configure(worker_processes=tuning.worker_processes)
     ctx = Context(
         repo=repo,
         json=as_json,

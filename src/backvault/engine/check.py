@@ -169,7 +169,7 @@ class Checker:
     def _read_packs(
         self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]
     ) -> None:
-        """Read whole packs on every core (see ``blobs.BlobPool``), a few at a time."""
+        """Read whole packs on every core (see ``parallel.reader_pool``), a few at a time."""
         pool = reader_pool(self.repo.backend, self.repo.key)
         try:
             window: collections.deque[tuple[str, Future[PackReport]]] = collections.deque()

@@ -45,24 +45,19 @@ PROCESS_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
 _requested_processes: int | None = None
-_configured = False
 
 
 def configure(*, worker_processes: int | None) -> None:
     """The client's setting (``BACKVAULT_WORKER_PROCESSES``, read by device.settings): N
     worker processes for any amount of work, 0 threads only, None one per core."""
-    global _requested_processes, _configured
-    _requested_processes, _configured = worker_processes, True
+    global _requested_processes
+    _requested_processes = worker_processes
 
 
 def worker_processes() -> tuple[int, bool]:
     """How many worker processes heavy work may use (one per core, none on one core), and
     whether that was asked for (``configure``)."""
     requested = _requested_processes
-    if not _configured:  # Until the CLI calls configure() (issue 13): the device's settings.
-        from backvault.device.environment import EnvironmentSettings
-
-        requested = EnvironmentSettings.load().worker_processes
     if requested is not None:
         return max(0, requested), True
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -335,6 +335,11 @@ class Repository:
     def save_snapshot(self, snapshot: Snapshot) -> str:
         return self.save_unpacked(FileType.SNAPSHOT, snapshot.to_json())
 
+    def remove_snapshot(self, name: str) -> None:
+        """Remove one snapshot file (``forget``; the caller holds the exclusive lock). The
+        data it alone referenced stays until ``prune``."""
+        self.backend.remove(FileType.SNAPSHOT, name)
+
 
 def _tree_cost(nodes: list[Node]) -> int:
     """What a decoded tree costs in the tree cache: its nodes (one for an empty tree)."""

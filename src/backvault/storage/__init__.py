@@ -32,8 +32,8 @@ UNSUPPORTED = ("sftp:", "b2:", "azure:", "gs:", "swift:")
 
 
 # How often a transient failure is tried, and the rclone program: see configure().
-_retry_attempts: int | None = None
-_rclone_program: str | None = None
+_retry_attempts = 8
+_rclone_program = "rclone"
 
 
 def configure(*, retry_attempts: int = 8, rclone: str = "rclone") -> None:
@@ -46,9 +46,7 @@ def configure(*, retry_attempts: int = 8, rclone: str = "rclone") -> None:
 def _retrying(inner: Backend, connections: int = 4) -> Backend:
     from backvault.storage.retry import RetryingBackend
 
-    attempts = _retry_attempts  # Until the CLI calls configure() (issue 13): the variable.
-    attempts = attempts or max(1, int(os.environ.get("BACKVAULT_RETRY_ATTEMPTS", "8")))
-    return RetryingBackend(inner, attempts=attempts, connections=connections)
+    return RetryingBackend(inner, attempts=_retry_attempts, connections=connections)
 
 
 def open_backend(location: str) -> Backend:
@@ -100,8 +98,7 @@ def _open_backend(location: str) -> Backend:
         remote = location[7:]
         if ":" not in remote:
             raise StorageError(f"{location}: expected rclone:REMOTE:PATH")
-        program = _rclone_program or os.environ.get("BACKVAULT_RCLONE", "rclone")  # (issue 13)
-        return _retrying(RcloneBackend(remote, program=program), connections=2)
+        return _retrying(RcloneBackend(remote, program=_rclone_program), connections=2)
     return LocalBackend(location.removeprefix("local:"))
 
 

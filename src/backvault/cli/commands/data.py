@@ -9,7 +9,7 @@ from backvault.cli.context import Context
 from backvault.cli.failures import EXIT_INCOMPLETE, EXIT_USAGE, fail
 from backvault.cli.repository import Lock, with_repository
 from backvault.cli.ui import human_bytes, progress_bar, shown, table, when
-from backvault.device.paths import cache_dir
+from backvault.device.paths import cache_dir, private_temp_dir
 from backvault.engine.archiver import Backup
 from backvault.engine.restorer import Restorer
 from backvault.repo.errors import DamagedObject
@@ -28,9 +28,9 @@ def backup(
     state_file = cache_dir() / repo.config.id / "sqlite-state.json"
     with progress_bar(ctx, "backup") as reporter:
         try:
-            result = Backup(repo, reporter, sqlite_state_file=state_file).run(
-                list(paths), tags=list(tags), hostname=host, scan_first=reporter.bar is not None
-            )
+            result = Backup(
+                repo, reporter, sqlite_state_file=state_file, temp_dir=private_temp_dir()
+            ).run(list(paths), tags=list(tags), hostname=host, scan_first=reporter.bar is not None)
         except FileNotFoundError as exc:
             fail(f"cannot back up: {exc}", EXIT_USAGE)
     ctx.emit_json(result.to_json())

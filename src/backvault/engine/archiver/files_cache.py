@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from backvault.hardening.private_files import write_private_file
 from backvault.repo.format import Node
 
 
@@ -100,8 +101,9 @@ class SQLiteStateCache:
         if self.file is None:
             return
         merged = {**self._known, **self._new}
+        # Private (it names the user's databases), whole or not at all; a cache that cannot
+        # be written only costs a full read of the databases next time.
         with contextlib.suppress(OSError):
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"snapshot": snapshot_id, "databases": merged}))
-            os.replace(tmp, self.file)
+            write_private_file(
+                self.file, json.dumps({"snapshot": snapshot_id, "databases": merged})
+            )
