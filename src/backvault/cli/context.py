@@ -113,53 +113,45 @@ INSECURE_VAULT_HELP = (
 )
 
 
+# The options every command accepts, before its name or after it (`backvault backup --json
+# PATH`, as restic does): declarations, the Context field they set, flag or not, help.
+GLOBAL_OPTIONS: list[tuple[tuple[str, ...], str, bool, str]] = [
+    (("-r", "--repo"), "repo", False, "Repository location (or BACKVAULT_REPO)."),
+    (("--json", "as_json"), "json", True, "Machine-readable output on stdout."),
+    (("-q", "--quiet"), "quiet", True, "Print only errors."),
+    (
+        ("--vault", "vault_url"),
+        "vault_url",
+        False,
+        "Vault URL (or BACKVAULT_VAULT_URL, or config).",
+    ),
+    (("--account",), "account", False, "Vault account (or BACKVAULT_ACCOUNT, or config)."),
+    (("--insecure-vault",), "insecure_vault", True, INSECURE_VAULT_HELP),
+]
+
+
+def global_options(*, on_group: bool = False) -> Callable[[F], F]:
+    """A decorator adding the global options: on the group as its parameters (it makes the
+    Context from them), on a command as callbacks that set the Context's fields."""
+
+    def add(command: F) -> F:
+        for declarations, field, is_flag, help_text in reversed(GLOBAL_OPTIONS):
+            if on_group:
+                option = click.option(*declarations, is_flag=is_flag, help=help_text)
+            else:
+                option = click.option(
+                    *declarations,
+                    is_flag=is_flag,
+                    help=help_text,
+                    expose_value=False,
+                    callback=_set_field(field),
+                )
+            command = option(command)
+        return command
+
+    return add
+
+
 def pass_context(command: F) -> F:
-    """Pass the Context, and accept the global options after the command name too
-    (`backvault backup --json PATH`), as restic does."""
-    wrapped = _pass_context_object(command)
-    for decorator in (
-        click.option(
-            "-r",
-            "--repo",
-            expose_value=False,
-            callback=_set_field("repo"),
-            help="Repository location (or BACKVAULT_REPO).",
-        ),
-        click.option(
-            "--json",
-            is_flag=True,
-            expose_value=False,
-            callback=_set_field("json"),
-            help="Machine-readable output on stdout.",
-        ),
-        click.option(
-            "--vault",
-            "vault_url",
-            expose_value=False,
-            callback=_set_field("vault_url"),
-            help="Vault URL (or BACKVAULT_VAULT_URL, or config).",
-        ),
-        click.option(
-            "--account",
-            expose_value=False,
-            callback=_set_field("account"),
-            help="Vault account (or BACKVAULT_ACCOUNT, or config).",
-        ),
-        click.option(
-            "-q",
-            "--quiet",
-            is_flag=True,
-            expose_value=False,
-            callback=_set_field("quiet"),
-            help="Print only errors.",
-        ),
-        click.option(
-            "--insecure-vault",
-            is_flag=True,
-            expose_value=False,
-            callback=_set_field("insecure_vault"),
-            help=INSECURE_VAULT_HELP,
-        ),
-    ):
-        wrapped = decorator(wrapped)
-    return wrapped  # type: ignore[return-value]
+    """Pass the Context, and accept the global options after the command name too."""
+    return global_options()(_pass_context_object(command))  # type: ignore[return-value]

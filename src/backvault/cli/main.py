@@ -21,7 +21,7 @@ from backvault import __version__, storage
 from backvault.app.errors import AppError, InvalidArgument, TooManyEntries
 from backvault.app.opening import MalformedKeyError, NoKeyAvailable
 from backvault.cli.commands import register_all
-from backvault.cli.context import INSECURE_VAULT_HELP, Context
+from backvault.cli.context import Context, global_options
 from backvault.cli.failures import (
     EXIT_ERROR,
     EXIT_INCOMPLETE,
@@ -56,12 +56,7 @@ from backvault.storage import StorageError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 # No envvar= here: Settings reads BACKVAULT_REPO itself, so `backvault config` can say where
 # a value came from (an envvar on the option would pass it off as a flag).
-@click.option("-r", "--repo", help="Repository location (or BACKVAULT_REPO).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-@click.option("--vault", "vault_url", help="Vault URL (or BACKVAULT_VAULT_URL, or config).")
-@click.option("--account", help="Vault account (or BACKVAULT_ACCOUNT, or config).")
-@click.option("--insecure-vault", is_flag=True, help=INSECURE_VAULT_HELP)
+@global_options(on_group=True)
 @click.version_option(__version__, prog_name="backvault")
 @click.pass_context
 def cli(
