@@ -35,10 +35,9 @@ ALLOWED = {
     },
     "hardening": set(),
 }
-# Imported by every package: process hardening (no core dumps, no secrets for children).
+# Imported by every package: process hardening (no core dumps, no secrets for children,
+# private files).
 EVERYWHERE = {"hardening"}
-# Imports that break the rules for now, each named: the settings fallback of
-# engine.parallel.worker_processes, until the command line calls parallel.configure().
 NO_IO_PACKAGES = {"opaque"}
 IO_MODULES = {"os", "socket", "subprocess", "shutil", "pathlib", "urllib", "http", "httpx"}
 
