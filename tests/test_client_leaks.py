@@ -781,7 +781,7 @@ def test_a_password_in_a_rest_url_stays_out_of_messages_and_unit_files(
     ],
 )
 def test_the_password_of_a_repository_url_is_masked_whatever_it_holds(url: str) -> None:
-    from backvault.storage.rest import without_password
+    from backvault.storage import without_password
 
     shown = without_password(f"{url} failed: {url}config")
     assert "s3" not in shown and "cr3t" not in shown

@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 from typing import NoReturn
 
-from backvault.vaultclient.http import VaultRefused, VaultUnavailable
+from backvault.vaultclient.errors import VaultRefused, VaultUnavailable
 from backvault.vaultclient.slots import UnwrapFailed
 
 EXIT_OK = 0

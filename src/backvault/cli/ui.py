@@ -21,7 +21,7 @@ from rich.text import Text
 
 from backvault.crypto import recovery_key
 from backvault.engine.progress import human_bytes
-from backvault.storage.rest import without_password
+from backvault.storage import without_password
 
 if TYPE_CHECKING:
     from backvault.cli.context import Context

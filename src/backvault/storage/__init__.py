@@ -25,6 +25,7 @@ from backvault.storage.base import (
     StorageError,
     StorageRefused,
     TransientStorageError,
+    without_password,
 )
 from backvault.storage.local import LocalBackend
 
@@ -116,4 +117,5 @@ __all__ = [
     "TransientStorageError",
     "open_backend",
     "open_backend_from_spec",
+    "without_password",
 ]

@@ -8,6 +8,7 @@ for a class, and how to open the same backend stack again in a worker process (`
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -193,3 +194,12 @@ class BackendWrapper(Backend):
 
     def close(self) -> None:
         self.inner.close()
+
+
+# A URL's password (user:secret@), hidden wherever a location is shown.
+_USERINFO = re.compile(r"(//[^/@\s:]*):[^/]*@")
+
+
+def without_password(text: str) -> str:
+    """``rest:https://user:secret@host/`` → ``rest:https://user:***@host/``."""
+    return _USERINFO.sub(r"\1:***@", text)

@@ -8,7 +8,6 @@ HEAD|GET|POST|DELETE /{type}/{name}   one object; GET takes a Range header
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import httpx
@@ -22,20 +21,13 @@ from backvault.storage.base import (
     StorageError,
     StorageRefused,
     TransientStorageError,
+    without_password,
 )
 
 V2 = "application/vnd.x.restic.rest.v2"
 
 
 # The password runs to the LAST "@" before the path: it may itself hold "@" or spaces.
-_USERINFO = re.compile(r"(//[^/@\s:]*):[^/]*@")
-
-
-def without_password(text: str) -> str:
-    """``rest:https://user:secret@host/`` → ``rest:https://user:***@host/``."""
-    return _USERINFO.sub(r"\1:***@", text)
-
-
 class RestBackend(Backend):
     def __init__(
         self,

@@ -13,21 +13,7 @@ import httpx
 
 from backvault.device.settings import check_vault_url
 from backvault.opaque import KE2, OpaqueConfig, RegistrationResponse, client
-
-
-class VaultUnavailable(Exception):
-    """The vault could not be reached or did not answer in time."""
-
-
-@dataclass
-class VaultRefused(Exception):
-    status: int
-    code: str
-    message: str
-    attempts_left: int | None = None
-
-    def __str__(self) -> str:
-        return self.message
+from backvault.vaultclient.errors import VaultRefused, VaultUnavailable
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -26,7 +26,10 @@ from backvault.device import vault_state
 from backvault.device.settings import VaultSettings
 from backvault.opaque import OpaqueConfig
 from backvault.repo.repository import KeySlot, Repository
-from backvault.vaultclient.http import LoginResult, VaultClient, VaultRefused, VaultUnavailable
+from backvault.vaultclient.errors import VaultRefused, VaultUnavailable
+
+if TYPE_CHECKING:
+    from backvault.vaultclient.http import LoginResult, VaultClient
 
 WRAP_INFO = b"backvault vault-slot wrap v1"
 WRAP_VERSION = 1
@@ -125,6 +128,9 @@ class PasswordSlots:
     verify: bool | str = True
 
     def client(self) -> VaultClient:
+        # httpx loads only when a vault is called (most commands never do).
+        from backvault.vaultclient.http import VaultClient
+
         return VaultClient(
             self.vault.url,
             self.vault.token,

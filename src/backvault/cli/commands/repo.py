@@ -13,8 +13,7 @@ from backvault.cli.ui import recovery_key_block
 from backvault.crypto import recovery_key
 from backvault.device import keycache
 from backvault.device.settings import TOKEN, SettingsError, forget_token, set_value, store_token
-from backvault.storage import open_backend
-from backvault.storage.rest import without_password
+from backvault.storage import open_backend, without_password
 
 
 @click.command()
