@@ -22,6 +22,7 @@ def opaque_vectors() -> list[dict[str, Any]]:
 
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -101,7 +102,15 @@ class Cli:
             text=True,
             env=full_env,
             stdin=subprocess.DEVNULL,
+            # As from a terminal: a test run started in the background of a script (where
+            # the shell ignores SIGINT for its children) must still be able to Ctrl-C it.
+            preexec_fn=default_sigint,
         )
+
+
+def default_sigint() -> None:
+    """Ctrl-C as from a terminal, in a child process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

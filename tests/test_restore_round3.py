@@ -15,7 +15,7 @@ import pytest
 from backvault.engine.restorer import Restorer, matches
 from backvault.repo.repository import Repository
 from backvault.storage import LocalBackend
-from tests.conftest import Cli
+from tests.conftest import Cli, default_sigint
 from tests.test_hostile_snapshots import Hostile, link, remove_tree
 from tests.test_restore_attacks import ATTACKER, fingerprint, needs_root
 
@@ -122,7 +122,7 @@ def test_an_interrupted_overwrite_puts_back_the_file_a_folder_replaced(
         [sys.executable, "-m", "backvault.cli", "-r", str(h.path), "restore", snapshot_id,
          "--target", str(target), "--overwrite"],
         env={**cli.env, "BACKVAULT_KEY": h.key}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not (target / "notes").is_dir() and time.monotonic() < deadline:
