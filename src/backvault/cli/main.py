@@ -20,7 +20,7 @@ from rich.console import Console
 from backvault import __version__, storage
 from backvault.app.errors import AppError, InvalidArgument, TooManyEntries
 from backvault.app.opening import MalformedKeyError, NoKeyAvailable
-from backvault.cli.commands import register_all
+from backvault.cli.commands import LazyGroup
 from backvault.cli.context import Context, global_options
 from backvault.cli.failures import (
     EXIT_ERROR,
@@ -53,7 +53,7 @@ from backvault.repo.errors import (
 from backvault.storage import StorageError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 # No envvar= here: Settings reads BACKVAULT_REPO itself, so `backvault config` can say where
 # a value came from (an envvar on the option would pass it off as a flag).
 @global_options(on_group=True)
@@ -96,9 +96,6 @@ def cli(
     if isinstance(state, RunState):
         state.context = ctx
     click_ctx.obj = ctx
-
-
-register_all(cli)
 
 
 class RunState:
