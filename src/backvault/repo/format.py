@@ -3,6 +3,9 @@
 No I/O and no keys here: callers encrypt and store what these functions produce. Every
 parser raises :class:`FormatError` on anything malformed, with a message that names the
 problem.
+
+(Over 500 lines on purpose: every object of the format, its encoder next to its parser and
+its limits, in the one file a reviewer checks against restic's design document.)
 """
 
 from __future__ import annotations
