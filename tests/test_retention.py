@@ -211,3 +211,35 @@ def test_unlock_removes_only_stale_locks(cli: Cli, repo: InitRepo, tmp_path: Pat
     result = cli.ok("--json", "-r", str(repo.path), "unlock").json()
     assert result["removed"] == 1
     assert len(list((repo.path / "locks").iterdir())) == 1
+
+
+def test_a_backup_through_the_python_api_holds_a_shared_lock_a_prune_cannot_pass(
+    tmp_path: Path,
+) -> None:
+    """An app that embeds the engine and calls Backup.run without a lock of its own: a prune
+    meanwhile (exclusive) must be refused, or it could delete data the backup reuses."""
+    from backvault.engine.archiver import Backup
+    from backvault.engine.progress import NoProgress
+    from backvault.repo.errors import RepositoryLocked
+    from backvault.repo.lock import RepositoryLock
+    from backvault.repo.repository import Repository
+    from backvault.storage import LocalBackend
+
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"x" * 100_000)
+    outcomes: list[str] = []
+
+    class PruneMeanwhile(NoProgress):
+        def advance(self, nbytes: int) -> None:
+            other = Repository.open_with_master_key(LocalBackend(tmp_path / "repo"), repo.key)
+            try:
+                with RepositoryLock(other, exclusive=True):
+                    outcomes.append("prune got its lock")
+            except RepositoryLocked:
+                outcomes.append("refused")
+
+    Backup(repo, PruneMeanwhile(), temp_dir=tmp_path).run([str(source)])
+    assert outcomes and set(outcomes) == {"refused"}
+    assert repo.locks_held == 0 and not list((tmp_path / "repo" / "locks").iterdir())

@@ -78,10 +78,12 @@ def cli(
     # vault's sealing key): none may land in a core file.
     disable_core_dumps()
     # How this process is tuned (BACKVAULT_WORKER_PROCESSES, _RETRY_ATTEMPTS, _RCLONE): read
-    # once, here, and handed to the layers that use it.
-    tuning = EnvironmentSettings.load()
-    storage.configure(retry_attempts=tuning.retry_attempts, rclone=tuning.rclone)
-    parallel.configure(worker_processes=tuning.worker_processes)
+    # once, here, and handed to the layers that use it. The vault server has settings of its
+    # own (BACKVAULT_SERVER_*): a client variable must not stop it.
+    if click_ctx.invoked_subcommand != "vault":
+        tuning = EnvironmentSettings.load()
+        storage.configure(retry_attempts=tuning.retry_attempts, rclone=tuning.rclone)
+        parallel.configure(worker_processes=tuning.worker_processes)
     ctx = Context(
         repo=repo,
         json=as_json,

@@ -125,6 +125,7 @@ class RepositoryLock:
             )
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True)
         self._thread.start()
+        self.repo.locks_held += 1
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_EVERY_S):
@@ -139,6 +140,8 @@ class RepositoryLock:
                         self.repo.backend.remove(FileType.LOCK, old)
 
     def release(self) -> None:
+        if self._thread is not None and not self._stop.is_set():
+            self.repo.locks_held -= 1
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)

@@ -53,6 +53,8 @@ class Repository:
         )
         self._tree_cache_lock = threading.Lock()
         self.reader = BlobReader(backend, key)
+        # Locks this process holds on the repository now (``lock.RepositoryLock``).
+        self.locks_held = 0
 
     # --- opening ---------------------------------------------------------------------
 

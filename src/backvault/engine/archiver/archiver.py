@@ -6,7 +6,9 @@ parent snapshot (same type, size, mtime, ctime and inode) are not read again
 (``files_cache``); SQLite databases are read through a consistent copy (``databases``) and
 cut into page-aligned chunks. File data goes through the ``pipeline``.
 
-The caller holds the repository lock (a shared one) for the run.
+A backup runs under a shared repository lock: the one its caller holds (the CLI declares it
+per command), or, for a program calling the engine directly without one, its own — so a
+concurrent prune never deletes data this backup counts on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from backvault.repo import format as fmt
 from backvault.repo.chunker import page_ranges
 from backvault.repo.errors import DamagedObject
 from backvault.repo.format import BlobType, Node, Snapshot
+from backvault.repo.lock import RepositoryLock
 from backvault.repo.repository import Repository
 from backvault.repo.timefmt import format_ns, now_ns
 from backvault.source.sqlite import (
@@ -124,14 +127,16 @@ class Backup:
         hostname = hostname or socket.gethostname()
         own_temp = self.temp_dir is None and self.sqlite_state_file is None
         temp_root = self._temp_root()
+        held = self.repo.locks_held > 0
         try:
-            copier = DatabaseCopier(temp_root)
-            try:
-                result = _BackupRun(self, copier).archive(
-                    targets, tags, hostname, scan_first, start_ns
-                )
-            finally:
-                copier.close()
+            with contextlib.nullcontext() if held else RepositoryLock(self.repo):
+                copier = DatabaseCopier(temp_root)
+                try:
+                    result = _BackupRun(self, copier).archive(
+                        targets, tags, hostname, scan_first, start_ns
+                    )
+                finally:
+                    copier.close()
         finally:
             if own_temp:
                 shutil.rmtree(temp_root, ignore_errors=True)
