@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "backvault"
@@ -107,3 +111,28 @@ def test_app_imports_neither_click_nor_rich() -> None:
     for path in paths:
         used = {name.split(".")[0] for name in imports_of(path)} & PRESENTATION
         assert not used, f"{path.relative_to(SRC)} imports {', '.join(sorted(used))}"
+
+
+def test_a_backup_loads_no_vault_opaque_or_pydantic_code() -> None:
+    """Start-up is most of a backup that finds nothing changed (docs/architecture.md, "What a
+    command loads"): the backup command, with its settings resolved, must not load the vault
+    server, OPAQUE, the HTTP client or pydantic (~0.1 s each for some of them)."""
+    probe = """
+import json, sys
+import click
+from backvault.cli.main import cli
+cli.get_command(click.Context(cli), "backup")
+from backvault.device.settings import Settings
+Settings.resolve()
+print(json.dumps(sorted(sys.modules)))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKVAULT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    loaded = set(json.loads(done.stdout))
+    assert "backvault.engine.archiver" in loaded  # the probe did load the backup command
+    heavy = {"pydantic", "pydantic_settings", "httpx", "fastapi", "sqlalchemy"}
+    ours = ("backvault.vault.", "backvault.opaque", "backvault.vaultclient.slots")
+    found = {m for m in loaded if m.split(".")[0] in heavy or m.startswith(ours)}
+    assert not found, f"a backup loads {', '.join(sorted(found))}"

@@ -16,8 +16,7 @@ from __future__ import annotations
 import signal
 from typing import NoReturn
 
-from backvault.vaultclient.errors import VaultRefused, VaultUnavailable
-from backvault.vaultclient.slots import UnwrapFailed
+from backvault.vaultclient.errors import UnwrapFailed, VaultRefused, VaultUnavailable
 
 EXIT_OK = 0
 EXIT_ERROR = 1

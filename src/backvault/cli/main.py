@@ -41,7 +41,7 @@ from backvault.crypto import recovery_key
 from backvault.device.environment import EnvironmentSettings
 from backvault.device.settings import SettingsError
 from backvault.engine import parallel
-from backvault.engine.restorer import DiskFull, TargetNotEmpty
+from backvault.engine.errors import DiskFull, TargetNotEmpty
 from backvault.hardening import disable_core_dumps, withdraw_secrets_from_environment
 from backvault.repo.errors import (
     DamagedObject,

@@ -11,7 +11,6 @@ import click
 from backvault.cli.context import Context
 from backvault.cli.failures import EXIT_USAGE, fail
 from backvault.hardening import secret_variable
-from backvault.vaultclient.slots import WeakPassword, check_strength
 
 
 def ask_key() -> str:
@@ -40,6 +39,10 @@ def read_password(prompt: str = "Password") -> str | None:
 def read_new_password(ctx: Context, env_name: str = "BACKVAULT_PASSWORD") -> str:
     """A new password: asked twice on a terminal, with strength feedback; weak ones are
     refused (the vault allows only a few guesses, so the password must not be among them)."""
+    # Here, not at the top: every command loads this module, few set a password, and the
+    # password slot code brings OPAQUE with it.
+    from backvault.vaultclient.slots import WeakPassword, check_strength
+
     from_env = secret_variable(env_name)
     if from_env:
         try:

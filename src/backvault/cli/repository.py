@@ -31,7 +31,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backvault.app.opening import NoKeyAvailable, open_repository
 from backvault.cli.context import Context, pass_context
@@ -41,7 +41,9 @@ from backvault.device.settings import VaultSettings
 from backvault.repo.lock import RepositoryLock
 from backvault.repo.repository import Repository
 from backvault.storage import Backend
-from backvault.vaultclient.slots import LEGACY_UPGRADED, PasswordSlots, Recovery
+
+if TYPE_CHECKING:
+    from backvault.vaultclient.slots import Recovery
 
 
 class Lock(enum.Enum):
@@ -99,6 +101,8 @@ def open_repo(ctx: Context) -> Repository:
 
 
 def report_legacy_upgrade(ctx: Context, recovery: Recovery) -> None:
+    from backvault.vaultclient.slots import LEGACY_UPGRADED
+
     if recovery.upgraded:
         ctx.warn(f"warning: {LEGACY_UPGRADED}")
     elif recovery.upgraded is False:
@@ -114,6 +118,10 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
     exit-code table, which explains them)."""
 
     def open_with_password(backend: Backend) -> Repository | None:
+        # Loaded only when a password is needed (it brings OPAQUE): most runs open the
+        # repository with the device's cached key.
+        from backvault.vaultclient.slots import PasswordSlots
+
         slots = PasswordSlots(vault)
         record = slots.check_record()
         status = record.status

@@ -33,21 +33,21 @@ lower layers never read these variables: they take the values as arguments
 Secrets (``BACKVAULT_VAULT_TOKEN``, …) are read through ``hardening.environment_value``,
 which still finds them once they are withdrawn from ``os.environ``.
 
-This is pydantic-settings with sources of its own rather than its stock ones: the variable
-names predate this module and do not follow one prefix-plus-field rule (``BACKVAULT_REPO``
-sets ``repository``), and ``describe()`` must say where each value came from, which each
-source here records under ``sources``.
+The layering is written out here (``layered``) rather than taken from pydantic-settings,
+which the vault uses: the variable names predate this module and follow no
+prefix-plus-field rule (``BACKVAULT_REPO`` sets ``repository``), ``describe()`` must say
+where each value came from, and every command loads these settings before it does
+anything, where importing pydantic-settings alone costs ~0.1 s (a third of a backup that
+finds nothing changed; docs/architecture.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-
-from pydantic import Field, ValidationError, field_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backvault.hardening import environment_value
 
@@ -71,31 +71,46 @@ def field_of(name: str) -> str:
     return name.replace(".", "_")
 
 
-class Variables(PydanticBaseSettingsSource):
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings: setting name -> its text, and where it came from."""
+
+    values: dict[str, str]
+    source: Callable[[str], str]  # setting name -> "$BACKVAULT_…", "flag", a file, …
+
+
+def variables_layer(variables: Mapping[str, str]) -> Layer:
     """The ``BACKVAULT_*`` variables that are set and not empty."""
-
-    def __init__(self, settings_cls: type[BaseSettings], variables: Mapping[str, str]) -> None:
-        super().__init__(settings_cls)
-        self.variables = variables
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        raise NotImplementedError  # __call__ reads every variable itself
-
-    def __call__(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        for name, variable in self.variables.items():
-            value = environment_value(variable)
-            if value:
-                values[field_of(name)] = value
-                sources[name] = f"${variable}"
-        return {**values, "sources": sources} if values else {}
+    values = {}
+    for name, variable in variables.items():
+        value = environment_value(variable)
+        if value:
+            values[name] = value
+    return Layer(values, lambda name: f"${variables[name]}")
 
 
-class EnvironmentSettings(BaseSettings):
+def parse_worker_processes(text: str) -> int | None:
+    value = text.strip().lower()
+    if value in ("", "auto"):
+        return None  # one per core, none on a single core
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError(
+            f"must be a number of worker processes (0: threads only) or auto, not {text!r}"
+        ) from None
+
+
+def parse_retry_attempts(text: str) -> int:
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise ValueError(f"must be a whole number of attempts, not {text!r}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentSettings:
     """This process's tuning and this device's folders, from the environment only."""
-
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     worker_processes: int | None = None  # None: one per core, none on a single core
     retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
@@ -104,65 +119,55 @@ class EnvironmentSettings(BaseSettings):
     config_dir: Path | None = None
     cache_dir: Path | None = None
     # Setting name -> where its value came from ("$BACKVAULT_…", "flag", a file, …).
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, Variables(settings_cls, cls.variables())
-
-    @classmethod
-    def load(cls, **given: Any) -> Self:
-        """The settings, validated: ``given`` (flags) beat the sources; SettingsError
-        names the variable of a value that is wrong."""
-        try:
-            return cls(**given)
-        except ValidationError as exc:
-            raise SettingsError(explain(exc, cls.variables())) from None
+    def load(cls) -> Self:
+        """The settings, validated; SettingsError names the variable of a wrong value."""
+        return cls.layered([variables_layer(cls.variables())])
 
     @classmethod
     def variables(cls) -> dict[str, str]:
         return VARIABLES
 
+    @classmethod
+    def parsers(cls) -> dict[str, Callable[[str], Any]]:
+        """Setting name -> how its text becomes its value (ValueError says what is
+        wrong); a setting not named here is text."""
+        return {
+            "worker_processes": parse_worker_processes,
+            "retry_attempts": parse_retry_attempts,
+            "config_dir": Path,
+            "cache_dir": Path,
+        }
+
+    @classmethod
+    def layered(cls, layers: Iterable[Layer], **fixed: Any) -> Self:
+        """The settings from ``layers``, the first that gives a setting winning; every
+        wrong value is named in one SettingsError. ``fixed`` are values no layer gives."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"sources"}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        problems = []
+        parsers = cls.parsers()
+        variables = cls.variables()
+        for layer in layers:
+            for name, text in layer.values.items():
+                attribute = field_of(name)
+                if attribute not in known:
+                    raise TypeError(f"{cls.__name__} has no setting {name!r}")
+                if name in sources:
+                    continue
+                sources[name] = layer.source(name)
+                try:
+                    values[attribute] = parsers.get(name, str)(text)
+                except ValueError as exc:
+                    problems.append(f"{variables.get(name, name)} {exc}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return cls(**values, **fixed, sources=sources)
+
     @property
     def uses_keyring(self) -> bool:
         """Whether secrets may go to the OS keyring (not with BACKVAULT_KEYRING=file)."""
         return self.keyring.lower() != "file"
-
-    @field_validator("worker_processes", mode="before")
-    @classmethod
-    def _processes(cls, value: Any) -> int | None:
-        text = str(value).strip().lower() if value is not None else "auto"
-        if text in ("", "auto"):
-            return None
-        try:
-            return max(0, int(text))
-        except ValueError:
-            raise ValueError(
-                f"must be a number of worker processes (0: threads only) or auto, not {value!r}"
-            ) from None
-
-    @field_validator("retry_attempts", mode="before")
-    @classmethod
-    def _attempts(cls, value: Any) -> int:
-        try:
-            return max(1, int(value))
-        except (TypeError, ValueError):
-            raise ValueError(f"must be a whole number of attempts, not {value!r}") from None
-
-
-def explain(exc: ValidationError, variables: Mapping[str, str]) -> str:
-    """A user's message for invalid settings: which variable, what is wrong."""
-    problems = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else ""
-        name = next((n for n in variables if field_of(n) == field), field)
-        cause = error.get("ctx", {}).get("error")
-        problems.append(f"{variables.get(name, name)} {cause if cause else error['msg']}")
-    return "; ".join(problems)

@@ -17,15 +17,13 @@ from pathlib import Path
 
 from platformdirs.unix import Unix
 
+from backvault.device.environment import EnvironmentSettings
+
 APP_NAME = "backvault"
 
 
 def _configured(name: str) -> Path | None:
-    """BACKVAULT_CONFIG_DIR or BACKVAULT_CACHE_DIR, through the settings. Imported here, not
-    at the top: pydantic costs a process some 15 MB and a tenth of a second, and worker
-    processes import this module (through the engine) without ever calling it."""
-    from backvault.device.environment import EnvironmentSettings
-
+    """BACKVAULT_CONFIG_DIR or BACKVAULT_CACHE_DIR, through the settings."""
     folder: Path | None = getattr(EnvironmentSettings.load(), name)
     return folder
 

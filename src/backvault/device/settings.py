@@ -1,6 +1,6 @@
 """The client's settings, one layer: defaults, then ``~/.config/backvault/config.toml``,
 then the keyring (the vault token), then ``BACKVAULT_*`` variables, then flags — each
-overriding the one before, validated on load (pydantic-settings), with where each value
+overriding the one before, validated on load, with where each value
 came from (``describe()``, shown by `backvault config`).
 
 The file holds the repository, the vault's URL and the account; the account's token, a
@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import tomli_w
-from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from backvault.device import secretstore
-from backvault.device.environment import EnvironmentSettings, Variables, field_of
+from backvault.device.environment import EnvironmentSettings, Layer, variables_layer
 from backvault.device.environment import SettingsError as SettingsError
 from backvault.device.paths import config_dir
 from backvault.hardening.private_files import write_private_file
@@ -175,39 +173,24 @@ class VaultSettings:
         )
 
 
-class SettingsFile(PydanticBaseSettingsSource):
+def file_layer() -> Layer:
     """The settings file's values (``KEYS`` only), as text."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        raise NotImplementedError  # __call__ reads the whole file itself
-
-    def __call__(self) -> dict[str, Any]:
-        doc = load_file()
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        for key in KEYS:
-            value = _get(doc, key)
-            if value is not None:
-                values[field_of(key)], sources[key] = value, str(settings_path())
-        return {**values, "sources": sources} if values else {}
+    doc = load_file()
+    found = {key: _get(doc, key) for key in KEYS}
+    where = str(settings_path())
+    return Layer({k: v for k, v in found.items() if v is not None}, lambda _: where)
 
 
-class StoredToken(PydanticBaseSettingsSource):
-    """The vault token in the OS keyring (or its 0600 file), looked up only when no flag
-    or variable gave one."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        raise NotImplementedError
-
-    def __call__(self) -> dict[str, Any]:
-        if self.current_state.get(field_of(TOKEN)):
-            return {}
-        stored = _stored_token()
-        if stored is None:
-            return {}
-        return {field_of(TOKEN): stored[0], "sources": {TOKEN: stored[1]}}
+def stored_token_layer() -> Layer:
+    """The vault token in the OS keyring (or its 0600 file)."""
+    stored = _stored_token()
+    if stored is None:
+        return Layer({}, str)
+    token, where = stored
+    return Layer({TOKEN: token}, lambda _: where)
 
 
+@dataclass(frozen=True, kw_only=True)
 class Settings(EnvironmentSettings):
     """The client's settings, validated: flags beat the environment, which beats the
     keyring (the token), which beats the settings file, which beats the defaults.
@@ -216,24 +199,8 @@ class Settings(EnvironmentSettings):
     repository: str | None = None
     vault_url: str | None = None
     vault_account: str | None = None
-    vault_token: str | None = Field(default=None, repr=False)
+    vault_token: str | None = field(default=None, repr=False)
     allow_plain_http: bool = False  # --insecure-vault
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,  # the flags
-            Variables(settings_cls, cls.variables()),
-            StoredToken(settings_cls),
-            SettingsFile(settings_cls),
-        )
 
     @classmethod
     def variables(cls) -> dict[str, str]:
@@ -245,18 +212,15 @@ class Settings(EnvironmentSettings):
     ) -> Settings:
         """The settings, with ``flags`` (setting name -> value, None or empty if not
         given) over everything else."""
-        given = {name: value for name, value in (flags or {}).items() if value}
-        return cls.load(
-            **{field_of(name): value for name, value in given.items()},
-            sources=dict.fromkeys(given, "flag"),
-            allow_plain_http=allow_plain_http,
+        given = Layer(
+            {name: value for name, value in (flags or {}).items() if value}, lambda _: "flag"
         )
-
-    def __repr_args__(self) -> Any:
-        for name, value in super().__repr_args__():
-            yield name, value
-            if name == "vault_account":
-                yield "vault_token", HIDDEN if self.vault_token else None
+        variables = variables_layer(cls.variables())
+        layers = [given, variables]
+        if TOKEN not in given.values and TOKEN not in variables.values:
+            layers.append(stored_token_layer())  # the keyring is asked only when needed
+        layers.append(file_layer())
+        return cls.layered(layers, allow_plain_http=allow_plain_http)
 
     @property
     def vault(self) -> VaultSettings | None:

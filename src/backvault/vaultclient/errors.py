@@ -21,4 +21,8 @@ class VaultRefused(Exception):
         return self.message
 
 
-__all__ = ["VaultRefused", "VaultUnavailable"]
+class UnwrapFailed(Exception):
+    """The vault released a secret that this password's export_key does not open."""
+
+
+__all__ = ["UnwrapFailed", "VaultRefused", "VaultUnavailable"]

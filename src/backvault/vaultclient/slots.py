@@ -26,7 +26,7 @@ from backvault.device import vault_state
 from backvault.device.settings import VaultSettings
 from backvault.opaque import OpaqueConfig
 from backvault.repo.repository import KeySlot, Repository
-from backvault.vaultclient.errors import VaultRefused, VaultUnavailable
+from backvault.vaultclient.errors import UnwrapFailed, VaultRefused, VaultUnavailable
 
 if TYPE_CHECKING:
     from backvault.vaultclient.http import LoginResult, VaultClient
@@ -39,10 +39,6 @@ MIN_SCORE = 2  # zxcvbn: refuse passwords guessable within about 10^6 tries
 
 class WeakPassword(ValueError):
     pass
-
-
-class UnwrapFailed(Exception):
-    """The vault released a secret that this password's export_key does not open."""
 
 
 def _wrap_key(export_key: bytes) -> bytes:

@@ -8,14 +8,12 @@
 - ``common``: the result, errors and jobs the parts share
 """
 
+from backvault.engine.errors import DiskFull, NotEnoughSpace, TargetNotEmpty
 from backvault.engine.restorer.common import (
     MAX_LISTED,
     MAX_LISTED_PATH,
-    DiskFull,
     EntryRefused,
-    NotEnoughSpace,
     RestoreResult,
-    TargetNotEmpty,
 )
 from backvault.engine.restorer.files import RunNotWritten, restore_runs
 from backvault.engine.restorer.restorer import Restorer

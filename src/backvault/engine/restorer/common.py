@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backvault.engine.errors import DiskFull
 from backvault.engine.progress import Progress
 from backvault.engine.target_folders import (
     FolderRef,
@@ -34,18 +35,6 @@ MAX_LISTED_PATH = 4096
 # Where an entry is, for messages: its path, or how to build it (built only if a message
 # needs it: a folder keeps no path of its own, see ``_FolderJob.path``).
 Where = str | Callable[[], str]
-
-
-class TargetNotEmpty(RepositoryError):
-    pass
-
-
-class DiskFull(RepositoryError):
-    pass
-
-
-class NotEnoughSpace(RepositoryError):
-    pass
 
 
 class EntryRefused(RepositoryError):

@@ -39,13 +39,12 @@ import stat as stat_module
 import threading
 from pathlib import Path
 
+from backvault.engine.errors import NotEnoughSpace, TargetNotEmpty
 from backvault.engine.parallel import Batcher, WorkerPool, reader_pool
 from backvault.engine.progress import NoProgress, Progress, human_bytes
 from backvault.engine.restorer.common import (
     EntryRefused,
-    NotEnoughSpace,
     RestoreResult,
-    TargetNotEmpty,
     _FileJob,
     _FolderJob,
     _lstat,
