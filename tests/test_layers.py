@@ -21,9 +21,20 @@ ALLOWED = {
     "repo": {"crypto", "storage"},
     "engine": {"repo", "crypto", "storage", "source"},
     "device": {"crypto"},
-    "vaultclient": {"opaque", "crypto", "repo", "storage", "device"},
-    "vault": {"opaque", "crypto"},
-    "app": {"engine", "device", "vaultclient", "repo", "crypto", "storage", "source", "opaque"},
+    "vaultclient": {"opaque", "crypto", "repo", "storage", "device", "realms"},
+    "realms": {"opaque", "crypto"},
+    "vault": {"opaque", "crypto", "realms"},
+    "app": {
+        "engine",
+        "device",
+        "vaultclient",
+        "repo",
+        "crypto",
+        "storage",
+        "source",
+        "opaque",
+        "realms",
+    },
     "cli": {
         "app",
         "engine",
@@ -34,6 +45,7 @@ ALLOWED = {
         "storage",
         "source",
         "opaque",
+        "realms",
         "vault",
         "demo",
     },
@@ -42,7 +54,7 @@ ALLOWED = {
 # Imported by every package: process hardening (no core dumps, no secrets for children,
 # private files).
 EVERYWHERE = {"hardening"}
-NO_IO_PACKAGES = {"opaque"}
+NO_IO_PACKAGES = {"opaque", "realms"}
 IO_MODULES = {"os", "socket", "subprocess", "shutil", "pathlib", "urllib", "http", "httpx"}
 
 
@@ -78,8 +90,10 @@ def test_packages_import_only_lower_layers() -> None:
                 assert parts[1] in allowed | EVERYWHERE, f"{path.relative_to(SRC)} imports {name}"
 
 
-def test_opaque_does_no_io() -> None:
-    for path in (SRC / "opaque").rglob("*.py"):
+def test_protocol_packages_do_no_io() -> None:
+    paths = [path for package in NO_IO_PACKAGES for path in (SRC / package).rglob("*.py")]
+    assert any(path.parent.name == "realms" for path in paths)
+    for path in paths:
         for name in imports_of(path):
             assert name.split(".")[0] not in IO_MODULES, f"{path.name} imports {name}"
         assert "open(" not in path.read_text(), path.name
