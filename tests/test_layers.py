@@ -21,9 +21,20 @@ ALLOWED = {
     "repo": {"crypto", "storage"},
     "engine": {"repo", "crypto", "storage", "source"},
     "device": {"crypto"},
-    "vaultclient": {"opaque", "crypto", "repo", "storage", "device"},
-    "vault": {"opaque", "crypto"},
-    "app": {"engine", "device", "vaultclient", "repo", "crypto", "storage", "source", "opaque"},
+    "realms": {"opaque", "crypto"},
+    "vaultclient": {"opaque", "crypto", "repo", "storage", "device", "realms"},
+    "vault": {"opaque", "crypto", "realms"},
+    "app": {
+        "engine",
+        "device",
+        "vaultclient",
+        "repo",
+        "crypto",
+        "storage",
+        "source",
+        "opaque",
+        "realms",
+    },
     "cli": {
         "app",
         "engine",
@@ -36,13 +47,14 @@ ALLOWED = {
         "opaque",
         "vault",
         "demo",
+        "realms",
     },
     "hardening": set(),
 }
 # Imported by every package: process hardening (no core dumps, no secrets for children,
 # private files).
 EVERYWHERE = {"hardening"}
-NO_IO_PACKAGES = {"opaque"}
+NO_IO_PACKAGES = {"opaque", "realms"}
 IO_MODULES = {"os", "socket", "subprocess", "shutil", "pathlib", "urllib", "http", "httpx"}
 
 
@@ -78,11 +90,17 @@ def test_packages_import_only_lower_layers() -> None:
                 assert parts[1] in allowed | EVERYWHERE, f"{path.relative_to(SRC)} imports {name}"
 
 
-def test_opaque_does_no_io() -> None:
-    for path in (SRC / "opaque").rglob("*.py"):
-        for name in imports_of(path):
-            assert name.split(".")[0] not in IO_MODULES, f"{path.name} imports {name}"
-        assert "open(" not in path.read_text(), path.name
+def test_protocol_packages_do_no_io() -> None:
+    """opaque (OPRF, OPAQUE) and realms (the threshold realm protocol) are pure: byte strings
+    in, byte strings out, so they can be tested against vectors and reused on both sides."""
+    for package in sorted(NO_IO_PACKAGES):
+        paths = list((SRC / package).rglob("*.py"))
+        assert paths, f"no modules in {package}"
+        for path in paths:
+            where = path.relative_to(SRC)
+            for name in imports_of(path):
+                assert name.split(".")[0] not in IO_MODULES, f"{where} imports {name}"
+            assert "open(" not in path.read_text(), where
 
 
 def test_nothing_in_src_uses_the_deterministic_opaque_path() -> None:
