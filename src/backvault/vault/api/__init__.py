@@ -68,12 +68,17 @@ def create_app(
 
 
 def openapi_document() -> dict[str, Any]:
-    """The API description, without a database (for docs and tooling)."""
+    """The API description, without a database (for docs and tooling); with the realm
+    endpoints, which a node serves in realm mode only."""
 
     class _NoService:
         pass
 
-    app = create_app(_NoService(), _NoVerifier())  # type: ignore[arg-type]
+    app = create_app(
+        _NoService(),  # type: ignore[arg-type]
+        _NoVerifier(),
+        realm=_NoService(),  # type: ignore[arg-type]
+    )
     return app.openapi()
 
 
