@@ -382,6 +382,21 @@ def test_a_whole_recovery_with_two_of_three_realms(realms: list[Realm]) -> None:
     nonce, sealed = reg.ciphertext[:12], reg.ciphertext[12:]
     assert AESGCM(key).decrypt(nonce, sealed, reg.descriptor.hash) == reg.slot_secret
 
+    # Audited and counted like logins; no secret (nor an attempt id) in any log line.
+    for realm in realms:
+        metrics = httpx.get(realm.node.url + "/metrics", timeout=10).text
+        assert 'backvault_vault_audit_events_total{event="realm_unlocked"}' in metrics
+        log = realm.node.log.read_text()
+        index = reg.index_of(realm.realm_id)
+        for secret in (
+            reg.key_shares[index],
+            reg.encryption_shares[index],
+            reg.tag(realm.realm_id),
+            reg.ciphertext,
+            *attempt_ids[realm.realm_id],
+        ):
+            assert b64(secret) not in log and secret.hex() not in log
+
 
 def test_registration_is_compare_and_swap_and_replaces_the_key_share(realms: list[Realm]) -> None:
     realm = realms[0]
@@ -802,3 +817,75 @@ def test_concurrent_evaluations_on_postgresql(tmp_path: Path) -> None:
             concurrent_evaluations(realm, allowed=40)
         finally:
             assert realm.node.stop() == 0
+
+
+def test_a_sealing_key_rotation_reseals_the_shares(tmp_path: Path) -> None:
+    realm = start_realm(tmp_path)
+    try:
+        who = account([realm])
+        token = who.tokens[0]
+        reg = make_registration([realm.realm_id, secrets.token_bytes(16)], 2, 5, b"pw", who.name)
+        assert realm.register(token, reg).status_code == 200
+        before = realm.row(who.name)
+        assert before is not None
+        rotated = subprocess.run(
+            realm.node.command("rotate-sealing-key", *realm.node.args),
+            env=realm.node.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        after = realm.row(who.name)
+        assert after is not None
+        for column in ("sealed_key_share", "sealed_encryption_share"):
+            assert after[column] != before[column]
+            assert after[column][:5] == b"\x02" + (2).to_bytes(4, "big"), column
+        blinded = voprf.blind(b"a guess", group.random_scalar())
+        answer = realm.evaluate(token, reg.version, blinded)
+        assert answer.status_code == 200, answer.text
+        evaluation_ok(realm, reg, blinded, answer.json())
+        unlocked = realm.unlock(token, reg.version, reg.tag(realm.realm_id))
+        assert unlocked.status_code == 200, unlocked.text
+        index = reg.index_of(realm.realm_id)
+        assert unb64(unlocked.json()["encryption_share"]) == reg.encryption_shares[index]
+    finally:
+        assert realm.node.stop() == 0
+
+
+def test_schemathesis_finds_no_server_error_at_the_realm_endpoints(realms: list[Realm]) -> None:
+    """Property-based requests from the OpenAPI spec, realm endpoints included. As for
+    /v1 (tests/test_vault.py), every check but `positive_data_acceptance`: a schema-valid
+    base64 string is rarely a valid descriptor, scalar or group element."""
+    import sys
+
+    realm = realms[0]
+    token = account([realm]).tokens[0]
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    proc = subprocess.run(
+        [
+            str(schemathesis),
+            "run",
+            realm.node.url + "/openapi.json",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--include-path-regex",
+            "^/realm/",
+            "-n",
+            "40",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--seed",
+            "20261201",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "passed" in proc.stdout
+    assert "server error" not in proc.stdout.lower()
+    assert "/realm/v1/evaluate" in proc.stdout and "/v1/login" not in proc.stdout
