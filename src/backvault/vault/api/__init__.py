@@ -1,7 +1,9 @@
 """The vault's HTTP API (FastAPI): OPAQUE registration and login, status, audit log,
-deletion, health. Published as OpenAPI at /openapi.json.
+deletion, health, and in realm mode the realm endpoints. Published as OpenAPI at
+/openapi.json.
 
 schemas.py holds the bodies, routes.py the endpoints (and the bearer-token dependency),
+realm_routes.py the realm endpoints (docs/realms.md),
 errors.py how errors answer, middleware.py the body limit and the access log.
 """
 
