@@ -889,3 +889,20 @@ def test_schemathesis_finds_no_server_error_at_the_realm_endpoints(realms: list[
     assert "passed" in proc.stdout
     assert "server error" not in proc.stdout.lower()
     assert "/realm/v1/evaluate" in proc.stdout and "/v1/login" not in proc.stdout
+
+
+def test_realm_settings_from_toml_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backvault.vault.config import SettingsError, load_settings
+
+    config = tmp_path / "vault.toml"
+    config.write_text("[vault]\nrealm = true\nrealm-unlock-window = 30\n")
+    loaded = load_settings(str(config))
+    assert loaded.realm is True and loaded.realm_unlock_window == 30.0
+    assert load_settings().realm is False and load_settings().realm_unlock_window == 60.0
+    monkeypatch.setenv("BACKVAULT_SERVER_REALM", "true")
+    assert load_settings().realm is True
+    monkeypatch.setenv("BACKVAULT_SERVER_REALM_UNLOCK_WINDOW", "0")
+    with pytest.raises(SettingsError, match="realm_unlock_window"):
+        load_settings()
