@@ -539,3 +539,18 @@ def test_config_names_the_environment_as_the_source_of_backvault_repo(
     # The variable still opens the repository.
     cli.ok("init", env=env)
     assert (tmp_path / "from-env" / "config").exists()
+
+
+def test_every_listed_command_loads_under_its_name() -> None:
+    """The lazily loaded commands (cli/commands COMMANDS): each entry names a click command
+    of that name, so `backvault NAME` and `--help` agree."""
+    import click
+
+    from backvault.cli.commands import COMMANDS
+    from backvault.cli.main import cli as group
+
+    ctx = click.Context(group)
+    assert group.list_commands(ctx) == sorted(COMMANDS)
+    for name in COMMANDS:
+        command = group.get_command(ctx, name)
+        assert command is not None and command.name == name

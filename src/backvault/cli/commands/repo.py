@@ -175,8 +175,3 @@ def demo(keep: bool) -> None:
     from backvault.demo import main as run_demo
 
     run_demo(keep)
-
-
-def register(group: click.Group) -> None:
-    for command in (init, config, forget_device, demo):
-        group.add_command(command)

@@ -125,7 +125,7 @@ class Backup:
             if not os.path.lexists(target):
                 raise FileNotFoundError(f"{target} does not exist")
         hostname = hostname or socket.gethostname()
-        own_temp = self.temp_dir is None and self.sqlite_state_file is None
+        own_temp = self.temp_dir is None
         temp_root = self._temp_root()
         held = self.repo.locks_held > 0
         try:
@@ -145,12 +145,17 @@ class Backup:
         return result
 
     def _temp_root(self) -> Path:
+        """Where database copies go: the caller's folder, else a new private one (0700,
+        made by ``tempfile``, so no other user can have prepared it) that the run removes
+        — beside the SQLite state file when there is one (the same file system as the
+        device's cache, not a small /tmp), else in the system's temporary folder."""
         if self.temp_dir is not None:
             return Path(self.temp_dir)
+        parent = None
         if self.sqlite_state_file is not None:
             self.sqlite_state_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return self.sqlite_state_file.parent
-        return Path(tempfile.mkdtemp(prefix="backvault-"))
+            parent = self.sqlite_state_file.parent
+        return Path(tempfile.mkdtemp(prefix="backvault-", dir=parent))
 
 
 class _BackupRun:
