@@ -27,6 +27,8 @@ COMMANDS = {
     "unlock": ("maintenance", "unlock"),
     "schedule": ("schedule", "schedule"),
     "vault": ("vault", "vault"),
+    "import": ("whatsapp", "import_group"),
+    "export": ("whatsapp", "export_group"),
 }
 
 
