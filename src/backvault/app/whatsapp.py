@@ -194,9 +194,9 @@ def _check_source(source: Path, entries: list[tuple[Path, str]]) -> None:
         older = crypt15.sniff_format(b"", path.name)
         if older is not None:
             raise WhatsAppFileRefused(
-                f"{rel} is a {older} backup (an older format that opens with the 'key' file, "
-                "not the 64-digit key); only crypt15 is supported: remove it from the folder, "
-                "or make a new backup in the app"
+                f"{rel} is a {older} backup, an older format that is not supported (it opens "
+                "with the 'key' file, not the 64-digit key): remove it from the folder, or make "
+                "a new backup in the app (crypt15 with end-to-end encryption)"
             )
     if not any(rel.endswith(SUFFIX) for _, rel in entries):
         raise InvalidArgument(f"{source} holds no WhatsApp backup files (*.crypt15)")

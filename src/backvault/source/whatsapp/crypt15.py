@@ -242,8 +242,8 @@ def read_header(src: BinaryIO) -> Header:
         # never 0.
         if head == b"\x00\x01":
             raise UnsupportedFormat(
-                "is a crypt12 backup (an older format that opens with the 'key' file, not "
-                "the 64-digit key); only crypt15 is supported"
+                "is a crypt12 backup, an older format that is not supported (it "
+                "opens with the 'key' file, not the 64-digit key)"
             )
         raise UnsupportedFormat("is not a WhatsApp crypt15 backup (unknown header)")
     if len(head) < 2:
@@ -287,8 +287,8 @@ def _parse_prefix(prefix: bytes, total: int) -> Header:
             unknown.append(f.number)
     if crypt14:
         raise UnsupportedFormat(
-            "is a crypt14 backup (an older format that opens with the 'key' file, not the "
-            "64-digit key); only crypt15 is supported"
+            "is a crypt14 backup, an older format that is not supported (it opens "
+            "with the 'key' file, not the 64-digit key)"
         )
     if iv is None:
         raise Damaged("has a damaged header (no IV: not a crypt15 header)")
