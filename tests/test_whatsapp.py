@@ -315,7 +315,7 @@ def test_ten_daily_imports_grow_by_the_changed_pages(
     make_database(db_path, 20_000, seed=8)
     rng = random.Random(9)
     previous = b""
-    rows: list[tuple[int, int, int, int, int]] = []
+    rows: list[tuple[int, int, int, int, int, int, int]] = []
     for day in range(1, 11):
         if day > 1:  # a day of messages: new ones, and read receipts on older ones
             db = sqlite3.connect(db_path)
@@ -332,26 +332,37 @@ def test_ten_daily_imports_grow_by_the_changed_pages(
             db.commit()
             db.close()
         state = db_path.read_bytes()
-        changed = changed_pages(previous, state)
         folder = tmp_path / f"day{day}" / "WhatsApp"
         encrypt_file(db_path, folder / "Databases" / "msgstore.db.crypt15", key)
         before = repo_bytes(repo)
-        cli.ok("-r", str(repo.path), "import", "whatsapp", str(folder), key=repo.key, env=env)
-        grown = repo_bytes(repo) - before
-        crypt_size = (folder / "Databases" / "msgstore.db.crypt15").stat().st_size
-        rows.append((day, len(state), changed, grown, crypt_size))
+        done = cli.ok(
+            "--json", "-r", str(repo.path), "import", "whatsapp", str(folder), key=repo.key, env=env
+        ).json()
+        rows.append(
+            (
+                day,
+                len(state),
+                changed_pages(previous, state),
+                changed_pages(previous, state, 8192),
+                done["backup"]["bytes_stored"],
+                repo_bytes(repo) - before,
+                (folder / "Databases" / "msgstore.db.crypt15").stat().st_size,
+            )
+        )
         previous = state
 
-    print("\nday  db bytes  changed 4K pages  (bytes)  repo growth  crypt15 size")
-    for day, size, changed, grown, crypt_size in rows:
-        print(f"{day:>3}  {size:>8}  {changed:>16}  {changed * 4096:>7}  {grown:>11}  {crypt_size}")
-    later = rows[1:]
-    total_growth = sum(r[3] for r in later)
-    total_changed = sum(r[2] * 4096 for r in later)
-    total_crypt = sum(r[4] for r in later)
     print(
-        f"days 2-10: repository +{total_growth} bytes for {total_changed} bytes of changed "
-        f"pages; ten copies of the crypt15 file would be {total_crypt} bytes"
+        "\nday  db bytes  4K pages changed  8K chunks changed  chunks stored  repo growth  crypt15"
+    )
+    for row in rows:
+        print("{:>3}  {:>8}  {:>16}  {:>17}  {:>13}  {:>11}  {:>7}".format(*row))
+    later = rows[1:]
+    total_changed = sum(r[2] * 4096 for r in later)
+    total_growth = sum(r[5] for r in later)
+    total_crypt = sum(r[6] for r in later)
+    print(
+        f"days 2-10: repository +{total_growth} bytes (chunks {sum(r[4] for r in later)}) for "
+        f"{total_changed} bytes of changed pages; the nine crypt15 files weigh {total_crypt}"
     )
     # About the changed pages (each costs its 8 KiB chunk, compressed, plus the snapshot's
     # tree and index), far from a copy a day.
