@@ -458,6 +458,28 @@ def test_older_formats_and_bad_keys_are_refused_clearly(
     assert result.code == 1 and "is a crypt14 backup" in result.err
     assert "not supported" in result.err
 
+    # In a folder, a crypt14 left from before end-to-end backups is skipped, with a warning.
+    folder = tmp_path / "WhatsApp"
+    (folder / "Databases").mkdir(parents=True)
+    old.rename(folder / "Databases" / "msgstore-2021-01-01.1.db.crypt14")
+    make_database(tmp_path / "msgstore.db", 100)
+    key = random.Random(11).randbytes(32)
+    encrypt_file(tmp_path / "msgstore.db", folder / "Databases" / "msgstore.db.crypt15", key)
+    result = cli.ok(
+        "-r",
+        str(repo.path),
+        "import",
+        "whatsapp",
+        str(folder),
+        key=repo.key,
+        env={"BACKVAULT_WHATSAPP_KEY": key.hex()},
+    )
+    assert (
+        "warning: skipped Databases/msgstore-2021-01-01.1.db.crypt14: a crypt14 backup, an "
+        "older format not supported"
+    ) in result.err
+    old = folder / "Databases" / "msgstore-2021-01-01.1.db.crypt14"
+
     bad_key = tmp_path / "key"
     bad_key.write_bytes(crypt15.key_file_bytes(bytes(131)))
     result = cli.run(

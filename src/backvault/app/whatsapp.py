@@ -106,7 +106,8 @@ class Staged:
     root: Path  # the folder backed up
     files: list[ImportedFile] = field(default_factory=list)
     other_files: int = 0
-    skipped: list[str] = field(default_factory=list)  # symlinks, sockets…
+    # What was left out, and why: symlinks, sockets, files of older formats in a folder.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def app_versions(self) -> list[str]:
@@ -130,7 +131,7 @@ class ImportResult:
             "app_versions": self.staged.app_versions,
             "files": [asdict(f) for f in self.staged.files],
             "other_files": self.staged.other_files,
-            "skipped": self.staged.skipped,
+            "skipped": [{"path": p, "reason": r} for p, r in self.staged.skipped],
             "backup": self.backup.to_json(),
         }
 
@@ -183,21 +184,27 @@ def _private_output(path: Path) -> Any:
     return os.fdopen(os.open(path, flags, 0o600), "wb")
 
 
+def _older(rel: str, older: str) -> str:
+    return (
+        f"{rel} is a {older} backup, an older format that is not supported (it opens with the "
+        "'key' file, not the 64-digit key)"
+    )
+
+
 def _check_source(source: Path, entries: list[tuple[Path, str]]) -> None:
+    """Refuse what cannot be imported before anything is decrypted. In a folder, a file of
+    an older format (a crypt14 left from before end-to-end backups) is skipped with a
+    warning; given alone, it is refused."""
     if not source.exists():
         raise InvalidArgument(f"{source} does not exist")
     if source.is_file() and not source.name.endswith(SUFFIX):
         older = crypt15.sniff_format(b"", source.name)
-        if older is None:
-            raise InvalidArgument(f"{source.name} is not a WhatsApp backup file (*.crypt15)")
-    for path, rel in entries:
-        older = crypt15.sniff_format(b"", path.name)
         if older is not None:
             raise WhatsAppFileRefused(
-                f"{rel} is a {older} backup, an older format that is not supported (it opens "
-                "with the 'key' file, not the 64-digit key): remove it from the folder, or make "
-                "a new backup in the app (crypt15 with end-to-end encryption)"
+                _older(source.name, older) + "; make a new backup in the app with end-to-end "
+                "encryption (crypt15)"
             )
+        raise InvalidArgument(f"{source.name} is not a WhatsApp backup file (*.crypt15)")
     if not any(rel.endswith(SUFFIX) for _, rel in entries):
         raise InvalidArgument(f"{source} holds no WhatsApp backup files (*.crypt15)")
 
@@ -214,8 +221,12 @@ def staged_import(source: Path, root_key: bytes, temp_root: Path) -> Iterator[St
         staged = Staged(root)
         manifest: dict[str, Any] = {"version": 1, "key_check": key_check(root_key), "files": {}}
         for path, rel in entries:
+            older = crypt15.sniff_format(b"", path.name)
             if path.is_symlink() or not path.is_file():
-                staged.skipped.append(rel)
+                staged.skipped.append((rel, "not a regular file"))
+                continue
+            if older is not None:
+                staged.skipped.append((rel, f"a {older} backup, an older format not supported"))
                 continue
             if rel.endswith(SUFFIX):
                 stored = rel[: -len(SUFFIX)]

@@ -89,8 +89,8 @@ def import_whatsapp(ctx: Context, path: str, key_file: str | None, info: bool) -
     )
     for imported in staged.files:
         ctx.out(f"  {imported.source} -> {imported.stored_as} ({human_bytes(imported.bytes)})")
-    for skipped in staged.skipped:
-        ctx.warn(f"warning: skipped {skipped} (not a regular file)")
+    for skipped, reason in staged.skipped:
+        ctx.warn(f"warning: skipped {skipped}: {reason}")
 
 
 def show_info(ctx: Context, path: Path) -> None:

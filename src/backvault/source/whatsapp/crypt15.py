@@ -420,15 +420,15 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
                 continue
             payload = _looks_like(start) or "raw"
             plain, start = start, b""
-        if payload == "zlib" and inflate_error is None:
-            try:
-                plain = inflater.decompress(plain)
-            except zlib.error as exc:
-                inflate_error = str(exc)
-                continue
-            if inflater.unused_data:
-                inflate_error = "data follows the end of the compressed stream"
-        elif payload == "zlib":
+        if payload == "zlib":
+            if inflate_error is None:
+                try:
+                    written += _inflate_into(inflater, plain, out)
+                except zlib.error as exc:
+                    inflate_error = str(exc)
+                else:
+                    if inflater.unused_data:
+                        inflate_error = "data follows the end of the compressed stream"
             continue
         out.write(plain)
         written += len(plain)
@@ -458,6 +458,18 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
                 f"({inflate_error or 'the stream ends early'})"
             )
     return Decrypted(header, payload, trailer, written)
+
+
+def _inflate_into(inflater: zlib._Decompress, data: bytes, out: BinaryIO) -> int:
+    """Inflate ``data`` into ``out``, at most CHUNK bytes at a time: a compressed chunk
+    can expand a thousandfold, and memory must not follow."""
+    total = 0
+    while data:
+        piece = inflater.decompress(data, CHUNK)
+        out.write(piece)
+        total += len(piece)
+        data = inflater.unconsumed_tail
+    return total
 
 
 # --- encryption -----------------------------------------------------------------------
