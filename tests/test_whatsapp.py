@@ -128,6 +128,64 @@ def test_sample_imports_with_the_typed_key_and_restores_byte_identical(
     assert (root / "msgstore.db").read_bytes() == SAMPLE_DB.read_bytes()
 
 
+def run_on_a_terminal(cli: Cli, args: list[str], typed: str, key: str) -> tuple[int, str, str]:
+    """Run the CLI with a pseudo-terminal as its controlling terminal and standard input,
+    wait for the hidden prompt, and type ``typed`` at it."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backvault.cli", *args],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**cli.env, "BACKVAULT_KEY": key},
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        text=True,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while b"key:" not in seen:
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, f"no prompt on the terminal: {seen!r}"
+            seen += os.read(master, 1024)
+        os.write(master, typed.encode() + b"\n")
+        out, err = proc.communicate(timeout=120)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:  # the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert typed not in seen.decode(errors="replace")  # hidden: never echoed
+    return proc.returncode, out, err
+
+
+@needs_sample
+def test_sample_imports_with_the_key_typed_at_the_prompt(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    code, out, err = run_on_a_terminal(
+        cli, ["-r", str(repo.path), "import", "whatsapp", str(SAMPLE)], SAMPLE_KEY_GROUPED, repo.key
+    )
+    assert code == 0, err
+    assert "1 WhatsApp files decrypted and verified" in out
+    root = restored_files(cli, repo, "latest", tmp_path / "restored")
+    assert (root / "msgstore.db").read_bytes() == SAMPLE_DB.read_bytes()
+
+
 @needs_sample
 def test_sample_imports_with_the_key_file(cli: Cli, repo: InitRepo, tmp_path: Path) -> None:
     result = cli.ok(
