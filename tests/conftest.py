@@ -71,6 +71,7 @@ class Cli:
         key: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float = 300,
+        stdin_text: str | None = None,
     ) -> CliResult:
         full_env = dict(self.env)
         if key is not None:
@@ -82,7 +83,7 @@ class Cli:
             text=True,
             env=full_env,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            **({"input": stdin_text} if stdin_text is not None else {"stdin": subprocess.DEVNULL}),
         )
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

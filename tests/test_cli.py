@@ -539,3 +539,44 @@ def test_config_names_the_environment_as_the_source_of_backvault_repo(
     # The variable still opens the repository.
     cli.ok("init", env=env)
     assert (tmp_path / "from-env" / "config").exists()
+
+
+def test_config_sets_realms_their_threshold_and_one_token_per_realm(cli: Cli) -> None:
+    cli.ok(
+        "config", "set", "vault.realms", "https://r1.example,https://r2.example https://r3.example"
+    )
+    cli.ok("config", "set", "vault.threshold", "2")
+    cli.ok("config", "set", "vault.account", "alice")
+    bad = cli.run("config", "set", "vault.realms", "r1.example")
+    assert bad.code == 2 and "vault.realms 'r1.example' is not a realm" in bad.err
+    assert (
+        "goes with vault.token only"
+        in cli.run("config", "set", "vault.url", "x", "--realm", "y").err
+    )
+    for n in (1, 2, 3):
+        url = f"https://r{n}.example"
+        cli.ok("config", "set", "vault.token", "-", "--realm", url, stdin_text=f"bvt_token{n}\n")
+    doc = cli.ok("--json", "config").json()
+    assert doc["vault.realms"] == ["https://r1.example", "https://r2.example", "https://r3.example"]
+    assert doc["vault.threshold"] == 2
+    shown = cli.ok("config").out
+    assert "https://r1.example, https://r2.example" in shown and "bvt_token" not in shown
+    tokens = list((cli.home / "config" / "realm-tokens").iterdir())
+    assert len(tokens) == 3 and all(stat.S_IMODE(t.stat().st_mode) == 0o600 for t in tokens)
+    cli.ok("config", "unset", "vault.token", "--realm", "https://r2.example")
+    assert len(list((cli.home / "config" / "realm-tokens").iterdir())) == 2
+
+
+def test_every_listed_command_loads_under_its_name() -> None:
+    """The lazily loaded commands (cli/commands COMMANDS): each entry names a click command
+    of that name, so `backvault NAME` and `--help` agree."""
+    import click
+
+    from backvault.cli.commands import COMMANDS
+    from backvault.cli.main import cli as group
+
+    ctx = click.Context(group)
+    assert group.list_commands(ctx) == sorted(COMMANDS)
+    for name in COMMANDS:
+        command = group.get_command(ctx, name)
+        assert command is not None and command.name == name

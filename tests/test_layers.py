@@ -47,7 +47,6 @@ ALLOWED = {
         "opaque",
         "vault",
         "demo",
-        "realms",
     },
     "hardening": set(),
 }

@@ -230,3 +230,55 @@ def test_the_lower_layers_take_the_tuning_as_arguments(monkeypatch: pytest.Monke
     assert getattr(backend, "attempts", None) == 2
     with pytest.raises(StorageError, match="rclone is not installed"):
         storage.open_backend("rclone:remote:path")
+
+
+def test_realms_from_the_file_with_tokens_from_the_keyring_or_the_environment(
+    device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backvault.device.settings import parse_realms, store_realm_token
+
+    pinned = "00112233445566778899aabbccddeeff"
+    set_value(
+        "vault.realms", f"https://r1.example, {pinned}@https://r2.example/ https://r3.example"
+    )
+    set_value("vault.threshold", "2")
+    set_value("vault.account", "alice")
+    doc = tomllib.loads((device / "config.toml").read_text())
+    assert doc["vault"]["realms"] == [
+        "https://r1.example",
+        f"{pinned}@https://r2.example",
+        "https://r3.example",
+    ]
+    assert doc["vault"]["threshold"] == 2
+    settings = Settings.resolve()
+    assert [pin.url for pin in settings.vault_realms] == [
+        "https://r1.example",
+        "https://r2.example",
+        "https://r3.example",
+    ]
+    assert settings.vault_realms[1].realm_id == bytes.fromhex(pinned)
+    assert settings.vault is None  # no tokens yet
+    with pytest.raises(SettingsError, match=r"no token for the realms https://r1\.example, "):
+        settings.require_vault()
+    for n in (1, 2, 3):
+        store_realm_token(f"https://r{n}.example", f"bvt_r{n}")
+    vault = Settings.resolve().require_vault()
+    assert vault.uses_realms and vault.threshold == 2 and vault.account == "alice"
+    assert [r.token for r in vault.realms] == ["bvt_r1", "bvt_r2", "bvt_r3"]
+    assert "bvt_r" not in repr(vault) and "r1.example" in vault.where
+    monkeypatch.setenv("BACKVAULT_VAULT_REALM_TOKENS", "bvt_e1,bvt_e2")
+    with pytest.raises(SettingsError, match="has 2 tokens for 3 realms"):
+        Settings.resolve().require_vault()
+    monkeypatch.setenv("BACKVAULT_VAULT_REALM_TOKENS", "bvt_e1,bvt_e2,bvt_e3")
+    assert [r.token for r in Settings.resolve().require_vault().realms][2] == "bvt_e3"
+    monkeypatch.setenv(
+        "BACKVAULT_VAULT_REALMS", "http://r1.example,http://r2.example,https://r3.example"
+    )
+    with pytest.raises(SettingsError, match="plain http"):
+        Settings.resolve().require_vault()
+    for bad in ("r1.example", "https://a, https://a", "zz112233445566778899aabbccddeeff@https://x"):
+        with pytest.raises(ValueError):
+            parse_realms(bad)
+    monkeypatch.setenv("BACKVAULT_VAULT_THRESHOLD", "two")
+    with pytest.raises(SettingsError, match="BACKVAULT_VAULT_THRESHOLD must be a number"):
+        Settings.resolve()

@@ -71,3 +71,28 @@ def test_the_environment_overrides_the_setting_for_one_backup(tmp_path: Path) ->
     with mock.patch.dict(os.environ, {"BACKVAULT_SQLITE_CHUNK_KIB": "32"}):
         result = Backup(repo, temp_dir=tmp_path).run([str(path)])
     assert chunk_sizes(repo, result.snapshot_id, str(path)) == {32 * 1024}
+
+
+def test_a_backup_without_a_temporary_folder_copies_into_a_new_private_one(
+    tmp_path: Path,
+) -> None:
+    """Through the Python API, with a state file but no ``temp_dir``: the database copy goes
+    into a fresh 0700 folder beside the state file (made by tempfile, so nobody could have
+    prepared it), which the run removes; the state file's folder keeps only the state."""
+    (tmp_path / "src").mkdir()
+    path = database(tmp_path / "src" / "chat.db")
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    state = tmp_path / "state" / "sqlite.json"
+    seen: list[Path] = []
+    real_copy = Backup._temp_root
+
+    def recording(self: Backup) -> Path:
+        folder = real_copy(self)
+        seen.append(folder)
+        return folder
+
+    with mock.patch.object(Backup, "_temp_root", recording):
+        Backup(repo, sqlite_state_file=state).run([str(path)])
+    assert len(seen) == 1 and seen[0].parent == state.parent and seen[0] != state.parent
+    assert not seen[0].exists()
+    assert {p.name for p in state.parent.iterdir()} <= {state.name}

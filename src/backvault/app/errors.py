@@ -31,3 +31,15 @@ class NoPasswordSlot(AppError):
 class TooManyEntries(AppError):
     """A snapshot expands to more entries than a listing or a restore accepts (exit code 3:
     the snapshot is damaged or hostile)."""
+
+
+class WhatsAppKeyMismatch(AppError):
+    """A WhatsApp backup file does not open with the key given (exit code 10)."""
+
+
+class MalformedWhatsAppKey(AppError):
+    """What was given as a WhatsApp key is not one (exit code 10, as a malformed key)."""
+
+
+class WhatsAppFileRefused(AppError):
+    """A WhatsApp backup file is damaged, truncated, or in a format not supported."""

@@ -18,7 +18,13 @@ import click
 from rich.console import Console
 
 from backvault import __version__, storage
-from backvault.app.errors import AppError, InvalidArgument, TooManyEntries
+from backvault.app.errors import (
+    AppError,
+    InvalidArgument,
+    MalformedWhatsAppKey,
+    TooManyEntries,
+    WhatsAppKeyMismatch,
+)
 from backvault.app.opening import MalformedKeyError, NoKeyAvailable
 from backvault.cli.commands import LazyGroup
 from backvault.cli.context import Context, global_options
@@ -112,6 +118,8 @@ ERROR_CODES: list[tuple[type[BaseException], int]] = [
     (recovery_key.MalformedKey, EXIT_WRONG_KEY),
     (WrongKey, EXIT_WRONG_KEY),
     (NoKeyAvailable, EXIT_WRONG_KEY),
+    (WhatsAppKeyMismatch, EXIT_WRONG_KEY),
+    (MalformedWhatsAppKey, EXIT_WRONG_KEY),
     (NotARepository, EXIT_NO_REPOSITORY),
     (RepositoryLocked, EXIT_LOCKED),
     (TargetNotEmpty, EXIT_ERROR),

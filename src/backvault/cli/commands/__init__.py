@@ -1,7 +1,6 @@
-"""The commands, one module per area; each module's ``register`` adds its commands to the
-``backvault`` group. A module is imported only when one of its commands runs (or ``--help``
-lists them all): a daily backup does not load the code of the vault, the password or the
-key commands."""
+"""The commands, one module per area. A module is imported only when one of its commands
+runs (or ``--help`` lists them all): a daily backup does not load the code of the vault, the
+password or the key commands. A new command is one line in ``COMMANDS``."""
 
 from __future__ import annotations
 
@@ -9,36 +8,42 @@ import importlib
 
 import click
 
-# Each top-level command, and the module (in this package) that defines it.
-MODULE_OF = {
-    "init": "repo",
-    "config": "repo",
-    "forget-device": "repo",
-    "demo": "repo",
-    "key": "keys",
-    "password": "password",
-    "backup": "data",
-    "snapshots": "data",
-    "ls": "data",
-    "restore": "data",
-    "check": "maintenance",
-    "forget": "maintenance",
-    "prune": "maintenance",
-    "repair": "maintenance",
-    "unlock": "maintenance",
-    "schedule": "schedule",
-    "vault": "vault",
+# Each top-level command: the module (in this package) that defines it, and its name there.
+COMMANDS = {
+    "init": ("repo", "init"),
+    "config": ("repo", "config"),
+    "forget-device": ("repo", "forget_device"),
+    "demo": ("repo", "demo"),
+    "key": ("keys", "key"),
+    "password": ("password", "password"),
+    "backup": ("data", "backup"),
+    "snapshots": ("data", "snapshots"),
+    "ls": ("data", "ls_command"),
+    "restore": ("data", "restore"),
+    "check": ("maintenance", "check"),
+    "forget": ("maintenance", "forget"),
+    "prune": ("maintenance", "prune"),
+    "repair": ("maintenance", "repair"),
+    "unlock": ("maintenance", "unlock"),
+    "schedule": ("schedule", "schedule"),
+    "vault": ("vault", "vault"),
+    "import": ("whatsapp", "import_group"),
+    "export": ("whatsapp", "export_group"),
 }
 
 
 class LazyGroup(click.Group):
-    """A group whose commands are registered by their module when first asked for."""
+    """A group whose commands are loaded from their module when first asked for."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(MODULE_OF)
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in MODULE_OF:
-            module = importlib.import_module(f"{__name__}.{MODULE_OF[cmd_name]}")
-            module.register(self)
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module_name, attribute = COMMANDS[cmd_name]
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            command = getattr(module, attribute)
+            if not isinstance(command, click.Command) or command.name != cmd_name:
+                raise RuntimeError(f"COMMANDS[{cmd_name!r}] names {module_name}.{attribute}")
+            self.add_command(command)
         return self.commands.get(cmd_name)

@@ -165,8 +165,3 @@ def restore(
             "above); everything else was restored",
             EXIT_INCOMPLETE,
         )
-
-
-def register(group: click.Group) -> None:
-    for command in (backup, snapshots, ls_command, restore):
-        group.add_command(command)

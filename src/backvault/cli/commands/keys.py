@@ -108,7 +108,3 @@ def key_show(ctx: Context, for_restic: bool) -> None:
     if for_restic:
         ctx.out(f"With stock restic:  restic -r {location} restore latest --target DIR")
         ctx.out("and paste the line above when restic asks for the repository password.")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(key)

@@ -184,8 +184,3 @@ def unlock(ctx: Context, repo: Repository, remove_all: bool) -> None:
     removed = remove_stale_locks(repo, all_locks=remove_all)
     ctx.emit_json({"removed": removed})
     ctx.out(f"removed {removed} locks")
-
-
-def register(group: click.Group) -> None:
-    for command in (check, forget, prune, repair, unlock):
-        group.add_command(command)

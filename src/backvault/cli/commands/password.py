@@ -177,7 +177,3 @@ def password_disable(ctx: Context) -> None:
     warn_unverified_slots(ctx, done.unverified)
     ctx.emit_json({"removed": done.removed})
     ctx.out("The password is turned off: the vault record is erased and the slot removed.")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(password)

@@ -12,7 +12,16 @@ from backvault.cli.prompts import read_new_password, read_token
 from backvault.cli.ui import recovery_key_block
 from backvault.crypto import recovery_key
 from backvault.device import keycache
-from backvault.device.settings import TOKEN, SettingsError, forget_token, set_value, store_token
+from backvault.device.settings import (
+    KEYS,
+    TOKEN,
+    SettingsError,
+    forget_realm_token,
+    forget_token,
+    set_value,
+    store_realm_token,
+    store_token,
+)
 from backvault.storage import open_backend, without_password
 
 
@@ -118,27 +127,35 @@ def config(click_ctx: click.Context) -> None:
         assert ctx is not None
         doc = ctx.settings().describe()
         ctx.emit_json(doc)
-        for key in ("repository", "vault.url", "vault.account", "vault.token"):
+        for key in KEYS:
             source = doc["sources"].get(key, "not set")
-            ctx.out(f"{key:<14} {doc[key] if doc[key] is not None else '-':<40} ({source})")
+            value = doc[key]
+            shown_value = ", ".join(value) if isinstance(value, list) else value
+            ctx.out(f"{key:<15} {shown_value if value is not None else '-':<40} ({source})")
         ctx.out(f"file: {doc['file']}")
 
 
 @config.command("set")
 @click.argument("name")
 @click.argument("value", required=False)
+@click.option("--realm", metavar="URL", help="With vault.token: the token for this realm.")
 @pass_context
-def config_set(ctx: Context, name: str, value: str | None) -> None:
-    """Set NAME (repository, vault.url, vault.account) to VALUE.
+def config_set(ctx: Context, name: str, value: str | None, realm: str | None) -> None:
+    """Set NAME (repository, vault.url, vault.account, vault.realms, vault.threshold) to
+    VALUE. vault.realms is a list of realm URLs (or ID@URL), separated by commas.
 
     The vault token is never given on the command line (other users see command lines,
     and shells keep them): `backvault config set vault.token` asks for it at a hidden
     prompt, `backvault config set vault.token -` reads it from standard input. It is kept
-    in the OS keyring (or a file only you can read), not in the settings file."""
+    in the OS keyring (or a file only you can read), not in the settings file. Each realm
+    has its own token: `backvault config set vault.token --realm URL`."""
+    if realm is not None and name != TOKEN:
+        fail("--realm goes with vault.token only", EXIT_USAGE)
     if name == TOKEN:
-        where = store_token(read_token(value))
-        ctx.emit_json({"set": name, "where": where})
-        ctx.out(f"{name} stored in {where}")
+        token = read_token(value)
+        where = store_realm_token(realm.rstrip("/"), token) if realm else store_token(token)
+        ctx.emit_json({"set": name, "realm": realm, "where": where})
+        ctx.out(f"{name}{f' for {realm}' if realm else ''} stored in {where}")
         return
     if value is None:
         fail(f"give a value: `backvault config set {name} VALUE`", EXIT_USAGE)
@@ -152,11 +169,14 @@ def config_set(ctx: Context, name: str, value: str | None) -> None:
 
 @config.command("unset")
 @click.argument("name")
+@click.option("--realm", metavar="URL", help="With vault.token: the token for this realm.")
 @pass_context
-def config_unset(ctx: Context, name: str) -> None:
+def config_unset(ctx: Context, name: str, realm: str | None) -> None:
     """Remove NAME from the settings (the token from the keyring too)."""
+    if realm is not None and name != TOKEN:
+        fail("--realm goes with vault.token only", EXIT_USAGE)
     if name == TOKEN:
-        removed = forget_token()
+        removed = forget_realm_token(realm.rstrip("/")) if realm else forget_token()
         ctx.emit_json({"unset": name, "removed": removed})
         ctx.out(f"{name} removed from: {', '.join(removed)}" if removed else f"{name} was not set")
         return
@@ -175,8 +195,3 @@ def demo(keep: bool) -> None:
     from backvault.demo import main as run_demo
 
     run_demo(keep)
-
-
-def register(group: click.Group) -> None:
-    for command in (init, config, forget_device, demo):
-        group.add_command(command)

@@ -59,7 +59,3 @@ def schedule_remove(ctx: Context) -> None:
         ctx.out("removed " + ", ".join(str(p) for p in removed))
     else:
         ctx.out("no timer was installed (remove a cron line with `crontab -e`)")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(schedule)

@@ -362,7 +362,3 @@ def vault_openapi() -> None:
     from backvault.vault.api import openapi_document
 
     click.echo(json.dumps(openapi_document(), indent=2))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(vault)

@@ -86,6 +86,11 @@ class Backup:
     may enter (the command line gives ``device.paths.private_temp_dir()``). Without one,
     the folder of ``sqlite_state_file`` (the device's own cache), or else a new private
     folder in the system's temporary folder.
+
+    ``copy_databases``: False when the caller guarantees nothing writes the files while the
+    backup runs (a private staging folder, as ``backvault import whatsapp`` makes): SQLite
+    databases are then read in place, byte for byte (a consistent copy would renumber
+    their change counter), and still cut at page boundaries.
     """
 
     def __init__(
@@ -96,8 +101,10 @@ class Backup:
         sqlite_state_file: Path | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
         sqlite_chunk_bytes: int | None = None,
+        copy_databases: bool = True,
     ) -> None:
         self.repo = repo
+        self.copy_databases = copy_databases
         if sqlite_chunk_bytes is None:
             override = os.environ.get(CHUNK_OVERRIDE_ENV)
             sqlite_chunk_bytes = (
@@ -125,7 +132,7 @@ class Backup:
             if not os.path.lexists(target):
                 raise FileNotFoundError(f"{target} does not exist")
         hostname = hostname or socket.gethostname()
-        own_temp = self.temp_dir is None and self.sqlite_state_file is None
+        own_temp = self.temp_dir is None
         temp_root = self._temp_root()
         held = self.repo.locks_held > 0
         try:
@@ -145,12 +152,17 @@ class Backup:
         return result
 
     def _temp_root(self) -> Path:
+        """Where database copies go: the caller's folder, else a new private one (0700,
+        made by ``tempfile``, so no other user can have prepared it) that the run removes
+        — beside the SQLite state file when there is one (the same file system as the
+        device's cache, not a small /tmp), else in the system's temporary folder."""
         if self.temp_dir is not None:
             return Path(self.temp_dir)
+        parent = None
         if self.sqlite_state_file is not None:
             self.sqlite_state_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return self.sqlite_state_file.parent
-        return Path(tempfile.mkdtemp(prefix="backvault-"))
+            parent = self.sqlite_state_file.parent
+        return Path(tempfile.mkdtemp(prefix="backvault-", dir=parent))
 
 
 class _BackupRun:
@@ -165,6 +177,7 @@ class _BackupRun:
         self.result = BackupResult(snapshot_id="", parent_id=None)
         self.pipeline = SealingPipeline(backup.repo, backup.workers, self._read)
         self.sqlite_chunk_bytes = backup.sqlite_chunk_bytes
+        self.copy_databases = backup.copy_databases
 
     def _read(self, nbytes: int) -> None:
         self.result.bytes_read += nbytes
@@ -382,6 +395,12 @@ class _BackupRun:
             self.result.files_new += 1
         else:
             self.result.files_changed += 1
+        if not self.copy_databases:  # nothing writes it: its own bytes, in place
+            return self.pipeline.store_ranges(
+                path,
+                page_ranges(st.st_size, page_size_of(path), self.sqlite_chunk_bytes),
+                compress=True,
+            )
         # The copy takes a while (SQLite copies page by page): a thread makes it and hands
         # its pages to the workers, while this thread goes on with the other files (and
         # the worker processes start, if it is big).
@@ -392,6 +411,8 @@ class _BackupRun:
         """Start copying every database under the targets that changed since the last
         backup; their total size."""
         total = 0
+        if not self.copy_databases:
+            return total
         for path in databases_under(targets):
             try:
                 st = os.stat(path)
