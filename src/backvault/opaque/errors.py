@@ -29,3 +29,8 @@ class ServerAuthenticationError(AuthenticationError):
 
 class ClientAuthenticationError(AuthenticationError):
     """The client's MAC in KE3 is wrong (RFC 9807 Section 6.4.3): wrong password or replay."""
+
+
+class ProofVerificationError(OpaqueError):
+    """A VOPRF DLEQ proof (RFC 9497 Section 2.2) did not verify: the evaluation was not made
+    with the private key of the public key the client holds, so its output is refused."""

@@ -9,6 +9,7 @@ primitive of its own.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 
 import pysodium
@@ -20,6 +21,7 @@ SCALAR_SIZE = 32  # Nok / Nsk
 # The prime order of the ristretto255 group (RFC 9496 Section 4.1).
 GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
 _IDENTITY = bytes(ELEMENT_SIZE)
+_ZERO_SCALAR = bytes(SCALAR_SIZE)
 _SHA512_BLOCK = 128
 _SHA512_SIZE = 64
 
@@ -71,10 +73,13 @@ def deserialize_scalar(data: bytes, what: str = "scalar") -> bytes:
     """Check an encoded scalar: 32 bytes, little-endian, in [1, order - 1]."""
     if len(data) != SCALAR_SIZE:
         raise InvalidMessageError(f"{what}: expected {SCALAR_SIZE} bytes, got {len(data)}")
-    value = int.from_bytes(data, "little")
-    if value >= GROUP_ORDER:
+    # Scalars are often secret (keys, blinds, key shares): the checks go through libsodium
+    # and constant-time comparisons rather than Python integers. Reducing data || 0^32 gives
+    # data mod the order, which equals data exactly when data is reduced.
+    reduced = bytes(pysodium.crypto_core_ristretto255_scalar_reduce(bytes(data) + _ZERO_SCALAR))
+    if not hmac.compare_digest(reduced, bytes(data)):
         raise InvalidMessageError(f"{what}: not reduced modulo the group order")
-    if value == 0:
+    if hmac.compare_digest(reduced, _ZERO_SCALAR):
         raise InvalidMessageError(f"{what}: the zero scalar is not allowed")
     return bytes(data)
 
@@ -107,3 +112,34 @@ def scalar_inverse(scalar: bytes) -> bytes:
         return bytes(pysodium.crypto_core_ristretto255_scalar_invert(scalar))
     except ValueError as exc:
         raise InvalidMessageError("the zero scalar has no inverse") from exc
+
+
+def scalar_from_public_int(value: int) -> bytes:
+    """A public integer (a Shamir index, a counter) as a scalar; never use it for secrets,
+    whose arithmetic must stay inside libsodium."""
+    if isinstance(value, bool) or not 0 <= value < GROUP_ORDER:
+        raise ValueError(f"{value!r} is not an integer in [0, order)")
+    return value.to_bytes(SCALAR_SIZE, "little")
+
+
+def scalar_add(a: bytes, b: bytes) -> bytes:
+    """a + b mod the order (libsodium, constant time)."""
+    return bytes(pysodium.crypto_core_ristretto255_scalar_add(a, b))
+
+
+def scalar_sub(a: bytes, b: bytes) -> bytes:
+    """a - b mod the order (libsodium, constant time)."""
+    return bytes(pysodium.crypto_core_ristretto255_scalar_sub(a, b))
+
+
+def scalar_mul(a: bytes, b: bytes) -> bytes:
+    """a * b mod the order (libsodium, constant time)."""
+    return bytes(pysodium.crypto_core_ristretto255_scalar_mul(a, b))
+
+
+def element_add(p: bytes, q: bytes) -> bytes:
+    """p + q in the group (libsodium); the identity is a possible result, encoded as zeros."""
+    try:
+        return bytes(pysodium.crypto_core_ristretto255_add(p, q))
+    except ValueError as exc:
+        raise InvalidMessageError("element addition: not a ristretto255 encoding") from exc
