@@ -32,6 +32,7 @@ from backvault.realms.descriptor import (
     VERSION_SIZE,
     Descriptor,
     DescriptorError,
+    check_threshold,
     decode,
 )
 from backvault.realms.protocol import RealmPayload, RealmProtocolError, TestOnlyStretching
@@ -140,12 +141,18 @@ class RealmClient:
 
     # --- transport -------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         """The answer's JSON (None for 204). Reads at most MAX_ANSWER bytes, and gives up
         when the whole answer takes longer than the timeout (a realm trickling bytes)."""
         deadline = time.monotonic() + self.timeout
         try:
-            with self._http.stream(method, path, json=body) as response:
+            with self._http.stream(method, path, json=body, params=params) as response:
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > MAX_ANSWER:
                     raise self._misbehaved(f"announced an answer of {declared} bytes")
@@ -304,17 +311,10 @@ class RealmClient:
         """Delete that version here; a missing or erased one is gone already (204), and
         another version (409) means ours is not here either."""
         try:
-            self._call("DELETE", f"/realm/v1/registration?version={_url_b64(version)}")
+            self._call("DELETE", "/realm/v1/registration", params={"version": _b64(version)})
         except RealmRefused as exc:
             if exc.code != "version_mismatch":
                 raise
-
-
-def _url_b64(data: bytes) -> str:
-    # Standard base64 in a query string: '+', '/' and '=' are percent-encoded.
-    return (
-        base64.b64encode(data).decode().replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
-    )
 
 
 def _one_line(text: str) -> str:
@@ -686,6 +686,7 @@ class RealmSet:
         ``allow_degraded`` and at least t accepted: then the missed realms' payloads come
         back in ``pending``. Before removing an old key slot, read the registration back
         with ``agree(outcome.descriptor.version)``."""
+        check_threshold(threshold, len(self.realms))
         newly_pinned: dict[str, bytes] = {}
         unpinned = [realm for realm in self.realms if realm.realm_id is None]
         pinned, problems = self._each(unpinned, RealmClient.pin)
