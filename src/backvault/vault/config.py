@@ -169,6 +169,10 @@ class VaultSettings(BaseSettings):
     metrics: bool = True
     metrics_listen: str = ""  # HOST:PORT: serve /metrics there instead of on `listen`
     metrics_token_file: str = ""  # /metrics on `listen` then needs this bearer token
+    # Realm mode (docs/realms.md): serve /realm/v1; a JWT audience must be the realm id.
+    realm: bool = False
+    # Seconds a realm keeps what phase 3 needs after its last allowed evaluation.
+    realm_unlock_window: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

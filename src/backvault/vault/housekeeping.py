@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backvault.vault.metrics import SEALING_KEY_SEALS
-from backvault.vault.schema import attempts, audit, sealing_key_usage
+from backvault.vault.schema import attempts, audit, realm_attempts, sealing_key_usage
 from backvault.vault.sealing import SEALS_PER_KEY_LIMIT, SEALS_PER_KEY_WARNING, Sealer
 
 DAY = 86400.0
@@ -94,9 +94,10 @@ def purge_audit(engine: sa.Engine, retention_days: float, now: float) -> int:
     # Attempts outlive the audit while they still count (an unforgiven one stays for as long
     # as its record): their client address goes with the retention period all the same.
     with engine.begin() as conn:
-        conn.execute(
-            attempts.update()
-            .where(attempts.c.started_at < cutoff, attempts.c.client != "")
-            .values(client="")
-        )
+        for table in (attempts, realm_attempts):
+            conn.execute(
+                table.update()
+                .where(table.c.started_at < cutoff, table.c.client != "")
+                .values(client="")
+            )
     return deleted

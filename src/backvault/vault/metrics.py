@@ -65,6 +65,15 @@ COUNTED_EVENTS = frozenset(
         "record_moved",
         "token_rotated",
         "token_revoked",
+        "realm_registered",
+        "realm_replaced",
+        "realm_evaluated",
+        "realm_refused",
+        "realm_key_erased",
+        "realm_unlocked",
+        "realm_unlock_failed",
+        "realm_deleted",
+        "realm_erased",
     }
 )
 

@@ -48,6 +48,34 @@ class NoSuchAccount(VaultError):
     code = "no_such_account"
 
 
+class VersionMismatch(VaultError):
+    """A realm request named another registration version than the one held (or none)."""
+
+    code = "version_mismatch"
+
+    def __init__(self, message: str, current_version: bytes | None) -> None:
+        super().__init__(message)
+        self.current_version = current_version  # None: no registration, or erased
+
+
+class RealmAttemptsSpent(VaultError):
+    """A realm registration has no evaluations left (its key share is erased)."""
+
+    code = "no_attempts_left"
+
+
+class WrongTag(VaultError):
+    """A realm unlock presented a tag whose hash is not the registration's."""
+
+    code = "wrong_tag"
+
+
+class RegistrationErased(VaultError):
+    """The realm registration named was erased (only its tombstone is left)."""
+
+    code = "registration_erased"
+
+
 @dataclass
 class WrongPassword(VaultError):
     attempts_left: int | None
@@ -120,3 +148,35 @@ class Status:
 class MigratedRecords:
     moved: list[str]
     kept: list[str]  # the JWT subject already has a newer record: the old one stays
+
+
+@dataclass(frozen=True)
+class RealmRegistration:
+    """What phase 1 shows: nothing secret."""
+
+    state: str  # registered, erased or none
+    descriptor: bytes | None
+    attempts: int
+    allowed: int
+
+
+@dataclass(frozen=True)
+class RealmEvaluation:
+    evaluated_element: bytes
+    proof: bytes
+    attempts_left: int
+    attempt_id: bytes
+
+    def __repr__(self) -> str:
+        return f"RealmEvaluation(attempts_left={self.attempts_left})"
+
+
+@dataclass(frozen=True)
+class RealmUnlocked:
+    encryption_share: bytes
+    share_mac: bytes
+    ciphertext: bytes
+    forgiven: int
+
+    def __repr__(self) -> str:
+        return f"RealmUnlocked(forgiven={self.forgiven})"

@@ -165,6 +165,59 @@ sealing_key_versions = sa.Table(
 )
 
 
+# --- realms (docs/realms.md) ---------------------------------------------------------
+
+# The realm id: 16 random bytes made once, at the first start that needs it (one row).
+realm_identity = sa.Table(
+    "realm_identity",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+    sa.Column("realm_id", sa.String(32), nullable=False),  # lower-case hex
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# One realm registration per account: the one it holds now, or the tombstone of an erased
+# one (state "erased": the version, the counts, every secret column NULL). The key share
+# and the encryption share are sealed; the descriptor, tag hash, share MAC and ciphertext
+# are kept in clear (docs/realms.md, "Registration").
+realm_registrations = sa.Table(
+    "realm_registrations",
+    metadata,
+    sa.Column("account", ACCOUNT_KEY, primary_key=True),
+    sa.Column("version", sa.String(32), nullable=False),  # lower-case hex of 16 bytes
+    sa.Column("state", sa.String(16), nullable=False),  # registered or erased
+    sa.Column("descriptor", sa.LargeBinary, nullable=True),
+    # NULL once the last allowed evaluation erased it (or the registration was erased)
+    sa.Column("sealed_key_share", sa.LargeBinary, nullable=True),
+    sa.Column("tag_hash", sa.LargeBinary, nullable=True),
+    sa.Column("sealed_encryption_share", sa.LargeBinary, nullable=True),
+    sa.Column("share_mac", sa.LargeBinary, nullable=True),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("allowed", sa.Integer, nullable=False),  # G_r, from the descriptor
+    # Set when the key share is erased: phase 3 is answered until then, then the sweep
+    # (or the next request) leaves a tombstone.
+    sa.Column("window_ends_at", sa.Float, nullable=True, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# Every counted evaluation: what an unlock may forgive (only ids its client presents, of
+# this account and version) and what the rolling cap counts. The id is the SHA-256 (hex)
+# of the attempt id given to the client, which is the client's proof.
+realm_attempts = sa.Table(
+    "realm_attempts",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("account", ACCOUNT_KEY, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("forgiven", sa.Boolean, nullable=False, default=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Index("realm_attempts_by_account", "account", "started_at"),
+)
+
+
 def _v1(conn: Connection) -> None:
     # The records table as version 1 made it (version 2 adds columns).
     records_v1 = sa.Table(
@@ -250,6 +303,11 @@ def _v7_sealing_key_vouches(conn: Connection) -> None:
     _add_missing_columns(conn, sealing_key_versions, ["vouch"])
 
 
+def _v8_realms(conn: Connection) -> None:
+    """Realm mode (docs/realms.md): the realm id, realm registrations and their attempts."""
+    metadata.create_all(conn, tables=[realm_identity, realm_registrations, realm_attempts])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_credential_identifiers,
@@ -258,6 +316,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v5_sealing_key_usage,
     _v6_sealing_key_versions,
     _v7_sealing_key_vouches,
+    _v8_realms,
 ]
 CURRENT_VERSION = len(MIGRATIONS)
 

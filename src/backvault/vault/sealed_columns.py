@@ -16,7 +16,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backvault.vault.schema import logins, records, registrations, vault_keys
+from backvault.vault.schema import (
+    logins,
+    realm_registrations,
+    records,
+    registrations,
+    vault_keys,
+)
 from backvault.vault.sealing import (
     FORMAT_UNVERSIONED,
     FORMAT_VERSIONED,
@@ -57,6 +63,11 @@ def registration_purpose(account: str, registration_key: str) -> bytes:
     return f"registration:{account}:{registration_key}".encode()
 
 
+def realm_share_purpose(share: str, account: str, version: str) -> bytes:
+    """``share``: key_share or encryption_share; ``version``: the registration's, in hex."""
+    return f"realm:{share}:{account}:{version}".encode()
+
+
 SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn(vault_keys, "sealed_oprf_seed", lambda _row: b"vault:oprf-seed"),
     SealedColumn(vault_keys, "sealed_server_private_key", lambda _row: b"vault:server-private-key"),
@@ -67,6 +78,16 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn(logins, "sealed_state", lambda row: login_purpose(row.account, row.id)),
     SealedColumn(
         registrations, "sealed_state", lambda row: registration_purpose(row.account, row.id)
+    ),
+    SealedColumn(
+        realm_registrations,
+        "sealed_key_share",
+        lambda row: realm_share_purpose("key_share", row.account, row.version),
+    ),
+    SealedColumn(
+        realm_registrations,
+        "sealed_encryption_share",
+        lambda row: realm_share_purpose("encryption_share", row.account, row.version),
     ),
 )
 

@@ -34,6 +34,7 @@ from backvault.vault.housekeeping import nonce_budget_warning, purge_audit, reco
 from backvault.vault.key_versions import DatabaseVersionRecords
 from backvault.vault.logging import JsonLogFormatter
 from backvault.vault.ratelimit import RateLimiter
+from backvault.vault.realm import RealmService, load_or_create_realm_id
 from backvault.vault.schema import migrate, vault_keys
 from backvault.vault.sealing import FileSealer, Pkcs11Sealer, Sealer
 from backvault.vault.service import VaultService
@@ -154,6 +155,7 @@ class OpenedVault:
     service: VaultService
     first_start: bool
     note: str
+    realm: RealmService | None = None  # in realm mode
 
 
 def open_vault(settings: VaultSettings) -> OpenedVault:
@@ -180,6 +182,18 @@ def open_vault(settings: VaultSettings) -> OpenedVault:
             max_pending_registrations=settings.max_pending_registrations,
         )
         service.start()
+        realm = None
+        if settings.realm:
+            realm = RealmService(
+                engine,
+                sealer,
+                service.clock,
+                guess_cap=settings.guess_cap,
+                guess_cap_days=settings.guess_cap_days,
+                max_allowed=settings.max_attempts,
+                unlock_window=settings.realm_unlock_window,
+            )
+            realm.start()
     except BaseException:
         if sealer is not None:
             sealer.close()
@@ -191,7 +205,7 @@ def open_vault(settings: VaultSettings) -> OpenedVault:
     note = where_things_are(settings, service.sealer)
     if first_start or getattr(service.sealer, "created", False):
         log.warning(note)
-    return OpenedVault(service, first_start, note)
+    return OpenedVault(service, first_start, note, realm)
 
 
 def make_service(settings: VaultSettings) -> VaultService:
@@ -226,6 +240,28 @@ def make_verifier(settings: VaultSettings, service: VaultService) -> TokenVerifi
     return VerifierChain(verifiers)
 
 
+def realm_id_of(settings: VaultSettings) -> bytes:
+    """The realm id kept in the database, made now if this is its first use (the schema
+    migrated first); needs no sealing key, so an operator can learn it before the first
+    start, to set the JWT audience."""
+    engine = open_database(settings)
+    try:
+        migrate(engine)
+        return load_or_create_realm_id(engine, time.time)
+    finally:
+        engine.dispose()
+
+
+def check_realm_audience(settings: VaultSettings, realm_id: bytes) -> None:
+    """In realm mode a JWT must be addressed to this realm alone: its audience is the realm
+    id in lower-case hex, so a realm cannot replay a user's token at another."""
+    if settings.realm and settings.jwt_public_key_file and settings.jwt_audience != realm_id.hex():
+        raise SettingsError(
+            f"realm mode: jwt_audience must be this realm's id {realm_id.hex()} (lower-case "
+            f"hex, `backvault vault realm-id`), not {settings.jwt_audience!r}"
+        )
+
+
 def check_settings(settings: VaultSettings) -> None:
     """Refuse settings that cannot work, before a database or a key is touched."""
     make_jwt_verifier(settings)
@@ -233,7 +269,9 @@ def check_settings(settings: VaultSettings) -> None:
         raise SettingsError(NO_VERIFIER)
 
 
-def make_app(settings: VaultSettings, service: VaultService) -> FastAPI:
+def make_app(
+    settings: VaultSettings, service: VaultService, realm: RealmService | None = None
+) -> FastAPI:
     return create_app(
         service,
         make_verifier(settings, service),
@@ -243,6 +281,7 @@ def make_app(settings: VaultSettings, service: VaultService) -> FastAPI:
         truncate_client_addresses=settings.truncate_client_addresses,
         serve_metrics=settings.metrics and not settings.metrics_listen,
         metrics_token=settings.metrics_token(),
+        realm=realm,
     )
 
 
@@ -267,6 +306,7 @@ class _Sweeper:
     service: VaultService
     settings: VaultSettings
     stop: threading.Event
+    realm: RealmService | None = None
     last_purge: float = field(default=float("-inf"))
     last_nonce_warning: float = field(default=float("-inf"))
 
@@ -292,6 +332,10 @@ class _Sweeper:
         erased = self.service.sweep()
         if erased:
             log.info("sweep", extra={"records_erased": erased})
+        if self.realm is not None:
+            tombstoned = self.realm.sweep()
+            if tombstoned:
+                log.info("sweep", extra={"realm_registrations_erased": tombstoned})
 
     def count_seals(self) -> None:
         now = time.time()
@@ -320,6 +364,9 @@ def serve(settings: VaultSettings) -> None:
     host, port = settings.host_port()
     metrics_address = settings.metrics_host_port() if settings.metrics_listen else None
     settings.metrics_token()  # a bad token file fails here, before anything starts
+    if settings.realm:
+        # Before the sealing key is touched: a wrong audience refuses to start.
+        check_realm_audience(settings, realm_id_of(settings))
     opened = open_vault(settings)
     service = opened.service
     if opened.first_start:
@@ -341,7 +388,7 @@ def serve(settings: VaultSettings) -> None:
                 "of their reach until `backvault vault migrate-jwt-records` moves them",
                 extra={"records": len(legacy)},
             )
-    app = make_app(settings, service)
+    app = make_app(settings, service, opened.realm)
     config = uvicorn.Config(
         app,
         host=host,
@@ -363,7 +410,7 @@ def serve(settings: VaultSettings) -> None:
             metrics_address[1], metrics_address[0], registry=metrics.REGISTRY
         )
     stop = threading.Event()
-    sweeper = _Sweeper(service, settings, stop)
+    sweeper = _Sweeper(service, settings, stop, opened.realm)
     threading.Thread(target=sweeper.run, daemon=True).start()
     log.info(
         "vault starting",
@@ -372,6 +419,7 @@ def serve(settings: VaultSettings) -> None:
             "db": settings.db_url.split("@")[-1],
             "sealing": service.sealer.description,
             "max_attempts": settings.max_attempts,
+            "realm_id": opened.realm.realm_id.hex() if opened.realm else None,
         },
     )
 

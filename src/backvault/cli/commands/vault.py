@@ -68,6 +68,13 @@ def vault() -> None:
 @click.option("--jwt-issuer", help="The account system's issuer (iss of its tokens).")
 @click.option("--tls-cert", help="TLS certificate (PEM) to serve HTTPS directly.")
 @click.option("--tls-key", help="TLS private key (PEM).")
+@click.option(
+    "--realm",
+    is_flag=True,
+    default=None,
+    help="Serve as a realm (docs/realms.md): the /realm/v1 endpoints; a JWT audience must "
+    "be the realm id.",
+)
 def vault_serve(config_file: str | None, **overrides: Any) -> None:
     """Run a vault node until SIGTERM or Ctrl-C (then finish requests and stop)."""
     from backvault.vault.sealing import SealingError
@@ -80,6 +87,23 @@ def vault_serve(config_file: str | None, **overrides: Any) -> None:
         fail(f"sealing: {exc}")
     except ValueError as exc:
         fail(f"vault settings: {exc}", EXIT_USAGE)
+
+
+@vault.command("realm-id")
+@vault_options
+def vault_realm_id(config_file: str | None, **overrides: Any) -> None:
+    """Print this realm's id (hex), making it (16 random bytes) if the database has none
+    yet: the JWT audience of a realm, and what clients pin."""
+    import sqlalchemy as sa
+
+    from backvault.vault.server import realm_id_of
+
+    settings = load_vault_settings(config_file, **overrides)
+    try:
+        click.echo(realm_id_of(settings).hex())
+    except (OSError, sa.exc.SQLAlchemyError) as exc:  # one clear line, not a traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        fail(f"realm id: the database: {first}")
 
 
 @vault.command("init-hsm")

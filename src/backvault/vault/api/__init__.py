@@ -15,9 +15,11 @@ from backvault import __version__
 from backvault.vault.accounts import TokenVerifier
 from backvault.vault.api.errors import add_error_handlers
 from backvault.vault.api.middleware import AccessLog, BodyLimit
+from backvault.vault.api.realm_routes import add_realm_routes
 from backvault.vault.api.routes import add_routes
 from backvault.vault.api.schemas import ERRORS
 from backvault.vault.ratelimit import RateLimiter
+from backvault.vault.realm import RealmService
 from backvault.vault.service import VaultService
 
 
@@ -30,10 +32,12 @@ def create_app(
     truncate_client_addresses: bool = False,
     serve_metrics: bool = False,
     metrics_token: str = "",
+    realm: RealmService | None = None,
 ) -> FastAPI:
     """The HTTP API. ``truncate_client_addresses``: the audit log and the login table get
     the client's network (IPv4 /24, IPv6 /48), not its address. ``serve_metrics``: answer
-    GET /metrics here, behind ``Authorization: Bearer metrics_token`` when one is set."""
+    GET /metrics here, behind ``Authorization: Bearer metrics_token`` when one is set.
+    ``realm``: serve the realm endpoints (/realm/v1, docs/realms.md) too."""
     app = FastAPI(
         title="backvault Backup Key Vault",
         version=__version__,
@@ -46,7 +50,7 @@ def create_app(
     )
 
     add_error_handlers(app)
-    add_routes(
+    callers = add_routes(
         app,
         service,
         verifier,
@@ -56,18 +60,25 @@ def create_app(
         serve_metrics,
         metrics_token,
     )
+    if realm is not None:
+        add_realm_routes(app, realm, callers)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(AccessLog, truncate_client_addresses=truncate_client_addresses)
     return app
 
 
 def openapi_document() -> dict[str, Any]:
-    """The API description, without a database (for docs and tooling)."""
+    """The API description, without a database (for docs and tooling); with the realm
+    endpoints, which a node serves in realm mode only."""
 
     class _NoService:
         pass
 
-    app = create_app(_NoService(), _NoVerifier())  # type: ignore[arg-type]
+    app = create_app(
+        _NoService(),  # type: ignore[arg-type]
+        _NoVerifier(),
+        realm=_NoService(),  # type: ignore[arg-type]
+    )
     return app.openapi()
 
 

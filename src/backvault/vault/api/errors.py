@@ -4,6 +4,7 @@ to."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -17,11 +18,15 @@ from backvault.vault.outcomes import (
     GuessCapReached,
     LoginNotFound,
     NoAttemptsLeft,
+    RealmAttemptsSpent,
     RecordChanged,
+    RegistrationErased,
     RegistrationNotFound,
     TooManyRegistrations,
     VaultError,
+    VersionMismatch,
     WrongPassword,
+    WrongTag,
 )
 
 log = logging.getLogger("backvault.vault.http")
@@ -55,6 +60,14 @@ def add_error_handlers(app: FastAPI) -> None:
             if exc.erased:
                 return error_response(410, "record_erased", str(exc), attempts_left=0)
             return error_response(403, exc.code, str(exc), attempts_left=exc.attempts_left)
+        if isinstance(exc, VersionMismatch):
+            held = exc.current_version
+            return error_response(
+                409,
+                exc.code,
+                str(exc),
+                version=base64.b64encode(held).decode() if held is not None else None,
+            )
         status = {
             BadRequest: 400,
             NoAttemptsLeft: 423,
@@ -63,6 +76,9 @@ def add_error_handlers(app: FastAPI) -> None:
             RecordChanged: 409,
             GuessCapReached: 423,
             TooManyRegistrations: 429,
+            RealmAttemptsSpent: 403,
+            WrongTag: 403,
+            RegistrationErased: 410,
         }.get(type(exc), 400)
         return error_response(status, exc.code, str(exc))
 

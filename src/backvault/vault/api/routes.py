@@ -9,6 +9,8 @@ run time, and ``Account`` is local to add_routes.
 import hmac
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -42,6 +44,15 @@ from backvault.vault.service import VaultService
 log = logging.getLogger("backvault.vault.http")
 
 
+@dataclass(frozen=True)
+class Callers:
+    """How a route learns who calls: ``account`` is the bearer-token dependency (with the
+    rate limits), ``client_of`` the address as stored."""
+
+    account: Callable[..., str]
+    client_of: Callable[[Request], str]
+
+
 def add_routes(
     app: FastAPI,
     service: VaultService,
@@ -51,7 +62,7 @@ def add_routes(
     truncate_client_addresses: bool,
     serve_metrics: bool,
     metrics_token: str,
-) -> None:
+) -> Callers:
     def address_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
@@ -210,3 +221,5 @@ def add_routes(
                 if not hmac.compare_digest(offered.encode(), metrics_token.encode()):
                     raise Unauthorized("/metrics needs Authorization: Bearer METRICS_TOKEN")
             return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    return Callers(account, client_of)

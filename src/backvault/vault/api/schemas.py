@@ -142,6 +142,9 @@ class ErrorOut(BaseModel):
     error: str
     message: str
     attempts_left: int | None = None
+    version: str | None = Field(
+        default=None, description="version_mismatch: the version held (null: none or erased)"
+    )
 
 
 class HealthOut(Strict):
@@ -163,3 +166,63 @@ def decode_b64(value: str, field: str) -> bytes:
 
 def encode_b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+# --- realms (docs/realms.md, "Messages") -------------------------------------------------
+
+
+class RealmInfoOut(Strict):
+    realm_id: str = Field(description="This realm's id: 16 bytes, lower-case hex")
+    suite: str
+    protocol: int
+
+
+class RealmRegisterIn(Strict):
+    expected_version: b64_of(16) | None = Field(  # type: ignore[valid-type]
+        description="The version the client believes this realm holds; null: none, or erased"
+    )
+    descriptor: B64 = Field(description="The descriptor D (docs/realms.md)")
+    key_share: b64_of(32) = Field(description="k_j, this realm's share of the OPRF key")  # type: ignore[valid-type]
+    tag_hash: b64_of(32) = Field(description="SHA-256 of this realm's unlock tag")  # type: ignore[valid-type]
+    encryption_share: b64_of(32) = Field(description="e_j, this realm's encryption share")  # type: ignore[valid-type]
+    share_mac: b64_of(32)  # type: ignore[valid-type]
+    ciphertext: B64
+
+
+class RealmRegisterOut(Strict):
+    version: str
+
+
+class RealmRegistrationOut(Strict):
+    state: str = Field(description="registered, erased or none")
+    descriptor: str | None
+    attempts: int
+    allowed: int
+
+
+class RealmEvaluateIn(Strict):
+    version: b64_of(16)  # type: ignore[valid-type]
+    blinded_element: b64_of(32) = Field(description="B, the client's blinded element")  # type: ignore[valid-type]
+
+
+class RealmEvaluateOut(Strict):
+    evaluated_element: str = Field(description="Z_j = k_j·B")
+    proof: str = Field(description="DLEQ proof (RFC 9497) that Z_j and pk_j share k_j")
+    attempts_left: int
+    attempt_id: str = Field(description="16 bytes: present it at unlock to be forgiven")
+
+
+class RealmUnlockIn(Strict):
+    version: b64_of(16)  # type: ignore[valid-type]
+    tag: b64_of(32)  # type: ignore[valid-type]
+    attempt_ids: list[b64_of(16)] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        max_length=256,
+        description="Ids of this client's own evaluations of this registration: forgiven",
+    )
+
+
+class RealmUnlockOut(Strict):
+    encryption_share: str
+    share_mac: str
+    ciphertext: str
