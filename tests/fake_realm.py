@@ -56,8 +56,11 @@ class Tombstone:
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status, self.code, self.message = status, code, message
+    def __init__(
+        self, status: int, code: str, message: str, version: bytes | bool | None = False
+    ) -> None:
+        # version: what a 409 version_mismatch carries (False: not a version mismatch)
+        self.status, self.code, self.message, self.version = status, code, message, version
 
 
 def b64(data: bytes) -> str:
@@ -71,6 +74,10 @@ def unb64(value: Any, what: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise Refusal(400, "bad_request", f"{what} is not base64") from None
+
+
+def now_of(held: Held | Tombstone | None) -> bytes | None:
+    return held.version if isinstance(held, Held) else None
 
 
 def make_app(realm_id: bytes) -> FastAPI:
@@ -113,7 +120,10 @@ def make_app(realm_id: bytes) -> FastAPI:
 
     @app.exception_handler(Refusal)
     async def refused(_request: Request, exc: Refusal) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+        doc: dict[str, Any] = {"error": exc.code, "message": exc.message}
+        if exc.version is not False:
+            doc["version"] = b64(exc.version) if isinstance(exc.version, bytes) else None
+        return JSONResponse(doc, status_code=exc.status)
 
     async def misbehave(endpoint: str) -> Response | None:
         """The answers of a broken or hostile realm that need no state."""
@@ -205,11 +215,13 @@ def make_app(realm_id: bytes) -> FastAPI:
         async with lock:
             held = current(name)
             now = held.version if isinstance(held, Held) else None
-            if expected_version != now:
+            tombstone = held.version if isinstance(held, Tombstone) else None
+            if expected_version not in (now, tombstone):
                 raise Refusal(
                     409,
                     "version_mismatch",
                     f"the registration here is {now.hex() if now else 'none'}",
+                    now,
                 )
             accounts[name] = Held(
                 raw,
@@ -233,7 +245,7 @@ def make_app(realm_id: bytes) -> FastAPI:
         async with lock:
             held = current(name)
             if not isinstance(held, Held) or held.version != version:
-                raise Refusal(409, "version_mismatch", "another registration is here")
+                raise Refusal(409, "version_mismatch", "another registration is here", now_of(held))
             if held.attempts >= held.allowed or held.key_share is None:
                 raise Refusal(403, "no_attempts_left", "no attempts left")
             # Counted before anything is evaluated.
@@ -278,8 +290,10 @@ def make_app(realm_id: bytes) -> FastAPI:
             raise Refusal(400, "bad_request", "attempt_ids is not a list")
         async with lock:
             held = current(name)
+            if isinstance(held, Tombstone) and held.version == version:
+                raise Refusal(410, "registration_erased", "this registration is erased")
             if not isinstance(held, Held) or held.version != version:
-                raise Refusal(409, "version_mismatch", "another registration is here")
+                raise Refusal(409, "version_mismatch", "another registration is here", now_of(held))
             if not hmac.compare_digest(hashlib.sha256(tag).digest(), held.tag_hash):
                 raise Refusal(403, "wrong_tag", "wrong tag")
             for value in ids:
@@ -292,8 +306,6 @@ def make_app(realm_id: bytes) -> FastAPI:
                 "share_mac": b64(held.share_mac),
                 "ciphertext": b64(held.ciphertext),
             }
-            if held.exhausted_at is not None:
-                accounts[name] = Tombstone(held.version)
         how = behaviour.get("unlock")
         if how == "bad_share_mac":
             answer_doc["share_mac"] = b64(secrets.token_bytes(32))
@@ -309,10 +321,9 @@ def make_app(realm_id: bytes) -> FastAPI:
         wanted = unb64(version, "version")
         async with lock:
             held = current(name)
-            if isinstance(held, Held):
-                if held.version != wanted:
-                    raise Refusal(409, "version_mismatch", "another registration is here")
-                del accounts[name]
+            if isinstance(held, Held) and held.version != wanted:
+                raise Refusal(409, "version_mismatch", "another registration is here", now_of(held))
+            accounts.pop(name, None)  # afterwards phase 1 says "none"
         return Response(status_code=204)
 
     return app

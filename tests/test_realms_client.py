@@ -410,3 +410,33 @@ def test_unreachable_realm_url(realms: list[FakeRealm]) -> None:
     client = RealmClient(f"http://127.0.0.1:{port}", "t", timeout=TIMEOUT)
     with pytest.raises(RealmUnreachable, match=f"realm http://127.0.0.1:{port}: cannot reach"):
         client.info()
+
+
+def test_a_wrong_guess_that_leaves_fewer_than_t_realms_deletes_the_registration(
+    realms: list[FakeRealm],
+) -> None:
+    rs, _, _ = registered(realms, allowed=1)
+    with pytest.raises(RealmWrongPassword, match="deleted at 3 of 3 realms") as caught:
+        rs.recover(b"wrong")
+    assert caught.value.attempts_left == 0
+    assert {a.state for a in rs.survey().answers.values()} == {"none"}
+
+
+def test_a_realm_that_did_not_answer_is_not_taken_for_spent(realms: list[FakeRealm]) -> None:
+    """A realm that does not answer may still have attempts: only realms known to be spent
+    count towards deleting the registration."""
+    rs, secret, version = registered(realms, allowed=2)
+    realms[2].behave(registration="stall")
+    with pytest.raises(RealmWrongPassword):
+        rs.recover(b"wrong")  # at realms 1 and 2: one attempt left at each
+    realms[2].behave()
+    realms[0].behave(registration="stall")
+    with pytest.raises(RealmWrongPassword) as caught:
+        rs.recover(b"wrong again")  # at realms 3 and 2: realm 2 is spent
+    # Realm 2 spent, realm 1 unknown (it has one left), realm 3 has one left: 2 = t realms
+    # may still evaluate, so nothing is deleted.
+    assert caught.value.code == "wrong_password"
+    realms[0].behave()
+    assert sorted(counts(rs).values()) == [1, 1, 2]
+    got = rs.recover(PASSWORD)  # the last attempts at realms 1 and 3
+    assert got.secret == secret and got.descriptor.version == version

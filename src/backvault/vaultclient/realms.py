@@ -541,7 +541,9 @@ class RealmSet:
         """The slot secret behind ``password``. ``earlier_attempts``: realm id -> attempt
         ids of this device's earlier wrong tries (forgiven on success); ``on_attempt(realm
         id, attempt id)`` is called as soon as a realm has counted an attempt, so the caller
-        can remember it. A wrong password raises RealmWrongPassword."""
+        can remember it. A wrong password raises RealmWrongPassword; when it leaves fewer
+        than t realms with attempts, the registration is deleted everywhere first (no t
+        realms can evaluate it again)."""
         survey = self.agree(expected_version)
         d = survey.descriptor
         assert d is not None
@@ -555,6 +557,19 @@ class RealmSet:
             }
             counts = [left.get(realm.url, 0) for realm in self.realms]
             guesses = bounds.guesses_left(counts, d.threshold)
+            # Only realms known to be spent count as spent: one that did not answer may
+            # still have attempts, and deleting early would throw away the password path.
+            spent = sum(1 for count in left.values() if count == 0)
+            if len(self.realms) - spent < d.threshold:
+                report = self.delete(d.version)
+                raise RealmWrongPassword(
+                    403,
+                    "no_attempts_left",
+                    f"wrong password, and fewer than {d.threshold} realms have attempts left: "
+                    f"the registration was deleted at {len(report.confirmed)} of "
+                    f"{len(self.realms)} realms",
+                    0,
+                )
             raise RealmWrongPassword(
                 403,
                 "wrong_password",
