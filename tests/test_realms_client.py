@@ -440,3 +440,18 @@ def test_a_realm_that_did_not_answer_is_not_taken_for_spent(realms: list[FakeRea
     assert sorted(counts(rs).values()) == [1, 1, 2]
     got = rs.recover(PASSWORD)  # the last attempts at realms 1 and 3
     assert got.secret == secret and got.descriptor.version == version
+
+
+def test_a_degraded_replacement_remembers_what_the_missed_realm_last_had(
+    realms: list[FakeRealm],
+) -> None:
+    rs, _, old = registered(realms)
+    realms[1].behave(registration="stall")
+    secret = secrets.token_bytes(32)
+    outcome = rs.register(b"new password", secret, 2, allow_degraded=True)
+    (pending,) = outcome.pending
+    assert pending.url == realms[1].url and pending.expected_version == old
+    realms[1].behave()
+    rs.deliver(pending)  # compare-and-swap with the old version it still holds
+    assert len(rs.agree(outcome.descriptor.version).agreeing) == 3
+    assert rs.recover(b"new password").secret == secret

@@ -168,7 +168,7 @@ class RealmClient:
         except httpx.TimeoutException:
             raise RealmUnreachable(self.url, f"no answer within {self.timeout:g} s") from None
         except httpx.TransportError as exc:
-            raise RealmUnreachable(self.url, f"cannot reach it: {exc}") from None
+            raise RealmUnreachable(self.url, _one_line(f"cannot reach it: {exc}")) from None
         data = b"".join(chunks)
         if status >= 400:
             doc = self._json(data, required=False)
@@ -336,10 +336,13 @@ class Survey:
     agreeing: list[RealmClient] = field(default_factory=list)
 
     def expected_version(self, url: str) -> bytes | None:
+        """The version a registration replacing this one names at realm ``url``: what it
+        answered, or for a realm that did not answer, what the others agreed on (the
+        last the client knows of)."""
         answer = self.answers.get(url)
-        if answer is None or answer.descriptor is None:
-            return None
-        return answer.descriptor.version
+        if answer is None:
+            return self.descriptor.version if self.descriptor is not None else None
+        return answer.descriptor.version if answer.descriptor is not None else None
 
 
 @dataclass(frozen=True)
