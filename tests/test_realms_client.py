@@ -24,6 +24,7 @@ from backvault.vaultclient.errors import (
     RealmsDisagree,
     RealmUnreachable,
     RealmWrongPassword,
+    TooFewRealms,
 )
 from backvault.vaultclient.realms import MAX_ANSWER, RealmClient, RealmSet
 from tests.servers import free_port
@@ -270,9 +271,9 @@ def test_fewer_than_t_good_evaluations_fail_naming_every_bad_realm(
     rs, _, _ = registered(realms)
     realms[0].behave(evaluate="wrong_proof")
     realms[1].behave(evaluate="garbage")
-    with pytest.raises(Exception, match="valid evaluation") as caught:
+    with pytest.raises(TooFewRealms, match="valid evaluation") as caught:
         rs.recover(PASSWORD)
-    assert set(caught.value.problems) == {realms[0].url, realms[1].url}  # type: ignore[attr-defined]
+    assert set(caught.value.problems) == {realms[0].url, realms[1].url}
 
 
 # --- phase 3: a bad share is named, t good ones open ------------------------------------
