@@ -21,8 +21,8 @@ ALLOWED = {
     "repo": {"crypto", "storage"},
     "engine": {"repo", "crypto", "storage", "source"},
     "device": {"crypto"},
-    "realms": {"opaque", "crypto"},
     "vaultclient": {"opaque", "crypto", "repo", "storage", "device", "realms"},
+    "realms": {"opaque", "crypto"},
     "vault": {"opaque", "crypto", "realms"},
     "app": {
         "engine",
@@ -45,6 +45,7 @@ ALLOWED = {
         "storage",
         "source",
         "opaque",
+        "realms",
         "vault",
         "demo",
     },
