@@ -14,7 +14,8 @@ from backvault.device.settings import VaultSettings
 from backvault.repo.ids import AmbiguousPrefix, PrefixNotFound, resolve_prefix
 from backvault.repo.repository import KeySlot, Repository
 from backvault.storage import open_backend
-from backvault.vaultclient.slots import PasswordSlots, is_password_slot, is_verified_password_slot
+from backvault.vaultclient.realm_slots import password_slots
+from backvault.vaultclient.slots import is_password_slot, is_verified_password_slot
 
 LIST_HINT = "see `backvault key list`"
 
@@ -77,7 +78,7 @@ def remove_slot(repo: Repository, prefix: str, vault: Callable[[], VaultSettings
         )
     if is_verified_password_slot(target):
         # The vault record is what makes this slot usable: erase it too.
-        PasswordSlots(vault()).delete_record()
+        password_slots(vault()).delete_record()
     repo.remove_key(target.id)
     left_alone = is_password_slot(target) and not is_verified_password_slot(target)
     return RemovedSlot(target, slot_kind(target), left_alone)

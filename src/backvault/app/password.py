@@ -16,7 +16,8 @@ from backvault.app.errors import AppError, NoPasswordSlot
 from backvault.app.keys import relabel_legacy_keys
 from backvault.device.settings import VaultSettings
 from backvault.repo.repository import KeySlot, Repository
-from backvault.vaultclient.slots import PasswordSlots, RecordCheck, Recovery
+from backvault.vaultclient.realm_slots import RealmRecovery, password_slots
+from backvault.vaultclient.slots import RecordCheck, Recovery
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class PasswordSet:
 
 def require_password_slot(repo: Repository, vault: VaultSettings) -> None:
     """Changing a password needs one to change (checked before asking for the new one)."""
-    if not PasswordSlots(vault).slots_of_account(repo, verified_only=False):
+    if not password_slots(vault).slots_of_account(repo, verified_only=False):
         raise NoPasswordSlot(
             "this repository has no password slot for this account; add one with "
             "`backvault key add --password`"
@@ -41,7 +42,7 @@ def set_password(
 ) -> PasswordSet:
     """Add a password slot for ``password`` (replacing the vault's record for the account)
     and remove the account's earlier password slots."""
-    slots = PasswordSlots(vault)
+    slots = password_slots(vault)
     old = slots.slots_of_account(repo)
     key_id = slots.enable(repo, password.encode(), max_attempts)
     for slot in old:
@@ -59,7 +60,7 @@ class PasswordDisabled:
 def disable_password(repo: Repository, vault: VaultSettings) -> PasswordDisabled:
     """Erase the vault record and remove the account's password slots; refused when the
     password is the repository's only key."""
-    slots = PasswordSlots(vault)
+    slots = password_slots(vault)
     mine = slots.slots_of_account(repo)
     if not [s for s in repo.list_keys() if s not in mine]:
         raise AppError(
@@ -75,10 +76,10 @@ def disable_password(repo: Repository, vault: VaultSettings) -> PasswordDisabled
 def vault_record(vault: VaultSettings) -> RecordCheck:
     """What the vault holds for the account, compared with what this device registered;
     costs no attempt."""
-    return PasswordSlots(vault).check_record()
+    return password_slots(vault).check_record()
 
 
-def check_password(vault: VaultSettings, password: str) -> Recovery:
+def check_password(vault: VaultSettings, password: str) -> Recovery | RealmRecovery:
     """A real login (a wrong password uses an attempt; a right one forgives this device's
     wrong tries)."""
-    return PasswordSlots(vault).recover(password.encode())
+    return password_slots(vault).recover(password.encode())

@@ -12,7 +12,7 @@ from backvault.device import keycache
 from backvault.device.settings import VaultSettings
 from backvault.repo.repository import Repository
 from backvault.storage import open_backend
-from backvault.vaultclient.slots import PasswordSlots
+from backvault.vaultclient.realm_slots import password_slots
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def create_repository(
     problem: Exception | None = None
     if vault is not None and password is not None:
         try:
-            password_slot = PasswordSlots(vault).enable(repo, password.encode(), max_attempts)
+            password_slot = password_slots(vault).enable(repo, password.encode(), max_attempts)
         except Exception as exc:  # reported with the repository, which exists now
             problem = exc
     keep = keep_recovery_key or password_slot is None

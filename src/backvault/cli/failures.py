@@ -16,7 +16,16 @@ from __future__ import annotations
 import signal
 from typing import NoReturn
 
-from backvault.vaultclient.errors import UnwrapFailed, VaultRefused, VaultUnavailable
+from backvault.vaultclient.errors import (
+    RealmMisbehaved,
+    RealmQuorumError,
+    RealmRefused,
+    RealmRegistrationFailed,
+    RealmWrongPassword,
+    UnwrapFailed,
+    VaultRefused,
+    VaultUnavailable,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -30,7 +39,8 @@ EXIT_RECORD_REPLACED = 14
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
-VAULT_ERRORS = (VaultRefused, VaultUnavailable, UnwrapFailed)
+VAULT_ERRORS = (VaultRefused, VaultUnavailable, UnwrapFailed, RealmQuorumError, RealmMisbehaved)
+VaultError = VaultRefused | VaultUnavailable | UnwrapFailed | RealmQuorumError | RealmMisbehaved
 
 ERASED_MESSAGE = (
     "the vault has erased this key; restore with your 64-digit key if you have one. If you "
@@ -52,15 +62,29 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def vault_failure(
-    exc: VaultRefused | VaultUnavailable | UnwrapFailed, url: str | None, account: str | None
+    exc: VaultError, url: str | None, account: str | None, place: str | None = None
 ) -> Failure:
-    """The one-line message and exit code a person needs for a vault error."""
-    if isinstance(exc, VaultUnavailable):
+    """The one-line message and exit code a person needs for a vault error. ``place``
+    names where the password is checked ("the vault at URL", "the realms …")."""
+    place = place or f"the vault at {url}"
+    if isinstance(exc, RealmRegistrationFailed):
+        return Failure(f"{exc}; nothing was changed, try again", EXIT_VAULT_UNREACHABLE)
+    if isinstance(exc, RealmQuorumError):
         return Failure(
-            f"cannot reach the vault at {url}; check the network and try again, or "
-            "restore with your 64-digit key",
+            f"{exc}; try again when the realms answer, or restore with your 64-digit key",
             EXIT_VAULT_UNREACHABLE,
         )
+    if isinstance(exc, RealmMisbehaved):
+        return Failure(f"{exc}; restore with your 64-digit key", EXIT_ERROR)
+    if isinstance(exc, VaultUnavailable):
+        return Failure(
+            f"cannot reach {place}; check the network and try again, or "
+            "restore with your 64-digit key"
+            + (f" ({exc})" if str(exc).startswith("realm ") else ""),
+            EXIT_VAULT_UNREACHABLE,
+        )
+    if isinstance(exc, RealmWrongPassword) and exc.code == "no_attempts_left":
+        return Failure(f"{exc}. {ERASED_MESSAGE}", EXIT_WRONG_KEY)
     if isinstance(exc, UnwrapFailed):
         return Failure(f"{exc}; restore with your 64-digit key", EXIT_WRONG_KEY)
     if exc.code == "wrong_password" and exc.attempts_left is not None:
@@ -80,6 +104,8 @@ def vault_failure(
             "if they fail, the key is erased. Restore with your 64-digit key if you have one",
             EXIT_WRONG_KEY,
         )
+    if isinstance(exc, RealmRefused):
+        return Failure(str(exc), EXIT_ERROR)
     if exc.status == 401:
         return Failure(
             f"the vault refused the account token for {account!r}: {exc.message}", EXIT_ERROR

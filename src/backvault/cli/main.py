@@ -150,7 +150,7 @@ def explain_vault_error(exc: BaseException, state: RunState) -> Failure:
     ctx = state.context
     vault = ctx.vault if ctx is not None else None
     if vault is not None:
-        return vault_failure(exc, vault.url, vault.account)
+        return vault_failure(exc, vault.url, vault.account, vault.where)
     url = account = None
     if ctx is not None:
         try:

@@ -43,6 +43,7 @@ from backvault.repo.repository import Repository
 from backvault.storage import Backend
 
 if TYPE_CHECKING:
+    from backvault.vaultclient.realm_slots import RealmRecovery
     from backvault.vaultclient.slots import Recovery
 
 
@@ -100,7 +101,7 @@ def open_repo(ctx: Context) -> Repository:
     return open_repository(location, key_from_env(), ask=ask, password=opener)
 
 
-def report_legacy_upgrade(ctx: Context, recovery: Recovery) -> None:
+def report_legacy_upgrade(ctx: Context, recovery: Recovery | RealmRecovery) -> None:
     from backvault.vaultclient.slots import LEGACY_UPGRADED
 
     if recovery.upgraded:
@@ -120,9 +121,9 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
     def open_with_password(backend: Backend) -> Repository | None:
         # Loaded only when a password is needed (it brings OPAQUE): most runs open the
         # repository with the device's cached key.
-        from backvault.vaultclient.slots import PasswordSlots
+        from backvault.vaultclient.realm_slots import password_slots
 
-        slots = PasswordSlots(vault)
+        slots = password_slots(vault)
         record = slots.check_record()
         status = record.status
         if not status.get("exists"):
@@ -139,7 +140,7 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
                 "warning: this is the last attempt the vault allows; if the password is "
                 "wrong, it erases the key for good"
             )
-        password = read_password(f"Password (vault {vault.url}; empty to type your 64-digit key)")
+        password = read_password(f"Password ({vault.where}; empty to type your 64-digit key)")
         if password is None:
             raise NoKeyAvailable(
                 "no key for this repository on this device: set BACKVAULT_PASSWORD (or "

@@ -288,7 +288,7 @@ class VaultSettings:
     def where(self) -> str:
         """The vault or the realms, for messages."""
         if not self.realms:
-            return self.url
+            return f"the vault at {self.url}"
         hosts = ", ".join(urlsplit(realm.url).netloc for realm in self.realms)
         return f"the realms {hosts}"
 

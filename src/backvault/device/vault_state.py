@@ -98,3 +98,34 @@ def clear_attempts(url: str, account: str) -> None:
     doc = _load()
     _section(doc, url, account)["attempts"] = []
     _save(doc)
+
+
+# --- threshold realms (docs/realms.md) ---------------------------------------------------
+# The realm id each realm URL had when this device first registered there (trust on first
+# use, as SSH's known_hosts): a realm at that URL with another id is refused afterwards.
+# Settings may pin instead (``ID@URL`` in vault.realms); this is for realms given by URL.
+
+
+def realm_pins() -> dict[str, bytes]:
+    pins = _load().get("realm_pins")
+    if not isinstance(pins, dict):
+        return {}
+    found = {}
+    for url, value in pins.items():
+        try:
+            found[str(url)] = bytes.fromhex(str(value))
+        except ValueError:
+            continue  # damaged by hand: that realm is pinned again at the next registration
+    return found
+
+
+def pin_realms(pins: dict[str, bytes]) -> None:
+    if not pins:
+        return
+    doc = _load()
+    known = doc.get("realm_pins")
+    if not isinstance(known, dict):
+        known = doc["realm_pins"] = {}
+    for url, realm_id in pins.items():
+        known[url.rstrip("/")] = realm_id.hex()
+    _save(doc)

@@ -383,10 +383,16 @@ def open_secret(
         ) from None
 
 
-def names_exactly(descriptor: Descriptor, realm_ids: Sequence[bytes]) -> bool:
-    """Does D name exactly these realms (in any order)?"""
+def names_exactly(descriptor: Descriptor, realm_ids: Sequence[bytes | None]) -> bool:
+    """Does D name exactly these realms (in any order)? A realm not pinned yet (None: it
+    could not be asked for its id) stands for any one id D names beyond the pinned ones."""
     named = [entry.realm_id for entry in descriptor.realms]
-    return len(named) == len(realm_ids) and set(named) == set(realm_ids)
+    pinned = [realm_id for realm_id in realm_ids if realm_id is not None]
+    return (
+        len(named) == len(realm_ids)
+        and len(set(pinned)) == len(pinned)
+        and set(pinned) <= set(named)
+    )
 
 
 def _entry(descriptor: Descriptor, realm_id: bytes) -> RealmEntry:

@@ -426,7 +426,7 @@ class RealmSet:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _each(
+    def each(
         self, realms: Iterable[RealmClient], call: Callable[[RealmClient], T]
     ) -> tuple[dict[str, T], dict[str, str]]:
         """``call`` on every realm in parallel: (results, problems) by URL."""
@@ -449,14 +449,16 @@ class RealmSet:
     def survey(self) -> Survey:
         """Ask every realm what it holds (uncounted) and find the descriptor that t of them
         return byte-identically and that names exactly the pinned realms."""
-        answers, problems = self._each(self.realms, RealmClient.registration)
+        answers, problems = self.each(self.realms, RealmClient.registration)
         survey = Survey(answers, problems)
         pinned = [realm.realm_id for realm in self.realms]
-        if any(realm_id is None for realm_id in pinned):
-            return survey  # no descriptor can be trusted before every realm is pinned
+        if sum(1 for realm_id in pinned if realm_id is not None) < 2:
+            return survey  # no descriptor is trusted before a quorum can be pinned
         groups: dict[bytes, list[RealmClient]] = {}
         for realm in self.realms:
             answer = answers.get(realm.url)
+            if realm.realm_id is None:
+                continue  # an answer from a realm whose identity is unknown counts for nothing
             if answer is not None and answer.descriptor is not None:
                 groups.setdefault(answer.descriptor.hash, []).append(realm)
         for members in groups.values():
@@ -465,7 +467,7 @@ class RealmSet:
             assert d is not None
             if (
                 len(members) >= d.threshold
-                and protocol.names_exactly(d, [r.pinned_id for r in self.realms])
+                and protocol.names_exactly(d, pinned)
                 and d.user_id == self.user_id
             ):
                 survey.descriptor, survey.descriptor_bytes = d, answer.descriptor_bytes
@@ -673,9 +675,11 @@ class RealmSet:
                 raise RealmMisbehaved(realm.url, exc.reason) from None
             return answer
 
-        answers, problems = self._each(self.realms, unlock)
+        named = {entry.realm_id for entry in d.realms}
+        ours = [realm for realm in self.realms if realm.realm_id in named]
+        answers, problems = self.each(ours, unlock)
         by_ciphertext: dict[bytes, dict[int, bytes]] = {}
-        for realm in self.realms:
+        for realm in ours:
             if realm.url in answers:
                 answer = answers[realm.url]
                 by_ciphertext.setdefault(answer.ciphertext, {})[d.entry(realm.pinned_id).index] = (
@@ -707,7 +711,7 @@ class RealmSet:
         check_threshold(threshold, len(self.realms))
         newly_pinned: dict[str, bytes] = {}
         unpinned = [realm for realm in self.realms if realm.realm_id is None]
-        pinned, problems = self._each(unpinned, RealmClient.pin)
+        pinned, problems = self.each(unpinned, RealmClient.pin)
         if problems:
             raise RealmRegistrationFailed(
                 "cannot learn every realm's id; nothing was registered", problems, {}
@@ -734,7 +738,7 @@ class RealmSet:
                 raw, registration.payload(realm.pinned_id), survey.expected_version(realm.url)
             )
 
-        accepted, refused = self._each(reachable, send)
+        accepted, refused = self.each(reachable, send)
         problems.update(refused)
         if not problems:
             return RegistrationOutcome(d, list(accepted), [], {}, newly_pinned)
@@ -783,7 +787,7 @@ class RealmSet:
         for attempt in range(tries):
             if attempt:
                 time.sleep(pause)
-            done, failed = self._each(left, lambda realm: realm.delete(version))
+            done, failed = self.each(left, lambda realm: realm.delete(version))
             confirmed += list(done)
             left = [realm for realm in left if realm.url in failed]
             if not left:

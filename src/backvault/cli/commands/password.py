@@ -19,6 +19,7 @@ from backvault.cli.failures import (
 from backvault.cli.prompts import read_new_password, read_password
 from backvault.cli.repository import Lock, opened, report_legacy_upgrade
 from backvault.repo.repository import KeySlot
+from backvault.vaultclient.realm_slots import RealmRecovery
 
 
 def warn_renamed(ctx: Context, renamed: dict[str, str]) -> None:
@@ -51,7 +52,7 @@ def enable_password(ctx: Context, max_attempts: int | None) -> None:
     ctx.emit_json(
         {
             "password_key_id": done.key_id,
-            "vault": vault.url,
+            "vault": vault.url or vault.where,
             "account": vault.account,
             "replaced": done.replaced,
             "renamed": done.renamed,
@@ -59,7 +60,7 @@ def enable_password(ctx: Context, max_attempts: int | None) -> None:
     )
     ctx.out(
         f"Added password slot {done.key_id[:8]}: your password opens this repository through "
-        f"the vault at {vault.url} (account {vault.account})."
+        f"{vault.where} (account {vault.account})."
     )
 
 
@@ -104,9 +105,9 @@ def password_check(ctx: Context) -> None:
         fail(ERASED_MESSAGE, EXIT_WRONG_KEY)
     if record.ours is False:
         fail(
-            f"the vault at {vault.url} holds a record for account {vault.account!r} that this "
+            f"{vault.where} holds a record for account {vault.account!r} that this "
             f"device did not register (it registered {str(record.remembered)[:16]}, the vault "
-            f"holds {str(status.get('fingerprint'))[:16]}): someone with the account token "
+            f"holds {str(status.get('fingerprint') or status.get('version'))[:16]}): someone with the account token "
             "replaced it, so your password no longer opens the repository through the vault. "
             "Open the repository with your 64-digit key and run `backvault password change`, "
             "and ask your service to revoke the account token",
@@ -118,11 +119,20 @@ def password_check(ctx: Context) -> None:
             "someone replaced it; `backvault password change` registers one it can check"
         )
     left = int(str(status["attempts_left"]))
-    ctx.out(
-        f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'} "
-        f"(and at most {status.get('guess_cap')} within {status.get('guess_cap_days', 0):g} "
-        "days); this check counts as one until it succeeds."
-    )
+    if "threshold" in status:  # realms
+        ctx.out(
+            f"The realms allow {left} more wrong {'guess' if left == 1 else 'guesses'} "
+            f"({status['threshold']} of {status['realms']} realms take part in each); this "
+            "check counts as one until it succeeds."
+        )
+        for url, why in dict(status.get("unreachable") or {}).items():
+            ctx.warn(f"warning: realm {url} counted as spent: {why}")
+    else:
+        ctx.out(
+            f"The vault allows {left} more wrong {'guess' if left == 1 else 'guesses'} "
+            f"(and at most {status.get('guess_cap')} within {status.get('guess_cap_days', 0):g} "
+            "days); this check counts as one until it succeeds."
+        )
     if left == 1:
         ctx.warn("warning: a wrong password now erases the key for good")
     typed = read_password("Password")
@@ -131,6 +141,24 @@ def password_check(ctx: Context) -> None:
     # A vault error here (wrong password, an outage between the login's two steps) reaches
     # the exit-code table like every other command's.
     recovery = passwords.check_password(vault, typed)
+    if isinstance(recovery, RealmRecovery):
+        after = passwords.vault_record(vault).status
+        ctx.emit_json(
+            {
+                "ok": True,
+                "attempts_left": after.get("attempts_left"),
+                "record_is_ours": record.ours,
+                "version": after.get("version"),
+                "realm_problems": recovery.problems,
+            }
+        )
+        ctx.out(
+            f"Your password is right. The realms allow {after.get('attempts_left')} wrong "
+            "guesses now (this device's wrong tries forgiven)."
+        )
+        for url, why in recovery.problems.items():
+            ctx.warn(f"warning: realm {url} did not do its part: {why}")
+        return
     result = recovery.login
     report_legacy_upgrade(ctx, recovery)
     ctx.emit_json(

@@ -74,7 +74,7 @@ def init(
             "recovery_key_groups": recovery_key.display(secret) if secret else None,
             "key_id": created.recovery_key_id,
             "password_key_id": created.password_key_id,
-            "vault": vault.url if vault and on else None,
+            "vault": (vault.url or vault.where) if vault and on else None,
             "account": vault.account if vault and on else None,
             "device_cache": created.device_cache or None,
         }
@@ -88,7 +88,7 @@ def init(
         ctx.out("spaces as the password (see `backvault key show --help`).")
     if on and vault:
         ctx.out(
-            f"Your password now opens this repository through the vault at {vault.url} "
+            f"Your password now opens this repository through {vault.where} "
             f"(account {vault.account}); a limited number of wrong guesses is allowed."
         )
     if created.device_cache:
@@ -97,7 +97,7 @@ def init(
     if problem is not None:
         if not isinstance(problem, VAULT_ERRORS) or vault is None:
             raise problem
-        failure = vault_failure(problem, vault.url, vault.account)
+        failure = vault_failure(problem, vault.url, vault.account, vault.where)
         fail(
             f"the repository was created, but the password could not be turned on: "
             f"{failure}; run `backvault key add --password` later",

@@ -1,0 +1,126 @@
+"""The password through threshold realms, as a user meets it: the real `backvault` command
+against three real `backvault vault serve --realm` processes (each its own SQLite database
+and sealing key), 2 of 3 needed. Same commands and messages as with one vault: `init
+--password`, a restore on a new device with the password, `password check`, `password
+change` and `password disable` — with a realm down, and with two down (nothing spent)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from tests.test_realm_server import Realm, start_realm
+
+PASSWORD = "correct horse battery staple"
+NEW_PASSWORD = "a different, much longer one 2026"
+
+
+@pytest.fixture
+def realms(tmp_path: Path) -> Iterator[list[Realm]]:
+    started: list[Realm] = []
+    try:
+        for name in ("a", "b", "c"):
+            started.append(start_realm(tmp_path / f"realm-{name}"))
+        yield started
+    finally:
+        for realm in started:
+            realm.node.stop()
+
+
+def device_env(realms: list[Realm], tokens: list[str], repo: Path) -> dict[str, str]:
+    return {
+        "BACKVAULT_REPO": str(repo),
+        "BACKVAULT_VAULT_REALMS": ",".join(realm.node.url for realm in realms),
+        "BACKVAULT_VAULT_THRESHOLD": "2",
+        "BACKVAULT_ACCOUNT": "ana",
+        "BACKVAULT_VAULT_REALM_TOKENS": ",".join(tokens),
+    }
+
+
+def attempts(realm: Realm, token: str) -> int:
+    return int(realm.registration(token)["attempts"])
+
+
+def test_init_restore_check_change_and_disable_through_three_realms(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    repo = tmp_path / "repo"
+    phone = Cli(tmp_path / "phone")
+    env = device_env(realms, tokens, repo)
+    made = phone.ok("--json", "init", "--password", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    created = made.json()
+    assert created["password_key_id"] and len(created["recovery_key"]) == 64
+    versions = {
+        realm.registration(token)["descriptor"] for realm, token in zip(realms, tokens, strict=True)
+    }
+    assert len(versions) == 1  # the same descriptor at every realm
+    source = tmp_path / "chat"
+    source.mkdir()
+    (source / "msgstore.db").write_bytes(b"messages " * 5000)
+    phone.ok("backup", str(source), env=env)
+
+    # A new phone: no key cache, no pins; the password through the realms.
+    new_phone = Cli(tmp_path / "new-phone")
+    wrong = new_phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": "not it at all"})
+    assert wrong.code == 10, wrong.err
+    assert "wrong password" in wrong.err and "attempts left" in wrong.err
+    spent = [attempts(realm, token) for realm, token in zip(realms, tokens, strict=True)]
+    assert sum(spent) == 2  # one guess = two realms' evaluations
+
+    # One realm down: the restore still works, and the missing realm is not needed.
+    realms[0].node.kill()
+    target = tmp_path / "restored"
+    new_phone.ok(
+        "restore", "latest", "--target", str(target), env={**env, "BACKVAULT_PASSWORD": PASSWORD}
+    )
+    restored = next(target.rglob("msgstore.db"))
+    assert restored.read_bytes() == (source / "msgstore.db").read_bytes()
+    # The device's own wrong try was forgiven at the realms that counted it and answered.
+    for realm, token in zip(realms[1:], tokens[1:], strict=True):
+        assert attempts(realm, token) == 0
+
+    # Two realms down: a clear error, and no attempt spent anywhere.
+    realms[1].node.kill()
+    before = attempts(realms[2], tokens[2])
+    third = Cli(tmp_path / "third-phone")
+    down = third.run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert down.code == 13, down.err
+    assert "nothing was attempted" in down.err and realms[0].node.url in down.err
+    assert attempts(realms[2], tokens[2]) == before
+    realms[0].node.start()
+    realms[1].node.start()
+
+    # password check (counted, forgiven on success), change, then disable.
+    checked = new_phone.ok(
+        "--json", "password", "check", env={**env, "BACKVAULT_PASSWORD": PASSWORD}
+    )
+    assert checked.json()["ok"] is True
+    key = created["recovery_key"]
+    changed = new_phone.ok(
+        "--json",
+        "password",
+        "change",
+        key=key,
+        env={**env, "BACKVAULT_NEW_PASSWORD": NEW_PASSWORD},
+    ).json()
+    assert changed["removed"] == [created["password_key_id"]]
+    after = {
+        realm.registration(token)["descriptor"] for realm, token in zip(realms, tokens, strict=True)
+    }
+    assert len(after) == 1 and after != versions  # a new registration everywhere
+    old = Cli(tmp_path / "fourth-phone").run(
+        "snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD}
+    )
+    assert old.code == 10  # the old password opens nothing now
+    fresh = Cli(tmp_path / "fifth-phone")
+    assert json.loads(
+        fresh.ok("--json", "snapshots", env={**env, "BACKVAULT_PASSWORD": NEW_PASSWORD}).out
+    )
+    phone.ok("password", "disable", key=key, env=env)
+    for realm, token in zip(realms, tokens, strict=True):
+        assert realm.registration(token)["state"] == "none"
