@@ -53,7 +53,10 @@ def digest(root: Path) -> dict[str, Any]:
             if stat.S_ISLNK(st.st_mode):
                 entry += (os.readlink(path),)
             elif stat.S_ISREG(st.st_mode):
-                entry += (st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest(),)
+                entry += (
+                    st.st_mtime_ns,
+                    hashlib.sha256(path.read_bytes()).hexdigest(),
+                )
             entries[str(path.relative_to(root))] = entry
     return entries
 
@@ -132,7 +135,7 @@ def hostile_backup(
 def rewrite_paths(repo: InitRepo, ref: str, paths: list[str]) -> str:
     """The snapshot ``ref`` saved again with other ``paths`` (the repository's own writer)."""
     opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
-    name, snap = opened.find_snapshot(ref)
+    _, snap = opened.find_snapshot(ref)
     return opened.save_snapshot(dataclasses.replace(snap, paths=paths))
 
 
@@ -293,9 +296,9 @@ def test_an_export_that_fails_midway_leaves_nothing(
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_020, 200_020))
 
+    args = ["-r", str(repo.path), "export", "whatsapp", "latest", "--target", str(scene.target)]
     proc = subprocess.run(
-        [sys.executable, "-m", "backvault.cli", "-r", str(repo.path), "export", "whatsapp"]
-        + ["latest", "--target", str(scene.target)],
+        [sys.executable, "-m", "backvault.cli", *args],
         capture_output=True,
         text=True,
         env={**cli.env, **ENV, "BACKVAULT_KEY": repo.key},
@@ -310,7 +313,7 @@ def test_an_export_that_fails_midway_leaves_nothing(
 
 
 def test_exported_files_are_private(cli: Cli, repo: InitRepo, tmp_path: Path) -> None:
-    snap, folder = genuine_import(cli, repo, tmp_path)
+    snap, _ = genuine_import(cli, repo, tmp_path)
     target = tmp_path / "out"
     target.mkdir()  # an empty folder is accepted, and replaced by the export's
     assert export(cli, repo, snap[:8], target).code == 0
@@ -328,7 +331,7 @@ def test_exported_files_are_private(cli: Cli, repo: InitRepo, tmp_path: Path) ->
 def test_a_snapshot_path_climbing_out_does_not_make_export_read_a_local_folder(
     cli: Cli, repo: InitRepo, tmp_path: Path
 ) -> None:
-    snap, folder = genuine_import(cli, repo, tmp_path)
+    snap, _ = genuine_import(cli, repo, tmp_path)
     scene = Scene.make(tmp_path / "scene")
     # A local folder laid out as an import (its manifest names its file), to be read.
     (scene.victim / "msgstore.db").write_bytes(b"local secrets")
