@@ -395,6 +395,11 @@ def test_a_folder_whose_backups_are_all_symlinks_or_fifos_imports_nothing(
     one_line(result, 1, "nothing was imported")
     assert "Databases/msgstore.db.crypt15: not a regular file" in result.err
     assert repo_listing(repo) == before
+    # Nor does --info wait on the FIFO, or read through the symlink.
+    info = cli.run("import", "whatsapp", "--info", str(tmp_path / "WhatsApp"), timeout=60)
+    assert info.code == 2
+    assert "Databases/wa.db.crypt15 is not a regular file" in info.err
+    assert "Databases/msgstore.db.crypt15 is not a regular file" in info.err
 
 
 # --- 4. header text, tampering, name clashes, bombs -----------------------------------

@@ -209,17 +209,22 @@ def _older(rel: str, older: str) -> str:
     )
 
 
-def _check_source(source: Path, entries: list[tuple[Path, str]]) -> None:
-    """Refuse what cannot be imported before anything is decrypted. In a folder, a file of
-    an older format (a crypt14 left from before end-to-end backups) is skipped with a
-    warning; given alone, it is refused."""
+def _refuse_symlink(source: Path) -> None:
+    """PATH itself may not be a symlink. Refused rather than followed: inside a folder the
+    import skips symlinks, and a link planted where a backup is expected must not choose
+    what is read; naming the real place makes what is imported explicit."""
     if source.is_symlink():
-        # Refused rather than followed: inside a folder the import skips symlinks, and a
-        # link planted where a backup is expected must not choose what is imported.
         raise InvalidArgument(
             f"{source} is a symbolic link; give the file or folder it points to "
             f"({os.path.realpath(source)}) itself"
         )
+
+
+def _check_source(source: Path, entries: list[tuple[Path, str]]) -> None:
+    """Refuse what cannot be imported before anything is decrypted. In a folder, a file of
+    an older format (a crypt14 left from before end-to-end backups) is skipped with a
+    warning; given alone, it is refused."""
+    _refuse_symlink(source)
     if not source.exists():
         raise InvalidArgument(f"{source} does not exist")
     if source.is_file() and not source.name.endswith(SUFFIX):
@@ -321,12 +326,14 @@ def _decrypt_one(
     path: Path, rel: str, target: Path, root_key: bytes
 ) -> tuple[ImportedFile, crypt15.Header]:
     try:
-        with open(path, "rb") as src, _private_output(target) as out:
+        with _open_regular(path) as src, _private_output(target) as out:
             result = crypt15.decrypt(src, out, root_key)
             out.flush()
             os.fsync(out.fileno())
     except crypt15.Crypt15Error as exc:
         raise _refused(rel, exc) from None
+    except OSError as exc:
+        raise WhatsAppFileRefused(f"cannot read {rel}: {exc.strerror}") from None
     done = ImportedFile(
         source=rel,
         stored_as=rel[: -len(SUFFIX)],
@@ -336,6 +343,16 @@ def _decrypt_one(
         bytes=result.bytes_written,
     )
     return done, result.header
+
+
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file, not through a symlink; a FIFO
+    or device put in its place after the walk is refused, not waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise crypt15.Damaged("is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _link_or_copy(path: Path, target: Path) -> None:
@@ -381,6 +398,7 @@ class FileInfo:
 def header_info(source: Path) -> list[FileInfo]:
     """The plaintext headers of ``source`` (a file, or every backup file in a folder),
     read without the key."""
+    _refuse_symlink(source)
     if not source.exists():
         raise InvalidArgument(f"{source} does not exist")
     found: list[FileInfo] = []
@@ -388,8 +406,11 @@ def header_info(source: Path) -> list[FileInfo]:
         known = rel.endswith(SUFFIX) or crypt15.sniff_format(b"", path.name) is not None
         if source.is_dir() and not known:
             continue
+        if path.is_symlink() or not path.is_file():
+            found.append(FileInfo(rel, None, f"{rel} is not a regular file (not read)"))
+            continue
         try:
-            with open(path, "rb") as src:
+            with _open_regular(path) as src:
                 start = src.read(2)
                 older = crypt15.sniff_format(start, path.name)
                 if older is not None and not path.name.endswith(SUFFIX):
