@@ -333,7 +333,7 @@ def _decrypt_one(
     except crypt15.Crypt15Error as exc:
         raise _refused(rel, exc) from None
     except OSError as exc:
-        raise WhatsAppFileRefused(f"cannot read {rel}: {exc.strerror}") from None
+        raise WhatsAppFileRefused(f"cannot decrypt {rel}: {exc.strerror}") from None
     done = ImportedFile(
         source=rel,
         stored_as=rel[: -len(SUFFIX)],
@@ -489,8 +489,13 @@ def export_backup(
             )
         plan = _plan(root, manifest)
         done = ExportResult(snap_name, str(target))
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent))
+        except OSError as exc:
+            raise AppError(
+                f"cannot make the export's staging folder in {parent}: {exc.strerror}"
+            ) from None
         try:
             base = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
