@@ -25,7 +25,9 @@ import fcntl
 import hmac
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -115,7 +117,15 @@ class Staged:
 
     @property
     def tags(self) -> list[str]:
-        return [TAG, *(f"{TAG}-{version}" for version in self.app_versions)]
+        """``whatsapp``, and ``whatsapp-<version>`` for each app version that is a plain
+        version number (a header is not authenticated: its text is anyone's)."""
+        versions = [v for v in self.app_versions if tag_safe(v)]
+        return [TAG, *(f"{TAG}-{version}" for version in versions)]
+
+    @property
+    def untagged(self) -> list[ImportedFile]:
+        """The files whose header's app version is not used as a tag."""
+        return [f for f in self.files if f.app_version and not tag_safe(f.app_version)]
 
 
 @dataclass
@@ -134,6 +144,14 @@ class ImportResult:
             "skipped": [{"path": p, "reason": r} for p, r in self.staged.skipped],
             "backup": self.backup.to_json(),
         }
+
+
+_VERSION = re.compile(r"[0-9A-Za-z._-]{1,64}")
+
+
+def tag_safe(version: str) -> bool:
+    """Whether an app version read from a header may become part of a tag."""
+    return _VERSION.fullmatch(version) is not None
 
 
 def _refused(rel: str, exc: crypt15.Crypt15Error) -> AppError:
@@ -191,10 +209,22 @@ def _older(rel: str, older: str) -> str:
     )
 
 
+def _refuse_symlink(source: Path) -> None:
+    """PATH itself may not be a symlink. Refused rather than followed: inside a folder the
+    import skips symlinks, and a link planted where a backup is expected must not choose
+    what is read; naming the real place makes what is imported explicit."""
+    if source.is_symlink():
+        raise InvalidArgument(
+            f"{source} is a symbolic link; give the file or folder it points to "
+            f"({os.path.realpath(source)}) itself"
+        )
+
+
 def _check_source(source: Path, entries: list[tuple[Path, str]]) -> None:
     """Refuse what cannot be imported before anything is decrypted. In a folder, a file of
     an older format (a crypt14 left from before end-to-end backups) is skipped with a
     warning; given alone, it is refused."""
+    _refuse_symlink(source)
     if not source.exists():
         raise InvalidArgument(f"{source} does not exist")
     if source.is_file() and not source.name.endswith(SUFFIX):
@@ -216,6 +246,7 @@ def staged_import(source: Path, root_key: bytes, temp_root: Path) -> Iterator[St
     before yielding if any file fails; the folder is removed when the block ends."""
     entries = _entries(source)
     _check_source(source, entries)
+    _check_names(entries)
     with _staging_folder(temp_root) as root:
         root.mkdir(mode=0o700)
         staged = Staged(root)
@@ -242,21 +273,67 @@ def staged_import(source: Path, root_key: bytes, temp_root: Path) -> Iterator[St
             else:
                 _link_or_copy(path, root / rel)
                 staged.other_files += 1
+        if not staged.files:
+            why = "; ".join(f"{rel}: {reason}" for rel, reason in staged.skipped[:3])
+            raise WhatsAppFileRefused(
+                f"nothing was imported: {source} holds no *.crypt15 file that is a regular "
+                f"file of the crypt15 format ({why})"
+            )
         with _private_output(root / MANIFEST) as out:
             out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
         yield staged
+
+
+def _imported(path: Path, rel: str) -> bool:
+    """Whether ``staged_import`` brings this entry in (decrypted or as it is)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return crypt15.sniff_format(b"", path.name) is None
+
+
+def _check_names(entries: list[tuple[Path, str]]) -> None:
+    """Refuse a folder in which two files would be stored under one name: ``msgstore.db``
+    beside ``msgstore.db.crypt15``, a file named like the manifest, a file named like a
+    folder."""
+    stored: dict[str, str] = {}
+    for path, rel in entries:
+        if not _imported(path, rel):
+            continue
+        name = rel[: -len(SUFFIX)] if rel.endswith(SUFFIX) else rel
+        if name == MANIFEST:
+            raise InvalidArgument(
+                f"{rel} would be stored as {MANIFEST}, the name backvault keeps the import's "
+                "headers under; rename or remove it"
+            )
+        if name in stored:
+            raise InvalidArgument(
+                f"{rel} would be stored as {name}, which {stored[name]} already is; remove "
+                "one of them"
+            )
+        stored[name] = rel
+    for name, rel in stored.items():
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in stored:
+                raise InvalidArgument(
+                    f"{stored[folder]} would be stored as {folder}, the name of the folder "
+                    f"that holds {rel}; remove one of them"
+                )
 
 
 def _decrypt_one(
     path: Path, rel: str, target: Path, root_key: bytes
 ) -> tuple[ImportedFile, crypt15.Header]:
     try:
-        with open(path, "rb") as src, _private_output(target) as out:
+        with _open_regular(path) as src, _private_output(target) as out:
             result = crypt15.decrypt(src, out, root_key)
             out.flush()
             os.fsync(out.fileno())
     except crypt15.Crypt15Error as exc:
         raise _refused(rel, exc) from None
+    except OSError as exc:
+        raise WhatsAppFileRefused(f"cannot decrypt {rel}: {exc.strerror}") from None
     done = ImportedFile(
         source=rel,
         stored_as=rel[: -len(SUFFIX)],
@@ -266,6 +343,16 @@ def _decrypt_one(
         bytes=result.bytes_written,
     )
     return done, result.header
+
+
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file, not through a symlink; a FIFO
+    or device put in its place after the walk is refused, not waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise crypt15.Damaged("is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _link_or_copy(path: Path, target: Path) -> None:
@@ -311,6 +398,7 @@ class FileInfo:
 def header_info(source: Path) -> list[FileInfo]:
     """The plaintext headers of ``source`` (a file, or every backup file in a folder),
     read without the key."""
+    _refuse_symlink(source)
     if not source.exists():
         raise InvalidArgument(f"{source} does not exist")
     found: list[FileInfo] = []
@@ -318,8 +406,11 @@ def header_info(source: Path) -> list[FileInfo]:
         known = rel.endswith(SUFFIX) or crypt15.sniff_format(b"", path.name) is not None
         if source.is_dir() and not known:
             continue
+        if path.is_symlink() or not path.is_file():
+            found.append(FileInfo(rel, None, f"{rel} is not a regular file (not read)"))
+            continue
         try:
-            with open(path, "rb") as src:
+            with _open_regular(path) as src:
                 start = src.read(2)
                 older = crypt15.sniff_format(start, path.name)
                 if older is not None and not path.name.endswith(SUFFIX):
@@ -369,71 +460,333 @@ def export_backup(
     repo: Repository, ref: str, target: Path, root_key: bytes, temp_root: Path
 ) -> ExportResult:
     """Write the WhatsApp folder of snapshot ``ref`` into ``target`` (missing or empty) as
-    crypt15 files under ``root_key``, in the layout it was imported from."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InvalidArgument(f"{target} is not an empty folder; choose a new one")
-    name, snap = find_whatsapp_snapshot(repo, ref)
+    crypt15 files under ``root_key``, in the layout it was imported from.
+
+    The snapshot is data from whoever holds the master key, so its path and its manifest
+    are checked before anything is written (``_snapshot_root``, ``read_manifest``). Every
+    file is written into a staging folder of the export's own (mode 0700, a random name
+    beside ``target``, in the same parent), each created new (``O_EXCL | O_NOFOLLOW``,
+    mode 0600) from descriptors of folders the export made; only when every file is
+    written is the staging folder renamed to ``target``. A rename never replaces a
+    non-empty folder: nothing that was there is overwritten, and an export that fails
+    leaves no part of itself behind."""
+    parent, name = _check_target(target)
+    snap_name, snap = find_whatsapp_snapshot(repo, ref)
     if len(snap.paths) != 1:
-        raise AppError(f"snapshot {name[:8]} does not have the layout of a WhatsApp import")
+        raise AppError(f"snapshot {snap_name[:8]} does not have the layout of a WhatsApp import")
     with tempfile.TemporaryDirectory(prefix="whatsapp-export-", dir=temp_root) as work:
         restored = Path(work) / "restored"
-        result = Restorer(repo, restored).run(snap, name)
+        result = Restorer(repo, restored).run(snap, snap_name)
         if result.damaged_count:
             path, error = result.damaged[0] if result.damaged else ("", "damaged")
-            raise AppError(f"snapshot {name[:8]} could not be restored whole: {path}: {error}")
-        root = restored / snap.paths[0].lstrip("/")
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-            files: dict[str, Any] = manifest["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise AppError(
-                f"snapshot {name[:8]} has no readable {MANIFEST}; it was not made by "
-                "`backvault import whatsapp`"
-            ) from None
-        if manifest.get("key_check") not in (None, key_check(root_key)):
+            raise AppError(f"snapshot {snap_name[:8]} could not be restored whole: {path}: {error}")
+        root = _snapshot_root(restored, snap.paths[0], snap_name)
+        manifest = read_manifest(root)
+        if manifest.key_check != key_check(root_key):
             raise WhatsAppKeyMismatch(
-                f"the 64-digit key given is not the one snapshot {name[:8]}'s files were made "
-                "with; the phone would not open them"
+                f"the 64-digit key given is not the one snapshot {snap_name[:8]}'s files were "
+                "made with; the phone would not open them"
             )
-        done = ExportResult(name, str(target))
-        target.mkdir(parents=True, exist_ok=True)
-        for source, rel in _entries(root):
-            if rel == MANIFEST or source.is_symlink() or not source.is_file():
-                continue
-            entry = files.get(rel)
-            if entry is None:
-                _place(target / rel, source, None, root_key)
-                done.copied += 1
-            else:
-                out_rel = str(entry.get("source", rel + SUFFIX))
-                _place(target / out_rel, source, entry, root_key)
-                done.encrypted.append(out_rel)
+        plan = _plan(root, manifest)
+        done = ExportResult(snap_name, str(target))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent))
+        except OSError as exc:
+            raise AppError(
+                f"cannot make the export's staging folder in {parent}: {exc.strerror}"
+            ) from None
+        try:
+            base = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for out_rel, source, entry in plan:
+                    _place(base, out_rel, source, entry, root_key)
+                    if entry is None:
+                        done.copied += 1
+                    else:
+                        done.encrypted.append(out_rel)
+            finally:
+                os.close(base)
+            _move_into_place(staging, parent / name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return done
 
 
-def _place(path: Path, source: Path, entry: dict[str, Any] | None, root_key: bytes) -> None:
-    """Write ``source`` to ``path`` (as crypt15 if it has a manifest ``entry``, else as
-    it is) under a temporary name beside it, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
+def _check_target(target: Path) -> tuple[Path, str]:
+    """The target's (resolved) parent folder and its name; refused unless it is missing
+    or an empty folder, and not a symlink."""
+    absolute = Path(os.path.abspath(target))
+    name = absolute.name
+    if name in ("", ".", ".."):
+        raise InvalidArgument(f"{target} cannot be a target; name a new folder")
+    parent = absolute.parent.resolve()
+    final = parent / name
     try:
-        with open(source, "rb") as src, open(temporary, "xb") as out:
+        st = final.lstat()
+    except FileNotFoundError:
+        return parent, name
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidArgument(f"{target} is a symbolic link; choose a new folder")
+    if not stat.S_ISDIR(st.st_mode) or any(final.iterdir()):
+        raise InvalidArgument(f"{target} is not an empty folder; choose a new one")
+    return parent, name
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished staging folder to ``final``: atomic, and refused by the system
+    if ``final`` became anything but a missing name or an empty folder meanwhile."""
+    try:
+        os.rename(staging, final)
+    except OSError as exc:
+        raise AppError(
+            f"cannot move the export into {final}: {exc.strerror} (it must be missing or an "
+            "empty folder on the same file system as its parent); nothing was written"
+        ) from None
+
+
+def _snapshot_root(restored: Path, snap_path: object, snap_name: str) -> Path:
+    """The restored WhatsApp folder: the snapshot's path, normalised, inside ``restored``,
+    reached through real folders only (no ``..``, no symlink)."""
+
+    def refuse(why: str) -> AppError:
+        return AppError(f"snapshot {snap_name[:8]} is not a WhatsApp import: its path {why}")
+
+    if not isinstance(snap_path, str) or not snap_path.startswith("/"):
+        raise refuse("is not an absolute path")
+    if "\x00" in snap_path or len(snap_path) > PATH_MAX:
+        raise refuse("is malformed")
+    parts = [part for part in snap_path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise refuse("climbs out of its folder (..)")
+    if not parts:
+        raise refuse("is the root folder")
+    root = restored
+    for part in parts:
+        root = root / part
+        try:
+            st = root.lstat()
+        except OSError:
+            raise refuse(f"{snap_path} is not in the snapshot") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise refuse(f"{snap_path} does not lead to a folder (a symlink or a file on the way)")
+    if not root.resolve().is_relative_to(restored.resolve()):  # belt and braces
+        raise refuse("leads outside the restored snapshot")
+    return root
+
+
+# --- the manifest, as a hostile snapshot may write it ---------------------------------
+
+PATH_MAX = 4096
+NAME_MAX = 255
+MAX_ENTRIES = 100_000
+MAX_MANIFEST_BYTES = 64 << 20
+PAYLOADS = ("zlib", "zip", "raw")
+
+
+class DamagedManifest(AppError):
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the snapshot's WhatsApp manifest is damaged: {why}")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    source: str  # the crypt15 file's name, relative to the exported folder
+    key_type: int | None
+    info: bytes
+    payload: str
+    trailer: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    key_check: str
+    files: dict[str, ManifestEntry]  # by the decrypted file's name
+
+
+def safe_relative(rel: object) -> str | None:
+    """Why ``rel`` is not a plain relative POSIX path that stays in its folder (no
+    ``..``, ``.`` or empty parts, no leading ``/``, no NUL or line break), or None."""
+    if not isinstance(rel, str):
+        return "not a text"
+    if not rel or len(rel.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        return "empty or too long"
+    if any(char in rel for char in "\x00\n\r"):
+        return "holds a NUL or a line break"
+    if rel.startswith("/"):
+        return "an absolute path"
+    for part in rel.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a part {part!r} (only names are allowed between slashes)"
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            return "has a name longer than 255 bytes"
+    if not os.path.normpath(os.path.join("/x", rel)).startswith("/x/"):
+        return "leaves its folder"
+    return None
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of the restored folder ``root``, every field checked."""
+    try:
+        fd = os.open(root / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise AppError(
+            f"the snapshot has no readable {MANIFEST}; it was not made by "
+            "`backvault import whatsapp`"
+        ) from None
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise DamagedManifest("it is not a regular file")
+        data = src.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise DamagedManifest(f"it is over {MAX_MANIFEST_BYTES >> 20} MiB")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise DamagedManifest("it is not JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"version", "key_check", "files"}:
+        raise DamagedManifest("it does not hold exactly version, key_check and files")
+    if type(doc["version"]) is not int or doc["version"] != 1:
+        raise DamagedManifest(f"version {str(doc['version'])[:20]!r}, not 1")
+    check = doc["key_check"]
+    if not isinstance(check, str) or not re.fullmatch(r"[0-9a-f]{16}", check):
+        raise DamagedManifest("key_check is not 16 hex digits")
+    files = doc["files"]
+    if not isinstance(files, dict) or len(files) > MAX_ENTRIES:
+        raise DamagedManifest(f"files is not a mapping of at most {MAX_ENTRIES} entries")
+    entries: dict[str, ManifestEntry] = {}
+    for stored, entry in files.items():
+        entries[stored] = _manifest_entry(stored, entry)
+    return Manifest(check, entries)
+
+
+def _manifest_entry(stored: str, entry: object) -> ManifestEntry:
+    why = safe_relative(stored)
+    if why is not None or stored == MANIFEST:
+        raise DamagedManifest(
+            f"a file name {stored[:80]!r} is {why or 'the name of the manifest itself'}"
+        )
+    shown_name = repr(stored[:80])
+
+    def bad(what: str) -> DamagedManifest:
+        return DamagedManifest(f"the entry of {shown_name}: {what}")
+
+    fields = {"source", "key_type", "info", "payload", "trailer"}
+    if not isinstance(entry, dict) or set(entry) != fields:
+        raise bad(f"does not hold exactly {', '.join(sorted(fields))}")
+    source = entry["source"]
+    if source != stored + SUFFIX:
+        # An import stores NAME.crypt15 as NAME: the crypt15 name is nothing else.
+        raise bad(f"source {str(source)[:80]!r} is not {stored + SUFFIX!r}")
+    key_type = entry["key_type"]
+    if key_type is not None and (
+        type(key_type) is not int or key_type not in crypt15.KEY_TYPE_NAMES
+    ):
+        raise bad(f"key_type {str(key_type)[:20]!r} is none of {sorted(crypt15.KEY_TYPE_NAMES)}")
+    info_hex = entry["info"]
+    if (
+        not isinstance(info_hex, str)
+        or len(info_hex) > 2 * crypt15.MAX_HEADER_BYTES
+        or not re.fullmatch(r"(?:[0-9a-f]{2})*", info_hex)
+    ):
+        raise bad("info is not hex digits of a header")
+    info = bytes.fromhex(info_hex)
+    why = crypt15.check_info(info, 1 if key_type is None else key_type)
+    if why is not None:
+        raise bad(f"info is not a header's ({why})")
+    if entry["payload"] not in PAYLOADS:
+        raise bad(f"payload {str(entry['payload'])[:20]!r} is none of {', '.join(PAYLOADS)}")
+    if type(entry["trailer"]) is not bool:
+        raise bad("trailer is not true or false")
+    return ManifestEntry(source, key_type, info, entry["payload"], entry["trailer"])
+
+
+def _plan(root: Path, manifest: Manifest) -> list[tuple[str, Path, ManifestEntry | None]]:
+    """What the export writes: (name in the target, restored file, its manifest entry or
+    None for a file copied as it is). Two files for one name, a name that is also a
+    folder's, a manifest entry for a file the snapshot does not hold: refused."""
+    plan: list[tuple[str, Path, ManifestEntry | None]] = []
+    outputs: dict[str, str] = {}
+    seen: set[str] = set()
+    for source, rel in _entries(root):
+        if rel == MANIFEST or source.is_symlink() or not source.is_file():
+            continue
+        why = safe_relative(rel)
+        if why is not None:
+            raise DamagedManifest(f"the snapshot holds a file named {rel[:80]!r}, {why}")
+        entry = manifest.files.get(rel)
+        out_rel = rel if entry is None else entry.source
+        if out_rel in outputs:
+            raise DamagedManifest(
+                f"{outputs[out_rel]!r} and {rel!r} would both be written as {out_rel!r}"
+            )
+        outputs[out_rel] = rel
+        if entry is not None:
+            seen.add(rel)
+        plan.append((out_rel, source, entry))
+    for out_rel in outputs:
+        parts = out_rel.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in outputs:
+                raise DamagedManifest(
+                    f"{outputs[folder]!r} would be written as {folder!r}, the folder that "
+                    f"holds {out_rel!r}"
+                )
+    missing = sorted(set(manifest.files) - seen)
+    if missing:
+        raise DamagedManifest(f"it names {missing[0][:80]!r}, which the snapshot does not hold")
+    return plan
+
+
+def _open_folder(base: int, parts: list[str]) -> int:
+    """A descriptor of folder ``parts`` under the folder ``base``, made (mode 0700) where
+    missing, never through a symlink."""
+    fd = os.dup(base)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            child = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _place(
+    base: int, out_rel: str, source: Path, entry: ManifestEntry | None, root_key: bytes
+) -> None:
+    """Write ``source`` as ``out_rel`` under the folder ``base`` (as crypt15 if it has a
+    manifest ``entry``, else as it is): a new file, mode 0600."""
+    *folders, name = out_rel.split("/")
+    try:
+        folder = _open_folder(base, folders)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            out_fd = os.open(name, flags, 0o600, dir_fd=folder)
+        finally:
+            os.close(folder)
+        src_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(src_fd, "rb") as src, os.fdopen(out_fd, "wb") as out:
             if entry is None:
                 shutil.copyfileobj(src, out, crypt15.CHUNK)
             else:
-                key_type = entry.get("key_type")
                 crypt15.encrypt(
                     src,
                     out,
                     root_key,
-                    info=bytes.fromhex(str(entry.get("info", ""))),
-                    key_type=1 if key_type is None else int(key_type),
-                    compress=entry.get("payload") == "zlib",
-                    trailer=bool(entry.get("trailer", True)),
+                    info=entry.info,
+                    key_type=1 if entry.key_type is None else entry.key_type,
+                    compress=entry.payload == "zlib",
+                    trailer=entry.trailer,
                 )
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+    except OSError as exc:
+        raise AppError(f"cannot write {out_rel}: {exc.strerror}; nothing was exported") from None

@@ -27,7 +27,7 @@ from backvault.app.whatsapp import (
 from backvault.cli.context import Context, pass_context
 from backvault.cli.failures import EXIT_USAGE, fail
 from backvault.cli.repository import Lock, opened
-from backvault.cli.ui import human_bytes, progress_bar
+from backvault.cli.ui import human_bytes, progress_bar, shown
 from backvault.device.paths import private_temp_dir
 from backvault.hardening import secret_variable
 
@@ -80,7 +80,9 @@ def import_whatsapp(ctx: Context, path: str, key_file: str | None, info: bool) -
     ):
         result = save_import(repo, staged, temp_dir=temp_root, progress=reporter)
     ctx.emit_json(result.to_json())
-    versions = ", ".join(staged.app_versions) or "unknown"
+    # Names and header text are anyone's (a header is not authenticated): every line shows
+    # them with control characters and line breaks escaped.
+    versions = ", ".join(shown(v) for v in staged.app_versions) or "unknown"
     ctx.out(
         f"snapshot {result.snapshot_id[:8]} saved: {len(staged.files)} WhatsApp files "
         f"decrypted and verified (app {versions}), {staged.other_files} other files; "
@@ -88,9 +90,18 @@ def import_whatsapp(ctx: Context, path: str, key_file: str | None, info: bool) -
         f"({human_bytes(result.backup.bytes_stored)} stored)"
     )
     for imported in staged.files:
-        ctx.out(f"  {imported.source} -> {imported.stored_as} ({human_bytes(imported.bytes)})")
+        ctx.out(
+            f"  {shown(imported.source)} -> {shown(imported.stored_as)} "
+            f"({human_bytes(imported.bytes)})"
+        )
     for skipped, reason in staged.skipped:
-        ctx.warn(f"warning: skipped {skipped}: {reason}")
+        ctx.warn(f"warning: skipped {shown(skipped)}: {reason}")
+    for odd in staged.untagged:
+        ctx.warn(
+            f"warning: {shown(odd.source)}'s header gives the app version "
+            f"'{shown(str(odd.app_version))}', not a plain version number: the snapshot is not "
+            "tagged with it"
+        )
 
 
 def show_info(ctx: Context, path: Path) -> None:
@@ -106,11 +117,11 @@ def show_info(ctx: Context, path: Path) -> None:
         features = header["features"]
         assert isinstance(features, dict)
         on = sorted(name for name, value in features.items() if value)
-        ctx.out(f"{item.file}:")
+        ctx.out(f"{shown(item.file)}:")
         ctx.out(f"  format          {header['format']}")
         ctx.out(f"  key type        {header['key_type']} ({header['key_type_name']})")
-        ctx.out(f"  app version     {header['app_version']}")
-        ctx.out(f"  phone number    …{header['jid_suffix']} (its last two digits)")
+        ctx.out(f"  app version     {shown(str(header['app_version']))}")
+        ctx.out(f"  phone number    …{shown(str(header['jid_suffix']))} (its last two digits)")
         ctx.out(f"  backup version  {header['backup_version']}")
         ctx.out(f"  header          {header['header_bytes']} bytes, IV {header['iv']}")
         ctx.out(f"  features        {len(on)} of {len(features)} set: {', '.join(on) or '-'}")
@@ -144,6 +155,7 @@ def export_whatsapp(ctx: Context, snapshot: str, target: str, key_file: str | No
         result = export_backup(repo, snapshot, Path(target), root_key, private_temp_dir())
     ctx.emit_json(result.to_json())
     ctx.out(
-        f"snapshot {result.snapshot_id[:8]} written into {target}: {len(result.encrypted)} "
+        f"snapshot {result.snapshot_id[:8]} written into {shown(target)}: "
+        f"{len(result.encrypted)} "
         f"crypt15 files, {result.copied} other files"
     )

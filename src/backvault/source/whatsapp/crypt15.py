@@ -28,6 +28,7 @@ file and use it only if ``decrypt`` returns.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import secrets
 import zlib
@@ -48,6 +49,10 @@ TAG_BYTES = 16
 MD5_BYTES = 16
 MAX_HEADER_BYTES = 4096
 CHUNK = 1 << 20
+# The most a file may decompress to. A message database of a decade is a few GiB; a
+# stream that expands beyond this is refused before it fills the disk (only a holder of the
+# key can make one, but the tag is checked only at the end of the stream).
+MAX_PLAIN_BYTES = 64 << 30
 
 KEY_TYPE_NAMES = {0: "provided by WhatsApp (crypt14 style)", 1: "end-to-end (64-digit key)"}
 # The feature flags' names, as the wa-crypt-tools project lists them (the database tables
@@ -290,6 +295,8 @@ def _parse_prefix(prefix: bytes, total: int) -> Header:
             "is a crypt14 backup, an older format that is not supported (it opens "
             "with the 'key' file, not the 64-digit key)"
         )
+    if key_type is not None and key_type not in KEY_TYPE_NAMES:
+        raise Damaged(f"has a damaged header (a key type {key_type}, which is none of 0 and 1)")
     if iv is None:
         raise Damaged("has a damaged header (no IV: not a crypt15 header)")
     if len(iv) != IV_BYTES:
@@ -325,6 +332,20 @@ def _with_info(header: Header, info: bytes) -> Header:
         features,
         tuple(unknown),
     )
+
+
+def check_info(info: bytes, key_type: int = 1) -> str | None:
+    """Why ``info`` cannot be a header's info block written back (a snapshot's manifest may
+    hold anything), or None: the header it makes must be one ``read_header`` accepts, with
+    text fields free of control characters."""
+    try:
+        header = read_header(io.BytesIO(serialize_header(bytes(IV_BYTES), info, key_type)))
+    except Crypt15Error as exc:
+        return str(exc).removeprefix("has ")
+    for text in (header.app_version, header.jid_suffix):
+        if text is not None and not text.isprintable():
+            return "a text field holds control characters"
+    return None
 
 
 def serialize_header(iv: bytes, info: bytes, key_type: int = 1) -> bytes:
@@ -387,9 +408,13 @@ def _has_trailer(src: BinaryIO, size: int) -> bool:
     return digest.digest() == src.read(MD5_BYTES)
 
 
-def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
-    """Decrypt, verify and decompress ``src`` into ``out``, in chunks. Raises a
-    Crypt15Error subclass; then whatever reached ``out`` must be thrown away."""
+def decrypt(
+    src: BinaryIO, out: BinaryIO, root_key: bytes, max_bytes: int | None = None
+) -> Decrypted:
+    """Decrypt, verify and decompress ``src`` into ``out``, in chunks, writing at most
+    ``max_bytes`` (default ``MAX_PLAIN_BYTES``). Raises a Crypt15Error subclass; then
+    whatever reached ``out`` must be thrown away."""
+    limit = MAX_PLAIN_BYTES if max_bytes is None else max_bytes
     size = _size(src)
     if size == 0:
         raise Damaged("is empty")
@@ -423,13 +448,15 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
         if payload == "zlib":
             if inflate_error is None:
                 try:
-                    written += _inflate_into(inflater, plain, out)
+                    written += _inflate_into(inflater, plain, out, written, limit)
                 except zlib.error as exc:
                     inflate_error = str(exc)
                 else:
                     if inflater.unused_data:
                         inflate_error = "data follows the end of the compressed stream"
             continue
+        if written + len(plain) > limit:
+            raise _too_big(limit)
         out.write(plain)
         written += len(plain)
     if payload is None:  # a body of under 4 bytes: nothing the app writes
@@ -439,6 +466,15 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
     try:
         decryptor.finalize()
     except InvalidTag:
+        # A wrong key turns the body into noise. A ZIP's signature, or a zlib stream that
+        # inflates to its end (its Adler-32 included), does not come out of noise: the key
+        # is right, and the file was changed after it was written — even if its MD5
+        # trailer matches (recomputed by whoever changed it).
+        if payload == "zip" or (payload == "zlib" and inflate_error is None and inflater.eof):
+            raise Damaged(
+                "opens with this key but fails authentication: it was changed after it was "
+                "written" + (" (and its checksum recomputed to match)" if trailer else "")
+            ) from None
         if trailer:
             raise KeyMismatch(certain=True) from None
         if payload != "raw":
@@ -450,6 +486,8 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
     if payload == "zlib":
         if inflate_error is None:
             rest = inflater.flush()
+            if written + len(rest) > limit:
+                raise _too_big(limit)
             out.write(rest)
             written += len(rest)
         if inflate_error is not None or not inflater.eof:
@@ -460,14 +498,26 @@ def decrypt(src: BinaryIO, out: BinaryIO, root_key: bytes) -> Decrypted:
     return Decrypted(header, payload, trailer, written)
 
 
-def _inflate_into(inflater: zlib._Decompress, data: bytes, out: BinaryIO) -> int:
-    """Inflate ``data`` into ``out``, at most CHUNK bytes at a time: a compressed chunk
-    can expand a thousandfold, and memory must not follow."""
+def _too_big(limit: int) -> Damaged:
+    return Damaged(
+        f"decompresses to more than {limit} bytes ({limit / (1 << 30):g} GiB), more than any "
+        "WhatsApp backup holds; refused"
+    )
+
+
+def _inflate_into(
+    inflater: zlib._Decompress, data: bytes, out: BinaryIO, written: int, limit: int
+) -> int:
+    """Inflate ``data`` into ``out``, at most CHUNK bytes at a time (a compressed chunk
+    can expand a thousandfold, and memory must not follow), refusing to take the output
+    past ``limit`` bytes (``written`` already out)."""
     total = 0
     while data:
         piece = inflater.decompress(data, CHUNK)
-        out.write(piece)
         total += len(piece)
+        if written + total > limit:
+            raise _too_big(limit)
+        out.write(piece)
         data = inflater.unconsumed_tail
     return total
 
