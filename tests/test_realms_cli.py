@@ -124,3 +124,60 @@ def test_init_restore_check_change_and_disable_through_three_realms(
     phone.ok("password", "disable", key=key, env=env)
     for realm, token in zip(realms, tokens, strict=True):
         assert realm.registration(token)["state"] == "none"
+
+
+def test_a_degraded_change_is_delivered_later_and_the_old_password_does_not_come_back(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    """Issue 14, test 7: `password change` with a realm down fails whole without
+    --allow-degraded (the old password still works); with it, t realms take the new
+    registration and the device delivers the third realm's part once it is back. Then that
+    realm and a realm rolled back to before the change: the old password opens nothing,
+    the new one works on a new device."""
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    repo = tmp_path / "repo"
+    phone = Cli(tmp_path / "phone")
+    env = device_env(realms, tokens, repo)
+    key = phone.ok("--json", "init", "--password", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    key = key.json()["recovery_key"]
+    # A copy of realm a's database from before the change (what a restore from backup is).
+    realms[0].node.stop()
+    assert realms[0].db is not None
+    before_change = realms[0].db.read_bytes()
+    realms[0].node.start()
+
+    realms[2].node.kill()
+    change = ["password", "change"]
+    refused = phone.run(*change, key=key, env={**env, "BACKVAULT_NEW_PASSWORD": NEW_PASSWORD})
+    assert refused.code == 13 and realms[2].node.url in refused.err, refused.err
+    assert "nothing was registered, the current registration is untouched" in refused.err
+    assert (
+        Cli(tmp_path / "check").run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD}).code
+        == 0
+    )
+
+    done = phone.run(
+        *change, "--allow-degraded", key=key, env={**env, "BACKVAULT_NEW_PASSWORD": NEW_PASSWORD}
+    )
+    assert done.code == 0, done.err
+    assert f"the realm {realms[2].node.url} did not take the new registration" in done.err
+    new_descriptor = realms[1].registration(tokens[1])["descriptor"]
+    assert realms[0].registration(tokens[0])["descriptor"] == new_descriptor
+
+    realms[2].node.start()
+    assert realms[2].registration(tokens[2])["descriptor"] != new_descriptor  # stale
+    delivered = phone.ok("snapshots", env=env)  # the device's cached key opens it
+    assert f"the realm {realms[2].node.url} now holds its part" in delivered.err
+    assert realms[2].registration(tokens[2])["descriptor"] == new_descriptor
+
+    # Realm a rolled back to before the change: it holds the old registration again.
+    realms[0].node.stop()
+    realms[0].db.write_bytes(before_change)
+    for suffix in ("-wal", "-shm"):
+        Path(str(realms[0].db) + suffix).unlink(missing_ok=True)
+    realms[0].node.start()
+    assert realms[0].registration(tokens[0])["descriptor"] != new_descriptor
+    old = Cli(tmp_path / "old").run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert old.code == 10, old.err
+    new = Cli(tmp_path / "new").run("snapshots", env={**env, "BACKVAULT_PASSWORD": NEW_PASSWORD})
+    assert new.code == 0, new.err

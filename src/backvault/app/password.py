@@ -10,7 +10,7 @@ renamed the recovery key so): they are reported instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backvault.app.errors import AppError, NoPasswordSlot
 from backvault.app.keys import relabel_legacy_keys
@@ -26,6 +26,10 @@ class PasswordSet:
     replaced: list[str]  # the account's earlier password slots, removed
     unverified: list[KeySlot]  # named password slots in clear by an earlier version: kept
     renamed: dict[str, str]  # legacy key files relabelled: old id -> new id
+    # Realms only: the realms a degraded registration missed (URL -> why; delivered
+    # later), and what went wrong deleting the single vault's record when moving to realms.
+    missed_realms: dict[str, str] = field(default_factory=dict)
+    cleanup_problem: Exception | None = None
 
 
 def require_password_slot(repo: Repository, vault: VaultSettings) -> None:
@@ -38,17 +42,36 @@ def require_password_slot(repo: Repository, vault: VaultSettings) -> None:
 
 
 def set_password(
-    repo: Repository, vault: VaultSettings, password: str, max_attempts: int | None
+    repo: Repository,
+    vault: VaultSettings,
+    password: str,
+    max_attempts: int | None,
+    allow_degraded: bool = False,
 ) -> PasswordSet:
     """Add a password slot for ``password`` (replacing the vault's record for the account)
-    and remove the account's earlier password slots."""
+    and remove the account's earlier password slots. ``allow_degraded``: with realms, t of
+    n are enough; the others get theirs later (see RealmSlots.enable)."""
     slots = password_slots(vault)
     old = slots.slots_of_account(repo)
-    key_id = slots.enable(repo, password.encode(), max_attempts)
+    key_id = slots.enable(repo, password.encode(), max_attempts, allow_degraded)
     for slot in old:
         repo.remove_key(slot.id)
     unverified = slots.unverified_slots_of_account(repo)
-    return PasswordSet(key_id, [s.id for s in old], unverified, relabel_legacy_keys(repo))
+    missed = getattr(slots, "missed", {})
+    problem = getattr(slots, "cleanup_problem", None)
+    return PasswordSet(
+        key_id, [s.id for s in old], unverified, relabel_legacy_keys(repo), missed, problem
+    )
+
+
+def deliver_pending(repo: Repository, vault: VaultSettings) -> tuple[list[str], dict[str, str]]:
+    """Realms only: deliver what a degraded registration left for the realms that missed
+    it (realms delivered to, realms still waiting and why); nothing to do otherwise."""
+    if not vault.uses_realms:
+        return [], {}
+    from backvault.vaultclient.realm_slots import RealmSlots
+
+    return RealmSlots(vault).deliver_pending(repo)
 
 
 @dataclass(frozen=True)

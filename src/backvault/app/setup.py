@@ -26,6 +26,8 @@ class Created:
     device_cache: str  # where this device keeps the key ("" if it does not)
     # The repository exists, but turning the password on failed with this.
     password_problem: Exception | None
+    # Realms a degraded registration missed (URL -> why); delivered later.
+    missed_realms: dict[str, str] = field(default_factory=dict)
 
 
 def create_repository(
@@ -35,6 +37,7 @@ def create_repository(
     password: str | None = None,
     max_attempts: int | None = None,
     keep_recovery_key: bool = True,
+    allow_degraded: bool = False,
 ) -> Created:
     """Create the repository. With ``vault`` and ``password``, also a password slot; without
     ``keep_recovery_key`` the recovery key's slot is removed again once that slot exists."""
@@ -45,9 +48,12 @@ def create_repository(
     where = keycache.remember(backend.location, repo.config.id, repo.key) if remember else ""
     password_slot = None
     problem: Exception | None = None
+    missed: dict[str, str] = {}
     if vault is not None and password is not None:
         try:
-            password_slot = password_slots(vault).enable(repo, password.encode(), max_attempts)
+            slots = password_slots(vault)
+            password_slot = slots.enable(repo, password.encode(), max_attempts, allow_degraded)
+            missed = getattr(slots, "missed", {})
         except Exception as exc:  # reported with the repository, which exists now
             problem = exc
     keep = keep_recovery_key or password_slot is None
@@ -61,4 +67,5 @@ def create_repository(
         password_key_id=password_slot,
         device_cache=where,
         password_problem=problem,
+        missed_realms=missed,
     )

@@ -68,7 +68,7 @@ def vault_failure(
     names where the password is checked ("the vault at URL", "the realms …")."""
     place = place or f"the vault at {url}"
     if isinstance(exc, RealmRegistrationFailed):
-        return Failure(f"{exc}; nothing was changed, try again", EXIT_VAULT_UNREACHABLE)
+        return Failure(str(exc), EXIT_VAULT_UNREACHABLE)
     if isinstance(exc, RealmQuorumError):
         return Failure(
             f"{exc}; try again when the realms answer, or restore with your 64-digit key",

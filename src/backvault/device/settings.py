@@ -279,6 +279,9 @@ class VaultSettings:
     allow_plain_http: bool = False  # --insecure-vault
     realms: tuple[RealmAccess, ...] = ()
     threshold: int | None = None  # for new registrations; None: a majority of the realms
+    # With realms: the single vault also configured (vault.url and its token), whose record
+    # is deleted once the realms hold the password (moving from one vault to realms).
+    single_vault: VaultSettings | None = None
 
     @property
     def uses_realms(self) -> bool:
@@ -379,6 +382,11 @@ class Settings(EnvironmentSettings):
                 RealmAccess(pin.url, pin.realm_id, str(token))
                 for pin, token in zip(self.vault_realms, tokens, strict=True)
             )
+            single = None
+            if self.vault_url and self.vault_token:
+                single = VaultSettings(
+                    self.vault_url, self.vault_account, self.vault_token, self.allow_plain_http
+                )
             return VaultSettings(
                 "",
                 self.vault_account,
@@ -386,6 +394,7 @@ class Settings(EnvironmentSettings):
                 self.allow_plain_http,
                 realms=realms,
                 threshold=self.vault_threshold,
+                single_vault=single,
             )
         if self.vault_url and self.vault_account and self.vault_token:
             return VaultSettings(

@@ -129,3 +129,26 @@ def pin_realms(pins: dict[str, bytes]) -> None:
     for url, realm_id in pins.items():
         known[url.rstrip("/")] = realm_id.hex()
     _save(doc)
+
+
+# Degraded realm registrations: the payloads of the realms that missed one, sealed under
+# the repository's master key by the caller (this module never sees them in clear), kept
+# per repository until they are delivered.
+
+
+def pending_deliveries(repo_id: str) -> list[str]:
+    value = _load().get("realm_pending", {})
+    items = value.get(repo_id, []) if isinstance(value, dict) else []
+    return [str(item) for item in items] if isinstance(items, list) else []
+
+
+def set_pending_deliveries(repo_id: str, sealed: list[str]) -> None:
+    doc = _load()
+    pending = doc.get("realm_pending")
+    if not isinstance(pending, dict):
+        pending = doc["realm_pending"] = {}
+    if sealed:
+        pending[repo_id] = sealed
+    else:
+        pending.pop(repo_id, None)
+    _save(doc)

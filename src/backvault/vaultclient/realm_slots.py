@@ -13,11 +13,14 @@ and the attempt ids of its wrong tries (forgiven after a success).
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from backvault.crypto.aead import AuthenticationFailed
 from backvault.crypto.slotlabel import SlotLabel
 from backvault.device import vault_state
 from backvault.device.settings import VaultSettings
@@ -26,7 +29,7 @@ from backvault.vaultclient.slots import PasswordSlots, RecordCheck
 
 if TYPE_CHECKING:
     from backvault.realms.protocol import TestOnlyStretching
-    from backvault.vaultclient.realms import RealmSet
+    from backvault.vaultclient.realms import PendingDelivery, RealmSet
 
 LABEL_PREFIX = "realms:"
 STATE_KEY = "realms"  # the device's vault-state entry for the registration
@@ -59,6 +62,10 @@ class RealmSlots:
     vault: VaultSettings
     verify: bool | str = True
     test_stretching: TestOnlyStretching | None = None  # tests only: cheap Argon2id
+    # After ``enable``: the realms a degraded registration missed (URL -> why), and what
+    # went wrong deleting the single vault's record, if anything.
+    missed: dict[str, str] = field(default_factory=dict)
+    cleanup_problem: Exception | None = None
 
     @property
     def label_url(self) -> str:
@@ -94,9 +101,18 @@ class RealmSlots:
         n = len(self.vault.realms)
         return self.vault.threshold or n // 2 + 1
 
-    def enable(self, repo: Repository, password: bytes, max_attempts: int | None = None) -> str:
+    def enable(
+        self,
+        repo: Repository,
+        password: bytes,
+        max_attempts: int | None = None,
+        allow_degraded: bool = False,
+    ) -> str:
         """Add a realm key slot; returns its key id. Nothing is left half-done: if the
-        registration does not land at every realm, the new key file is removed again."""
+        registration does not land at every realm (or, with ``allow_degraded``, at t of
+        them), the new key file is removed again. A degraded registration's payloads for
+        the realms that missed it are kept on this device, sealed under the repository's
+        master key, and delivered later (``deliver_pending``)."""
         slot_secret = secrets.token_bytes(32)
         key_id = repo.add_key(
             slot_secret.hex().encode(), SlotLabel.password(self.label_url, self.vault.account)
@@ -104,7 +120,11 @@ class RealmSlots:
         try:
             with self.realm_set() as realms:
                 outcome = realms.register(
-                    password, slot_secret, self._threshold(), allowed_guesses=max_attempts
+                    password,
+                    slot_secret,
+                    self._threshold(),
+                    allowed_guesses=max_attempts,
+                    allow_degraded=allow_degraded,
                 )
                 vault_state.pin_realms(outcome.pinned)
                 # Read it back through phase 1 before anyone removes the old key slot.
@@ -115,7 +135,54 @@ class RealmSlots:
         vault_state.remember_registration(
             STATE_KEY, self.vault.account, outcome.descriptor.version.hex()
         )
+        # Whatever an earlier degraded registration left for later is replaced by this one.
+        vault_state.set_pending_deliveries(
+            repo.config.id, [_seal_pending(repo, pending) for pending in outcome.pending]
+        )
+        self.missed = {
+            pending.url: outcome.problems.get(pending.url, "") for pending in outcome.pending
+        }
+        self.single_vault_cleanup()
         return key_id
+
+    def single_vault_cleanup(self) -> None:
+        """Moving from the single vault to realms: its OPAQUE record goes once the realms
+        hold the password (the account's old password slot is removed by the caller)."""
+        single = self.vault.single_vault
+        if single is None:
+            return
+        try:
+            PasswordSlots(single).delete_record()
+        except Exception as exc:  # the realms hold the password; report, do not undo
+            self.cleanup_problem = exc
+        else:
+            self.cleanup_problem = None
+
+    def deliver_pending(self, repo: Repository) -> tuple[list[str], dict[str, str]]:
+        """Deliver what a degraded registration left for the realms that missed it;
+        returns (realms delivered to, realms still waiting and why)."""
+        from backvault.vaultclient.realms import RealmFailure
+
+        sealed = vault_state.pending_deliveries(repo.config.id)
+        if not sealed:
+            return [], {}
+        delivered: list[str] = []
+        waiting: dict[str, str] = {}
+        keep: list[str] = []
+        with self.realm_set() as realms:
+            for item in sealed:
+                try:
+                    pending = _open_pending(repo, item)
+                except ValueError:
+                    continue  # not sealed under this master key: not ours to deliver
+                try:
+                    realms.deliver(pending)
+                    delivered.append(pending.url)
+                except (*RealmFailure, ValueError) as exc:
+                    waiting[pending.url] = str(exc)
+                    keep.append(item)
+        vault_state.set_pending_deliveries(repo.config.id, keep)
+        return delivered, waiting
 
     def _expected_version(self) -> bytes | None:
         remembered = vault_state.registered_fingerprint(STATE_KEY, self.vault.account)
@@ -215,3 +282,45 @@ def _is_hex(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _seal_pending(repo: Repository, pending: PendingDelivery) -> str:
+    payload = pending.payload
+    doc = {
+        "url": pending.url,
+        "realm_id": pending.realm_id.hex(),
+        "descriptor": pending.descriptor_bytes.hex(),
+        "expected_version": pending.expected_version.hex() if pending.expected_version else None,
+        "key_share": payload.key_share.hex(),
+        "tag_hash": payload.tag_hash.hex(),
+        "encryption_share": payload.encryption_share.hex(),
+        "share_mac": payload.share_mac.hex(),
+        "ciphertext": payload.ciphertext.hex(),
+    }
+    return base64.b64encode(repo.key.seal(json.dumps(doc).encode())).decode()
+
+
+def _open_pending(repo: Repository, item: str) -> PendingDelivery:
+    """A pending delivery sealed by ``_seal_pending`` (ValueError if it does not open)."""
+    from backvault.realms.protocol import RealmPayload
+    from backvault.vaultclient.realms import PendingDelivery
+
+    try:
+        doc = json.loads(repo.key.open(base64.b64decode(item, validate=True)))
+        expected = doc["expected_version"]
+        return PendingDelivery(
+            str(doc["url"]),
+            bytes.fromhex(doc["realm_id"]),
+            bytes.fromhex(doc["descriptor"]),
+            RealmPayload(
+                bytes.fromhex(doc["realm_id"]),
+                bytes.fromhex(doc["key_share"]),
+                bytes.fromhex(doc["tag_hash"]),
+                bytes.fromhex(doc["encryption_share"]),
+                bytes.fromhex(doc["share_mac"]),
+                bytes.fromhex(doc["ciphertext"]),
+            ),
+            bytes.fromhex(expected) if expected else None,
+        )
+    except (AuthenticationFailed, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"a pending realm delivery does not open: {exc}") from None

@@ -719,6 +719,18 @@ class RealmSet:
         newly_pinned.update(pinned)
         allowed = allowed_guesses or bounds.default_allowed_guesses(threshold, len(self.realms))
         survey = self.survey()
+        # A realm that takes the new registration drops the one it held, and deleting the
+        # new one again cannot bring that back: so nothing is sent unless every realm (or,
+        # degraded, at least t) answered phase 1 just now.
+        answered = len(self.realms) - len(survey.problems)
+        if survey.problems and (not allow_degraded or answered < threshold):
+            raise RealmRegistrationFailed(
+                f"{answered} of {len(self.realms)} realms answered"
+                + ("" if allow_degraded else " (all are needed without --allow-degraded)")
+                + "; nothing was registered, the current registration is untouched",
+                dict(survey.problems),
+                {},
+            )
         registration = protocol.register(
             password,
             self.user_id,
@@ -759,7 +771,8 @@ class RealmSet:
         raise RealmRegistrationFailed(
             f"registered at {len(accepted)} of {len(self.realms)} realms, which is not all"
             + (f" (nor {threshold} with --allow-degraded)" if allow_degraded else "")
-            + "; the new registration was deleted again",
+            + "; the new registration was deleted again where it landed, and there the "
+            "previous one is gone: set the password again when every realm answers",
             problems,
             report.failed,
         )

@@ -135,9 +135,18 @@ class PasswordSlots:
             allow_plain_http=self.vault.allow_plain_http,
         )
 
-    def enable(self, repo: Repository, password: bytes, max_attempts: int | None = None) -> str:
+    def enable(
+        self,
+        repo: Repository,
+        password: bytes,
+        max_attempts: int | None = None,
+        allow_degraded: bool = False,
+    ) -> str:
         """Add a vault key slot; returns its key id. Nothing is left half-done: if the vault
-        refuses, the new key file is removed again."""
+        refuses, the new key file is removed again. (``allow_degraded`` is for realms: one
+        vault has no partial registration.)"""
+        if allow_degraded:
+            raise ValueError("a degraded registration needs realms (vault.realms)")
         slot_secret = secrets.token_bytes(32)
         # The vault and account go into the slot's sealed label, not its clear names.
         key_id = repo.add_key(

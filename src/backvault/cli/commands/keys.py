@@ -50,13 +50,23 @@ def key_list(ctx: Context, repo: Repository) -> None:
     help="Add a password slot checked by the vault instead of a recovery key.",
 )
 @click.option("--max-attempts", type=int, help="With --password: wrong guesses allowed.")
+@click.option(
+    "--allow-degraded",
+    is_flag=True,
+    help="With --password and realms: go on when at least the threshold of realms took the new "
+    "registration; the others get theirs later.",
+)
 @pass_context
-def key_add(ctx: Context, with_password: bool, max_attempts: int | None) -> None:
+def key_add(
+    ctx: Context, with_password: bool, max_attempts: int | None, allow_degraded: bool
+) -> None:
     """Add another 64-digit recovery key (shown once), or with --password a password slot;
     data is not re-uploaded."""
     if with_password:
-        enable_password(ctx, max_attempts)
+        enable_password(ctx, max_attempts, allow_degraded)
         return
+    if allow_degraded:
+        fail("--allow-degraded goes with --password", EXIT_USAGE)
     with opened(ctx, Lock.NONE) as repo:
         added = keys.add_recovery_key(repo)
     warn_renamed(ctx, added.renamed)

@@ -18,6 +18,7 @@ from backvault.cli.failures import (
 )
 from backvault.cli.prompts import read_new_password, read_password
 from backvault.cli.repository import Lock, opened, report_legacy_upgrade
+from backvault.device.settings import VaultSettings
 from backvault.repo.repository import KeySlot
 from backvault.vaultclient.realm_slots import RealmRecovery
 
@@ -41,12 +42,38 @@ def warn_unverified_slots(ctx: Context, unverified: list[KeySlot]) -> None:
         )
 
 
-def enable_password(ctx: Context, max_attempts: int | None) -> None:
+def check_degraded_flag(ctx: Context, vault: VaultSettings, allow_degraded: bool) -> None:
+    if allow_degraded and not vault.uses_realms:
+        fail(
+            "--allow-degraded needs realms (vault.realms): one vault has no partial state",
+            EXIT_USAGE,
+        )
+
+
+def report_registration(ctx: Context, missed: dict[str, str], cleanup: Exception | None) -> None:
+    """What a realm registration left undone: realms to deliver to later, the single
+    vault's record not deleted."""
+    for url, why in missed.items():
+        ctx.warn(
+            f"warning: the realm {url} did not take the new registration ({why}); this device "
+            "keeps its part, sealed, and delivers it when a later command opens the repository"
+        )
+    if cleanup is not None:
+        ctx.warn(
+            f"warning: the single vault's record could not be deleted ({cleanup}); the realms "
+            "hold the password now. Delete it later with `backvault password disable` "
+            "after unsetting vault.realms"
+        )
+
+
+def enable_password(ctx: Context, max_attempts: int | None, allow_degraded: bool = False) -> None:
     """``key add --password``: a password slot; the account's earlier ones go."""
     vault = ctx.require_vault()  # before the key is asked for
+    check_degraded_flag(ctx, vault, allow_degraded)
     with opened(ctx, Lock.NONE) as repo:
         password = read_new_password(ctx)
-        done = passwords.set_password(repo, vault, password, max_attempts)
+        done = passwords.set_password(repo, vault, password, max_attempts, allow_degraded)
+    report_registration(ctx, done.missed_realms, done.cleanup_problem)
     warn_unverified_slots(ctx, done.unverified)
     warn_renamed(ctx, done.renamed)
     ctx.emit_json(
@@ -71,21 +98,35 @@ def password() -> None:
 
 @password.command("change")
 @click.option("--max-attempts", type=int, help="Wrong guesses allowed.")
+@click.option(
+    "--allow-degraded",
+    is_flag=True,
+    help="With realms: go on when at least the threshold of realms took the new "
+    "registration; the others get theirs later.",
+)
 @pass_context
-def password_change(ctx: Context, max_attempts: int | None) -> None:
+def password_change(ctx: Context, max_attempts: int | None, allow_degraded: bool) -> None:
     """Set a new password: a new slot secret and vault record; the old ones are erased.
 
     Opens the repository first with this device's key, BACKVAULT_KEY, or the current
     password."""
     vault = ctx.require_vault()  # before the key is asked for
+    check_degraded_flag(ctx, vault, allow_degraded)
     with opened(ctx, Lock.NONE) as repo:
         passwords.require_password_slot(repo, vault)
         new = read_new_password(ctx, "BACKVAULT_NEW_PASSWORD")
-        done = passwords.set_password(repo, vault, new, max_attempts)  # replaces the record
+        # Replaces the record (with realms: at every realm, or t of them when degraded).
+        done = passwords.set_password(repo, vault, new, max_attempts, allow_degraded)
+    report_registration(ctx, done.missed_realms, done.cleanup_problem)
     warn_unverified_slots(ctx, done.unverified)
     warn_renamed(ctx, done.renamed)
     ctx.emit_json(
-        {"password_key_id": done.key_id, "removed": done.replaced, "renamed": done.renamed}
+        {
+            "password_key_id": done.key_id,
+            "removed": done.replaced,
+            "renamed": done.renamed,
+            "realms_missed": done.missed_realms,
+        }
     )
     ctx.out("Password changed: the old one no longer opens anything.")
 

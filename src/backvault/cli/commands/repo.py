@@ -41,6 +41,12 @@ from backvault.storage import open_backend, without_password
 @click.option(
     "--max-attempts", type=int, help="With --password: wrong guesses allowed (≤ the vault's)."
 )
+@click.option(
+    "--allow-degraded",
+    is_flag=True,
+    help="With --password and realms: go on when at least the threshold of realms took the new "
+    "registration; the others get theirs later.",
+)
 @pass_context
 def init(
     ctx: Context,
@@ -48,6 +54,7 @@ def init(
     with_password: bool,
     no_recovery_key: bool,
     max_attempts: int | None,
+    allow_degraded: bool,
 ) -> None:
     """Create a repository with its 64-digit recovery key (shown once), and with --password
     a password slot whose secret only the vault gives back."""
@@ -55,6 +62,8 @@ def init(
         fail("--no-recovery-key needs --password: a repository needs at least one key", EXIT_USAGE)
     location = ctx.require_repo()
     vault = ctx.require_vault() if with_password else None  # before anything is written
+    if allow_degraded and (vault is None or not vault.uses_realms):
+        fail("--allow-degraded needs --password and realms (vault.realms)", EXIT_USAGE)
     password = read_new_password(ctx) if with_password else None
     created = create_repository(
         location,
@@ -63,6 +72,7 @@ def init(
         password=password,
         max_attempts=max_attempts,
         keep_recovery_key=not no_recovery_key,
+        allow_degraded=allow_degraded,
     )
     secret = created.recovery_secret
     on = vault is not None and created.password_key_id is not None
@@ -90,6 +100,11 @@ def init(
         ctx.out(
             f"Your password now opens this repository through {vault.where} "
             f"(account {vault.account}); a limited number of wrong guesses is allowed."
+        )
+    for url, why in created.missed_realms.items():
+        ctx.warn(
+            f"warning: the realm {url} did not take the registration ({why}); this device "
+            "keeps its part, sealed, and delivers it when a later command opens the repository"
         )
     if created.device_cache:
         ctx.out(f"This device remembers the repository key in {created.device_cache}.")
