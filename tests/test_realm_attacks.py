@@ -247,6 +247,8 @@ def test_rollback_of_one_realm_after_every_round_gives_exactly_the_bound(tmp_pat
             realms[2].node.url: "no_attempts_left",
         }
         assert counts(realms[1:], account.name) == [ALLOWED, ALLOWED]
+        # b and c each served G_r evaluations, durably counted, and not one more.
+        assert [len(realm.attempts(account.name)) for realm in realms[1:]] == [ALLOWED] * 2
         assert counts(realms[:1], account.name) == [0]  # the rollback hides a's share
         for realm in realms[1:]:
             row = realm.row(account.name)
@@ -366,7 +368,9 @@ def offline_checks(stolen: StolenRealm, password: bytes) -> dict[str, bool]:
         commitment, unlock_key = unlock_derivations(voprf.evaluate(scalar, access_key), d.version)
         checks[f"commitment from {name}"] = hmac.compare_digest(commitment, d.commitment)
         tag = mac(unlock_key, b"backvault-realms-v1 tag", d.version, stolen.realm_id)
-        checks[f"tag_hash from {name}"] = hashlib.sha256(tag).digest() == stolen.tag_hash
+        checks[f"tag_hash from {name}"] = hmac.compare_digest(
+            hashlib.sha256(tag).digest(), stolen.tag_hash
+        )
         share_mac = mac(
             unlock_key,
             b"backvault-realms-v1 share",
@@ -376,7 +380,7 @@ def offline_checks(stolen: StolenRealm, password: bytes) -> dict[str, bool]:
             stolen.encryption_share,
             stolen.ciphertext,
         )
-        checks[f"share_mac from {name}"] = share_mac == stolen.share_mac
+        checks[f"share_mac from {name}"] = hmac.compare_digest(share_mac, stolen.share_mac)
     # The ciphertext, under keys from the password's seed alone, and with e_j (and each
     # Lagrange-weighted e_j) in place of e.
     checks["AEAD with encryption_seed"] = opens(stolen.ciphertext, encryption_seed, d)
