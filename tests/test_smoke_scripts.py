@@ -55,6 +55,11 @@ def test_vault_bench_smoke(tmp_path: Path) -> None:
     assert "logins/s" in run_bench_smoke(tmp_path, "vault_bench.py")
 
 
+def test_realms_bench_smoke(tmp_path: Path) -> None:
+    out = run_bench_smoke(tmp_path, "realms_bench.py")
+    assert "end to end (RealmSet.recover)" in out and "evaluations/s" in out
+
+
 def test_storage_bench_smoke(tmp_path: Path) -> None:
     out = run_bench_smoke(tmp_path, "storage_bench.py")
     assert "S3 (moto)" in out and "REST (rclone serve restic)" in out
