@@ -181,3 +181,37 @@ def test_a_degraded_change_is_delivered_later_and_the_old_password_does_not_come
     assert old.code == 10, old.err
     new = Cli(tmp_path / "new").run("snapshots", env={**env, "BACKVAULT_PASSWORD": NEW_PASSWORD})
     assert new.code == 0, new.err
+
+
+def test_the_last_attempt_still_opens_then_the_password_is_erased_and_the_key_remains(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    """Issue 14, test 5, from the command line: 2 guesses per realm (3 realms, 2 needed:
+    3 guesses in all); two wrong ones, then the right one on the last attempt restores and
+    warns that the password is used up; afterwards the right password is told the key is
+    erased (no attempt spent), and the 64-digit key still opens the repository."""
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    repo = tmp_path / "repo"
+    env = device_env(realms, tokens, repo)
+    made = Cli(tmp_path / "phone").ok(
+        "--json",
+        "init",
+        "--password",
+        "--max-attempts",
+        "2",
+        env={**env, "BACKVAULT_PASSWORD": PASSWORD},
+    )
+    key = made.json()["recovery_key"]
+    new_phone = Cli(tmp_path / "new-phone")
+    first = new_phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": "wrong one"})
+    assert first.code == 10 and "2 attempts left" in first.err, first.err
+    second = new_phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": "wrong two"})
+    assert second.code == 10 and "1 attempt left" in second.err, second.err
+    last = new_phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert last.code == 0, last.err
+    assert "that was the last attempt the realms allowed" in last.err
+    before = [attempts(realm, token) for realm, token in zip(realms, tokens, strict=True)]
+    again = Cli(tmp_path / "third").run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert again.code == 10 and "erased this key" in again.err, again.err
+    assert [attempts(r, t) for r, t in zip(realms, tokens, strict=True)] == before
+    Cli(tmp_path / "fourth").ok("snapshots", key=key, env=env)

@@ -120,7 +120,13 @@ def deliver_pending(ctx: Context, repo: Repository, vault: VaultSettings) -> Non
         ctx.warn(f"warning: the realm {url} still lacks its part of the registration ({why})")
 
 
-def report_legacy_upgrade(ctx: Context, recovery: Recovery | RealmRecovery) -> None:
+def report_recovery(ctx: Context, recovery: Recovery | RealmRecovery) -> None:
+    if getattr(recovery, "spent", False):
+        ctx.warn(
+            "warning: that was the last attempt the realms allowed: they have erased this "
+            "registration, so the password opens nothing any more. Set one again with "
+            "`backvault password change` (this device can open the repository meanwhile)"
+        )
     from backvault.vaultclient.slots import LEGACY_UPGRADED
 
     if recovery.upgraded:
@@ -168,7 +174,7 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
         if not password:
             return None  # the person chose to type the 64-digit key
         recovery = slots.recover(password.encode())
-        report_legacy_upgrade(ctx, recovery)
+        report_recovery(ctx, recovery)
         return Repository.open(backend, [recovery.secret.hex().encode()])
 
     return open_with_password

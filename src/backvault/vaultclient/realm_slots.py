@@ -51,6 +51,10 @@ class RealmRecovery:
 
     secret: bytes = field(repr=False)
     problems: dict[str, str]
+    # The recovery used the last attempts: fewer than t realms can evaluate this
+    # registration again (a realm erases its key share at its limit, even for a right
+    # password), so the password must be set again.
+    spent: bool = False
     # The single vault's recovery may move a legacy record; realms have none (same fields,
     # so the command line reports both alike).
     upgraded: bool | None = None
@@ -213,7 +217,9 @@ class RealmSlots:
             for realm in realms.realms:
                 if realm.realm_id is not None:
                     vault_state.clear_attempts(_attempt_key(realm.realm_id), account)
-        return RealmRecovery(recovered.secret, recovered.problems)
+            after = realms.survey()
+            spent = after.descriptor is None or realms.attempts_left(after).guesses == 0
+        return RealmRecovery(recovered.secret, recovered.problems, spent)
 
     def check_record(self) -> RecordCheck:
         """What the realms hold for this account (costs no attempt)."""
@@ -239,6 +245,20 @@ class RealmSlots:
                 raise RealmsDisagree("no t realms agree", survey.problems)  # not reached
             left = realms.attempts_left(survey)
             d = survey.descriptor
+            # Realms that answered and can never evaluate this registration again (spent,
+            # erased, or holding none): with n-t+1 of them, no t realms ever can.
+            gone = sum(
+                1
+                for answer in survey.answers.values()
+                if answer.state != "registered"
+                or (
+                    answer.descriptor is not None
+                    and answer.descriptor.version == d.version
+                    and answer.attempts_left == 0
+                )
+            )
+            if gone >= len(realms.realms) - d.threshold + 1:
+                return {"exists": False, "attempts_left": 0, "realms": survey.problems}
             return {
                 "exists": True,
                 "attempts_left": left.guesses,

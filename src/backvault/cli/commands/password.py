@@ -17,7 +17,7 @@ from backvault.cli.failures import (
     fail,
 )
 from backvault.cli.prompts import read_new_password, read_password
-from backvault.cli.repository import Lock, opened, report_legacy_upgrade
+from backvault.cli.repository import Lock, opened, report_recovery
 from backvault.device.settings import VaultSettings
 from backvault.repo.repository import KeySlot
 from backvault.vaultclient.realm_slots import RealmRecovery
@@ -183,6 +183,11 @@ def password_check(ctx: Context) -> None:
     # the exit-code table like every other command's.
     recovery = passwords.check_password(vault, typed)
     if isinstance(recovery, RealmRecovery):
+        report_recovery(ctx, recovery)
+        if recovery.spent:
+            ctx.emit_json({"ok": True, "attempts_left": 0, "spent": True})
+            ctx.out("Your password is right, and that was its last use (see the warning).")
+            return
         after = passwords.vault_record(vault).status
         ctx.emit_json(
             {
@@ -201,7 +206,7 @@ def password_check(ctx: Context) -> None:
             ctx.warn(f"warning: realm {url} did not do its part: {why}")
         return
     result = recovery.login
-    report_legacy_upgrade(ctx, recovery)
+    report_recovery(ctx, recovery)
     ctx.emit_json(
         {
             "ok": True,
