@@ -282,3 +282,16 @@ def test_realms_from_the_file_with_tokens_from_the_keyring_or_the_environment(
     monkeypatch.setenv("BACKVAULT_VAULT_THRESHOLD", "two")
     with pytest.raises(SettingsError, match="BACKVAULT_VAULT_THRESHOLD must be a number"):
         Settings.resolve()
+
+
+@pytest.mark.parametrize(("realms", "threshold"), [(3, "1"), (4, "2"), (3, "4"), (1, "1")])
+def test_a_threshold_that_is_not_a_majority_is_refused_before_anything_is_written(
+    monkeypatch: pytest.MonkeyPatch, realms: int, threshold: str
+) -> None:
+    urls = [f"https://r{n}.example" for n in range(realms)]
+    monkeypatch.setenv("BACKVAULT_VAULT_REALMS", ",".join(urls))
+    monkeypatch.setenv("BACKVAULT_VAULT_REALM_TOKENS", ",".join(f"bvt_{n}" for n in range(realms)))
+    monkeypatch.setenv("BACKVAULT_ACCOUNT", "ana")
+    monkeypatch.setenv("BACKVAULT_VAULT_THRESHOLD", threshold)
+    with pytest.raises(SettingsError, match="above half of them and at least 2"):
+        Settings.resolve().require_vault()

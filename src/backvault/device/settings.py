@@ -408,6 +408,15 @@ class Settings(EnvironmentSettings):
         if vault is not None:
             for url in [realm.url for realm in vault.realms] or [vault.url]:
                 check_vault_url(url, vault.allow_plain_http)
+            n, t = len(vault.realms), vault.threshold
+            # The protocol refuses these too (realms.descriptor.check_threshold); said here
+            # first, before a command writes anything.
+            if vault.realms and (n < 2 or (t is not None and (t < 2 or t > n or 2 * t <= n))):
+                raise SettingsError(
+                    f"vault.threshold {t} with {n} realms: use 2 or more realms, and a "
+                    f"threshold above half of them and at least 2 (for {n}: "
+                    f"{max(2, n // 2 + 1)} to {n})"
+                )
             return vault
         if self.vault_realms:
             raise SettingsError(self._missing_for_realms())
