@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,9 @@ class RealmProcess:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     tail = (self.home / "realm.log").read_text(errors="replace")[-1500:]
-                    raise SystemExit(f"demo failed: realm {self.name} did not start\n{tail}")
+                    raise SystemExit(
+                        f"demo failed: realm {self.name} did not start\n{tail}"
+                    ) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -111,6 +114,11 @@ class RealmProcess:
         return _get_json(self.url + "/realm/v1/registration", self.token)
 
 
+def _others_can_enter(folder: Path) -> bool:
+    """Whether another user (PostgreSQL's own) can reach into ``folder``."""
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [folder, *folder.parents])
+
+
 @contextlib.contextmanager
 def postgres_cluster() -> Iterator[tuple[str, str] | None]:
     """A throwaway PostgreSQL cluster on loopback (as tests/servers.py starts one): yields
@@ -121,7 +129,10 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
         yield None
         return
     bindir = Path(found[-1]).parent
-    base = Path(tempfile.mkdtemp(prefix="backvault-demo-pg-"))
+    parent = Path(tempfile.gettempdir())
+    if os.geteuid() == 0 and not _others_can_enter(parent):
+        parent = Path("/tmp")  # noqa: S108 - the cluster's user must reach its folder
+    base = Path(tempfile.mkdtemp(prefix="backvault-demo-pg-", dir=parent))
     as_user: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: as its own system user
         import pwd
@@ -133,7 +144,7 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
             shutil.rmtree(base, ignore_errors=True)
             yield None
             return
-        os.chmod(base, 0o755)
+        os.chmod(base, 0o755)  # noqa: S103 - the cluster's folder, owned by its user
         os.chown(base, pg.pw_uid, pg.pw_gid)
         as_user = ["setpriv", f"--reuid={pg.pw_uid}", f"--regid={pg.pw_gid}", "--init-groups"]
     data, port = base / "data", _free_port()
@@ -146,9 +157,7 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
             capture_output=True,
             env=env,
         )
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
-        )
+        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
         subprocess.run(
             [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
              str(base / "log"), "-w", "start"],
@@ -203,10 +212,12 @@ def softhsm_token(home: Path) -> tuple[list[str], dict[str, str]] | None:
         ["softhsm2-util", "--init-token", "--free", "--label", HSM_LABEL, "--pin", "4321",
          "--so-pin", "87654321"],
         capture_output=True,
+        text=True,
         env={**os.environ, **env},
     )  # fmt: skip
     if made.returncode != 0:
-        print(f"SoftHSM2 could not make a token ({made.stderr.strip()}): realm A seals with a key file.")
+        why = made.stderr.strip()
+        print(f"SoftHSM2 could not make a token ({why}): realm A seals with a key file.")
         return None
     options = [
         "--sealing", "pkcs11", "--pkcs11-module", SOFTHSM_MODULE,
@@ -232,15 +243,9 @@ def file_realm(name: str, home: Path) -> RealmProcess:
     )
 
 
-def counts(realms: list[RealmProcess]) -> dict[str, dict[str, Any]]:
-    """Each realm's phase-1 answer (None for a realm that does not answer)."""
-    found: dict[str, dict[str, Any]] = {}
+def stop_all(realms: list[RealmProcess]) -> None:
     for realm in realms:
-        try:
-            found[realm.name] = realm.registration()
-        except (OSError, urllib.error.HTTPError):
-            found[realm.name] = {}
-    return found
+        realm.stop()
 
 
 def show_counts(realms: list[RealmProcess], note: dict[str, str] | None = None) -> list[int]:
@@ -285,7 +290,7 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
             home_a.mkdir()
             postgres = stack.enter_context(postgres_cluster())
             # Realms stop before the PostgreSQL cluster does (the stack unwinds backwards).
-            stack.callback(lambda: [realm.stop() for realm in realms])
+            stack.callback(stop_all, realms)
             hsm = softhsm_token(home_a)
             realm_a = file_realm("A", home_a)
             if postgres is not None:
@@ -336,9 +341,7 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
                     )
 
             phone = demo.device_env("phone", BACKVAULT_PASSWORD=PASSWORD)
-            demo.say(
-                "Ana turns on encrypted backup with a password (and keeps a 64-digit key too)"
-            )
+            demo.say("Ana turns on encrypted backup with a password (and keeps a 64-digit key too)")
             configure(phone)
             init = json.loads(demo.run(["--json", "init", "--password"], phone, show=False))
             groups = init["recovery_key_groups"].split()
@@ -419,6 +422,9 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
             before = show_counts(realms)
             bound_fresh = guesses_left([allowed] * realm_count, threshold)
             bound_rolled = guesses_left([None] + [allowed] * (realm_count - 1), threshold)
+            bound_worst = guesses_left(
+                [None] * (threshold - 1) + [allowed] * (realm_count - threshold + 1), threshold
+            )
             print(
                 f"guesses still possible: {guesses_left(before, threshold)} "
                 f"(the bound: {bound_fresh} for {realm_count} realms, t = {threshold}, "
@@ -463,29 +469,45 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
 
             demo.say("What each realm operator holds")
             for realm in realms:
-                print(
-                    f"  realm {realm.name} ({realm.what}): the public descriptor, ONE share of "
-                    "the OPRF key and of the encryption key (sealed), a tag hash, a MAC, the "
-                    "ciphertext, its counter"
-                )
+                print(f"  realm {realm.name}: {realm.what}")
             print(
-                "One realm's database together with its sealing key cannot test a guess: a "
-                f"guess needs {threshold} realms' evaluations (and the ciphertext opens only with"
+                "each: the public descriptor; ONE share of the OPRF key and ONE of the "
+                "encryption key, sealed;"
+            )
+            print("a tag hash, a share MAC, the ciphertext, its counter and attempt history.")
+            assert rolled.sqlite_file is not None
+            db = sqlite3.connect(f"file:{rolled.sqlite_file}?mode=ro", uri=True)
+            row = db.execute(
+                "SELECT length(sealed_key_share), length(sealed_encryption_share), "
+                "length(ciphertext), attempts, allowed FROM realm_registrations"
+            ).fetchone()
+            db.close()
+            print(
+                f"realm {rolled.name}'s row for ana: key share {row[0]} sealed bytes, encryption "
+                f"share {row[1]} sealed bytes, ciphertext {row[2]} bytes, {row[3]} of {row[4]} "
+                "attempts used"
             )
             print(
-                f"the password and {threshold} encryption shares). Fewer than {threshold} "
-                "operators rolling back (or deleting) reach at most the bound above, "
-                f"{bound_rolled}"
+                "One realm's database AND its sealing key cannot test a single guess: a guess "
+                f"needs {threshold} realms'"
             )
             print(
-                f"guesses instead of {bound_fresh}; {threshold} colluding operators could do "
-                "anything: put the realms with different providers."
+                f"evaluations, and the ciphertext opens only with the password and {threshold} "
+                "encryption shares."
+            )
+            print(
+                f"{threshold - 1} operator{'s' if threshold > 2 else ''} rolling back (or "
+                f"lying) get at most {bound_worst} wrong guesses in all instead of "
+                f"{bound_fresh}; {threshold} together could"
+            )
+            print(
+                "guess without limit: that is the trust assumption, so each realm goes to a "
+                "different provider."
             )
             print(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
         return 0
     finally:
-        for realm in realms:
-            realm.stop()
+        stop_all(realms)
         if keep:
             print(f"(everything the demo made is in {work})")
         else:
