@@ -120,13 +120,12 @@ def _others_can_enter(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[tuple[str, str] | None]:
+def postgres_cluster() -> Iterator[tuple[str, str] | str]:
     """A throwaway PostgreSQL cluster on loopback (as tests/servers.py starts one): yields
-    (database URL prefix, what) or None with the reason printed, when it cannot run here."""
+    (database URL, what), or why it cannot run here."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
-        print("PostgreSQL is not installed: realm A uses SQLite and a key file too.")
-        yield None
+        yield "PostgreSQL is not installed"
         return
     bindir = Path(found[-1]).parent
     parent = Path(tempfile.gettempdir())
@@ -140,9 +139,8 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
         try:
             pg = pwd.getpwnam("postgres")
         except KeyError:
-            print("PostgreSQL has no 'postgres' user here: realm A uses SQLite and a key file.")
             shutil.rmtree(base, ignore_errors=True)
-            yield None
+            yield "PostgreSQL has no 'postgres' user here"
             return
         os.chmod(base, 0o755)  # noqa: S103 - the cluster's folder, owned by its user
         os.chown(base, pg.pw_uid, pg.pw_gid)
@@ -174,12 +172,11 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
             env=env,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"PostgreSQL did not start ({exc}): realm A uses SQLite and a key file too.")
         if started:
             subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
                             "stop"], capture_output=True)  # fmt: skip
         shutil.rmtree(base, ignore_errors=True)
-        yield None
+        yield f"PostgreSQL did not start ({exc})"
         return
     try:
         yield f"postgresql://vault@127.0.0.1:{port}/realm_a", f"PostgreSQL {bindir.parent.name}"
@@ -192,12 +189,11 @@ def postgres_cluster() -> Iterator[tuple[str, str] | None]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def softhsm_token(home: Path) -> tuple[list[str], dict[str, str]] | None:
+def softhsm_token(home: Path) -> tuple[list[str], dict[str, str]] | str:
     """A fresh SoftHSM2 token for realm A (its own token folder and PIN file): the sealing
-    options and environment, or None with the reason printed."""
+    options and environment, or why there is none."""
     if not os.path.exists(SOFTHSM_MODULE) or shutil.which("softhsm2-util") is None:
-        print("SoftHSM2 is not installed: realm A seals with a key file.")
-        return None
+        return "SoftHSM2 is not installed"
     (home / "hsm-tokens").mkdir(parents=True)
     conf = home / "softhsm2.conf"
     conf.write_text(
@@ -216,9 +212,7 @@ def softhsm_token(home: Path) -> tuple[list[str], dict[str, str]] | None:
         env={**os.environ, **env},
     )  # fmt: skip
     if made.returncode != 0:
-        why = made.stderr.strip()
-        print(f"SoftHSM2 could not make a token ({why}): realm A seals with a key file.")
-        return None
+        return f"SoftHSM2 could not make a token ({made.stderr.strip()})"
     options = [
         "--sealing", "pkcs11", "--pkcs11-module", SOFTHSM_MODULE,
         "--pkcs11-token-label", HSM_LABEL, "--pkcs11-pin-file", str(pin_file),
@@ -293,20 +287,24 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
             stack.callback(stop_all, realms)
             hsm = softhsm_token(home_a)
             realm_a = file_realm("A", home_a)
-            if postgres is not None:
-                url, version = postgres
+            database, sealing = "SQLite", "sealing key file"
+            if isinstance(postgres, tuple):
+                url, database = postgres
                 realm_a.store = ["--db", url, *realm_a.store[2:]]
                 realm_a.sqlite_file = None
-                realm_a.what = version
-            if hsm is not None:
+            if isinstance(hsm, tuple):
                 options, hsm_env = hsm
                 realm_a.store = [*realm_a.store[:4], *options]
                 realm_a.env.update(hsm_env)
-                realm_a.what += ", sealing key in a SoftHSM2 token"
+                sealing = "sealing key in a SoftHSM2 token"
                 # The key ceremony: the sealing key is made inside the token, once.
                 demo.run(["vault", "init-hsm", *realm_a.store], realm_a.env)
-            else:
-                realm_a.what += ", sealing key file"
+            realm_a.what = f"{database}, {sealing}"
+            missing = [why for why in (postgres, hsm) if isinstance(why, str)]
+            if missing:
+                fallback = "SQLite" if isinstance(postgres, str) else database
+                fallback += " and a key file" if isinstance(hsm, str) else " and SoftHSM2"
+                print(f"{'; '.join(missing)}: realm A uses {fallback}.")
             realms.append(realm_a)
             for name in names[1:]:
                 home = work / f"realm-{name}-operator"
@@ -497,7 +495,7 @@ def main(realm_count: int = 3, keep: bool = False) -> int:
             )
             print(
                 f"{threshold - 1} operator{'s' if threshold > 2 else ''} rolling back (or "
-                f"lying) get at most {bound_worst} wrong guesses in all instead of "
+                f"lying) get{'' if threshold > 2 else 's'} at most {bound_worst} wrong guesses in all instead of "
                 f"{bound_fresh}; {threshold} together could"
             )
             print(
