@@ -48,6 +48,7 @@ ALLOWED = {
         "realms",
         "vault",
         "demo",
+        "demo_realms",
     },
     "hardening": set(),
 }

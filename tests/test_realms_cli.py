@@ -215,3 +215,24 @@ def test_the_last_attempt_still_opens_then_the_password_is_erased_and_the_key_re
     assert again.code == 10 and "erased this key" in again.err, again.err
     assert [attempts(r, t) for r, t in zip(realms, tokens, strict=True)] == before
     Cli(tmp_path / "fourth").ok("snapshots", key=key, env=env)
+
+
+def test_wrong_tries_counted_by_a_realm_that_was_down_at_the_restore_are_forgiven_later(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    """The device forgets its wrong tries only at the realms that forgave them (answered
+    phase 3); a realm that was down keeps them, and the next success presents them there."""
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    env = device_env(realms, tokens, tmp_path / "repo")
+    Cli(tmp_path / "phone").ok("init", "--password", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    phone = Cli(tmp_path / "new-phone")
+    for guess in ("wrong one", "wrong two"):  # 2 guesses x 2 realms: every realm counts one
+        assert phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": guess}).code == 10
+    counted = [attempts(r, t) for r, t in zip(realms, tokens, strict=True)]
+    down = next(i for i, c in enumerate(counted) if c)  # a realm that counted a wrong try
+    realms[down].node.kill()
+    phone.ok("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    realms[down].node.start()
+    assert attempts(realms[down], tokens[down]) == counted[down]  # still counted there
+    phone.ok("password", "check", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert attempts(realms[down], tokens[down]) == 0

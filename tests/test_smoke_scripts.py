@@ -32,6 +32,43 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("backvault-demo-*")), "the demo cleans up after itself"
 
 
+def test_demo_with_three_realms_tells_the_story_and_shows_the_bound(tmp_path: Path) -> None:
+    """`backvault demo --realms 3`: three realm processes on loopback (A on PostgreSQL with
+    SoftHSM2 sealing where installed), one stopped mid-story, one rolled back."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKVAULT_")}
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "backvault.cli", "demo", "--realms", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    if os.environ.get("CI"):  # CI installs both (scripts/bootstrap.sh)
+        assert "PostgreSQL" in out and "sealing key in a SoftHSM2 token" in out
+    assert "2 of 3 needed for the password" in out
+    # One guess = one evaluation at each of 2 realms; the bound over the realms' counts.
+    assert "wrong password — 6 attempts left" in out and "wrong password — 5 attempts left" in out
+    assert "realm B stopped" in out
+    assert "warning: realm http://127.0.0.1:" in out  # the realm that was down is named
+    assert (
+        "restored chat history identical to the lost phone's backup: True (with realm B down)"
+        in out
+    )
+    assert "Your password is right. The realms allow" in out
+    assert "realm C: registered, 0 of 5 attempts used  (rolled back)" in out
+    assert "(the bound: 7 for 3 realms, t = 2, G_r = 5; 10 with one realm rolled back)" in out
+    assert "the bound with one realm rolled back: True" in out
+    assert "What each realm operator holds" in out
+    assert "cannot test a single guess" in out
+    # Tokens are piped into `config set vault.token --realm URL -`: none is ever shown.
+    assert out.count("config set vault.token --realm http://127.0.0.1:") == 9
+    assert "bvt_" not in out and "bvt_" not in proc.stderr
+    assert not list(tmp_path.glob("backvault-demo-*")), "the demo cleans up after itself"
+
+
 def run_bench_smoke(tmp_path: Path, script: str) -> str:
     """Run a benchmark in its --smoke form; returns its output (CI never times anything)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}

@@ -175,6 +175,10 @@ def password_opener(ctx: Context, vault: VaultSettings) -> Callable[[Backend], R
             return None  # the person chose to type the 64-digit key
         recovery = slots.recover(password.encode())
         report_recovery(ctx, recovery)
+        # Realms that were down or misbehaved (others took their place): named, as
+        # `password check` does. The single vault's recovery has none.
+        for url, why in dict(getattr(recovery, "problems", {})).items():
+            ctx.warn(f"warning: realm {url} did not do its part: {why}")
         return Repository.open(backend, [recovery.secret.hex().encode()])
 
     return open_with_password

@@ -214,8 +214,10 @@ class RealmSlots:
                 ),
                 expected_version=self._expected_version(),
             )
+            # Forgotten only where a realm forgave them (it answered phase 3): a realm that
+            # was down still counts them, and is presented them at the next success.
             for realm in realms.realms:
-                if realm.realm_id is not None:
+                if realm.realm_id is not None and realm.url in recovered.unlocked:
                     vault_state.clear_attempts(_attempt_key(realm.realm_id), account)
             after = realms.survey()
             spent = after.descriptor is None or realms.attempts_left(after).guesses == 0

@@ -382,6 +382,8 @@ class Recovered:
     descriptor: Descriptor
     problems: dict[str, str]  # realms that failed some phase (named, replaced)
     attempts_left: dict[str, int]  # reported by the realms that evaluated
+    # The realms that answered phase 3 (and so forgave the attempt ids presented to them).
+    unlocked: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"Recovered(<secret>, problems={sorted(self.problems)})"
@@ -586,8 +588,8 @@ class RealmSet:
         }
         for realm_id, attempt_id in made.items():
             attempt_ids.setdefault(realm_id, []).append(attempt_id)
-        secret, unlock_problems = self._unlock(survey, recovery, key, attempt_ids)
-        return Recovered(secret, d, {**problems, **unlock_problems}, reported)
+        secret, unlock_problems, unlocked = self._unlock(survey, recovery, key, attempt_ids)
+        return Recovered(secret, d, {**problems, **unlock_problems}, reported, unlocked)
 
     def _evaluate(
         self,
@@ -653,7 +655,7 @@ class RealmSet:
         recovery: protocol.Recovery,
         key: protocol.UnlockKey,
         attempt_ids: Mapping[bytes, Sequence[bytes]],
-    ) -> tuple[bytes, dict[str, str]]:
+    ) -> tuple[bytes, dict[str, str], list[str]]:
         """Phase 3 at every realm of the registration that answers (so that every counter
         is settled); t shares that pass their MACs open the ciphertext."""
         d = survey.descriptor
@@ -688,7 +690,8 @@ class RealmSet:
         for ciphertext, shares in by_ciphertext.items():
             if len(shares) >= d.threshold:
                 chosen = dict(sorted(shares.items())[: d.threshold])
-                return protocol.open_secret(recovery, chosen, ciphertext, d), problems
+                secret = protocol.open_secret(recovery, chosen, ciphertext, d)
+                return secret, problems, list(answers)
         raise TooFewRealms(f"fewer than {d.threshold} realms released a valid share", problems)
 
     # --- registration and deletion ---------------------------------------------------

@@ -205,8 +205,19 @@ def config_unset(ctx: Context, name: str, realm: str | None) -> None:
 
 @click.command()
 @click.option("--keep", is_flag=True, help="Keep the demo's files afterwards.")
-def demo(keep: bool) -> None:
+@click.option(
+    "--realms",
+    type=click.IntRange(3, 5),
+    help="Tell it with this many threshold realms on loopback instead of one vault "
+    "(docs/realms.md): one stopped mid-story, one rolled back.",
+)
+def demo(keep: bool, realms: int | None) -> None:
     """The whole story on embedded defaults, offline, in under a minute."""
+    if realms is not None:
+        from backvault.demo_realms import main as run_realms_demo
+
+        run_realms_demo(realms, keep)
+        return
     from backvault.demo import main as run_demo
 
     run_demo(keep)
