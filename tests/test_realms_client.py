@@ -505,3 +505,16 @@ def test_a_delivery_whose_answer_was_lost_is_not_sent_twice(realms: list[FakeRea
         survey = rs.survey()
         assert survey.answers[realms[2].url].descriptor == outcome.descriptor
         rs.deliver(pending)  # again: already there, nothing sent (a 409 would raise)
+
+
+def test_a_descriptor_naming_a_smaller_threshold_than_the_device_asks_is_not_trusted(
+    realms: list[FakeRealm],
+) -> None:
+    """With n ≥ 5 a majority that is still fewer than the configured t could present a
+    descriptor of its own naming a smaller t: the device's threshold is the floor."""
+    rs, _secret, _ = registered(realms, n=5, t=3)
+    assert rs.survey().descriptor is not None
+    strict = RealmSet(rs.realms, rs.user_id, min_threshold=4, test_stretching=CHEAP)
+    assert strict.survey().descriptor is None
+    with pytest.raises(RealmsDisagree, match="nothing was attempted"):
+        strict.recover(PASSWORD)

@@ -91,7 +91,12 @@ class RealmSlots:
             )
             for realm in self.vault.realms
         ]
-        realms = RealmSet(clients, self.vault.account, test_stretching=self.test_stretching)
+        realms = RealmSet(
+            clients,
+            self.vault.account,
+            min_threshold=self._threshold(),
+            test_stretching=self.test_stretching,
+        )
         # A realm not pinned yet (a new device, realms given by URL) is asked for its id
         # now, trust on first use: its answers count only if the descriptor t realms agree
         # on names it, so a wrong realm at that URL can only be left out, not believed.

@@ -413,14 +413,17 @@ class DeletionReport:
 class RealmSet:
     """The pinned realms of one account (``user_id``, the name its tokens authenticate).
 
-    ``test_stretching`` exists for tests only (cheap Argon2id); production passes nothing
-    and the suite's parameters are used."""
+    ``min_threshold``: the smallest t a descriptor may name (the device's setting): with
+    n ≥ 5 realms, a majority smaller than the configured t could otherwise present a
+    descriptor of its own. ``test_stretching`` exists for tests only (cheap Argon2id);
+    production passes nothing and the suite's parameters are used."""
 
     def __init__(
         self,
         realms: Sequence[RealmClient],
         user_id: str,
         *,
+        min_threshold: int = 2,
         test_stretching: TestOnlyStretching | None = None,
     ) -> None:
         urls = [realm.url for realm in realms]
@@ -428,6 +431,7 @@ class RealmSet:
             raise ValueError("a realm URL appears twice")
         self.realms = list(realms)
         self.user_id = user_id
+        self.min_threshold = min_threshold
         self._stretching = test_stretching
 
     def close(self) -> None:
@@ -483,6 +487,7 @@ class RealmSet:
             assert d is not None
             if (
                 len(members) >= d.threshold
+                and d.threshold >= self.min_threshold
                 and protocol.names_exactly(d, pinned)
                 and d.user_id == self.user_id
             ):
