@@ -75,9 +75,10 @@ def test_init_restore_check_change_and_disable_through_three_realms(
     # One realm down: the restore still works, and the missing realm is not needed.
     realms[0].node.kill()
     target = tmp_path / "restored"
-    new_phone.ok(
+    restore = new_phone.ok(
         "restore", "latest", "--target", str(target), env={**env, "BACKVAULT_PASSWORD": PASSWORD}
     )
+    assert f"realm {realms[0].node.url} did not do its part" in restore.err  # named
     restored = next(target.rglob("msgstore.db"))
     assert restored.read_bytes() == (source / "msgstore.db").read_bytes()
     # The device's own wrong try was forgiven at the realms that counted it and answered.
