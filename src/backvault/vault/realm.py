@@ -271,7 +271,7 @@ class RealmService(RecordStore):
         version = decoded.version.hex()
         now = self.clock()
 
-        def store() -> bytes:
+        def store() -> bytes | VersionReused:
             with self._transaction() as conn:
                 row = self._settle(conn, self._lock(conn, account), now)
                 held = row.version if row is not None and row.state == REGISTERED else None
@@ -282,10 +282,13 @@ class RealmService(RecordStore):
                 # Checked after the compare-and-swap, so that a client retrying a
                 # registration that did land still hears version_mismatch (with its version).
                 if self._version_used(conn, account, version):
-                    raise VersionReused(
+                    refusal = VersionReused(
                         f"version {version} was registered for this account here before; "
                         "a new registration needs a new version"
                     )
+                    # Audited (committed); nothing else changes.
+                    self._audit(conn, account, "realm_refused", client, None, str(refusal)[:200])
+                    return refusal
                 conn.execute(
                     realm_used_versions.insert().values(
                         account=account, version=version, registered_at=now
@@ -337,7 +340,10 @@ class RealmService(RecordStore):
         # Two first registrations at once: the later insert conflicts (the registration
         # row, or the used version); tried again, it finds the other's registration and
         # answers version_mismatch (or version_reused).
-        return retry(store, attempts=2, on=sa.exc.IntegrityError, pause=0.0)
+        stored = retry(store, attempts=2, on=sa.exc.IntegrityError, pause=0.0)
+        if isinstance(stored, VersionReused):
+            raise stored
+        return stored
 
     def registration(self, account: str) -> RealmRegistration:
         """Phase 1: the state and the public descriptor; nothing counted or evaluated."""
