@@ -130,6 +130,14 @@ def make_app(realm_id: bytes) -> FastAPI:
         how = behaviour.get(endpoint)
         if how == "garbage":
             return Response(b"\x00not json{{", media_type="application/json")
+        if how == "deep_json":  # deep enough to exhaust a recursive parser
+            return Response(b"[" * 30000 + b"]" * 30000, media_type="application/json")
+        if how == "gzip_junk":  # an encoding nobody asked for, and not even valid
+            return Response(
+                b"not gzip at all",
+                media_type="application/json",
+                headers={"Content-Encoding": "gzip"},
+            )
         if how == "huge":
             chunk = b"x" * 65536
 
@@ -185,7 +193,8 @@ def make_app(realm_id: bytes) -> FastAPI:
                 "state": "registered",
                 "descriptor": b64(descriptor),
                 "attempts": held.attempts,
-                "allowed": held.allowed,
+                # A realm claiming more attempts than its descriptor allows, to be asked first.
+                "allowed": 65535 if behaviour.get("registration") == "inflate" else held.allowed,
             }
         state = "erased" if isinstance(held, Tombstone) else "none"
         return {"state": state, "descriptor": None, "attempts": 0, "allowed": 0}

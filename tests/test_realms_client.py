@@ -249,6 +249,8 @@ def test_phase_1_refuses_garbage_and_a_descriptor_of_other_realms(
         ("huge", f"more than {MAX_ANSWER} bytes"),
         ("stall", "no answer within"),
         ("refuse", "maintenance"),
+        ("deep_json", "not JSON"),
+        ("gzip_junk", "'gzip' encoding"),
     ],
 )
 def test_a_realm_that_evaluates_badly_is_named_and_replaced(
@@ -456,3 +458,50 @@ def test_a_degraded_replacement_remembers_what_the_missed_realm_last_had(
     rs.deliver(pending)  # compare-and-swap with the old version it still holds
     assert len(rs.agree(outcome.descriptor.version).agreeing) == 3
     assert rs.recover(b"new password").secret == secret
+
+
+def test_a_realm_claiming_more_attempts_than_its_descriptor_allows_is_held_to_it(
+    realms: list[FakeRealm],
+) -> None:
+    """A realm cannot jump the queue of phase 2 (nor inflate the bound shown) by claiming
+    more attempts than the G_r of the descriptor t realms agree on."""
+    rs, _secret, _ = registered(realms)
+    realms[2].behave(registration="inflate")
+    survey = rs.survey()
+    d = survey.descriptor
+    assert d is not None
+    assert survey.answers[realms[2].url].attempts_left == d.allowed_guesses
+    assert rs.attempts_left(survey).guesses == rs.attempts_left(rs.survey()).guesses
+
+
+def test_no_key_share_goes_to_a_realm_that_is_not_the_one_pinned(
+    realms: list[FakeRealm],
+) -> None:
+    """A realm redeployed at a pinned URL (another id) is asked who it is before any share
+    is sent: the registration stops with nothing registered anywhere."""
+    user = account()
+    clients = [
+        RealmClient(realm.url, realm.token(user), realm.realm_id, timeout=TIMEOUT)
+        for realm in realms[:3]
+    ]
+    clients[2].realm_id = secrets.token_bytes(16)  # the pin of a realm that was there before
+    with RealmSet(clients, user, test_stretching=CHEAP) as rs:
+        with pytest.raises(RealmRegistrationFailed, match="nothing was registered") as failed:
+            rs.register(PASSWORD, secrets.token_bytes(32), 2)
+        assert "not the pinned" in failed.value.problems[realms[2].url]
+        assert {answer.state for answer in rs.survey().answers.values()} == {"none"}
+
+
+def test_a_delivery_whose_answer_was_lost_is_not_sent_twice(realms: list[FakeRealm]) -> None:
+    """A degraded registration's payload that reached its realm (the answer lost) is found
+    there by phase 1 and not registered again."""
+    user = account()
+    with realm_set(realms, user) as rs:
+        realms[2].behave(registration="refuse", register="refuse")
+        outcome = rs.register(PASSWORD, secrets.token_bytes(32), 2, allow_degraded=True)
+        (pending,) = outcome.pending
+        realms[2].behave()
+        rs.deliver(pending)
+        survey = rs.survey()
+        assert survey.answers[realms[2].url].descriptor == outcome.descriptor
+        rs.deliver(pending)  # again: already there, nothing sent (a 409 would raise)

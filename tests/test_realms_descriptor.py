@@ -97,3 +97,29 @@ def test_guesses_left_counts_what_each_realm_still_serves() -> None:
     assert bounds.guesses_left([5, 1, 0], 2) == 1
     assert bounds.guesses_left([0, 0, 5], 2) == 0  # fewer than t realms left: nothing
     assert bounds.guesses_left([3, 3, 3, 3, 3], 3) == 5
+
+
+def test_guesses_left_agrees_with_counting_every_m() -> None:
+    """The binary search gives what trying every m gives (the definition), for random
+    counts, thresholds and unbounded realms."""
+    import random
+
+    rng = random.Random(14)
+
+    def by_definition(counts: list[int | None], t: int) -> int | None:
+        unbounded = sum(1 for c in counts if c is None)
+        bounded = [c for c in counts if c is not None]
+        if unbounded >= t:
+            return None
+        return max(
+            m
+            for m in range(sum(bounded) // (t - unbounded) + 1)
+            if sum(min(c, m) for c in bounded) + unbounded * m >= t * m
+        )
+
+    for _ in range(2000):
+        n = rng.randint(2, 7)
+        t = rng.randint(n // 2 + 1, n) if n > 2 else 2
+        counts = [rng.choice([None, *range(12)]) for _ in range(n)]
+        assert bounds.guesses_left(counts, t) == by_definition(counts, t), (counts, t)
+    assert bounds.guesses_left([65535] * 16, 9) == 65535 * 16 // 9  # fast for big counts

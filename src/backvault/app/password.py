@@ -16,7 +16,7 @@ from backvault.app.errors import AppError, NoPasswordSlot
 from backvault.app.keys import relabel_legacy_keys
 from backvault.device.settings import VaultSettings
 from backvault.repo.repository import KeySlot, Repository
-from backvault.vaultclient.realm_slots import RealmRecovery, password_slots
+from backvault.vaultclient.realm_slots import RealmRecovery, RealmSlots, password_slots
 from backvault.vaultclient.slots import RecordCheck, Recovery
 
 
@@ -91,6 +91,8 @@ def disable_password(repo: Repository, vault: VaultSettings) -> PasswordDisabled
             "first (`backvault key add`)"
         )
     slots.delete_record()
+    if isinstance(slots, RealmSlots):
+        slots.forget_pending(repo)
     for slot in mine:
         repo.remove_key(slot.id)
     return PasswordDisabled([s.id for s in mine], slots.unverified_slots_of_account(repo))

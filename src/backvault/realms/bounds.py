@@ -17,13 +17,21 @@ def guesses_left(attempts_left: Sequence[int | None], threshold: int) -> int | N
     bounded = [max(0, c) for c in attempts_left if c is not None]
     if unbounded >= threshold:
         return None
-    # Σ min(c_i, m) + unbounded·m - t·m is concave in m and 0 at m = 0: the largest m
-    # where it is still ≥ 0 is at most Σ c_i / (t - unbounded).
-    best = 0
-    for m in range(1, sum(bounded) // (threshold - unbounded) + 1):
-        if sum(min(c, m) for c in bounded) + unbounded * m >= threshold * m:
-            best = m
-    return best
+
+    # f(m) = Σ min(c_i, m) + unbounded·m - t·m is concave in m with f(0) = 0, so the m
+    # with f(m) ≥ 0 form an interval [0, M]: a binary search finds M (counts a realm
+    # reports cannot make this slow).
+    def possible(m: int) -> bool:
+        return sum(min(c, m) for c in bounded) + unbounded * m >= threshold * m
+
+    low, high = 0, sum(bounded) // (threshold - unbounded)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if possible(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def default_allowed_guesses(threshold: int, realms: int) -> int:

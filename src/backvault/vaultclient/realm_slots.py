@@ -291,6 +291,11 @@ class RealmSlots:
                 realms.delete(version, holding)
         vault_state.forget_registration(STATE_KEY, self.vault.account)
 
+    def forget_pending(self, repo: Repository) -> None:
+        """Drop what a degraded registration left to deliver (the password is off, or
+        replaced: delivering it would bring the old registration back at that realm)."""
+        vault_state.set_pending_deliveries(repo.config.id, [])
+
     def slots_of_account(self, repo: Repository, verified_only: bool = True) -> list[KeySlot]:
         return PasswordSlots(self.vault).slots_of_account(repo, verified_only)
 

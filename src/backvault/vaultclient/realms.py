@@ -76,7 +76,14 @@ class RealmState:
 
     @property
     def attempts_left(self) -> int:
-        return max(0, self.allowed - self.attempts) if self.state == "registered" else 0
+        """What the realm says is left, never more than the G_r its descriptor names (a
+        realm claiming more would be asked first, and would inflate the bound shown)."""
+        if self.state != "registered":
+            return 0
+        allowed = self.allowed
+        if self.descriptor is not None:
+            allowed = min(allowed, self.descriptor.allowed_guesses)
+        return max(0, allowed - self.attempts)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,9 @@ class RealmClient:
         deadline = time.monotonic() + self.timeout
         try:
             with self._http.stream(method, path, json=body, params=params) as response:
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):  # we asked for none: no decompression
+                    raise self._misbehaved(f"answered in a {encoding!r} encoding")
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > MAX_ANSWER:
                     raise self._misbehaved(f"announced an answer of {declared} bytes")
@@ -169,6 +179,8 @@ class RealmClient:
             raise RealmUnreachable(self.url, f"no answer within {self.timeout:g} s") from None
         except httpx.TransportError as exc:
             raise RealmUnreachable(self.url, _one_line(f"cannot reach it: {exc}")) from None
+        except httpx.HTTPError as exc:  # a malformed answer (bad headers, bad encoding)
+            raise self._misbehaved(_one_line(f"answered something unreadable: {exc}")) from None
         data = b"".join(chunks)
         if status >= 400:
             doc = self._json(data, required=False)
@@ -190,7 +202,7 @@ class RealmClient:
     def _json(self, data: bytes, required: bool) -> Any:
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nesting too deep: garbage
             if required:
                 raise self._misbehaved("answered something that is not JSON") from None
             return {}
@@ -444,6 +456,8 @@ class RealmSet:
                     results[realm.url] = future.result()
                 except RealmFailure as exc:
                     problems[realm.url] = _why(exc)
+                except Exception as exc:  # whatever one realm's answer broke: its failure
+                    problems[realm.url] = _one_line(f"{type(exc).__name__}: {exc}")
         return results, problems
 
     # --- phase 1 ---------------------------------------------------------------------
@@ -629,8 +643,11 @@ class RealmSet:
                     except RealmFailure as exc:
                         problems[realm.url] = _why(exc)
                         continue
+                    except Exception as exc:  # whatever one realm's answer broke
+                        problems[realm.url] = _one_line(f"{type(exc).__name__}: {exc}")
+                        continue
                     made[realm.pinned_id] = answer.attempt_id
-                    reported[realm.url] = answer.attempts_left
+                    reported[realm.url] = min(answer.attempts_left, d.allowed_guesses)
                     if on_attempt is not None:
                         on_attempt(realm.pinned_id, answer.attempt_id)
                     try:
@@ -721,10 +738,16 @@ class RealmSet:
             )
         newly_pinned.update(pinned)
         allowed = allowed_guesses or bounds.default_allowed_guesses(threshold, len(self.realms))
+        # Key shares go only to a realm that says it is the one pinned (a realm redeployed at
+        # the URL, with a new id, gets nothing). The realm id is public: the URL's TLS
+        # certificate is what authenticates the realm itself.
+        already = [realm for realm in self.realms if realm.url not in newly_pinned]
+        _confirmed, not_confirmed = self.each(already, RealmClient.info)
         survey = self.survey()
         # A realm that takes the new registration drops the one it held, and deleting the
         # new one again cannot bring that back: so nothing is sent unless every realm (or,
         # degraded, at least t) answered phase 1 just now.
+        survey.problems = {**survey.problems, **not_confirmed}
         answered = len(self.realms) - len(survey.problems)
         if survey.problems and (not allow_degraded or answered < threshold):
             raise RealmRegistrationFailed(
@@ -784,6 +807,12 @@ class RealmSet:
         """Deliver a degraded registration's payload to the realm that missed it."""
         for realm in self.realms:
             if realm.url == pending.url:
+                if realm.info() != pending.realm_id:  # the pin, checked before shares go
+                    raise RealmMisbehaved(realm.url, "it is not the realm the payload is for")
+                held = realm.registration()
+                version = decode(pending.descriptor_bytes).version
+                if held.descriptor is not None and held.descriptor.version == version:
+                    return  # delivered already (an answer lost on the way)
                 realm.register(pending.descriptor_bytes, pending.payload, pending.expected_version)
                 return
         raise ValueError(f"{pending.url} is not one of these realms")
