@@ -105,7 +105,8 @@ def add_realm_routes(app: FastAPI, realm: RealmService, callers: Callers) -> Non
     @app.post(PREFIX + "/unlock", response_model=RealmUnlockOut, tags=["realm"])
     def unlock(body: RealmUnlockIn, name: Account, request: Request) -> RealmUnlockOut:
         """Phase 3: with the right tag (403 wrong_tag otherwise, counting nothing), forgive
-        the presented attempt ids of this account and version, and answer the encryption
+        the presented attempt ids of this account counted against this very registration
+        (its realm-made identity, not merely its version), and answer the encryption
         share, its MAC and the ciphertext."""
         done = realm.unlock(
             name,
