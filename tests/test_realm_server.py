@@ -124,9 +124,14 @@ def password_keys(password: bytes, version: bytes, user_id: str) -> tuple[bytes,
 
 
 def make_registration(
-    realm_ids: list[bytes], threshold: int, allowed: int, password: bytes, user_id: str = "ana"
+    realm_ids: list[bytes],
+    threshold: int,
+    allowed: int,
+    password: bytes,
+    user_id: str = "ana",
+    version: bytes | None = None,  # a version of the caller's choosing (an attacker's)
 ) -> Registration:
-    version = secrets.token_bytes(16)
+    version = secrets.token_bytes(16) if version is None else version
     access_key, encryption_seed = password_keys(password, version, user_id)
     indices = list(range(1, len(realm_ids) + 1))
     root_key = group.random_scalar()

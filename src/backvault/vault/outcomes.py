@@ -58,6 +58,12 @@ class VersionMismatch(VaultError):
         self.current_version = current_version  # None: no registration, or erased
 
 
+class VersionReused(VaultError):
+    """A realm registration named a version this account already used at this realm."""
+
+    code = "version_reused"
+
+
 class RealmAttemptsSpent(VaultError):
     """A realm registration has no evaluations left (its key share is erased)."""
 

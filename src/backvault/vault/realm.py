@@ -11,9 +11,16 @@ last evaluation is counted. The key share used for that last evaluation lives on
 memory.
 
 Forgiveness: an unlock whose tag matches forgives the attempts whose ids its client
-presents, of this account and version only; nothing else is reset. The rolling cap
-(``guess_cap`` within ``guess_cap_days``) counts the account's unforgiven evaluations across
-its registrations, so deleting or replacing a registration does not reset it.
+presents, of this account and of this registration only; nothing else is reset. The rolling
+cap (``guess_cap`` within ``guess_cap_days``) counts the account's unforgiven evaluations
+across its registrations, so deleting or replacing a registration does not reset it.
+
+"This registration" is an identity the realm makes at registration (16 random bytes) and
+writes into every attempt row, not the version: the version is the client's choice, and a
+token holder at the cap could otherwise register its own keys under the victim's version
+and forgive its guesses against the victim with its own tag. For the same reason a version
+an account has used here before is refused (``version_reused``) for as long as attempts
+under it are kept.
 """
 
 from __future__ import annotations
@@ -40,17 +47,24 @@ from backvault.vault.outcomes import (
     RealmUnlocked,
     RegistrationErased,
     VersionMismatch,
+    VersionReused,
     WrongTag,
 )
 from backvault.vault.records import RecordStore
 from backvault.vault.retry import retry
-from backvault.vault.schema import realm_attempts, realm_identity, realm_registrations
+from backvault.vault.schema import (
+    realm_attempts,
+    realm_identity,
+    realm_registrations,
+    realm_used_versions,
+)
 from backvault.vault.sealed_columns import realm_share_purpose
 from backvault.vault.sealing import Sealer
 
 PROTOCOL = 1
 REALM_ID_SIZE = 16
 ATTEMPT_ID_SIZE = 16
+REGISTRATION_ID_SIZE = 16
 TAG_SIZE = 32
 SHARE_MAC_SIZE = 32
 # nonce (12) + the 32-byte slot secret + GCM tag (16) = 60; room for longer secrets.
@@ -194,6 +208,17 @@ class RealmService(RecordStore):
             ).scalar_one()
         )
 
+    def _version_used(self, conn: Connection, account: str, version: str) -> bool:
+        return (
+            conn.execute(
+                sa.select(realm_used_versions.c.version).where(
+                    realm_used_versions.c.account == account,
+                    realm_used_versions.c.version == version,
+                )
+            ).first()
+            is not None
+        )
+
     def _left(self, attempts: int, allowed: int, in_window: int) -> int:
         return max(0, min(allowed - attempts, self.guess_cap - in_window))
 
@@ -246,7 +271,7 @@ class RealmService(RecordStore):
         version = decoded.version.hex()
         now = self.clock()
 
-        def store() -> bytes:
+        def store() -> bytes | VersionReused:
             with self._transaction() as conn:
                 row = self._settle(conn, self._lock(conn, account), now)
                 held = row.version if row is not None and row.state == REGISTERED else None
@@ -254,8 +279,24 @@ class RealmService(RecordStore):
                 # An erased registration may be named by its version or by null.
                 if expected != held and not (held is None and expected in (None, tombstone)):
                     raise self._mismatch(row, expected)
+                # Checked after the compare-and-swap, so that a client retrying a
+                # registration that did land still hears version_mismatch (with its version).
+                if self._version_used(conn, account, version):
+                    refusal = VersionReused(
+                        f"version {version} was registered for this account here before; "
+                        "a new registration needs a new version"
+                    )
+                    # Audited (committed); nothing else changes.
+                    self._audit(conn, account, "realm_refused", client, None, str(refusal)[:200])
+                    return refusal
+                conn.execute(
+                    realm_used_versions.insert().values(
+                        account=account, version=version, registered_at=now
+                    )
+                )
                 values = dict(
                     version=version,
+                    registration=secrets.token_hex(REGISTRATION_ID_SIZE),
                     state=REGISTERED,
                     descriptor=descriptor,
                     sealed_key_share=self.sealer.seal(
@@ -296,9 +337,13 @@ class RealmService(RecordStore):
                 )
             return decoded.version
 
-        # Two first registrations at once: the later insert conflicts; tried again, it
-        # finds the other's registration and answers version_mismatch.
-        return retry(store, attempts=2, on=sa.exc.IntegrityError, pause=0.0)
+        # Two first registrations at once: the later insert conflicts (the registration
+        # row, or the used version); tried again, it finds the other's registration and
+        # answers version_mismatch (or version_reused).
+        stored = retry(store, attempts=2, on=sa.exc.IntegrityError, pause=0.0)
+        if isinstance(stored, VersionReused):
+            raise stored
+        return stored
 
     def registration(self, account: str) -> RealmRegistration:
         """Phase 1: the state and the public descriptor; nothing counted or evaluated."""
@@ -389,6 +434,7 @@ class RealmService(RecordStore):
                         id=attempt_key(attempt_id),
                         account=account,
                         version=named,
+                        registration=row.registration,
                         started_at=now,
                         forgiven=False,
                         client=client[:64],
@@ -458,6 +504,9 @@ class RealmService(RecordStore):
                             realm_attempts.c.id.in_(presented),
                             realm_attempts.c.account == account,
                             realm_attempts.c.version == named,
+                            # Of this registration, not merely of a registration that
+                            # had this version.
+                            realm_attempts.c.registration == row.registration,
                             realm_attempts.c.forgiven.is_(False),
                         )
                         .values(forgiven=True)
@@ -500,7 +549,8 @@ class RealmService(RecordStore):
     def sweep(self) -> int:
         """Tombstone the registrations whose unlock window has passed; drop attempts that
         count for nothing any more (out of the cap's window, and forgiven or of another
-        registration than the account's current one). Returns registrations erased."""
+        registration than the account's current one), then the used versions no attempt,
+        row or recent registration needs any more. Returns registrations erased."""
         now = self.clock()
         with self.engine.connect() as conn:
             due = [
@@ -527,9 +577,25 @@ class RealmService(RecordStore):
                         realm_attempts.c.forgiven.is_(True),
                         ~sa.exists().where(
                             realm_registrations.c.account == realm_attempts.c.account,
-                            realm_registrations.c.version == realm_attempts.c.version,
+                            realm_registrations.c.registration == realm_attempts.c.registration,
                             realm_registrations.c.state == REGISTERED,
                         ),
+                    ),
+                )
+            )
+            # A used version is forgotten only once nothing of it counts any more: its
+            # attempts are gone, the account's row (or tombstone) names another, and it
+            # was registered before the cap's window.
+            conn.execute(
+                realm_used_versions.delete().where(
+                    realm_used_versions.c.registered_at < now - self.guess_cap_days * 86400,
+                    ~sa.exists().where(
+                        realm_attempts.c.account == realm_used_versions.c.account,
+                        realm_attempts.c.version == realm_used_versions.c.version,
+                    ),
+                    ~sa.exists().where(
+                        realm_registrations.c.account == realm_used_versions.c.account,
+                        realm_registrations.c.version == realm_used_versions.c.version,
                     ),
                 )
             )

@@ -9,6 +9,7 @@ database lacks, so they hold whichever version a database starts from.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -179,12 +180,17 @@ realm_identity = sa.Table(
 # One realm registration per account: the one it holds now, or the tombstone of an erased
 # one (state "erased": the version, the counts, every secret column NULL). The key share
 # and the encryption share are sealed; the descriptor, tag hash, share MAC and ciphertext
-# are kept in clear (docs/realms.md, "Registration").
+# are kept in clear (docs/realms.md, "Registration"). ``registration`` is the identity the
+# realm made for it (16 random bytes, hex): the version is the client's choice, so what an
+# unlock may forgive is tied to this instead.
 realm_registrations = sa.Table(
     "realm_registrations",
     metadata,
     sa.Column("account", ACCOUNT_KEY, primary_key=True),
     sa.Column("version", sa.String(32), nullable=False),  # lower-case hex of 16 bytes
+    # Made by the realm at registration (nullable only because ``_v9`` adds it); never NULL
+    # in a row this code writes.
+    sa.Column("registration", sa.String(32), nullable=True),
     sa.Column("state", sa.String(16), nullable=False),  # registered or erased
     sa.Column("descriptor", sa.LargeBinary, nullable=True),
     # NULL once the last allowed evaluation erased it (or the registration was erased)
@@ -203,18 +209,34 @@ realm_registrations = sa.Table(
 )
 
 # Every counted evaluation: what an unlock may forgive (only ids its client presents, of
-# this account and version) and what the rolling cap counts. The id is the SHA-256 (hex)
-# of the attempt id given to the client, which is the client's proof.
+# this account and of the registration identity the unlock's registration has) and what
+# the rolling cap counts. The id is the SHA-256 (hex) of the attempt id given to the
+# client, which is the client's proof.
 realm_attempts = sa.Table(
     "realm_attempts",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("account", ACCOUNT_KEY, nullable=False),
     sa.Column("version", sa.String(32), nullable=False),
+    # realm_registrations.registration of the registration evaluated; NULL only for
+    # attempts from before ``_v9`` that no current registration can claim (never forgiven).
+    sa.Column("registration", sa.String(32), nullable=True),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("forgiven", sa.Boolean, nullable=False, default=False),
     sa.Column("client", sa.String(64), nullable=False),
     sa.Index("realm_attempts_by_account", "account", "started_at"),
+)
+
+# Every version an account has registered at this realm: a registration under one of them
+# is refused (409 version_reused), so that no registration can pass for an earlier one.
+# Kept while the version's attempts are (or the account's row names it, or it was
+# registered within the cap's window); deleting the registration does not remove it.
+realm_used_versions = sa.Table(
+    "realm_used_versions",
+    metadata,
+    sa.Column("account", ACCOUNT_KEY, primary_key=True),
+    sa.Column("version", sa.String(32), primary_key=True),  # lower-case hex of 16 bytes
+    sa.Column("registered_at", sa.Float, nullable=False),
 )
 
 
@@ -308,6 +330,64 @@ def _v8_realms(conn: Connection) -> None:
     metadata.create_all(conn, tables=[realm_identity, realm_registrations, realm_attempts])
 
 
+def _v9_realm_registration_identity(conn: Connection) -> None:
+    """Realm registrations get an identity the realm makes, attempts name it, and the
+    versions each account used are kept (docs/realms.md, "Registration")."""
+    _add_missing_columns(conn, realm_registrations, ["registration"])
+    _add_missing_columns(conn, realm_attempts, ["registration"])
+    metadata.create_all(conn, tables=[realm_used_versions])
+    held = conn.execute(
+        sa.select(
+            realm_registrations.c.account,
+            realm_registrations.c.version,
+            realm_registrations.c.created_at,
+        ).where(realm_registrations.c.registration.is_(None))
+    ).all()
+    for account, version, created_at in held:
+        made = secrets.token_hex(16)
+        conn.execute(
+            realm_registrations.update()
+            .where(realm_registrations.c.account == account)
+            .values(registration=made)
+        )
+        # A registration's row is (re)written with created_at = now, so attempts older
+        # than that under the same version belong to an earlier registration: they stay
+        # unclaimed, and no unlock can forgive them.
+        conn.execute(
+            realm_attempts.update()
+            .where(
+                realm_attempts.c.account == account,
+                realm_attempts.c.version == version,
+                realm_attempts.c.started_at >= created_at,
+                realm_attempts.c.registration.is_(None),
+            )
+            .values(registration=made)
+        )
+    known = {
+        (account, version)
+        for account, version in conn.execute(
+            sa.select(realm_used_versions.c.account, realm_used_versions.c.version)
+        )
+    }
+    used: dict[tuple[str, str], float] = {}
+    for account, version, at in [
+        *held,
+        *conn.execute(
+            sa.select(
+                realm_attempts.c.account,
+                realm_attempts.c.version,
+                sa.func.min(realm_attempts.c.started_at),
+            ).group_by(realm_attempts.c.account, realm_attempts.c.version)
+        ),
+    ]:
+        if (account, version) not in known:
+            used[(account, version)] = min(at, used.get((account, version), at))
+    for (account, version), at in used.items():
+        conn.execute(
+            realm_used_versions.insert().values(account=account, version=version, registered_at=at)
+        )
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1,
     _v2_credential_identifiers,
@@ -317,6 +397,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v6_sealing_key_versions,
     _v7_sealing_key_vouches,
     _v8_realms,
+    _v9_realm_registration_identity,
 ]
 CURRENT_VERSION = len(MIGRATIONS)
 

@@ -25,6 +25,7 @@ from backvault.vault.outcomes import (
     TooManyRegistrations,
     VaultError,
     VersionMismatch,
+    VersionReused,
     WrongPassword,
     WrongTag,
 )
@@ -74,6 +75,7 @@ def add_error_handlers(app: FastAPI) -> None:
             LoginNotFound: 404,
             RegistrationNotFound: 404,
             RecordChanged: 409,
+            VersionReused: 409,
             GuessCapReached: 423,
             TooManyRegistrations: 429,
             RealmAttemptsSpent: 403,

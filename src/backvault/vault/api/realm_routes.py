@@ -42,8 +42,9 @@ def add_realm_routes(app: FastAPI, realm: RealmService, callers: Callers) -> Non
     @app.post(PREFIX + "/register", response_model=RealmRegisterOut, tags=["realm"])
     def register(body: RealmRegisterIn, name: Account, request: Request) -> RealmRegisterOut:
         """Store this realm's part of a registration, by compare-and-swap on
-        expected_version (409 version_mismatch with the version held otherwise); replaces
-        the account's earlier registration, its key share with it. Attempts start at 0."""
+        expected_version (409 version_mismatch with the version held otherwise); a version
+        this account used here before is 409 version_reused. Replaces the account's
+        earlier registration, its key share with it. Attempts start at 0."""
         version = realm.register(
             name,
             None
@@ -104,7 +105,8 @@ def add_realm_routes(app: FastAPI, realm: RealmService, callers: Callers) -> Non
     @app.post(PREFIX + "/unlock", response_model=RealmUnlockOut, tags=["realm"])
     def unlock(body: RealmUnlockIn, name: Account, request: Request) -> RealmUnlockOut:
         """Phase 3: with the right tag (403 wrong_tag otherwise, counting nothing), forgive
-        the presented attempt ids of this account and version, and answer the encryption
+        the presented attempt ids of this account counted against this very registration
+        (its realm-made identity, not merely its version), and answer the encryption
         share, its MAC and the ciphertext."""
         done = realm.unlock(
             name,
