@@ -237,3 +237,24 @@ def test_wrong_tries_counted_by_a_realm_that_was_down_at_the_restore_are_forgive
     assert attempts(realms[down], tokens[down]) == counted[down]  # still counted there
     phone.ok("password", "check", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
     assert attempts(realms[down], tokens[down]) == 0
+
+
+def test_a_password_changed_on_another_device_opens_on_this_one_with_a_warning(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    """This device registered the password; another of the owner's devices changed it.
+    Here the new password still opens the repository (the realms' registration is not the
+    one this device made: it says so, as with one vault), and the old one opens nothing."""
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    env = device_env(realms, tokens, tmp_path / "repo")
+    phone = Cli(tmp_path / "phone")
+    made = phone.ok("--json", "init", "--password", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    key = made.json()["recovery_key"]
+    tablet = Cli(tmp_path / "tablet")
+    tablet.ok("password", "change", key=key, env={**env, "BACKVAULT_NEW_PASSWORD": NEW_PASSWORD})
+    phone.ok("forget-device", env=env)  # the phone's key cache is gone, its records stay
+    old = phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
+    assert old.code == 10, old.err
+    opened = phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": NEW_PASSWORD})
+    assert opened.code == 0, opened.err
+    assert "did not register" in opened.err

@@ -193,13 +193,6 @@ class RealmSlots:
         vault_state.set_pending_deliveries(repo.config.id, keep)
         return delivered, waiting
 
-    def _expected_version(self) -> bytes | None:
-        remembered = vault_state.registered_fingerprint(STATE_KEY, self.vault.account)
-        try:
-            return bytes.fromhex(remembered) if remembered else None
-        except ValueError:
-            return None
-
     def recover(self, password: bytes) -> RealmRecovery:
         """The slot secret behind ``password`` (RealmWrongPassword when it is wrong); the
         device's earlier wrong tries are presented for forgiveness."""
@@ -217,7 +210,11 @@ class RealmSlots:
                 on_attempt=lambda realm_id, attempt_id: vault_state.add_attempt(
                     _attempt_key(realm_id), account, attempt_id.hex()
                 ),
-                expected_version=self._expected_version(),
+                # Not bound to the version this device registered: another device of the
+                # owner may have changed the password since (`password check` and the
+                # opening say so, as with one vault). An old registration brought back by
+                # rolled-back realms gives a secret whose key slot left the repository.
+                expected_version=None,
             )
             # Forgotten only where a realm forgave them (it answered phase 3): a realm that
             # was down still counts them, and is presented them at the next success.
@@ -248,7 +245,7 @@ class RealmSlots:
             if survey.descriptor is None:
                 if realms.erased(self._threshold(), survey):
                     return {"exists": False, "attempts_left": 0, "realms": survey.problems}
-                realms.agree(self._expected_version())  # raises, naming every realm
+                realms.agree()  # raises, naming every realm
                 raise RealmsDisagree("no t realms agree", survey.problems)  # not reached
             left = realms.attempts_left(survey)
             d = survey.descriptor
