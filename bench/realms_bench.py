@@ -115,7 +115,7 @@ def recovery_parts(rs: RealmSet, stretching: TestOnlyStretching | None) -> dict[
 
     def phase_3() -> bytes:
         ids = {realm_id: [attempt] for realm_id, attempt in made.items()}
-        secret, problems = rs._unlock(survey, recovery, unlock_key, ids)
+        secret, problems, _unlocked = rs._unlock(survey, recovery, unlock_key, ids)
         assert not problems, problems
         return secret
 

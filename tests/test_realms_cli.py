@@ -6,7 +6,9 @@ change` and `password disable` — with a realm down, and with two down (nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,11 +143,16 @@ def test_a_degraded_change_is_delivered_later_and_the_old_password_does_not_come
     env = device_env(realms, tokens, repo)
     key = phone.ok("--json", "init", "--password", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
     key = key.json()["recovery_key"]
-    # A copy of realm a's database from before the change (what a restore from backup is).
-    realms[0].node.stop()
+    # A copy of realm a's database from before the change (what a restore from backup is):
+    # SQLite's backup API, which reads through the write-ahead log (the file alone may lack
+    # the newest rows).
     assert realms[0].db is not None
-    before_change = realms[0].db.read_bytes()
-    realms[0].node.start()
+    before_change = tmp_path / "realm-a-backup.db"
+    with (
+        contextlib.closing(sqlite3.connect(realms[0].db)) as live,
+        contextlib.closing(sqlite3.connect(before_change)) as copy,
+    ):
+        live.backup(copy)
 
     realms[2].node.kill()
     change = ["password", "change"]
@@ -173,9 +180,9 @@ def test_a_degraded_change_is_delivered_later_and_the_old_password_does_not_come
 
     # Realm a rolled back to before the change: it holds the old registration again.
     realms[0].node.stop()
-    realms[0].db.write_bytes(before_change)
     for suffix in ("-wal", "-shm"):
         Path(str(realms[0].db) + suffix).unlink(missing_ok=True)
+    realms[0].db.write_bytes(before_change.read_bytes())
     realms[0].node.start()
     assert realms[0].registration(tokens[0])["descriptor"] != new_descriptor
     old = Cli(tmp_path / "old").run("snapshots", env={**env, "BACKVAULT_PASSWORD": PASSWORD})
