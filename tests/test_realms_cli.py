@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import Cli
@@ -265,3 +266,38 @@ def test_a_password_changed_on_another_device_opens_on_this_one_with_a_warning(
     opened = phone.run("snapshots", env={**env, "BACKVAULT_PASSWORD": NEW_PASSWORD})
     assert opened.code == 0, opened.err
     assert "did not register" in opened.err
+
+
+def test_moving_from_one_vault_to_realms_deletes_the_vaults_record(
+    realms: list[Realm], tmp_path: Path
+) -> None:
+    """A repository whose password the single vault kept: with vault.realms set (and the
+    vault still configured), `password change` registers at the realms, removes the old
+    password slot and deletes the vault's OPAQUE record; the realms then open it."""
+    tokens = [realm.node.add_account("ana") for realm in realms]
+    vault = realms[0].node  # a realm serves the single vault's OPAQUE API too
+    single = {
+        "BACKVAULT_REPO": str(tmp_path / "repo"),
+        "BACKVAULT_VAULT_URL": vault.url,
+        "BACKVAULT_ACCOUNT": "ana",
+        "BACKVAULT_VAULT_TOKEN": tokens[0],
+    }
+    phone = Cli(tmp_path / "phone")
+    made = phone.ok("--json", "init", "--password", env={**single, "BACKVAULT_PASSWORD": PASSWORD})
+    record = httpx.get(
+        vault.url + "/v1/record", headers={"Authorization": f"Bearer {tokens[0]}"}, timeout=30
+    )
+    assert record.json()["exists"] is True
+    both = {**single, **device_env(realms, tokens, tmp_path / "repo")}
+    changed = phone.ok(
+        "--json", "password", "change", env={**both, "BACKVAULT_NEW_PASSWORD": NEW_PASSWORD}
+    ).json()
+    assert changed["removed"] == [made.json()["password_key_id"]]
+    record = httpx.get(
+        vault.url + "/v1/record", headers={"Authorization": f"Bearer {tokens[0]}"}, timeout=30
+    )
+    assert record.json()["exists"] is False
+    opened = Cli(tmp_path / "new").run(
+        "snapshots", env={**both, "BACKVAULT_PASSWORD": NEW_PASSWORD}
+    )
+    assert opened.code == 0, opened.err
