@@ -465,8 +465,8 @@ class VersionedSealer(KeyReports):
             )
             self._trusted.add(version)  # made and vouched for here
         # A token shared with running nodes may fail a call now and then while another
-        # process rewrites its files (SoftHSM2): look again for a few seconds (a loaded
-        # machine takes longer than one second).
+        # process rewrites its files (SoftHSM2): look again for up to ~20 s (a loaded
+        # machine has taken longer than 4.5 s; waiting costs nothing when it works).
 
         def usable() -> None:
             self.refresh()
@@ -474,7 +474,7 @@ class VersionedSealer(KeyReports):
                 raise _NotUsableYet
 
         try:
-            retry(usable, attempts=10, on=_NotUsableYet, pause=0.1)
+            retry(usable, attempts=20, on=_NotUsableYet, pause=0.1)
         except _NotUsableYet:
             raise SealingError(
                 f"made sealing key version {version}, but cannot use it yet (see the log); run "
