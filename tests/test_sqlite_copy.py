@@ -20,7 +20,7 @@ db = sqlite3.connect(sys.argv[1], timeout=30)
 db.execute("PRAGMA wal_autocheckpoint=50")
 modes = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
 n = 0
-end = time.time() + 60
+end = time.time() + 900  # killed when the copies are done; long enough for a loaded machine
 while time.time() < end:
     a, b = random.randrange(4000), random.randrange(4000)
     db.execute("UPDATE acct SET balance=balance-3, pad=? WHERE id=?", (random.randbytes(300).hex(), a))
