@@ -17,7 +17,7 @@ from backvault.vault.sealing.versions import VersionRecords
 log = logging.getLogger("backvault.vault.sealing")
 
 # Opening a token is retried this many times on a transient GeneralError or NoSuchToken.
-_OPEN_ATTEMPTS = 6
+_OPEN_ATTEMPTS = 14
 
 # What a sealing key in an HSM must be: usable only to encrypt and decrypt, never to wrap
 # or unwrap other keys, sign, verify or derive; its attributes frozen; its value never
@@ -128,7 +128,8 @@ class Pkcs11Sealer(VersionedSealer):
         try:
             # Transient: SoftHSM2 answers GeneralError or NoSuchToken while another process
             # (a second vault node starting) rewrites the token's files; network HSMs while
-            # busy. A token that is really missing is reported after the last attempt (~2 s).
+            # busy. A token that is really missing is reported after the last attempt (~9 s;
+            # 1.5 s was not enough for three nodes starting at once on a loaded machine).
             self._session: Any = retry(
                 open_session, attempts=_OPEN_ATTEMPTS, on=transient, pause=0.1
             )
