@@ -116,8 +116,17 @@ class Pkcs11Sealer(VersionedSealer):
         )
         transient = (pkcs11.exceptions.GeneralError, pkcs11.exceptions.NoSuchToken)
 
+        tries = 0
+
         def open_session() -> Any:
-            token = pkcs11.lib(module).get_token(token_label=token_label)
+            nonlocal tries
+            library = pkcs11.lib(module)
+            if tries:
+                # SoftHSM2 reads its list of tokens when the library is initialised: one
+                # caught mid-rewrite stays missing until the library reads it again.
+                library.reinitialize()
+            tries += 1
+            token = library.get_token(token_label=token_label)
             mapper = pkcs11_attribute_mapper()
             try:
                 return token.open(user_pin=pin, rw=True, attribute_mapper=mapper)
