@@ -163,7 +163,11 @@ def test_a_bad_share_is_caught_and_names_the_realm() -> None:
     bad = [
         (group.random_scalar(), good.share_mac, good.ciphertext),  # another share
         (good.encryption_share, bytes(32), good.ciphertext),  # another MAC
-        (good.encryption_share, good.share_mac, good.ciphertext[:-1] + b"\0"),  # ciphertext
+        (
+            good.encryption_share,
+            good.share_mac,
+            good.ciphertext[:-1] + bytes([good.ciphertext[-1] ^ 1]),
+        ),  # ciphertext
         (other.encryption_share, other.share_mac, other.ciphertext),  # realm 2's, as realm 1's
     ]
     for share, mac, ciphertext in bad:
