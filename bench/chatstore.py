@@ -1,12 +1,15 @@
 """A realistic, deterministic chat store for benchmarks: a messenger-shaped SQLite database
 plus a media folder, and `--mutate PERCENT` to simulate more days of chatting.
 
-    python bench/chatstore.py DIR [--scale 1.0] [--seed 1]       # build
-    python bench/chatstore.py DIR --mutate 1 [--seed 2]          # a day of chatting
+    python bench/chatstore.py DIR [--scale 1.0] [--shape chat] [--seed 1]   # build
+    python bench/chatstore.py DIR --mutate 1 [--seed 2]                      # a day of chatting
 
-At scale 1.0: about 1 M messages (~300 MB database with receipts, media references and a
-full-text index) and ~800 MB of incompressible media (photos 50-500 KB, voice notes, a few
-videos of several MB, some forwarded duplicates).
+Shapes, at scale 1.0:
+- ``chat``: about 1 M messages (~300 MB database with receipts, media references and a
+  full-text index) and ~800 MB of incompressible media (photos 50-500 KB, voice notes, a
+  few videos of several MB, some forwarded duplicates);
+- ``db-heavy``: a heavy user whose message database is most of the data: 5 M messages
+  (~1.45 GB database) and ~200 MB of media.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ WORDS = (
     "meeting photo video look this haha lol sure fine home work school kids mom dad weekend "
     "train bus car traffic rain sun beach coffee tea pizza movie game match won lost"
 ).split()
-MESSAGES_AT_SCALE_1 = 1_000_000
-MEDIA_BYTES_AT_SCALE_1 = 800 * 1024 * 1024
+# Messages and media bytes at scale 1.0, by shape.
+SHAPES = {
+    "chat": (1_000_000, 800 * 1024 * 1024),
+    "db-heavy": (5_000_000, 200 * 1024 * 1024),
+}
 
 SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -141,7 +147,8 @@ class Store:
         receipts.clear()
 
 
-def build(root: Path, scale: float = 1.0, seed: int = 1) -> None:
+def build(root: Path, scale: float = 1.0, seed: int = 1, shape: str = "chat") -> None:
+    messages, media_bytes = SHAPES[shape]
     rng = random.Random(seed)
     store = Store(root, rng)
     db = sqlite3.connect(store.db_path)
@@ -161,9 +168,7 @@ def build(root: Path, scale: float = 1.0, seed: int = 1) -> None:
             for i in range(max(20, int(300 * scale)))
         ],
     )
-    store.add_messages(
-        db, int(MESSAGES_AT_SCALE_1 * scale), int(MEDIA_BYTES_AT_SCALE_1 * scale), 1_600_000_000
-    )
+    store.add_messages(db, int(messages * scale), int(media_bytes * scale), 1_600_000_000)
     db.commit()
     db.close()
 
@@ -207,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir", type=Path)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="chat")
     parser.add_argument("--seed", type=int, help="default: 1 to build, 2 to mutate")
     parser.add_argument("--mutate", type=float, metavar="PERCENT")
     args = parser.parse_args()
@@ -214,7 +220,7 @@ def main() -> None:
     if args.mutate is not None:
         mutate(args.dir, args.mutate, 2 if args.seed is None else args.seed)
     else:
-        build(args.dir, args.scale, 1 if args.seed is None else args.seed)
+        build(args.dir, args.scale, 1 if args.seed is None else args.seed, args.shape)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """backvault against restic (and borg, when installed) on a chat store, side by side.
 
-    bench/run [--scale 1.0] [--workdir DIR] [--smoke]
+    bench/run [--scale 1.0] [--shape chat|db-heavy] [--workdir DIR] [--smoke]
 
 Steps, for each tool: first full backup, a backup with nothing changed, `--mutate 1` (a
 day of chatting) then an incremental backup, a restore, and a check that reads all data.
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chatstore import build, mutate  # noqa: E402
+from bench.chatstore import SHAPES, build, mutate  # noqa: E402
 
 
 @dataclass
@@ -195,16 +195,25 @@ def tools(work: Path) -> dict[str, dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="chat",
+        help="chat: 1.1 GB, mostly media; db-heavy: a 1.45 GB database and 0.2 GB of media",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="a tiny store, for CI")
     args = parser.parse_args()
     scale = 0.005 if args.smoke else args.scale
     work = args.workdir or Path(tempfile.mkdtemp(prefix="backvault-compare-"))
     work.mkdir(parents=True, exist_ok=True)
-    pristine = work / f"store-{scale}"
+    pristine = work / (f"store-{scale}" if args.shape == "chat" else f"store-{args.shape}-{scale}")
     if not pristine.exists():
-        print(f"building the chat store (scale {scale}) …", flush=True)
-        build(pristine, scale)
+        print(f"building the {args.shape} store (scale {scale}) …", flush=True)
+        partial = pristine.with_name(pristine.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial, scale, shape=args.shape)
+        partial.rename(pristine)
     results: dict[str, dict[str, object]] = {}
     true_change = 0
     # backvault's device key cache and settings (restic and borg do not use them); kept

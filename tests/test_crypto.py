@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -161,3 +163,26 @@ def test_parse_only_raises_malformed_key(text: str) -> None:
         assert len(recovery_key.parse(text)) == 32
     except recovery_key.MalformedKey:
         pass
+
+
+def test_ivs_are_fresh_across_seals_threads_and_forks() -> None:
+    """IVs come from a per-thread draw of ``secrets``: never repeated within a process,
+    between threads, or by a forked child continuing its parent's draw."""
+    key = Key.generate()
+    ivs = [key.seal(b"x")[:16] for _ in range(1000)]
+    found: list[bytes] = []
+    thread = threading.Thread(target=lambda: found.extend(key.seal(b"y")[:16] for _ in range(300)))
+    thread.start()
+    thread.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next IV must not be the parent's next one
+        os.write(write, key.seal(b"z")[:16])
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 16)
+    os.close(read)
+    os.close(write)
+    parent_next = key.seal(b"z")[:16]
+    everything = [*ivs, *found, child, parent_next]
+    assert len(set(everything)) == len(everything)

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from backvault.source.sqlite import consistent_copy
+from backvault.source.sqlite import (
+    consistent_copy,
+    consistent_image,
+    is_sqlite_database,
+    page_size_of,
+)
 
 WRITER = """
 import random, sqlite3, sys, time
@@ -71,3 +76,74 @@ def test_copies_of_a_busy_database_are_consistent(tmp_path: Path, journal: str) 
         writer.wait()
     assert copies >= 5
     assert not list(tmp_path.glob(".backvault-sqlite-*"))
+
+
+def _wal_database(path: Path, rows: int = 3000) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE m(id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany("INSERT INTO m(body) VALUES (?)", [("x" * 500,) for _ in range(rows)])
+    db.commit()
+    db.close()  # the last connection: checkpointed, the WAL removed
+
+
+def test_a_database_is_read_in_place_only_with_nothing_in_its_wal(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    _wal_database(path)
+    assert not Path(f"{path}-wal").exists()
+    with consistent_image(path, tmp_path, in_place=True) as image:
+        assert image.in_place and image.path == path
+        assert (image.size, image.page_size) == (path.stat().st_size, 4096)
+    with consistent_image(path, tmp_path, in_place=False) as image:  # the caller forbids it
+        assert not image.in_place and image.path != path
+    # A writer's frames not yet checkpointed: the file alone is not the database.
+    app = sqlite3.connect(path)
+    app.execute("PRAGMA wal_autocheckpoint=0")
+    app.execute("INSERT INTO m(body) VALUES ('new')")
+    app.commit()
+    assert Path(f"{path}-wal").stat().st_size > 0
+    with consistent_image(path, tmp_path, in_place=True) as image:
+        assert not image.in_place and image.path != path
+        copy = sqlite3.connect(image.path)
+        assert copy.execute("SELECT count(*) FROM m").fetchone()[0] == 3001
+        copy.close()
+    app.close()
+    journal = tmp_path / "journal.db"
+    db = sqlite3.connect(journal)
+    db.execute("CREATE TABLE t(x)")
+    db.commit()
+    db.close()
+    with consistent_image(journal, tmp_path, in_place=True) as image:
+        assert not image.in_place  # rollback-journal mode: always a copy
+
+
+CLOSING_APP = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=5)
+db.executemany("INSERT INTO m(body) VALUES (?)", [("after",)] * 200)
+db.commit()
+db.close()  # the app's last connection: it checkpoints and removes the WAL if it can
+"""
+
+
+def test_a_database_held_in_place_stays_the_snapshot_when_the_app_closes_it(
+    tmp_path: Path,
+) -> None:
+    """The attack on the hold: our own process reads the file's header while we hold the
+    read transaction (the walk does: is it a database? its page size?). A plain open and
+    close would drop every POSIX lock this process holds on the file, SQLite's too; the
+    app closing its last connection would then take the file's exclusive lock, checkpoint
+    its new rows into the very file the workers are reading, and delete the WAL."""
+    path = tmp_path / "chat.db"
+    _wal_database(path)
+    before = path.read_bytes()
+    with consistent_image(path, tmp_path, in_place=True) as image:
+        assert image.in_place
+        # (This test itself must not open the file here, for the same reason.)
+        assert is_sqlite_database(path) and page_size_of(path) == 4096
+        subprocess.run([sys.executable, "-c", CLOSING_APP, str(path)], check=True, timeout=60)
+        assert Path(f"{path}-wal").stat().st_size > 0  # the app's rows wait in its WAL
+    assert path.read_bytes() == before  # nothing was checkpointed into our snapshot
+    db = sqlite3.connect(path)  # and nothing of the app's is lost
+    assert db.execute("SELECT count(*) FROM m WHERE body = 'after'").fetchone()[0] == 200
+    db.close()

@@ -17,11 +17,14 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backvault.engine import parallel
 from backvault.engine.archiver import Backup
 from backvault.engine.archiver import archiver as backup_module
 from backvault.engine.restorer import Restorer
+from backvault.engine.sealer import KnownIds
 from backvault.repo.repository import Repository
 from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest
@@ -89,13 +92,21 @@ def test_restore_on_workers_names_damaged_files_and_restores_the_rest(
 ) -> None:
     source = chat_source(tmp_path / "src")
     cli.ok("-r", str(repo.path), "backup", str(source), env=PROCESSES)
-    packs = sorted(
-        (repo.path / "data").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0
-    )
-    victim = packs[-1]  # the largest pack holds media
+    # The pack the index gives for the video's first blob (two workers may both have
+    # stored a chunk of it: the index's location is the one a restore reads).
+    opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    _, snapshot = opened.find_snapshot("latest")
+    tree = snapshot.tree
+    for part in (*source.relative_to("/").parts, "media"):
+        tree = next(n for n in opened.load_tree(tree) if n.name == part).subtree
+        assert tree is not None
+    video = next(n for n in opened.load_tree(tree) if n.name == "video.mp4")
+    assert video.content
+    location = opened.locate(video.content[0])
+    victim = repo.path / "data" / location.pack_id.hex()[:2] / location.pack_id.hex()
     os.chmod(victim, 0o600)
     data = bytearray(victim.read_bytes())
-    data[100] ^= 0xFF
+    data[location.blob.offset + 100] ^= 0xFF
     victim.write_bytes(bytes(data))
     target = tmp_path / "out"
     result = cli.run(
@@ -264,3 +275,22 @@ def test_a_cancelled_shutdown_frees_a_worker_waiting_at_the_barrier() -> None:
     assert not stopper.is_alive(), "the shutdown waits for a worker at the barrier"
     with pytest.raises(threading.BrokenBarrierError):
         waiting.result(timeout=10)
+
+
+@given(
+    known=st.lists(st.binary(min_size=32, max_size=32), max_size=60),
+    asked=st.lists(st.binary(min_size=32, max_size=32), max_size=20),
+    prefix_twins=st.integers(min_value=0, max_value=5),
+)
+def test_known_ids_answer_as_a_set_does(
+    known: list[bytes], asked: list[bytes], prefix_twins: int
+) -> None:
+    # Ids sharing their first 8 bytes with a known one must not be taken for it.
+    twins = [k[:8] + bytes(24) for k in known[:prefix_twins]]
+    ids = KnownIds()
+    half = len(known) // 2
+    ids.update(b"".join(known[:half]))
+    ids.update(b"".join(known[half:]))  # learned in two steps, as workers do
+    assert len(ids) == len(set(known))
+    for candidate in [*known, *asked, *twins, b"short"]:
+        assert (candidate in ids) == (candidate in set(known))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ OVERHEAD = IV_SIZE + MAC_SIZE
 ENCRYPTION_KEY_SIZE = 32
 MAC_K_SIZE = 16
 MAC_R_SIZE = 16
+# IVs are drawn from ``secrets`` this many at a time: one getrandom call per blob was a
+# measurable share of sealing 180,000 small database chunks.
+_IVS_PER_DRAW = 256
 
 
 class AuthenticationFailed(ValueError):
@@ -111,9 +115,22 @@ class Key:
             raise AuthenticationFailed("MAC mismatch")
         return iv, ciphertext
 
+    def _fresh_iv(self) -> bytes:
+        """A new random IV: the next 16 bytes of this thread's draw from ``secrets``. Each
+        byte is handed out once; the draw belongs to the process that made it (a forked
+        child must not repeat its parent's IVs) and to one thread."""
+        local = self._local
+        pool: bytes | None = getattr(local, "ivs", None)
+        used: int = getattr(local, "ivs_used", 0)
+        if pool is None or used >= len(pool) or getattr(local, "ivs_pid", None) != os.getpid():
+            pool, used = secrets.token_bytes(IV_SIZE * _IVS_PER_DRAW), 0
+            local.ivs, local.ivs_pid = pool, os.getpid()
+        local.ivs_used = used + IV_SIZE
+        return pool[used : used + IV_SIZE]
+
     def seal(self, plaintext: bytes | memoryview) -> bytes:
         """Encrypt and authenticate: ``IV || ciphertext || MAC``, with a fresh random IV."""
-        iv = secrets.token_bytes(IV_SIZE)
+        iv = self._fresh_iv()
         ciphertext = self._ctr(iv, plaintext)
         return iv + ciphertext + self._mac(iv, ciphertext)
 

@@ -172,6 +172,14 @@ class WorkerPool:
         if starting and pool is not None:
             threading.Thread(target=self._warm_up, args=(pool,), daemon=True).start()
 
+    def would_use_processes(self, work_bytes: int) -> bool:
+        """Whether work of this size, submitted now or after ``expect(work_bytes)``, runs
+        in worker processes."""
+        with self._lock:
+            return bool(self._processes) and (
+                self._process_pool is not None or self._submitted + work_bytes >= self._threshold
+            )
+
     def _warm_up(self, pool: ProcessPoolExecutor) -> None:
         # The pool starts a process per task submitted while none is idle.
         with contextlib.suppress(Exception):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -35,6 +37,9 @@ from backvault.storage import BackendSpec, open_backend_from_spec
 FILE = "file"
 RANGES = "ranges"
 _SAMPLE = 16 * 1024
+# A worker fills one pack while the one before is written in the background: 4 MiB each
+# (restic 0.14's size) keeps that at the memory one 8 MiB pack took.
+WORKER_PACK_TARGET = 4 * 1024 * 1024
 
 
 class Piece(NamedTuple):
@@ -78,7 +83,7 @@ class ChunkSealer:
         # A worker process stores the blobs it seals in packs of its own, written to the
         # repository directly (sealed data never travels back to the parent).
         self.writer: RepositoryWriter | None = None
-        self.known: set[bytes] | None = None  # what ``is_known`` answers from, in a worker
+        self.known: KnownIds | None = None  # what ``is_known`` answers from, in a worker
 
     def _chunker(self) -> ContentChunker:
         chunker = getattr(self._local, "chunker", None)
@@ -124,12 +129,26 @@ class ChunkSealer:
             os.close(fd)
 
 
-def _read_ranges(fd: int, path: str, ranges: list[tuple[int, int]]) -> Iterable[bytes]:
-    for offset, length in ranges:
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
+def _read_ranges(fd: int, path: str, ranges: list[tuple[int, int]]) -> Iterable[bytes | memoryview]:
+    """The ranges' bytes. Ranges that follow each other (a database's pages, a large
+    file's chunks) are read with one call and handed out as views: a call per 8 KiB page
+    showed in profiles."""
+    start = 0
+    while start < len(ranges):
+        end, offset = start + 1, ranges[start][0]
+        span = ranges[start][1]
+        while end < len(ranges) and ranges[end][0] == offset + span:
+            span += ranges[end][1]
+            end += 1
+        data = os.pread(fd, span, offset)
+        if len(data) != span:
             raise OSError(errno.EIO, "it shrank while it was being read; back up again", path)
-        yield data
+        view = memoryview(data)
+        position = 0
+        for _, length in ranges[start:end]:
+            yield view[position : position + length]
+            position += length
+        start = end
 
 
 def seal_pieces(sealer: ChunkSealer, pieces: list[Piece]) -> TaskResult:
@@ -146,9 +165,7 @@ def seal_pieces(sealer: ChunkSealer, pieces: list[Piece]) -> TaskResult:
 def _take_packs(sealer: ChunkSealer) -> list[tuple[bytes, list[PackedBlob]]]:
     if sealer.writer is None:
         return []
-    packs = list(sealer.writer.written_packs.items())
-    sealer.writer.written_packs.clear()
-    return packs
+    return sealer.writer.take_written_packs()
 
 
 def flush_packs(sealer: ChunkSealer) -> list[tuple[bytes, list[PackedBlob]]]:
@@ -164,10 +181,44 @@ def cut_file(sealer: ChunkSealer, path: str) -> list[tuple[int, int]]:
     return sealer._chunker().boundaries(path)
 
 
+class KnownIds:
+    """A set of blob ids in about 40 bytes per id (a ``set`` of ``bytes`` takes about
+    100, in every worker process, for every blob of the repository): the first 8 bytes of
+    each id in a sorted ``array`` searched with ``bisect`` (in C), and the whole ids in
+    the same order, which confirm a match."""
+
+    def __init__(self) -> None:
+        self._prefixes = array("Q")
+        self._ids = b""
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def update(self, packed_ids: bytes) -> None:
+        """Add ids given back to back, 32 bytes each."""
+        ids = {packed_ids[i : i + 32] for i in range(0, len(packed_ids), 32)}
+        ids.update(self._ids[i : i + 32] for i in range(0, len(self._ids), 32))
+        ordered = sorted(ids)  # byte order = the order of big-endian prefixes
+        self._ids = b"".join(ordered)
+        self._prefixes = array("Q", [int.from_bytes(i[:8], "big") for i in ordered])
+
+    def __contains__(self, blob_id: object) -> bool:
+        if not isinstance(blob_id, bytes) or len(blob_id) != 32:
+            return False
+        prefix = int.from_bytes(blob_id[:8], "big")
+        prefixes = self._prefixes
+        position = bisect_left(prefixes, prefix)
+        while position < len(prefixes) and prefixes[position] == prefix:
+            if self._ids[32 * position : 32 * position + 32] == blob_id:
+                return True
+            position += 1
+        return False
+
+
 def learn_known(sealer: ChunkSealer, known_ids: bytes) -> None:
     """Runs in a worker: these blobs (32-byte ids, back to back) are stored already."""
-    if sealer.known is not None:
-        sealer.known.update(known_ids[i : i + 32] for i in range(0, len(known_ids), 32))
+    if sealer.known is not None and known_ids:
+        sealer.known.update(known_ids)
 
 
 def sealer_in_worker(
@@ -176,11 +227,13 @@ def sealer_in_worker(
     """A worker process's sealer, writing packs through the parent's backend stack,
     reopened from its spec."""
     key = Key.from_json(key_doc)
-    known: set[bytes] = set()
+    known = KnownIds()
     sealer = ChunkSealer(key, known.__contains__)
     sealer.known = known
     learn_known(sealer, known_ids)
     repo = Repository(open_backend_from_spec(backend_spec), key, config, None)
     repo.assume_empty_index()
-    sealer.writer = RepositoryWriter(repo, fresh_dedupe=True)
+    sealer.writer = RepositoryWriter(
+        repo, pack_target=WORKER_PACK_TARGET, fresh_dedupe=True, background_saves=True
+    )
     return sealer

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -80,9 +81,15 @@ class RepositoryWriter:
         compression_level: int = 3,
         on_pack_written: Callable[[int], None] | None = None,
         fresh_dedupe: bool = False,
+        background_saves: bool = False,
     ) -> None:
         """``fresh_dedupe``: dedupe only against what this writer wrote (prune's repacking
-        must copy blobs even though the index still lists their old packs)."""
+        must copy blobs even though the index still lists their old packs).
+
+        ``background_saves``: a full pack is written (and synced) on a thread of its own
+        while the caller fills the next, one at a time; its error is raised by the next
+        pack or by ``flush``. For a caller that adds blobs from one thread (a worker
+        process): writing and syncing a pack is then no longer time it stops working."""
         repo.ensure_index()
         self._fresh = fresh_dedupe
         self.written_packs: dict[bytes, list[PackedBlob]] = {}
@@ -97,6 +104,10 @@ class RepositoryWriter:
         self._unindexed_count = 0
         self._zstd = ThreadCompressors(compression_level)
         self._on_pack_written = on_pack_written
+        self._saver = (
+            ThreadPoolExecutor(1, thread_name_prefix="backvault-save") if background_saves else None
+        )
+        self._saving: Future[None] | None = None
 
     def add(
         self, blob_type: BlobType, data: bytes, blob_id: bytes | None = None, compress: bool = True
@@ -167,6 +178,19 @@ class RepositoryWriter:
         return None
 
     def _write_pack(self, pack: _Pack) -> None:
+        if self._saver is None:
+            self._save_pack(pack)
+            return
+        self._wait_for_save()  # one pack saved at a time: memory stays at two packs
+        self._saving = self._saver.submit(self._save_pack, pack)
+
+    def _wait_for_save(self) -> None:
+        """Wait for the pack being saved in the background; raise its error."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            saving.result()
+
+    def _save_pack(self, pack: _Pack) -> None:
         header = self.repo.key.seal(fmt.encode_pack_header(pack.blobs))
         pack.data += header
         pack.data += len(header).to_bytes(4, "little")
@@ -180,12 +204,12 @@ class RepositoryWriter:
         if self._on_pack_written:
             self._on_pack_written(len(pack.data))
 
-    def expect(self, blob_id: bytes) -> None:
-        """A worker process stored this blob in a pack it has not reported yet
-        (``adopt_pack`` will): count it as stored by this run from now on."""
+    def expect(self, blob_ids: list[bytes]) -> None:
+        """Worker processes stored these blobs in packs they have not reported yet
+        (``adopt_pack`` will): count them as stored by this run from now on."""
         with self._lock:
-            if blob_id not in self._written:
-                self._reserved.add(blob_id)
+            written = self._written
+            self._reserved.update(i for i in blob_ids if i not in written)
 
     def adopt_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
         """Index a pack a worker process wrote (it may repeat blobs another worker stored
@@ -216,6 +240,13 @@ class RepositoryWriter:
         if write_index is not None:
             self._save_index(write_index)
 
+    def take_written_packs(self) -> list[tuple[bytes, list[PackedBlob]]]:
+        """The packs written since the last call (a worker process reports them)."""
+        with self._lock:
+            packs = list(self.written_packs.items())
+            self.written_packs.clear()
+        return packs
+
     def _save_index(self, index: IndexFile) -> None:
         self.repo.save_unpacked(FileType.INDEX, index.to_json())
         with self._lock:
@@ -229,6 +260,7 @@ class RepositoryWriter:
             self._open.clear()
         for pack in packs:
             self._write_pack(pack)
+        self._wait_for_save()
         with self._lock:
             index, self._unindexed = self._unindexed, IndexFile()
             self._unindexed_count = 0

@@ -176,6 +176,8 @@ class _BackupRun:
         self.sqlite_cache = SQLiteStateCache(backup.sqlite_state_file)
         self.result = BackupResult(snapshot_id="", parent_id=None)
         self.pipeline = SealingPipeline(backup.repo, backup.workers, self._read)
+        # A database the worker processes read may be read in place, without a copy.
+        copier.in_place = self.pipeline.reads_in_processes
         self.sqlite_chunk_bytes = backup.sqlite_chunk_bytes
         self.copy_databases = backup.copy_databases
 
@@ -432,14 +434,16 @@ class _BackupRun:
         except SQLiteCopyError as exc:
             raise OSError(errno.EIO, str(exc), path) from exc
         with made.stack:
-            node.size = made.path.stat().st_size
+            node.size = made.image.size
             future = self.pipeline.store_ranges(
-                str(made.path),
-                page_ranges(node.size, page_size_of(made.path), self.sqlite_chunk_bytes),
+                str(made.image.path),
+                page_ranges(node.size, made.image.page_size, self.sqlite_chunk_bytes),
                 compress=True,
             )
             self.pipeline.flush()
-            content = future.result()  # the copy must stay until the workers read it
+            # The copy (or the read transaction on the database) must stay until the
+            # workers read it.
+            content = future.result()
         self.sqlite_cache.record(path, made.state, content)
         return content
 

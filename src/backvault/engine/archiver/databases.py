@@ -18,14 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from backvault.source.sqlite import consistent_copy
+from backvault.source.sqlite import DatabaseImage, consistent_image
 
 T = TypeVar("T")
 
 
 class DatabaseCopy(NamedTuple):
-    stack: contextlib.ExitStack[bool | None]  # closing it removes the copy
-    path: Path
+    stack: contextlib.ExitStack[bool | None]  # closing it removes the copy (or ends the hold)
+    image: DatabaseImage  # a copy, or the database itself held in a read transaction
     state: list[Any]  # the database's state, taken before the copy was made
 
 
@@ -34,6 +34,10 @@ class DatabaseCopier:
     started early, while the index loads, wait in ``early`` for the walk to reach them."""
 
     def __init__(self, temp_root: Path) -> None:
+        # ``in_place(size)``: whether a database of that size may be read where it is,
+        # under a read transaction (only if its readers are other processes: see
+        # ``source.sqlite``). The caller sets it before the first copy.
+        self.in_place: Callable[[int], bool] = lambda _size: False
         remove_copies_of_dead_runs(temp_root)
         self.folder = Path(tempfile.mkdtemp(prefix=f"backup-{os.getpid()}-", dir=temp_root))
         self.cancelled = threading.Event()
@@ -58,11 +62,13 @@ class DatabaseCopier:
         a change during the copy is seen by the next backup)."""
         stack = contextlib.ExitStack()
         try:
-            made = stack.enter_context(consistent_copy(path, self.folder, self.cancelled))
+            image = stack.enter_context(
+                consistent_image(path, self.folder, self.cancelled, self.in_place(state[0]))
+            )
         except BaseException:
             stack.close()
             raise
-        return DatabaseCopy(stack, made, state)
+        return DatabaseCopy(stack, image, state)
 
     def shutdown(self, cancel: bool = False) -> None:
         """Wait for the thread (or, with ``cancel``, stop the copies under way)."""

@@ -125,6 +125,11 @@ class SealingPipeline:
         """Work of this size is coming: start the worker processes early if it is big."""
         self.pool.expect(work_bytes)
 
+    def reads_in_processes(self, work_bytes: int) -> bool:
+        """Whether a file of this size would be read by worker processes (not threads of
+        this process)."""
+        return self.pool.would_use_processes(work_bytes)
+
     def start(self) -> None:
         """The index is loaded: make the writer and start the packer."""
         writer = RepositoryWriter(self.repo)
@@ -242,13 +247,15 @@ class SealingPipeline:
             if isinstance(result, OSError):
                 work.error = work.error or result
             elif work.error is None:
+                in_worker_packs = []  # reported with a later pack
                 for chunk in result:
                     if chunk.sealed is not None:
                         writer.add_sealed(BlobType.DATA, chunk)
                     elif chunk.sealed_length:
-                        writer.expect(chunk.id)  # in a worker's pack, reported later
+                        in_worker_packs.append(chunk.id)
                     elif not writer.knows(chunk.id):
                         raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
+                writer.expect(in_worker_packs)
                 work.ids[index] = [chunk.id for chunk in result]
             self._on_read(size)
             work.remaining -= 1
