@@ -402,6 +402,7 @@ class _BackupRun:
                 path,
                 page_ranges(st.st_size, page_size_of(path), self.sqlite_chunk_bytes),
                 compress=True,
+                database=True,
             )
         # The copy takes a while (SQLite copies page by page): a thread makes it and hands
         # its pages to the workers, while this thread goes on with the other files (and
@@ -439,6 +440,7 @@ class _BackupRun:
                 str(made.image.path),
                 page_ranges(node.size, made.image.page_size, self.sqlite_chunk_bytes),
                 compress=True,
+                database=True,
             )
             self.pipeline.flush()
             # The copy (or the read transaction on the database) must stay until the

@@ -24,6 +24,7 @@ from backvault.engine.sealer import (
     RANGES,
     ChunkSealer,
     Piece,
+    StoredIds,
     TaskResult,
     cut_file,
     flush_packs,
@@ -174,9 +175,14 @@ class SealingPipeline:
         return self.store_ranges(path, cuts, compress=None)
 
     def store_ranges(
-        self, path: str, ranges: list[tuple[int, int]], compress: bool | None
+        self,
+        path: str,
+        ranges: list[tuple[int, int]],
+        compress: bool | None,
+        database: bool = False,
     ) -> Future[list[bytes]]:
-        """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES."""
+        """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES
+        (``database``: SQLite pages)."""
         pieces: list[list[tuple[int, int]]] = [[]]
         size = 0
         for offset, length in ranges:
@@ -191,7 +197,7 @@ class SealingPipeline:
         if not pieces:
             work.future.set_result([])
         for index, piece_ranges in enumerate(pieces):
-            piece = Piece(RANGES, path, piece_ranges, compress)
+            piece = Piece(RANGES, path, piece_ranges, compress, database)
             self._add_piece(work, index, piece, sum(length for _, length in piece_ranges))
         return work.future
 
@@ -246,16 +252,21 @@ class SealingPipeline:
         for (work, index, size), result in zip(delivery.pieces, outcome.pieces, strict=True):
             if isinstance(result, OSError):
                 work.error = work.error or result
-            elif work.error is None:
-                in_worker_packs = []  # reported with a later pack
+            elif work.error is not None:
+                pass
+            elif isinstance(result, StoredIds):  # from a worker process
+                ids = result.blob_ids()
+                writer.expect([i for i, stored in zip(ids, result.stored, strict=True) if stored])
+                for blob_id, stored in zip(ids, result.stored, strict=True):
+                    if not stored and not writer.knows(blob_id):
+                        raise RuntimeError(f"blob {blob_id.hex()[:12]} is not stored")
+                work.ids[index] = ids
+            else:  # from a thread of this process: sealed here, stored by this writer
                 for chunk in result:
                     if chunk.sealed is not None:
                         writer.add_sealed(BlobType.DATA, chunk)
-                    elif chunk.sealed_length:
-                        in_worker_packs.append(chunk.id)
                     elif not writer.knows(chunk.id):
                         raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
-                writer.expect(in_worker_packs)
                 work.ids[index] = [chunk.id for chunk in result]
             self._on_read(size)
             work.remaining -= 1
