@@ -294,3 +294,40 @@ def test_known_ids_answer_as_a_set_does(
     assert len(ids) == len(set(known))
     for candidate in [*known, *asked, *twins, b"short"]:
         assert (candidate in ids) == (candidate in set(known))
+
+
+def test_a_backup_failing_while_a_database_is_held_in_place_reports_its_error_and_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database read in place is held in a read transaction, begun on the copier's
+    thread; a backup that fails before storing it ends the hold from the main thread. The
+    error must be the backup's own, and the app must be able to checkpoint after."""
+    source = tmp_path / "src"
+    source.mkdir()
+    db_path = source / "msgstore.db"
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE m(id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany("INSERT INTO m(body) VALUES (?)", [("x" * 400,) for _ in range(2000)])
+    db.commit()
+    db.close()
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+
+    def fail_once_held(run: Any, *_args: Any) -> None:
+        for early in run.copier._early.values():
+            assert early.result().image.in_place  # held, not copied
+        raise RuntimeError("the index broke")
+
+    monkeypatch.setattr(backup_module._BackupRun, "_find_parent", fail_once_held)
+    parallel.configure(worker_processes=2)
+    try:
+        with pytest.raises(RuntimeError, match="the index broke"):
+            Backup(repo, temp_dir=tmp_path).run([str(source)])
+    finally:
+        parallel.configure(worker_processes=None)
+    app = sqlite3.connect(db_path)
+    app.execute("INSERT INTO m(body) VALUES ('new')")
+    app.commit()
+    busy, _, _ = app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    app.close()
+    assert busy == 0  # no read transaction of ours is left holding the file

@@ -20,6 +20,7 @@ a forked child could inherit a lock one of them held.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import multiprocessing
 import os
@@ -78,9 +79,23 @@ def _start_worker(
     # 0 is inherited, but a core_pattern pipe need not honour it).
     disable_core_dumps()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    fix_mmap_threshold()
     global _worker_context, _worker_barrier
     _worker_context = make_context(*args)
     _worker_barrier = barrier
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1024 * 1024
+
+
+def fix_mmap_threshold() -> None:
+    """Give buffers of 1 MiB and more (packs being filled, pieces read) mappings of their
+    own, returned to the system when freed. glibc raises its threshold each time such a
+    buffer is freed, after which they come from the heap and leave it fragmented: a
+    worker process held about 14 MiB more. No effect where the C library has no mallopt."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def _exit_with_parent(parent: int) -> None:

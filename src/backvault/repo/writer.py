@@ -84,7 +84,9 @@ class RepositoryWriter:
         background_saves: bool = False,
     ) -> None:
         """``fresh_dedupe``: dedupe only against what this writer wrote (prune's repacking
-        must copy blobs even though the index still lists their old packs).
+        must copy blobs even though the index still lists their old packs); its packs are
+        neither added to the repository's index nor listed in an index file: its caller
+        does that, from ``written_packs``.
 
         ``background_saves``: a full pack is written (and synced) on a thread of its own
         while the caller fills the next, one at a time; its error is raised by the next
@@ -208,8 +210,12 @@ class RepositoryWriter:
         """Worker processes stored these blobs in packs they have not reported yet
         (``adopt_pack`` will): count them as stored by this run from now on."""
         with self._lock:
-            written = self._written
-            self._reserved.update(i for i in blob_ids if i not in written)
+            stored = self._stored
+            self._reserved.update(i for i in blob_ids if not stored(i))
+
+    def _stored(self, blob_id: bytes) -> bool:
+        """Whether the blob is in a pack this writer wrote (or the repository had)."""
+        return blob_id in self._written or (not self._fresh and self.repo.has_blob(blob_id))
 
     def adopt_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
         """Index a pack a worker process wrote (it may repeat blobs another worker stored
@@ -225,20 +231,35 @@ class RepositoryWriter:
         """A pack is stored: index it (an index file after every INDEX_FLUSH_PACKS)."""
         write_index: IndexFile | None = None
         with self._lock:
-            if not self._fresh:
+            if self._fresh:  # its caller indexes its packs: it remembers them until then
+                self.written_packs[pack_id] = blobs
+                self._written.update(blob.id for blob in blobs)
+            else:  # the repository's index answers for them from now on
                 self.repo.add_to_index(pack_id, blobs)
-            self.written_packs[pack_id] = blobs
             for blob in blobs:
                 self._reserved.discard(blob.id)
-                self._written.add(blob.id)
-            self._unindexed.packs[pack_id] = blobs
-            self._unindexed_count += 1
+            if not self._fresh:
+                self._unindexed.packs[pack_id] = blobs
+                self._unindexed_count += 1
             self.stats.packs_written += 1
-            if self._unindexed_count >= INDEX_FLUSH_PACKS and not self._fresh:
+            if self._unindexed_count >= INDEX_FLUSH_PACKS:
                 write_index, self._unindexed = self._unindexed, IndexFile()
                 self._unindexed_count = 0
         if write_index is not None:
             self._save_index(write_index)
+
+    def written_count(self) -> int:
+        """How many blob ids ``take_written_ids`` would give."""
+        with self._lock:
+            return len(self._written)
+
+    def take_written_ids(self) -> list[bytes]:
+        """The ids of the blobs in packs this writer wrote, which it forgets from now on
+        (``knows`` no longer answers for them): a worker process keeps them in a compact
+        set of its own instead."""
+        with self._lock:
+            ids, self._written = list(self._written), set()
+        return ids
 
     def take_written_packs(self) -> list[tuple[bytes, list[PackedBlob]]]:
         """The packs written since the last call (a worker process reports them)."""

@@ -180,7 +180,11 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
         return None
     uri = f"file:{quote(str(source.absolute()))}?mode=ro"
     try:
-        db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
+        # Ended by whichever thread is done with the image (the one that stored it, or
+        # the one cleaning up after an error); never used by two threads at once.
+        db = sqlite3.connect(
+            uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        )
     except sqlite3.Error:
         return None
     stack.callback(db.close)
