@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import stat
 
@@ -298,3 +299,26 @@ def test_chunker_polynomials() -> None:
     poly = random_irreducible()
     assert poly.bit_length() == 54 and is_irreducible(poly)
     assert not is_irreducible((1 << 53) | (1 << 1))  # divisible by x
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 1023, 1024, 3000]), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_tree_with_long_content_lists_is_encoded_as_json_dumps_would(
+    sizes: list[int], seed: int
+) -> None:
+    """encode_tree writes long content lists itself (memory): the same bytes as the
+    plain JSON encoding, and decoded back to the same ids."""
+    rng = random.Random(seed)
+    nodes = [
+        Node(name=f"f{i}", type="file", size=n, content=[rng.randbytes(32) for _ in range(n)])
+        for i, n in enumerate(sizes)
+    ]
+    nodes.append(Node(name="sub", type="dir", subtree=rng.randbytes(32)))
+    encoded = fmt.encode_tree(nodes)
+    plain = {"nodes": [n.to_json() for n in sorted(nodes, key=fmt.tree_order)]}
+    assert encoded == json.dumps(plain, separators=(",", ":")).encode() + b"\n"
+    decoded = {n.name: n.content for n in fmt.decode_tree(encoded)}
+    assert all(decoded[n.name] == n.content for n in nodes)
