@@ -122,18 +122,28 @@ def test_restore_on_workers_names_damaged_files_and_restores_the_rest(
     assert leftovers == []
 
 
-def worker_pids() -> set[int]:
-    """Processes started by multiprocessing's spawn (backvault's workers)."""
-    found = set()
+def descendants(root: int) -> set[int]:
+    """Every process below ``root`` (backvault's workers, however they were started: a
+    fork server's children are its grandchildren)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if b"multiprocessing.spawn" in cmdline:
-                found.add(int(entry))
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
     return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()}
 
 
 def test_kill_9_mid_backup_leaves_no_worker_running_and_the_next_backup_works(
@@ -143,7 +153,6 @@ def test_kill_9_mid_backup_leaves_no_worker_running_and_the_next_backup_works(
     source.mkdir()
     for i in range(40):
         (source / f"video{i}.mp4").write_bytes(os.urandom(4 * 1024 * 1024))
-    before = worker_pids()
     proc = subprocess.Popen(
         [sys.executable, "-m", "backvault.cli", "-r", str(repo.path), "backup", str(source)],
         env={**cli.env, **PROCESSES},
@@ -151,18 +160,19 @@ def test_kill_9_mid_backup_leaves_no_worker_running_and_the_next_backup_works(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # Killed once the workers have written a pack: mid-backup, with workers busy.
     deadline = time.time() + 60
-    while time.time() < deadline and not worker_pids() - before:
-        time.sleep(0.02)
-    workers = worker_pids() - before
-    assert workers, "no worker process started"
-    time.sleep(0.3)
+    while time.time() < deadline and not any(p.is_file() for p in (repo.path / "data").rglob("*")):
+        time.sleep(0.01)
+    workers = descendants(proc.pid)
+    assert proc.poll() is None, "the backup ended before it could be killed"
+    assert len(workers) >= 2, "no worker process started"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.time() + 10
-    while time.time() < deadline and workers & worker_pids():
+    while time.time() < deadline and alive(workers):
         time.sleep(0.1)
-    assert not workers & worker_pids(), "worker processes outlived a killed backup"
+    assert not alive(workers), "worker processes outlived a killed backup"
     assert cli.ok("--json", "-r", str(repo.path), "snapshots").json() == []
     cli.ok("-r", str(repo.path), "backup", str(source), env=PROCESSES)
     cli.ok("-r", str(repo.path), "unlock")  # the killed run's lock (restic honours it)

@@ -69,6 +69,28 @@ _worker_context: Any = None
 _worker_barrier: Any = None
 
 
+def _process_context() -> Any:
+    """How worker processes start: from a fork server (one process that imported the
+    worker's modules once, started like ``spawn``, then forked for each worker: they
+    share its memory and do not import everything again) where the system has one, else
+    ``spawn``. Never a fork of this process, which has threads."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(_WORKER_MODULES))
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+# What worker processes run: imported once by the fork server.
+_WORKER_MODULES = (
+    "backvault.engine.parallel",
+    "backvault.engine.sealer",
+    "backvault.engine.restorer.files",
+    "backvault.engine.check",
+    "backvault.storage",
+)
+
+
 def _start_worker(
     make_context: Callable[..., Any], args: tuple[Any, ...], barrier: Any, parent: int
 ) -> None:
@@ -100,10 +122,22 @@ def fix_mmap_threshold() -> None:
 
 def _exit_with_parent(parent: int) -> None:
     """A parent killed with SIGKILL cannot stop its workers, and they would wait for work
-    for ever (holding its terminal's pipes open): they stop when it is gone."""
-    while os.getppid() == parent:
+    for ever (holding its terminal's pipes open): they stop when it is gone. Their own
+    parent is the fork server (which stops with it) or the parent itself."""
+    started_by = os.getppid()
+    while os.getppid() == started_by and _alive(parent):
         time.sleep(0.2)
     os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (our parent's pid was reused)
+        return False
+    return True
 
 
 def _on_each(fn: Callable[..., T], *args: Any) -> T:
@@ -211,7 +245,7 @@ class WorkerPool:
                 and self._submitted >= self._threshold
             ):
                 assert self._make_context is not None and self._process_args is not None
-                context = multiprocessing.get_context("spawn")
+                context = _process_context()
                 self._barrier = context.Barrier(self._processes)
                 self._process_pool = ProcessPoolExecutor(
                     self._processes,
