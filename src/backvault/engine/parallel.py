@@ -13,8 +13,9 @@ bounds what is handed out and not yet finished with, so memory stays flat.
 
 A worker process gets what it needs (the master key, for instance) once, through the pipe
 that starts it, and keeps it in memory only, as the parent does. Processes are started
-with ``spawn``, not ``fork``: the parent has threads (progress bars, storage clients) and
-a forked child could inherit a lock one of them held.
+from a fork server (``_process_context``), or with ``spawn``, never as a ``fork`` of the
+parent: it has threads (progress bars, storage clients) and a forked child could inherit
+a lock one of them held.
 """
 
 from __future__ import annotations
