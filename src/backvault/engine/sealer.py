@@ -142,8 +142,11 @@ class ChunkSealer:
 
     def store(self, piece: Piece) -> list[SealedChunk]:
         if piece.kind == FILE:  # a file small enough to hold in memory whole
-            with open(piece.path, "rb") as handle:
-                data = handle.read()
+            fd = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = _read_whole(fd)
+            finally:
+                os.close(fd)
             return self._seal_all(self._chunker().cut(data), piece.compress)
         assert piece.ranges is not None
         fd = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -168,6 +171,19 @@ def _read_buffer(size: int) -> memoryview:
         buffer = bytearray(size)  # a new one, not resized: views of the old may be alive
         _reading.buffer = buffer
     return memoryview(buffer)[:size]
+
+
+def _read_whole(fd: int) -> memoryview:
+    """A whole (small) file, into this thread's reading buffer (see ``_read_buffer``)."""
+    size = os.fstat(fd).st_size
+    view = _read_buffer(size + 1)  # one byte more: a file that grew is read to its end
+    got = os.preadv(fd, [view], 0)
+    if got > size:  # it grew while being read: as it is now, whatever its size
+        chunks = [bytes(view[:got])]
+        while chunk := os.pread(fd, 1024 * 1024, sum(len(c) for c in chunks)):
+            chunks.append(chunk)
+        return memoryview(b"".join(chunks))
+    return view[:got]
 
 
 def _read_ranges(fd: int, path: str, ranges: list[tuple[int, int]]) -> Iterable[bytes | memoryview]:

@@ -38,8 +38,9 @@ from backvault.repo.writer import RepositoryWriter
 
 _MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 # Files up to this size are cut and sealed whole by one worker; larger ones are cut first,
-# then sealed in pieces by every worker.
-WHOLE_FILE_MAX = 8 * 1024 * 1024
+# then sealed in pieces by every worker. A worker reads a whole file into a buffer it
+# keeps: 4 MiB, the size of the pieces, holds it at that (8 MiB kept 4 MiB more in each).
+WHOLE_FILE_MAX = 4 * 1024 * 1024
 # Pieces go to the workers in tasks of about this many bytes or _BATCH_PIECES pieces.
 _PIECE_BYTES = 4 * 1024 * 1024
 _BATCH_PIECES = 64
