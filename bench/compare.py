@@ -267,6 +267,11 @@ def main() -> None:
             f"{name:<10} {row['full'].seconds:>7.2f} {row['nochange'].seconds:>11.2f} {row['incremental'].seconds:>7.2f} "  # type: ignore[attr-defined]
             f"{row['growth'] / 2**20:>10.1f} {row['restore'].seconds:>9.2f} {row['check'].seconds:>8.2f} {peak:>9.0f}"
         )  # type: ignore[attr-defined,operator]
+    print("\npeak memory by step (MiB, PSS of all the tool's processes)")
+    steps = ("full", "nochange", "incremental", "restore", "check")
+    print(f"{'tool':<10} " + " ".join(f"{step:>11}" for step in steps))
+    for name, row in results.items():
+        print(f"{name:<10} " + " ".join(f"{row[step].max_rss_mb:>11.0f}" for step in steps))  # type: ignore[attr-defined]
     if "restic" in results:
         ours, theirs = results["backvault"], results["restic"]
         ratio = {
