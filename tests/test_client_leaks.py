@@ -456,12 +456,22 @@ import atexit, ctypes, json, os, resource, sys
 _out = os.environ.get("PROBE_DIR")
 if _out:
     _record = {"argv": list(sys.orig_argv), "env": dict(os.environ)}
+    _started = os.getpid()
     def _at_exit():
         _record["dumpable"] = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
         _record["core_limit"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+        _record["forked"] = os.getpid() != _started
         with open(os.path.join(_out, f"python-{os.getpid()}.json"), "w") as handle:
             json.dump(_record, handle)
     atexit.register(_at_exit)
+    # A child forked from this interpreter (a fork server's worker) ends with os._exit,
+    # which runs no atexit handler: record it there.
+    _real_exit = os._exit
+    def _exit(code):
+        if os.getpid() != _started:
+            _at_exit()
+        _real_exit(code)
+    os._exit = _exit
 """
 
 # And so does every rclone and systemctl, through a wrapper that then runs the real one.
@@ -619,7 +629,12 @@ def test_commands_that_hold_keys_cannot_dump_core(
         str(source),
         env={**probe, "BACKVAULT_WORKER_PROCESSES": "2"},
     )
-    workers = [r for r in probe_records(probe) if is_worker(r) and "spawn_main" in str(r["argv"])]
+    # Workers: spawned interpreters, or children of the fork server (which holds no key).
+    workers = [
+        r
+        for r in probe_records(probe)
+        if is_worker(r) and ("spawn_main" in str(r["argv"]) or r.get("forked"))
+    ]
     assert workers
     for worker in workers:
         assert worker["dumpable"] == 0 and worker["core_limit"] == [0, 0], worker

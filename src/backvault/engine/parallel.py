@@ -132,6 +132,16 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs: not gone, and not a zombie (a parent killed but not yet
+    reaped by whoever started it: its workers, children of the fork server, must not wait
+    for that)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
