@@ -36,6 +36,27 @@ def test_seal_open_round_trip(data: bytes) -> None:
     assert key.open(sealed) == data
 
 
+def test_one_decryptor_per_thread_opens_every_message_as_a_fresh_cipher_would() -> None:
+    """Opening reuses one AES-CTR context per thread, moved to each message's IV
+    (reset_nonce): messages of odd lengths, one after another, through ``open`` and
+    ``open_into``, each decrypt as a new AES-CTR context of their IV does (and as restic
+    does), whatever was decrypted before."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = Key.generate()
+    messages = [bytes([n % 251]) * n for n in (0, 1, 15, 17, 33, 4095, 4097, 16, 7, 100_003)]
+    out = bytearray(200_000)
+    for data in messages + messages[::-1]:
+        sealed = key.seal(data)
+        fresh = Cipher(algorithms.AES(key.encrypt), modes.CTR(sealed[:16])).decryptor()
+        assert fresh.update(sealed[16:-16]) + fresh.finalize() == data
+        assert key.open(sealed) == data
+        assert key.open_into(sealed, out) == data
+        assert key.open_into(sealed, memoryview(out)[5:]) == data
+        with pytest.raises(AuthenticationFailed):
+            key.open_into(sealed[:-1] + bytes([sealed[-1] ^ 1]), out)
+
+
 def test_every_bit_flip_is_detected() -> None:
     key = Key.generate()
     sealed = key.seal(b"hello restic")

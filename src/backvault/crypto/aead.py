@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 IV_SIZE = 16
@@ -103,6 +103,21 @@ class Key:
         cipher = Cipher(self._aes(), modes.CTR(iv)).encryptor()
         return cipher.update(data) + cipher.finalize()
 
+    def _ctr_decryptor(self, iv: bytes) -> CipherContext:
+        """This thread's AES-CTR decryptor, starting at counter block ``iv``. One context
+        is kept per thread and moved to each blob's IV with ``reset_nonce`` (the API
+        cryptography provides for exactly this), which saves building a Cipher and its
+        context per blob (a third of the decryption time of an 8 KiB blob). CTR keeps no
+        other state: after the reset the keystream is that of a fresh context."""
+        local = self._local
+        decryptor: CipherContext | None = getattr(local, "ctr", None)
+        if decryptor is None:
+            decryptor = Cipher(self._aes(), modes.CTR(iv)).decryptor()
+            local.ctr = decryptor
+        else:
+            decryptor.reset_nonce(iv)
+        return decryptor
+
     def _verified(self, sealed: bytes | memoryview) -> tuple[bytes, memoryview]:
         """The IV and ciphertext of sealed data whose MAC verifies (else
         AuthenticationFailed). The ciphertext is a view: the MAC and AES read it in place."""
@@ -111,7 +126,7 @@ class Key:
             raise AuthenticationFailed("ciphertext is shorter than its IV and MAC")
         iv = bytes(data[:IV_SIZE])
         ciphertext = data[IV_SIZE:-MAC_SIZE]
-        if not hmac.compare_digest(self._mac(iv, ciphertext), bytes(data[-MAC_SIZE:])):
+        if not hmac.compare_digest(self._mac(iv, ciphertext), data[-MAC_SIZE:]):
             raise AuthenticationFailed("MAC mismatch")
         return iv, ciphertext
 
@@ -134,19 +149,19 @@ class Key:
         ciphertext = self._ctr(iv, plaintext)
         return iv + ciphertext + self._mac(iv, ciphertext)
 
-    def open_into(self, sealed: bytes | memoryview, out: bytearray) -> memoryview:
+    def open_into(self, sealed: bytes | memoryview, out: bytearray | memoryview) -> memoryview:
         """``open`` that decrypts into ``out`` instead of a new object, for hot loops that
         reuse one buffer; ``out`` must hold ``len(sealed)`` bytes. A view of ``out``."""
         iv, ciphertext = self._verified(sealed)
         if len(out) < len(sealed):  # update_into wants room for one block more than it writes
             raise ValueError("the output buffer is smaller than the sealed data")
-        written = Cipher(self._aes(), modes.CTR(iv)).decryptor().update_into(ciphertext, out)
+        written = self._ctr_decryptor(iv).update_into(ciphertext, out)
         return memoryview(out)[:written]
 
     def open(self, sealed: bytes | memoryview) -> bytes:
         """Verify and decrypt; raises AuthenticationFailed before releasing any plaintext."""
         iv, ciphertext = self._verified(sealed)
-        return self._ctr(iv, ciphertext)
+        return self._ctr_decryptor(iv).update(ciphertext)
 
 
 def _b64(data: bytes) -> str:
