@@ -296,7 +296,7 @@ def test_a_worker_never_writes_into_a_file_it_did_not_create(tmp_path: Path) -> 
     someone who predicted the name, or renamed over it): the worker refuses it."""
     from backvault.engine.restorer import restore_runs
     from backvault.engine.target_folders import UnsafeTarget
-    from backvault.repo.blobs import BlobReader
+    from backvault.repo.blobs import BlobReader, run_entries
 
     world = World.make(tmp_path)
     h = Hostile(tmp_path / "repo")
@@ -308,14 +308,14 @@ def test_a_worker_never_writes_into_a_file_it_did_not_create(tmp_path: Path) -> 
     staging = Path(staged.staging.path)
     os.unlink(staging / "f1")
     os.link(world.victim, staging / "f1")
-    outcomes = restore_runs(BlobReader(repo.backend, repo.key), [(run, staged, 0)])
+    outcomes = restore_runs(BlobReader(repo.backend, repo.key), [(*run_entries(run), staged, 0)])
     assert len(outcomes) == 1 and isinstance(outcomes[0], UnsafeTarget), outcomes
     assert world.digest() == before
 
 
 def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> None:
     from backvault.engine.restorer import restore_runs
-    from backvault.repo.blobs import BlobReader
+    from backvault.repo.blobs import BlobReader, run_entries
     from backvault.repo.errors import RepositoryError
 
     world = World.make(tmp_path)
@@ -330,7 +330,7 @@ def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> 
     os.link(world.victim, world.outside / "f1")
     before = world.digest()
     with pytest.raises(RepositoryError, match="moved or replaced"):
-        restore_runs(BlobReader(repo.backend, repo.key), [(run, staged, 0)])
+        restore_runs(BlobReader(repo.backend, repo.key), [(*run_entries(run), staged, 0)])
     assert world.digest() == before
 
 

@@ -199,7 +199,7 @@ class Checker:
         if indexed is not None and report.header is not None:
             # The uncompressed length too: an index that lies about it makes a restore
             # place the file's next blobs at the wrong offset.
-            ours = {(b.id, b.offset, b.length, b.uncompressed_length) for b in report.header}
+            ours = set(report.header)
             theirs = {(b.id, b.offset, b.length, b.uncompressed_length) for b in indexed}
             if not theirs <= ours:
                 self.result.errors.append(f"data/{name}: the index does not match the pack header")

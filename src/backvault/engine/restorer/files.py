@@ -24,7 +24,7 @@ from backvault.engine.restorer.common import (
 )
 from backvault.engine.restorer.selection import group_runs
 from backvault.engine.target_folders import StagedFile, UnsafeTarget, open_staged
-from backvault.repo.blobs import BlobLocation, BlobReader
+from backvault.repo.blobs import BlobEntry, BlobReader, run_entries
 from backvault.repo.errors import DamagedObject, RepositoryError
 from backvault.repo.format import Node
 
@@ -40,8 +40,9 @@ _BATCH_RUNS = 64
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-# A run of blobs to restore: where they are, the file, and the offset in it.
-_RunPayload = tuple[list[BlobLocation], StagedFile, int]
+# A run of blobs to restore (its pack and blobs: ``run_entries``), the file, and the
+# offset in it.
+_RunPayload = tuple[bytes, list[BlobEntry], StagedFile, int]
 
 
 class FilesMixin(RestoreBase):
@@ -90,7 +91,8 @@ class FilesMixin(RestoreBase):
         offset = 0
         for run in runs:
             stored = run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
-            self._batcher.add((run, job.staged, offset), job, stored)
+            pack_id, entries = run_entries(run)
+            self._batcher.add((pack_id, entries, job.staged, offset), job, stored)
             offset += sum(loc.blob.plaintext_length for loc in run)
         return True
 
@@ -204,9 +206,7 @@ class RunNotWritten(RepositoryError):
     pass
 
 
-def restore_runs(
-    reader: BlobReader, runs: list[tuple[list[BlobLocation], StagedFile, int]]
-) -> list[int | RepositoryError]:
+def restore_runs(reader: BlobReader, runs: list[_RunPayload]) -> list[int | RepositoryError]:
     """Runs in a worker: read, verify and write each run at its offset of its file (the
     temporary copy the main thread created, opened without creating or following anything
     and checked to be that inode). Gives each run's bytes written, or what stopped it; a
@@ -214,12 +214,12 @@ def restore_runs(
     outcomes: list[int | RepositoryError] = []
     files: dict[StagedFile, int] = {}  # a file's runs often come one after another: open it once
     try:
-        for run, staged, offset in runs:
+        for pack_id, entries, staged, offset in runs:
             try:
                 fd = files.get(staged)
                 if fd is None:
                     fd = files[staged] = open_staged(staged)
-                outcomes.append(reader.write_run(run, fd, offset))
+                outcomes.append(reader.write_run(pack_id, entries, fd, offset))
             except (UnsafeTarget, DamagedObject) as exc:
                 outcomes.append(exc)
             except OverflowError as exc:

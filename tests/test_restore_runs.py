@@ -1,0 +1,235 @@
+"""A restore writes each run's verified plaintexts together (``BlobReader.write_run``
+gathers them into one ``pwritev`` per ~256 KiB): every byte lands at its offset, whatever
+mix of small and large, compressed and uncompressed blobs a run holds, and a damaged blob
+in the middle of a run is reported as before while the rest of the restore goes on.
+``check --read-data`` (``BlobReader.read_pack``, which decrypts every blob into one reused
+buffer) still counts every good blob and names the damaged one."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backvault.engine import parallel
+from backvault.engine.check import Checker
+from backvault.engine.restorer import Restorer
+from backvault.engine.restorer.selection import group_runs
+from backvault.repo import blobs as blobs_module
+from backvault.repo import format as fmt
+from backvault.repo.blobs import BlobReader, run_entries
+from backvault.repo.errors import DamagedObject
+from backvault.repo.repository import Repository
+from backvault.storage import FileType, LocalBackend
+from tests.test_hostile_snapshots import Hostile
+
+
+def _pieces(seed: int) -> list[bytes]:
+    """Blobs of a database-like file: many 8 KiB pages that compress (text), some that do
+    not (random), a few uncompressed blobs larger than one gathered write, one large
+    compressible blob, and a few tiny ones."""
+    rng = random.Random(seed)
+    out: list[bytes] = []
+    for i in range(1400):
+        kind = i % 7
+        if kind in (0, 1, 2, 3):
+            words = [f"message {seed}-{i}-{rng.randrange(10**6)} hello" for _ in range(200)]
+            out.append(" ".join(words).encode()[:8192])
+        elif kind == 4:
+            out.append(rng.randbytes(rng.randrange(1, 8192)))
+        elif kind == 5:
+            out.append(rng.randbytes(4096))
+        else:
+            out.append(bytes([i % 256]) * rng.randrange(1, 64) + rng.randbytes(3))
+        if i in (100, 700):
+            out.append(rng.randbytes(600_000))  # more than one gathered write on its own
+        if i == 900:
+            out.append(b"z" * 3_000_000)  # compresses to a few hundred bytes
+    return out
+
+
+def _file(h: Hostile, name: str, pieces: list[bytes]) -> dict[str, Any]:
+    node = h.file(name, b"")
+    # compress=True for all: the writer stores a blob compressed only when that saves.
+    node["content"] = [h.writer.add(fmt.BlobType.DATA, piece).hex() for piece in pieces]
+    node["size"] = sum(len(piece) for piece in pieces)
+    return node
+
+
+def _damage(repo: Repository, blob_id: bytes, *, rename: bool = False) -> str:
+    """Flip one byte in the middle of a stored blob (its ciphertext); with ``rename``, the
+    pack is stored under the name of its new content, which ``check`` then reads. The
+    pack's name."""
+    location = repo.locate(blob_id, fmt.BlobType.DATA)
+    pack = location.pack_id.hex()
+    data = bytearray(repo.backend.load(FileType.DATA, pack))
+    data[location.blob.offset + location.blob.length // 2] ^= 0x40
+    backend = repo.backend
+    assert isinstance(backend, LocalBackend)
+    path = backend.root / "data" / pack[:2] / pack
+    if rename:
+        path.unlink()
+        pack = fmt.sha256(data).hex()
+        path = backend.root / "data" / pack[:2] / pack
+    else:
+        os.chmod(path, 0o600)
+    path.write_bytes(bytes(data))
+    return pack
+
+
+def _victim(repo: Repository, pieces: list[bytes]) -> bytes:
+    """A compressed page in the middle of the file (and of a long run)."""
+    for piece in pieces[500:]:
+        blob_id = fmt.sha256(piece)
+        if len(piece) > 4096 and repo.locate(blob_id, fmt.BlobType.DATA).blob.compressed:
+            return blob_id
+    raise AssertionError("no compressed page")
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> tuple[Hostile, list[bytes], list[bytes], str]:
+    h = Hostile(tmp_path / "repo")
+    good = _pieces(1)
+    bad = _pieces(2)
+    snapshot = h.snapshot([_file(h, "good.db", good), _file(h, "bad.db", bad)])
+    return h, good, bad, snapshot
+
+
+def _open(h: Hostile) -> Repository:
+    return Repository.open(LocalBackend(h.path), [h.key.encode()])
+
+
+def test_write_run_puts_every_byte_at_its_offset(
+    stored: tuple[Hostile, list[bytes], list[bytes], str], tmp_path: Path
+) -> None:
+    h, good, _, _ = stored
+    repo = _open(h)
+    ids = [fmt.sha256(piece) for piece in good]
+    runs = group_runs(repo, ids)
+    assert any(len(run) > 600 for run in runs)  # long runs: many gathered writes each
+    assert any(loc.blob.compressed for run in runs for loc in run)
+    assert any(not loc.blob.compressed for run in runs for loc in run)
+    expected = b"".join(good)
+    start = 12_345
+    path = tmp_path / "out"
+    path.write_bytes(b"\xaa" * (start + len(expected) + 100))
+    reader = BlobReader(repo.backend, repo.key)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        offset = start
+        for run in reversed(runs):  # out of order, as workers may write them
+            offset = start + sum(len(p) for p in good[: ids.index(run[0].blob.id)])
+            written = reader.write_run(*run_entries(run), fd, offset)
+            assert written == sum(loc.blob.plaintext_length for loc in run)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:start] == b"\xaa" * start
+    assert data[start : start + len(expected)] == expected
+    assert data[start + len(expected) :] == b"\xaa" * 100
+
+
+def test_short_writes_are_continued(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pwritev may write less than asked: the rest follows at the right offset."""
+    h, good, _, _ = stored
+    real = os.pwritev
+    calls = 0
+
+    def short(fd: int, buffers: list[Any], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        limit = 1 + calls * 7919 % 20_000  # ends inside a piece, or on a piece's edge
+        taken: list[memoryview] = []
+        for buffer in buffers:
+            view = memoryview(buffer)[:limit]
+            taken.append(view)
+            limit -= len(view)
+            if not limit:
+                break
+        return real(fd, taken, offset)
+
+    monkeypatch.setattr(blobs_module.os, "pwritev", short)
+    repo = _open(h)
+    ids = [fmt.sha256(piece) for piece in good[:300]]
+    path = tmp_path / "out"
+    path.write_bytes(b"")
+    reader = BlobReader(repo.backend, repo.key)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        offset = 0
+        for run in group_runs(repo, ids):
+            offset += reader.write_run(*run_entries(run), fd, offset)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(good[:300])
+    assert calls > 100  # most gathered writes were cut short
+
+
+def test_a_damaged_blob_in_the_middle_of_a_run_is_named(
+    stored: tuple[Hostile, list[bytes], list[bytes], str], tmp_path: Path
+) -> None:
+    h, _, bad, _ = stored
+    repo = _open(h)
+    ids = [fmt.sha256(piece) for piece in bad]
+    victim = _victim(repo, bad)
+    _damage(repo, victim)
+    repo = _open(h)
+    runs = group_runs(repo, ids)
+    run = next(run for run in runs if any(loc.blob.id == victim for loc in run))
+    assert run[0].blob.id != victim and run[-1].blob.id != victim
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(DamagedObject, match=f"blob {victim.hex()[:12]} does not decrypt"):
+            BlobReader(repo.backend, repo.key).write_run(*run_entries(run), fd, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("processes", [2, 0], ids=["processes", "threads"])
+def test_restore_writes_good_files_exactly_and_names_the_damaged_one(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    processes: int,
+) -> None:
+    h, good, bad, snapshot_id = stored
+    victim = _victim(_open(h), bad)
+    _damage(_open(h), victim)
+    monkeypatch.setattr(parallel, "_requested_processes", processes)
+    repo = _open(h)
+    target = tmp_path / "target"
+    outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1], snapshot_id)
+    assert (target / "good.db").read_bytes() == b"".join(good)
+    assert not (target / "bad.db").exists()
+    assert [path for path, _ in outcome.damaged] == ["/bad.db"], outcome.damaged
+    assert f"blob {victim.hex()[:12]} does not decrypt" in outcome.damaged[0][1]
+    assert outcome.files == 1
+    assert [p.name for p in target.iterdir()] == ["good.db"]
+
+
+def test_check_counts_every_good_blob_and_names_the_damaged_one(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+) -> None:
+    h, _, bad, _ = stored
+    repo = _open(h)
+    clean = Checker(repo).run(read_data=True)
+    assert clean.ok, clean.errors
+    assert clean.blobs == sum(len(blobs) for blobs in repo.indexed_packs().values())
+    victim = _victim(repo, bad)
+    old = repo.locate(victim, fmt.BlobType.DATA).pack_id
+    indexed = repo.indexed_packs()[old]
+    pack = _damage(repo, victim, rename=True)
+    report = BlobReader(repo.backend, repo.key).read_pack(pack)
+    assert report.blobs_ok == len(indexed) - 1
+    assert report.errors == [f"data/{pack} is damaged: blob {victim.hex()[:12]} does not decrypt"]
+    assert report.header == [(b.id, b.offset, b.length, b.uncompressed_length) for b in indexed]
+    result = Checker(_open(h)).run(read_data=True)
+    assert result.blobs == clean.blobs - 1
+    assert [e for e in result.errors if "does not decrypt" in e] == report.errors
