@@ -172,6 +172,28 @@ def test_short_writes_are_continued(
     assert calls > 100  # most gathered writes were cut short
 
 
+def test_without_pwritev_each_piece_is_written_on_its_own(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h, good, _, _ = stored
+    monkeypatch.delattr(blobs_module.os, "pwritev")
+    repo = _open(h)
+    ids = [fmt.sha256(piece) for piece in good[:400]]
+    path = tmp_path / "out"
+    path.write_bytes(b"")
+    reader = BlobReader(repo.backend, repo.key)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        offset = 0
+        for run in group_runs(repo, ids):
+            offset += reader.write_run(*run_entries(run), fd, offset)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(good[:400])
+
+
 def test_a_damaged_blob_in_the_middle_of_a_run_is_named(
     stored: tuple[Hostile, list[bytes], list[bytes], str], tmp_path: Path
 ) -> None:
@@ -233,3 +255,19 @@ def test_check_counts_every_good_blob_and_names_the_damaged_one(
     result = Checker(_open(h)).run(read_data=True)
     assert result.blobs == clean.blobs - 1
     assert [e for e in result.errors if "does not decrypt" in e] == report.errors
+
+
+def test_check_names_a_damaged_large_blob(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+) -> None:
+    """Blobs over 256 KiB are decrypted into objects of their own, not the reused
+    buffer: damage is named all the same."""
+    h, _, bad, _ = stored
+    repo = _open(h)
+    victim = next(fmt.sha256(piece) for piece in bad if len(piece) == 600_000)
+    old = repo.locate(victim, fmt.BlobType.DATA).pack_id
+    indexed = repo.indexed_packs()[old]
+    pack = _damage(repo, victim, rename=True)
+    report = BlobReader(repo.backend, repo.key).read_pack(pack)
+    assert report.blobs_ok == len(indexed) - 1
+    assert report.errors == [f"data/{pack} is damaged: blob {victim.hex()[:12]} does not decrypt"]

@@ -285,9 +285,15 @@ def check_blob_size(blob: PackedBlob, label: str) -> None:
 
 def _pwritev_all(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:
     """Write ``pieces`` one after another from ``offset`` on, whatever short writes
-    ``pwritev`` makes."""
+    ``pwritev`` makes (one ``pwrite`` each where there is no ``pwritev``: macOS < 11)."""
+    pwritev = getattr(os, "pwritev", None)
+    if pwritev is None:
+        for piece in pieces:
+            _pwrite_all(fd, piece, offset)
+            offset += len(piece)
+        return
     while pieces:
-        n = os.pwritev(fd, pieces, offset)
+        n = pwritev(fd, pieces, offset)
         offset += n
         if n == sum(len(piece) for piece in pieces):
             return
@@ -296,3 +302,11 @@ def _pwritev_all(fd: int, pieces: list[bytes | memoryview], offset: int) -> None
             n -= len(pieces[done])
             done += 1
         pieces = [memoryview(pieces[done])[n:], *pieces[done + 1 :]]
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
