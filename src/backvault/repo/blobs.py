@@ -28,8 +28,9 @@ from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
 BlobEntry = tuple[bytes, int, int, int | None]
 
 # The plaintexts of a restore run are written with one pwritev per this many bytes (or
-# _WRITE_PIECES blobs), not one pwrite per blob: the system time of a write per 8 KiB
-# SQLite chunk was a third of a restore's. Small, so a worker holds little more memory.
+# _WRITE_PIECES blobs), not one pwrite per blob: a write per 8 KiB SQLite chunk was over
+# a quarter of the workers' profile samples in a restore of a 1.45 GB database, a gathered
+# write per 256 KiB under a tenth. Small, so a worker holds little more memory.
 _WRITE_BYTES = 256 * 1024
 _WRITE_PIECES = 512  # below IOV_MAX (1024 on Linux)
 
