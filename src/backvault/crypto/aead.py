@@ -100,8 +100,17 @@ class Key:
         return aes
 
     def _ctr(self, iv: bytes, data: bytes | memoryview) -> bytes:
-        cipher = Cipher(self._aes(), modes.CTR(iv)).encryptor()
-        return cipher.update(data) + cipher.finalize()
+        """AES-CTR of ``data`` from counter block ``iv``, with this thread's encryptor moved
+        there (as ``_ctr_decryptor``; CTR needs no ``finalize``: ``update`` gives every
+        byte)."""
+        local = self._local
+        encryptor: CipherContext | None = getattr(local, "ctr_encrypt", None)
+        if encryptor is None:
+            encryptor = Cipher(self._aes(), modes.CTR(iv)).encryptor()
+            local.ctr_encrypt = encryptor
+        else:
+            encryptor.reset_nonce(iv)
+        return encryptor.update(data)
 
     def _ctr_decryptor(self, iv: bytes) -> CipherContext:
         """This thread's AES-CTR decryptor, starting at counter block ``iv``. One context
