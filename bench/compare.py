@@ -34,6 +34,33 @@ from bench.chatstore import SHAPES, build, mutate  # noqa: E402
 class Run:
     seconds: float
     max_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system, summed over the tool's processes
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int, seen: dict[int, float]) -> None:
+    """Record the CPU time (user + system) of a process and its descendants in ``seen``
+    (by pid; the last value seen is what a process used, as it may exit before the tool
+    does: backvault's workers are children of a fork server, not waited for by it)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            seen[pid] = (int(stats[pid][11]) + int(stats[pid][12])) / _TICK
+        todo.extend(children.get(pid, []))
 
 
 def tree_pss_kib(root: int) -> int:
@@ -80,10 +107,13 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
     peak_kib = 0
     finished = threading.Event()
 
+    cpu: dict[int, float] = {}
+
     def sample() -> None:
         nonlocal peak_kib
         while not finished.wait(0.05):
             peak_kib = max(peak_kib, tree_pss_kib(proc.pid))
+            tree_cpu(proc.pid, cpu)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -95,8 +125,11 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Run:
     if code != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{' '.join(cmd[:6])} failed ({code}): {err[-2000:]}")
-    # A process too short-lived to be sampled: its own peak resident size.
-    return Run(seconds, (peak_kib or usage.ru_maxrss) / 1024)
+    # A process too short-lived to be sampled: its own peak resident size. CPU: the
+    # processes the tool waited for (wait4 counts those), or what sampling saw, whichever
+    # is more (forked workers of a fork server exit unseen by wait4).
+    waited = usage.ru_utime + usage.ru_stime
+    return Run(seconds, (peak_kib or usage.ru_maxrss) / 1024, max(waited, sum(cpu.values())))
 
 
 def du(path: Path) -> int:
@@ -267,6 +300,11 @@ def main() -> None:
             f"{name:<10} {row['full'].seconds:>7.2f} {row['nochange'].seconds:>11.2f} {row['incremental'].seconds:>7.2f} "  # type: ignore[attr-defined]
             f"{row['growth'] / 2**20:>10.1f} {row['restore'].seconds:>9.2f} {row['check'].seconds:>8.2f} {peak:>9.0f}"
         )  # type: ignore[attr-defined,operator]
+    print("\nCPU seconds by step (user + system, all the tool's processes)")
+    steps = ("full", "nochange", "incremental", "restore", "check")
+    print(f"{'tool':<10} " + " ".join(f"{step:>11}" for step in steps))
+    for name, row in results.items():
+        print(f"{name:<10} " + " ".join(f"{row[step].cpu_seconds:>11.2f}" for step in steps))  # type: ignore[attr-defined]
     print("\npeak memory by step (MiB, PSS of all the tool's processes)")
     steps = ("full", "nochange", "incremental", "restore", "check")
     print(f"{'tool':<10} " + " ".join(f"{step:>11}" for step in steps))
