@@ -1,0 +1,161 @@
+"""Red-team tests for the performance round two changes (issue 15): databases read in
+place, IVs drawn in batches, worker packs saved in the background, the long-content fast
+path of encode_tree."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backvault.engine import parallel
+from backvault.engine.archiver import Backup, databases
+from backvault.engine.restorer import Restorer
+from backvault.repo.repository import Repository
+from backvault.source.sqlite import consistent_image
+from backvault.storage import LocalBackend
+
+# What a worker process does with an in-place image: open the path, read the image's
+# size. (Run in another process: an open and close in this one would drop our locks.)
+READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+data = os.pread(fd, int(sys.argv[2]), 0)
+os.close(fd)
+open(sys.argv[3], "wb").write(data)
+"""
+
+
+def _wal_database(path: Path, rows: int, body: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE m(id INTEGER PRIMARY KEY, body TEXT)")
+    db.executemany("INSERT INTO m(body) VALUES (?)", [(body * 500,) for _ in range(rows)])
+    db.commit()
+    db.close()
+
+
+def _read_as_worker(path: Path, size: int, out: Path) -> None:
+    subprocess.run([sys.executable, "-c", READER, str(path), str(size), str(out)], check=True)
+
+
+def _integrity(path: Path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_database_replaced_by_rename_while_held_is_not_stored_in_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app replaces its database by a rename (VACUUM INTO then rename; a restore from
+    its own backup) while we hold it in place: our read transaction holds the old file,
+    but the workers open the path, now the new file, which nothing holds, and read the
+    old file's size of it. The backup must store the held database, or report the file;
+    it stored the new file cut short: a restored database that does not open."""
+    source = tmp_path / "src"
+    source.mkdir()
+    path = source / "msgstore.db"
+    _wal_database(path, 2000, "a")
+    replacement = tmp_path / "replacement.db"
+    _wal_database(replacement, 6000, "b")  # bigger: the workers read a prefix of it
+    real_image = databases.consistent_image
+
+    @contextlib.contextmanager
+    def replaced_while_held(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with real_image(*args, **kwargs) as image:
+            assert image.in_place
+            os.rename(replacement, path)  # the app's replace, just after our hold began
+            yield image
+
+    monkeypatch.setattr(databases, "consistent_image", replaced_while_held)
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    parallel.configure(worker_processes=2)
+    try:
+        result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+    finally:
+        parallel.configure(worker_processes=None)
+    if any(str(path) in error_path for error_path, _ in result.errors):
+        return  # reported: the next backup reads the new file
+    restored = tmp_path / "out"
+    Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
+    copy = restored / path.relative_to("/")
+    assert _integrity(copy) == "ok"
+    db = sqlite3.connect(copy)
+    assert db.execute("SELECT count(*) FROM m").fetchone()[0] in (2000, 6000)
+    db.close()
+
+
+WRITER = """
+import random, sqlite3, sys, time
+end = time.time() + 600
+modes = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
+n = 0
+while time.time() < end:
+    db = sqlite3.connect(sys.argv[1], timeout=30)
+    db.execute("PRAGMA wal_autocheckpoint=20")
+    for _ in range(random.randrange(1, 60)):
+        a, b = random.randrange(2000), random.randrange(2000)
+        db.execute("UPDATE acct SET balance=balance-3, pad=? WHERE id=?", (random.randbytes(300).hex(), a))
+        db.execute("UPDATE acct SET balance=balance+3 WHERE id=?", (b,))
+        if n % 25 == 0:
+            db.execute("INSERT INTO extra(blob) VALUES (?)", (random.randbytes(5000),))
+        db.commit()
+        n += 1
+        if n % 7 == 0:
+            try:
+                db.execute(f"PRAGMA wal_checkpoint({modes[n % 4]})").fetchall()
+            except sqlite3.OperationalError:
+                pass
+    db.close()  # the last connection: checkpoint, WAL removed (when it can)
+    time.sleep(random.random() / 50)
+"""
+
+
+def test_in_place_images_of_a_busy_database_are_consistent(tmp_path: Path) -> None:
+    """The in-place path only triggers while the WAL is empty: this writer checkpoints in
+    every mode and closes its connection (WAL removed) again and again. Every in-place
+    image, read by another process as the workers do, must be a whole database that
+    balances."""
+    path = tmp_path / "bank.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=wal")
+    db.execute("CREATE TABLE acct(id INTEGER PRIMARY KEY, balance INT, pad TEXT)")
+    db.execute("CREATE TABLE extra(id INTEGER PRIMARY KEY, blob BLOB)")
+    db.executemany("INSERT INTO acct VALUES (?, 100, ?)", [(i, "p" * 600) for i in range(2000)])
+    db.commit()
+    db.close()
+    (tmp_path / "tmp").mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    in_place = images = 0
+    try:
+        deadline = time.monotonic() + 60
+        while (in_place < 6 or images < 12) and time.monotonic() < deadline:
+            with consistent_image(path, tmp_path / "tmp", in_place=True) as image:
+                images += 1
+                out = tmp_path / f"image{images}.db"
+                if image.in_place:
+                    in_place += 1
+                    time.sleep(0.05)  # the writer goes on meanwhile
+                    _read_as_worker(image.path, image.size, out)
+                else:
+                    out.write_bytes(image.path.read_bytes()[: image.size])
+            assert _integrity(out) == "ok", (images, image.in_place)
+            check = sqlite3.connect(out)
+            assert check.execute("SELECT sum(balance) FROM acct").fetchone()[0] == 200_000
+            check.close()
+            out.unlink()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert in_place >= 3, (in_place, images)
