@@ -56,6 +56,9 @@ class Piece(NamedTuple):
     ranges: list[tuple[int, int]] | None = None  # (offset, length), for RANGES
     compress: bool | None = None  # None: judge on the first chunk of the piece
     database: bool = False  # SQLite pages (compressed at DATABASE_COMPRESSION_LEVEL)
+    # (device, inode) the file must have: a database read in place, which the app may
+    # replace by a rename while it is held (the path would then name a file not held).
+    identity: tuple[int, int] | None = None
 
 
 class StoredIds(NamedTuple):
@@ -151,6 +154,12 @@ class ChunkSealer:
         assert piece.ranges is not None
         fd = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if piece.identity is not None:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != piece.identity:
+                    raise OSError(
+                        errno.EIO, "it was replaced while being read; back up again", piece.path
+                    )
             return self._seal_all(
                 _read_ranges(fd, piece.path, piece.ranges), piece.compress, piece.database
             )

@@ -149,6 +149,9 @@ class DatabaseImage(NamedTuple):
     size: int
     page_size: int
     in_place: bool
+    # In place: the (device, inode) of the file held. Its readers open the path, which
+    # the app may have renamed another file onto meanwhile: they must check it is this.
+    identity: tuple[int, int] | None = None
 
 
 @contextlib.contextmanager
@@ -178,6 +181,10 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
     header = _header(source)  # read before the transaction: closing this drops no lock
     if len(header) < _HEADER_SIZE or header[:16] != SQLITE_MAGIC:
         return None
+    try:
+        before = os.stat(source)
+    except OSError:
+        return None
     uri = f"file:{quote(str(source.absolute()))}?mode=ro"
     try:
         # Ended by whichever thread is done with the image (the one that stored it, or
@@ -193,10 +200,15 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             return None
         with _held_lock:
-            st = os.stat(source)
             db.execute("BEGIN")
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # takes the read lock
+            st = os.stat(source)
             identity = (st.st_dev, st.st_ino)
+            if identity != (before.st_dev, before.st_ino):
+                # Replaced by a rename while we opened it: the file our connection holds
+                # may not be the one at the path.
+                db.rollback()
+                return None
             _held[identity] = header
         stack.callback(_end_hold, db, identity)
         # Frames in the WAL once we hold the read lock: either our snapshot needs them, or
@@ -212,7 +224,7 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
         pages = int(db.execute("PRAGMA page_count").fetchone()[0])
     except sqlite3.Error:
         return None
-    return DatabaseImage(source, pages * page_size, page_size, True)
+    return DatabaseImage(source, pages * page_size, page_size, True, identity)
 
 
 def _end_hold(db: sqlite3.Connection, identity: tuple[int, int]) -> None:
