@@ -5,6 +5,7 @@ path of encode_tree."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import subprocess
@@ -21,7 +22,8 @@ from backvault.engine.archiver import Backup, databases
 from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
 from backvault.source.sqlite import consistent_image
-from backvault.storage import LocalBackend
+from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
+from tests.conftest import tree_digest
 
 # What a worker process does with an in-place image: open the path, read the image's
 # size. (Run in another process: an open and close in this one would drop our locks.)
@@ -159,3 +161,49 @@ def test_in_place_images_of_a_busy_database_are_consistent(tmp_path: Path) -> No
         writer.kill()
         writer.wait()
     assert in_place >= 3, (in_place, images)
+
+
+class FailingWorkerSaves(BackendWrapper):
+    """In a worker process (not the parent), the second pack save fails, as a full disk
+    or a lost connection fails it."""
+
+    def __init__(self, inner: Backend, parent: int) -> None:
+        super().__init__(inner)
+        self.parent = parent
+        self.saves = 0
+
+    def wrapper_options(self) -> dict[str, Any]:
+        return {"parent": self.parent}
+
+    def save(self, kind: FileType, name: str, data: bytes) -> None:
+        if kind is FileType.DATA and os.getpid() != self.parent:
+            self.saves += 1
+            if self.saves == 2:
+                raise OSError(errno.ENOSPC, "No space left on device (test)")
+        super().save(kind, name, data)
+
+
+def test_a_pack_save_failing_in_a_worker_leaves_no_snapshot_with_missing_blobs(
+    tmp_path: Path,
+) -> None:
+    """A worker saves its packs in the background: a save that fails must not leave a
+    snapshot whose blobs are in no pack, nor blame the files that happened to be sealed
+    when the error surfaced."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(40):
+        (source / f"photo{i}.jpg").write_bytes(os.urandom(1024 * 1024))
+    backend = FailingWorkerSaves(LocalBackend(tmp_path / "repo"), os.getpid())
+    repo = Repository.init(backend, b"k" * 32)
+    parallel.configure(worker_processes=2)
+    try:
+        result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+    except Exception as exc:  # the backup failed: no snapshot, nothing to restore
+        assert "No space left" in str(exc), repr(exc)  # the cause, not its consequence
+        return
+    finally:
+        parallel.configure(worker_processes=None)
+    assert not result.errors, result.errors  # the photos are readable: the disk is full
+    restored = tmp_path / "out"
+    Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
+    assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
