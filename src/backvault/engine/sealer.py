@@ -61,6 +61,11 @@ class Piece(NamedTuple):
     identity: tuple[int, int] | None = None
 
 
+class PackSaveFailed(RuntimeError):
+    """A worker process could not save one of its packs (not an ``OSError``: a piece's
+    ``OSError`` means its file could not be read, and is reported against that file)."""
+
+
 class StoredIds(NamedTuple):
     """A piece's chunks as a worker process reports them (a list of ``SealedChunk`` per
     chunk cost more to send than to make): their ids back to back, and for each one byte,
@@ -130,7 +135,13 @@ class ChunkSealer:
         chunk = SealedChunk(blob_id, len(data), sealed, uncompressed_length)
         if writer is None:
             return chunk
-        writer.add_sealed(BlobType.DATA, chunk)  # into this worker's own pack
+        try:
+            writer.add_sealed(BlobType.DATA, chunk)  # into this worker's own pack
+        except OSError as exc:
+            # A pack that could not be saved (the one before, saved in the background, or
+            # this one): not an error of the file being read now (an OSError of a piece
+            # says that file was unreadable), and the backup cannot go on without it.
+            raise PackSaveFailed(f"a pack could not be saved: {exc}") from exc
         return chunk._replace(sealed=None, sealed_length=len(sealed))
 
     def _seal_all(
