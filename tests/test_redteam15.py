@@ -21,7 +21,7 @@ from backvault.engine import parallel
 from backvault.engine.archiver import Backup, databases
 from backvault.engine.restorer import Restorer
 from backvault.repo.repository import Repository
-from backvault.source.sqlite import consistent_image
+from backvault.source.sqlite import consistent_image, is_sqlite_database, page_size_of
 from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
 from tests.conftest import tree_digest
 
@@ -207,3 +207,35 @@ def test_a_pack_save_failing_in_a_worker_leaves_no_snapshot_with_missing_blobs(
     restored = tmp_path / "out"
     Restorer(repo, restored).run(repo.find_snapshot(result.snapshot_id)[1])
     assert tree_digest(restored / source.relative_to("/")) == tree_digest(source)
+
+
+CLOSING_APP = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=5)
+db.executemany("INSERT INTO m(body) VALUES (?)", [("after",)] * 200)
+db.commit()
+db.close()  # the app's last connection: it checkpoints and removes the WAL if it can
+"""
+
+
+def test_two_holds_of_one_database_in_one_process_keep_it_until_both_end(
+    tmp_path: Path,
+) -> None:
+    """Two backups in one process (an app backing up to two repositories at once) hold
+    the same database in place. The first to finish must not make the header readers
+    forget the other's hold: its walk then opens and closes the file, which drops this
+    process's POSIX locks on it, and the app closing its connection checkpoints into the
+    file the other backup's workers are reading."""
+    path = tmp_path / "chat.db"
+    _wal_database(path, 3000, "a")
+    before = path.read_bytes()
+    with consistent_image(path, tmp_path, in_place=True) as second:
+        assert second.in_place
+        with consistent_image(path, tmp_path, in_place=True) as first:
+            assert first.in_place
+        assert is_sqlite_database(path) and page_size_of(path) == 4096  # the second's walk
+        subprocess.run([sys.executable, "-c", CLOSING_APP, str(path)], check=True, timeout=60)
+        # The workers read it now: it must still be the snapshot.
+        out = tmp_path / "read.db"
+        _read_as_worker(path, second.size, out)
+        assert out.read_bytes() == before[: second.size]
