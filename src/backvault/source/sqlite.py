@@ -66,7 +66,25 @@ _HEADER_SIZE = 100
 # held from a header reader's check to its close, and from a transaction's start to its
 # entry here, so that no reader opens a file between the two.
 _held: dict[tuple[int, int], bytes] = {}
+# How many read transactions hold each (two backups in one process may hold the same
+# database): its header stays in ``_held`` until the last ends.
+_hold_counts: dict[tuple[int, int], int] = {}
 _held_lock = threading.Lock()
+
+
+def _begin_held(identity: tuple[int, int], header: bytes) -> None:
+    """Record a read transaction begun on a file (holding ``_held_lock``)."""
+    _held.setdefault(identity, header)
+    _hold_counts[identity] = _hold_counts.get(identity, 0) + 1
+
+
+def _end_held(identity: tuple[int, int]) -> None:
+    """Forget a read transaction on a file once it is the last (holding ``_held_lock``)."""
+    remaining = _hold_counts.pop(identity, 1) - 1
+    if remaining > 0:
+        _hold_counts[identity] = remaining
+    else:
+        _held.pop(identity, None)
 
 
 def _header(path: str | os.PathLike[str]) -> bytes:
@@ -209,7 +227,7 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
                 # may not be the one at the path.
                 db.rollback()
                 return None
-            _held[identity] = header
+            _begin_held(identity, header)
         stack.callback(_end_hold, db, identity)
         # Frames in the WAL once we hold the read lock: either our snapshot needs them, or
         # a writer added them after it began; either way the file alone is not it. (The
@@ -229,7 +247,7 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
 
 def _end_hold(db: sqlite3.Connection, identity: tuple[int, int]) -> None:
     with _held_lock:
-        _held.pop(identity, None)
+        _end_held(identity)
         with contextlib.suppress(sqlite3.Error):
             db.rollback()
 
@@ -314,7 +332,7 @@ def _copy_in_read_transaction(
         src.execute("BEGIN")
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # takes the read lock
         identity = (st.st_dev, st.st_ino)
-        _held[identity] = os.pread(source_fd, _HEADER_SIZE, 0)
+        _begin_held(identity, os.pread(source_fd, _HEADER_SIZE, 0))
     try:
         with open(destination, "wb") as out:  # the file first, then the WAL (see above)
             _copy_descriptor(source_fd, out.fileno())
@@ -322,7 +340,7 @@ def _copy_in_read_transaction(
             shutil.copyfile(f"{source}-wal", f"{destination}-wal")
     finally:
         with _held_lock:
-            _held.pop(identity, None)
+            _end_held(identity)
             src.rollback()
 
 
