@@ -239,3 +239,37 @@ def test_two_holds_of_one_database_in_one_process_keep_it_until_both_end(
         out = tmp_path / "read.db"
         _read_as_worker(path, second.size, out)
         assert out.read_bytes() == before[: second.size]
+
+
+HANGS = """
+import sys
+from pathlib import Path
+from backvault.engine.archiver import Backup
+from backvault.repo.repository import Repository
+from backvault.storage import LocalBackend
+tmp = Path(sys.argv[1])
+repo = Repository.init(LocalBackend(tmp / "repo"), b"k" * 32)
+result = Backup(repo, temp_dir=tmp).run([str(tmp / "src")])
+print(result.snapshot_id)
+"""
+
+
+def test_a_fifo_named_like_a_database_does_not_hang_the_backup(tmp_path: Path) -> None:
+    """The header readers (is it a database? its page size?) opened any file named like
+    a database with a blocking open: a FIFO named chat.db (another user's, in a shared
+    folder; a leftover of an app) hung the backup before it began, holding the lock
+    every database hold needs."""
+    source = tmp_path / "src"
+    source.mkdir()
+    os.mkfifo(source / "chat.db")
+    (source / "note.txt").write_text("hello")
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", HANGS, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the backup hangs on a FIFO named like a database") from None
+    assert run.returncode == 0, run.stderr
