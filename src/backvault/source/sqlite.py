@@ -39,6 +39,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -88,15 +89,25 @@ def _end_held(identity: tuple[int, int]) -> None:
 
 
 def _header(path: str | os.PathLike[str]) -> bytes:
-    """The first 100 bytes of a file (fewer if it is shorter; none if it cannot be read)."""
+    """The first 100 bytes of a regular file (fewer if it is shorter; none if it cannot
+    be read, or is not a regular file: a FIFO named like a database would block the open,
+    and the backup with it, until something wrote to it)."""
     with _held_lock:
         try:
             st = os.stat(path)
             held = _held.get((st.st_dev, st.st_ino))
             if held is not None:
                 return held
-            with open(path, "rb") as handle:
-                return handle.read(_HEADER_SIZE)
+            if not stat.S_ISREG(st.st_mode):
+                return b""
+            # Non-blocking: a FIFO put in its place since the stat is not waited on.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return b""
+                return os.pread(fd, _HEADER_SIZE, 0)
+            finally:
+                os.close(fd)
         except OSError:
             return b""
 
