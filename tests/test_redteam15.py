@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
+from backvault.crypto.aead import Key
 from backvault.engine import parallel
+from backvault.engine import sealer as sealer_module
 from backvault.engine.archiver import Backup, databases
 from backvault.engine.restorer import Restorer
+from backvault.engine.sealer import FILE, ChunkSealer, Piece
 from backvault.repo.repository import Repository
 from backvault.source.sqlite import consistent_image, is_sqlite_database, page_size_of
 from backvault.storage import Backend, BackendWrapper, FileType, LocalBackend
@@ -273,3 +276,24 @@ def test_a_fifo_named_like_a_database_does_not_hang_the_backup(tmp_path: Path) -
     except subprocess.TimeoutExpired:
         raise AssertionError("the backup hangs on a FIFO named like a database") from None
     assert run.returncode == 0, run.stderr
+
+
+def test_a_small_file_read_in_short_reads_is_stored_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read may return fewer bytes than asked without being at the end (FUSE file
+    systems with direct I/O, an MTP-mounted phone, network file systems on a signal).
+    A whole small file was read with one call, and what it returned taken as the file:
+    the backup stored it cut short, with no error."""
+    data = os.urandom(3 * 1024 * 1024 + 77)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    real_preadv = os.preadv
+
+    def short_preadv(fd: int, buffers: list[Any], offset: int) -> int:
+        return real_preadv(fd, [memoryview(buffers[0])[: 128 * 1024]], offset)
+
+    monkeypatch.setattr(sealer_module.os, "preadv", short_preadv)
+    key = Key.generate()
+    chunks = ChunkSealer(key, lambda _id: False).store(Piece(FILE, str(path)))
+    assert sum(chunk.plain_length for chunk in chunks) == len(data)
