@@ -297,3 +297,45 @@ def test_a_small_file_read_in_short_reads_is_stored_whole(
     key = Key.generate()
     chunks = ChunkSealer(key, lambda _id: False).store(Piece(FILE, str(path)))
     assert sum(chunk.plain_length for chunk in chunks) == len(data)
+
+
+def _report_dumpable(queue: Any) -> None:
+    import ctypes
+
+    queue.put(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+
+
+def _worker_pid(context: str) -> int:
+    return os.getpid()
+
+
+def _no_context() -> str:
+    return "nothing"
+
+
+def _no_args() -> tuple[()]:
+    return ()
+
+
+def test_the_fork_server_workers_come_from_is_not_dumpable() -> None:
+    """Workers are forks of the fork server and receive the master key (unpickled with
+    their start-up arguments) before their own start-up code makes them not dumpable. The
+    fork server lives as long as the process and stayed dumpable: another process of the
+    user (ptrace_scope 0) could attach to it, and run code in every worker forked after,
+    which the threat model's row on /proc and ptrace rules out."""
+    import multiprocessing
+
+    pool = parallel.WorkerPool(None, 1, _no_context, _no_args, threshold=0, processes=1)
+    try:
+        pool.submit(_worker_pid).result(timeout=60)  # the fork server runs
+    finally:
+        pool.shutdown()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server on this system")
+    context = multiprocessing.get_context("forkserver")
+    queue = context.Queue()
+    child = context.Process(target=_report_dumpable, args=(queue,))  # a fork of it
+    child.start()
+    dumpable = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert dumpable == 0
