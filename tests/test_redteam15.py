@@ -339,3 +339,29 @@ def test_the_fork_server_workers_come_from_is_not_dumpable() -> None:
     dumpable = queue.get(timeout=60)
     child.join(timeout=60)
     assert dumpable == 0
+
+
+def test_a_forked_child_never_repeats_its_parents_ivs_even_under_its_pid() -> None:
+    """IVs are handed out from a draw of 256; a forked child must draw its own. The draw
+    was tied to the process by its pid, which the system reuses: a grandchild forked
+    after the parent that drew is gone may get the parent's pid, and would hand out the
+    IVs the parent handed out after the fork (AES-CTR keystream and Poly1305 key reused).
+    (Here the child takes the parent's pid by a patch, as pid reuse would give it.)"""
+    from backvault.crypto import aead
+
+    key = Key.generate()
+    key.seal(b"x")  # this thread's draw is made
+    parent = os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            aead.os.getpid = lambda: parent  # type: ignore[attr-defined]
+            os.write(write, key.seal(b"y")[:16])
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_iv = os.read(read, 16)
+    os.close(read)
+    os.waitpid(child, 0)
+    assert key.seal(b"z")[:16] != child_iv
