@@ -365,3 +365,54 @@ def test_a_forked_child_never_repeats_its_parents_ivs_even_under_its_pid() -> No
     os.close(read)
     os.waitpid(child, 0)
     assert key.seal(b"z")[:16] != child_iv
+
+
+def test_backups_of_a_busy_database_restore_whole_databases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end, on worker processes: backups of a database whose writer commits,
+    checkpoints in every mode and closes (so that it is read in place at times) restore
+    databases that pass integrity_check and balance."""
+    source = tmp_path / "src"
+    source.mkdir()
+    path = source / "bank.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=wal")
+    db.execute("CREATE TABLE acct(id INTEGER PRIMARY KEY, balance INT, pad TEXT)")
+    db.execute("CREATE TABLE extra(id INTEGER PRIMARY KEY, blob BLOB)")
+    db.executemany("INSERT INTO acct VALUES (?, 100, ?)", [(i, "p" * 600) for i in range(2000)])
+    db.commit()
+    db.close()
+    real_image = databases.consistent_image
+    in_place: list[bool] = []
+
+    @contextlib.contextmanager
+    def counted(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with real_image(*args, **kwargs) as image:
+            in_place.append(image.in_place)
+            yield image
+
+    monkeypatch.setattr(databases, "consistent_image", counted)
+    repo = Repository.init(LocalBackend(tmp_path / "repo"), b"k" * 32)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    snapshots = []
+    parallel.configure(worker_processes=2)
+    try:
+        deadline = time.monotonic() + 90
+        while (sum(in_place) < 3 or len(snapshots) < 5) and time.monotonic() < deadline:
+            result = Backup(repo, temp_dir=tmp_path).run([str(source)])
+            assert not result.errors, result.errors
+            snapshots.append(result.snapshot_id)
+    finally:
+        parallel.configure(worker_processes=None)
+        writer.kill()
+        writer.wait()
+    assert sum(in_place) >= 3, in_place
+    for number, snapshot_id in enumerate(snapshots):
+        restored = tmp_path / f"out{number}"
+        Restorer(repo, restored).run(repo.find_snapshot(snapshot_id)[1])
+        copy = restored / path.relative_to("/")
+        assert _integrity(copy) == "ok", number
+        check = sqlite3.connect(copy)
+        assert check.execute("SELECT sum(balance) FROM acct").fetchone()[0] == 200_000
+        check.close()
