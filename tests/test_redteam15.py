@@ -416,3 +416,19 @@ def test_backups_of_a_busy_database_restore_whole_databases(
         check = sqlite3.connect(copy)
         assert check.execute("SELECT sum(balance) FROM acct").fetchone()[0] == 200_000
         check.close()
+
+
+def test_a_small_file_that_grew_before_it_was_read_leaves_no_buffer_its_size(
+    tmp_path: Path,
+) -> None:
+    """A file the walk saw small is read whole into the reading thread's buffer, which it
+    keeps for the next pieces. A file that grew meanwhile (a video being downloaded into
+    the chat's media folder) made that buffer its new size, kept by every worker that met
+    one until the end of the backup: hundreds of MiB where the pieces need 4."""
+    path = tmp_path / "video.mp4"
+    path.write_bytes(os.urandom(40 * 1024 * 1024))  # seen at 1 MiB by the walk
+    key = Key.generate()
+    chunks = ChunkSealer(key, lambda _id: False).store(Piece(FILE, str(path)))
+    assert sum(chunk.plain_length for chunk in chunks) == 40 * 1024 * 1024
+    kept = getattr(sealer_module._reading, "buffer", b"")
+    assert len(kept) <= 16 * 1024 * 1024, f"{len(kept) >> 20} MiB kept"
