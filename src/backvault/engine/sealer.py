@@ -179,6 +179,9 @@ class ChunkSealer:
 
 
 _reading = threading.local()
+# The largest reading buffer a thread keeps: pieces' spans (about 4 MiB, a chunk more at
+# most) and whole small files fit.
+_KEPT_BUFFER_MAX = 16 * 1024 * 1024
 
 
 def _read_buffer(size: int) -> memoryview:
@@ -189,7 +192,9 @@ def _read_buffer(size: int) -> memoryview:
     buffer: bytearray | None = getattr(_reading, "buffer", None)
     if buffer is None or len(buffer) < size:
         buffer = bytearray(size)  # a new one, not resized: views of the old may be alive
-        _reading.buffer = buffer
+        if size <= _KEPT_BUFFER_MAX:
+            _reading.buffer = buffer
+        # (else used once: a file the walk saw small may have grown to any size since)
     return memoryview(buffer)[:size]
 
 
