@@ -432,3 +432,24 @@ def test_a_small_file_that_grew_before_it_was_read_leaves_no_buffer_its_size(
     assert sum(chunk.plain_length for chunk in chunks) == 40 * 1024 * 1024
     kept = getattr(sealer_module._reading, "buffer", b"")
     assert len(kept) <= 16 * 1024 * 1024, f"{len(kept) >> 20} MiB kept"
+
+
+def test_a_copy_of_a_database_held_in_place_by_another_backup_keeps_the_hold(
+    tmp_path: Path,
+) -> None:
+    """Two backups in one process, one reading a database in place (worker processes),
+    the other copying it (threads): the copy reads through a descriptor of its own, and
+    closing it drops every POSIX lock this process holds on the file, the first backup's
+    read transaction's included; the app closing its connection then checkpoints into
+    the file the first backup's workers are reading."""
+    path = tmp_path / "chat.db"
+    _wal_database(path, 3000, "a")
+    before = path.read_bytes()
+    with consistent_image(path, tmp_path, in_place=True) as held:
+        assert held.in_place
+        with consistent_image(path, tmp_path, in_place=False) as copy:
+            assert not copy.in_place
+        subprocess.run([sys.executable, "-c", CLOSING_APP, str(path)], check=True, timeout=60)
+        out = tmp_path / "read.db"
+        _read_as_worker(path, held.size, out)
+        assert out.read_bytes() == before[: held.size]
