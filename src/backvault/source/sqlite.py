@@ -70,6 +70,8 @@ _held: dict[tuple[int, int], bytes] = {}
 # How many read transactions hold each (two backups in one process may hold the same
 # database): its header stays in ``_held`` until the last ends.
 _hold_counts: dict[tuple[int, int], int] = {}
+# Descriptors of held files this process is done with, closed when the last hold ends.
+_deferred_closes: dict[tuple[int, int], list[int]] = {}
 _held_lock = threading.Lock()
 
 
@@ -86,6 +88,25 @@ def _end_held(identity: tuple[int, int]) -> None:
         _hold_counts[identity] = remaining
     else:
         _held.pop(identity, None)
+        for fd in _deferred_closes.pop(identity, []):
+            os.close(fd)
+
+
+def _close_database_fd(fd: int) -> None:
+    """Close a descriptor of a database file, or, while a read transaction of this
+    process still holds that file (another backup's), keep it open until that ends:
+    closing it would drop the transaction's locks (see the module's docstring)."""
+    with _held_lock:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return
+        identity = (st.st_dev, st.st_ino)
+        if identity in _hold_counts:
+            _deferred_closes.setdefault(identity, []).append(fd)
+        else:
+            os.close(fd)
 
 
 def _header(path: str | os.PathLike[str]) -> bytes:
@@ -294,7 +315,7 @@ def _backup(source: Path, destination: Path, cancel: threading.Event) -> None:
     try:
         src = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
-        os.close(source_fd)
+        _close_database_fd(source_fd)
         raise SQLiteCopyError(f"cannot open the database {source}: {exc}") from exc
     dst = sqlite3.connect(destination)
     try:
@@ -330,7 +351,7 @@ def _backup(source: Path, destination: Path, cancel: threading.Event) -> None:
     finally:
         dst.close()
         src.close()
-        os.close(source_fd)
+        _close_database_fd(source_fd)
 
 
 def _copy_in_read_transaction(
