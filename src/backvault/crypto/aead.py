@@ -27,6 +27,18 @@ MAC_R_SIZE = 16
 # IVs are drawn from ``secrets`` this many at a time: one getrandom call per blob was a
 # measurable share of sealing 180,000 small database chunks.
 _IVS_PER_DRAW = 256
+# Counts the forks this process came from: a draw belongs to the process that made it.
+# A pid alone does not tell (a grandchild may get the pid of a parent that has exited).
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class AuthenticationFailed(ValueError):
@@ -146,9 +158,11 @@ class Key:
         local = self._local
         pool: bytes | None = getattr(local, "ivs", None)
         used: int = getattr(local, "ivs_used", 0)
-        if pool is None or used >= len(pool) or getattr(local, "ivs_pid", None) != os.getpid():
+        # (The pid too: a fork made outside Python, by C code, runs no at-fork handler.)
+        owner = (os.getpid(), _fork_generation)
+        if pool is None or used >= len(pool) or getattr(local, "ivs_owner", None) != owner:
             pool, used = secrets.token_bytes(IV_SIZE * _IVS_PER_DRAW), 0
-            local.ivs, local.ivs_pid = pool, os.getpid()
+            local.ivs, local.ivs_owner = pool, owner
         local.ivs_used = used + IV_SIZE
         return pool[used : used + IV_SIZE]
 

@@ -82,8 +82,10 @@ def _process_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-# What worker processes run: imported once by the fork server.
+# What worker processes run: imported once by the fork server (the first makes it, and
+# so every worker from birth, not dumpable).
 _WORKER_MODULES = (
+    "backvault.engine.forkserver_hardening",
     "backvault.engine.parallel",
     "backvault.engine.sealer",
     "backvault.engine.restorer.files",

@@ -56,6 +56,14 @@ class Piece(NamedTuple):
     ranges: list[tuple[int, int]] | None = None  # (offset, length), for RANGES
     compress: bool | None = None  # None: judge on the first chunk of the piece
     database: bool = False  # SQLite pages (compressed at DATABASE_COMPRESSION_LEVEL)
+    # (device, inode) the file must have: a database read in place, which the app may
+    # replace by a rename while it is held (the path would then name a file not held).
+    identity: tuple[int, int] | None = None
+
+
+class PackSaveFailed(RuntimeError):
+    """A worker process could not save one of its packs (not an ``OSError``: a piece's
+    ``OSError`` means its file could not be read, and is reported against that file)."""
 
 
 class StoredIds(NamedTuple):
@@ -127,7 +135,13 @@ class ChunkSealer:
         chunk = SealedChunk(blob_id, len(data), sealed, uncompressed_length)
         if writer is None:
             return chunk
-        writer.add_sealed(BlobType.DATA, chunk)  # into this worker's own pack
+        try:
+            writer.add_sealed(BlobType.DATA, chunk)  # into this worker's own pack
+        except OSError as exc:
+            # A pack that could not be saved (the one before, saved in the background, or
+            # this one): not an error of the file being read now (an OSError of a piece
+            # says that file was unreadable), and the backup cannot go on without it.
+            raise PackSaveFailed(f"a pack could not be saved: {exc}") from exc
         return chunk._replace(sealed=None, sealed_length=len(sealed))
 
     def _seal_all(
@@ -151,6 +165,12 @@ class ChunkSealer:
         assert piece.ranges is not None
         fd = os.open(piece.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if piece.identity is not None:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != piece.identity:
+                    raise OSError(
+                        errno.EIO, "it was replaced while being read; back up again", piece.path
+                    )
             return self._seal_all(
                 _read_ranges(fd, piece.path, piece.ranges), piece.compress, piece.database
             )
@@ -159,6 +179,9 @@ class ChunkSealer:
 
 
 _reading = threading.local()
+# The largest reading buffer a thread keeps: pieces' spans (about 4 MiB, a chunk more at
+# most) and whole small files fit.
+_KEPT_BUFFER_MAX = 16 * 1024 * 1024
 
 
 def _read_buffer(size: int) -> memoryview:
@@ -169,15 +192,30 @@ def _read_buffer(size: int) -> memoryview:
     buffer: bytearray | None = getattr(_reading, "buffer", None)
     if buffer is None or len(buffer) < size:
         buffer = bytearray(size)  # a new one, not resized: views of the old may be alive
-        _reading.buffer = buffer
+        if size <= _KEPT_BUFFER_MAX:
+            _reading.buffer = buffer
+        # (else used once: a file the walk saw small may have grown to any size since)
     return memoryview(buffer)[:size]
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``, up to the end of the file; how many bytes were read.
+    One call may return fewer bytes than asked before the end (FUSE file systems with
+    direct I/O, network file systems): only a read of none is the end."""
+    got = 0
+    while got < len(view):
+        read = os.preadv(fd, [view[got:]], offset + got)
+        if read == 0:
+            break
+        got += read
+    return got
 
 
 def _read_whole(fd: int) -> memoryview:
     """A whole (small) file, into this thread's reading buffer (see ``_read_buffer``)."""
     size = os.fstat(fd).st_size
     view = _read_buffer(size + 1)  # one byte more: a file that grew is read to its end
-    got = os.preadv(fd, [view], 0)
+    got = _read_into(fd, view, 0)
     if got > size:  # it grew while being read: as it is now, whatever its size
         chunks = [bytes(view[:got])]
         while chunk := os.pread(fd, 1024 * 1024, sum(len(c) for c in chunks)):
@@ -198,7 +236,7 @@ def _read_ranges(fd: int, path: str, ranges: list[tuple[int, int]]) -> Iterable[
             span += ranges[end][1]
             end += 1
         view = _read_buffer(span)
-        if os.preadv(fd, [view], offset) != span:
+        if _read_into(fd, view, offset) != span:
             raise OSError(errno.EIO, "it shrank while it was being read; back up again", path)
         position = 0
         for _, length in ranges[start:end]:

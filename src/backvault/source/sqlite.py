@@ -39,6 +39,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -66,19 +67,68 @@ _HEADER_SIZE = 100
 # held from a header reader's check to its close, and from a transaction's start to its
 # entry here, so that no reader opens a file between the two.
 _held: dict[tuple[int, int], bytes] = {}
+# How many read transactions hold each (two backups in one process may hold the same
+# database): its header stays in ``_held`` until the last ends.
+_hold_counts: dict[tuple[int, int], int] = {}
+# Descriptors of held files this process is done with, closed when the last hold ends.
+_deferred_closes: dict[tuple[int, int], list[int]] = {}
 _held_lock = threading.Lock()
 
 
+def _begin_held(identity: tuple[int, int], header: bytes) -> None:
+    """Record a read transaction begun on a file (holding ``_held_lock``)."""
+    _held.setdefault(identity, header)
+    _hold_counts[identity] = _hold_counts.get(identity, 0) + 1
+
+
+def _end_held(identity: tuple[int, int]) -> None:
+    """Forget a read transaction on a file once it is the last (holding ``_held_lock``)."""
+    remaining = _hold_counts.pop(identity, 1) - 1
+    if remaining > 0:
+        _hold_counts[identity] = remaining
+    else:
+        _held.pop(identity, None)
+        for fd in _deferred_closes.pop(identity, []):
+            os.close(fd)
+
+
+def _close_database_fd(fd: int) -> None:
+    """Close a descriptor of a database file, or, while a read transaction of this
+    process still holds that file (another backup's), keep it open until that ends:
+    closing it would drop the transaction's locks (see the module's docstring)."""
+    with _held_lock:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return
+        identity = (st.st_dev, st.st_ino)
+        if identity in _hold_counts:
+            _deferred_closes.setdefault(identity, []).append(fd)
+        else:
+            os.close(fd)
+
+
 def _header(path: str | os.PathLike[str]) -> bytes:
-    """The first 100 bytes of a file (fewer if it is shorter; none if it cannot be read)."""
+    """The first 100 bytes of a regular file (fewer if it is shorter; none if it cannot
+    be read, or is not a regular file: a FIFO named like a database would block the open,
+    and the backup with it, until something wrote to it)."""
     with _held_lock:
         try:
             st = os.stat(path)
             held = _held.get((st.st_dev, st.st_ino))
             if held is not None:
                 return held
-            with open(path, "rb") as handle:
-                return handle.read(_HEADER_SIZE)
+            if not stat.S_ISREG(st.st_mode):
+                return b""
+            # Non-blocking: a FIFO put in its place since the stat is not waited on.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return b""
+                return os.pread(fd, _HEADER_SIZE, 0)
+            finally:
+                os.close(fd)
         except OSError:
             return b""
 
@@ -149,6 +199,9 @@ class DatabaseImage(NamedTuple):
     size: int
     page_size: int
     in_place: bool
+    # In place: the (device, inode) of the file held. Its readers open the path, which
+    # the app may have renamed another file onto meanwhile: they must check it is this.
+    identity: tuple[int, int] | None = None
 
 
 @contextlib.contextmanager
@@ -178,6 +231,10 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
     header = _header(source)  # read before the transaction: closing this drops no lock
     if len(header) < _HEADER_SIZE or header[:16] != SQLITE_MAGIC:
         return None
+    try:
+        before = os.stat(source)
+    except OSError:
+        return None
     uri = f"file:{quote(str(source.absolute()))}?mode=ro"
     try:
         # Ended by whichever thread is done with the image (the one that stored it, or
@@ -193,11 +250,16 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             return None
         with _held_lock:
-            st = os.stat(source)
             db.execute("BEGIN")
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # takes the read lock
+            st = os.stat(source)
             identity = (st.st_dev, st.st_ino)
-            _held[identity] = header
+            if identity != (before.st_dev, before.st_ino):
+                # Replaced by a rename while we opened it: the file our connection holds
+                # may not be the one at the path.
+                db.rollback()
+                return None
+            _begin_held(identity, header)
         stack.callback(_end_hold, db, identity)
         # Frames in the WAL once we hold the read lock: either our snapshot needs them, or
         # a writer added them after it began; either way the file alone is not it. (The
@@ -212,12 +274,12 @@ def _hold_in_place(source: Path, stack: contextlib.ExitStack[bool | None]) -> Da
         pages = int(db.execute("PRAGMA page_count").fetchone()[0])
     except sqlite3.Error:
         return None
-    return DatabaseImage(source, pages * page_size, page_size, True)
+    return DatabaseImage(source, pages * page_size, page_size, True, identity)
 
 
 def _end_hold(db: sqlite3.Connection, identity: tuple[int, int]) -> None:
     with _held_lock:
-        _held.pop(identity, None)
+        _end_held(identity)
         with contextlib.suppress(sqlite3.Error):
             db.rollback()
 
@@ -253,7 +315,7 @@ def _backup(source: Path, destination: Path, cancel: threading.Event) -> None:
     try:
         src = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
-        os.close(source_fd)
+        _close_database_fd(source_fd)
         raise SQLiteCopyError(f"cannot open the database {source}: {exc}") from exc
     dst = sqlite3.connect(destination)
     try:
@@ -289,7 +351,7 @@ def _backup(source: Path, destination: Path, cancel: threading.Event) -> None:
     finally:
         dst.close()
         src.close()
-        os.close(source_fd)
+        _close_database_fd(source_fd)
 
 
 def _copy_in_read_transaction(
@@ -302,7 +364,7 @@ def _copy_in_read_transaction(
         src.execute("BEGIN")
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # takes the read lock
         identity = (st.st_dev, st.st_ino)
-        _held[identity] = os.pread(source_fd, _HEADER_SIZE, 0)
+        _begin_held(identity, os.pread(source_fd, _HEADER_SIZE, 0))
     try:
         with open(destination, "wb") as out:  # the file first, then the WAL (see above)
             _copy_descriptor(source_fd, out.fileno())
@@ -310,7 +372,7 @@ def _copy_in_read_transaction(
             shutil.copyfile(f"{source}-wal", f"{destination}-wal")
     finally:
         with _held_lock:
-            _held.pop(identity, None)
+            _end_held(identity)
             src.rollback()
 
 

@@ -436,6 +436,7 @@ class _BackupRun:
                 page_ranges(node.size, made.image.page_size, self.sqlite_chunk_bytes),
                 compress=True,
                 database=True,
+                identity=made.image.identity,
             )
             self.pipeline.flush()
             # The copy (or the read transaction on the database) must stay until the

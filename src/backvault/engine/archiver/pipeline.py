@@ -181,9 +181,11 @@ class SealingPipeline:
         ranges: list[tuple[int, int]],
         compress: bool | None,
         database: bool = False,
+        identity: tuple[int, int] | None = None,
     ) -> Future[list[bytes]]:
         """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES
-        (``database``: SQLite pages)."""
+        (``database``: SQLite pages; ``identity``: the (device, inode) the file must
+        have, see ``Piece``)."""
         pieces: list[list[tuple[int, int]]] = [[]]
         size = 0
         for offset, length in ranges:
@@ -198,7 +200,7 @@ class SealingPipeline:
         if not pieces:
             work.future.set_result([])
         for index, piece_ranges in enumerate(pieces):
-            piece = Piece(RANGES, path, piece_ranges, compress, database)
+            piece = Piece(RANGES, path, piece_ranges, compress, database, identity)
             self._add_piece(work, index, piece, sum(length for _, length in piece_ranges))
         return work.future
 
