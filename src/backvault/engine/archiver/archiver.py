@@ -354,12 +354,15 @@ class _BackupRun:
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
     ) -> Future[list[bytes]]:
         self.result.bytes_total += st.st_size
-        same = unchanged(node, previous, self.repo.has_blob)
         # A database in WAL mode changes in its -wal first, so its own stat cannot be
         # trusted: read the header of anything that may be one. An unchanged file with
         # no database name and no WAL or journal beside it is not read at all.
         may_be = looks_like_database(path, os.path.lexists)
-        if (not same or may_be) and is_sqlite_database(path):
+        if may_be and is_sqlite_database(path):
+            return self._archive_sqlite(path, st, node, previous)
+        # (Asked only now: a database's 200 000 blobs are looked up once, by the above.)
+        same = unchanged(node, previous, self.repo.has_blob)
+        if not same and not may_be and is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
         if same:
             assert previous is not None and previous.content is not None
@@ -383,7 +386,7 @@ class _BackupRun:
             self.sqlite_cache.reusable(path, state, previous)
             and previous is not None
             and previous.content is not None
-            and all(self.repo.has_blob(b) for b in previous.content)
+            and self.repo.has_blobs(previous.content)
         ):
             # Neither the database nor its WAL changed since the parent snapshot.
             self.sqlite_cache.keep(path)
