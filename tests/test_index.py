@@ -7,7 +7,9 @@ import random
 from collections.abc import Iterable
 
 import pytest
+import zstandard
 
+from backvault.repo import format as fmt
 from backvault.repo import index as index_module
 from backvault.repo.blobs import BlobLocation
 from backvault.repo.format import BlobType, FormatError, IndexFile, PackedBlob
@@ -257,3 +259,20 @@ def test_the_builder_takes_files_in_order() -> None:
 
 def _blob(blob_id: bytes, kind: str, offset: int) -> dict[str, object]:
     return {"id": blob_id.hex(), "type": kind, "offset": offset, "length": 40}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_index_file_is_encoded_as_its_json_document(seed: int) -> None:
+    """``IndexFile.encode`` writes, a pack at a time, what ``encode_unpacked`` of its
+    document wrote: the same JSON text, compressed, read back the same."""
+    files = _random_files(random.Random(seed), files=2)
+    files.append(IndexFile())
+    files.append(IndexFile(supersedes=[bytes(32), bytes(range(32))]))
+    for file in files:
+        plaintext = file.encode()
+        assert plaintext[0] == 2
+        text = zstandard.ZstdDecompressor().decompress(plaintext[1:])  # size in the frame
+        assert text == json.dumps(file.to_json(), separators=(",", ":")).encode()
+        assert fmt.decode_unpacked(plaintext) == file.to_json()
+        again = IndexFile.from_json(fmt.decode_unpacked(plaintext))
+        assert again.packs == file.packs and again.supersedes == file.supersedes

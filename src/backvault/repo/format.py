@@ -273,6 +273,29 @@ class IndexFile:
         ]
         return doc
 
+    def encode(self) -> bytes:
+        """The plaintext of this index file: ``encode_unpacked(self.to_json())``, the same
+        JSON, made a pack at a time (a file of 100 000 blobs as a document of dicts took
+        ~30 MB, and ~30 MB more as one string and its bytes)."""
+        head = "{"
+        if self.supersedes:
+            head += '"supersedes":[' + ",".join(f'"{s.hex()}"' for s in self.supersedes) + "],"
+        parts = [(head + '"packs":[').encode()]
+        for number, (pack_id, blobs) in enumerate(self.packs.items()):
+            entries = ",".join([_index_blob_text(b) for b in blobs])
+            comma = "," if number else ""
+            parts.append(f'{comma}{{"id":"{pack_id.hex()}","blobs":[{entries}]}}'.encode())
+        parts.append(b"]}")
+        # Compressed a part at a time, the whole size told first (the frame records it,
+        # as ``compress`` does: a reader then takes just that much room).
+        compressor = zstandard.ZstdCompressor(level=3).compressobj(size=sum(map(len, parts)))
+        out = [b"\x02"]
+        for at, part in enumerate(parts):
+            out.append(compressor.compress(part))
+            parts[at] = b""
+        out.append(compressor.flush())
+        return b"".join(out)
+
     @classmethod
     def from_json(cls, doc: Any) -> IndexFile:
         if isinstance(doc, list):  # restic's first index format: a bare list of packs
@@ -331,6 +354,17 @@ def _node_int(doc: dict[str, Any], key: str, name: str) -> int:
             f"(at most 2^{_NODE_INT_BITS[key]} - 1)"
         )
     return value
+
+
+def _index_blob_text(blob: PackedBlob) -> str:
+    """``_index_blob_json`` as JSON text."""
+    text = (
+        f'{{"id":"{blob.id.hex()}","type":"{blob.type.value}",'
+        f'"offset":{blob.offset},"length":{blob.length}'
+    )
+    if blob.uncompressed_length is not None:
+        return f'{text},"uncompressed_length":{blob.uncompressed_length}}}'
+    return text + "}"
 
 
 def _index_blob_json(blob: PackedBlob) -> dict[str, Any]:

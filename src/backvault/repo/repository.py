@@ -23,7 +23,7 @@ from backvault.repo import format as fmt
 from backvault.repo import keys, snapshots
 from backvault.repo.blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
 from backvault.repo.errors import DamagedObject, NotARepository, RepositoryError, WrongKey
-from backvault.repo.format import BlobType, Config, Node, PackedBlob, Snapshot
+from backvault.repo.format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
 from backvault.repo.index import Index, IndexBuilder, IndexColumns, index_columns_of_json
 from backvault.repo.keys import KeySlot
 from backvault.repo.polynomial import random_irreducible
@@ -168,7 +168,14 @@ class Repository:
             raise DamagedObject(label, str(exc)) from exc
 
     def save_unpacked(self, kind: FileType, document: Any) -> str:
-        raw = self.key.seal(fmt.encode_unpacked(document))
+        return self._save_plaintext(kind, fmt.encode_unpacked(document))
+
+    def save_index_file(self, index: IndexFile) -> str:
+        """``save_unpacked`` of ``index.to_json()``, without that document."""
+        return self._save_plaintext(FileType.INDEX, index.encode())
+
+    def _save_plaintext(self, kind: FileType, plaintext: bytes) -> str:
+        raw = self.key.seal(plaintext)
         name = fmt.sha256(raw).hex()
         self.backend.save(kind, name, raw)
         return name

@@ -217,7 +217,7 @@ class RepositoryWriter:
             self._save_index(write_index)
 
     def _save_index(self, index: IndexFile) -> None:
-        self.repo.save_unpacked(FileType.INDEX, index.to_json())
+        self.repo.save_index_file(index)
         with self._lock:
             self.stats.index_files_written += 1
 
