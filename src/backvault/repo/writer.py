@@ -85,6 +85,8 @@ class RepositoryWriter:
         must copy blobs even though the index still lists their old packs)."""
         repo.ensure_index()
         self._fresh = fresh_dedupe
+        # The packs written, for a caller that indexes them itself (a fresh writer's do
+        # not go into the index): a backup's would hold an object per blob it stores.
         self.written_packs: dict[bytes, list[PackedBlob]] = {}
         self.repo = repo
         self.pack_target = pack_target
@@ -184,7 +186,7 @@ class RepositoryWriter:
         """A worker process stored this blob in a pack it has not reported yet
         (``adopt_pack`` will): count it as stored by this run from now on."""
         with self._lock:
-            if blob_id not in self._written:
+            if blob_id not in self._written and (self._fresh or not self.repo.has_blob(blob_id)):
                 self._reserved.add(blob_id)
 
     def adopt_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
@@ -203,10 +205,12 @@ class RepositoryWriter:
         with self._lock:
             if not self._fresh:
                 self.repo.add_to_index(pack_id, blobs)
-            self.written_packs[pack_id] = blobs
+            if self._fresh:
+                self.written_packs[pack_id] = blobs
             for blob in blobs:
                 self._reserved.discard(blob.id)
-                self._written.add(blob.id)
+            if self._fresh:  # else the index has them
+                self._written.update(blob.id for blob in blobs)
             self._unindexed.packs[pack_id] = blobs
             self._unindexed_count += 1
             self.stats.packs_written += 1
