@@ -276,3 +276,15 @@ def test_an_index_file_is_encoded_as_its_json_document(seed: int) -> None:
         assert fmt.decode_unpacked(plaintext) == file.to_json()
         again = IndexFile.from_json(fmt.decode_unpacked(plaintext))
         assert again.packs == file.packs and again.supersedes == file.supersedes
+
+
+def test_ids_joined_holds_every_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "_REGROUP_MIN", 10_000)
+    files = _random_files(random.Random(5))
+    compact = Index.of_files(files)
+    added = [PackedBlob(bytes([7]) * 32, BlobType.DATA, 0, 40)]
+    compact.add_pack(bytes(32), added)  # waits in the recent dict
+    joined = compact.ids_joined()
+    as_set = {joined[at : at + 32] for at in range(0, len(joined), 32)}
+    assert len(joined) % 32 == 0
+    assert as_set == set(compact.ids()) == {*DictIndex.of_files(files).blobs, added[0].id}

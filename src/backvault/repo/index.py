@@ -275,6 +275,14 @@ class Index:
             )
             return unique
 
+    def ids_joined(self) -> bytes:
+        """Every indexed blob id, 32 bytes each, back to back; an id stored twice may be
+        there twice (what a set is made of: ``ids`` takes ~0.1 s for 200 000 ids, this
+        a copy)."""
+        with self._lock:
+            lookup = self._lookup
+            return lookup.ids + b"".join(lookup.recent)
+
     # --- whole packs ---------------------------------------------------------------------
 
     @property

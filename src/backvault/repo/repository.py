@@ -268,6 +268,11 @@ class Repository:
         """Every indexed blob id (once)."""
         return self._index.ids()
 
+    def blob_ids_joined(self) -> bytes:
+        """Every indexed blob id, 32 bytes each, back to back (one stored twice may be
+        there twice): for a set of them, without a list of ids first."""
+        return self._index.ids_joined()
+
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         self._index.add_pack(pack_id, blobs)
 

@@ -145,7 +145,7 @@ class RepositoryWriter:
         """Every blob id ``knows`` (32 bytes each), for worker processes."""
         with self._lock:
             extra = self._reserved | self._written
-        return b"".join(self.repo.blob_ids()) + b"".join(extra)
+        return self.repo.blob_ids_joined() + b"".join(extra)
 
     def _append(
         self,
