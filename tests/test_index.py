@@ -101,6 +101,9 @@ def _assert_same(compact: Index, reference: DictIndex, probes: Iterable[bytes]) 
             assert compact.lookup(blob_id, kind) == reference.lookup(blob_id, kind)
         assert compact.has(blob_id) == (blob_id in reference.blobs)
     assert sorted(compact.ids()) == sorted(reference.blobs)
+    assert compact.has_all(reference.blobs)
+    for blob_id in probes:
+        assert compact.has_all([*reference.blobs, blob_id]) == (blob_id in reference.blobs)
     assert compact.packs == reference.packs
 
 
@@ -170,6 +173,7 @@ def test_an_id_straddling_two_stored_ids_is_not_found() -> None:
     index = Index.of_files([IndexFile({b"p" * 32: blobs})])
     assert index._lookup.ids.find(straddling) == 16  # there, across the two
     assert not index.has(straddling)
+    assert not index.has_all([first, straddling]) and index.has_all([second, first])
     assert index.lookup(straddling) is None
     assert index.has(first) and index.has(second)
 

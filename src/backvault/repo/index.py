@@ -142,7 +142,6 @@ class Index:
         ones, and a stable sort keeps row order within a bucket."""
         grouped = self._lookup
         ids = grouped.ids + self._ungrouped_ids
-        rows = grouped.rows + array("I", range(len(grouped.rows), len(self._types)))
         # An id's bucket: its first two bytes (as a little-endian number).
         buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
         # Kept as an array: a list of row numbers costs ~40 bytes a row, the index ~65.
@@ -160,7 +159,12 @@ class Index:
         for first in range(0, len(order), _COPY_IDS):
             part = order[first : first + _COPY_IDS]
             grouped_ids += b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part])
-        self._lookup = _Lookup(bytes(grouped_ids), array("I", map(rows.__getitem__, order)), starts)
+        # Each position's row (at the first grouping, rows are 0, 1, 2, …: ``order``).
+        rows = order
+        if len(grouped.rows):
+            before = grouped.rows + array("I", range(len(grouped.rows), len(self._types)))
+            rows = array("I", map(before.__getitem__, order))
+        self._lookup = _Lookup(bytes(grouped_ids), rows, starts)
         self._ungrouped_ids = bytearray()
 
     def add_pack(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
@@ -232,8 +236,22 @@ class Index:
         return blob_id in lookup.recent
 
     def has_all(self, blob_ids: Iterable[bytes]) -> bool:
-        """Whether every one of ``blob_ids`` is indexed."""
-        return all(map(self.has, blob_ids))
+        """Whether every one of ``blob_ids`` is indexed (``has`` of each, in one loop: a
+        backup asks this of a database's ~200 000 blobs)."""
+        lookup = self._lookup
+        find, starts, recent = lookup.ids.find, lookup.starts, lookup.recent
+        for blob_id in blob_ids:
+            if len(blob_id) == ID_SIZE:
+                bucket = blob_id[0] | blob_id[1] << 8
+                end = starts[bucket + 1]
+                pos = find(blob_id, starts[bucket], end)
+                while pos > 0 and pos % ID_SIZE:
+                    pos = find(blob_id, pos + 1, end)
+                if pos >= 0:
+                    continue
+            if blob_id not in recent:
+                return False
+        return True
 
     def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
         """Where a blob is (as a blob of type ``kind``, if given)."""
