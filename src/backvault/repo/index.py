@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from array import array
 from collections import Counter
@@ -142,8 +143,10 @@ class Index:
         ones, and a stable sort keeps row order within a bucket."""
         grouped = self._lookup
         ids = grouped.ids + self._ungrouped_ids
-        # An id's bucket: its first two bytes (as a little-endian number).
+        # An id's bucket: its first two bytes, as a little-endian number.
         buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
+        if sys.byteorder == "big":
+            buckets.byteswap()
         # Kept as an array: a list of row numbers costs ~40 bytes a row, the index ~65.
         order = array("I", sorted(range(len(buckets)), key=buckets.__getitem__))
         starts = array(
