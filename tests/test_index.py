@@ -292,3 +292,15 @@ def test_ids_joined_holds_every_id(monkeypatch: pytest.MonkeyPatch) -> None:
     as_set = {joined[at : at + 32] for at in range(0, len(joined), 32)}
     assert len(joined) % 32 == 0
     assert as_set == set(compact.ids()) == {*DictIndex.of_files(files).blobs, added[0].id}
+
+
+def test_locations_are_made_as_their_classes_make_them() -> None:
+    """``lookup`` sets the slots of its frozen dataclasses itself: they are the same."""
+    blob = PackedBlob(bytes(range(32)), BlobType.TREE, 7, 40, 99)
+    index = Index.of_files([IndexFile({b"p" * 32: [blob]})])
+    found = index.lookup(blob.id)
+    made = BlobLocation(b"p" * 32, blob)
+    assert found == made and hash(found) == hash(made) and repr(found) == repr(made)
+    assert found is not None and found.blob.compressed and found.blob.plaintext_length == 99
+    with pytest.raises(AttributeError):
+        found.blob.offset = 8  # type: ignore[misc]

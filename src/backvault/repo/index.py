@@ -33,6 +33,7 @@ from backvault.repo.format import ID_SIZE, BlobType, FormatError, IndexFile, Pac
 
 _TYPES = (BlobType.DATA, BlobType.TREE)  # a row's type is its position here
 _TYPE_CODES = {"data": 0, "tree": 1}
+_KIND_CODES = {kind: code for code, kind in enumerate(_TYPES)}
 _NOT_COMPRESSED = (1 << 64) - 1  # the uncompressed-length column's "None"
 _BUCKETS = 1 << 16  # buckets by an id's first two bytes: a few ids each at 10^5 blobs
 # Rows added after a load are regrouped into the bucketed ids once there are this many
@@ -214,7 +215,7 @@ class Index:
             first = lookup.recent.get(blob_id, -1)
         if kind is None or first < 0:
             return first
-        code = _TYPES.index(kind)
+        code = _KIND_CODES[kind]
         if self._types[first] == code:
             return first
         other = self._grouped_row(lookup, blob_id, code)
@@ -258,14 +259,41 @@ class Index:
 
     def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
         """Where a blob is (as a blob of type ``kind``, if given)."""
-        row = self._row(blob_id, kind)
-        if row < 0:
-            return None
-        return BlobLocation(self._pack_ids[self._pack_of[row]], self._blob_at(row, blob_id))
+        # The usual case inlined (a restore asks this for every blob): the id's first row
+        # is grouped and of the type asked for.
+        lookup = self._lookup
+        row = -1
+        if len(blob_id) == ID_SIZE:
+            ids, starts = lookup.ids, lookup.starts
+            bucket = blob_id[0] | blob_id[1] << 8
+            end = starts[bucket + 1]
+            pos = ids.find(blob_id, starts[bucket], end)
+            while pos > 0 and pos % ID_SIZE:
+                pos = ids.find(blob_id, pos + 1, end)
+            if pos >= 0:
+                row = lookup.rows[pos // ID_SIZE]
+        types = self._types
+        if row < 0 or (kind is not None and _TYPES[types[row]] is not kind):
+            row = self._row(blob_id, kind)
+            if row < 0:
+                return None
+        plain: int | None = self._plain_lengths[row]
+        location: BlobLocation = _new_object(BlobLocation)
+        blob: PackedBlob = _new_object(PackedBlob)
+        set_id, set_type, set_offset, set_length, set_plain = _set_blob_fields
+        set_id(blob, blob_id)
+        set_type(blob, _TYPES[types[row]])
+        set_offset(blob, self._offsets[row])
+        set_length(blob, self._lengths[row])
+        set_plain(blob, None if plain == _NOT_COMPRESSED else plain)
+        set_pack_id, set_blob = _set_location_fields
+        set_pack_id(location, self._pack_ids[self._pack_of[row]])
+        set_blob(location, blob)
+        return location
 
     def _blob_at(self, row: int, blob_id: bytes) -> PackedBlob:
         plain: int | None = self._plain_lengths[row]
-        return PackedBlob(
+        return _packed_blob(
             blob_id,
             _TYPES[self._types[row]],
             self._offsets[row],
@@ -339,6 +367,31 @@ class Index:
                 blobs.sort(key=lambda b: b.offset)
                 packs[pack_id] = blobs
         return packs
+
+
+# A lookup makes a BlobLocation and a PackedBlob (a restore ~200 000 of them). They are
+# frozen dataclasses, whose __init__ sets each field through object.__setattr__: made
+# here by setting their slots directly (the same objects as __init__ makes, which
+# tests/test_index.py checks), a lookup takes ~1.4 µs, not ~2.1.
+_new_object = object.__new__
+_set_blob_fields = tuple(
+    getattr(PackedBlob, name).__set__
+    for name in ("id", "type", "offset", "length", "uncompressed_length")
+)
+_set_location_fields = tuple(getattr(BlobLocation, name).__set__ for name in ("pack_id", "blob"))
+
+
+def _packed_blob(
+    blob_id: bytes, kind: BlobType, offset: int, length: int, plain: int | None
+) -> PackedBlob:
+    blob: PackedBlob = _new_object(PackedBlob)
+    set_id, set_type, set_offset, set_length, set_plain = _set_blob_fields
+    set_id(blob, blob_id)
+    set_type(blob, kind)
+    set_offset(blob, offset)
+    set_length(blob, length)
+    set_plain(blob, plain)
+    return blob
 
 
 class IndexBuilder:
