@@ -185,7 +185,7 @@ def _replace_index(repo: Repository, packs: dict[bytes, list[PackedBlob]], old: 
     superseded = [bytes.fromhex(name) for name in old]
     for start in range(0, len(items), INDEX_PACKS_PER_FILE):
         chunk = dict(items[start : start + INDEX_PACKS_PER_FILE])
-        repo.save_unpacked(FileType.INDEX, IndexFile(chunk, superseded).to_json())
+        repo.save_index_file(IndexFile(chunk, superseded))
     for name in old:
         with contextlib.suppress(ObjectNotFound):
             repo.backend.remove(FileType.INDEX, name)

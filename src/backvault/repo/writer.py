@@ -94,6 +94,8 @@ class RepositoryWriter:
         process): writing and syncing a pack is then no longer time it stops working."""
         repo.ensure_index()
         self._fresh = fresh_dedupe
+        # The packs written, for a caller that indexes them itself (a fresh writer's do
+        # not go into the index): a backup's would hold an object per blob it stores.
         self.written_packs: dict[bytes, list[PackedBlob]] = {}
         self.repo = repo
         self.pack_target = pack_target
@@ -156,7 +158,7 @@ class RepositoryWriter:
         """Every blob id ``knows`` (32 bytes each), for worker processes."""
         with self._lock:
             extra = self._reserved | self._written
-        return b"".join(self.repo.blob_ids()) + b"".join(extra)
+        return self.repo.blob_ids_joined() + b"".join(extra)
 
     def _append(
         self,
@@ -269,7 +271,7 @@ class RepositoryWriter:
         return packs
 
     def _save_index(self, index: IndexFile) -> None:
-        self.repo.save_unpacked(FileType.INDEX, index.to_json())
+        self.repo.save_index_file(index)
         with self._lock:
             self.stats.index_files_written += 1
 

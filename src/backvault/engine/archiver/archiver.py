@@ -21,10 +21,9 @@ import shutil
 import socket
 import tempfile
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backvault.engine.archiver.databases import DatabaseCopier
 from backvault.engine.archiver.files_cache import SQLiteStateCache, database_state, unchanged
@@ -48,7 +47,15 @@ from backvault.source.sqlite import (
 )
 
 CHUNK_OVERRIDE_ENV = "BACKVAULT_SQLITE_CHUNK_KIB"
-_Pending = list[tuple[Node, Future[list[bytes]]]]  # files whose content is being stored
+
+
+class _Content(Protocol):
+    """A file's blob ids, when stored (a ``Future``, or ``_Known``)."""
+
+    def result(self) -> list[bytes]: ...
+
+
+_Pending = list[tuple[Node, _Content]]  # files whose content is being stored
 
 
 @dataclass
@@ -349,20 +356,23 @@ class _BackupRun:
 
     def _archive_file(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> Future[list[bytes]]:
+    ) -> _Content:
         self.result.bytes_total += st.st_size
-        same = unchanged(node, previous, self.repo.has_blob)
         # A database in WAL mode changes in its -wal first, so its own stat cannot be
         # trusted: read the header of anything that may be one. An unchanged file with
         # no database name and no WAL or journal beside it is not read at all.
         may_be = looks_like_database(path, os.path.lexists)
-        if (not same or may_be) and is_sqlite_database(path):
+        if may_be and is_sqlite_database(path):
+            return self._archive_sqlite(path, st, node, previous)
+        # (Asked only now: a database's 200 000 blobs are looked up once, by the above.)
+        same = unchanged(node, previous, self.repo.has_blob)
+        if not same and not may_be and is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
         if same:
             assert previous is not None and previous.content is not None
             self.result.files_unmodified += 1
             self.progress.advance(node.size)
-            return _done(list(previous.content))
+            return _Known(list(previous.content))
         if previous is None:
             self.result.files_new += 1
         else:
@@ -373,21 +383,21 @@ class _BackupRun:
 
     def _archive_sqlite(
         self, path: str, st: os.stat_result, node: Node, previous: Node | None
-    ) -> Future[list[bytes]]:
+    ) -> _Content:
         self.result.sqlite_databases += 1
         state = database_state(path, st)
         if (
             self.sqlite_cache.reusable(path, state, previous)
             and previous is not None
             and previous.content is not None
-            and all(self.repo.has_blob(b) for b in previous.content)
+            and self.repo.has_blobs(previous.content)
         ):
             # Neither the database nor its WAL changed since the parent snapshot.
             self.sqlite_cache.keep(path)
             node.size = previous.size
             self.progress.advance(st.st_size)
             self.result.files_unmodified += 1
-            return _done(list(previous.content))
+            return _Known(list(previous.content))
         if previous is None:
             self.result.files_new += 1
         else:
@@ -451,10 +461,17 @@ class _BackupRun:
         self.progress.note(f"cannot read {path}: {message}")
 
 
-def _done(value: list[bytes]) -> Future[list[bytes]]:
-    future: Future[list[bytes]] = Future()
-    future.set_result(value)
-    return future
+class _Known:
+    """The content of a file not read again: known already (a ``Future`` made for each
+    of 12 000 unchanged files took ~5 µs, its lock and condition)."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: list[bytes]) -> None:
+        self._ids = ids
+
+    def result(self) -> list[bytes]:
+        return self._ids
 
 
 def _username() -> str:

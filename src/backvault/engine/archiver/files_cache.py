@@ -32,7 +32,7 @@ def unchanged(node: Node, previous: Node | None, has_blob: Callable[[bytes], boo
         and previous.ctime == node.ctime
         and previous.inode == node.inode
         and previous.content is not None
-        and all(has_blob(b) for b in previous.content)
+        and all(map(has_blob, previous.content))
     )
 
 
