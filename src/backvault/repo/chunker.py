@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import mmap
 import os
+from collections.abc import Iterator
 
 from pyfastcdc import FastCDC
 
@@ -72,11 +73,11 @@ class ContentChunker:
                 return [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
 
 
-def page_ranges(total_size: int, page_size: int, target: int) -> list[tuple[int, int]]:
+def page_ranges(total_size: int, page_size: int, target: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of fixed chunks of whole pages, ``target`` bytes rounded up to a
     page multiple. The target is small (the repository's setting, 8 KiB by default)
     because SQLite rewrites single pages all over the file (b-tree and index updates): a
     chunk is uploaded again whenever any of its pages changed. Chosen by measurement
     (docs/performance.md)."""
     size = max(page_size, (target + page_size - 1) // page_size * page_size)
-    return [(offset, min(size, total_size - offset)) for offset in range(0, total_size, size)]
+    return ((offset, min(size, total_size - offset)) for offset in range(0, total_size, size))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import NamedTuple
 
@@ -49,13 +49,58 @@ _MIN_CHARGE = 256 * 1024
 
 
 class _FileWork:
-    """A file whose pieces are with the workers; ``future`` gives its blob ids."""
+    """A file whose pieces are with the workers; ``future`` gives its blob ids.
 
-    def __init__(self, pieces: int) -> None:
-        self.remaining = pieces
+    Its pieces are counted as they are queued (a database's are made as they go, not
+    listed first: 190 000 ranges took 28 MiB): ``add_piece`` for each, ``queued`` once
+    all are; ``piece_done`` as each comes back. The last of these completes it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._remaining = 1  # the queuing itself, until ``queued``
         self.ids: dict[int, list[bytes]] = {}
         self.error: OSError | None = None
         self.future: Future[list[bytes]] = Future()
+
+    def add_piece(self) -> None:
+        with self._lock:
+            self._remaining += 1
+
+    def queued(self) -> None:
+        self._one_done()
+
+    def piece_done(self) -> None:
+        self._one_done()
+
+    def fail(self, exc: BaseException) -> None:
+        """Queuing its pieces failed: it fails, whatever comes back."""
+        with self._lock:
+            if not self.future.done():
+                self.future.set_exception(exc)
+
+    def _one_done(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining or self.future.done():  # (done: failed as a whole)
+                return
+            if self.error is not None:
+                self.future.set_exception(self.error)
+            else:
+                self.future.set_result([i for n in range(len(self.ids)) for i in self.ids[n]])
+
+
+def _pieces(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[list[tuple[int, int]], int]]:
+    """Ranges in pieces of about _PIECE_BYTES (never empty), each with its size."""
+    piece: list[tuple[int, int]] = []
+    size = 0
+    for offset, length in ranges:
+        if piece and size + length > _PIECE_BYTES:
+            yield piece, size
+            piece, size = [], 0
+        piece.append((offset, length))
+        size += length
+    if piece:
+        yield piece, size
 
 
 class _PieceTag(NamedTuple):
@@ -168,8 +213,9 @@ class SealingPipeline:
     def store_file(self, path: str, size: int) -> Future[list[bytes]]:
         """Queue a file for the workers; its future gives the blob ids of its content."""
         if size <= WHOLE_FILE_MAX:
-            work = _FileWork(1)
+            work = _FileWork()
             self._add_piece(work, 0, Piece(FILE, path), size)
+            work.queued()
             return work.future
         # A large file is cut first (one task), then sealed in pieces by every worker.
         cuts = self.pool.submit(cut_file, path).result()
@@ -178,7 +224,7 @@ class SealingPipeline:
     def store_ranges(
         self,
         path: str,
-        ranges: list[tuple[int, int]],
+        ranges: Iterable[tuple[int, int]],
         compress: bool | None,
         database: bool = False,
         identity: tuple[int, int] | None = None,
@@ -186,27 +232,26 @@ class SealingPipeline:
         """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES
         (``database``: SQLite pages; ``identity``: the (device, inode) the file must
         have, see ``Piece``)."""
-        pieces: list[list[tuple[int, int]]] = [[]]
-        size = 0
-        for offset, length in ranges:
-            if pieces[-1] and size + length > _PIECE_BYTES:
-                pieces.append([])
-                size = 0
-            pieces[-1].append((offset, length))
-            size += length
-        if not pieces[-1]:
-            pieces.pop()
-        work = _FileWork(len(pieces))
-        if not pieces:
-            work.future.set_result([])
-        for index, piece_ranges in enumerate(pieces):
-            piece = Piece(RANGES, path, piece_ranges, compress, database, identity)
-            self._add_piece(work, index, piece, sum(length for _, length in piece_ranges))
+        work = _FileWork()
+        try:
+            for index, (piece_ranges, size) in enumerate(_pieces(ranges)):
+                piece = Piece(RANGES, path, piece_ranges, compress, database, identity)
+                self._add_piece(work, index, piece, size)
+        except BaseException as exc:
+            work.fail(exc)  # its pieces queued so far must not make a whole file
+            raise
+        finally:
+            work.queued()
         return work.future
 
     def _add_piece(self, work: _FileWork, index: int, piece: Piece, size: int) -> None:
         self._raise_packer_error()
-        self._batcher.add(piece, _PieceTag(work, index, size), size)
+        work.add_piece()
+        try:
+            self._batcher.add(piece, _PieceTag(work, index, size), size)
+        except BaseException:
+            work.piece_done()  # never handed out: not waited for
+            raise
 
     def flush(self) -> None:
         """Hand the queued pieces to a worker now (a folder's files are all queued)."""
@@ -241,8 +286,7 @@ class SealingPipeline:
             failed = self._packer_error or failed
             if failed is not None:  # nobody must wait for these files for ever
                 for tag in delivery.pieces:
-                    if not tag.work.future.done():
-                        tag.work.future.set_exception(failed)
+                    tag.work.fail(failed)
 
     def _add_results(self, delivery: _Delivery) -> None:
         exc = delivery.future.exception()
@@ -272,12 +316,7 @@ class SealingPipeline:
                         raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
                 work.ids[index] = [chunk.id for chunk in result]
             self._on_read(size)
-            work.remaining -= 1
-            if work.remaining == 0:
-                if work.error is not None:
-                    work.future.set_exception(work.error)
-                else:
-                    work.future.set_result([i for n in range(len(work.ids)) for i in work.ids[n]])
+            work.piece_done()
 
     def _stop_packer(self) -> None:
         self._results.put(None)
