@@ -303,7 +303,7 @@ def test_chunker_polynomials() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    sizes=st.lists(st.sampled_from([0, 1, 1023, 1024, 3000]), min_size=1, max_size=4),
+    sizes=st.lists(st.sampled_from([0, 1, 1023, 1024, 3000, 4097, 9000]), min_size=1, max_size=4),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_a_tree_with_long_content_lists_is_encoded_as_json_dumps_would(
