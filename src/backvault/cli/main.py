@@ -42,7 +42,6 @@ from backvault.cli.failures import (
     Failure,
     vault_failure,
 )
-from backvault.cli.process_memory import return_freed_memory
 from backvault.cli.ui import shown
 from backvault.crypto import recovery_key
 from backvault.device.environment import EnvironmentSettings
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True)
     # Before any thread or child process exists: children inherit no secret variables.
     withdraw_secrets_from_environment()
-    return_freed_memory()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 
