@@ -219,6 +219,6 @@ def test_the_reused_encryptor_gives_the_keystream_of_a_fresh_one() -> None:
     for length in (1, 15, 16, 17, 8191, 8192, 100_003, 0, 33):
         iv, data = os.urandom(16), os.urandom(length)
         fresh = Cipher(algorithms.AES(key.encrypt), modes.CTR(iv)).encryptor().update(data)
-        assert key._ctr(iv, data) == fresh
+        assert key._ctr(iv).update(data) == fresh
         sealed = key.seal(data)
         assert key.open(sealed) == data

@@ -34,6 +34,7 @@ from backvault.repo.format import BlobType, Config, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
 from backvault.storage import BackendSpec, open_backend_from_spec
+from backvault.storage.local import read_into
 
 FILE = "file"
 RANGES = "ranges"
@@ -198,24 +199,11 @@ def _read_buffer(size: int) -> memoryview:
     return memoryview(buffer)[:size]
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``, up to the end of the file; how many bytes were read.
-    One call may return fewer bytes than asked before the end (FUSE file systems with
-    direct I/O, network file systems): only a read of none is the end."""
-    got = 0
-    while got < len(view):
-        read = os.preadv(fd, [view[got:]], offset + got)
-        if read == 0:
-            break
-        got += read
-    return got
-
-
 def _read_whole(fd: int) -> memoryview:
     """A whole (small) file, into this thread's reading buffer (see ``_read_buffer``)."""
     size = os.fstat(fd).st_size
     view = _read_buffer(size + 1)  # one byte more: a file that grew is read to its end
-    got = _read_into(fd, view, 0)
+    got = read_into(fd, view, 0)
     if got > size:  # it grew while being read: as it is now, whatever its size
         chunks = [bytes(view[:got])]
         while chunk := os.pread(fd, 1024 * 1024, sum(len(c) for c in chunks)):
@@ -236,7 +224,7 @@ def _read_ranges(fd: int, path: str, ranges: list[tuple[int, int]]) -> Iterable[
             span += ranges[end][1]
             end += 1
         view = _read_buffer(span)
-        if _read_into(fd, view, offset) != span:
+        if read_into(fd, view, offset) != span:
             raise OSError(errno.EIO, "it shrank while it was being read; back up again", path)
         position = 0
         for _, length in ranges[start:end]:

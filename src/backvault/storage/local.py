@@ -23,6 +23,19 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o400  # objects are immutable, as restic writes them
 
 
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` of ``fd``, up to the end of the file; how many bytes
+    were read. One call may return fewer bytes than asked before the end (FUSE file
+    systems with direct I/O, network file systems): only a read of none is the end."""
+    got = 0
+    while got < len(view):
+        read = os.preadv(fd, [view[got:]], offset + got)
+        if read == 0:
+            break
+        got += read
+    return got
+
+
 class LocalBackend(Backend):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root: Path = Path(path).expanduser().absolute()
@@ -108,13 +121,7 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         try:
-            done = 0
-            while done < len(into):
-                n = os.preadv(fd, [into[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-            return done
+            return read_into(fd, into, offset)
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         finally:
