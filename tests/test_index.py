@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterable
 
 import pytest
@@ -304,3 +305,66 @@ def test_locations_are_made_as_their_classes_make_them() -> None:
     assert found is not None and found.blob.compressed and found.blob.plaintext_length == 99
     with pytest.raises(AttributeError):
         found.blob.offset = 8  # type: ignore[misc]
+
+
+def _assert_same_answers(restored: Index, original: Index, probes: Iterable[bytes]) -> None:
+    for blob_id in probes:
+        for kind in (None, BlobType.DATA, BlobType.TREE):
+            assert restored.lookup(blob_id, kind) == original.lookup(blob_id, kind)
+        assert restored.has(blob_id) == original.has(blob_id)
+    assert sorted(restored.ids()) == sorted(original.ids())
+    assert restored.row_count() == original.row_count()
+    # A saved state lists every pack as index files do (sorted by offset, a blob at one
+    # offset once): what ``packs`` of packs added whole may list otherwise is not kept.
+    assert {pack: sorted(map(repr, blobs)) for pack, blobs in restored.packs.items()} == {
+        pack: sorted({repr(b) for b in blobs}) for pack, blobs in original.packs.items()
+    }
+
+
+@pytest.mark.parametrize(("seed", "regroup_min"), [(s, m) for s in range(4) for m in (1, 10_000)])
+def test_a_saved_state_answers_as_the_index_did(
+    monkeypatch: pytest.MonkeyPatch, seed: int, regroup_min: int
+) -> None:
+    """``from_state(to_state())`` of an index, with packs added after loading that wait in
+    the recent dict or were regrouped, answers every lookup as the index did; and the two
+    keep answering alike as packs and index files are added to both."""
+    monkeypatch.setattr(index_module, "_REGROUP_MIN", regroup_min)
+    rng = random.Random(seed)
+    original = Index.of_files(_random_files(rng, files=3))
+    loaded = original.ids()
+    for _ in range(5):
+        blobs = [
+            PackedBlob(
+                rng.choice(loaded) if rng.random() < 0.3 else rng.randbytes(32),
+                rng.choice([BlobType.DATA, BlobType.TREE]),
+                i * 100,
+                100,
+                rng.choice([None, 300]),
+            )
+            for i in range(rng.randrange(1, 8))
+        ]
+        original.add_pack(rng.randbytes(32), blobs)
+    restored = Index.from_state(original.to_state())
+    probes = [*original.ids(), *(rng.randbytes(32) for _ in range(30))]
+    _assert_same_answers(restored, original, probes)
+    # Index files read after the state was saved.
+    later = _random_files(rng, files=2)
+    for index in (original, restored):
+        index.add_files(c for f in later for c in index_columns(f.to_json()))
+    probes += [b.id for f in later for blobs in f.packs.values() for b in blobs]
+    _assert_same_answers(restored, original, probes)
+    assert Index.from_state(Index().to_state()).ids() == []
+
+
+def test_a_saved_state_cut_short_or_of_another_version_is_refused() -> None:
+    state = Index.of_files(_random_files(random.Random(7), files=2)).to_state()
+    for bad in (
+        state[:-1],
+        state + b"\0",
+        state[:40],
+        b"",
+        state.replace(b"state 1", b"state 2", 1),
+        state.replace(sys.byteorder.encode(), b"middle", 1),
+    ):
+        with pytest.raises(FormatError):
+            Index.from_state(bad)

@@ -38,6 +38,7 @@ from backvault.cli.context import Context, pass_context
 from backvault.cli.failures import ERASED_MESSAGE, EXIT_WRONG_KEY, fail
 from backvault.cli.process_memory import return_freed_memory
 from backvault.cli.prompts import ask_key, key_from_env, read_password
+from backvault.device.index_cache import IndexCacheFile
 from backvault.device.settings import VaultSettings
 from backvault.repo.lock import RepositoryLock
 from backvault.repo.repository import Repository
@@ -76,20 +77,40 @@ def opened(ctx: Context, lock: Lock) -> Iterator[Repository]:
         yield repo
 
 
-def with_repository(lock: LockPolicy) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def with_repository(
+    lock: LockPolicy, index_cache: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a command that works on the repository: it is called as
     ``command(ctx, repo, **params)`` with the lock ``lock`` held. Options whose values must
-    be checked before the key is asked for check them in their click callback."""
+    be checked before the key is asked for check them in their click callback.
+
+    ``index_cache``: the command reads the index through this device's index cache, and
+    writes it at the end if the index changed (backup, restore, ls: not check, prune or
+    repair, which read every index file or rewrite them)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def run(ctx: Context, **params: Any) -> Any:
             with opened(ctx, lock(params) if callable(lock) else lock) as repo:
-                return command(ctx, repo, **params)
+                if not index_cache:
+                    return command(ctx, repo, **params)
+                repo.index_cache = IndexCacheFile.of_repository(repo.config.id)
+                result = command(ctx, repo, **params)
+                store_index_cache(ctx, repo)
+                return result
 
         return pass_context(run)
 
     return decorate
+
+
+def store_index_cache(ctx: Context, repo: Repository) -> None:
+    """Write the index cache after a command that succeeded; a cache that cannot be
+    written costs the next run time, not this one its result."""
+    try:
+        repo.store_index_cache()
+    except OSError as exc:
+        ctx.warn(f"warning: could not write the index cache ({exc}); the next run reads the index")
 
 
 def open_repo(ctx: Context) -> Repository:

@@ -15,7 +15,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 IV_SIZE = 16
@@ -74,6 +76,14 @@ class Key:
         if len(material) != 64:
             raise ValueError("need 64 bytes of key material")
         return cls(material[:32], material[32:48], material[48:64])
+
+    def derive(self, purpose: bytes) -> Key:
+        """A key of its own for ``purpose`` (HKDF-SHA256 of this key): what this device seals
+        for itself never opens as, or passes for, the repository's data."""
+        material = HKDF(
+            hashes.SHA256(), 64, salt=None, info=b"backvault key for " + purpose
+        ).derive(self.encrypt + self.mac_k + self.mac_r)
+        return Key.from_derived_bytes(material)
 
     def to_json(self) -> dict[str, Any]:
         """The master key document inside a key file's ``data``."""

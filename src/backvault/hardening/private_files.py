@@ -41,13 +41,19 @@ def make_private_dir(path: Path) -> str | None:
 
 
 def write_private_file(
-    path: Path, data: bytes | str, *, exclusive: bool = False, private_folder: bool = True
+    path: Path,
+    data: bytes | str,
+    *,
+    exclusive: bool = False,
+    private_folder: bool = True,
+    durable: bool = True,
 ) -> None:
     """Write ``data`` (text is UTF-8) to ``path`` as a 0600 file in a 0700 folder,
     atomically and durably. With ``exclusive``, raise FileExistsError rather than replace
     a file already there (a new key must never overwrite another). With ``private_folder``
     False, a folder that is not ours to tighten (systemd's unit folder) is created if
-    missing but its mode left alone."""
+    missing but its mode left alone. With ``durable`` False (a cache, which a crash may
+    lose), nothing is flushed to disk: the rename still replaces the old file whole."""
     content = data.encode() if isinstance(data, str) else data
     if private_folder:
         make_private_dir(path.parent)
@@ -60,7 +66,8 @@ def write_private_file(
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if exclusive:
             os.link(temporary, path)
         else:
@@ -68,7 +75,8 @@ def write_private_file(
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def wipe_file(path: Path, *, best_effort: bool = True) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import sys
 import threading
 from array import array
@@ -41,6 +42,8 @@ _BUCKETS = 1 << 16  # buckets by an id's first two bytes: a few ids each at 10^5
 _REGROUP_MIN = 4096
 _COPY_IDS = 16384
 _ZEROS = [0] * _BUCKETS
+# What a saved index starts with: its version, and the byte order of its numbers.
+_STATE_MAGIC = f"backvault index state 1 {sys.byteorder}\n".encode()
 
 
 # A pack of an index file: its id, its blobs' ids (32 bytes each, back to back), type
@@ -179,14 +182,107 @@ class Index:
             self._added_packs[self._pack_numbers[pack_id]] = added
             if self._packs is not None:
                 self._packs[pack_id] = blobs
+            self._look_up_added(added)
+
+    def add_files(self, packs: Iterable[IndexColumns]) -> None:
+        """Packs of index files read after this index was made (from a saved state)."""
+        with self._lock:
+            first = len(self._types)
+            for columns in packs:
+                self._append_columns(columns)
+            self._packs = None  # made again when asked for
+            self._look_up_added(range(first, len(self._types)))
+
+    def _look_up_added(self, added: range) -> None:
+        """Make rows just appended findable: regrouped with the others if there are enough
+        of them, else through the dicts of recent rows."""
+        lookup = self._lookup
+        if len(self._types) - len(lookup.rows) >= max(_REGROUP_MIN, len(lookup.rows) // 4):
+            self._regroup()
+            return
+        self._note_recent(lookup, added)
+
+    def _note_recent(self, lookup: _Lookup, added: range) -> None:
+        ungrouped, base, types = self._ungrouped_ids, len(lookup.rows), self._types
+        for row in added:
+            at = ID_SIZE * (row - base)
+            blob_id = bytes(ungrouped[at : at + ID_SIZE])
+            first = lookup.recent.setdefault(blob_id, row)
+            if first != row and types[first] != types[row]:
+                lookup.recent_other_type.setdefault(blob_id, row)
+
+    def row_count(self) -> int:
+        """How many listings of blobs the index holds (a blob listed twice counts twice)."""
+        return len(self._types)
+
+    # --- a saved state -------------------------------------------------------------------
+
+    def to_state(self) -> bytes:
+        """The index as bytes ``from_state`` makes it again from, without decoding or
+        grouping anything (the local index cache: a database's 200 000 blobs are ~13 MB,
+        read back in ~0.03 s where their index files take ~0.5 s)."""
+        with self._lock:
             lookup = self._lookup
-            if len(self._types) - len(lookup.rows) >= max(_REGROUP_MIN, len(lookup.rows) // 4):
-                self._regroup()
-                return
-            for row, blob in zip(added, blobs, strict=True):
-                first = lookup.recent.setdefault(blob.id, row)
-                if first != row and self._types[first] != self._types[row]:
-                    lookup.recent_other_type.setdefault(blob.id, row)
+            counts = (len(self._pack_ids), len(self._types), len(lookup.rows))
+            return b"".join(
+                [
+                    _STATE_MAGIC,
+                    struct.pack("<3Q", *counts),
+                    *self._pack_ids,
+                    self._pack_of.tobytes(),
+                    bytes(self._types),
+                    self._offsets.tobytes(),
+                    self._lengths.tobytes(),
+                    self._plain_lengths.tobytes(),
+                    lookup.ids,
+                    lookup.rows.tobytes(),
+                    lookup.starts.tobytes(),
+                    bytes(self._ungrouped_ids),
+                ]
+            )
+
+    @classmethod
+    def from_state(cls, state: bytes | memoryview) -> Index:
+        """The index ``to_state`` saved (of a machine of the same byte order);
+        FormatError if ``state`` is not one whole."""
+        view = memoryview(state)
+        if bytes(view[: len(_STATE_MAGIC)]) != _STATE_MAGIC:
+            raise FormatError("not a saved index of this version and byte order")
+        at = len(_STATE_MAGIC) + 24
+        if len(view) < at:
+            raise FormatError("saved index truncated")
+        packs, rows, grouped = struct.unpack("<3Q", view[len(_STATE_MAGIC) : at])
+        # The byte size of each part, in the order ``to_state`` joins them.
+        sizes = [ID_SIZE * packs, 4 * rows, rows, 8 * rows, 8 * rows, 8 * rows]
+        sizes += [ID_SIZE * grouped, 4 * grouped, 8 * (_BUCKETS + 1), ID_SIZE * (rows - grouped)]
+        if grouped > rows or len(view) != at + sum(sizes):
+            raise FormatError("saved index has the wrong length")
+        parts = []
+        for size in sizes:
+            parts.append(view[at : at + size])
+            at += size
+        pack_ids, pack_of, types, offsets, lengths, plain, ids, grouped_rows, starts, rest = parts
+        index = cls()
+        index._pack_ids = [
+            bytes(pack_ids[i : i + ID_SIZE]) for i in range(0, len(pack_ids), ID_SIZE)
+        ]
+        index._pack_numbers = {pack_id: n for n, pack_id in enumerate(index._pack_ids)}
+        index._pack_of.frombytes(pack_of)
+        index._types = bytearray(types)
+        index._offsets.frombytes(offsets)
+        index._lengths.frombytes(lengths)
+        index._plain_lengths.frombytes(plain)
+        lookup = _Lookup(bytes(ids), array("I", bytes(grouped_rows)), array("Q", bytes(starts)))
+        # Cheap checks that every lookup stays in bounds (the state is authenticated by
+        # its reader; these catch a writer's mistake, not an attacker).
+        if lookup.starts[-1] != len(lookup.ids) or (rows and max(index._pack_of) >= packs):
+            raise FormatError("saved index is inconsistent")
+        if (grouped and max(lookup.rows) >= rows) or set(index._types) - {0, 1}:
+            raise FormatError("saved index is inconsistent")
+        index._lookup = lookup
+        index._ungrouped_ids = bytearray(rest)
+        index._note_recent(lookup, range(grouped, rows))
+        return index
 
     # --- looking up ----------------------------------------------------------------------
 

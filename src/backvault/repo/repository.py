@@ -25,6 +25,7 @@ from backvault.repo.blobs import BlobLocation, BlobReader, check_blob_size, deco
 from backvault.repo.errors import DamagedObject, NotARepository, RepositoryError, WrongKey
 from backvault.repo.format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
 from backvault.repo.index import Index, IndexBuilder, IndexColumns, index_columns_of_json
+from backvault.repo.index_cache import IndexCacheStore, open_index_cache, seal_index_cache
 from backvault.repo.keys import KeySlot
 from backvault.repo.polynomial import random_irreducible
 from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
@@ -50,6 +51,14 @@ class Repository:
         self._scanned_unindexed = False
         self._scan_lock = threading.Lock()
         self._index_loaded = False
+        # The local index cache, if the caller keeps one (the CLI does): read by
+        # ``ensure_index``, written by ``store_index_cache``.
+        self.index_cache: IndexCacheStore | None = None
+        # The index files whose blobs are what the index holds, and how many listings
+        # they have: the cache is written only while the index is exactly them.
+        self._indexed_names: list[str] = []
+        self._indexed_rows = 0
+        self._cache_current = False
         self._tree_cache: LRUCache[bytes, list[Node]] = LRUCache(
             TREE_CACHE_NODES, getsizeof=_tree_cost
         )
@@ -172,7 +181,12 @@ class Repository:
 
     def save_index_file(self, index: IndexFile) -> str:
         """``save_unpacked`` of ``index.to_json()``, without that document."""
-        return self._save_plaintext(FileType.INDEX, index.encode())
+        name = self._save_plaintext(FileType.INDEX, index.encode())
+        with self._scan_lock:
+            self._indexed_names.append(name)
+            self._indexed_rows += sum(map(len, index.packs.values()))
+            self._cache_current = False
+        return name
 
     def _save_plaintext(self, kind: FileType, plaintext: bytes) -> str:
         raw = self.key.seal(plaintext)
@@ -184,24 +198,78 @@ class Repository:
 
     def load_index(self, errors: list[DamagedObject] | None = None) -> None:
         """Read every index file. Damaged ones are collected in ``errors`` if given."""
+        self._load_index(errors, use_cache=False)
+
+    def _load_index(self, errors: list[DamagedObject] | None, use_cache: bool) -> None:
         names = [name for name, _ in self.backend.list(FileType.INDEX)]
+        cached = self._cached_index(names) if use_cache else None
+        covered: set[str] = set()
+        if cached is not None:
+            covered = set(cached[0])
+        to_read = [name for name in names if name not in covered]
         # Files are read and decrypted 2 at a time, and decoded one at a time (decoding
         # holds the GIL anyway): each is held whole until decoded, and a file of 100 000
         # blobs is 15 MB of JSON.
         decoding = threading.Lock()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(pool.map(lambda name: self._try_load_index_file(name, decoding), names))
+            results = list(
+                pool.map(lambda name: self._try_load_index_file(name, decoding), to_read)
+            )
         builder = IndexBuilder()
-        for result in results:
+        read: list[str] = []
+        new_packs: list[IndexColumns] = []
+        for name, result in zip(to_read, results, strict=True):
             if isinstance(result, DamagedObject):
                 if errors is None:
                     raise result
                 errors.append(result)
                 continue
-            builder.add_columns(result)
+            read.append(name)
+            if cached is None:
+                builder.add_columns(result)
+            else:
+                new_packs.extend(result)
         del results
-        self._index = builder.finish()
+        if cached is None:
+            self._index = builder.finish()
+            self._indexed_names = read
+        else:
+            self._index = cached[1]
+            self._index.add_files(new_packs)
+            self._indexed_names = cached[0] + read
+        del new_packs
+        self._indexed_rows = self._index.row_count()
+        # A cache that had every file listed now (and no more) need not be written again.
+        self._cache_current = cached is not None and not read and len(covered) == len(names)
         self._index_loaded = True
+
+    def _cached_index(self, names: list[str]) -> tuple[list[str], Index] | None:
+        """The cached index, if there is one and every file it was made of is listed."""
+        sealed = self.index_cache.load() if self.index_cache is not None else None
+        if sealed is None:
+            return None
+        cached = open_index_cache(self.key, sealed)
+        del sealed
+        if cached is None or not set(cached[0]) <= set(names):
+            return None  # made for another repository, damaged, or the index was rewritten
+        return cached
+
+    def store_index_cache(self) -> bool:
+        """Write the local index cache, if there is a store for it and the index is
+        exactly the index files it was read from and this run wrote (not after packs were
+        indexed from their headers, nor by a writer that leaves its index to its caller).
+        OSError if the store cannot keep it. Whether it was written."""
+        if (
+            self.index_cache is None
+            or not self._index_loaded
+            or self._cache_current
+            or self._scanned_unindexed
+            or self._index.row_count() != self._indexed_rows
+        ):
+            return False
+        self.index_cache.save(seal_index_cache(self.key, self._indexed_names, self._index))
+        self._cache_current = True
+        return True
 
     def _try_load_index_file(
         self, name: str, decoding: threading.Lock
@@ -224,7 +292,7 @@ class Repository:
         damage)."""
         if not self._index_loaded:
             errors: list[DamagedObject] = []
-            self.load_index(errors=errors)
+            self._load_index(errors, use_cache=True)
             if errors:
                 self._scanned_unindexed = True
                 self.index_unindexed_packs()

@@ -20,7 +20,7 @@ from backvault.repo.repository import Repository
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
 @click.option("--host", help="Hostname to record (default: this machine's).")
-@with_repository(lock=Lock.SHARED)
+@with_repository(lock=Lock.SHARED, index_cache=True)
 def backup(
     ctx: Context, repo: Repository, paths: tuple[str, ...], tags: tuple[str, ...], host: str | None
 ) -> None:
@@ -96,7 +96,7 @@ def snapshots(ctx: Context, repo: Repository) -> None:
 
 @click.command("ls")
 @click.argument("snapshot")
-@with_repository(lock=Lock.NONE)
+@with_repository(lock=Lock.NONE, index_cache=True)
 def ls_command(ctx: Context, repo: Repository, snapshot: str) -> None:
     """List the files in SNAPSHOT (an ID or 'latest')."""
     listing = list_snapshot(repo, snapshot)
@@ -119,7 +119,7 @@ def ls_command(ctx: Context, repo: Repository, snapshot: str) -> None:
     is_flag=True,
     help="Restore even if the target's file system has less free space than it needs.",
 )
-@with_repository(lock=Lock.NONE)
+@with_repository(lock=Lock.NONE, index_cache=True)
 def restore(
     ctx: Context,
     repo: Repository,
