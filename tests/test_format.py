@@ -6,12 +6,15 @@ import json
 import random
 import re
 import stat
+import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backvault.repo import format as fmt
+from backvault.repo import timefmt
 from backvault.repo.format import BlobType, IndexFile, Lock, Node, PackedBlob, Snapshot
 from backvault.repo.polynomial import is_irreducible, random_irreducible
 from backvault.repo.timefmt import format_ns, parse_ns
@@ -270,6 +273,35 @@ def test_restic_node_json_shape() -> None:
 def test_time_round_trip(ns: int) -> None:
     assert parse_ns(format_ns(ns)) == ns
     assert parse_ns(format_ns(ns, local=False)) == ns
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/St_Johns", "Asia/Kolkata"])
+def test_times_format_as_through_datetime(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """The fast path of ``format_ns`` writes what the datetime one did, in zones with
+    summer time, half-hour offsets and none, for times before 1970 too."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    timefmt._whole_seconds.cache_clear()
+    try:
+        rng = random.Random(zone)
+        times = [0, 1, -1, 10**9, -(10**9), 1_711_846_800 * 10**9, 253_402_300_799 * 10**9]
+        times += [rng.randrange(-(2**61), 2**61) for _ in range(3000)]
+        for ns in times:
+            for local in (True, False):
+                assert _formatted(format_ns, ns, local) == _formatted(
+                    timefmt._format_ns_by_datetime, ns, local
+                ), ns
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+        timefmt._whole_seconds.cache_clear()
+
+
+def _formatted(how: Callable[[int, bool], str], ns: int, local: bool) -> str:
+    try:
+        return how(ns, local)
+    except OverflowError:
+        return "out of range"
 
 
 def test_time_parses_restic_forms() -> None:

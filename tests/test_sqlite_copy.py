@@ -18,6 +18,7 @@ from backvault.source.sqlite import (
     is_sqlite_database,
     page_size_of,
 )
+from tests.conftest import Cli, InitRepo
 
 WRITER = """
 import random, sqlite3, sys, time
@@ -147,3 +148,35 @@ def test_a_database_held_in_place_stays_the_snapshot_when_the_app_closes_it(
     db = sqlite3.connect(path)  # and nothing of the app's is lost
     assert db.execute("SELECT count(*) FROM m WHERE body = 'after'").fetchone()[0] == 200
     db.close()
+
+
+def test_a_database_without_a_database_name_whose_wal_alone_changed_is_read_again(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    """Its own stat does not change while its WAL takes the new rows: the WAL beside it
+    in its folder's listing is what makes the backup read it again."""
+    source = tmp_path / "source"
+    source.mkdir()
+    path = source / "chatlog"  # no database name: only the WAL beside it tells
+    _wal_database(path, rows=200)
+    app = sqlite3.connect(path)
+    app.execute("PRAGMA wal_autocheckpoint=0")
+    app.execute("INSERT INTO m(body) VALUES ('first')")
+    app.commit()
+    app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the WAL is there, empty
+    assert Path(f"{path}-wal").stat().st_size == 0
+    run = ("-r", str(repo.path))
+    cli.ok(*run, "backup", str(source), key=repo.key)
+    before = path.stat()
+    app.execute("INSERT INTO m(body) VALUES ('second')")
+    app.commit()
+    after = path.stat()
+    assert (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+    cli.ok(*run, "backup", str(source), key=repo.key)
+    app.close()
+    target = tmp_path / "restored"
+    cli.ok(*run, "restore", "latest", "--target", str(target), key=repo.key)
+    restored = sqlite3.connect(target / str(path).lstrip("/"))
+    bodies = [row[0] for row in restored.execute("SELECT body FROM m WHERE id > 200")]
+    restored.close()
+    assert bodies == ["first", "second"]

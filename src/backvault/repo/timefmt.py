@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,6 +15,47 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def format_ns(ns: int, local: bool = True) -> str:
     """Format ns since the epoch like Go's time.RFC3339Nano (trailing zeros trimmed)."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    whole = _whole_seconds(seconds, local)
+    if whole is None:
+        return _format_ns_by_datetime(ns, local)
+    text, zone = whole
+    if fraction:
+        return f"{text}.{fraction:09d}".rstrip("0") + zone
+    return text + zone
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _whole_seconds(seconds: int, local: bool) -> tuple[str, str] | None:
+    """A time's text to the second, and its zone; None for times ``time`` cannot take.
+    A backup formats three times of every file (a no-change backup of 20 000 files spent
+    0.2 s in datetime's way): files copied or made together share their seconds, and
+    these are time's C calls. (The zone is read once per process: a test that changes TZ
+    clears this cache.)"""
+    try:
+        if local:
+            dst = time.localtime(seconds).tm_isdst > 0
+            offset = -(time.altzone if dst else time.timezone)
+        else:
+            offset = 0
+        fields = time.gmtime(seconds + offset)
+    except (OverflowError, OSError, ValueError):
+        return None
+    if not 1 <= fields.tm_year <= 9999:
+        return None
+    text = (
+        f"{fields.tm_year:04d}-{fields.tm_mon:02d}-{fields.tm_mday:02d}T"
+        f"{fields.tm_hour:02d}:{fields.tm_min:02d}:{fields.tm_sec:02d}"
+    )
+    if not offset:
+        return text, "Z"
+    minutes = offset // 60
+    sign = "+" if minutes >= 0 else "-"
+    return text, f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _format_ns_by_datetime(ns: int, local: bool) -> str:
+    """``format_ns`` through datetime (times ``time``'s calls do not take)."""
     seconds, fraction = divmod(ns, 1_000_000_000)
     dt = _EPOCH + timedelta(seconds=seconds)
     if local:

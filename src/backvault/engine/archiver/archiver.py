@@ -334,7 +334,7 @@ class _BackupRun:
         ):
             if is_sidecar(path, entry.name, names):
                 continue  # its content is inside the database's consistent copy
-            node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending)
+            node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending, names)
             if node is not None:
                 archived[entry.name] = node
         nodes = [archived[e.name] for e in entries if e.name in archived]
@@ -342,8 +342,14 @@ class _BackupRun:
         return self._finish_tree(nodes, pending, parent_tree, old)
 
     def _archive_entry(
-        self, path: str, name: str, previous: Node | None, pending: _Pending
+        self,
+        path: str,
+        name: str,
+        previous: Node | None,
+        pending: _Pending,
+        siblings: set[str] | None = None,
     ) -> Node | None:
+        """``siblings``: the names in the entry's folder, as listed (None: not listed)."""
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -358,7 +364,7 @@ class _BackupRun:
             elif node.type == "symlink":
                 node.linktarget = os.readlink(path)
             elif node.type == "file":
-                pending.append((node, self._archive_file(path, st, node, previous)))
+                pending.append((node, self._archive_file(path, st, node, previous, siblings)))
             elif node.type in ("dev", "chardev"):
                 node.device = st.st_rdev
         except OSError as exc:
@@ -369,13 +375,24 @@ class _BackupRun:
     # --- files -----------------------------------------------------------------------
 
     def _archive_file(
-        self, path: str, st: os.stat_result, node: Node, previous: Node | None
+        self,
+        path: str,
+        st: os.stat_result,
+        node: Node,
+        previous: Node | None,
+        siblings: set[str] | None,
     ) -> _Content:
         self.result.bytes_total += st.st_size
         # A database in WAL mode changes in its -wal first, so its own stat cannot be
         # trusted: read the header of anything that may be one. An unchanged file with
-        # no database name and no WAL or journal beside it is not read at all.
-        may_be = looks_like_database(path, os.path.lexists)
+        # no database name and no WAL or journal beside it is not read at all. Its
+        # folder's listing tells (three stats a file cost a no-change backup of 20 000
+        # files 0.17 s): a WAL made since the listing is seen by the next backup, as one
+        # made just after a stat would be.
+        if siblings is None:
+            may_be = looks_like_database(path, os.path.lexists)
+        else:
+            may_be = looks_like_database(node.name, siblings.__contains__)
         if may_be and is_sqlite_database(path):
             return self._archive_sqlite(path, st, node, previous)
         # (Asked only now: a database's 200 000 blobs are looked up once, by the above.)
