@@ -580,3 +580,24 @@ def test_every_listed_command_loads_under_its_name() -> None:
     for name in COMMANDS:
         command = group.get_command(ctx, name)
         assert command is not None and command.name == name
+
+
+def test_check_names_a_missing_pack_and_a_pack_of_the_wrong_size(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    source = make_tree(tmp_path / "src")
+    run = ("-r", str(repo.path))
+    cli.ok(*run, "backup", str(source), key=repo.key)
+    packs = sorted(p for p in (repo.path / "data").rglob("*") if p.is_file())
+    assert len(packs) >= 2
+    missing, grown = packs[0], packs[1]
+    os.chmod(missing, 0o600)
+    missing.unlink()
+    os.chmod(grown, 0o600)
+    size = grown.stat().st_size
+    with grown.open("ab") as handle:
+        handle.write(b"\0" * 7)
+    checked = cli.run(*run, "check", key=repo.key)
+    assert checked.code != 0
+    assert f"data/{missing.name} is missing (listed in the index)" in checked.err
+    assert f"data/{grown.name} has {size + 7} bytes, the index implies {size}" in checked.err

@@ -106,6 +106,9 @@ def _assert_same(compact: Index, reference: DictIndex, probes: Iterable[bytes]) 
     for blob_id in probes:
         assert compact.has_all([*reference.blobs, blob_id]) == (blob_id in reference.blobs)
     assert compact.packs == reference.packs
+    listed = compact.pack_lister()
+    assert {pack_id: listed(pack_id) for pack_id in compact.pack_ids()} == reference.packs
+    assert listed(bytes(32)) is None or bytes(32) in reference.packs
 
 
 @pytest.mark.parametrize("seed", range(8))

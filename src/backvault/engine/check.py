@@ -67,18 +67,21 @@ class Checker:
         errors: list[DamagedObject] = []
         self.repo.load_index(errors=errors)
         self.result.errors.extend(str(e) for e in errors)
-        packs = self.repo.indexed_packs()
+        # Each pack's blobs made when wanted, not all kept (~40 MB for a big database).
+        pack_ids = self.repo.indexed_pack_ids()
+        indexed_blobs = self.repo.indexed_pack_lister()
         stored = dict(self.repo.backend.list(FileType.DATA))
-        for pack_id, blobs in packs.items():
+        for pack_id in pack_ids:
             name = pack_id.hex()
             if name not in stored:
                 self.result.errors.append(f"data/{name} is missing (listed in the index)")
-            elif stored[name] != expected_pack_size(blobs):
+                continue
+            expected = expected_pack_size(indexed_blobs(pack_id) or [])
+            if stored[name] != expected:
                 self.result.errors.append(
-                    f"data/{name} has {stored[name]} bytes, the index implies "
-                    f"{expected_pack_size(blobs)}"
+                    f"data/{name} has {stored[name]} bytes, the index implies {expected}"
                 )
-        indexed = {p.hex() for p in packs}
+        indexed = {p.hex() for p in pack_ids}
         for name in stored:
             if name not in indexed:
                 self.result.warnings.append(
@@ -89,7 +92,7 @@ class Checker:
         self._check_snapshots_and_trees()
         if read_data:
             chosen = [name for name in sorted(stored) if subset is None or subset(name)]
-            self._read_packs(chosen, stored, packs)
+            self._read_packs(chosen, stored, indexed_blobs)
         return self.result
 
     def _check_snapshots_and_trees(self) -> None:
@@ -108,7 +111,7 @@ class Checker:
                     raise _TreeProblem("tree", tree_id, "is not in any index")
                 if location.blob.type is not BlobType.TREE:
                     raise _TreeProblem("blob", tree_id, "is not a tree")
-                nodes = self.repo.load_tree(tree_id)
+                nodes = self.repo.load_tree(tree_id, keep=False)  # each tree read once
                 self.result.trees += 1
                 shapes[tree_id] = fmt.TreeShape.of(nodes)
                 return nodes
@@ -167,7 +170,10 @@ class Checker:
         return self.repo.lookup(blob_id, BlobType.DATA) or self.repo.lookup(blob_id)
 
     def _read_packs(
-        self, names: list[str], sizes: dict[str, int], packs: dict[bytes, list[PackedBlob]]
+        self,
+        names: list[str],
+        sizes: dict[str, int],
+        indexed_blobs: Callable[[bytes], list[PackedBlob] | None],
     ) -> None:
         """Read whole packs on every core (see ``parallel.reader_pool``), a few at a time."""
         pool = reader_pool(self.repo.backend, self.repo.key)
@@ -185,7 +191,7 @@ class Checker:
                 if not window:
                     break
                 name, future = window.popleft()
-                self._add_pack_report(name, future.result(), packs.get(bytes.fromhex(name)))
+                self._add_pack_report(name, future.result(), indexed_blobs(bytes.fromhex(name)))
         finally:
             pool.shutdown(cancel=True)
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -312,6 +312,13 @@ class Repository:
             added += 1
         return added
 
+    def indexed_pack_ids(self) -> list[bytes]:
+        return self._index.pack_ids()
+
+    def indexed_pack_lister(self) -> Callable[[bytes], list[PackedBlob] | None]:
+        """``indexed_packs().get``, without all of them at once (``Index.pack_lister``)."""
+        return self._index.pack_lister()
+
     def indexed_packs(self) -> dict[bytes, list[PackedBlob]]:
         """Every pack the index files list, with all its blobs (duplicates included)."""
         return self._index.packs
@@ -397,7 +404,10 @@ class Repository:
             raise DamagedObject(label, "the pack is truncated")
         return self.decrypt_blob(location.blob, sealed, label)
 
-    def load_tree(self, tree_id: bytes) -> list[Node]:
+    def load_tree(self, tree_id: bytes, keep: bool = True) -> list[Node]:
+        """A tree's nodes, from the tree cache or read; ``keep`` False: not added to the
+        cache (a walk that reads each tree once: ``check``, whose trees of big databases
+        held ~26 MB each there for nothing)."""
         with self._tree_cache_lock:
             cached = self._tree_cache.get(tree_id)
             if cached is not None:
@@ -413,7 +423,7 @@ class Repository:
             nodes = fmt.tree_nodes(document)
         except fmt.FormatError as exc:
             raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
-        if _tree_cost(nodes) > TREE_CACHE_NODES // 4:
+        if not keep or _tree_cost(nodes) > TREE_CACHE_NODES // 4:
             return nodes  # a huge folder would push out everything else: not kept
         with self._tree_cache_lock:
             self._tree_cache.setdefault(tree_id, nodes)
