@@ -83,7 +83,7 @@ def _process_context() -> Any:
 
 
 # What worker processes run: imported once by the fork server (the first makes it, and
-# so every worker from birth, not dumpable).
+# so every worker from birth, not dumpable; the last keeps it shared with the workers).
 _WORKER_MODULES = (
     "backvault.engine.forkserver_hardening",
     "backvault.engine.parallel",
@@ -91,6 +91,7 @@ _WORKER_MODULES = (
     "backvault.engine.restorer.files",
     "backvault.engine.check",
     "backvault.storage",
+    "backvault.engine.forkserver_ready",  # last: freezes what the others made
 )
 
 
