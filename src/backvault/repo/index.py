@@ -24,7 +24,6 @@ import struct
 import sys
 import threading
 from array import array
-from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import accumulate
 from typing import Any
@@ -41,7 +40,6 @@ _BUCKETS = 1 << 16  # buckets by an id's first two bytes: a few ids each at 10^5
 # (or a quarter of the loaded ones, if more): a first backup adds every blob it stores.
 _REGROUP_MIN = 4096
 _COPY_IDS = 16384
-_ZEROS = [0] * _BUCKETS
 # What a saved index starts with: its version, and the byte order of its numbers.
 _STATE_MAGIC = f"backvault index state 1 {sys.byteorder}\n".encode()
 
@@ -151,11 +149,14 @@ class Index:
         buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
         if sys.byteorder == "big":
             buckets.byteswap()
-        counts = list(map(Counter(buckets).get, range(_BUCKETS), _ZEROS))
-        starts = array("Q", accumulate((ID_SIZE * count for count in counts), initial=0))
         # A counting sort, stable, into arrays: sorted(range(n), key=…) made two lists of
-        # n int objects (~14 MB at 200 000 rows), freed in the middle of a backup's other
-        # small objects, where the heap stayed fragmented.
+        # n int objects (~14 MB at 200 000 rows), and a Counter of the buckets a dict of
+        # ~4.5 MB, freed in the middle of a backup's other small objects, where the heap
+        # stayed fragmented.
+        counts = array("I", bytes(4 * _BUCKETS))
+        for bucket in buckets:
+            counts[bucket] += 1
+        starts = array("Q", accumulate((ID_SIZE * count for count in counts), initial=0))
         order = array("I", bytes(4 * len(buckets)))
         free = array("I", accumulate(counts[:-1], initial=0))
         del counts
@@ -165,16 +166,19 @@ class Index:
             free[bucket] = position + 1
         del buckets, free
         # Copied a slice of ids at a time: they are objects of ~70 bytes until joined.
-        grouped_ids = bytearray()
+        parts = []
         for first in range(0, len(order), _COPY_IDS):
             part = order[first : first + _COPY_IDS]
-            grouped_ids += b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part])
+            parts.append(b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part]))
+        del ids
+        grouped_ids = b"".join(parts)
+        del parts
         # Each position's row (at the first grouping, rows are 0, 1, 2, …: ``order``).
         rows = order
         if len(grouped.rows):
             before = grouped.rows + array("I", range(len(grouped.rows), len(self._types)))
             rows = array("I", map(before.__getitem__, order))
-        self._lookup = _Lookup(bytes(grouped_ids), rows, starts)
+        self._lookup = _Lookup(grouped_ids, rows, starts)
         self._ungrouped_ids = bytearray()
 
     def add_pack(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
