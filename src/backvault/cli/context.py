@@ -4,17 +4,29 @@ follow the command name too."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from backvault.cli.failures import EXIT_USAGE, fail
 from backvault.cli.ui import shown
 from backvault.device.settings import Settings, SettingsError, VaultSettings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@functools.cache
+def stderr_console() -> Console:
+    """Standard error through rich (one, made when first used: rich is ~7 MiB that a quiet
+    run that goes well never needs)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 @dataclass
@@ -22,14 +34,24 @@ class Context:
     repo: str | None
     json: bool
     quiet: bool
-    console: Console
-    errors: Console
     vault_url: str | None = None
     account: str | None = None
     insecure_vault: bool = False
     # The vault this command talks to, once it asked for one: how a vault error that
     # reaches the exit-code table is explained.
     vault: VaultSettings | None = None
+
+    @functools.cached_property
+    def console(self) -> Console:
+        """Standard output, through rich, made when first used (a quiet run needs none)."""
+        from rich.console import Console
+
+        return Console()
+
+    @functools.cached_property
+    def errors(self) -> Console:
+        """Standard error, through rich, made when first used."""
+        return stderr_console()
 
     def settings(self) -> Settings:
         try:

@@ -15,7 +15,6 @@ import sys
 import threading
 
 import click
-from rich.console import Console
 
 from backvault import __version__, storage
 from backvault.app.errors import (
@@ -27,7 +26,7 @@ from backvault.app.errors import (
 )
 from backvault.app.opening import MalformedKeyError, NoKeyAvailable
 from backvault.cli.commands import LazyGroup
-from backvault.cli.context import Context, global_options
+from backvault.cli.context import Context, global_options, stderr_console
 from backvault.cli.failures import (
     EXIT_ERROR,
     EXIT_INCOMPLETE,
@@ -94,8 +93,6 @@ def cli(
         repo=repo,
         json=as_json,
         quiet=quiet,
-        console=Console(),
-        errors=Console(stderr=True),
         vault_url=vault_url,
         account=account,
         insecure_vault=insecure_vault,
@@ -162,14 +159,15 @@ def explain_vault_error(exc: BaseException, state: RunState) -> Failure:
 
 
 def main(argv: list[str] | None = None) -> int:
-    errors = Console(stderr=True)
     # Before any thread or child process exists: children inherit no secret variables.
     withdraw_secrets_from_environment()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 
     def report(message: str) -> None:
-        errors.print(f"backvault: {shown(message)}", highlight=False, markup=False, soft_wrap=True)
+        stderr_console().print(
+            f"backvault: {shown(message)}", highlight=False, markup=False, soft_wrap=True
+        )
 
     state = RunState()
     try:
