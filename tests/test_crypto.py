@@ -222,3 +222,30 @@ def test_the_reused_encryptor_gives_the_keystream_of_a_fresh_one() -> None:
         assert key._ctr(iv).update(data) == fresh
         sealed = key.seal(data)
         assert key.open(sealed) == data
+
+
+def test_sealing_in_parts_is_sealing_the_parts_joined() -> None:
+    """``seal_parts`` gives what ``seal`` of the joined parts would (same IV draw aside):
+    ``open`` of the parts joined returns the joined plaintext, and a flipped byte in any
+    part fails."""
+    key = Key.generate()
+    parts = [b"", b"a" * 17, memoryview(b"b" * 4096), bytes(range(256)) * 9, b"z"]
+    sealed = b"".join(key.seal_parts(parts))
+    joined = b"".join(bytes(p) for p in parts)
+    assert key.open(sealed) == joined
+    assert len(sealed) == len(joined) + 32
+    for at in (0, 16, len(sealed) // 2, len(sealed) - 1):
+        damaged = sealed[:at] + bytes([sealed[at] ^ 1]) + sealed[at + 1 :]
+        with pytest.raises(AuthenticationFailed):
+            key.open(damaged)
+    assert key.seal_parts([]) != key.seal_parts([])  # a fresh IV each time
+
+
+def test_sealing_in_parts_with_one_iv_is_byte_for_byte_seal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = Key.generate()
+    iv = bytes(range(16))
+    monkeypatch.setattr(Key, "_fresh_iv", lambda self: iv)
+    parts = [b"x" * 1000, memoryview(b"y" * 70_000), b"", b"end"]
+    assert b"".join(key.seal_parts(parts)) == key.seal(b"".join(bytes(p) for p in parts))

@@ -12,6 +12,7 @@ import hmac
 import os
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,10 @@ class Key:
             raise ValueError("not a restic master key document") from exc
 
     def _mac(self, iv: bytes, ciphertext: bytes | memoryview) -> bytes:
+        return Poly1305.generate_tag(self._mac_key(iv), ciphertext)
+
+    def _mac_key(self, iv: bytes) -> bytes:
+        """The one-time Poly1305 key of ``iv``: ``r || AES_k(iv)``."""
         # AES_k(nonce) is one ECB block: a per-thread encryptor is reused for every blob
         # (ECB keeps no state between blocks), which saves building a cipher per blob.
         local = self._local
@@ -111,8 +116,7 @@ class Key:
         if encryptor is None:
             encryptor = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()  # noqa: S305 - one block: AES_k(nonce) of Poly1305-AES
             local.ecb = encryptor
-        s = encryptor.update(iv)
-        return Poly1305.generate_tag(self.mac_r + s, ciphertext)
+        return self.mac_r + encryptor.update(iv)
 
     def _aes(self) -> algorithms.AES:
         aes = getattr(self._local, "aes", None)
@@ -169,6 +173,20 @@ class Key:
         iv = self._fresh_iv()
         ciphertext = self._ctr(iv).update(plaintext)
         return iv + ciphertext + self._mac(iv, ciphertext)
+
+    def seal_parts(self, parts: Iterable[bytes | memoryview]) -> list[bytes]:
+        """``seal`` of the parts joined, as parts (IV, each part's ciphertext, MAC), so
+        that big plaintext made of pieces (the index cache: ~13 MB) is never copied whole."""
+        iv = self._fresh_iv()
+        context = self._ctr(iv)
+        mac = Poly1305(self._mac_key(iv))
+        sealed = [iv]
+        for part in parts:
+            ciphertext = context.update(part)
+            mac.update(ciphertext)
+            sealed.append(ciphertext)
+        sealed.append(mac.finalize())
+        return sealed
 
     def open_into(self, sealed: bytes | memoryview, out: bytearray | memoryview) -> memoryview:
         """``open`` that decrypts into ``out`` instead of a new object, for hot loops that

@@ -26,6 +26,6 @@ class IndexCacheFile:
         except OSError:
             return None
 
-    def save(self, sealed: bytes) -> None:
+    def save(self, sealed: list[bytes]) -> None:
         # Not flushed to disk: a crash may lose it (or leave the old one), never tear it.
         write_private_file(self.path, sealed, durable=False)

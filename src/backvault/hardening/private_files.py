@@ -42,19 +42,21 @@ def make_private_dir(path: Path) -> str | None:
 
 def write_private_file(
     path: Path,
-    data: bytes | str,
+    data: bytes | str | list[bytes],
     *,
     exclusive: bool = False,
     private_folder: bool = True,
     durable: bool = True,
 ) -> None:
-    """Write ``data`` (text is UTF-8) to ``path`` as a 0600 file in a 0700 folder,
-    atomically and durably. With ``exclusive``, raise FileExistsError rather than replace
+    """Write ``data`` (text is UTF-8; a list of parts, one after another) to ``path`` as
+    a 0600 file in a 0700 folder, atomically and durably. With ``exclusive``, raise FileExistsError rather than replace
     a file already there (a new key must never overwrite another). With ``private_folder``
     False, a folder that is not ours to tighten (systemd's unit folder) is created if
     missing but its mode left alone. With ``durable`` False (a cache, which a crash may
     lose), nothing is flushed to disk: the rename still replaces the old file whole."""
-    content = data.encode() if isinstance(data, str) else data
+    content = [data.encode()] if isinstance(data, str) else data
+    if isinstance(content, bytes):
+        content = [content]
     if private_folder:
         make_private_dir(path.parent)
     else:
@@ -64,7 +66,8 @@ def write_private_file(
     fd = os.open(temporary, flags, PRIVATE_FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+            for part in content:
+                handle.write(part)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())

@@ -35,24 +35,37 @@ class IndexCacheStore(Protocol):
     def load(self) -> bytes | None:
         """The saved bytes, or None if there are none (or they cannot be read)."""
 
-    def save(self, sealed: bytes) -> None:
-        """Keep ``sealed`` instead of what was saved; OSError if it cannot."""
+    def save(self, sealed: list[bytes]) -> None:
+        """Keep ``sealed`` (parts, written one after another) instead of what was saved;
+        OSError if it cannot."""
 
 
-def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> bytes:
-    """The cache of ``index``, made of exactly the index files ``names``."""
+def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> list[bytes]:
+    """The cache of ``index``, made of exactly the index files ``names``, in parts (the
+    index's arrays are sealed where they are, not copied into one plaintext first: the
+    end of a backup is when its process holds the most)."""
     listed = b"".join(bytes.fromhex(name) for name in names)
-    plain = b"".join([_HEADER, struct.pack("<Q", len(names)), listed, index.to_state()])
-    return key.derive(_PURPOSE).seal(plain)
+    parts = [_HEADER, struct.pack("<Q", len(names)), listed, *index.state_parts()]
+    try:
+        return key.derive(_PURPOSE).seal_parts(parts)
+    finally:
+        for part in parts:
+            if isinstance(part, memoryview):
+                part.release()  # the index's arrays may grow again
 
 
-def open_index_cache(key: Key, sealed: bytes) -> tuple[list[str], Index] | None:
-    """The index file names and the index a cache holds; None if it does not open with
-    this repository's key or is not a whole cache of this version."""
+def open_index_cache(key: Key, store: IndexCacheStore) -> tuple[list[str], Index] | None:
+    """The index file names and the index the cache in ``store`` holds; None if there is
+    none, or it does not open with this repository's key or is not a whole cache of this
+    version."""
+    sealed = store.load()
+    if sealed is None:
+        return None
     try:
         plain = memoryview(key.derive(_PURPOSE).open(sealed))
     except (AuthenticationFailed, ValueError):
         return None
+    del sealed  # ~13 MB, before the index's arrays are made
     at = len(_HEADER) + 8
     if len(plain) < at or bytes(plain[: len(_HEADER)]) != _HEADER:
         return None

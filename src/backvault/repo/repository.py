@@ -245,11 +245,9 @@ class Repository:
 
     def _cached_index(self, names: list[str]) -> tuple[list[str], Index] | None:
         """The cached index, if there is one and every file it was made of is listed."""
-        sealed = self.index_cache.load() if self.index_cache is not None else None
-        if sealed is None:
+        if self.index_cache is None:
             return None
-        cached = open_index_cache(self.key, sealed)
-        del sealed
+        cached = open_index_cache(self.key, self.index_cache)
         if cached is None or not set(cached[0]) <= set(names):
             return None  # made for another repository, damaged, or the index was rewritten
         return cached
