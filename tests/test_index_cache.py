@@ -3,15 +3,21 @@ answers for blobs the repository's index files no longer list."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from backvault.device.index_cache import IndexCacheFile
-from backvault.repo.format import BlobType
+from backvault.device.paths import repository_cache_dir
+from backvault.repo import format as fmt
+from backvault.repo import index as index_module
+from backvault.repo.format import BlobType, FormatError, IndexFile, PackedBlob
+from backvault.repo.index import Index
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter
 from backvault.storage import Backend, FileType
@@ -206,3 +212,75 @@ def test_backups_and_restores_through_the_cache_give_what_was_backed_up(
     assert tree_digest(target / str(source).lstrip("/")) == tree_digest(source)
     assert "day2.bin" in cli.ok(*run, "ls", "latest", key=repo.key).out
     cli.ok(*run, "check", "--read-data", key=repo.key)
+
+
+# --- the red team's findings (each failed before its fix) --------------------------------
+
+
+def _with_config_id(path: Path, key: bytes, repo_id: str) -> None:
+    """Seal the repository's config again with another id (what anyone holding the master
+    key can write: every member of a shared repository)."""
+    repo = Repository.open(LocalBackend(path), [key])
+    config = dataclasses.replace(repo.config, id=repo_id)
+    config_file = path / "config"
+    os.chmod(config_file, 0o600)
+    config_file.write_bytes(repo.key.seal(fmt.encode_unpacked(config.to_json(), compress=False)))
+
+
+def test_a_config_id_cannot_put_the_device_cache_outside_its_folder(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    """The cache's folder is named after the config's id: an absolute id or one with
+    ``..`` must not make a backup write (or chmod) a folder elsewhere."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.chmod(victim, 0o755)
+    _with_config_id(repo.path, repo.key.encode(), str(victim))
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
+    done = cli.ok("-r", str(repo.path), "backup", str(source), key=repo.key)
+    assert "keeps no cache for it" in done.err
+    assert list(victim.iterdir()) == [] and victim.stat().st_mode & 0o777 == 0o755
+    assert repository_cache_dir("../../x" + "0" * 58) is None
+    assert repository_cache_dir("0" * 64) is not None
+
+
+def test_a_saved_state_whose_grouped_rows_are_not_the_first_rows_is_refused() -> None:
+    rng = random.Random(1)
+    blobs = [PackedBlob(rng.randbytes(32), BlobType.DATA, 40 * i, 40, None) for i in range(3)]
+    index = Index.of_files([IndexFile({rng.randbytes(32): blobs})])
+    index.add_pack(rng.randbytes(32), [PackedBlob(rng.randbytes(32), BlobType.DATA, 0, 9, None)])
+    state = bytearray(index.to_state())
+    packs, rows, grouped = 2, 4, 3
+    at = len(index_module._STATE_MAGIC) + 24 + 32 * packs + 4 * rows + rows + 24 * rows
+    at += 32 * grouped  # where the grouped rows' column starts
+    state[at : at + 4] = (rows - 1).to_bytes(4, "little")  # a grouped row -> the ungrouped one
+    with pytest.raises(FormatError):
+        Index.from_state(bytes(state))
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink to a file", "device"])
+def test_a_cache_file_that_is_no_regular_file_of_ours_is_not_read(
+    tmp_path: Path, planted: str
+) -> None:
+    """A FIFO would stop a scheduled backup for ever, /dev/zero fill its memory."""
+    path = tmp_path / "cache" / "index"
+    path.parent.mkdir()
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "device":
+        os.symlink("/dev/zero", path)
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"x" * 100)
+        os.symlink(tmp_path / "elsewhere", path)
+    result: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: result.append(IndexCacheFile(path).load()))
+    reader.daemon = True
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():
+        with open(path, "wb"):
+            pass  # unblock it
+        pytest.fail("reading the index cache blocked")
+    assert result == [None]

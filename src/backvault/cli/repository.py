@@ -95,6 +95,8 @@ def with_repository(
                 if not index_cache:
                     return command(ctx, repo, **params)
                 repo.index_cache = IndexCacheFile.of_repository(repo.config.id)
+                if repo.index_cache is None:
+                    ctx.warn(NO_CACHE_FOR_ODD_ID)
                 result = command(ctx, repo, **params)
                 store_index_cache(ctx, repo)
                 return result
@@ -102,6 +104,12 @@ def with_repository(
         return pass_context(run)
 
     return decorate
+
+
+NO_CACHE_FOR_ODD_ID = (
+    "warning: this repository's id is not 64 hex digits (its config was not written by "
+    "restic or backvault), so this device keeps no cache for it; runs read everything again"
+)
 
 
 def store_index_cache(ctx: Context, repo: Repository) -> None:

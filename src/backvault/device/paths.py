@@ -13,6 +13,7 @@ from the XDG config folder too (``user_config_home``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from platformdirs.unix import Unix
@@ -39,6 +40,19 @@ def config_dir() -> Path:
 
 def cache_dir() -> Path:
     return _configured("cache_dir") or Path(Unix(APP_NAME).user_cache_dir)
+
+
+def repository_cache_dir(repository_id: str) -> Path | None:
+    """This device's cache folder for one repository (its SQLite state, its index cache);
+    None for an id that is not 64 hex digits, as every repository's is: the id comes from
+    the repository's config, which whoever holds the master key may write, and must never
+    name a folder elsewhere (``/home/me/.ssh``, ``../..``)."""
+    if not _REPOSITORY_ID.fullmatch(repository_id):
+        return None
+    return cache_dir() / repository_id
+
+
+_REPOSITORY_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def private_temp_dir() -> Path:

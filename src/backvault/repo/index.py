@@ -19,6 +19,7 @@ blobs) is made from the rows when asked for.
 from __future__ import annotations
 
 import json
+import operator
 import re
 import struct
 import sys
@@ -287,7 +288,13 @@ class Index:
         # its reader; these catch a writer's mistake, not an attacker).
         if lookup.starts[-1] != len(lookup.ids) or (rows and max(index._pack_of) >= packs):
             raise FormatError("saved index is inconsistent")
-        if (grouped and max(lookup.rows) >= rows) or set(index._types) - {0, 1}:
+        # The grouped rows are the first ``grouped`` rows (regrouping takes them all);
+        # each bucket starts at an id's boundary, after the one before.
+        if (grouped and max(lookup.rows) >= grouped) or set(index._types) - {0, 1}:
+            raise FormatError("saved index is inconsistent")
+        if any(start % ID_SIZE for start in lookup.starts) or any(
+            map(operator.gt, lookup.starts, lookup.starts[1:])
+        ):
             raise FormatError("saved index is inconsistent")
         index._lookup = lookup
         index._ungrouped_ids = bytearray(rest)

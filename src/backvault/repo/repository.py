@@ -58,6 +58,9 @@ class Repository:
         # they have: the cache is written only while the index is exactly them.
         self._indexed_names: list[str] = []
         self._indexed_rows = 0
+        # Packs indexed in memory that no index file written since lists yet.
+        self._packs_in_no_index_file: set[bytes] = set()
+        self._cache_bookkeeping = threading.Lock()  # for the three above
         self._cache_current = False
         self._tree_cache: LRUCache[bytes, list[Node]] = LRUCache(
             TREE_CACHE_NODES, getsizeof=_tree_cost
@@ -182,9 +185,10 @@ class Repository:
     def save_index_file(self, index: IndexFile) -> str:
         """``save_unpacked`` of ``index.to_json()``, without that document."""
         name = self._save_plaintext(FileType.INDEX, index.encode())
-        with self._scan_lock:
+        with self._cache_bookkeeping:
             self._indexed_names.append(name)
             self._indexed_rows += sum(map(len, index.packs.values()))
+            self._packs_in_no_index_file.difference_update(index.packs)
             self._cache_current = False
         return name
 
@@ -254,14 +258,16 @@ class Repository:
 
     def store_index_cache(self) -> bool:
         """Write the local index cache, if there is a store for it and the index is
-        exactly the index files it was read from and this run wrote (not after packs were
-        indexed from their headers, nor by a writer that leaves its index to its caller).
-        OSError if the store cannot keep it. Whether it was written."""
+        exactly the index files it was read from and this run wrote: every pack indexed in
+        memory is in one of them, and they list as many blobs as the index holds (not after
+        packs were indexed from their headers, nor by a writer that leaves its index to its
+        caller). OSError if the store cannot keep it. Whether it was written."""
         if (
             self.index_cache is None
             or not self._index_loaded
             or self._cache_current
             or self._scanned_unindexed
+            or self._packs_in_no_index_file
             or self._index.row_count() != self._indexed_rows
         ):
             return False
@@ -347,6 +353,8 @@ class Repository:
         return self._index.ids_joined()
 
     def add_to_index(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
+        with self._cache_bookkeeping:
+            self._packs_in_no_index_file.add(pack_id)
         self._index.add_pack(pack_id, blobs)
 
     # --- blobs and trees ---------------------------------------------------------------

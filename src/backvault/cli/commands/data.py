@@ -9,7 +9,7 @@ from backvault.cli.context import Context
 from backvault.cli.failures import EXIT_INCOMPLETE, EXIT_USAGE, fail
 from backvault.cli.repository import Lock, with_repository
 from backvault.cli.ui import human_bytes, progress_bar, shown, table, when
-from backvault.device.paths import cache_dir, private_temp_dir
+from backvault.device.paths import private_temp_dir, repository_cache_dir
 from backvault.engine.archiver import Backup
 from backvault.engine.restorer import Restorer
 from backvault.repo.errors import DamagedObject
@@ -25,7 +25,8 @@ def backup(
     ctx: Context, repo: Repository, paths: tuple[str, ...], tags: tuple[str, ...], host: str | None
 ) -> None:
     """Back up PATHS (folders, files, SQLite databases) as a new snapshot."""
-    state_file = cache_dir() / repo.config.id / "sqlite-state.json"
+    folder = repository_cache_dir(repo.config.id)
+    state_file = None if folder is None else folder / "sqlite-state.json"
     with progress_bar(ctx, "backup") as reporter:
         try:
             result = Backup(
