@@ -601,3 +601,31 @@ def test_check_names_a_missing_pack_and_a_pack_of_the_wrong_size(
     assert checked.code != 0
     assert f"data/{missing.name} is missing (listed in the index)" in checked.err
     assert f"data/{grown.name} has {size + 7} bytes, the index implies {size}" in checked.err
+
+
+def test_a_backup_that_reads_files_does_not_make_the_next_one_store_new_trees(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    """Reading a file (or listing a folder) moves its access time once after a change
+    (relatime). The tree records the time as it is after the backup's own read, so a
+    backup right after, with nothing changed, keeps the same root tree."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "photo.jpg").write_bytes(os.urandom(200_000))
+    db = sqlite3.connect(source / "chat.db")
+    db.execute("CREATE TABLE m(body TEXT)")
+    db.executemany("INSERT INTO m VALUES (?)", [("x" * 300,)] * 500)
+    db.commit()
+    db.close()
+    old = time.time_ns() - 10 * 86400 * 10**9
+    for path in (source / "photo.jpg", source / "chat.db", source):
+        st = path.stat()
+        os.utime(path, ns=(old, st.st_mtime_ns))  # read long ago: the next read moves it
+    before = (source / "photo.jpg").stat().st_atime_ns
+    run = ("-r", str(repo.path))
+    cli.ok(*run, "backup", str(source), key=repo.key)
+    if (source / "photo.jpg").stat().st_atime_ns == before:
+        pytest.skip("this file system does not update access times on reads")
+    cli.ok(*run, "backup", str(source), key=repo.key)
+    trees = [s["tree"] for s in cli.ok("--json", *run, "snapshots", key=repo.key).json()]
+    assert len(trees) == 2 and trees[0] == trees[1]

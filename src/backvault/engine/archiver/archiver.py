@@ -289,10 +289,11 @@ class _BackupRun:
                 child_path, sub, prev.subtree if prev and prev.type == "dir" else None
             )
             nodes.append(node)
-        return self._finish_tree(nodes, pending, parent_tree, old)
+        return self._finish_tree(path, nodes, pending, parent_tree, old)
 
     def _finish_tree(
         self,
+        path: str,
         nodes: list[Node],
         pending: _Pending,
         parent_tree: bytes | None,
@@ -305,6 +306,9 @@ class _BackupRun:
             except OSError as exc:  # the file became unreadable while we read it
                 self._error(exc.filename or node.name, exc)
                 nodes.remove(node)
+                continue
+            if not isinstance(future, _Known):
+                _take_access_time_after_reading(os.path.join(path, node.name), node)
         # A folder in which nothing changed keeps its parent snapshot's tree: its nodes,
         # decoded already, compare equal (encoding a database's node of 190,000 chunks
         # again would cost 40 MB for a moment). Any other encodes to a new tree, or to a
@@ -339,7 +343,7 @@ class _BackupRun:
                 archived[entry.name] = node
         nodes = [archived[e.name] for e in entries if e.name in archived]
         self.result.dirs += 1
-        return self._finish_tree(nodes, pending, parent_tree, old)
+        return self._finish_tree(path, nodes, pending, parent_tree, old)
 
     def _archive_entry(
         self,
@@ -361,6 +365,7 @@ class _BackupRun:
                 node.subtree = self._archive_dir(
                     path, previous.subtree if previous and previous.type == "dir" else None
                 )
+                _take_access_time_after_reading(path, node)  # listing it moved its atime
             elif node.type == "symlink":
                 node.linktarget = os.readlink(path)
             elif node.type == "file":
@@ -490,6 +495,25 @@ class _BackupRun:
         message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         self.result.errors.append((path, message))
         self.progress.note(f"cannot read {path}: {message}")
+
+
+def _take_access_time_after_reading(path: str, node: Node) -> None:
+    """The access time the file (or folder) has now that this backup read (or listed) it,
+    if nothing else about it changed meanwhile (its ctime moves with any write or change
+    of its metadata, not with a read). Reading it moved its atime (relatime: the first
+    read after a change): recorded as it was before, the next backup would find every
+    file it read with a new atime, and store its folder's tree again (a database's folder:
+    13 MB), and every tree above."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if (
+        st.st_ino == node.inode
+        and format_ns(st.st_ctime_ns) == node.ctime
+        and format_ns(st.st_mtime_ns) == node.mtime
+    ):
+        node.atime = format_ns(st.st_atime_ns)
 
 
 class _Known:
