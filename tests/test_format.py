@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 from backvault.repo import format as fmt
 from backvault.repo import timefmt
-from backvault.repo.format import BlobType, IndexFile, Lock, Node, PackedBlob, Snapshot
+from backvault.repo.format import (
+    BlobType,
+    ContentIds,
+    FormatError,
+    IndexFile,
+    Lock,
+    Node,
+    PackedBlob,
+    Snapshot,
+)
 from backvault.repo.polynomial import is_irreducible, random_irreducible
 from backvault.repo.timefmt import format_ns, parse_ns
 
@@ -354,3 +363,38 @@ def test_a_tree_with_long_content_lists_is_encoded_as_json_dumps_would(
     assert encoded == json.dumps(plain, separators=(",", ":")).encode() + b"\n"
     decoded = {n.name: n.content for n in fmt.decode_tree(encoded)}
     assert all(decoded[n.name] == n.content for n in nodes)
+    # Content as read back or as stored (``ContentIds``) encodes to the same bytes.
+    for node in nodes:
+        if node.content is not None:
+            node.content = ContentIds.of(node.content)
+    assert fmt.encode_tree(nodes) == encoded
+    assert all(decoded[n.name] == n.content for n in nodes)
+
+
+def test_content_ids_read_as_the_list_of_ids() -> None:
+    rng = random.Random(3)
+    ids = [rng.randbytes(32) for _ in range(10)]
+    content = ContentIds.of(ids)
+    assert len(content) == 10 and list(content) == ids and content == ids and ids == content
+    assert content == tuple(ids) and content != ids[:-1] and content != [*ids[:-1], b"x" * 32]
+    assert content[0] == ids[0] and content[-1] == ids[-1] and content[3] == ids[3]
+    for part in (slice(2, 5), slice(None, None, 2), slice(8, 2), slice(-3, None), slice(0, 99)):
+        assert content[part] == ids[part] and isinstance(content[part], ContentIds)
+    with pytest.raises(IndexError):
+        content[10]
+    with pytest.raises(IndexError):
+        content[-11]
+    with pytest.raises(TypeError):
+        hash(content)
+    assert content == ContentIds(b"".join(ids)) and ContentIds() == [] and not ContentIds()
+    with pytest.raises(FormatError):
+        ContentIds(b"x" * 33)
+    with pytest.raises(FormatError):
+        ContentIds.of([b"x" * 31, b"y" * 33])
+    assert content != [b"x" * 31 + ids[0][:1], *ids[1:]]
+    node = Node("f", "file", content=ids)
+    assert node == Node("f", "file", content=content)
+    texts = [i.hex() for i in ids]
+    assert fmt.parse_content(list(texts), "content") == fmt.parse_ids(list(texts)) == ids
+    with pytest.raises(FormatError, match="content of x"):
+        fmt.parse_content([*texts[:3], "zz" * 32], "content of x")

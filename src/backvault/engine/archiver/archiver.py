@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ CHUNK_OVERRIDE_ENV = "BACKVAULT_SQLITE_CHUNK_KIB"
 class _Content(Protocol):
     """A file's blob ids, when stored (a ``Future``, or ``_Known``)."""
 
-    def result(self) -> list[bytes]: ...
+    def result(self) -> Sequence[bytes]: ...
 
 
 _Pending = list[tuple[Node, _Content]]  # files whose content is being stored
@@ -408,7 +409,7 @@ class _BackupRun:
             assert previous is not None and previous.content is not None
             self.result.files_unmodified += 1
             self.progress.advance(node.size)
-            return _Known(list(previous.content))
+            return _Known(previous.content)
         if previous is None:
             self.result.files_new += 1
         else:
@@ -433,7 +434,7 @@ class _BackupRun:
             node.size = previous.size
             self.progress.advance(st.st_size)
             self.result.files_unmodified += 1
-            return _Known(list(previous.content))
+            return _Known(previous.content)
         if previous is None:
             self.result.files_new += 1
         else:
@@ -469,7 +470,7 @@ class _BackupRun:
             total += st.st_size
         return total
 
-    def _store_database(self, path: str, state: list[Any], node: Node) -> list[bytes]:
+    def _store_database(self, path: str, state: list[Any], node: Node) -> Sequence[bytes]:
         """On the copier's thread: copy the database, and store the copy's pages."""
         try:
             made = self.copier.take(path, state)
@@ -522,10 +523,10 @@ class _Known:
 
     __slots__ = ("_ids",)
 
-    def __init__(self, ids: list[bytes]) -> None:
+    def __init__(self, ids: Sequence[bytes]) -> None:
         self._ids = ids
 
-    def result(self) -> list[bytes]:
+    def result(self) -> Sequence[bytes]:
         return self._ids
 
 

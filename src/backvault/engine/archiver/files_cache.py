@@ -14,12 +14,12 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from backvault.hardening.private_files import write_private_file
-from backvault.repo.format import Node
+from backvault.repo.format import ContentIds, Node
 
 
 def unchanged(node: Node, previous: Node | None, has_blob: Callable[[bytes], bool]) -> bool:
@@ -52,10 +52,12 @@ def database_state(path: str, st: os.stat_result) -> list[Any]:
     return state
 
 
-def content_digest(content: list[bytes]) -> str:
+def content_digest(content: Sequence[bytes]) -> str:
     """A database's blob list, in the cache: its digest (a 1.5 GB database has 190 000
     blobs; their list would make the cache file and its reading big). The ids are hashed
     a slice at a time: the same digest, without a copy of all of them."""
+    if isinstance(content, ContentIds):
+        return hashlib.sha256(content.joined).hexdigest()
     digest = hashlib.sha256()
     for start in range(0, len(content), 4096):
         digest.update(b"".join(content[start : start + 4096]))
@@ -97,7 +99,7 @@ class SQLiteStateCache:
         """The database did not change: remember it as it was."""
         self._new[path] = self._known[path]
 
-    def record(self, path: str, state: list[Any], content: list[bytes]) -> None:
+    def record(self, path: str, state: list[Any], content: Sequence[bytes]) -> None:
         """The database, in ``state``, was stored as ``content``."""
         self._new[path] = {"state": state, "content_sha256": content_digest(content)}
 

@@ -32,7 +32,7 @@ from backvault.engine.sealer import (
     seal_pieces,
     sealer_in_worker,
 )
-from backvault.repo.format import BlobType
+from backvault.repo.format import BlobType, ContentIds
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter
 
@@ -58,9 +58,9 @@ class _FileWork:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._remaining = 1  # the queuing itself, until ``queued``
-        self.ids: dict[int, list[bytes]] = {}
+        self.ids: dict[int, bytes] = {}  # each piece's, back to back
         self.error: OSError | None = None
-        self.future: Future[list[bytes]] = Future()
+        self.future: Future[ContentIds] = Future()
 
     def add_piece(self) -> None:
         with self._lock:
@@ -86,7 +86,9 @@ class _FileWork:
             if self.error is not None:
                 self.future.set_exception(self.error)
             else:
-                self.future.set_result([i for n in range(len(self.ids)) for i in self.ids[n]])
+                joined = b"".join([self.ids[n] for n in range(len(self.ids))])
+                self.ids.clear()
+                self.future.set_result(ContentIds(joined))
 
 
 def _pieces(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[list[tuple[int, int]], int]]:
@@ -210,7 +212,7 @@ class SealingPipeline:
 
     # --- handing file data to the workers --------------------------------------------
 
-    def store_file(self, path: str, size: int) -> Future[list[bytes]]:
+    def store_file(self, path: str, size: int) -> Future[ContentIds]:
         """Queue a file for the workers; its future gives the blob ids of its content."""
         if size <= WHOLE_FILE_MAX:
             work = _FileWork()
@@ -228,7 +230,7 @@ class SealingPipeline:
         compress: bool | None,
         database: bool = False,
         identity: tuple[int, int] | None = None,
-    ) -> Future[list[bytes]]:
+    ) -> Future[ContentIds]:
         """Queue given byte ranges of a file, cut into pieces of about _PIECE_BYTES
         (``database``: SQLite pages; ``identity``: the (device, inode) the file must
         have, see ``Piece``)."""
@@ -307,14 +309,14 @@ class SealingPipeline:
                 for blob_id, stored in zip(ids, result.stored, strict=True):
                     if not stored and not writer.knows(blob_id):
                         raise RuntimeError(f"blob {blob_id.hex()[:12]} is not stored")
-                work.ids[index] = ids
+                work.ids[index] = result.ids
             else:  # from a thread of this process: sealed here, stored by this writer
                 for chunk in result:
                     if chunk.sealed is not None:
                         writer.add_sealed(BlobType.DATA, chunk)
                     elif not writer.knows(chunk.id):
                         raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
-                work.ids[index] = [chunk.id for chunk in result]
+                work.ids[index] = b"".join([chunk.id for chunk in result])
             self._on_read(size)
             work.piece_done()
 

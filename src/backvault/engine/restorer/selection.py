@@ -4,6 +4,7 @@ data (its blobs grouped into runs, one read each)."""
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 
 from backvault.repo import format as fmt
 from backvault.repo.blobs import BlobLocation
@@ -55,7 +56,7 @@ def could_contain_match(path: str, patterns: list[str]) -> bool:
     return False
 
 
-def group_runs(repo: Repository, content: list[bytes]) -> list[list[BlobLocation]]:
+def group_runs(repo: Repository, content: Sequence[bytes]) -> list[list[BlobLocation]]:
     """Group a file's blobs into runs that lie close together in one pack, so each run
     is one read (skipping what lies between): small SQLite chunks would otherwise cost
     a request each, and after an incremental backup a database's chunks sit in the
