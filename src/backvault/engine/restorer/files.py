@@ -22,9 +22,9 @@ from backvault.engine.restorer.common import (
     _FolderJob,
     _listed,
 )
-from backvault.engine.restorer.selection import group_runs
+from backvault.engine.restorer.selection import iter_runs
 from backvault.engine.target_folders import StagedFile, UnsafeTarget, open_staged
-from backvault.repo.blobs import BlobEntry, BlobReader, run_entries
+from backvault.repo.blobs import BlobEntry, BlobLocation, BlobReader, run_entries
 from backvault.repo.errors import DamagedObject, RepositoryError
 from backvault.repo.format import Node
 
@@ -59,14 +59,19 @@ class FilesMixin(RestoreBase):
             self._deferred_links.append((self._hardlinks[link_key], node, folder))
             return True
         try:
-            runs = group_runs(self.repo, node.content or [])
+            # Each run kept as the entries sent to a worker, with its plaintext and stored
+            # lengths (not a location object per blob).
+            runs = [
+                (*run_entries(run), _plaintext_length(run), _stored_length(run))
+                for run in iter_runs(self.repo, node.content or [])
+            ]
         except DamagedObject as exc:
             self._add_damaged(path, str(exc))
             return False
         # The index gives every blob's length: a file whose blobs do not add up to its
         # size is damaged (an index that lies about one would have the workers write past
         # the end of the file, at offsets up to 2^63).
-        expected = sum(loc.blob.plaintext_length for run in runs for loc in run)
+        expected = sum(run[2] for run in runs)
         if expected != node.size:
             self._add_damaged(
                 path, f"its blobs hold {expected} bytes by the index, its entry says {node.size}"
@@ -89,11 +94,9 @@ class FilesMixin(RestoreBase):
             os.close(fd)
         assert self._batcher is not None
         offset = 0
-        for run in runs:
-            stored = run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
-            pack_id, entries = run_entries(run)
+        for pack_id, entries, plaintext, stored in runs:
             self._batcher.add((pack_id, entries, job.staged, offset), job, stored)
-            offset += sum(loc.blob.plaintext_length for loc in run)
+            offset += plaintext
         return True
 
     def _batch_done(
@@ -232,3 +235,12 @@ def restore_runs(reader: BlobReader, runs: list[_RunPayload]) -> list[int | Repo
         for fd in files.values():
             os.close(fd)
     return outcomes
+
+
+def _plaintext_length(run: list[BlobLocation]) -> int:
+    return sum(location.blob.plaintext_length for location in run)
+
+
+def _stored_length(run: list[BlobLocation]) -> int:
+    """The bytes of its pack a run spans (its read)."""
+    return run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset

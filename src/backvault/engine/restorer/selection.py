@@ -4,7 +4,7 @@ data (its blobs grouped into runs, one read each)."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from backvault.repo import format as fmt
 from backvault.repo.blobs import BlobLocation
@@ -61,18 +61,26 @@ def group_runs(repo: Repository, content: Sequence[bytes]) -> list[list[BlobLoca
     is one read (skipping what lies between): small SQLite chunks would otherwise cost
     a request each, and after an incremental backup a database's chunks sit in the
     older packs with gaps where the changed ones were."""
-    runs: list[list[BlobLocation]] = []
+    return list(iter_runs(repo, content))
+
+
+def iter_runs(repo: Repository, content: Sequence[bytes]) -> Iterator[list[BlobLocation]]:
+    """``group_runs``, a run at a time (a caller that keeps runs in another form need not
+    hold a location object per blob of a big database: ~35 MB for 184 000)."""
+    run: list[BlobLocation] = []
     for blob_id in content:
         location = repo.locate(blob_id, fmt.BlobType.DATA)
-        if runs:
-            first, prev = runs[-1][0].blob, runs[-1][-1].blob
+        if run:
+            first, prev = run[0].blob, run[-1].blob
             gap = location.blob.offset - (prev.offset + prev.length)
             if (
-                runs[-1][-1].pack_id == location.pack_id
+                run[-1].pack_id == location.pack_id
                 and 0 <= gap <= _RUN_GAP_BYTES
                 and location.blob.offset + location.blob.length - first.offset <= _RUN_BYTES
             ):
-                runs[-1].append(location)
+                run.append(location)
                 continue
-        runs.append([location])
-    return runs
+            yield run
+        run = [location]
+    if run:
+        yield run
