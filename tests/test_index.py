@@ -96,6 +96,22 @@ def _random_files(rng: random.Random, files: int = 4, packs: int = 6) -> list[In
     return made
 
 
+def _random_added_blobs(
+    rng: random.Random, loaded: list[bytes], uncompressed: list[int | None]
+) -> list[PackedBlob]:
+    """A pack's blobs added after loading: some ids already loaded, of either type."""
+    return [
+        PackedBlob(
+            rng.choice(loaded) if rng.random() < 0.3 else rng.randbytes(32),
+            rng.choice([BlobType.DATA, BlobType.TREE]),
+            i * 100,
+            100,
+            rng.choice(uncompressed),
+        )
+        for i in range(rng.randrange(1, 8))
+    ]
+
+
 def _assert_same(compact: Index, reference: DictIndex, probes: Iterable[bytes]) -> None:
     for blob_id in probes:
         for kind in (None, BlobType.DATA, BlobType.TREE):
@@ -137,16 +153,7 @@ def test_packs_added_after_loading(monkeypatch: pytest.MonkeyPatch, regroup_min:
     loaded = list(reference.blobs)
     for _ in range(12):
         pack_id = rng.randbytes(32) if rng.random() < 0.8 else rng.choice(list(reference.packs))
-        blobs = [
-            PackedBlob(
-                rng.choice(loaded) if rng.random() < 0.3 else rng.randbytes(32),
-                rng.choice([BlobType.DATA, BlobType.TREE]),
-                i * 100,
-                100,
-                None,
-            )
-            for i in range(rng.randrange(1, 8))
-        ]
+        blobs = _random_added_blobs(rng, loaded, [None])
         reference.add_pack(pack_id, blobs)
         compact.add_pack(pack_id, blobs)
         _assert_same(compact, reference, [*reference.blobs, rng.randbytes(32)])
@@ -336,17 +343,7 @@ def test_a_saved_state_answers_as_the_index_did(
     original = Index.of_files(_random_files(rng, files=3))
     loaded = original.ids()
     for _ in range(5):
-        blobs = [
-            PackedBlob(
-                rng.choice(loaded) if rng.random() < 0.3 else rng.randbytes(32),
-                rng.choice([BlobType.DATA, BlobType.TREE]),
-                i * 100,
-                100,
-                rng.choice([None, 300]),
-            )
-            for i in range(rng.randrange(1, 8))
-        ]
-        original.add_pack(rng.randbytes(32), blobs)
+        original.add_pack(rng.randbytes(32), _random_added_blobs(rng, loaded, [None, 300]))
     restored = Index.from_state(original.to_state())
     probes = [*original.ids(), *(rng.randbytes(32) for _ in range(30))]
     _assert_same_answers(restored, original, probes)

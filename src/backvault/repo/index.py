@@ -150,22 +150,10 @@ class Index:
         buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
         if sys.byteorder == "big":
             buckets.byteswap()
-        # A counting sort, stable, into arrays: sorted(range(n), key=…) made two lists of
-        # n int objects (~14 MB at 200 000 rows), and a Counter of the buckets a dict of
-        # ~4.5 MB, freed in the middle of a backup's other small objects, where the heap
-        # stayed fragmented.
-        counts = array("I", bytes(4 * _BUCKETS))
-        for bucket in buckets:
-            counts[bucket] += 1
-        starts = array("Q", accumulate((ID_SIZE * count for count in counts), initial=0))
-        order = array("I", bytes(4 * len(buckets)))
-        free = array("I", accumulate(counts[:-1], initial=0))
-        del counts
-        for at, bucket in enumerate(buckets):
-            position = free[bucket]
-            order[position] = at
-            free[bucket] = position + 1
-        del buckets, free
+        order, first_of = _counting_sort(buckets, _BUCKETS)
+        del buckets
+        starts = array("Q", (ID_SIZE * first for first in first_of))  # byte offsets
+        del first_of
         # Copied a slice of ids at a time: they are objects of ~70 bytes until joined.
         parts = []
         for first in range(0, len(order), _COPY_IDS):
@@ -484,12 +472,7 @@ class Index:
 
     def _rows_by_pack(self) -> Callable[[int], array[int]]:
         """The rows of each pack number, in row order."""
-        order = array("I", sorted(range(len(self._pack_of)), key=self._pack_of.__getitem__))
-        starts = array("Q", bytes(8 * (len(self._pack_ids) + 1)))
-        for number in self._pack_of:
-            starts[number + 1] += 1
-        for number in range(len(self._pack_ids)):
-            starts[number + 1] += starts[number]
+        order, starts = _counting_sort(self._pack_of, len(self._pack_ids))
         return lambda number: order[starts[number] : starts[number + 1]]
 
     def _id_of_row(self) -> Callable[[int], bytes]:
@@ -524,6 +507,26 @@ class Index:
         blobs = [self._blob_at(row, blob_id) for row, blob_id in listed.values()]
         blobs.sort(key=lambda b: b.offset)
         return blobs
+
+
+def _counting_sort(keys: array[int], key_count: int) -> tuple[array[int], array[int]]:
+    """The positions of ``keys`` (each below ``key_count``) sorted by key, stably, and
+    where each key's positions start in that order (``key_count + 1`` entries). Into
+    arrays: sorted(range(n), key=…) made two lists of n int objects (~14 MB at 200 000
+    rows), and a Counter of the keys a dict of ~4.5 MB, freed in the middle of a backup's
+    other small objects, where the heap stayed fragmented."""
+    counts = array("I", bytes(4 * key_count))
+    for key in keys:
+        counts[key] += 1
+    starts = array("Q", accumulate(counts, initial=0))
+    del counts
+    order = array("I", bytes(4 * len(keys)))
+    free = array("Q", starts[:-1])
+    for at, key in enumerate(keys):
+        position = free[key]
+        order[position] = at
+        free[key] = position + 1
+    return order, starts
 
 
 # A lookup makes a BlobLocation and a PackedBlob (a restore ~200 000 of them). They are
