@@ -380,6 +380,12 @@ def _damaged_db(h: Hostile, how: str) -> dict[str, Any]:
     node = {**h.file("chat.db", b""), "content": [first, second], "size": 150_000}
     if how == "index lies about a blob's length":
         _lie_in_index(h, first, 2**45)
+    elif how == "index lies about a later blob's length":
+        # Within a blob's limit, so only the file's size shows the lie; its first run is
+        # sent before the lie is met (runs are made as they are sent).
+        _lie_in_index(h, second, 1_000_000)
+    elif how == "missing blob after runs were sent":
+        node.update(content=[first, second, "cd" * 32], size=150_100)
     elif how == "index and tree agree on a 32 TiB file":
         _lie_in_index(h, first, 2**45)
         node["size"] = 2**45 + 50_000
@@ -392,9 +398,19 @@ DAMAGE = [
     "missing blob",
     "size larger than its content",
     "index lies about a blob's length",
+    "index lies about a later blob's length",
+    "missing blob after runs were sent",
     "index and tree agree on a 32 TiB file",
     "blob altered in its pack",
 ]
+
+
+_DAMAGE_MESSAGES = {
+    "index lies about a later blob's length": (
+        "its blobs hold at least 1100000 bytes by the index, its entry says 150000"
+    ),
+    "missing blob after runs were sent": "blob cdcdcdcdcdcd is damaged: it is not in any index",
+}
 
 
 @pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
@@ -423,6 +439,8 @@ def test_overwrite_keeps_a_file_whose_replacement_is_damaged(
     assert [line for line in result.err.splitlines() if line.startswith("not restored")] == [
         line for line in result.err.splitlines() if line.startswith("not restored: /chat.db: ")
     ]
+    if how in _DAMAGE_MESSAGES:  # found while the file's runs were being sent
+        assert f"not restored: /chat.db: {_DAMAGE_MESSAGES[how]}" in result.err, result.err
     assert leftovers(target) == []
     if how.startswith("index"):  # the lie is in what check --read-data compares
         checked = cli.run("-r", str(h.path), "check", "--read-data", key=h.key)

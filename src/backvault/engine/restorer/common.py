@@ -114,7 +114,8 @@ class _FolderJob:
 
 class _FileJob:
     """One file being restored: the folder it goes into, its temporary copy in a staging
-    folder, and the runs still to write."""
+    folder, and what it still waits for (``remaining``: its runs sent and not yet written,
+    and the sender's own hold until all are sent)."""
 
     def __init__(
         self,
@@ -122,14 +123,14 @@ class _FileJob:
         folder: _FolderJob,
         staging: _Staging,
         staged: StagedFile,
-        runs: int,
+        remaining: int,
         anchor: bool,
     ) -> None:
         self.node = node
         self.folder = folder
         self.staging = staging
         self.staged = staged
-        self.remaining = runs
+        self.remaining = remaining
         # The first of a hard-link group: its temporary copy stays in the staging folder,
         # where the others are linked from (never from a name someone else could replace).
         self.anchor = anchor

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from backvault.engine.parallel import Batcher
@@ -36,6 +37,14 @@ _BATCH_BYTES = 4 * 1024 * 1024
 
 _BATCH_RUNS = 64
 
+# What runs in flight cost beyond their bytes, charged against the in-flight budget: a
+# batch at least _MIN_BATCH_CHARGE and a blob at least _ENTRY_CHARGE (its entry, in this
+# process and on its way to a worker). Runs of tiny blobs (a file that names one 1-byte
+# blob 400 000 times, a pack of thousands of 1-byte blobs) would otherwise all be in
+# flight at once however little data they hold.
+_MIN_BATCH_CHARGE = 256 * 1024
+_ENTRY_CHARGE = 256
+
 # Created once, by the main thread: never opened if it exists, never through a symlink.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -58,24 +67,19 @@ class FilesMixin(RestoreBase):
             self._hold(folder)
             self._deferred_links.append((self._hardlinks[link_key], node, folder))
             return True
+        # Runs are made from the index as they are sent (a big database's runs, made all
+        # at once, held ~220 bytes a blob: 40 MB for 184 000 blobs), and checked as they
+        # go: the index gives every blob's length, and a run that would end past the
+        # file's size (an index that lies about a blob would have the workers write at
+        # offsets up to 2^63) is never sent; the file is then damaged.
+        runs = iter_runs(self.repo, node.content or [])
         try:
-            # Each run kept as the entries sent to a worker, with its plaintext and stored
-            # lengths (not a location object per blob).
-            runs = [
-                (*run_entries(run), _plaintext_length(run), _stored_length(run))
-                for run in iter_runs(self.repo, node.content or [])
-            ]
+            first = next(runs, None)
         except DamagedObject as exc:
             self._add_damaged(path, str(exc))
             return False
-        # The index gives every blob's length: a file whose blobs do not add up to its
-        # size is damaged (an index that lies about one would have the workers write past
-        # the end of the file, at offsets up to 2^63).
-        expected = sum(run[2] for run in runs)
-        if expected != node.size:
-            self._add_damaged(
-                path, f"its blobs hold {expected} bytes by the index, its entry says {node.size}"
-            )
+        if first is None and node.size != 0:
+            self._add_damaged(path, _wrong_size(0, node.size))
             return False
         staging = self._staging_for(folder)
         tmp = secrets.token_hex(8)
@@ -83,21 +87,55 @@ class FilesMixin(RestoreBase):
         try:
             st = os.fstat(fd)
             staged = StagedFile(staging.shared, tmp, st.st_dev, st.st_ino)
-            job = _FileJob(node, folder, staging, staged, len(runs), link_key is not None)
+            # One hold of its own until all its runs are sent: workers finishing the runs
+            # sent so far do not finish the file.
+            job = _FileJob(node, folder, staging, staged, 1, link_key is not None)
             self._hold(folder)
             if link_key is not None:
                 self._hardlinks[link_key] = job
-            if not runs:
+            if first is None:
                 self._finish_file(job, fd)  # nothing to write: finished with this descriptor
                 return True
         finally:
             os.close(fd)
-        assert self._batcher is not None
-        offset = 0
-        for pack_id, entries, plaintext, stored in runs:
-            self._batcher.add((pack_id, entries, job.staged, offset), job, stored)
-            offset += plaintext
+        self._send_runs(job, first, runs)
         return True
+
+    def _send_runs(
+        self, job: _FileJob, first: list[BlobLocation], rest: Iterator[list[BlobLocation]]
+    ) -> None:
+        """Hand a file's runs to the workers, each at its offset, then release the file's
+        own hold (finishing it if every run was written already). A blob missing from the
+        index, or runs that hold more or fewer bytes than the file's size, stop the
+        sending: the file is damaged (removed once the runs sent are done)."""
+        assert self._batcher is not None
+        size = job.node.size
+        offset = 0
+        error: str | None = None
+        try:
+            for run in itertools.chain((first,), rest):
+                plaintext = _plaintext_length(run)
+                if offset + plaintext > size:
+                    error = _wrong_size(offset + plaintext, size, more=True)
+                    break
+                pack_id, entries = run_entries(run)
+                with job.lock:
+                    job.remaining += 1
+                charge = _stored_length(run) + _ENTRY_CHARGE * len(entries)
+                self._batcher.add((pack_id, entries, job.staged, offset), job, charge)
+                offset += plaintext
+            else:
+                if offset != size:
+                    error = _wrong_size(offset, size)
+        except DamagedObject as exc:
+            error = str(exc)
+        with job.lock:
+            if error is not None:
+                job.error = job.error or error
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last:
+            self._finish_file(job)
 
     def _batch_done(
         self,
@@ -235,6 +273,11 @@ def restore_runs(reader: BlobReader, runs: list[_RunPayload]) -> list[int | Repo
         for fd in files.values():
             os.close(fd)
     return outcomes
+
+
+def _wrong_size(held: int, size: int, *, more: bool = False) -> str:
+    at_least = "at least " if more else ""
+    return f"its blobs hold {at_least}{held} bytes by the index, its entry says {size}"
 
 
 def _plaintext_length(run: list[BlobLocation]) -> int:

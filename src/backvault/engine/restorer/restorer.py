@@ -55,6 +55,7 @@ from backvault.engine.restorer.files import (
     _BATCH_BYTES,
     _BATCH_RUNS,
     _IN_FLIGHT_BYTES,
+    _MIN_BATCH_CHARGE,
     FilesMixin,
     _RunPayload,
     restore_runs,
@@ -147,6 +148,7 @@ class Restorer(FilesMixin, StagingMixin, MetadataMixin):
                     budget_bytes=_IN_FLIGHT_BYTES,
                     batch_bytes=_BATCH_BYTES,
                     batch_items=_BATCH_RUNS,
+                    min_charge=_MIN_BATCH_CHARGE,
                 )
                 self.progress.start(total, "restore")
                 self._restore_tree(snapshot.tree)
