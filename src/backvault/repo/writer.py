@@ -11,6 +11,7 @@ encryption run outside the lock (zstandard and OpenSSL release the GIL).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from backvault.repo import format as fmt
 from backvault.repo.compression import ThreadCompressors
 from backvault.repo.format import BlobType, IndexFile, PackedBlob
 from backvault.repo.repository import Repository
-from backvault.storage import FileType
+from backvault.storage import FileType, Spool
 
 # Every worker process holds a pack open: 8 MiB keeps memory low (restic 0.14 writes 4 MiB).
 PACK_TARGET_SIZE = 8 * 1024 * 1024
@@ -56,11 +57,34 @@ def seal_blob(
     return key.seal(data), None
 
 
+# A pack being filled is kept in memory up to this many bytes, then written to a spool
+# of the backend (``Backend.spool``: a file with no name yet, for a local repository)
+# where there is one: each worker process held its open pack and the one being saved,
+# 8 MiB each.
+SPOOL_PART_BYTES = 1024 * 1024
+
+
 @dataclass
 class _Pack:
     blob_type: BlobType
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray = field(default_factory=bytearray)  # what is not yet in the spool
     blobs: list[PackedBlob] = field(default_factory=list)
+    size: int = 0  # its bytes so far, spooled or not
+    spool: Spool | None = None
+    spooled: hashlib._Hash | None = None  # the SHA-256 of what is in the spool
+
+    def spill(self) -> None:
+        """Move what is in memory to the spool."""
+        assert self.spool is not None
+        if self.spooled is None:
+            self.spooled = hashlib.sha256()
+        self.spooled.update(self.data)
+        self.spool.write(self.data)
+        self.data = bytearray()
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
 
 
 @dataclass
@@ -112,6 +136,7 @@ class RepositoryWriter:
             ThreadPoolExecutor(1, thread_name_prefix="backvault-save") if background_saves else None
         )
         self._saving: Future[None] | None = None
+        self._spools = True  # until the backend says it has none
 
     def add(
         self, blob_type: BlobType, data: bytes, blob_id: bytes | None = None, compress: bool = True
@@ -171,14 +196,21 @@ class RepositoryWriter:
         """Add a sealed blob to the open pack (holding the lock); the pack if now full."""
         pack = self._open.setdefault(blob_type, _Pack(blob_type))
         pack.blobs.append(
-            PackedBlob(blob_id, blob_type, len(pack.data), len(sealed), uncompressed_length)
+            PackedBlob(blob_id, blob_type, pack.size, len(sealed), uncompressed_length)
         )
         pack.data += sealed
+        pack.size += len(sealed)
         self.stats.blobs_new += 1
         self.stats.bytes_plain_new += plain_length
         self.stats.bytes_stored_new += len(sealed)
-        if len(pack.data) >= self.pack_target:
+        if pack.size >= self.pack_target:
             return self._open.pop(blob_type)
+        if len(pack.data) >= SPOOL_PART_BYTES and self._spools:
+            if pack.spool is None:
+                pack.spool = self.repo.backend.spool(FileType.DATA)
+                self._spools = pack.spool is not None
+            if pack.spool is not None:
+                pack.spill()
         return None
 
     def _write_pack(self, pack: _Pack) -> None:
@@ -195,18 +227,28 @@ class RepositoryWriter:
             saving.result()
 
     def _save_pack(self, pack: _Pack) -> None:
-        header = self.repo.key.seal(fmt.encode_pack_header(pack.blobs))
-        pack.data += header
-        pack.data += len(header).to_bytes(4, "little")
-        pack_id = fmt.sha256(pack.data)
-        backend = self.repo.backend
-        if backend.capabilities.direct_file_io:  # takes the buffer as it is: no copy
-            backend.save(FileType.DATA, pack_id.hex(), pack.data)  # type: ignore[arg-type]
-        else:  # storage clients want bytes
-            backend.save(FileType.DATA, pack_id.hex(), bytes(pack.data))
+        try:
+            header = self.repo.key.seal(fmt.encode_pack_header(pack.blobs))
+            pack.data += header
+            pack.data += len(header).to_bytes(4, "little")
+            size = pack.size + len(header) + 4
+            backend = self.repo.backend
+            if pack.spool is not None:
+                pack.spill()
+                assert pack.spooled is not None
+                pack_id = pack.spooled.digest()
+                pack.spool.save_as(pack_id.hex())
+            else:
+                pack_id = fmt.sha256(pack.data)
+                if backend.capabilities.direct_file_io:  # takes the buffer as it is: no copy
+                    backend.save(FileType.DATA, pack_id.hex(), pack.data)  # type: ignore[arg-type]
+                else:  # storage clients want bytes
+                    backend.save(FileType.DATA, pack_id.hex(), bytes(pack.data))
+        finally:
+            pack.discard()
         self._record_pack(pack_id, pack.blobs)
         if self._on_pack_written:
-            self._on_pack_written(len(pack.data))
+            self._on_pack_written(size)
 
     def expect(self, blob_ids: list[bytes]) -> None:
         """Worker processes stored these blobs in packs they have not reported yet

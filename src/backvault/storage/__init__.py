@@ -5,7 +5,8 @@ Locations use restic's syntax: a folder path (or ``local:PATH``), ``s3:URL/BUCKE
 
 A new backend subclasses ``Backend`` (``base``): the object operations, a ``spec()`` to
 reopen it in a worker process, and ``capabilities`` if it can do more than the interface
-(``direct_file_io``); ``open_backend`` maps its location prefix to it. Wrappers that add
+(``direct_file_io``), and ``spool`` if it can write an object a part at a time;
+``open_backend`` maps its location prefix to it. Wrappers that add
 behaviour around any backend (retries, fault injection) subclass ``BackendWrapper``.
 """
 
@@ -21,6 +22,7 @@ from backvault.storage.base import (
     Capabilities,
     FileType,
     ObjectNotFound,
+    Spool,
     StorageAccessDenied,
     StorageError,
     StorageRefused,
@@ -111,6 +113,7 @@ __all__ = [
     "FileType",
     "LocalBackend",
     "ObjectNotFound",
+    "Spool",
     "StorageAccessDenied",
     "StorageError",
     "StorageRefused",

@@ -95,6 +95,24 @@ class BackendSpec:
         return f"BackendSpec({name}{f' over {self.inner!r}' if self.inner else ''})"
 
 
+class Spool(ABC):
+    """An object written a part at a time, before its name is known (a pack is named by
+    the hash of its content): ``write`` the parts, then ``save_as`` its name, atomic and
+    durable as ``Backend.save``, or ``discard`` it. Nothing of it is visible, nor left
+    behind, before ``save_as``."""
+
+    @abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abstractmethod
+    def save_as(self, name: str) -> None:
+        """Store what was written under ``name``; the spool is finished either way."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Forget what was written (nothing was stored); safe to call more than once."""
+
+
 class Backend(ABC):
     """Objects are written once and never modified: ``save`` must be atomic (a reader sees
     the whole object or nothing) and durable when it returns."""
@@ -120,6 +138,12 @@ class Backend(ABC):
 
     @abstractmethod
     def save(self, kind: FileType, name: str, data: bytes) -> None: ...
+
+    def spool(self, kind: FileType) -> Spool | None:
+        """A ``Spool`` for an object of ``kind``, where this backend can write one a part
+        at a time without holding it in memory; None where objects are saved whole only
+        (the default), or the file system cannot."""
+        return None
 
     @abstractmethod
     def load(
@@ -176,6 +200,9 @@ class BackendWrapper(Backend):
 
     def save(self, kind: FileType, name: str, data: bytes) -> None:
         self.inner.save(kind, name, data)
+
+    def spool(self, kind: FileType) -> Spool | None:
+        return self.inner.spool(kind)
 
     def load(self, kind: FileType, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self.inner.load(kind, name, offset, length)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from backvault.storage.base import Backend, BackendWrapper, FileType
+from backvault.storage.base import Backend, BackendWrapper, FileType, Spool
 
 ENV = "BACKVAULT_FAULT_KILL_AFTER_WRITES"
 
@@ -45,3 +46,25 @@ class KillAfterWrites(BackendWrapper):
     def remove(self, kind: FileType, name: str) -> None:
         self._tick()
         self.inner.remove(kind, name)
+
+    def spool(self, kind: FileType) -> Spool | None:
+        inner = self.inner.spool(kind)
+        return None if inner is None else _CountedSpool(inner, self._tick)
+
+
+class _CountedSpool(Spool):
+    """A spool whose ``save_as`` counts as a write (the moment its object appears)."""
+
+    def __init__(self, inner: Spool, tick: Callable[[], None]) -> None:
+        self._inner = inner
+        self._tick = tick
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._inner.write(data)
+
+    def save_as(self, name: str) -> None:
+        self._tick()
+        self._inner.save_as(name)
+
+    def discard(self) -> None:
+        self._inner.discard()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from backvault.storage.base import (
     Capabilities,
     FileType,
     ObjectNotFound,
+    Spool,
     StorageError,
 )
 
@@ -40,6 +43,7 @@ class LocalBackend(Backend):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root: Path = Path(path).expanduser().absolute()
         self.location = str(self.root)
+        self._swept_spools = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -94,9 +98,25 @@ class LocalBackend(Backend):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if exc.errno == errno.ENOSPC:
-                raise StorageError(f"the repository's disk is full ({self.root})") from exc
-            raise StorageError(f"cannot write {target}: {exc.strerror}") from exc
+            raise _write_error(exc, self.root, target) from exc
+
+    def spool(self, kind: FileType) -> Spool | None:
+        """A hidden file in the folder of ``kind`` (``.spool-…``, which restic and this
+        backend's listing skip), renamed to its name when saved. One that a killed
+        process left behind is removed here once it is a day old (a spool being filled
+        is written every few milliseconds)."""
+        folder = self.root / kind.value
+        if not self._swept_spools:
+            self._swept_spools = True
+            _remove_stale_spools(folder)
+        path = folder / f"{_SPOOL_PREFIX}{secrets.token_hex(8)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        except FileNotFoundError:
+            return None  # no such folder (yet): ``save`` makes it
+        except OSError as exc:
+            raise _write_error(exc, self.root, path) from exc
+        return _LocalSpool(self, kind, fd, path)
 
     def load(self, kind: FileType, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(kind, name)
@@ -159,6 +179,79 @@ class LocalBackend(Backend):
             raise ObjectNotFound(f"{kind.value}/{name} is missing from the repository") from exc
         except OSError as exc:
             raise StorageError(f"cannot remove {path}: {exc.strerror}") from exc
+
+
+_SPOOL_PREFIX = ".spool-"
+_STALE_SPOOL_SECONDS = 24 * 3600
+
+
+def _remove_stale_spools(folder: Path) -> None:
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_SPOOL_PREFIX):
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_SPOOL_SECONDS:
+                os.unlink(entry.path)
+
+
+class _LocalSpool(Spool):
+    def __init__(self, backend: LocalBackend, kind: FileType, fd: int, path: Path) -> None:
+        self._backend = backend
+        self._kind = kind
+        self._path = path
+        # A file object closes the descriptor if the spool is dropped without a word.
+        self._file: io.FileIO | None = io.FileIO(fd, "w", closefd=True)
+
+    def _open_file(self) -> io.FileIO:
+        if self._file is None:
+            raise StorageError("this spool was already saved or discarded")
+        return self._file
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        file = self._open_file()
+        view = memoryview(data)
+        try:
+            while view:
+                written = file.write(view)
+                view = view[written or 0 :]
+        except OSError as exc:
+            self.discard()
+            raise _write_error(exc, self._backend.root, self._backend.root / "data") from exc
+
+    def save_as(self, name: str) -> None:
+        file = self._open_file()
+        target = self._backend._path(self._kind, name)
+        try:
+            target.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            os.fsync(file.fileno())
+            os.replace(self._path, target)
+            self._file = None
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _write_error(exc, self._backend.root, target) from exc
+        finally:
+            self.discard()
+            with contextlib.suppress(OSError):
+                file.close()
+
+    def discard(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+
+
+def _write_error(exc: OSError, root: Path, target: Path) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"the repository's disk is full ({root})")
+    return StorageError(f"cannot write {target}: {exc.strerror}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,128 @@
+"""Packs written a part at a time (``Backend.spool``): a worker process no longer holds a
+whole pack (8 MiB, and another being saved) in memory. What a spool must keep of
+``save``: nothing is visible under a name before it is saved, a spool given up or left by
+a killed process is never taken for an object, and stock restic reads a repository with
+such leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backvault.repo.writer import SPOOL_PART_BYTES
+from backvault.storage import FileType, LocalBackend, StorageError, open_backend
+from tests.conftest import Cli, InitRepo, make_tree, tree_digest
+from tests.test_restic_interop import restic
+
+
+def _hidden(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "data").iterdir() if p.name.startswith("."))
+
+
+def test_a_spooled_object_appears_whole_under_its_name_only_when_saved(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    backend.create()
+    spool = backend.spool(FileType.DATA)
+    assert spool is not None
+    parts = [os.urandom(100_000), b"", os.urandom(3)]
+    for part in parts:
+        spool.write(part)
+        assert list(backend.list(FileType.DATA)) == []  # nothing listed while filling
+    spool.save_as("ab" * 32)
+    assert backend.load(FileType.DATA, "ab" * 32) == b"".join(parts)
+    assert list(backend.list(FileType.DATA)) == [("ab" * 32, 100_003)]
+    assert _hidden(backend.root) == []  # the spool became the object
+    spool.discard()  # after saving: nothing to give up, the object stays
+    assert backend.load(FileType.DATA, "ab" * 32) == b"".join(parts)
+
+
+def test_a_discarded_spool_leaves_nothing_and_cannot_be_saved(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    backend.create()
+    spool = backend.spool(FileType.DATA)
+    assert spool is not None
+    spool.write(b"half a pack")
+    assert len(_hidden(backend.root)) == 1
+    spool.discard()
+    assert _hidden(backend.root) == []
+    with pytest.raises(StorageError, match="already saved or discarded"):
+        spool.save_as("cd" * 32)
+    assert list(backend.list(FileType.DATA)) == []
+
+
+def test_a_killed_process_leaves_a_hidden_spool_removed_once_a_day_old(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    LocalBackend(root).create()
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from backvault.storage import FileType, LocalBackend\n"
+         "spool = LocalBackend(sys.argv[1]).spool(FileType.DATA)\n"
+         "spool.write(b'x' * 100_000)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n",
+         str(root)],
+        capture_output=True,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = _hidden(root)
+    assert list(LocalBackend(root).list(FileType.DATA)) == []  # never taken for a pack
+    LocalBackend(root).spool(FileType.DATA).discard()  # type: ignore[union-attr]
+    assert _hidden(root) == [left]  # an hour-old one may belong to a process still at work
+    day_old = time.time() - 25 * 3600
+    os.utime(root / "data" / left, (day_old, day_old))
+    LocalBackend(root).spool(FileType.DATA).discard()  # type: ignore[union-attr]
+    assert _hidden(root) == []
+
+
+def test_stock_restic_checks_and_restores_a_repository_with_spool_leftovers(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    """Packs of a real backup written through spools (files larger than a spool part),
+    plus the leftover of a killed process: restic's check --read-data and restore."""
+    source = make_tree(tmp_path / "src")
+    (source / "big.bin").write_bytes(os.urandom(3 * SPOOL_PART_BYTES))
+    expected = tree_digest(source)
+    cli.ok("-r", str(repo.path), "backup", str(source))
+    sizes = [size for _, size in LocalBackend(repo.path).list(FileType.DATA)]
+    assert max(sizes) > SPOOL_PART_BYTES  # a pack that went through a spool
+    (repo.path / "data" / ".spool-0123456789abcdef").write_bytes(b"left by a killed backup")
+    check = restic(repo.path, repo.key, "check", "--read-data")
+    assert "no errors were found" in check.stdout
+    target = tmp_path / "restored-by-restic"
+    restic(repo.path, repo.key, "restore", "latest", "--target", str(target))
+    assert tree_digest(target / source.relative_to("/")) == expected
+    ours = cli.run("-r", str(repo.path), "check", "--read-data")
+    assert ours.code == 0, ours.err
+
+
+def test_the_fault_wrapper_counts_a_spool_saved_as_a_write(tmp_path: Path) -> None:
+    """The crash suite kills a process right before its N-th write: a pack saved from a
+    spool is one."""
+    root = tmp_path / "repo"
+    LocalBackend(root).create()
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from backvault.storage import FileType, LocalBackend\n"
+         "from backvault.storage.faults import KillAfterWrites\n"
+         "backend = KillAfterWrites(LocalBackend(sys.argv[1]), writes=1)\n"
+         "backend.save(FileType.DATA, 'ab' * 32, b'first')\n"
+         "spool = backend.spool(FileType.DATA)\n"
+         "spool.write(b'second')\n"
+         "spool.save_as('cd' * 32)\n",
+         str(root)],
+        capture_output=True,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert [name for name, _ in LocalBackend(root).list(FileType.DATA)] == ["ab" * 32]
+    assert len(_hidden(root)) == 1  # killed before the rename: the spool keeps its hidden name
+
+
+def test_a_remote_backend_has_no_spool_and_packs_are_saved_whole() -> None:
+    assert open_backend("rest:http://127.0.0.1:1/").spool(FileType.DATA) is None
