@@ -398,3 +398,68 @@ def test_content_ids_read_as_the_list_of_ids() -> None:
     assert fmt.parse_content(list(texts), "content") == fmt.parse_ids(list(texts)) == ids
     with pytest.raises(FormatError, match="content of x"):
         fmt.parse_content([*texts[:3], "zz" * 32], "content of x")
+
+
+def _usual_decode(raw: bytes) -> list[Node] | str:
+    try:
+        return fmt.tree_nodes(fmt.decode_tree_json(fmt.tree_text(raw)))
+    except FormatError as exc:
+        return f"FormatError: {exc}"
+
+
+def _decoded(raw: bytes) -> list[Node] | str:
+    try:
+        return fmt.decode_tree(raw)
+    except FormatError as exc:
+        return f"FormatError: {exc}"
+
+
+def test_long_content_lists_read_from_the_bytes_decode_as_json_would() -> None:
+    """decode_tree takes long content lists out of the JSON text (memory); whatever the
+    tree holds around them — a list under "content" in another object, two "content"
+    keys, the pattern inside a name, upper-case hex, invalid JSON after it — it decodes
+    to what the plain JSON decoding gives, or refuses it alike."""
+    rng = random.Random(5)
+    ids = [rng.randbytes(32) for _ in range(1500)]
+    hexed = ",".join(f'"{i.hex()}"' for i in ids)
+    upper = ",".join(f'"{i.hex().upper()}"' for i in ids)
+    short = ",".join(f'"{i.hex()}"' for i in ids[:3])
+    file_head = '{"name":"%s","type":"file","mode":420,"size":0'
+    trees = {
+        "plain": f'{{"nodes":[{file_head % "a"},"content":[{hexed}]}}]}}\n',
+        "two files, a short list between": (
+            f'{{"nodes":[{file_head % "a"},"content":[{hexed}]}},'
+            f'{file_head % "b"},"content":[{short}]}},{file_head % "c"},"content":[{hexed}]}}]}}'
+        ),
+        "content first in its object": f'{{"nodes":[{{"content":[{hexed}],"name":"a","type":"file"}}]}}',
+        "a list under content in an attribute object": (
+            f'{{"nodes":[{file_head % "a"},"generic_attributes":{{"content":[{hexed}]}},'
+            f'"content":[{short}]}}]}}'
+        ),
+        "two content keys (the last counts)": (
+            f'{{"nodes":[{file_head % "a"},"content":[{hexed}],"content":[{short}]}}]}}'
+        ),
+        "the pattern inside a name": (
+            '{"nodes":[{"name":"x\\",\\"content\\":[' + hexed.replace('"', '\\"') + ']",'
+            '"type":"file","content":[' + short + "]}]}"
+        ),
+        "upper-case hex": f'{{"nodes":[{file_head % "a"},"content":[{upper}]}}]}}',
+        "a name that ends before the pattern (invalid)": (
+            f'{{"nodes":[{{"name":"a,"content":[{hexed}]}}]}}'
+        ),
+        "invalid after the list": f'{{"nodes":[{file_head % "a"},"content":[{hexed}]}}]',
+        "not an object of nodes": f'[{{"content":[{hexed}]}}]',
+        "nodes not objects": f'{{"nodes":[1,{file_head % "a"},"content":[{hexed}]}}]}}',
+        "a node whose content is the token's form": (
+            f'{{"nodes":[{file_head % "a"},"content":"abc:0"}},'
+            f'{file_head % "b"},"content":[{hexed}]}}]}}'
+        ),
+    }
+    for label, text in trees.items():
+        raw = text.encode()
+        assert _decoded(raw) == _usual_decode(raw), label
+    plain = fmt.decode_tree(trees["plain"].encode())
+    assert plain[0].content == ids and isinstance(plain[0].content, ContentIds)
+    assert isinstance(
+        _decoded(trees["a name that ends before the pattern (invalid)"].encode()), str
+    )

@@ -1,5 +1,6 @@
 """Packs written a part at a time (``Backend.spool``): a worker process no longer holds a
-whole pack (8 MiB, and another being saved) in memory. What a spool must keep of
+whole pack (8 MiB, and another being saved) in memory; and large blobs (a big folder's
+tree) compressed and sealed in parts. What a spool must keep of
 ``save``: nothing is visible under a name before it is saved, a spool given up or left by
 a killed process is never taken for an object, and stock restic reads a repository with
 such leftovers."""
@@ -7,6 +8,7 @@ such leftovers."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from backvault.repo.writer import SPOOL_PART_BYTES
+from backvault.repo.format import BlobType
+from backvault.repo.repository import Repository
+from backvault.repo.writer import LARGE_BLOB_BYTES, SPOOL_PART_BYTES, RepositoryWriter
 from backvault.storage import FileType, LocalBackend, StorageError, open_backend
 from tests.conftest import Cli, InitRepo, make_tree, tree_digest
 from tests.test_restic_interop import restic
@@ -87,6 +91,10 @@ def test_stock_restic_checks_and_restores_a_repository_with_spool_leftovers(
     plus the leftover of a killed process: restic's check --read-data and restore."""
     source = make_tree(tmp_path / "src")
     (source / "big.bin").write_bytes(os.urandom(3 * SPOOL_PART_BYTES))
+    many = source / "many"  # a folder whose tree (~1.5 MB) is sealed in parts
+    many.mkdir()
+    for i in range(6000):
+        (many / f"message-{i:05d}.txt").write_bytes(b"%d\n" % i)
     expected = tree_digest(source)
     cli.ok("-r", str(repo.path), "backup", str(source))
     sizes = [size for _, size in LocalBackend(repo.path).list(FileType.DATA)]
@@ -99,6 +107,26 @@ def test_stock_restic_checks_and_restores_a_repository_with_spool_leftovers(
     assert tree_digest(target / source.relative_to("/")) == expected
     ours = cli.run("-r", str(repo.path), "check", "--read-data")
     assert ours.code == 0, ours.err
+
+
+def test_large_blobs_are_sealed_in_parts_and_read_back(repo: InitRepo) -> None:
+    """A blob over LARGE_BLOB_BYTES is compressed and sealed a slice at a time: read
+    back whole, compressed when that saves (one zstd frame recording its size), stored as
+    it is when not."""
+    opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    writer = RepositoryWriter(opened)
+    rng = random.Random(9)
+    text = b"".join(b'"%064x",' % rng.getrandbits(256) for _ in range(60_000))  # 3.9 MB
+    noise = rng.randbytes(3 * LARGE_BLOB_BYTES + 5)
+    ids = [writer.add(BlobType.TREE, text), writer.add(BlobType.DATA, noise)]
+    writer.flush()
+    again = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    assert again.load_blob(ids[0], BlobType.TREE) == text
+    assert again.load_blob(ids[1], BlobType.DATA) == noise
+    packed = [again.lookup(blob_id) for blob_id in ids]
+    assert packed[0] is not None and packed[0].blob.uncompressed_length == len(text)
+    assert packed[0].blob.length < len(text) // 1.5  # hex compresses
+    assert packed[1] is not None and packed[1].blob.uncompressed_length is None
 
 
 def test_the_fault_wrapper_counts_a_spool_saved_as_a_write(tmp_path: Path) -> None:

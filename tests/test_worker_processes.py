@@ -290,9 +290,22 @@ def test_known_ids_answer_as_a_set_does(
     half = len(known) // 2
     ids.update(b"".join(known[:half]))
     ids.update(b"".join(known[half:]))  # learned in two steps, as workers do
-    assert len(ids) == len(set(known))
     for candidate in [*known, *asked, *twins, b"short"]:
         assert (candidate in ids) == (candidate in set(known))
+
+
+def test_known_ids_do_not_take_two_neighbours_for_an_id() -> None:
+    """Ids of one bucket lie back to back: the tail of one and the head of the next
+    (which starts with the bucket's two bytes here) is not an id that was given."""
+    first = b"\x01\x02" + bytes(14) + b"\x01\x02" + bytes(range(14))
+    second = b"\x01\x02" + bytes(range(100, 130))
+    ids = KnownIds()
+    ids.update(first + second + first)  # one given twice is fine
+    straddling = first[16:] + second[:16]
+    assert straddling[:2] == b"\x01\x02" and straddling not in ids
+    assert first in ids and second in ids and b"\x01\x02" + bytes(30) not in ids
+    with pytest.raises(ValueError, match="32-byte ids"):
+        ids.update(b"x" * 33)
 
 
 def test_a_backup_failing_while_a_database_is_held_in_place_reports_its_error_and_lets_go(

@@ -168,7 +168,7 @@ class Key:
         local.ivs_used = used + IV_SIZE
         return pool[used : used + IV_SIZE]
 
-    def seal(self, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Encrypt and authenticate: ``IV || ciphertext || MAC``, with a fresh random IV."""
         iv = self._fresh_iv()
         ciphertext = self._ctr(iv).update(plaintext)

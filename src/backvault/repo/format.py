@@ -15,6 +15,8 @@ import hashlib
 import itertools
 import json
 import operator
+import re
+import secrets
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,7 +55,10 @@ def parse_id(text: Any, what: str = "id") -> bytes:
 
 
 def parse_content(texts: Any, what: str, consume: bool = False) -> ContentIds:
-    """``parse_ids`` of a node's content, as ``ContentIds``."""
+    """``parse_ids`` of a node's content, as ``ContentIds`` (which ``decode_tree`` may
+    have made from the blob already)."""
+    if isinstance(texts, ContentIds):
+        return texts
     if not isinstance(texts, list):
         return ContentIds.of(parse_id(text, what) for text in texts)
     return ContentIds(b"".join(_joined_id_parts(texts, what, consume)))
@@ -746,8 +751,9 @@ def tree_order(node: Node) -> bytes:
     return name_bytes(node.name)
 
 
-def encode_tree(nodes: Iterable[Node]) -> bytes:
-    """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it."""
+def encode_tree(nodes: Iterable[Node]) -> bytes | bytearray:
+    """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it
+    (a ``bytearray`` where it lists long content: not copied once more)."""
     ordered = sorted(nodes, key=tree_order)
     for a, b in itertools.pairwise(ordered):
         if tree_order(a) == tree_order(b):
@@ -773,7 +779,7 @@ def encode_tree(nodes: Iterable[Node]) -> bytes:
         else:
             out += json.dumps(node.to_json(), separators=(",", ":")).encode()
     out += b"]}\n"
-    return bytes(out)
+    return out
 
 
 _LONG_CONTENT = 1024  # blobs
@@ -800,7 +806,71 @@ def _append_hex_array(out: bytearray, ids: Sequence[bytes]) -> None:
 
 
 def decode_tree(data: bytes) -> list[Node]:
-    return tree_nodes(decode_tree_json(data))
+    """A tree blob's nodes. A node's long content list (a database's: ~190 000 ids, 13 MB
+    of the blob's JSON) is read straight from the bytes, not made into a string per id
+    first (~22 MB of small objects for a moment, which the memory allocator kept)."""
+    if len(data) >= _LONG_CONTENT * _HEX_ID_ITEM:
+        nodes = _decode_tree_with_long_contents(data)
+        if nodes is not None:
+            return nodes
+    return tree_nodes(decode_tree_json(tree_text(data)))
+
+
+# A compact content list of lowercase hex ids, as restic (and this code) writes it, right
+# after the key "content" of an object: its quotes are all unescaped, so they delimit
+# strings, and the key is a key (or the JSON is invalid, which ``json`` then finds).
+_LONG_CONTENT_ARRAY = re.compile(rb'[{,]"content":\[((?:"[0-9a-f]{64}",)*+"[0-9a-f]{64}")\]')
+_HEX_ID_ITEM = 2 * ID_SIZE + 3  # "<64 hex digits>", (the last has no comma)
+
+
+def _decode_tree_with_long_contents(data: bytes) -> list[Node] | None:
+    """``decode_tree`` with each long content list taken out of the JSON and replaced by
+    a string no tree can hold (a fresh random token and its number); the JSON left is
+    parsed as usual and every token put back as the ids it stands for. None (decode the
+    usual way) if there is no long list, or if a token ends up anywhere but as the
+    content of a node: the usual way then decides what the tree is."""
+    token = secrets.token_hex(16)
+    contents: list[ContentIds] = []
+    pieces: list[bytes] = []
+    end = 0
+    for match in _LONG_CONTENT_ARRAY.finditer(data):
+        start, stop = match.span(1)
+        if (stop - start + 1) // _HEX_ID_ITEM < _LONG_CONTENT:
+            continue
+        pieces.append(data[end : start - 1])  # up to the "["
+        pieces.append(f'"{token}:{len(contents)}"'.encode())
+        contents.append(_hex_ids(data, start, stop))
+        end = stop + 1  # after the "]"
+    if not contents:
+        return None
+    pieces.append(data[end:])
+    try:
+        doc = decode_tree_json(tree_text(b"".join(pieces)))
+    except FormatError:
+        return None
+    del pieces
+    nodes_docs = doc.get("nodes") if isinstance(doc, dict) else None
+    placed = 0
+    for node_doc in nodes_docs if isinstance(nodes_docs, list) else ():
+        content = node_doc.get("content") if isinstance(node_doc, dict) else None
+        if isinstance(content, str) and content.startswith(f"{token}:"):
+            number = int(content[len(token) + 1 :])
+            node_doc["content"] = contents[number]
+            placed += 1
+    if placed != len(contents):
+        return None  # a list that was not a node's content (or one of two "content" keys)
+    return tree_nodes(doc)
+
+
+def _hex_ids(data: bytes, start: int, stop: int) -> ContentIds:
+    """The ids of ``"<hex>","<hex>",...`` in ``data[start:stop]`` (checked by the
+    pattern), a slice at a time."""
+    parts = []
+    step = _PARSE_IDS * _HEX_ID_ITEM
+    for at in range(start, stop, step):
+        hexed = data[at + 1 : min(at + step, stop + 1) - 2].replace(b'","', b"")
+        parts.append(binascii.unhexlify(hexed))
+    return ContentIds(b"".join(parts))
 
 
 def tree_text(data: bytes) -> str:

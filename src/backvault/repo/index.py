@@ -36,7 +36,7 @@ _TYPES = (BlobType.DATA, BlobType.TREE)  # a row's type is its position here
 _TYPE_CODES = {"data": 0, "tree": 1}
 _KIND_CODES = {kind: code for code, kind in enumerate(_TYPES)}
 _NOT_COMPRESSED = (1 << 64) - 1  # the uncompressed-length column's "None"
-_BUCKETS = 1 << 16  # buckets by an id's first two bytes: a few ids each at 10^5 blobs
+BUCKETS = 1 << 16  # buckets by an id's first two bytes: a few ids each at 10^5 blobs
 # Rows added after a load are regrouped into the bucketed ids once there are this many
 # (or a quarter of the loaded ones, if more): a first backup adds every blob it stores.
 _REGROUP_MIN = 4096
@@ -66,7 +66,7 @@ class _Lookup:
         self.recent_other_type: dict[bytes, int] = {}
 
 
-_EMPTY_STARTS = array("Q", bytes(8 * (_BUCKETS + 1)))
+_EMPTY_STARTS = array("Q", bytes(8 * (BUCKETS + 1)))  # no ids: every bucket empty
 
 
 class Index:
@@ -145,23 +145,7 @@ class Index:
         """Group every row's id by bucket. The rows not grouped yet come after the grouped
         ones, and a stable sort keeps row order within a bucket."""
         grouped = self._lookup
-        ids = grouped.ids + self._ungrouped_ids
-        # An id's bucket: its first two bytes, as a little-endian number.
-        buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
-        if sys.byteorder == "big":
-            buckets.byteswap()
-        order, first_of = _counting_sort(buckets, _BUCKETS)
-        del buckets
-        starts = array("Q", (ID_SIZE * first for first in first_of))  # byte offsets
-        del first_of
-        # Copied a slice of ids at a time: they are objects of ~70 bytes until joined.
-        parts = []
-        for first in range(0, len(order), _COPY_IDS):
-            part = order[first : first + _COPY_IDS]
-            parts.append(b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part]))
-        del ids
-        grouped_ids = b"".join(parts)
-        del parts
+        grouped_ids, order, starts = group_ids(grouped.ids + self._ungrouped_ids)
         # Each position's row (at the first grouping, rows are 0, 1, 2, …: ``order``).
         rows = order
         if len(grouped.rows):
@@ -253,7 +237,7 @@ class Index:
         packs, rows, grouped = struct.unpack("<3Q", view[len(_STATE_MAGIC) : at])
         # The byte size of each part, in the order ``to_state`` joins them.
         sizes = [ID_SIZE * packs, 4 * rows, rows, 8 * rows, 8 * rows, 8 * rows]
-        sizes += [ID_SIZE * grouped, 4 * grouped, 8 * (_BUCKETS + 1), ID_SIZE * (rows - grouped)]
+        sizes += [ID_SIZE * grouped, 4 * grouped, 8 * (BUCKETS + 1), ID_SIZE * (rows - grouped)]
         if grouped > rows or len(view) != at + sum(sizes):
             raise FormatError("saved index has the wrong length")
         parts = []
@@ -411,7 +395,7 @@ class Index:
             lookup = self._lookup
             ids, starts = lookup.ids, lookup.starts
             unique: list[bytes] = []
-            for bucket in range(_BUCKETS):
+            for bucket in range(BUCKETS):
                 start, end = starts[bucket], starts[bucket + 1]
                 if end - start == ID_SIZE:
                     unique.append(ids[start:end])
@@ -507,6 +491,41 @@ class Index:
         blobs = [self._blob_at(row, blob_id) for row, blob_id in listed.values()]
         blobs.sort(key=lambda b: b.offset)
         return blobs
+
+
+def group_ids(ids: bytes) -> tuple[bytes, array[int], array[int]]:
+    """``ids`` (32 bytes each, back to back) grouped by bucket, keeping their order within
+    a bucket: the grouped ids, where each came from (its position in ``ids``), and where
+    each bucket starts (byte offsets, ``BUCKETS + 1`` of them), for ``grouped_has``."""
+    # An id's bucket: its first two bytes, as a little-endian number.
+    buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
+    if sys.byteorder == "big":
+        buckets.byteswap()
+    order, first_of = _counting_sort(buckets, BUCKETS)
+    del buckets
+    starts = array("Q", (ID_SIZE * first for first in first_of))  # byte offsets
+    del first_of
+    # Copied a slice of ids at a time: they are objects of ~70 bytes until joined.
+    parts = []
+    for first in range(0, len(order), _COPY_IDS):
+        part = order[first : first + _COPY_IDS]
+        parts.append(b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part]))
+    del ids
+    return b"".join(parts), order, starts
+
+
+def grouped_has(ids: bytes, starts: array[int], blob_id: bytes) -> bool:
+    """Whether ``blob_id`` is one of ``ids`` grouped by ``group_ids``."""
+    if len(blob_id) != ID_SIZE:
+        return False
+    bucket = blob_id[0] | blob_id[1] << 8
+    end = starts[bucket + 1]
+    pos = ids.find(blob_id, starts[bucket], end)
+    while pos >= 0:
+        if not pos % ID_SIZE:  # a match straddling two ids is none
+            return True
+        pos = ids.find(blob_id, pos + 1, end)
+    return False
 
 
 def _counting_sort(keys: array[int], key_count: int) -> tuple[array[int], array[int]]:

@@ -419,14 +419,7 @@ class Repository:
             if cached is not None:
                 return cached
         try:
-            # Each form dropped once the next is made: a big database's tree is ~13 MB
-            # of JSON, whose content ids are ~20 MB as strings, ~13 MB as ids.
-            data = self.load_blob(tree_id, BlobType.TREE)
-            text = fmt.tree_text(data)
-            del data
-            document = fmt.decode_tree_json(text)
-            del text
-            nodes = fmt.tree_nodes(document)
+            nodes = fmt.decode_tree(self.load_blob(tree_id, BlobType.TREE))
         except fmt.FormatError as exc:
             raise DamagedObject(f"tree {tree_id.hex()[:12]}", str(exc)) from exc
         if not keep or _tree_cost(nodes) > TREE_CACHE_NODES // 4:
