@@ -27,8 +27,10 @@ from typing import Any
 
 import pytest
 
+from backvault.engine import parallel
 from backvault.engine.check import Checker
 from backvault.engine.restorer import Restorer
+from backvault.repo import blobs as blobs_module
 from backvault.repo import format as fmt
 from backvault.repo.errors import RepositoryError
 from backvault.repo.format import BlobType
@@ -1365,3 +1367,94 @@ def test_check_names_a_file_whose_blobs_do_not_add_up_to_its_size(tmp_path: Path
         f"error: file /video.mp4 (snapshot {snapshot_id[:8]}) has the wrong size: its blobs "
         f"hold {2**45} bytes by the index, its entry says 100000" in errors
     ), errors
+
+
+# --- round two, third session: runs made as they are sent ------------------------------
+
+
+def _zero_length_entries(h: Hostile, blob: str, count: int) -> list[str]:
+    """Index entries for ``count`` made-up blobs of length 0 right after ``blob`` in its
+    pack (a plaintext of -32 bytes each, by the index)."""
+    backend = h.repo.backend
+    fakes = [os.urandom(32).hex() for _ in range(count)]
+    for name, _ in list(backend.list(FileType.INDEX)):
+        doc = h.repo.load_unpacked(FileType.INDEX, name)
+        hit = False
+        for pack in doc["packs"]:
+            for entry in list(pack["blobs"]):
+                if entry["id"] == blob:
+                    end = entry["offset"] + entry["length"]
+                    pack["blobs"] += [
+                        {"id": f, "type": "data", "offset": end, "length": 0} for f in fakes
+                    ]
+                    hit = True
+        if hit:
+            h.repo.save_unpacked(FileType.INDEX, doc)
+            backend.remove(FileType.INDEX, name)
+    return fakes
+
+
+def test_index_lengths_below_a_sealed_blob_never_make_a_restore_write_past_the_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team, third session: blobs the index lists with a length below 32 bytes (what
+    sealing adds) counted negative plaintext, so a file's blobs could add up to its size
+    while its first run wrote 32 000 bytes past it (into the staging copy, removed
+    after). Such blobs are now damaged when looked up: nothing is written past the size."""
+    h = Hostile(tmp_path / "repo")
+    real = os.urandom(3 * 1024 * 1024)  # incompressible: its plaintext is its length - 32
+    blob = h.writer.add(BlobType.DATA, real, compress=False).hex()
+    h.writer.flush()
+    fakes = _zero_length_entries(h, blob, 1000)
+    node = {**h.file("db", b""), "content": [blob, *fakes], "size": len(real) - 32 * 1000}
+    snapshot_id = h.snapshot([node, h.file("ok", b"fine\n")])
+    written: list[int] = []  # the end of every write of a restored file's data
+    write = blobs_module._pwritev_all
+
+    def watched(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:
+        written.append(offset + sum(len(piece) for piece in pieces))
+        write(fd, pieces, offset)
+
+    monkeypatch.setattr(blobs_module, "_pwritev_all", watched)
+    monkeypatch.setattr(parallel, "_requested_processes", 0)  # threads: writes seen here
+    repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
+    target = tmp_path / "target"
+    outcome = Restorer(repo, target, workers=2).run(repo.find_snapshot(snapshot_id)[1])
+    assert [path for path, _ in outcome.damaged] == ["/db"], outcome
+    assert "fewer than a sealed blob has (32)" in outcome.damaged[0][1]
+    assert not (target / "db").exists() and (target / "ok").read_bytes() == b"fine\n"
+    assert leftovers(target) == []
+    assert all(end <= node["size"] for end in written), written
+
+
+@pytest.mark.parametrize("env", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("how", ["later lie", "missing after sent", "short"])
+def test_a_hard_link_group_whose_first_file_is_damaged_mid_way_is_not_placed(
+    tmp_path: Path, cli: Cli, env: dict[str, str], how: str
+) -> None:
+    """The first file of a hard-link group found damaged after some of its runs were
+    sent: neither link is placed, both are named, nothing is left behind, the file
+    beside them is restored (red team, third session)."""
+    h = Hostile(tmp_path / "repo")
+    first = h.writer.add(BlobType.DATA, os.urandom(100_000)).hex()
+    h.writer.flush()
+    second = h.writer.add(BlobType.DATA, os.urandom(50_000)).hex()
+    h.writer.flush()
+    links = {"links": 2, "inode": 4242, "device_id": 7}
+    a = {**h.file("a", b""), "content": [first, second], "size": 150_000, **links}
+    if how == "later lie":
+        _lie_in_index(h, second, 1_000_000)
+    elif how == "missing after sent":
+        a.update(content=[first, second, "cd" * 32], size=150_100)
+    else:
+        a["size"] = 200_000
+    snapshot_id = h.snapshot([a, {**a, "name": "b"}, h.file("ok", b"fine\n" * 1000)])
+    target = tmp_path / "target"
+    result = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(target), key=h.key, env=env
+    )
+    assert result.code == 3, result.err
+    assert not (target / "a").exists() and not (target / "b").exists()
+    assert (target / "ok").read_bytes() == b"fine\n" * 1000
+    assert "not restored: /a:" in result.err and "not restored: /b:" in result.err, result.err
+    assert leftovers(target) == []

@@ -274,7 +274,15 @@ class BlobReader:
 
 def check_blob_size(blob: PackedBlob, label: str) -> None:
     """Refuse a blob whose lengths (as the index or a pack header gives them) are more
-    than a blob of its type may hold, before anything is read or decompressed."""
+    than a blob of its type may hold, before anything is read or decompressed; or less
+    than sealing adds (its plaintext would count negative bytes: a restore adding up a
+    file's blobs could then be made to write past the file's size)."""
+    if blob.length < OVERHEAD:
+        raise DamagedObject(
+            label,
+            f"blob {blob.id.hex()[:12]} claims {blob.length} bytes, fewer than a sealed blob "
+            f"has ({OVERHEAD})",
+        )
     limit = fmt.MAX_BLOB_PLAINTEXT[blob.type.value]
     if blob.plaintext_length > limit or blob.length > limit + OVERHEAD:
         raise DamagedObject(
