@@ -25,6 +25,11 @@ from tests.conftest import Cli, InitRepo, make_tree, tree_digest
 from tests.test_restic_interop import restic
 
 
+def _run_on(root: Path, script: str) -> subprocess.CompletedProcess[bytes]:
+    """``script`` in a process of its own, with the repository's folder as its argument."""
+    return subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True)
+
+
 def _hidden(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "data").iterdir() if p.name.startswith("."))
 
@@ -63,16 +68,14 @@ def test_a_discarded_spool_leaves_nothing_and_cannot_be_saved(tmp_path: Path) ->
 def test_a_killed_process_leaves_a_hidden_spool_removed_once_a_day_old(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     LocalBackend(root).create()
-    killed = subprocess.run(
-        [sys.executable, "-c",
-         "import os, signal, sys\n"
-         "from backvault.storage import FileType, LocalBackend\n"
-         "spool = LocalBackend(sys.argv[1]).spool(FileType.DATA)\n"
-         "spool.write(b'x' * 100_000)\n"
-         "os.kill(os.getpid(), signal.SIGKILL)\n",
-         str(root)],
-        capture_output=True,
-    )  # fmt: skip
+    killed = _run_on(
+        root,
+        "import os, signal, sys\n"
+        "from backvault.storage import FileType, LocalBackend\n"
+        "spool = LocalBackend(sys.argv[1]).spool(FileType.DATA)\n"
+        "spool.write(b'x' * 100_000)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n",
+    )
     assert killed.returncode == -signal.SIGKILL
     (left,) = _hidden(root)
     assert list(LocalBackend(root).list(FileType.DATA)) == []  # never taken for a pack
@@ -134,19 +137,17 @@ def test_the_fault_wrapper_counts_a_spool_saved_as_a_write(tmp_path: Path) -> No
     spool is one."""
     root = tmp_path / "repo"
     LocalBackend(root).create()
-    done = subprocess.run(
-        [sys.executable, "-c",
-         "import sys\n"
-         "from backvault.storage import FileType, LocalBackend\n"
-         "from backvault.storage.faults import KillAfterWrites\n"
-         "backend = KillAfterWrites(LocalBackend(sys.argv[1]), writes=1)\n"
-         "backend.save(FileType.DATA, 'ab' * 32, b'first')\n"
-         "spool = backend.spool(FileType.DATA)\n"
-         "spool.write(b'second')\n"
-         "spool.save_as('cd' * 32)\n",
-         str(root)],
-        capture_output=True,
-    )  # fmt: skip
+    done = _run_on(
+        root,
+        "import sys\n"
+        "from backvault.storage import FileType, LocalBackend\n"
+        "from backvault.storage.faults import KillAfterWrites\n"
+        "backend = KillAfterWrites(LocalBackend(sys.argv[1]), writes=1)\n"
+        "backend.save(FileType.DATA, 'ab' * 32, b'first')\n"
+        "spool = backend.spool(FileType.DATA)\n"
+        "spool.write(b'second')\n"
+        "spool.save_as('cd' * 32)\n",
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert [name for name, _ in LocalBackend(root).list(FileType.DATA)] == ["ab" * 32]
     assert len(_hidden(root)) == 1  # killed before the rename: the spool keeps its hidden name

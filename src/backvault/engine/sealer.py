@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from array import array
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ from backvault.repo import format as fmt
 from backvault.repo.chunker import ContentChunker, chunker_seed
 from backvault.repo.compression import ThreadCompressors
 from backvault.repo.format import ID_SIZE, BlobType, Config, PackedBlob
-from backvault.repo.index import BUCKETS, group_ids, grouped_has
+from backvault.repo.index import EMPTY_STARTS, group_ids, grouped_has
 from backvault.repo.repository import Repository
 from backvault.repo.writer import RepositoryWriter, SealedChunk, seal_blob
 from backvault.storage import BackendSpec, open_backend_from_spec
@@ -293,7 +292,7 @@ class KnownIds:
 
     def __init__(self) -> None:
         self._ids = b""
-        self._starts = array("Q", bytes(8 * (BUCKETS + 1)))
+        self._starts = EMPTY_STARTS
 
     def update(self, packed_ids: bytes) -> None:
         """Add ids given back to back, 32 bytes each."""

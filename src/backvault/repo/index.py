@@ -66,7 +66,7 @@ class _Lookup:
         self.recent_other_type: dict[bytes, int] = {}
 
 
-_EMPTY_STARTS = array("Q", bytes(8 * (BUCKETS + 1)))  # no ids: every bucket empty
+EMPTY_STARTS = array("Q", bytes(8 * (BUCKETS + 1)))  # no ids: every bucket empty
 
 
 class Index:
@@ -81,7 +81,7 @@ class Index:
         self._offsets = array("Q")
         self._lengths = array("Q")
         self._plain_lengths = array("Q")  # _NOT_COMPRESSED for a blob stored as it is
-        self._lookup = _Lookup(b"", array("I"), _EMPTY_STARTS)
+        self._lookup = _Lookup(b"", array("I"), EMPTY_STARTS)
         self._ungrouped_ids = bytearray()  # the ids of the rows after the grouped ones
         # Packs added whole (``add_pack``): the rows of their last addition, which
         # ``packs`` lists as given (the listings of index files are merged and sorted).

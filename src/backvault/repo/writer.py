@@ -35,6 +35,10 @@ INDEX_FLUSH_PACKS = 50  # write an index file after this many packs (progress su
 _MIN_SAVING_DIVISOR = 32
 
 
+def _saves_enough(compressed_length: int, length: int) -> bool:
+    return compressed_length <= length - length // _MIN_SAVING_DIVISOR - 1
+
+
 class SealedChunk(NamedTuple):
     id: bytes
     plain_length: int
@@ -52,14 +56,14 @@ def seal_blob(
     enough; and its uncompressed length if it was compressed."""
     if compressor is not None:
         compressed = compressor.compress(data)
-        if len(compressed) <= len(data) - len(data) // _MIN_SAVING_DIVISOR - 1:
+        if _saves_enough(len(compressed), len(data)):
             return key.seal(compressed), len(data)
     return key.seal(data), None
 
 
 # A pack being filled is kept in memory up to this many bytes, then written to a spool
-# of the backend (``Backend.spool``: a file with no name yet, for a local repository)
-# where there is one: each worker process held its open pack and the one being saved,
+# of the backend (``Backend.spool``: a hidden file renamed when the pack is complete, for
+# a local repository) where there is one: each worker process held its open pack and the one being saved,
 # 8 MiB each.
 SPOOL_PART_BYTES = 1024 * 1024
 
@@ -82,7 +86,7 @@ def seal_large_blob(
         stream = compressor.compressobj(size=len(view))
         compressed = [stream.compress(view[at : at + LARGE_BLOB_BYTES]) for at in slices]
         compressed.append(stream.flush())
-        if sum(map(len, compressed)) <= len(view) - len(view) // _MIN_SAVING_DIVISOR - 1:
+        if _saves_enough(sum(map(len, compressed)), len(view)):
             return key.seal_parts(compressed), len(view)
         del compressed
     return key.seal_parts(view[at : at + LARGE_BLOB_BYTES] for at in slices), None

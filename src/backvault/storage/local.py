@@ -221,7 +221,7 @@ class _LocalSpool(Spool):
                 view = view[written or 0 :]
         except OSError as exc:
             self.discard()
-            raise _write_error(exc, self._backend.root, self._backend.root / "data") from exc
+            raise _write_error(exc, self._backend.root, self._path) from exc
 
     def save_as(self, name: str) -> None:
         file = self._open_file()
