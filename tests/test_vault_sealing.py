@@ -370,3 +370,88 @@ def test_a_key_planted_in_the_hsm_as_the_next_version_is_never_used(
     assert node.create_version() == 3
     assert node.versions() == [1, 3]
     node.close()
+
+
+# A node's sweep, in its own process: the vault's sealer looking at the token's keys again
+# and again, until told to stop; it prints every error it met.
+_LISTING_NODE = """
+import pathlib, sys
+from backvault.vault.sealing import Pkcs11Sealer
+module, label, pin, stop = sys.argv[1:]
+sealer = Pkcs11Sealer(module, label, pin, create=False)
+print("ready", flush=True)
+errors, looks = [], 0
+while not pathlib.Path(stop).exists():
+    try:
+        sealer.refresh()
+        looks += 1
+    except Exception as exc:
+        errors.append(repr(exc))
+print(looks, errors, flush=True)
+"""
+
+
+def test_keys_made_while_a_node_looks_at_the_token_come_out_whole(tmp_path: Path) -> None:
+    """SoftHSM2 makes a key one attribute write at a time; a process that read an
+    attribute of a key caught part-way wrote defaults over it from its stale copy. A
+    rotation's new key (or another application's) made while a node swept came out
+    broken for every process: missing, FunctionFailed, MechanismInvalid (the CI flake).
+    The node now looks only at keys whose length is set, which have every attribute."""
+    import subprocess
+    import sys
+
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+    from pkcs11.mechanisms import GCMParams, Mechanism
+
+    stop = tmp_path / "stop"
+    with softhsm_token(tmp_path / "hsm") as token:
+        command = [sys.executable, "-c", _LISTING_NODE, SOFTHSM_MODULE, token.token_label]
+        node = subprocess.Popen(
+            [*command, token.pin, str(stop)],
+            env={**os.environ, **token.env},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert node.stdout is not None
+            assert node.stdout.readline().strip() == "ready"
+            template = {getattr(Attribute, name): value for name, value in SAFE.items()}
+            labels = [f"another-application-{index}" for index in range(60)]
+            with softhsm_in_this_process(token):
+                session = _session(token)
+                for label in labels:
+                    session.generate_key(  # type: ignore[attr-defined]
+                        KeyType.AES,
+                        256,
+                        label=label,
+                        store=True,
+                        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                        template=template,
+                    )
+                session.close()  # type: ignore[attr-defined]
+        finally:
+            stop.touch()
+            out, _ = node.communicate(timeout=60)
+        looks, errors = out.split(" ", 1)
+        assert errors.strip() == "[]"
+        assert int(looks) > 0
+
+        with softhsm_in_this_process(token):  # a fresh process's view: what is on disk
+            session = _session(token)
+            for label in labels:
+                key = session.get_key(label=label)  # type: ignore[attr-defined]
+                assert _attributes(key) == SAFE
+                assert key[Attribute.LOCAL] and key[Attribute.VALUE_LEN] == 32
+                nonce = secrets.token_bytes(12)
+                sealed = key.encrypt(
+                    b"x", mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, b"", 128)
+                )
+                assert (
+                    key.decrypt(
+                        sealed,
+                        mechanism=Mechanism.AES_GCM,
+                        mechanism_param=GCMParams(nonce, b"", 128),
+                    )
+                    == b"x"
+                )
+            session.close()  # type: ignore[attr-defined]

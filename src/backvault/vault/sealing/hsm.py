@@ -16,6 +16,9 @@ from backvault.vault.sealing.versions import VersionRecords
 
 log = logging.getLogger("backvault.vault.sealing")
 
+# A sealing key is AES-256.
+SEALING_KEY_BYTES = 32
+
 # Opening a token is retried this many times on a transient GeneralError or NoSuchToken.
 _OPEN_ATTEMPTS = 14
 
@@ -172,13 +175,23 @@ class Pkcs11Sealer(VersionedSealer):
     def _stored(self) -> dict[int, list[Any]]:
         from pkcs11 import Attribute, KeyType, ObjectClass
 
+        # Only AES-256 keys: a sealing key is one, and CKA_VALUE_LEN is what keeps this
+        # search off keys another process is still making. SoftHSM2 (2.6.1) writes a new
+        # key's attributes one file write at a time, CKA_VALUE_LEN=0 last, before the key's
+        # template sets its length; reading an attribute of a key caught part-way makes the
+        # reading process write defaults for the attributes it lacks, from its stale copy,
+        # over the maker's — a key made by a rotation (or planted by a test) while a node
+        # listed keys came out broken for every process: not found, FunctionFailed,
+        # MechanismInvalid. A key whose length is set has every attribute.
+        template = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: SEALING_KEY_BYTES,
+        }
         try:
             with self._lock:
                 candidates = [
-                    (str(obj[Attribute.LABEL]), obj)
-                    for obj in self._session.get_objects(
-                        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES}
-                    )
+                    (str(obj[Attribute.LABEL]), obj) for obj in self._session.get_objects(template)
                 ]
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
@@ -317,7 +330,7 @@ class Pkcs11Sealer(VersionedSealer):
                 with self._lock:
                     return self._session.generate_key(
                         KeyType.AES,
-                        256,
+                        SEALING_KEY_BYTES * 8,
                         label=self.label_of(version),
                         store=True,
                         capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
