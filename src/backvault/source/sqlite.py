@@ -145,8 +145,13 @@ _DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
 def looks_like_database(name: str, has_sibling: Callable[[str], bool]) -> bool:
     """A cheap guess, before reading the header: a name like a database's, or a WAL or
     rollback journal next to it."""
-    return name.endswith(_DATABASE_SUFFIXES) or any(
-        has_sibling(name + suffix) for suffix in SIDECAR_SUFFIXES
+    # Asked of every file of every backup: spelt out, not a generator over the suffixes.
+    wal, shm, journal = SIDECAR_SUFFIXES
+    return (
+        name.endswith(_DATABASE_SUFFIXES)
+        or has_sibling(name + wal)
+        or has_sibling(name + shm)
+        or has_sibling(name + journal)
     )
 
 

@@ -1,0 +1,143 @@
+"""`check --read-data` reads packs from a thread of its own while it walks the snapshots'
+trees: what goes wrong in either still ends the check, and leaves nothing running."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backvault.engine import parallel
+from backvault.engine.check import Checker
+from backvault.repo.repository import Repository
+from backvault.storage import FileType, LocalBackend, StorageError
+from tests.conftest import make_tree
+
+SECRET = b"c" * 32
+
+
+@pytest.fixture(scope="module")
+def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository of one snapshot, in a few packs."""
+    from backvault.engine.archiver import Backup
+
+    base = tmp_path_factory.mktemp("check")
+    source = make_tree(base / "src", seed=7, big=400_000)
+    rng = random.Random(7)
+    for i in range(40):
+        (source / "media" / f"img{i}.jpg").write_bytes(rng.randbytes(200_000))
+    repo = Repository.init(LocalBackend(base / "repo"), SECRET)
+    Backup(repo).run([str(source)])
+    return base / "repo"
+
+
+@pytest.fixture
+def on_threads() -> Iterator[None]:
+    """Reading on threads of this process (worker processes reopen the backend from its
+    description, without the faults the tests add)."""
+    parallel.configure(worker_processes=0)
+    try:
+        yield
+    finally:
+        parallel.configure(worker_processes=None)
+
+
+def reading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "backvault-check-read"]
+
+
+class FailingReads(LocalBackend):
+    """A disk that fails reading whole packs (what ``check --read-data`` reads; a tree is
+    read as a range of its pack) after the first, with ``failure``."""
+
+    def __init__(self, root: Path, failure: Exception) -> None:
+        super().__init__(root)
+        self.failure = failure
+        self.loads = 0
+
+    def load(self, kind: FileType, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if kind is FileType.DATA and offset == 0 and length is None:
+            self.loads += 1
+            if self.loads > 1:
+                raise self.failure
+        return super().load(kind, name, offset, length)
+
+
+def test_a_clean_repository_reads_every_pack(repo_path: Path) -> None:
+    repo = Repository.open(LocalBackend(repo_path), [SECRET])
+    result = Checker(repo).run(read_data=True)
+    assert result.errors == []
+    packs = dict(repo.backend.list(FileType.DATA))
+    assert result.bytes_read == sum(packs.values())
+    assert result.trees >= 1 and result.snapshots == 1
+    assert reading_threads() == []
+
+
+def test_a_pack_that_cannot_be_read_is_reported(repo_path: Path, on_threads: None) -> None:
+    failing = FailingReads(repo_path, StorageError("input/output error"))
+    result = Checker(Repository.open(failing, [SECRET])).run(read_data=True)
+    assert result.errors and all("input/output error" in error for error in result.errors)
+    assert len(result.errors) == failing.loads - 1 >= 2
+    assert reading_threads() == []
+
+
+def test_a_failure_while_reading_ends_the_check_with_it(repo_path: Path, on_threads: None) -> None:
+    """Not a storage error (a bug, say): raised from the check, as before it moved to a
+    thread, not lost there."""
+    failing = FailingReads(repo_path, RuntimeError("something unexpected"))
+    with pytest.raises(RuntimeError, match="something unexpected"):
+        Checker(Repository.open(failing, [SECRET])).run(read_data=True)
+    assert reading_threads() == []
+
+
+def test_a_damaged_pack_is_reported_after_the_trees_problems(
+    repo_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    work = tmp_path / "repo"
+    shutil.copytree(repo_path, work)
+    packs = sorted(p for p in (work / "data").rglob("*") if p.is_file())
+    damaged = packs[len(packs) // 2]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    damaged.chmod(0o600)
+    damaged.write_bytes(bytes(data))
+    (work / "snapshots").joinpath("0" * 64).write_bytes(b"not a snapshot")
+
+    repo = Repository.open(LocalBackend(work), [SECRET])
+    errors = Checker(repo).run(read_data=True).errors
+    snapshot = [at for at, error in enumerate(errors) if "0" * 8 in error]
+    pack = [at for at, error in enumerate(errors) if damaged.name[:12] in error]
+    assert snapshot and pack, errors
+    assert max(snapshot) < min(pack)
+    assert reading_threads() == []
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_an_interrupt_while_the_trees_are_walked_stops_the_reading(
+    repo_path: Path, monkeypatch: pytest.MonkeyPatch, processes: bool
+) -> None:
+    if not processes:
+        parallel.configure(worker_processes=0)
+    else:
+        parallel.configure(worker_processes=2)
+    started = threading.Event()
+
+    def interrupted(self: Checker) -> None:
+        assert reading_threads(), "the packs are read while the trees are walked"
+        started.set()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checker, "_check_snapshots_and_trees", interrupted)
+    try:
+        repo = Repository.open(LocalBackend(repo_path), [SECRET])
+        with pytest.raises(KeyboardInterrupt):
+            Checker(repo).run(read_data=True)
+    finally:
+        parallel.configure(worker_processes=None)
+    assert started.is_set()
+    assert reading_threads() == []
