@@ -455,3 +455,42 @@ def test_keys_made_while_a_node_looks_at_the_token_come_out_whole(tmp_path: Path
                     == b"x"
                 )
             session.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bits", [128, 192])
+def test_an_aes_key_of_another_length_labelled_as_a_version_is_reported_never_used(
+    tmp_path: Path, bits: int
+) -> None:
+    """Someone with the PIN plants `backvault-sealing-v2` as a shorter AES key. A node
+    looks for sealing keys by their length (AES-256), so it would not even see it: it is
+    looked for separately, reported as ignored, and its version skipped by rotation."""
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+
+    with softhsm_token(tmp_path / "hsm") as token, softhsm_in_this_process(token):
+        session = _session(token)
+        session.generate_key(  # type: ignore[attr-defined]
+            KeyType.AES,
+            bits,
+            label="backvault-sealing-v2",
+            store=True,
+            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            template={getattr(Attribute, name): value for name, value in SAFE.items()},
+        )
+        session.close()  # type: ignore[attr-defined]
+        sealer = Pkcs11Sealer(SOFTHSM_MODULE, token.token_label, token.pin, create=False)
+        try:
+            assert sealer.versions() == [1]
+            ignored = sealer.ignored_keys()
+            assert [(key.version, key.reason) for key in ignored] == [(2, "not_aes256")]
+            assert (
+                ignored[0]
+                .describe()
+                .startswith(
+                    "ignoring the sealing key labelled 'backvault-sealing-v2' for key version 2"
+                )
+            )
+            assert key_version_of(sealer.seal(b"x", PURPOSE)) == 1
+            assert sealer.create_version() == 3  # the number the planted key claims is skipped
+            assert key_version_of(sealer.seal(b"y", PURPOSE)) == 3
+        finally:
+            sealer.close()

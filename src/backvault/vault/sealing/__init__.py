@@ -57,6 +57,7 @@ from backvault.vault.sealing.versioned import Sealer
 from backvault.vault.sealing.versions import (
     IGNORED_CHECK_VALUE,
     IGNORED_DESTROYED,
+    IGNORED_NOT_A_SEALING_KEY,
     IGNORED_REASONS,
     IGNORED_UNFINISHED,
     IGNORED_UNRECORDED,
@@ -78,6 +79,7 @@ __all__ = [
     "HEADER_SIZE",
     "IGNORED_CHECK_VALUE",
     "IGNORED_DESTROYED",
+    "IGNORED_NOT_A_SEALING_KEY",
     "IGNORED_REASONS",
     "IGNORED_UNFINISHED",
     "IGNORED_UNRECORDED",

@@ -16,8 +16,10 @@ from backvault.vault.sealing.versions import VersionRecords
 
 log = logging.getLogger("backvault.vault.sealing")
 
-# A sealing key is AES-256.
+# A sealing key is AES-256; an AES key of another length labelled as a version is
+# reported, never used.
 SEALING_KEY_BYTES = 32
+_OTHER_AES_KEY_BYTES = (16, 24)
 
 # Opening a token is retried this many times on a transient GeneralError or NoSuchToken.
 _OPEN_ATTEMPTS = 14
@@ -173,7 +175,6 @@ class Pkcs11Sealer(VersionedSealer):
         return None
 
     def _stored(self) -> dict[int, list[Any]]:
-        from pkcs11 import Attribute, KeyType, ObjectClass
 
         # Only AES-256 keys: a sealing key is one, and CKA_VALUE_LEN is what keeps this
         # search off keys another process is still making. SoftHSM2 (2.6.1) writes a new
@@ -183,24 +184,38 @@ class Pkcs11Sealer(VersionedSealer):
         # over the maker's — a key made by a rotation (or planted by a test) while a node
         # listed keys came out broken for every process: not found, FunctionFailed,
         # MechanismInvalid. A key whose length is set has every attribute.
-        template = {
-            Attribute.CLASS: ObjectClass.SECRET_KEY,
-            Attribute.KEY_TYPE: KeyType.AES,
-            Attribute.VALUE_LEN: SEALING_KEY_BYTES,
-        }
-        try:
-            with self._lock:
-                candidates = [
-                    (str(obj[Attribute.LABEL]), obj) for obj in self._session.get_objects(template)
-                ]
-        except self._pkcs11.PKCS11Error as exc:
-            raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
         found: dict[int, list[Any]] = {}
-        for label, obj in candidates:
+        for label, obj in self._aes_keys(SEALING_KEY_BYTES):
             version = self._version_of(label)
             if version is not None:
                 found.setdefault(version, []).append((label, obj))
         return found
+
+    def _misfits(self) -> list[tuple[int, str]]:
+        # AES keys of the other lengths (searched by length, for the reason above).
+        return [
+            (version, f"labelled {label!r}")
+            for length in _OTHER_AES_KEY_BYTES
+            for label, _obj in self._aes_keys(length)
+            if (version := self._version_of(label)) is not None
+        ]
+
+    def _aes_keys(self, length: int) -> list[tuple[str, Any]]:
+        """The token's AES keys of ``length`` bytes, with their labels."""
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        template = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: length,
+        }
+        try:
+            with self._lock:
+                return [
+                    (str(obj[Attribute.LABEL]), obj) for obj in self._session.get_objects(template)
+                ]
+        except self._pkcs11.PKCS11Error as exc:
+            raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
 
     def _where(self, candidate: Any) -> str:
         return f"labelled {candidate[0]!r}"

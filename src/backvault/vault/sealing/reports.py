@@ -17,6 +17,7 @@ from backvault.vault.metrics import (
 from backvault.vault.sealing.check_values import short_check_value
 from backvault.vault.sealing.versions import (
     IGNORED_CHECK_VALUE,
+    IGNORED_NOT_A_SEALING_KEY,
     IGNORED_REASONS,
     IGNORED_UNFINISHED,
     IGNORED_UNRECORDED,
@@ -24,6 +25,14 @@ from backvault.vault.sealing.versions import (
     IgnoredKey,
     RecordedVersion,
     reservation_is_fresh,
+)
+
+# Reasons a key may be planted by someone who could write to the key store.
+PLANTED_REASONS = (
+    IGNORED_UNRECORDED,
+    IGNORED_CHECK_VALUE,
+    IGNORED_UNVOUCHED,
+    IGNORED_NOT_A_SEALING_KEY,
 )
 
 log = logging.getLogger("backvault.vault.sealing")
@@ -113,7 +122,7 @@ class KeyReports:
                 advice = (
                     " — someone who could write to the key store may have planted it: find "
                     "out who, then destroy it"
-                    if key.reason in (IGNORED_UNRECORDED, IGNORED_CHECK_VALUE, IGNORED_UNVOUCHED)
+                    if key.reason in PLANTED_REASONS
                     else "; destroy it"
                 )
                 log.error(

@@ -35,6 +35,7 @@ from backvault.vault.sealing.reports import KeyReports
 from backvault.vault.sealing.versions import (
     IGNORED_CHECK_VALUE,
     IGNORED_DESTROYED,
+    IGNORED_NOT_A_SEALING_KEY,
     IGNORED_UNFINISHED,
     IGNORED_UNRECORDED,
     IGNORED_UNVOUCHED,
@@ -129,6 +130,11 @@ class VersionedSealer(KeyReports):
 
     def _where(self, candidate: Any) -> str:
         raise NotImplementedError
+
+    def _misfits(self) -> list[tuple[int, str]]:
+        """Keys in the store that claim a version but are not the kind a sealing key is
+        (never used; reported): ``(version, where)``."""
+        return []
 
     def _usable(self, version: int, candidate: Any) -> Any:
         """The key to encrypt with; a SealingError when the store holds it unsafely."""
@@ -342,6 +348,8 @@ class VersionedSealer(KeyReports):
                         # A second object with the recorded check value is a copy of the
                         # same key: either will do.
                         keys.setdefault(version, (key, check_value, where))
+        for version, where in self._misfits():
+            ignored.append(IgnoredKey(version, where, IGNORED_NOT_A_SEALING_KEY))
         return keys, ignored
 
     def refresh(self) -> None:
@@ -434,7 +442,7 @@ class VersionedSealer(KeyReports):
         name, so a planted huge one blocks nothing — skipping every number recorded in any
         state, and those a key in the store already claims (its version could never be
         told apart from ours)."""
-        taken = set(self._stored()) | set(recorded)
+        taken = set(self._stored()) | {version for version, _ in self._misfits()} | set(recorded)
         now = time.time()
         fresh = [v for v, record in recorded.items() if reservation_is_fresh(record, now)]
         version = max([*self._keys, *fresh], default=0) + 1

@@ -19,12 +19,16 @@ IGNORED_DESTROYED = "destroyed"  # its version was destroyed
 IGNORED_UNFINISHED = "unfinished"  # reserved by a rotation that never recorded its key
 # recorded with its check value, but not vouched for by a version the vault trusts
 IGNORED_UNVOUCHED = "unvouched"
+# labelled as a version, but not the kind of key a sealing key is (an AES key of 128 or 192
+# bits in an HSM)
+IGNORED_NOT_A_SEALING_KEY = "not_aes256"
 IGNORED_REASONS = (
     IGNORED_UNRECORDED,
     IGNORED_CHECK_VALUE,
     IGNORED_DESTROYED,
     IGNORED_UNFINISHED,
     IGNORED_UNVOUCHED,
+    IGNORED_NOT_A_SEALING_KEY,
 )
 # A rotation makes its key moments after reserving the version: until then (and for this
 # long) a key of a reserved version is skipped quietly, not reported as unfinished.
@@ -84,6 +88,7 @@ class IgnoredKey:
             IGNORED_UNFINISHED: "a rotation reserved that version but never recorded its key",
             IGNORED_UNVOUCHED: "its record in the database is not vouched for by a key "
             "version this vault trusts (a record written into the database is not enough)",
+            IGNORED_NOT_A_SEALING_KEY: "it is not an AES-256 key, which every sealing key is",
         }[self.reason]
         check = f" (check value {short_check_value(self.check_value)})" if self.check_value else ""
         return f"ignoring the sealing key {self.where} for key version {self.version}{check}: {why}"
