@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -416,7 +417,10 @@ def test_keys_made_while_a_node_looks_at_the_token_come_out_whole(tmp_path: Path
             assert node.stdout is not None
             assert node.stdout.readline().strip() == "ready"
             template = {getattr(Attribute, name): value for name, value in SAFE.items()}
-            labels = [f"another-application-{index}" for index in range(60)]
+            # Keys of another application, and keys labelled as the next versions (as a
+            # rotation makes them): the node also looks those up by label.
+            labels = [f"another-application-{index}" for index in range(52)]
+            labels += [f"backvault-sealing-v{version}" for version in range(2, 10)]
             with softhsm_in_this_process(token):
                 session = _session(token)
                 for label in labels:
@@ -494,3 +498,67 @@ def test_an_aes_key_of_another_length_labelled_as_a_version_is_reported_never_us
             assert key_version_of(sealer.seal(b"y", PURPOSE)) == 3
         finally:
             sealer.close()
+
+
+def _unwrapped_copy(token: SoftHsm, label: str) -> int:
+    """A key copied onto the token by unwrapping it without naming its length (an HSM's
+    cloning procedure): SoftHSM2 stores CKA_VALUE_LEN 0. Returns the length stored."""
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    session: Any = _session(token)
+    try:
+        wrapping = session.generate_key(
+            KeyType.AES, 256, store=False, template={Attribute.WRAP: True, Attribute.UNWRAP: True}
+        )
+        original = session.generate_key(
+            KeyType.AES, 256, store=False, template={Attribute.EXTRACTABLE: True}
+        )
+        copy = wrapping.unwrap_key(
+            ObjectClass.SECRET_KEY,
+            KeyType.AES,
+            wrapping.wrap_key(original, mechanism=Mechanism.AES_KEY_WRAP),
+            label=label,
+            mechanism=Mechanism.AES_KEY_WRAP,
+            store=True,
+            # SoftHSM2 sets CKA_TOKEN from store= and refuses CKA_MODIFIABLE false here.
+            template={
+                getattr(Attribute, name): value
+                for name, value in SAFE.items()
+                if name not in ("TOKEN", "MODIFIABLE")
+            },
+        )
+        return int(copy[Attribute.VALUE_LEN])
+    finally:
+        session.close()
+
+
+def test_a_version_s_key_unwrapped_without_its_length_is_still_found(tmp_path: Path) -> None:
+    """Searching by length alone (to keep off keys being made) hid such a copy: nodes
+    found no key, and `init-hsm` quietly made a second `backvault-sealing-v1` beside it.
+    The versions in use and the next ones are also looked up by their exact labels."""
+    from pkcs11 import Attribute, ObjectClass
+
+    with softhsm_token(tmp_path / "hsm", ceremony=False) as token, softhsm_in_this_process(token):
+        assert _unwrapped_copy(token, "backvault-sealing-v1") == 0
+        # What the rotation commands make (SoftHSM2's copies stay CKA_MODIFIABLE).
+        args = (SOFTHSM_MODULE, token.token_label, token.pin)
+        sealer = Pkcs11Sealer(*args, create=True, accept_weak_keys=True, accept_cloned_keys=True)
+        try:
+            assert not sealer.created and sealer.versions() == [1]
+            assert sealer.open(sealer.seal(b"x", PURPOSE), PURPOSE) == b"x"
+            # A key planted, unwrapped the same way, under the next version's label.
+            assert _unwrapped_copy(token, "backvault-sealing-v2") == 0
+            sealer.refresh()
+            assert [(key.version, key.reason) for key in sealer.ignored_keys()] == [
+                (2, "unrecorded")
+            ]
+            assert sealer.create_version() == 3
+        finally:
+            sealer.close()
+        session = _session(token)
+        labels = [
+            key[Attribute.LABEL]
+            for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})  # type: ignore[attr-defined]
+        ]
+        session.close()  # type: ignore[attr-defined]
+        assert sorted(labels) == [f"backvault-sealing-v{v}" for v in (1, 2, 3)]

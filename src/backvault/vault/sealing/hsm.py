@@ -20,6 +20,8 @@ log = logging.getLogger("backvault.vault.sealing")
 # reported, never used.
 SEALING_KEY_BYTES = 32
 _OTHER_AES_KEY_BYTES = (16, 24)
+# How many versions past the highest in use are also looked for by label.
+_LABEL_LOOKAHEAD = 8
 
 # Opening a token is retried this many times on a transient GeneralError or NoSuchToken.
 _OPEN_ATTEMPTS = 14
@@ -185,11 +187,53 @@ class Pkcs11Sealer(VersionedSealer):
         # listed keys came out broken for every process: not found, FunctionFailed,
         # MechanismInvalid. A key whose length is set has every attribute.
         found: dict[int, list[Any]] = {}
-        for label, obj in self._aes_keys(SEALING_KEY_BYTES):
+        handles: set[int] = set()
+
+        def add(label: str, obj: Any) -> None:
             version = self._version_of(label)
-            if version is not None:
+            if version is not None and obj.handle not in handles:
+                handles.add(obj.handle)
                 found.setdefault(version, []).append((label, obj))
+
+        for label, obj in self._aes_keys(SEALING_KEY_BYTES):
+            add(label, obj)
+        # And, by their exact labels, keys of the versions this vault may mean, whatever
+        # length they state: a copy unwrapped onto a token without naming its length
+        # (an HSM's cloning procedure; SoftHSM2 then stores CKA_VALUE_LEN 0) is still
+        # that version's key, and a key planted under the next numbers is still seen. A
+        # key has its label only once every attribute is written: safe to read too.
+        for label in self._labels_to_look_up():
+            for obj, length in self._keys_labelled(label):
+                if length not in _OTHER_AES_KEY_BYTES:  # those are ``_misfits``
+                    add(label, obj)
         return found
+
+    def _labels_to_look_up(self) -> list[str]:
+        """The labels of the versions up to a few past the highest this sealer uses or
+        stored values name (not what the database claims: a planted record of version
+        2^32 - 1 would make that millions of searches), and the label from before key
+        versions."""
+        highest = max([*self._keys, *self._in_use, 0])
+        versions = range(1, highest + _LABEL_LOOKAHEAD + 1)
+        return [self.key_label, *(self.label_of(version) for version in versions)]
+
+    def _keys_labelled(self, label: str) -> list[tuple[Any, int]]:
+        """The token's AES keys labelled ``label``, with the length each states."""
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        template = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.LABEL: label,
+        }
+        try:
+            with self._lock:
+                return [
+                    (obj, int(obj[Attribute.VALUE_LEN]))
+                    for obj in self._session.get_objects(template)
+                ]
+        except self._pkcs11.PKCS11Error as exc:
+            raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
 
     def _misfits(self) -> list[tuple[int, str]]:
         # AES keys of the other lengths (searched by length, for the reason above).
