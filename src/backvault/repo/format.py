@@ -563,15 +563,12 @@ def _name_problem(name: str) -> str | None:
     return _path_problem(name)
 
 
-def _plain_ascii_name(name: str) -> bool:
-    """An ASCII ``name`` ``_name_problem`` has nothing to say about (the usual case)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\x00" not in name
-
-
 def _path_problem(text: str) -> str | None:
     """Why ``text`` cannot be passed to the file system, or None."""
     if "\x00" in text:
         return "it contains NUL"
+    if text.isascii():
+        return None  # the usual case: encodes as it is (asked of every node a backup reads)
     try:
         name_bytes(text)
     except UnicodeEncodeError:
@@ -656,20 +653,18 @@ class Node:
             name, node_type = doc["name"], doc["type"]
             if not isinstance(name, str) or not isinstance(node_type, str):
                 raise FormatError("tree node name/type must be strings")
-            if not (name.isascii() and _plain_ascii_name(name)):
-                problem = _name_problem(name)
-                if problem is not None:
-                    raise FormatError(f"tree node has an unsafe name: {name!r} ({problem})")
+            problem = _name_problem(name)
+            if problem is not None:
+                raise FormatError(f"tree node has an unsafe name: {name!r} ({problem})")
             if node_type not in NODE_TYPES:
                 raise FormatError(f"tree node {name!r} has an unknown type {node_type!r}")
             get = doc.get
             linktarget = get("linktarget", "")
             if not isinstance(linktarget, str):
                 raise FormatError(f"tree node {name!r} has a link target that is not text")
-            if linktarget:
-                problem = _path_problem(linktarget)
-                if problem is not None:
-                    raise FormatError(f"tree node {name!r} has an unusable link target ({problem})")
+            problem = _path_problem(linktarget)
+            if problem is not None:
+                raise FormatError(f"tree node {name!r} has an unusable link target ({problem})")
             numbers: dict[str, Any] = {}
             for key, limit in _NODE_INT_LIMITS:
                 value = get(key, 0)

@@ -177,6 +177,7 @@ class Pkcs11Sealer(VersionedSealer):
         return None
 
     def _stored(self) -> dict[int, list[Any]]:
+        from pkcs11 import Attribute
 
         # Only AES-256 keys: a sealing key is one, and CKA_VALUE_LEN is what keeps this
         # search off keys another process is still making. SoftHSM2 (2.6.1) writes a new
@@ -195,15 +196,15 @@ class Pkcs11Sealer(VersionedSealer):
                 handles.add(obj.handle)
                 found.setdefault(version, []).append((label, obj))
 
-        for label, obj in self._aes_keys(SEALING_KEY_BYTES):
+        for label, obj, _length in self._aes_keys(Attribute.VALUE_LEN, SEALING_KEY_BYTES):
             add(label, obj)
         # And, by their exact labels, keys of the versions this vault may mean, whatever
         # length they state: a copy unwrapped onto a token without naming its length
         # (an HSM's cloning procedure; SoftHSM2 then stores CKA_VALUE_LEN 0) is still
         # that version's key, and a key planted under the next numbers is still seen. A
         # key has its label only once every attribute is written: safe to read too.
-        for label in self._labels_to_look_up():
-            for obj, length in self._keys_labelled(label):
+        for wanted in self._labels_to_look_up():
+            for label, obj, length in self._aes_keys(Attribute.LABEL, wanted):
                 if length not in _OTHER_AES_KEY_BYTES:  # those are ``_misfits``
                     add(label, obj)
         return found
@@ -217,46 +218,32 @@ class Pkcs11Sealer(VersionedSealer):
         versions = range(1, highest + _LABEL_LOOKAHEAD + 1)
         return [self.key_label, *(self.label_of(version) for version in versions)]
 
-    def _keys_labelled(self, label: str) -> list[tuple[Any, int]]:
-        """The token's AES keys labelled ``label``, with the length each states."""
-        from pkcs11 import Attribute, KeyType, ObjectClass
-
-        template = {
-            Attribute.CLASS: ObjectClass.SECRET_KEY,
-            Attribute.KEY_TYPE: KeyType.AES,
-            Attribute.LABEL: label,
-        }
-        try:
-            with self._lock:
-                return [
-                    (obj, int(obj[Attribute.VALUE_LEN]))
-                    for obj in self._session.get_objects(template)
-                ]
-        except self._pkcs11.PKCS11Error as exc:
-            raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
-
     def _misfits(self) -> list[tuple[int, str]]:
+        from pkcs11 import Attribute
+
         # AES keys of the other lengths (searched by length, for the reason above).
         return [
-            (version, f"labelled {label!r}")
+            (version, self._where((label, obj)))
             for length in _OTHER_AES_KEY_BYTES
-            for label, _obj in self._aes_keys(length)
+            for label, obj, _length in self._aes_keys(Attribute.VALUE_LEN, length)
             if (version := self._version_of(label)) is not None
         ]
 
-    def _aes_keys(self, length: int) -> list[tuple[str, Any]]:
-        """The token's AES keys of ``length`` bytes, with their labels."""
+    def _aes_keys(self, attribute: Any, value: Any) -> list[tuple[str, Any, int]]:
+        """The token's AES keys whose ``attribute`` is ``value`` (searched by length or
+        by exact label only: see ``_stored``), with their labels and stated lengths."""
         from pkcs11 import Attribute, KeyType, ObjectClass
 
         template = {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.KEY_TYPE: KeyType.AES,
-            Attribute.VALUE_LEN: length,
+            attribute: value,
         }
         try:
             with self._lock:
                 return [
-                    (str(obj[Attribute.LABEL]), obj) for obj in self._session.get_objects(template)
+                    (str(obj[Attribute.LABEL]), obj, int(obj[Attribute.VALUE_LEN]))
+                    for obj in self._session.get_objects(template)
                 ]
         except self._pkcs11.PKCS11Error as exc:
             raise SealingError(f"cannot list the HSM token's keys: {exc!r}") from exc
