@@ -57,6 +57,25 @@ def test_pack_header_round_trip(blobs: list[PackedBlob]) -> None:
     assert fmt.decode_pack_header(fmt.encode_pack_header(blobs)) == blobs
 
 
+@given(packed_blobs())
+def test_a_pack_s_blobs_kept_as_its_header_read_back_the_same(blobs: list[PackedBlob]) -> None:
+    kept = fmt.compact_pack_blobs(blobs)
+    assert isinstance(kept, fmt.PackBlobs)
+    assert len(kept) == len(blobs) and list(kept) == blobs and all(b in kept for b in blobs)
+    absent = PackedBlob(b"\xee" * 32, BlobType.DATA, 0, 32)
+    assert (absent in kept) == (absent in blobs)
+
+
+def test_blobs_not_back_to_back_from_the_start_are_kept_as_they_are() -> None:
+    """Their header would not say where they are: the list is kept."""
+    gap = [
+        PackedBlob(b"\x01" * 32, BlobType.DATA, 0, 100),
+        PackedBlob(b"\x02" * 32, BlobType.DATA, 150, 100),
+    ]
+    late = [PackedBlob(b"\x01" * 32, BlobType.DATA, 10, 100)]
+    assert fmt.compact_pack_blobs(gap) is gap and fmt.compact_pack_blobs(late) is late
+
+
 @given(st.binary(max_size=200))
 def test_pack_header_parser_only_raises_format_error(data: bytes) -> None:
     try:
@@ -359,6 +378,8 @@ def test_a_tree_with_long_content_lists_is_encoded_as_json_dumps_would(
     ]
     nodes.append(Node(name="sub", type="dir", subtree=rng.randbytes(32)))
     encoded = fmt.encode_tree(nodes)
+    parts = fmt.tree_parts(nodes)
+    assert b"".join(parts()) == encoded and b"".join(parts()) == encoded  # again, the same
     plain = {"nodes": [n.to_json() for n in sorted(nodes, key=fmt.tree_order)]}
     assert encoded == json.dumps(plain, separators=(",", ":")).encode() + b"\n"
     decoded = {n.name: n.content for n in fmt.decode_tree(encoded)}

@@ -7,17 +7,20 @@ such leftovers."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from backvault.repo.format import BlobType
+from backvault.repo import format as fmt
+from backvault.repo.format import BlobType, ContentIds, Node
 from backvault.repo.repository import Repository
 from backvault.repo.writer import LARGE_BLOB_BYTES, SPOOL_PART_BYTES, RepositoryWriter
 from backvault.storage import FileType, LocalBackend, StorageError, open_backend
@@ -130,6 +133,77 @@ def test_large_blobs_are_sealed_in_parts_and_read_back(repo: InitRepo) -> None:
     assert packed[0] is not None and packed[0].blob.uncompressed_length == len(text)
     assert packed[0].blob.length < len(text) // 1.5  # hex compresses
     assert packed[1] is not None and packed[1].blob.uncompressed_length is None
+
+
+def test_a_big_folder_s_tree_is_stored_from_its_parts_never_whole(repo: InitRepo) -> None:
+    """A database's tree (here 120 000 content ids, ~8 MB of JSON) is stored from
+    ``tree_parts``, read once for its id and again to be sealed: the blob ``encode_tree``
+    makes, compressed, under its hash; at no moment is memory of the JSON's size held (the
+    sealed blob is about half of it); stored again, it is found, not written twice."""
+    rng = random.Random(11)
+    nodes = [
+        Node(
+            name="msgstore.db", type="file", size=1, content=ContentIds(rng.randbytes(32 * 120_000))
+        ),
+        Node(name="note.txt", type="file", size=1, content=[rng.randbytes(32)]),
+        Node(name="Media", type="dir", subtree=rng.randbytes(32)),
+    ]
+    whole = fmt.encode_tree(nodes)
+    size, expected_id = len(whole), hashlib.sha256(whole).digest()
+    del whole
+    opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    writer = RepositoryWriter(opened)
+    tracemalloc.start()
+    try:
+        tree_id = writer.add_parts(BlobType.TREE, fmt.tree_parts(nodes))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tree_id == expected_id
+    assert peak < size * 4 // 5, (peak, size)
+    assert writer.add_parts(BlobType.TREE, fmt.tree_parts(nodes)) == tree_id
+    assert writer.stats.blobs_new == 1 and writer.stats.blobs_duplicate == 1
+    writer.flush()
+    again = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    assert again.load_blob(tree_id, BlobType.TREE) == fmt.encode_tree(nodes)
+    assert again.load_tree(tree_id) == sorted(nodes, key=fmt.tree_order)
+    stored = again.lookup(tree_id)
+    assert stored is not None and stored.blob.uncompressed_length == size
+    assert stored.blob.length < size // 1.5
+    assert RepositoryWriter(again).add_parts(BlobType.TREE, fmt.tree_parts(nodes)) == tree_id
+    assert len(list(again.backend.list(FileType.DATA))) == 1
+
+
+def test_parts_that_do_not_compress_are_stored_as_they_are(repo: InitRepo) -> None:
+    rng = random.Random(12)
+    noise = [rng.randbytes(LARGE_BLOB_BYTES // 2 + 7) for _ in range(3)]
+    opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    writer = RepositoryWriter(opened)
+    blob_id = writer.add_parts(BlobType.DATA, lambda: iter(noise))
+    writer.flush()
+    again = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    assert again.load_blob(blob_id, BlobType.DATA) == b"".join(noise)
+    stored = again.lookup(blob_id)
+    assert stored is not None and stored.blob.uncompressed_length is None
+
+
+@pytest.mark.parametrize("size", [1000, 3 * LARGE_BLOB_BYTES])
+@pytest.mark.parametrize("compressible", [True, False])
+def test_parts_that_change_between_readings_are_never_stored(
+    repo: InitRepo, size: int, compressible: bool
+) -> None:
+    """The parts are read twice: if the second reading differs from the first (same
+    size, other bytes), nothing is stored under the first one's id."""
+    rng = random.Random(13)
+    readings = [b"a" * size, b"b" * size] if compressible else [rng.randbytes(size) for _ in "ab"]
+    calls = iter(readings)
+    opened = Repository.open(LocalBackend(repo.path), [repo.key.encode()])
+    writer = RepositoryWriter(opened)
+    with pytest.raises(RuntimeError, match="changed between two readings"):
+        writer.add_parts(BlobType.DATA, lambda: iter([next(calls)]))
+    with pytest.raises(RuntimeError, match="in no pack"):
+        writer.flush()
+    assert list(LocalBackend(repo.path).list(FileType.DATA)) == []
 
 
 def test_the_fault_wrapper_counts_a_spool_saved_as_a_write(tmp_path: Path) -> None:

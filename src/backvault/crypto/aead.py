@@ -174,7 +174,7 @@ class Key:
         ciphertext = self._ctr(iv).update(plaintext)
         return iv + ciphertext + self._mac(iv, ciphertext)
 
-    def seal_parts(self, parts: Iterable[bytes | memoryview]) -> list[bytes]:
+    def seal_parts(self, parts: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
         """``seal`` of the parts joined, as parts (IV, each part's ciphertext, MAC), so
         that big plaintext made of pieces (the index cache: ~13 MB) is never copied whole."""
         iv = self._fresh_iv()

@@ -18,7 +18,7 @@ import operator
 import secrets
 import stat
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, overload
@@ -333,6 +333,39 @@ def encode_pack_header(blobs: Iterable[PackedBlob]) -> bytes:
     return bytes(out)
 
 
+class PackBlobs(Collection[PackedBlob]):
+    """A pack's blobs kept as its header lists them (37 or 41 bytes a blob, where a list
+    of ``PackedBlob`` holds ~220): what a backup keeps of each pack it wrote until an index
+    file lists it (50 packs of 8 KiB database chunks are ~50 000 blobs). Only for blobs
+    back to back from the pack's start, as a pack is written (``compact_pack_blobs``)."""
+
+    __slots__ = ("_count", "_header")
+
+    def __init__(self, header: bytes, count: int) -> None:
+        self._header = header
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[PackedBlob]:
+        return iter(decode_pack_header(self._header))
+
+    def __contains__(self, item: object) -> bool:
+        return item in decode_pack_header(self._header)
+
+
+def compact_pack_blobs(blobs: Sequence[PackedBlob]) -> Collection[PackedBlob]:
+    """``blobs`` as ``PackBlobs`` if they lie back to back from offset 0 (the header then
+    says everything about them), else as they are."""
+    offset = 0
+    for blob in blobs:
+        if blob.offset != offset:
+            return blobs
+        offset += blob.length
+    return PackBlobs(encode_pack_header(blobs), len(blobs))
+
+
 def decode_pack_header(header: bytes) -> list[PackedBlob]:
     blobs: list[PackedBlob] = []
     pos = offset = 0
@@ -387,26 +420,8 @@ class IndexFile:
 
     def encode(self) -> bytes:
         """The plaintext of this index file: ``encode_unpacked(self.to_json())``, the same
-        JSON, made a pack at a time (a file of 100 000 blobs as a document of dicts took
-        ~30 MB, and ~30 MB more as one string and its bytes)."""
-        head = "{"
-        if self.supersedes:
-            head += '"supersedes":[' + ",".join(f'"{s.hex()}"' for s in self.supersedes) + "],"
-        parts = [(head + '"packs":[').encode()]
-        for number, (pack_id, blobs) in enumerate(self.packs.items()):
-            entries = ",".join([_index_blob_text(b) for b in blobs])
-            comma = "," if number else ""
-            parts.append(f'{comma}{{"id":"{pack_id.hex()}","blobs":[{entries}]}}'.encode())
-        parts.append(b"]}")
-        # Compressed a part at a time, the whole size told first (the frame records it,
-        # as ``compress`` does: a reader then takes just that much room).
-        compressor = zstandard.ZstdCompressor(level=3).compressobj(size=sum(map(len, parts)))
-        out = [b"\x02"]
-        for at, part in enumerate(parts):
-            out.append(compressor.compress(part))
-            parts[at] = b""
-        out.append(compressor.flush())
-        return b"".join(out)
+        JSON (``encode_index``)."""
+        return encode_index(self.packs, self.supersedes)
 
     @classmethod
     def from_json(cls, doc: Any) -> IndexFile:
@@ -470,6 +485,32 @@ def _node_int(doc: dict[str, Any], key: str, name: str) -> int:
             f"(at most 2^{_NODE_INT_BITS[key]} - 1)"
         )
     return value
+
+
+def encode_index(
+    packs: Mapping[bytes, Iterable[PackedBlob]], supersedes: Sequence[bytes] = ()
+) -> bytes:
+    """The plaintext of an index file of ``packs``: ``encode_unpacked`` of its JSON, made
+    a pack at a time (a file of 100 000 blobs as a document of dicts took ~30 MB, and
+    ~30 MB more as one string and its bytes)."""
+    head = "{"
+    if supersedes:
+        head += '"supersedes":[' + ",".join(f'"{s.hex()}"' for s in supersedes) + "],"
+    parts = [(head + '"packs":[').encode()]
+    for number, (pack_id, blobs) in enumerate(packs.items()):
+        entries = ",".join([_index_blob_text(b) for b in blobs])
+        comma = "," if number else ""
+        parts.append(f'{comma}{{"id":"{pack_id.hex()}","blobs":[{entries}]}}'.encode())
+    parts.append(b"]}")
+    # Compressed a part at a time, the whole size told first (the frame records it, as
+    # ``compress`` does: a reader then takes just that much room).
+    compressor = zstandard.ZstdCompressor(level=3).compressobj(size=sum(map(len, parts)))
+    out = [b"\x02"]
+    for at, part in enumerate(parts):
+        out.append(compressor.compress(part))
+        parts[at] = b""
+    out.append(compressor.flush())
+    return b"".join(out)
 
 
 def _index_blob_text(blob: PackedBlob) -> str:
@@ -782,35 +823,43 @@ def tree_order(node: Node) -> bytes:
     return name_bytes(node.name)
 
 
-def encode_tree(nodes: Iterable[Node]) -> bytes | bytearray:
-    """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it
-    (a ``bytearray`` where it lists long content: not copied once more)."""
+def encode_tree(nodes: Iterable[Node]) -> bytes:
+    """A tree blob: ``{"nodes":[...]}\\n`` with nodes sorted by name, as restic writes it."""
+    return b"".join(tree_parts(nodes)())
+
+
+def tree_parts(nodes: Iterable[Node]) -> Callable[[], Iterator[bytes]]:
+    """``encode_tree``'s bytes in parts, made again each time the function returned is
+    called (its caller reads them once for the blob's id and size, and again to seal
+    them): a database's node lists 190,000 content ids, 13 MB of JSON never held whole.
+    FormatError now if two nodes have one name."""
     ordered = sorted(nodes, key=tree_order)
     for a, b in itertools.pairwise(ordered):
         if tree_order(a) == tree_order(b):
             raise FormatError(f"duplicate name {a.name!r} in one folder")
     if not any(_long_content(n) for n in ordered):
         doc = {"nodes": [n.to_json() for n in ordered]}
-        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-    # The same bytes, node by node, into one buffer; a long content list written straight
-    # from the ids, a slice at a time (a database's node lists 190,000: as hex strings for
-    # json.dumps, 20 MB for a moment and twice the time; as one hex text, three copies of
-    # 12 MB).
-    out = bytearray(b'{"nodes":[')
-    for position, node in enumerate(ordered):
-        if position:
-            out += b","
-        if _long_content(node):
-            assert node.content is not None
-            head = json.dumps(node.to_json(content=False), separators=(",", ":")).encode()
-            out += head[:-1]
-            out += b',"content":'
-            _append_hex_array(out, node.content)
-            out += b"}"
-        else:
-            out += json.dumps(node.to_json(), separators=(",", ":")).encode()
-    out += b"]}\n"
-    return out
+        whole = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        return lambda: iter((whole,))
+    # The same bytes, node by node; a long content list written straight from the ids,
+    # a slice at a time (a database's node lists 190,000: as hex strings for json.dumps,
+    # 20 MB for a moment and twice the time; as one hex text, three copies of 12 MB).
+
+    def parts() -> Iterator[bytes]:
+        yield b'{"nodes":['
+        for position, node in enumerate(ordered):
+            comma = b"," if position else b""
+            if _long_content(node):
+                assert node.content is not None
+                head = json.dumps(node.to_json(content=False), separators=(",", ":")).encode()
+                yield comma + head[:-1] + b',"content":'
+                yield from _hex_array_parts(node.content)
+                yield b"}"
+            else:
+                yield comma + json.dumps(node.to_json(), separators=(",", ":")).encode()
+        yield b"]}\n"
+
+    return parts
 
 
 _LONG_CONTENT = 1024  # blobs
@@ -821,19 +870,18 @@ def _long_content(node: Node) -> bool:
     return node.content is not None and len(node.content) >= _LONG_CONTENT and not node.subtree
 
 
-def _append_hex_array(out: bytearray, ids: Sequence[bytes]) -> None:
-    """Append ``json.dumps([i.hex() for i in ids])`` (compact) for 32-byte ids, without a
-    string per id: ``["<64 hex>","<64 hex>",...]``."""
-    out += b"["
+def _hex_array_parts(ids: Sequence[bytes]) -> Iterator[bytes]:
+    """``json.dumps([i.hex() for i in ids])`` (compact) for 32-byte ids, in parts of
+    _HEX_SLICE ids, without a string per id: ``["<64 hex>","<64 hex>",...]``."""
+    yield b"["
     for start in range(0, len(ids), _HEX_SLICE):
         part = ids[start : start + _HEX_SLICE]
         joined = joined_ids(part)
         if len(joined) != 32 * len(part):
             raise FormatError("a content id is not 32 bytes")
-        if start:
-            out += b","
-        out += b'"' + binascii.hexlify(joined, b"|", 32).replace(b"|", b'","') + b'"'
-    out += b"]"
+        comma = b"," if start else b""
+        yield comma + b'"' + binascii.hexlify(joined, b"|", 32).replace(b"|", b'","') + b'"'
+    yield b"]"
 
 
 def decode_tree(data: bytes) -> list[Node]:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -184,11 +184,17 @@ class Repository:
 
     def save_index_file(self, index: IndexFile) -> str:
         """``save_unpacked`` of ``index.to_json()``, without that document."""
-        name = self._save_plaintext(FileType.INDEX, index.encode())
+        return self.save_index(index.packs, index.supersedes)
+
+    def save_index(
+        self, packs: Mapping[bytes, Collection[PackedBlob]], supersedes: Sequence[bytes] = ()
+    ) -> str:
+        """An index file of ``packs`` (``fmt.encode_index``); its name."""
+        name = self._save_plaintext(FileType.INDEX, fmt.encode_index(packs, supersedes))
         with self._cache_bookkeeping:
             self._indexed_names.append(name)
-            self._indexed_rows += sum(map(len, index.packs.values()))
-            self._packs_in_no_index_file.difference_update(index.packs)
+            self._indexed_rows += sum(map(len, packs.values()))
+            self._packs_in_no_index_file.difference_update(packs)
             self._cache_current = False
         return name
 

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import zstandard
 
-from backvault.crypto.aead import Key
+from backvault.crypto.aead import OVERHEAD, Key
 from backvault.repo import format as fmt
 from backvault.repo.compression import ThreadCompressors
-from backvault.repo.format import BlobType, IndexFile, PackedBlob
+from backvault.repo.format import BlobType, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.storage import FileType, Spool
 
@@ -76,20 +76,52 @@ LARGE_BLOB_BYTES = 1024 * 1024
 
 
 def seal_large_blob(
-    key: Key, compressor: zstandard.ZstdCompressor | None, data: bytes | bytearray | memoryview
+    key: Key,
+    compressor: zstandard.ZstdCompressor | None,
+    parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
+    size: int,
 ) -> tuple[list[bytes], int | None]:
-    """``seal_blob`` in parts (IV, ciphertext parts, MAC: ``Key.seal_parts``): one zstd
-    frame that records its size, as ``seal_blob`` writes it."""
-    view = memoryview(data)
-    slices = range(0, len(view), LARGE_BLOB_BYTES)
+    """``seal_blob`` of the ``size`` bytes ``parts()`` gives, in parts (IV, ciphertext
+    parts, MAC: ``Key.seal_parts``): each part compressed and sealed as it comes, into one
+    zstd frame that records its size, as ``seal_blob`` writes it. ``parts`` is called
+    again, to seal the bytes as they are, if compressing does not save enough."""
     if compressor is not None:
-        stream = compressor.compressobj(size=len(view))
-        compressed = [stream.compress(view[at : at + LARGE_BLOB_BYTES]) for at in slices]
-        compressed.append(stream.flush())
-        if _saves_enough(sum(map(len, compressed)), len(view)):
-            return key.seal_parts(compressed), len(view)
-        del compressed
-    return key.seal_parts(view[at : at + LARGE_BLOB_BYTES] for at in slices), None
+        sealed = key.seal_parts(_compressed(compressor.compressobj(size=size), parts()))
+        if _saves_enough(sum(map(len, sealed)) - OVERHEAD, size):
+            return sealed, size
+        del sealed
+    sealed = key.seal_parts(parts())
+    if sum(map(len, sealed)) - OVERHEAD != size:
+        raise RuntimeError("a blob's parts changed between two readings")
+    return sealed, None
+
+
+def _compressed(
+    stream: zstandard.ZstdCompressionObj, parts: Iterable[bytes | bytearray | memoryview]
+) -> Iterator[bytes]:
+    for part in parts:
+        compressed = stream.compress(part)
+        if compressed:
+            yield compressed
+    yield stream.flush()
+
+
+def _same(parts: Iterable[bytes], blob_id: bytes) -> Iterator[bytes]:
+    """``parts`` as they come, and RuntimeError after the last if they are not the bytes
+    of ``blob_id`` (read again to be sealed: never stored under another's id)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+        yield part
+    if digest.digest() != blob_id:
+        raise RuntimeError("a blob's parts changed between two readings")
+
+
+def _slices(data: bytes | bytearray | memoryview) -> Callable[[], Iterator[memoryview]]:
+    view = memoryview(data)
+    return lambda: (
+        view[at : at + LARGE_BLOB_BYTES] for at in range(0, len(view), LARGE_BLOB_BYTES)
+    )
 
 
 @dataclass
@@ -156,8 +188,8 @@ class RepositoryWriter:
         self._reserved: set[bytes] = set()
         self._written: set[bytes] = set()
         self._open: dict[BlobType, _Pack] = {}
-        self._unindexed: IndexFile = IndexFile()
-        self._unindexed_count = 0
+        # The packs no index file lists yet, kept as their headers (``compact_pack_blobs``).
+        self._unindexed: dict[bytes, Collection[PackedBlob]] = {}
         self._zstd = ThreadCompressors(compression_level)
         self._on_pack_written = on_pack_written
         self._saver = (
@@ -177,6 +209,31 @@ class RepositoryWriter:
         ``compress=False`` skips the attempt (for data already known not to compress)."""
         if blob_id is None:
             blob_id = fmt.sha256(data)
+        parts = _slices(data) if len(data) > LARGE_BLOB_BYTES else lambda: iter((data,))
+        return self._store(blob_type, blob_id, parts, len(data), compress)
+
+    def add_parts(
+        self, blob_type: BlobType, parts: Callable[[], Iterable[bytes]], compress: bool = True
+    ) -> bytes:
+        """``add`` of the bytes ``parts()`` gives, never joined: read once for the blob's
+        id and size, then again to seal them (``seal_large_blob``) if it is new (a big
+        folder's tree: ``fmt.tree_parts``)."""
+        digest = hashlib.sha256()
+        size = 0
+        for part in parts():
+            digest.update(part)
+            size += len(part)
+        blob_id = digest.digest()
+        return self._store(blob_type, blob_id, lambda: _same(parts(), blob_id), size, compress)
+
+    def _store(
+        self,
+        blob_type: BlobType,
+        blob_id: bytes,
+        parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
+        size: int,
+        compress: bool,
+    ) -> bytes:
         with self._lock:
             known = (not self._fresh and self.repo.has_blob(blob_id)) or blob_id in self._reserved
             if known or blob_id in self._written:
@@ -185,13 +242,17 @@ class RepositoryWriter:
             self._reserved.add(blob_id)
         compressor = self._zstd.compressor() if compress else None
         sealed: list[bytes] | list[bytes | memoryview]
-        if len(data) > LARGE_BLOB_BYTES:
-            sealed, uncompressed_length = seal_large_blob(self.repo.key, compressor, data)
+        if size > LARGE_BLOB_BYTES:
+            sealed, uncompressed_length = seal_large_blob(self.repo.key, compressor, parts, size)
         else:
+            pieces = list(parts())
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if len(data) != size:
+                raise RuntimeError("a blob's parts changed between two readings")
             whole, uncompressed_length = seal_blob(self.repo.key, compressor, data)
             sealed = [whole]
         with self._lock:
-            full = self._append(blob_type, blob_id, sealed, len(data), uncompressed_length)
+            full = self._append(blob_type, blob_id, sealed, size, uncompressed_length)
         if full is not None:
             self._write_pack(full)
         return blob_id
@@ -314,7 +375,7 @@ class RepositoryWriter:
 
     def _record_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
         """A pack is stored: index it (an index file after every INDEX_FLUSH_PACKS)."""
-        write_index: IndexFile | None = None
+        write_index: dict[bytes, Collection[PackedBlob]] | None = None
         with self._lock:
             if self._fresh:  # its caller indexes its packs: it remembers them until then
                 self.written_packs[pack_id] = blobs
@@ -324,12 +385,10 @@ class RepositoryWriter:
             for blob in blobs:
                 self._reserved.discard(blob.id)
             if not self._fresh:
-                self._unindexed.packs[pack_id] = blobs
-                self._unindexed_count += 1
+                self._unindexed[pack_id] = fmt.compact_pack_blobs(blobs)
             self.stats.packs_written += 1
-            if self._unindexed_count >= INDEX_FLUSH_PACKS:
-                write_index, self._unindexed = self._unindexed, IndexFile()
-                self._unindexed_count = 0
+            if len(self._unindexed) >= INDEX_FLUSH_PACKS:
+                write_index, self._unindexed = self._unindexed, {}
         if write_index is not None:
             self._save_index(write_index)
 
@@ -353,8 +412,8 @@ class RepositoryWriter:
             self.written_packs.clear()
         return packs
 
-    def _save_index(self, index: IndexFile) -> None:
-        self.repo.save_index_file(index)
+    def _save_index(self, packs: dict[bytes, Collection[PackedBlob]]) -> None:
+        self.repo.save_index(packs)
         with self._lock:
             self.stats.index_files_written += 1
 
@@ -368,10 +427,9 @@ class RepositoryWriter:
             self._write_pack(pack)
         self._wait_for_save()
         with self._lock:
-            index, self._unindexed = self._unindexed, IndexFile()
-            self._unindexed_count = 0
+            index, self._unindexed = self._unindexed, {}
             missing = len(self._reserved)
-        if index.packs and write_index:
+        if index and write_index:
             self._save_index(index)
         if missing:
             raise RuntimeError(f"{missing} blobs were to be stored by this run but are in no pack")
