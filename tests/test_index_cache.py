@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from backvault.device.index_cache import IndexCacheFile
 from backvault.device.paths import repository_cache_dir
 from backvault.repo import format as fmt
 from backvault.repo import index as index_module
+from backvault.repo import index_cache as index_cache_module
 from backvault.repo.format import BlobType, FormatError, IndexFile, PackedBlob
 from backvault.repo.index import Index
 from backvault.repo.repository import Repository
@@ -284,3 +286,40 @@ def test_a_cache_file_that_is_no_regular_file_of_ours_is_not_read(
             pass  # unblock it
         pytest.fail("reading the index cache blocked")
     assert result == [None]
+
+
+def test_the_cache_is_sealed_a_slice_at_a_time_and_opens_whole(repo_path: Path) -> None:
+    """Its parts are sealed as they are taken, none larger than a slice of the index's
+    arrays (the end of a backup holds no sealed copy of the whole index), and they open
+    as the index they came from."""
+    repo, _ = opened(repo_path, None)
+    index = Index()
+    rng = random.Random(5)
+    for _pack in range(40):
+        blobs, offset = [], 0
+        for _ in range(1000):
+            blobs.append(PackedBlob(rng.randbytes(32), BlobType.DATA, offset, 4000, 8192))
+            offset += 4000
+        index.add_pack(rng.randbytes(32), blobs)
+    parts = index_cache_module.seal_index_cache(repo.key, ["ab" * 32], index)
+    sizes = []
+
+    class Store:
+        def __init__(self) -> None:
+            self.saved = b""
+
+        def load(self) -> bytes | None:
+            return self.saved
+
+        def save(self, sealed: Iterable[bytes]) -> None:
+            for part in sealed:
+                sizes.append(len(part))
+                self.saved += part
+
+    store = Store()
+    store.save(parts)
+    assert sum(sizes) > 2_000_000 and max(sizes) <= index_cache_module._SLICE_BYTES
+    opened_cache = index_cache_module.open_index_cache(repo.key, store)
+    assert opened_cache is not None
+    names, again = opened_cache
+    assert names == ["ab" * 32] and again.to_state() == index.to_state()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ def test_written_private_in_a_private_folder(tmp_path: Path) -> None:
     write_private_file(path, b"bytes")
     assert path.read_bytes() == b"bytes"
     assert os.listdir(path.parent) == ["secret.json"]  # no temporary left behind
+
+
+def test_parts_are_written_as_they_come_and_a_failure_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "index"
+    write_private_file(path, (bytes([n]) * 1000 for n in range(3)), durable=False)
+    assert path.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+
+    def failing() -> Iterator[bytes]:
+        yield b"new"
+        raise BufferError("the index changed")
+
+    with pytest.raises(BufferError):
+        write_private_file(path, failing(), durable=False)
+    assert path.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+    assert os.listdir(path.parent) == ["index"]  # no temporary left behind
 
 
 def test_a_wide_folder_is_tightened(tmp_path: Path) -> None:

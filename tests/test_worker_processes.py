@@ -343,3 +343,38 @@ def test_a_backup_failing_while_a_database_is_held_in_place_reports_its_error_an
     busy, _, _ = app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     app.close()
     assert busy == 0  # no read transaction of ours is left holding the file
+
+
+@given(st.permutations(range(6)))
+def test_a_file_s_ids_come_together_in_order_whatever_order_its_pieces_finish(
+    order: list[int],
+) -> None:
+    """A file's pieces come back from the workers in any order: its ids are its pieces'
+    in the file's order (one buffer, no joined copy of them at the end)."""
+    from backvault.engine.archiver.pipeline import _FileWork
+    from backvault.repo.format import ContentIds
+
+    work = _FileWork()
+    for _ in order:
+        work.add_piece()
+    work.queued()
+    for position in order:
+        assert not work.future.done()
+        work.add_ids(position, bytes([position]) * 32 * (position + 1))
+        work.piece_done()
+    expected = b"".join(bytes([n]) * 32 * (n + 1) for n in range(len(order)))
+    assert work.future.result() == ContentIds(expected)
+
+
+def test_a_file_whose_piece_never_reported_ids_fails() -> None:
+    from backvault.engine.archiver.pipeline import _FileWork
+
+    work = _FileWork()
+    work.add_piece()
+    work.add_piece()
+    work.queued()
+    work.add_ids(1, bytes(32))
+    work.piece_done()
+    work.piece_done()  # piece 0 done without its ids
+    with pytest.raises(RuntimeError, match="incomplete"):
+        work.future.result()

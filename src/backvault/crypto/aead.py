@@ -12,7 +12,7 @@ import hmac
 import os
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,17 +176,22 @@ class Key:
 
     def seal_parts(self, parts: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
         """``seal`` of the parts joined, as parts (IV, each part's ciphertext, MAC), so
-        that big plaintext made of pieces (the index cache: ~13 MB) is never copied whole."""
+        that big plaintext made of pieces is never copied whole."""
+        return list(self.seal_stream(parts))
+
+    def seal_stream(self, parts: Iterable[bytes | bytearray | memoryview]) -> Iterator[bytes]:
+        """``seal_parts`` as each part is sealed: IV, each part's ciphertext, then the
+        MAC, for a caller that writes them as they come (the index cache: ~13 MB sealed,
+        at the end of a backup, when its process holds the most)."""
         iv = self._fresh_iv()
         context = self._ctr(iv)
         mac = Poly1305(self._mac_key(iv))
-        sealed = [iv]
+        yield iv
         for part in parts:
             ciphertext = context.update(part)
             mac.update(ciphertext)
-            sealed.append(ciphertext)
-        sealed.append(mac.finalize())
-        return sealed
+            yield ciphertext
+        yield mac.finalize()
 
     def open_into(self, sealed: bytes | memoryview, out: bytearray | memoryview) -> memoryview:
         """``open`` that decrypts into ``out`` instead of a new object, for hot loops that

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from backvault.device.paths import repository_cache_dir
@@ -43,6 +44,6 @@ class IndexCacheFile:
                 return handle.read()
         return None
 
-    def save(self, sealed: list[bytes]) -> None:
+    def save(self, sealed: Iterable[bytes]) -> None:
         # Not flushed to disk: a crash may lose it (or leave the old one), never tear it.
         write_private_file(self.path, sealed, durable=False)

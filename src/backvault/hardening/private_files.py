@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 PRIVATE_FILE_MODE = 0o600
@@ -42,13 +43,14 @@ def make_private_dir(path: Path) -> str | None:
 
 def write_private_file(
     path: Path,
-    data: bytes | str | list[bytes],
+    data: bytes | str | Iterable[bytes],
     *,
     exclusive: bool = False,
     private_folder: bool = True,
     durable: bool = True,
 ) -> None:
-    """Write ``data`` (text is UTF-8; a list of parts, one after another) to ``path`` as
+    """Write ``data`` (text is UTF-8; parts, one after another, as they come: if taking
+    one raises, nothing is written) to ``path`` as
     a 0600 file in a 0700 folder, atomically and durably. With ``exclusive``, raise FileExistsError rather than replace
     a file already there (a new key must never overwrite another). With ``private_folder``
     False, a folder that is not ours to tighten (systemd's unit folder) is created if

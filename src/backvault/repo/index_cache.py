@@ -18,7 +18,7 @@ the user's cache folder); this module does no I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from backvault.crypto.aead import AuthenticationFailed, Key
@@ -35,23 +35,36 @@ class IndexCacheStore(Protocol):
     def load(self) -> bytes | None:
         """The saved bytes, or None if there are none (or they cannot be read)."""
 
-    def save(self, sealed: list[bytes]) -> None:
-        """Keep ``sealed`` (parts, written one after another) instead of what was saved;
-        OSError if it cannot."""
+    def save(self, sealed: Iterable[bytes]) -> None:
+        """Keep ``sealed`` (parts, written one after another as they come) instead of what
+        was saved, or, if it cannot, keep what was saved and raise OSError (or what
+        ``sealed`` raises)."""
 
 
-def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> list[bytes]:
-    """The cache of ``index``, made of exactly the index files ``names``, in parts (the
-    index's arrays are sealed where they are, not copied into one plaintext first: the
-    end of a backup is when its process holds the most)."""
+# The index's arrays are sealed in slices of this size: no ciphertext of a whole array.
+_SLICE_BYTES = 1024 * 1024
+
+
+def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> Iterator[bytes]:
+    """The cache of ``index``, made of exactly the index files ``names``, in parts sealed
+    as they are asked for (the index's arrays where they are, a slice at a time: not
+    copied into one plaintext first, nor sealed whole; the end of a backup is when its
+    process holds the most). The index must not change until the last part is taken."""
     listed = b"".join(bytes.fromhex(name) for name in names)
     parts = [_HEADER, struct.pack("<Q", len(names)), listed, *index.state_parts()]
     try:
-        return key.derive(_PURPOSE).seal_parts(parts)
+        yield from key.derive(_PURPOSE).seal_stream(_slices(parts))
     finally:
         for part in parts:
             if isinstance(part, memoryview):
                 part.release()  # the index's arrays may grow again
+
+
+def _slices(parts: list[bytes | memoryview]) -> Iterator[memoryview]:
+    for part in parts:
+        view = memoryview(part)
+        for at in range(0, len(view), _SLICE_BYTES):
+            yield view[at : at + _SLICE_BYTES]
 
 
 def open_index_cache(key: Key, store: IndexCacheStore) -> tuple[list[str], Index] | None:

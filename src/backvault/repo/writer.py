@@ -69,31 +69,10 @@ SPOOL_PART_BYTES = 1024 * 1024
 
 
 # A blob larger than this (a big folder's tree: a database's lists ~190 000 ids, ~13 MB
-# of JSON) is compressed and sealed a slice at a time, in parts: never a compressed copy
-# of its whole size (zstd's one-shot output starts at its worst case) nor a sealed copy
-# joined from its parts.
+# of JSON) is compressed and sealed a slice at a time into a pack of its own
+# (``_pack_of_its_own``): never a compressed copy of its whole size (zstd's one-shot
+# output starts at its worst case), nor a sealed copy beside the pack.
 LARGE_BLOB_BYTES = 1024 * 1024
-
-
-def seal_large_blob(
-    key: Key,
-    compressor: zstandard.ZstdCompressor | None,
-    parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
-    size: int,
-) -> tuple[list[bytes], int | None]:
-    """``seal_blob`` of the ``size`` bytes ``parts()`` gives, in parts (IV, ciphertext
-    parts, MAC: ``Key.seal_parts``): each part compressed and sealed as it comes, into one
-    zstd frame that records its size, as ``seal_blob`` writes it. ``parts`` is called
-    again, to seal the bytes as they are, if compressing does not save enough."""
-    if compressor is not None:
-        sealed = key.seal_parts(_compressed(compressor.compressobj(size=size), parts()))
-        if _saves_enough(sum(map(len, sealed)) - OVERHEAD, size):
-            return sealed, size
-        del sealed
-    sealed = key.seal_parts(parts())
-    if sum(map(len, sealed)) - OVERHEAD != size:
-        raise RuntimeError("a blob's parts changed between two readings")
-    return sealed, None
 
 
 def _compressed(
@@ -115,6 +94,18 @@ def _same(parts: Iterable[bytes], blob_id: bytes) -> Iterator[bytes]:
         yield part
     if digest.digest() != blob_id:
         raise RuntimeError("a blob's parts changed between two readings")
+
+
+def _fill(pack: _Pack, parts: Iterable[bytes]) -> int:
+    """Add ``parts`` to the pack's bytes (moved to its spool, if it has one, a MiB at a
+    time); their length."""
+    length = 0
+    for part in parts:
+        pack.data += part
+        length += len(part)
+        if pack.spool is not None and len(pack.data) >= SPOOL_PART_BYTES:
+            pack.spill()
+    return length
 
 
 def _slices(data: bytes | bytearray | memoryview) -> Callable[[], Iterator[memoryview]]:
@@ -243,14 +234,19 @@ class RepositoryWriter:
         compressor = self._zstd.compressor() if compress else None
         sealed: list[bytes] | list[bytes | memoryview]
         if size > LARGE_BLOB_BYTES:
-            sealed, uncompressed_length = seal_large_blob(self.repo.key, compressor, parts, size)
-        else:
-            pieces = list(parts())
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            if len(data) != size:
-                raise RuntimeError("a blob's parts changed between two readings")
-            whole, uncompressed_length = seal_blob(self.repo.key, compressor, data)
-            sealed = [whole]
+            alone = self._pack_of_its_own(blob_type, blob_id, compressor, parts, size)
+            with self._lock:
+                self.stats.blobs_new += 1
+                self.stats.bytes_plain_new += size
+                self.stats.bytes_stored_new += alone.size
+            self._write_pack(alone)
+            return blob_id
+        pieces = list(parts())
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(data) != size:
+            raise RuntimeError("a blob's parts changed between two readings")
+        whole, uncompressed_length = seal_blob(self.repo.key, compressor, data)
+        sealed = [whole]
         with self._lock:
             full = self._append(blob_type, blob_id, sealed, size, uncompressed_length)
         if full is not None:
@@ -306,6 +302,49 @@ class RepositoryWriter:
         if pack.size >= self.pack_target:
             return self._open.pop(blob_type)
         return None
+
+    def _pack_of_its_own(
+        self,
+        blob_type: BlobType,
+        blob_id: bytes,
+        compressor: zstandard.ZstdCompressor | None,
+        parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
+        size: int,
+    ) -> _Pack:
+        """A pack holding just this large blob (a database's tree: ~6 MB sealed, more than
+        a pack's target anyway), compressed and sealed a part at a time straight into the
+        pack (moved to the backend's spool a MiB at a time, where it has one): into one
+        zstd frame that records its size, as ``seal_blob`` writes it, if that saves enough,
+        else (``parts`` is called again) as it is. Never a copy of the blob whole, nor of
+        its plaintext, nor the sealed blob beside the pack."""
+        key = self.repo.key
+        uncompressed_length: int | None = None
+        pack = self._new_pack(blob_type)
+        try:
+            if compressor is not None:
+                stream = compressor.compressobj(size=size)
+                length = _fill(pack, key.seal_stream(_compressed(stream, parts())))
+                if _saves_enough(length - OVERHEAD, size):
+                    uncompressed_length = size
+                else:
+                    pack.discard()
+                    pack = self._new_pack(blob_type)
+            if uncompressed_length is None:
+                length = _fill(pack, key.seal_stream(parts()))
+                if length - OVERHEAD != size:
+                    raise RuntimeError("a blob's parts changed between two readings")
+        except BaseException:
+            pack.discard()
+            raise
+        pack.blobs.append(PackedBlob(blob_id, blob_type, 0, length, uncompressed_length))
+        pack.size = length
+        return pack
+
+    def _new_pack(self, blob_type: BlobType) -> _Pack:
+        """An empty pack, with a spool of the backend if it has one."""
+        spool = self.repo.backend.spool(FileType.DATA) if self._spools else None
+        self._spools = spool is not None
+        return _Pack(blob_type, spool=spool)
 
     def _spill(self, pack: _Pack) -> None:
         """Move the pack's bytes in memory to its spool (made now if it has none)."""

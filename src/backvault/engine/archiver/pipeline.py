@@ -12,6 +12,7 @@ workers.
 from __future__ import annotations
 
 import contextlib
+import io
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -58,9 +59,22 @@ class _FileWork:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._remaining = 1  # the queuing itself, until ``queued``
-        self.ids: dict[int, bytes] = {}  # each piece's, back to back
+        # The ids of the pieces done so far, in order, back to back (a database's are
+        # ~6 MB: one buffer, not its pieces and a joined copy of them at the end); those
+        # of pieces done before one ahead of them, by position, until it is.
+        self._ids = io.BytesIO()
+        self._next_position = 0
+        self._ahead: dict[int, bytes] = {}
         self.error: OSError | None = None
         self.future: Future[ContentIds] = Future()
+
+    def add_ids(self, position: int, ids: bytes) -> None:
+        """The ids of the piece at ``position`` (then ``piece_done``)."""
+        with self._lock:
+            self._ahead[position] = ids
+            while self._next_position in self._ahead:
+                self._ids.write(self._ahead.pop(self._next_position))
+                self._next_position += 1
 
     def add_piece(self) -> None:
         with self._lock:
@@ -85,9 +99,11 @@ class _FileWork:
                 return
             if self.error is not None:
                 self.future.set_exception(self.error)
+            elif self._ahead:  # (a piece's ids never came: not a result to store)
+                self.future.set_exception(RuntimeError("a file's pieces came back incomplete"))
             else:
-                joined = b"".join([self.ids[n] for n in range(len(self.ids))])
-                self.ids.clear()
+                # ``getvalue`` hands over the buffer itself (no copy) once it is its size.
+                joined, self._ids = self._ids.getvalue(), io.BytesIO()
                 self.future.set_result(ContentIds(joined))
 
 
@@ -309,14 +325,14 @@ class SealingPipeline:
                 for blob_id, stored in zip(ids, result.stored, strict=True):
                     if not stored and not writer.knows(blob_id):
                         raise RuntimeError(f"blob {blob_id.hex()[:12]} is not stored")
-                work.ids[index] = result.ids
+                work.add_ids(index, result.ids)
             else:  # from a thread of this process: sealed here, stored by this writer
                 for chunk in result:
                     if chunk.sealed is not None:
                         writer.add_sealed(BlobType.DATA, chunk)
                     elif not writer.knows(chunk.id):
                         raise RuntimeError(f"blob {chunk.id.hex()[:12]} is not stored")
-                work.ids[index] = b"".join([chunk.id for chunk in result])
+                work.add_ids(index, b"".join([chunk.id for chunk in result]))
             self._on_read(size)
             work.piece_done()
 
