@@ -53,6 +53,15 @@ def parse_id(text: Any, what: str = "id") -> bytes:
         raise FormatError(f"{what}: not hex") from exc
 
 
+def json_problem(exc: ValueError | RecursionError) -> str:
+    """What is wrong with JSON that ``json.loads`` refused. It raises RecursionError for
+    arrays or objects nested deeper than Python's recursion limit: hostile data, which
+    must be reported as damage like any other text that is not JSON."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deep"
+    return str(exc)
+
+
 def parse_content(texts: Any, what: str, consume: bool = False) -> ContentIds:
     """``parse_ids`` of a node's content, as ``ContentIds`` (which ``decode_tree`` may
     have made from the blob already)."""
@@ -205,8 +214,8 @@ def decode_unpacked(plaintext: bytes) -> Any:
     raw = unpacked_json(plaintext)
     try:
         return json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"bad JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise FormatError(f"bad JSON: {json_problem(exc)}") from exc
 
 
 def unpacked_json(plaintext: bytes) -> bytes:
@@ -998,8 +1007,8 @@ def decode_tree_json(data: bytes | str) -> Any:
     """The first half of ``decode_tree``: the JSON."""
     try:
         return json.loads(data)
-    except ValueError as exc:
-        raise FormatError(f"tree is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise FormatError(f"tree is not JSON: {json_problem(exc)}") from exc
 
 
 def tree_nodes(doc: Any) -> list[Node]:

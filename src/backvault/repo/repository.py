@@ -158,8 +158,8 @@ class Repository:
         raw = self._load_unpacked_json(kind, name)
         try:
             return json.loads(raw)
-        except ValueError as exc:
-            raise DamagedObject(label, f"bad JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise DamagedObject(label, f"bad JSON: {fmt.json_problem(exc)}") from exc
 
     def _load_unpacked_json(self, kind: FileType, name: str) -> bytes:
         """An unpacked file's JSON text, verified and decompressed (not decoded yet)."""
