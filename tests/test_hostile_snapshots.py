@@ -711,6 +711,48 @@ def test_repository_files_of_json_nested_deeper_than_the_recursion_limit_are_dam
         assert "internal error" not in result.err
 
 
+def test_a_folder_tree_deeper_than_the_recursion_limit_is_backed_up_and_restored(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """Legitimate data: 1500 nested folders (the backup walked them by recursion, two
+    frames a level, and ended in RecursionError), backed up twice (the second reuses the
+    first as parent), checked, restored whole."""
+    depth = 1500
+    world = World.make(tmp_path)
+    source = tmp_path / "deep"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ["deep", *["d"] * depth]:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leaf = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep\n")
+        os.close(leaf)
+        os.symlink(world.outside, "escape", dir_fd=fd)
+    finally:
+        os.close(fd)
+    repo = tmp_path / "repo"
+    key = cli.ok("--json", "-r", str(repo), "init").json()["recovery_key"]
+    try:
+        for _ in range(2):
+            backup = cli.run("-r", str(repo), "backup", str(source), key=key, env=PROCESSES)
+            assert backup.code == 0, backup.err
+        checked = cli.run("-r", str(repo), "check", key=key)
+        assert checked.code == 0, checked.err
+        restored = cli.run(
+            "-r", str(repo), "restore", "latest", "--target", str(world.target), key=key
+        )
+        assert restored.code == 0, restored.err
+        inside = World(world.root, world.outside, world.victim, world.target / "deep")
+        os.rename(world.target / source.relative_to("/"), inside.target)
+        _check_deep(depth, "d")(inside)
+    finally:
+        remove_tree(source, tmp_path / "spare-source")
+        remove_tree(world.target, tmp_path / "spare")
+
+
 def test_names_are_printed_as_text_not_as_terminal_commands_or_markup(
     tmp_path: Path, cli: Cli
 ) -> None:
