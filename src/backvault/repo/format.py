@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import operator
+import re
 import secrets
 import stat
 import struct
@@ -51,6 +52,17 @@ def parse_id(text: Any, what: str = "id") -> bytes:
         return bytes.fromhex(text)
     except ValueError as exc:
         raise FormatError(f"{what}: not hex") from exc
+
+
+_OBJECT_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def is_object_name(name: str) -> bool:
+    """Whether ``name`` can be an object of the repository's data, index or snapshot
+    folders: 64 lower-case hex digits, the id it is stored under. Any other file there
+    (``data/ab/not-hex``) is none of the repository's: listings leave it out, as restic's
+    do, and ``check`` reports it."""
+    return _OBJECT_NAME.fullmatch(name) is not None
 
 
 def json_problem(exc: ValueError | RecursionError) -> str:
