@@ -4,6 +4,7 @@ trees: what goes wrong in either still ends the check, and leaves nothing runnin
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from backvault.engine import parallel
 from backvault.engine.check import Checker
 from backvault.repo.repository import Repository
 from backvault.storage import FileType, LocalBackend, StorageError
-from tests.conftest import make_tree
+from tests.conftest import Cli, make_tree, tree_digest
 
 SECRET = b"c" * 32
 
@@ -96,8 +97,6 @@ def test_a_failure_while_reading_ends_the_check_with_it(repo_path: Path, on_thre
 def test_a_damaged_pack_is_reported_after_the_trees_problems(
     repo_path: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
     work = tmp_path / "repo"
     shutil.copytree(repo_path, work)
     packs = sorted(p for p in (work / "data").rglob("*") if p.is_file())
@@ -141,3 +140,51 @@ def test_an_interrupt_while_the_trees_are_walked_stops_the_reading(
         parallel.configure(worker_processes=None)
     assert started.is_set()
     assert reading_threads() == []
+
+
+def test_files_that_are_not_repository_objects_are_reported_and_left_alone(
+    repo_path: Path, tmp_path: Path, cli: Cli
+) -> None:
+    """Files whose names are no 64-digit id, in data/ (in a pack's folder, in a folder
+    of their own) and in the other folders of objects: check names each as an error
+    (it parsed data/ names as ids and ended in "internal error"); the other commands
+    leave them out, as restic does (none reads, parses or deletes them)."""
+    work = tmp_path / "repo"
+    shutil.copytree(repo_path, work)
+    pack_folder = next(p for p in sorted((work / "data").iterdir()) if p.is_dir())
+    (work / "data" / "zz").mkdir()
+    planted = [
+        pack_folder / "not-hex",
+        work / "data" / "zz" / ("z" * 64),
+        pack_folder / ("AB" * 32),  # upper case: no name backvault or restic writes
+        work / "index" / "not-hex",
+        work / "snapshots" / "not-hex",
+        work / "locks" / "not-hex",
+    ]
+    for path in planted:
+        path.write_bytes(b"left here by someone else\n")
+    key = SECRET.decode()
+    for check in (["check"], ["check", "--read-data"], ["check", "--read-data-subset", "1/2"]):
+        result = cli.run("-r", str(work), *check, key=key)
+        assert result.code == 3 and "internal error" not in result.err, result.err
+        for path in planted:
+            assert (
+                f"error: {path.parent.name if path.parent.parent == work else 'data'}/: "
+                f"the file {path.name!r} is not a repository object (its name is not a "
+                "64-digit hex id; backvault and restic ignore it): move it out of the "
+                "repository"
+            ) in result.err.splitlines(), result.err
+        assert f"check found {len(planted)} problems" in result.err
+    source = repo_path.parent / "src"
+    for args in (
+        ["snapshots"],
+        ["restore", "latest", "--target", str(tmp_path / "restored")],
+        ["backup", str(source)],
+        ["prune"],
+        ["repair", "index"],
+        ["unlock"],
+    ):
+        result = cli.run("-r", str(work), *args, key=key)
+        assert result.code == 0, (args, result.err)
+    assert all(path.read_bytes() == b"left here by someone else\n" for path in planted)
+    assert tree_digest(tmp_path / "restored" / source.relative_to("/")) == tree_digest(source)

@@ -38,7 +38,7 @@ from backvault.repo.format import BlobType, Snapshot
 from backvault.repo.repository import Repository
 from backvault.repo.timefmt import format_ns
 from backvault.repo.writer import RepositoryWriter
-from backvault.storage import LocalBackend
+from backvault.storage import FileType, LocalBackend
 from tests.conftest import Cli
 
 PROCESSES = {"BACKVAULT_WORKER_PROCESSES": "2"}
@@ -619,6 +619,138 @@ def test_ls_lists_a_snapshot_nested_deeper_than_the_recursion_limit(
     paths = [entry["path"] for entry in listed.json()["entries"]]
     assert len(paths) == 1100 + 2
     assert paths[-2:] == ["/d" * 1100 + "/leaf.txt", "/d" * 1100 + "/escape"]
+
+
+NESTED_JSON = b"[" * 100_000 + b"]" * 100_000  # far deeper than Python's recursion limit
+
+
+def test_commands_walk_a_snapshot_nested_deeper_than_the_recursion_limit(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A chain of 2000 folders, each tree naming the next, whose last tree is damaged:
+    every command that walks trees reports it (snapshot and path), none crashes."""
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    nodes = [h.folder("bottom", [h.file("a", b"1"), h.file("a", b"2")])]
+    for _ in range(2000):
+        nodes = [h.folder("d", nodes)]
+    snapshot_id = h.snapshot(nodes)
+    checked = cli.run("-r", str(h.path), "check", key=h.key)
+    assert checked.code == 3, checked.err
+    assert f"(tree of snapshot {snapshot_id[:8]}: " + "d: " * 2000 + "bottom)" in checked.err
+    assert "duplicate name 'a'" in checked.err
+    restored = cli.run(
+        "-r", str(h.path), "restore", snapshot_id, "--target", str(world.target), key=h.key
+    )
+    try:
+        assert restored.code == 3, restored.err
+        assert "not restored: " + "/d" * 2000 + "/bottom: " in restored.err
+    finally:
+        remove_tree(world.target, tmp_path / "spare")
+    pruned = cli.run("-r", str(h.path), "prune", key=h.key)
+    assert pruned.code == 3 and "duplicate name 'a'" in pruned.err, pruned.err
+    for result in (checked, restored, pruned):
+        assert "internal error" not in result.err
+
+
+@pytest.mark.parametrize("command", ["check", "ls", "restore", "prune"])
+def test_a_tree_of_json_nested_deeper_than_the_recursion_limit_is_named_as_damaged(
+    command: str, tmp_path: Path, cli: Cli
+) -> None:
+    """``json`` recurses into nested arrays: a tree blob of 100 000 of them is damage
+    (folder /chat not restored, the rest restored), not a crash."""
+    world = World.make(tmp_path)
+    h = Hostile(tmp_path / "repo")
+    folder = h.folder("chat", [])
+    folder["subtree"] = h.writer.add(BlobType.TREE, NESTED_JSON).hex()
+    snapshot_id = h.snapshot([folder, h.file("ok.txt", b"fine\n")])
+    args = {
+        "check": ["check"],
+        "ls": ["ls", snapshot_id],
+        "restore": ["restore", snapshot_id, "--target", str(world.target)],
+        "prune": ["prune"],
+    }[command]
+    result = cli.run("-r", str(h.path), *args, key=h.key)
+    assert result.code == 3, result.err
+    assert "is damaged: tree is not JSON: arrays or objects nested too deep" in result.err
+    assert "internal error" not in result.err
+    if command == "check":
+        assert f"(tree of snapshot {snapshot_id[:8]}: chat)" in result.err
+    if command == "restore":
+        assert "not restored: /chat: tree " in result.err
+        assert (world.target / "ok.txt").read_bytes() == b"fine\n"
+
+
+def test_repository_files_of_json_nested_deeper_than_the_recursion_limit_are_damage(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """The same JSON as a snapshot file and an index file (sealed with the master key)
+    and as a key file (plain JSON: anyone with write access to the storage can put one
+    there): check names the first two, the key file is skipped like any that is not one."""
+    h = Hostile(tmp_path / "repo")
+    h.snapshot([h.file("ok.txt", b"fine\n")])
+    names = {}
+    for kind in (FileType.SNAPSHOT, FileType.INDEX):
+        sealed = h.repo.key.seal(NESTED_JSON)
+        names[kind] = fmt.sha256(sealed).hex()
+        h.repo.backend.save(kind, names[kind], sealed)
+    h.repo.backend.save(FileType.KEY, fmt.sha256(NESTED_JSON).hex(), NESTED_JSON)
+    checked = cli.run("-r", str(h.path), "check", key=h.key)
+    assert checked.code == 3, checked.err
+    for kind, name in names.items():
+        assert f"{kind.value}/{name} is damaged: bad JSON: arrays or objects nested too deep" in (
+            checked.err
+        )
+    listed = cli.run("-r", str(h.path), "--json", "key", "list", key=h.key)
+    assert listed.code == 0 and len(listed.json()) == 1, listed.err
+    snapshots = cli.run("-r", str(h.path), "snapshots", key=h.key)
+    assert snapshots.code == 3 and f"snapshots/{names[FileType.SNAPSHOT]} is damaged" in (
+        snapshots.err
+    )
+    for result in (checked, listed, snapshots):
+        assert "internal error" not in result.err
+
+
+def test_a_folder_tree_deeper_than_the_recursion_limit_is_backed_up_and_restored(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """Legitimate data: 1500 nested folders (the backup walked them by recursion, two
+    frames a level, and ended in RecursionError), backed up twice (the second reuses the
+    first as parent), checked, restored whole."""
+    depth = 1500
+    world = World.make(tmp_path)
+    source = tmp_path / "deep"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ["deep", *["d"] * depth]:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leaf = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep\n")
+        os.close(leaf)
+        os.symlink(world.outside, "escape", dir_fd=fd)
+    finally:
+        os.close(fd)
+    repo = tmp_path / "repo"
+    key = cli.ok("--json", "-r", str(repo), "init").json()["recovery_key"]
+    try:
+        for _ in range(2):
+            backup = cli.run("-r", str(repo), "backup", str(source), key=key, env=PROCESSES)
+            assert backup.code == 0, backup.err
+        checked = cli.run("-r", str(repo), "check", key=key)
+        assert checked.code == 0, checked.err
+        restored = cli.run(
+            "-r", str(repo), "restore", "latest", "--target", str(world.target), key=key
+        )
+        assert restored.code == 0, restored.err
+        inside = World(world.root, world.outside, world.victim, world.target / "deep")
+        os.rename(world.target / source.relative_to("/"), inside.target)
+        _check_deep(depth, "d")(inside)
+    finally:
+        remove_tree(source, tmp_path / "spare-source")
+        remove_tree(world.target, tmp_path / "spare")
 
 
 def test_names_are_printed_as_text_not_as_terminal_commands_or_markup(

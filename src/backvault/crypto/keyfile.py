@@ -94,6 +94,8 @@ class KeyFile:
             )
         except KeyFileError:
             raise
+        except RecursionError:  # JSON nested deeper than Python's recursion limit
+            raise KeyFileError("not a restic key file: JSON nested too deep") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyFileError(f"not a restic key file: {exc}") from exc
 
@@ -117,7 +119,7 @@ class KeyFile:
             raise WrongSecret("the secret does not open this key file") from exc
         try:
             return Key.from_json(json.loads(plaintext))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise KeyFileError("key file holds no valid master key") from exc
 
     def read_label(self, master: Key) -> SlotLabel | None:

@@ -86,7 +86,7 @@ class SlotLabel:
             document = json.loads(master.open(sealed))
         except AuthenticationFailed as exc:
             raise LabelError("the label does not open with this repository's key") from exc
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise LabelError("the label is not valid JSON") from exc
         if not isinstance(document, dict) or document.get("v") != LABEL_VERSION:
             raise LabelError("unknown label version")

@@ -74,7 +74,7 @@ class Checker:
                 # 3 s check). This listing only sizes the work; the one that counts comes
                 # after the index, so that a pack saved meanwhile is found with its index.
                 # (Remote storage is read on threads: no start to hide, no listing.)
-                listed = self.repo.backend.list(FileType.DATA)
+                listed = self.repo.list_objects(FileType.DATA)
                 pool.expect(sum(size for name, size in listed if subset is None or subset(name)))
         try:
             return self._run(read_data, subset, pool)
@@ -91,10 +91,12 @@ class Checker:
         errors: list[DamagedObject] = []
         self.repo.load_index(errors=errors)
         self.result.errors.extend(str(e) for e in errors)
+        for kind in (FileType.INDEX, FileType.SNAPSHOT, FileType.LOCK):
+            self._list_objects(kind)  # (data/ below) reports files none of the repository's
         # Each pack's blobs made when wanted, not all kept (~40 MB for a big database).
         pack_ids = self.repo.indexed_pack_ids()
         indexed_blobs = self.repo.indexed_pack_lister()
-        stored = dict(self.repo.backend.list(FileType.DATA))
+        stored = dict(self._list_objects(FileType.DATA))
         for pack_id in pack_ids:
             name = pack_id.hex()
             if name not in stored:
@@ -125,6 +127,19 @@ class Checker:
             if reading is not None:
                 reading.stop()
         return self.result
+
+    def _list_objects(self, kind: FileType) -> list[tuple[str, int]]:
+        """``repo.list_objects``, each file there that is none of the repository's
+        reported: no command reads, parses or deletes it, and restic ignores it too."""
+        unexpected: list[str] = []
+        found = self.repo.list_objects(kind, unexpected)
+        for name in sorted(unexpected):
+            self.result.errors.append(
+                f"{kind.value}/: the file {name!r} is not a repository object (its name is "
+                "not a 64-digit hex id; backvault and restic ignore it): move it out of "
+                "the repository"
+            )
+        return found
 
     def _check_snapshots_and_trees(self) -> None:
         errors: list[DamagedObject] = []

@@ -98,7 +98,7 @@ def plan(repo: Repository, max_unused: float = 0.05) -> PrunePlan:
     ``max_unused`` of its bytes are unused (tree packs whenever anything is unused)."""
     repo.load_index()
     result = PrunePlan(used_blobs(repo))
-    stored = dict(repo.backend.list(FileType.DATA))
+    stored = dict(repo.list_objects(FileType.DATA))  # not-ids left out (check names them)
     seen_in_kept: set[bytes] = set()
     for pack_id, blobs in repo.indexed_packs().items():
         if pack_id.hex() not in stored:
@@ -128,7 +128,7 @@ def run(
 ) -> None:
     """Carry out a plan (the caller holds the exclusive lock)."""
     say = progress or (lambda _m: None)
-    old_index_files = [name for name, _ in repo.backend.list(FileType.INDEX)]
+    old_index_files = [name for name, _ in repo.list_objects(FileType.INDEX)]
     # 2. repack still-used blobs into new packs (written before any index mentions them)
     writer = RepositoryWriter(repo, fresh_dedupe=True)
     for pack_id, blobs in prune_plan.repack.items():
@@ -162,10 +162,10 @@ def rebuild_index(
     """Write a new index from the pack headers themselves; returns (packs indexed,
     unreadable packs). Old index files are removed only after the new one is written."""
     say = progress or (lambda _m: None)
-    old = [name for name, _ in repo.backend.list(FileType.INDEX)]
+    old = [name for name, _ in repo.list_objects(FileType.INDEX)]
     index = IndexFile(supersedes=[])
     bad: list[str] = []
-    for name, size in repo.backend.list(FileType.DATA):
+    for name, size in repo.list_objects(FileType.DATA):
         try:
             blobs = repo.read_pack_header(name, size)
         except (DamagedObject, ObjectNotFound) as exc:

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import operator
+import re
 import secrets
 import stat
 import struct
@@ -51,6 +52,26 @@ def parse_id(text: Any, what: str = "id") -> bytes:
         return bytes.fromhex(text)
     except ValueError as exc:
         raise FormatError(f"{what}: not hex") from exc
+
+
+_OBJECT_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def is_object_name(name: str) -> bool:
+    """Whether ``name`` can be an object of the repository's data, index or snapshot
+    folders: 64 lower-case hex digits, the id it is stored under. Any other file there
+    (``data/ab/not-hex``) is none of the repository's: listings leave it out, as restic's
+    do, and ``check`` reports it."""
+    return _OBJECT_NAME.fullmatch(name) is not None
+
+
+def json_problem(exc: ValueError | RecursionError) -> str:
+    """What is wrong with JSON that ``json.loads`` refused. It raises RecursionError for
+    arrays or objects nested deeper than Python's recursion limit: hostile data, which
+    must be reported as damage like any other text that is not JSON."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deep"
+    return str(exc)
 
 
 def parse_content(texts: Any, what: str, consume: bool = False) -> ContentIds:
@@ -205,8 +226,8 @@ def decode_unpacked(plaintext: bytes) -> Any:
     raw = unpacked_json(plaintext)
     try:
         return json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"bad JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise FormatError(f"bad JSON: {json_problem(exc)}") from exc
 
 
 def unpacked_json(plaintext: bytes) -> bytes:
@@ -998,8 +1019,8 @@ def decode_tree_json(data: bytes | str) -> Any:
     """The first half of ``decode_tree``: the JSON."""
     try:
         return json.loads(data)
-    except ValueError as exc:
-        raise FormatError(f"tree is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise FormatError(f"tree is not JSON: {json_problem(exc)}") from exc
 
 
 def tree_nodes(doc: Any) -> list[Node]:

@@ -30,7 +30,15 @@ from itertools import accumulate
 from typing import Any
 
 from backvault.repo.blobs import BlobLocation
-from backvault.repo.format import ID_SIZE, BlobType, FormatError, IndexFile, PackedBlob, parse_id
+from backvault.repo.format import (
+    ID_SIZE,
+    BlobType,
+    FormatError,
+    IndexFile,
+    PackedBlob,
+    json_problem,
+    parse_id,
+)
 
 _TYPES = (BlobType.DATA, BlobType.TREE)  # a row's type is its position here
 _TYPE_CODES = {"data": 0, "tree": 1}
@@ -612,15 +620,15 @@ def index_columns_of_json(raw: bytes | str) -> list[IndexColumns]:
             text = ""
     try:
         streamed = _stream_columns(text)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         streamed = None
     if streamed is not None:
         return streamed
     try:
         # As bytes, as json.loads took it before (it reads a byte order mark).
         document = json.loads(raw.encode() if isinstance(raw, str) else raw)
-    except ValueError as exc:
-        raise FormatError(f"bad JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise FormatError(f"bad JSON: {json_problem(exc)}") from exc
     return index_columns(document)
 
 

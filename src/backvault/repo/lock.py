@@ -60,7 +60,7 @@ def _process_alive(pid: int) -> bool:
 def read_locks(repo: Repository) -> list[tuple[str, Lock | None]]:
     """Every lock file; None for one that cannot be read (treated as stale)."""
     found: list[tuple[str, Lock | None]] = []
-    for name, _ in repo.backend.list(FileType.LOCK):
+    for name, _ in repo.list_objects(FileType.LOCK):
         try:
             found.append((name, Lock.from_json(repo.load_unpacked(FileType.LOCK, name))))
         except (DamagedObject, FormatError):

@@ -151,6 +151,24 @@ class Repository:
     def remove_key(self, key_id: str) -> None:
         self.backend.remove(FileType.KEY, key_id)
 
+    # --- listing -----------------------------------------------------------------------
+
+    def list_objects(
+        self, kind: FileType, unexpected: list[str] | None = None
+    ) -> list[tuple[str, int]]:
+        """``(name, size)`` of the objects in folder ``kind`` (data, index, snapshots,
+        locks): the files named by a 64-hex-digit id. Any other file there
+        (``data/ab/not-hex``) is not the repository's: it is left out, as restic leaves
+        it out (so nothing parses its name, reads it or deletes it), and its name is
+        added to ``unexpected`` (``check`` reports it)."""
+        found = []
+        for name, size in self.backend.list(kind):
+            if fmt.is_object_name(name):
+                found.append((name, size))
+            elif unexpected is not None:
+                unexpected.append(name)
+        return found
+
     # --- unpacked files ----------------------------------------------------------------
 
     def load_unpacked(self, kind: FileType, name: str) -> Any:
@@ -158,8 +176,8 @@ class Repository:
         raw = self._load_unpacked_json(kind, name)
         try:
             return json.loads(raw)
-        except ValueError as exc:
-            raise DamagedObject(label, f"bad JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise DamagedObject(label, f"bad JSON: {fmt.json_problem(exc)}") from exc
 
     def _load_unpacked_json(self, kind: FileType, name: str) -> bytes:
         """An unpacked file's JSON text, verified and decompressed (not decoded yet)."""
@@ -211,7 +229,7 @@ class Repository:
         self._load_index(errors, use_cache=False)
 
     def _load_index(self, errors: list[DamagedObject] | None, use_cache: bool) -> None:
-        names = [name for name, _ in self.backend.list(FileType.INDEX)]
+        names = [name for name, _ in self.list_objects(FileType.INDEX)]
         cached = self._cached_index(names) if use_cache else None
         covered: set[str] = set()
         if cached is not None:
@@ -310,7 +328,7 @@ class Repository:
     def index_unindexed_packs(self) -> int:
         """Add every pack no index lists to the in-memory index, from its header."""
         added = 0
-        for name, size in self.backend.list(FileType.DATA):
+        for name, size in self.list_objects(FileType.DATA):
             pack_id = bytes.fromhex(name)
             if self._index.has_pack(pack_id):
                 continue

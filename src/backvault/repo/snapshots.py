@@ -21,7 +21,7 @@ def list_snapshots(
 ) -> list[tuple[str, Snapshot]]:
     """All snapshots, oldest first. Damaged ones go to ``errors`` or raise."""
     snapshots = []
-    for name, _ in repo.backend.list(FileType.SNAPSHOT):
+    for name, _ in repo.list_objects(FileType.SNAPSHOT):
         try:
             snapshots.append((name, load_snapshot(repo, name)))
         except DamagedObject as exc:
@@ -54,7 +54,7 @@ def find_snapshot(
         if not found:
             raise RepositoryError("the repository has no snapshots yet")
         return found[-1]
-    names = (name for name, _ in repo.backend.list(FileType.SNAPSHOT))
+    names = (name for name, _ in repo.list_objects(FileType.SNAPSHOT))
     name = resolve_prefix(names, ref, "snapshot", "list them with `backvault snapshots`")
     return name, load_snapshot(repo, name)
 

@@ -166,6 +166,38 @@ def is_sidecar(directory: str, name: str, siblings: set[str]) -> bool:
     return False
 
 
+def walk_files(top: str) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, names of what in it is not a folder)`` for ``top`` and every folder
+    below it, as ``os.walk(top)`` gives them (top down, symlinks to folders not entered,
+    folders that cannot be listed skipped), but with a stack of its own: Python 3.11's
+    ``os.walk`` recurses, and a folder tree may nest deeper than the recursion limit."""
+    todo = [top]
+    while todo:
+        folder = todo.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        files: list[str] = []
+        below: list[str] = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(entry.name)
+                continue
+            try:
+                if not entry.is_symlink():
+                    below.append(entry.path)
+            except OSError:
+                continue
+        yield folder, files
+        todo.extend(reversed(below))  # the first folder listed is walked first
+
+
 def databases_under(targets: list[str]) -> list[str]:
     """SQLite databases under the targets, found by name first (a cheap walk, no stat
     of every file), then by their header."""
@@ -175,7 +207,7 @@ def databases_under(targets: list[str]) -> list[str]:
             candidates = [target]
         else:
             candidates = []
-            for directory, _dirs, files in os.walk(target):
+            for directory, files in walk_files(target):
                 names = set(files)
                 candidates.extend(
                     os.path.join(directory, name)

@@ -42,7 +42,7 @@ def check(
 ) -> None:
     """Check the repository's structure (and with --read-data, all data)."""
     read_data = read_data or subset is not None
-    total = sum(size for _, size in repo.backend.list(FileType.DATA)) if read_data else None
+    total = sum(size for _, size in repo.list_objects(FileType.DATA)) if read_data else None
     with progress_bar(ctx, "check") as reporter:
         reporter.start(total, "reading data" if read_data else "checking")
         result = Checker(repo, reporter.advance).run(read_data=read_data, subset=subset)

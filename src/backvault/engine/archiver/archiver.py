@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,12 @@ class _Content(Protocol):
 
 
 _Pending = list[tuple[Node, _Content]]  # files whose content is being stored
+
+# A folder being archived, as a generator: it yields the folder below it to archive
+# first (another ``_Folder``) and is sent that folder's tree id; it returns its own.
+# ``_BackupRun._archive_tree`` runs them on a stack of its own, not Python's: a folder
+# tree may nest deeper than the recursion limit (restic backs it up, and restores it).
+_Folder = Generator["_Folder", bytes, bytes]
 
 
 @dataclass
@@ -212,8 +218,8 @@ class _BackupRun:
             self.result.parent_id = parent_id
             self.progress.start(total_size(targets) if scan_first else None, "backup")
             self.pipeline.start()
-            root_tree = self._archive_layout(
-                "/", target_layout(targets), parent.tree if parent else None
+            root_tree = self._archive_tree(
+                self._archive_layout("/", target_layout(targets), parent.tree if parent else None)
             )
             self.copier.shutdown()
             self.pipeline.finish()
@@ -256,6 +262,38 @@ class _BackupRun:
 
     # --- trees -----------------------------------------------------------------------
 
+    @staticmethod
+    def _archive_tree(top: _Folder) -> bytes:
+        """Run folder ``top`` and every folder below it, depth first, as the recursion
+        of the plain functions would (the same order, and a folder's error raised where
+        its parent asked for it), on a list instead of Python's stack."""
+        stack = [top]
+        tree: bytes | None = None  # None: the folder on top has not started
+        error: BaseException | None = None
+        while stack:
+            try:
+                if error is not None:
+                    thrown, error = error, None
+                    below = stack[-1].throw(thrown)
+                elif tree is None:
+                    below = next(stack[-1])
+                else:
+                    below = stack[-1].send(tree)
+            except StopIteration as done:
+                stack.pop()
+                tree = done.value
+                continue
+            except BaseException as exc:
+                stack.pop()
+                if not stack:
+                    raise
+                error = exc  # into the folder that asked for this one
+                continue
+            stack.append(below)
+            tree = None
+        assert tree is not None
+        return tree
+
     def _parent_children(self, parent_tree: bytes | None) -> dict[str, Node]:
         if parent_tree is None:
             return {}
@@ -269,7 +307,7 @@ class _BackupRun:
 
     def _archive_layout(
         self, path: str, layout: dict[str, Any], parent_tree: bytes | None
-    ) -> bytes:
+    ) -> _Folder:
         """A folder on the way from / to the targets (``walk.target_layout``)."""
         old = self._parent_children(parent_tree)
         nodes: list[Node] = []
@@ -278,7 +316,7 @@ class _BackupRun:
             child_path = os.path.join(path, name)
             sub = layout[name]
             if sub is None:
-                node = self._archive_entry(child_path, name, old.get(name), pending)
+                node = yield from self._archive_entry(child_path, name, old.get(name), pending)
                 if node is not None:
                     nodes.append(node)
                 continue
@@ -289,7 +327,7 @@ class _BackupRun:
                 continue
             node = node_from_stat(name, st, self.names)
             prev = old.get(name)
-            node.subtree = self._archive_layout(
+            node.subtree = yield self._archive_layout(
                 child_path, sub, prev.subtree if prev and prev.type == "dir" else None
             )
             nodes.append(node)
@@ -329,7 +367,7 @@ class _BackupRun:
         old.clear()
         return self.pipeline.writer.add_parts(BlobType.TREE, fmt.tree_parts(nodes))
 
-    def _archive_dir(self, path: str, parent_tree: bytes | None) -> bytes:
+    def _archive_dir(self, path: str, parent_tree: bytes | None) -> _Folder:
         old = self._parent_children(parent_tree)
         pending: _Pending = []
         try:
@@ -345,7 +383,9 @@ class _BackupRun:
         ):
             if is_sidecar(path, entry.name, names):
                 continue  # its content is inside the database's consistent copy
-            node = self._archive_entry(entry.path, entry.name, old.get(entry.name), pending, names)
+            node = yield from self._archive_entry(
+                entry.path, entry.name, old.get(entry.name), pending, names
+            )
             if node is not None:
                 archived[entry.name] = node
         nodes = [archived[e.name] for e in entries if e.name in archived]
@@ -359,8 +399,9 @@ class _BackupRun:
         previous: Node | None,
         pending: _Pending,
         siblings: set[str] | None = None,
-    ) -> Node | None:
-        """``siblings``: the names in the entry's folder, as listed (None: not listed)."""
+    ) -> Generator[_Folder, bytes, Node | None]:
+        """``siblings``: the names in the entry's folder, as listed (None: not listed).
+        A folder's tree is asked of ``_archive_tree`` (yielded)."""
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -369,7 +410,7 @@ class _BackupRun:
         node = node_from_stat(name, st, self.names)
         try:
             if node.type == "dir":
-                node.subtree = self._archive_dir(
+                node.subtree = yield self._archive_dir(
                     path, previous.subtree if previous and previous.type == "dir" else None
                 )
                 _take_access_time_after_reading(path, node)  # listing it moved its atime

@@ -13,6 +13,7 @@ from typing import Any
 from backvault.repo import format as fmt
 from backvault.repo.format import Node
 from backvault.repo.timefmt import format_ns
+from backvault.source.sqlite import walk_files
 
 
 class UserNames:
@@ -104,7 +105,7 @@ def total_size(targets: list[str]) -> int:
         if os.path.isfile(target) and not os.path.islink(target):
             total += os.lstat(target).st_size
             continue
-        for directory, _dirs, files in os.walk(target):
+        for directory, files in walk_files(target):
             for name in files:
                 with contextlib.suppress(OSError):
                     st = os.lstat(os.path.join(directory, name))
