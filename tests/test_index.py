@@ -368,3 +368,38 @@ def test_a_saved_state_cut_short_or_of_another_version_is_refused() -> None:
     ):
         with pytest.raises(FormatError):
             Index.from_state(bad)
+
+
+def test_grouping_ids_holds_them_twice_at_most() -> None:
+    """Regrouping (old grouped ids, then new ones) gives every id in its bucket, the old
+    before the new within one, each with where it came from; made through one buffer that
+    becomes the result: ~2 copies of the ids at once, not the joined sources, their parts
+    and the parts joined (3, plus the grouped ids the index still holds)."""
+    import tracemalloc
+
+    rng = random.Random(21)
+    old_ids, _, _ = index_module.group_ids(rng.randbytes(32 * 60_000))
+    new = bytearray(rng.randbytes(32 * 20_000))
+    new[:32] = old_ids[:32]  # an id stored twice: both kept, the old first
+    tracemalloc.start()
+    try:
+        grouped, order, starts = index_module.group_ids(old_ids, new)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    total = len(old_ids) + len(new)
+    # (Besides the ids: the buckets' arrays, ~2 MB, and one slice's objects, ~1 MB.)
+    assert peak < total * 9 // 4 + 4 * 2**20, (peak, total)
+    joined = old_ids + bytes(new)
+    assert len(grouped) == total and len(order) == total // 32
+    for position, source in enumerate(order):
+        assert grouped[32 * position : 32 * position + 32] == joined[32 * source : 32 * source + 32]
+    for bucket in (0, 1, 0x1234, index_module.BUCKETS - 1):
+        part = grouped[starts[bucket] : starts[bucket + 1]]
+        assert all(
+            int.from_bytes(part[i : i + 2], "little") == bucket for i in range(0, len(part), 32)
+        )
+    first = old_ids[:32]
+    places = [p for p in range(total // 32) if grouped[32 * p : 32 * p + 32] == first]
+    assert [order[p] for p in places] == [0, len(old_ids) // 32]
+    assert index_module.grouped_has(grouped, starts, bytes(new[40 * 32 : 41 * 32]))

@@ -299,7 +299,7 @@ class KnownIds:
         if len(packed_ids) % ID_SIZE:
             raise ValueError("known ids are not a whole number of 32-byte ids")
         if packed_ids:
-            self._ids, _, self._starts = group_ids(self._ids + packed_ids)
+            self._ids, _, self._starts = group_ids(self._ids, packed_ids)
 
     def __contains__(self, blob_id: object) -> bool:
         return isinstance(blob_id, bytes) and grouped_has(self._ids, self._starts, blob_id)

@@ -18,6 +18,7 @@ blobs) is made from the rows when asked for.
 
 from __future__ import annotations
 
+import io
 import json
 import operator
 import re
@@ -153,7 +154,7 @@ class Index:
         """Group every row's id by bucket. The rows not grouped yet come after the grouped
         ones, and a stable sort keeps row order within a bucket."""
         grouped = self._lookup
-        grouped_ids, order, starts = group_ids(grouped.ids + self._ungrouped_ids)
+        grouped_ids, order, starts = group_ids(grouped.ids, self._ungrouped_ids)
         # Each position's row (at the first grouping, rows are 0, 1, 2, …: ``order``).
         rows = order
         if len(grouped.rows):
@@ -501,10 +502,12 @@ class Index:
         return blobs
 
 
-def group_ids(ids: bytes) -> tuple[bytes, array[int], array[int]]:
-    """``ids`` (32 bytes each, back to back) grouped by bucket, keeping their order within
-    a bucket: the grouped ids, where each came from (its position in ``ids``), and where
-    each bucket starts (byte offsets, ``BUCKETS + 1`` of them), for ``grouped_has``."""
+def group_ids(*sources: bytes | bytearray) -> tuple[bytes, array[int], array[int]]:
+    """The ids of ``sources`` (32 bytes each, back to back, one source after another)
+    grouped by bucket, keeping their order within a bucket: the grouped ids, where each
+    came from (its position in the sources joined), and where each bucket starts (byte
+    offsets, ``BUCKETS + 1`` of them), for ``grouped_has``."""
+    ids = b"".join(sources)
     # An id's bucket: its first two bytes, as a little-endian number.
     buckets = array("H", memoryview(ids).cast("H")[:: ID_SIZE // 2].tobytes())
     if sys.byteorder == "big":
@@ -513,13 +516,15 @@ def group_ids(ids: bytes) -> tuple[bytes, array[int], array[int]]:
     del buckets
     starts = array("Q", (ID_SIZE * first for first in first_of))  # byte offsets
     del first_of
-    # Copied a slice of ids at a time: they are objects of ~70 bytes until joined.
-    parts = []
+    # Copied a slice of ids at a time (they are objects of ~70 bytes until written) into
+    # one buffer, which becomes the result without a copy (``getvalue``): the ids are
+    # held twice at most, not as parts and their join besides.
+    grouped = io.BytesIO()
     for first in range(0, len(order), _COPY_IDS):
         part = order[first : first + _COPY_IDS]
-        parts.append(b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part]))
+        grouped.write(b"".join([ids[ID_SIZE * i : ID_SIZE * (i + 1)] for i in part]))
     del ids
-    return b"".join(parts), order, starts
+    return grouped.getvalue(), order, starts
 
 
 def grouped_has(ids: bytes, starts: array[int], blob_id: bytes) -> bool:
