@@ -18,7 +18,7 @@ the user's cache folder); this module does no I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from backvault.crypto.aead import AuthenticationFailed, Key
@@ -45,11 +45,12 @@ class IndexCacheStore(Protocol):
 _SLICE_BYTES = 1024 * 1024
 
 
-def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> Iterator[bytes]:
+def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> Generator[bytes, None, None]:
     """The cache of ``index``, made of exactly the index files ``names``, in parts sealed
     as they are asked for (the index's arrays where they are, a slice at a time: not
     copied into one plaintext first, nor sealed whole; the end of a backup is when its
-    process holds the most). The index must not change until the last part is taken."""
+    process holds the most). The index cannot grow until the last part is taken or the
+    generator closed (``close``: its views of the index's arrays go)."""
     listed = b"".join(bytes.fromhex(name) for name in names)
     parts = [_HEADER, struct.pack("<Q", len(names)), listed, *index.state_parts()]
     try:

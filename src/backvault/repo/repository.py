@@ -295,7 +295,11 @@ class Repository:
             or self._index.row_count() != self._indexed_rows
         ):
             return False
-        self.index_cache.save(seal_index_cache(self.key, self._indexed_names, self._index))
+        parts = seal_index_cache(self.key, self._indexed_names, self._index)
+        try:
+            self.index_cache.save(parts)
+        finally:
+            parts.close()  # its views of the index's arrays go, whatever the store did
         self._cache_current = True
         return True
 

@@ -69,10 +69,35 @@ SPOOL_PART_BYTES = 1024 * 1024
 
 
 # A blob larger than this (a big folder's tree: a database's lists ~190 000 ids, ~13 MB
-# of JSON) is compressed and sealed a slice at a time into a pack of its own
-# (``_pack_of_its_own``): never a compressed copy of its whole size (zstd's one-shot
-# output starts at its worst case), nor a sealed copy beside the pack.
+# of JSON) is compressed and sealed a slice at a time (``seal_large_blob``): never a
+# compressed copy of its whole size (zstd's one-shot output starts at its worst case), nor
+# a sealed copy joined from its parts. One larger than a pack's target goes, sealed so,
+# straight into a pack of its own (``_pack_of_its_own``): not even the sealed parts are
+# held beside the pack. (Blobs between the two go to the open pack as usual: a pack of
+# its own for each would make many small packs, of trees and of the chunks restic cuts,
+# up to 8 MiB, when prune repacks them.)
 LARGE_BLOB_BYTES = 1024 * 1024
+
+
+def seal_large_blob(
+    key: Key,
+    compressor: zstandard.ZstdCompressor | None,
+    parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
+    size: int,
+) -> tuple[list[bytes], int | None]:
+    """``seal_blob`` of the ``size`` bytes ``parts()`` gives, in parts (IV, ciphertext
+    parts, MAC: ``Key.seal_parts``): each part compressed and sealed as it comes, into one
+    zstd frame that records its size, as ``seal_blob`` writes it; ``parts`` is called
+    again, to seal the bytes as they are, if compressing does not save enough."""
+    if compressor is not None:
+        sealed = key.seal_parts(_compressed(compressor.compressobj(size=size), parts()))
+        if _saves_enough(sum(map(len, sealed)) - OVERHEAD, size):
+            return sealed, size
+        del sealed
+    sealed = key.seal_parts(parts())
+    if sum(map(len, sealed)) - OVERHEAD != size:
+        raise RuntimeError("a blob's parts changed between two readings")
+    return sealed, None
 
 
 def _compressed(
@@ -85,7 +110,19 @@ def _compressed(
     yield stream.flush()
 
 
-def _same(parts: Iterable[bytes], blob_id: bytes) -> Iterator[bytes]:
+def _sliced(parts: Iterable[bytes]) -> Iterator[bytes | memoryview]:
+    """``parts``, any over LARGE_BLOB_BYTES in slices of that size (a folder of many
+    files is one part: its whole JSON, compressed and sealed a slice at a time)."""
+    for part in parts:
+        if len(part) <= LARGE_BLOB_BYTES:
+            yield part
+            continue
+        view = memoryview(part)
+        for at in range(0, len(view), LARGE_BLOB_BYTES):
+            yield view[at : at + LARGE_BLOB_BYTES]
+
+
+def _same(parts: Iterable[bytes | memoryview], blob_id: bytes) -> Iterator[bytes | memoryview]:
     """``parts`` as they come, and RuntimeError after the last if they are not the bytes
     of ``blob_id`` (read again to be sealed: never stored under another's id)."""
     digest = hashlib.sha256()
@@ -215,7 +252,9 @@ class RepositoryWriter:
             digest.update(part)
             size += len(part)
         blob_id = digest.digest()
-        return self._store(blob_type, blob_id, lambda: _same(parts(), blob_id), size, compress)
+        return self._store(
+            blob_type, blob_id, lambda: _same(_sliced(parts()), blob_id), size, compress
+        )
 
     def _store(
         self,
@@ -232,8 +271,7 @@ class RepositoryWriter:
                 return blob_id
             self._reserved.add(blob_id)
         compressor = self._zstd.compressor() if compress else None
-        sealed: list[bytes] | list[bytes | memoryview]
-        if size > LARGE_BLOB_BYTES:
+        if size > self.pack_target:
             alone = self._pack_of_its_own(blob_type, blob_id, compressor, parts, size)
             with self._lock:
                 self.stats.blobs_new += 1
@@ -241,12 +279,16 @@ class RepositoryWriter:
                 self.stats.bytes_stored_new += alone.size
             self._write_pack(alone)
             return blob_id
-        pieces = list(parts())
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if len(data) != size:
-            raise RuntimeError("a blob's parts changed between two readings")
-        whole, uncompressed_length = seal_blob(self.repo.key, compressor, data)
-        sealed = [whole]
+        sealed: list[bytes] | list[bytes | memoryview]
+        if size > LARGE_BLOB_BYTES:
+            sealed, uncompressed_length = seal_large_blob(self.repo.key, compressor, parts, size)
+        else:
+            pieces = list(parts())
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if len(data) != size:
+                raise RuntimeError("a blob's parts changed between two readings")
+            whole, uncompressed_length = seal_blob(self.repo.key, compressor, data)
+            sealed = [whole]
         with self._lock:
             full = self._append(blob_type, blob_id, sealed, size, uncompressed_length)
         if full is not None:
