@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from backvault.app.whatsapp import MANIFEST, key_check
+from backvault.app.whatsapp import MANIFEST, MAX_FOLDER_DEPTH, key_check
 from backvault.repo.repository import Repository
 from backvault.source.whatsapp import crypt15
 from backvault.storage import LocalBackend
 from tests.conftest import Cli, CliResult, InitRepo
+from tests.test_hostile_snapshots import remove_tree
 from tests.test_whatsapp import encrypt_file, make_database, repo_listing
 
 KEY = random.Random(20).randbytes(32)
@@ -400,6 +401,41 @@ def test_a_folder_whose_backups_are_all_symlinks_or_fifos_imports_nothing(
     assert info.code == 2
     assert "Databases/wa.db.crypt15 is not a regular file" in info.err
     assert "Databases/msgstore.db.crypt15 is not a regular file" in info.err
+
+
+@pytest.mark.parametrize("command", ["import", "--info"])
+def test_a_backup_folder_nested_deeper_than_the_recursion_limit_is_refused_in_one_line(
+    cli: Cli, repo: InitRepo, tmp_path: Path, command: str
+) -> None:
+    """Its listing recursed (``os.walk``): a Media folder 1500 levels deep ended the
+    import in "internal error". A WhatsApp backup is a few levels deep: one line now,
+    nothing imported; a folder at the limit is imported."""
+    folder = tmp_path / "WhatsApp"
+    (folder / "Databases").mkdir(parents=True)
+    make_database(tmp_path / "msgstore.db", 50)
+    encrypt_file(tmp_path / "msgstore.db", folder / "Databases" / "msgstore.db.crypt15", KEY)
+    deep = folder / "Media"
+    deep.mkdir()
+    for _ in range(1500):  # a level at a time: Path.mkdir(parents=True) recurses too
+        deep = deep / "d"
+        deep.mkdir()
+        if len(deep.relative_to(folder).parts) == MAX_FOLDER_DEPTH:
+            (deep / "photo.jpg").write_bytes(b"at the limit")
+    before = repo_listing(repo)
+    try:
+        if command == "import":
+            result = import_(cli, repo, folder, timeout=120)
+        else:
+            result = cli.run("import", "whatsapp", "--info", str(folder), timeout=120)
+        one_line(result, 2, f"{folder} has folders nested more than {MAX_FOLDER_DEPTH} deep")
+        assert repo_listing(repo) == before
+    finally:  # (shutil.rmtree, and pytest's clean-up, recurse: cut the tree first)
+        remove_tree(
+            folder / "Media" / Path(*["d"] * (MAX_FOLDER_DEPTH - 1)) / "d", tmp_path / "spare"
+        )
+    # At the limit: imported, the deepest photo with it.
+    if command == "import":
+        cli.ok("-r", str(repo.path), "import", "whatsapp", str(folder), key=repo.key, env=ENV)
 
 
 # --- 4. header text, tampering, name clashes, bombs -----------------------------------

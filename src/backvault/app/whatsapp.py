@@ -160,16 +160,53 @@ def _refused(rel: str, exc: crypt15.Crypt15Error) -> AppError:
     return WhatsAppFileRefused(exc.describe(rel))
 
 
+# A WhatsApp backup folder is a few levels deep (WhatsApp/Media/WhatsApp Images/Sent).
+# Deeper than this is not one: refused, with one line, before anything is written (the
+# staging and clean-up of such a tree would recurse past Python's limit).
+MAX_FOLDER_DEPTH = 64
+
+
 def _entries(source: Path) -> list[tuple[Path, str]]:
-    """Every entry under ``source`` with its relative path (a file: itself, by name)."""
+    """Every entry under ``source`` with its relative path (a file: itself, by name): in
+    each folder its files by name, then its symlinks to folders (not followed), then the
+    folders below, each in turn, by name. On a stack of its own (Python 3.11's ``os.walk``
+    recurses); InvalidArgument for folders nested deeper than MAX_FOLDER_DEPTH. A folder
+    that cannot be listed is left out, as ``os.walk`` leaves it."""
     if not source.is_dir():
         return [(source, source.name)]
     found: list[tuple[Path, str]] = []
-    for folder, dirs, files in os.walk(source):
-        dirs.sort()
-        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+    todo = [(str(source), 0)]
+    while todo:
+        folder, depth = todo.pop()
+        if depth > MAX_FOLDER_DEPTH:
+            inside = Path(folder).relative_to(source).as_posix()
+            raise InvalidArgument(
+                f"{source} has folders nested more than {MAX_FOLDER_DEPTH} deep ({inside[:60]}…):"
+                " not a WhatsApp backup, whose folders are a few levels deep"
+            )
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        files: list[str] = []
+        linked: list[str] = []
+        below: list[str] = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(entry.name)
+            elif entry.is_symlink():
+                linked.append(entry.name)
+            else:
+                below.append(entry.path)
+        for name in files + linked:
             path = Path(folder, name)
             found.append((path, path.relative_to(source).as_posix()))
+        todo.extend((path, depth + 1) for path in reversed(below))
     return found
 
 
