@@ -199,6 +199,20 @@ class ContentIds(Sequence[bytes]):
         return f"ContentIds({len(self)} ids)"
 
 
+def in_slices(
+    parts: Iterable[bytes | bytearray | memoryview], size: int
+) -> Iterator[bytes | bytearray | memoryview]:
+    """``parts`` as they come, any longer than ``size`` as views of slices of that size
+    (big buffers compressed, sealed or written a slice at a time, never copied whole)."""
+    for part in parts:
+        if len(part) <= size:
+            yield part
+            continue
+        view = memoryview(part)
+        for at in range(0, len(view), size):
+            yield view[at : at + size]
+
+
 def joined_ids(ids: Sequence[bytes]) -> bytes:
     """``ids`` back to back (no copy for ``ContentIds``)."""
     return ids.joined if isinstance(ids, ContentIds) else b"".join(ids)

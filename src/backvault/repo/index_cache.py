@@ -18,11 +18,11 @@ the user's cache folder); this module does no I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Protocol
 
 from backvault.crypto.aead import AuthenticationFailed, Key
-from backvault.repo.format import ID_SIZE, FormatError
+from backvault.repo.format import ID_SIZE, FormatError, in_slices
 from backvault.repo.index import Index
 
 _PURPOSE = b"the local index cache"
@@ -54,18 +54,11 @@ def seal_index_cache(key: Key, names: Sequence[str], index: Index) -> Generator[
     listed = b"".join(bytes.fromhex(name) for name in names)
     parts = [_HEADER, struct.pack("<Q", len(names)), listed, *index.state_parts()]
     try:
-        yield from key.derive(_PURPOSE).seal_stream(_slices(parts))
+        yield from key.derive(_PURPOSE).seal_stream(in_slices(parts, _SLICE_BYTES))
     finally:
         for part in parts:
             if isinstance(part, memoryview):
                 part.release()  # the index's arrays may grow again
-
-
-def _slices(parts: list[bytes | memoryview]) -> Iterator[memoryview]:
-    for part in parts:
-        view = memoryview(part)
-        for at in range(0, len(view), _SLICE_BYTES):
-            yield view[at : at + _SLICE_BYTES]
 
 
 def open_index_cache(key: Key, store: IndexCacheStore) -> tuple[list[str], Index] | None:

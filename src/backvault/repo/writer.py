@@ -69,35 +69,14 @@ SPOOL_PART_BYTES = 1024 * 1024
 
 
 # A blob larger than this (a big folder's tree: a database's lists ~190 000 ids, ~13 MB
-# of JSON) is compressed and sealed a slice at a time (``seal_large_blob``): never a
-# compressed copy of its whole size (zstd's one-shot output starts at its worst case), nor
-# a sealed copy joined from its parts. One larger than a pack's target goes, sealed so,
-# straight into a pack of its own (``_pack_of_its_own``): not even the sealed parts are
-# held beside the pack. (Blobs between the two go to the open pack as usual: a pack of
-# its own for each would make many small packs, of trees and of the chunks restic cuts,
-# up to 8 MiB, when prune repacks them.)
+# of JSON) is compressed and sealed a slice at a time (``_seal_large``): never a
+# compressed copy of its whole size (zstd's one-shot output starts at its worst case),
+# nor of its plaintext. One larger than a pack's target is sealed straight into a pack of
+# its own, spooled a MiB at a time: not even the sealed blob is held beside the pack.
+# (Blobs between the two go to the open pack as usual: a pack of its own for each would
+# make many small packs, of trees and of the chunks restic cuts, up to 8 MiB, when prune
+# repacks them.)
 LARGE_BLOB_BYTES = 1024 * 1024
-
-
-def seal_large_blob(
-    key: Key,
-    compressor: zstandard.ZstdCompressor | None,
-    parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
-    size: int,
-) -> tuple[list[bytes], int | None]:
-    """``seal_blob`` of the ``size`` bytes ``parts()`` gives, in parts (IV, ciphertext
-    parts, MAC: ``Key.seal_parts``): each part compressed and sealed as it comes, into one
-    zstd frame that records its size, as ``seal_blob`` writes it; ``parts`` is called
-    again, to seal the bytes as they are, if compressing does not save enough."""
-    if compressor is not None:
-        sealed = key.seal_parts(_compressed(compressor.compressobj(size=size), parts()))
-        if _saves_enough(sum(map(len, sealed)) - OVERHEAD, size):
-            return sealed, size
-        del sealed
-    sealed = key.seal_parts(parts())
-    if sum(map(len, sealed)) - OVERHEAD != size:
-        raise RuntimeError("a blob's parts changed between two readings")
-    return sealed, None
 
 
 def _compressed(
@@ -110,19 +89,9 @@ def _compressed(
     yield stream.flush()
 
 
-def _sliced(parts: Iterable[bytes]) -> Iterator[bytes | memoryview]:
-    """``parts``, any over LARGE_BLOB_BYTES in slices of that size (a folder of many
-    files is one part: its whole JSON, compressed and sealed a slice at a time)."""
-    for part in parts:
-        if len(part) <= LARGE_BLOB_BYTES:
-            yield part
-            continue
-        view = memoryview(part)
-        for at in range(0, len(view), LARGE_BLOB_BYTES):
-            yield view[at : at + LARGE_BLOB_BYTES]
-
-
-def _same(parts: Iterable[bytes | memoryview], blob_id: bytes) -> Iterator[bytes | memoryview]:
+def _same(
+    parts: Iterable[bytes | bytearray | memoryview], blob_id: bytes
+) -> Iterator[bytes | bytearray | memoryview]:
     """``parts`` as they come, and RuntimeError after the last if they are not the bytes
     of ``blob_id`` (read again to be sealed: never stored under another's id)."""
     digest = hashlib.sha256()
@@ -143,13 +112,6 @@ def _fill(pack: _Pack, parts: Iterable[bytes]) -> int:
         if pack.spool is not None and len(pack.data) >= SPOOL_PART_BYTES:
             pack.spill()
     return length
-
-
-def _slices(data: bytes | bytearray | memoryview) -> Callable[[], Iterator[memoryview]]:
-    view = memoryview(data)
-    return lambda: (
-        view[at : at + LARGE_BLOB_BYTES] for at in range(0, len(view), LARGE_BLOB_BYTES)
-    )
 
 
 @dataclass
@@ -237,15 +199,20 @@ class RepositoryWriter:
         ``compress=False`` skips the attempt (for data already known not to compress)."""
         if blob_id is None:
             blob_id = fmt.sha256(data)
-        parts = _slices(data) if len(data) > LARGE_BLOB_BYTES else lambda: iter((data,))
-        return self._store(blob_type, blob_id, parts, len(data), compress)
+        return self._store(
+            blob_type,
+            blob_id,
+            lambda: fmt.in_slices((data,), LARGE_BLOB_BYTES),
+            len(data),
+            compress,
+        )
 
     def add_parts(
         self, blob_type: BlobType, parts: Callable[[], Iterable[bytes]], compress: bool = True
     ) -> bytes:
         """``add`` of the bytes ``parts()`` gives, never joined: read once for the blob's
-        id and size, then again to seal them (``seal_large_blob``) if it is new (a big
-        folder's tree: ``fmt.tree_parts``)."""
+        id and size, then again to seal them (a slice at a time: ``_seal_large``) if it is
+        new (a big folder's tree: ``fmt.tree_parts``)."""
         digest = hashlib.sha256()
         size = 0
         for part in parts():
@@ -253,7 +220,11 @@ class RepositoryWriter:
             size += len(part)
         blob_id = digest.digest()
         return self._store(
-            blob_type, blob_id, lambda: _same(_sliced(parts()), blob_id), size, compress
+            blob_type,
+            blob_id,
+            lambda: _same(fmt.in_slices(parts(), LARGE_BLOB_BYTES), blob_id),
+            size,
+            compress,
         )
 
     def _store(
@@ -271,17 +242,24 @@ class RepositoryWriter:
                 return blob_id
             self._reserved.add(blob_id)
         compressor = self._zstd.compressor() if compress else None
-        if size > self.pack_target:
-            alone = self._pack_of_its_own(blob_type, blob_id, compressor, parts, size)
-            with self._lock:
-                self.stats.blobs_new += 1
-                self.stats.bytes_plain_new += size
-                self.stats.bytes_stored_new += alone.size
-            self._write_pack(alone)
-            return blob_id
-        sealed: list[bytes] | list[bytes | memoryview]
+        sealed: list[bytes | bytearray | memoryview]
         if size > LARGE_BLOB_BYTES:
-            sealed, uncompressed_length = seal_large_blob(self.repo.key, compressor, parts, size)
+            alone = size > self.pack_target
+            large, uncompressed_length = self._seal_large(
+                blob_type, compressor, parts, size, spooled=alone
+            )
+            if alone:  # a pack of its own
+                large.blobs.append(
+                    PackedBlob(blob_id, blob_type, 0, large.size, uncompressed_length)
+                )
+                with self._lock:
+                    self.stats.blobs_new += 1
+                    self.stats.bytes_plain_new += size
+                    self.stats.bytes_stored_new += large.size
+                self._write_pack(large)
+                return blob_id
+            # Into the open pack a spool part at a time, as it spills.
+            sealed = list(fmt.in_slices((large.data,), SPOOL_PART_BYTES))
         else:
             pieces = list(parts())
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -324,7 +302,7 @@ class RepositoryWriter:
         self,
         blob_type: BlobType,
         blob_id: bytes,
-        sealed: Sequence[bytes | memoryview],
+        sealed: Sequence[bytes | bytearray | memoryview],
         plain_length: int,
         uncompressed_length: int | None,
     ) -> _Pack | None:
@@ -345,47 +323,42 @@ class RepositoryWriter:
             return self._open.pop(blob_type)
         return None
 
-    def _pack_of_its_own(
+    def _seal_large(
         self,
         blob_type: BlobType,
-        blob_id: bytes,
         compressor: zstandard.ZstdCompressor | None,
         parts: Callable[[], Iterable[bytes | bytearray | memoryview]],
         size: int,
-    ) -> _Pack:
-        """A pack holding just this large blob (a database's tree: ~6 MB sealed, more than
-        a pack's target anyway), compressed and sealed a part at a time straight into the
-        pack (moved to the backend's spool a MiB at a time, where it has one): into one
-        zstd frame that records its size, as ``seal_blob`` writes it, if that saves enough,
-        else (``parts`` is called again) as it is. Never a copy of the blob whole, nor of
-        its plaintext, nor the sealed blob beside the pack."""
+        spooled: bool,
+    ) -> tuple[_Pack, int | None]:
+        """A large blob sealed a part at a time into the bytes of a new pack (moved to the
+        backend's spool a MiB at a time if ``spooled`` and it has one): compressed into
+        one zstd frame that records its size, as ``seal_blob`` writes it, if that saves
+        enough, else (``parts`` is called again) as it is. The pack (``size`` the sealed
+        blob's, no blob listed yet) and the blob's uncompressed length."""
         key = self.repo.key
-        uncompressed_length: int | None = None
-        pack = self._new_pack(blob_type)
+        pack = self._new_pack(blob_type, spooled)
         try:
             if compressor is not None:
                 stream = compressor.compressobj(size=size)
-                length = _fill(pack, key.seal_stream(_compressed(stream, parts())))
-                if _saves_enough(length - OVERHEAD, size):
-                    uncompressed_length = size
-                else:
-                    pack.discard()
-                    pack = self._new_pack(blob_type)
-            if uncompressed_length is None:
-                length = _fill(pack, key.seal_stream(parts()))
-                if length - OVERHEAD != size:
-                    raise RuntimeError("a blob's parts changed between two readings")
+                pack.size = _fill(pack, key.seal_stream(_compressed(stream, parts())))
+                if _saves_enough(pack.size - OVERHEAD, size):
+                    return pack, size
+                pack.discard()
+                pack = self._new_pack(blob_type, spooled)
+            pack.size = _fill(pack, key.seal_stream(parts()))
+            if pack.size - OVERHEAD != size:
+                raise RuntimeError("a blob's parts changed between two readings")
         except BaseException:
             pack.discard()
             raise
-        pack.blobs.append(PackedBlob(blob_id, blob_type, 0, length, uncompressed_length))
-        pack.size = length
-        return pack
+        return pack, None
 
-    def _new_pack(self, blob_type: BlobType) -> _Pack:
-        """An empty pack, with a spool of the backend if it has one."""
-        spool = self.repo.backend.spool(FileType.DATA) if self._spools else None
-        self._spools = spool is not None
+    def _new_pack(self, blob_type: BlobType, spooled: bool) -> _Pack:
+        """An empty pack, with a spool of the backend if asked and it has one."""
+        spool = self.repo.backend.spool(FileType.DATA) if spooled and self._spools else None
+        if spooled:
+            self._spools = spool is not None
         return _Pack(blob_type, spool=spool)
 
     def _spill(self, pack: _Pack) -> None:
