@@ -343,14 +343,21 @@ def _big_database(path: Path, rows: int) -> None:
     db.close()
 
 
-def test_big_trees_through_backup_restic_check_and_prune(
-    cli: Cli, repo: InitRepo, tmp_path: Path
-) -> None:
+def _folder_of_many_files(tmp_path: Path, count: int, suffix: str = "") -> tuple[Path, Path]:
+    """``tmp_path/src`` with a folder ``many`` of ``count`` small files (its tree over
+    1 MiB of JSON at a few thousand): the source and that folder."""
     source = tmp_path / "src"
     many = source / "many"
     many.mkdir(parents=True)
-    for n in range(6000):
-        (many / f"file-{n:05d}.txt").write_text(f"{n}\n")
+    for n in range(count):
+        (many / f"file-{n:05d}{suffix}.txt").write_text(f"{n}\n")
+    return source, many
+
+
+def test_big_trees_through_backup_restic_check_and_prune(
+    cli: Cli, repo: InitRepo, tmp_path: Path
+) -> None:
+    source, many = _folder_of_many_files(tmp_path, 6000)
     (source / "db").mkdir()
     _big_database(source / "db" / "msgstore.db", 42_000)
     run = ["-r", str(repo.path)]
@@ -436,11 +443,7 @@ KILL = "BACKVAULT_FAULT_KILL_AFTER_WRITES"
 def test_a_backup_with_a_big_tree_killed_at_each_write(
     cli: Cli, repo: InitRepo, tmp_path: Path, point: int
 ) -> None:
-    source = tmp_path / "src"
-    many = source / "many"
-    many.mkdir(parents=True)
-    for n in range(5000):
-        (many / f"file-{n:05d}-{'x' * 40}.txt").write_text(f"{n}\n")
+    source, many = _folder_of_many_files(tmp_path, 5000, suffix="-" + "x" * 40)
     run = ["-r", str(repo.path)]
     result = cli.run(*run, "backup", str(source), env={KILL: str(point)})
     assert result.code in (0, -9), result.err

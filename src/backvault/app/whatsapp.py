@@ -46,6 +46,7 @@ from backvault.engine.progress import Progress
 from backvault.engine.restorer import Restorer
 from backvault.repo.format import Snapshot
 from backvault.repo.repository import Repository
+from backvault.source.sqlite import walk_files
 from backvault.source.whatsapp import crypt15
 
 TAG = "whatsapp"
@@ -169,44 +170,22 @@ MAX_FOLDER_DEPTH = 64
 def _entries(source: Path) -> list[tuple[Path, str]]:
     """Every entry under ``source`` with its relative path (a file: itself, by name): in
     each folder its files by name, then its symlinks to folders (not followed), then the
-    folders below, each in turn, by name. On a stack of its own (Python 3.11's ``os.walk``
-    recurses); InvalidArgument for folders nested deeper than MAX_FOLDER_DEPTH. A folder
-    that cannot be listed is left out, as ``os.walk`` leaves it."""
+    folders below, each in turn, by name (``walk_files``: Python 3.11's ``os.walk``
+    recurses); InvalidArgument for folders nested deeper than MAX_FOLDER_DEPTH."""
     if not source.is_dir():
         return [(source, source.name)]
     found: list[tuple[Path, str]] = []
-    todo = [(str(source), 0)]
-    while todo:
-        folder, depth = todo.pop()
-        if depth > MAX_FOLDER_DEPTH:
-            inside = Path(folder).relative_to(source).as_posix()
+    for folder, files, links in walk_files(str(source)):
+        inside = Path(folder).relative_to(source)
+        if len(inside.parts) > MAX_FOLDER_DEPTH:
             raise InvalidArgument(
-                f"{source} has folders nested more than {MAX_FOLDER_DEPTH} deep ({inside[:60]}…):"
-                " not a WhatsApp backup, whose folders are a few levels deep"
+                f"{source} has folders nested more than {MAX_FOLDER_DEPTH} deep "
+                f"({inside.as_posix()[:60]}…): not a WhatsApp backup, whose folders are a "
+                "few levels deep"
             )
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError:
-            continue
-        files: list[str] = []
-        linked: list[str] = []
-        below: list[str] = []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                files.append(entry.name)
-            elif entry.is_symlink():
-                linked.append(entry.name)
-            else:
-                below.append(entry.path)
-        for name in files + linked:
+        for name in files + links:
             path = Path(folder, name)
             found.append((path, path.relative_to(source).as_posix()))
-        todo.extend((path, depth + 1) for path in reversed(below))
     return found
 
 

@@ -166,20 +166,22 @@ def is_sidecar(directory: str, name: str, siblings: set[str]) -> bool:
     return False
 
 
-def walk_files(top: str) -> Iterator[tuple[str, list[str]]]:
-    """``(folder, names of what in it is not a folder)`` for ``top`` and every folder
-    below it, as ``os.walk(top)`` gives them (top down, symlinks to folders not entered,
-    folders that cannot be listed skipped), but with a stack of its own: Python 3.11's
-    ``os.walk`` recurses, and a folder tree may nest deeper than the recursion limit."""
+def walk_files(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``(folder, names of what in it is not a folder, names of its symlinks to folders)``
+    for ``top`` and every folder below it, as ``os.walk(top)`` gives them (top down,
+    symlinks to folders not entered, folders that cannot be listed skipped), names and
+    folders in name order, but with a stack of its own: Python 3.11's ``os.walk``
+    recurses, and a folder tree may nest deeper than the recursion limit."""
     todo = [top]
     while todo:
         folder = todo.pop()
         try:
             with os.scandir(folder) as listing:
-                entries = list(listing)
+                entries = sorted(listing, key=lambda entry: entry.name)
         except OSError:
             continue
         files: list[str] = []
+        links: list[str] = []
         below: list[str] = []
         for entry in entries:
             try:
@@ -190,12 +192,14 @@ def walk_files(top: str) -> Iterator[tuple[str, list[str]]]:
                 files.append(entry.name)
                 continue
             try:
-                if not entry.is_symlink():
+                if entry.is_symlink():
+                    links.append(entry.name)
+                else:
                     below.append(entry.path)
             except OSError:
                 continue
-        yield folder, files
-        todo.extend(reversed(below))  # the first folder listed is walked first
+        yield folder, files, links
+        todo.extend(reversed(below))  # the first folder by name is walked first
 
 
 def databases_under(targets: list[str]) -> list[str]:
@@ -207,7 +211,7 @@ def databases_under(targets: list[str]) -> list[str]:
             candidates = [target]
         else:
             candidates = []
-            for directory, files in walk_files(target):
+            for directory, files, _links in walk_files(target):
                 names = set(files)
                 candidates.extend(
                     os.path.join(directory, name)

@@ -105,7 +105,7 @@ def total_size(targets: list[str]) -> int:
         if os.path.isfile(target) and not os.path.islink(target):
             total += os.lstat(target).st_size
             continue
-        for directory, files in walk_files(target):
+        for directory, files, _links in walk_files(target):
             for name in files:
                 with contextlib.suppress(OSError):
                     st = os.lstat(os.path.join(directory, name))
