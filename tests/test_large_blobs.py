@@ -224,6 +224,69 @@ def test_index_json_from_pack_blobs_equals_list(repo: InitRepo) -> None:
     assert fmt.compact_pack_blobs(late) is late
 
 
+def _random_pack(rng: random.Random, compressed: float, trees: float) -> list[PackedBlob]:
+    blobs = []
+    offset = 0
+    for _blob in range(rng.randrange(0, 60)):
+        length = rng.randrange(1, 5000) + 32
+        unc = (
+            rng.choice([0, 1, 2**32 - 1, rng.randrange(0, 2**32)])
+            if rng.random() < compressed
+            else None
+        )
+        kind = BlobType.TREE if rng.random() < trees else BlobType.DATA
+        blobs.append(PackedBlob(rng.randbytes(32), kind, offset, length, unc))
+        offset += length
+    return blobs
+
+
+@pytest.mark.parametrize(
+    ("compressed", "trees"), [(1.0, 0.0), (0.0, 0.0), (1.0, 0.3), (0.0, 0.5), (0.5, 0.3)]
+)
+def test_pack_blobs_read_from_their_header_as_from_the_list(
+    compressed: float, trees: float
+) -> None:
+    """A pack a backup wrote is kept, sent from a worker and indexed as its header
+    (``PackBlobs``), read a column at a time (in one pass where every entry is of one
+    size): the same fields, index text and index as from a list of its blobs, whatever
+    the mix of compressed, stored and tree blobs."""
+    import pickle
+
+    from backvault.repo.index import Index
+
+    rng = random.Random(int(compressed * 10 + trees * 100))
+    packs = {rng.randbytes(32): _random_pack(rng, compressed, trees) for _ in range(40)}
+    # Headers of one entry size whose ids hold the other kind's codes at its entry size.
+    packs[rng.randbytes(32)] = [
+        PackedBlob(bytes([2, 3, 0, 1] * 8), BlobType.DATA, 41 * i, 41, None) for i in range(41)
+    ]
+    compact = {k: fmt.compact_pack_blobs(v) for k, v in packs.items()}
+    assert all(isinstance(v, fmt.PackBlobs) for v in compact.values())
+    as_list, as_header = Index(), Index()
+    for pack_id, blobs in packs.items():
+        kept = compact[pack_id]
+        assert fmt.blob_columns(kept) == fmt.blob_columns(blobs)
+        assert fmt.blob_columns(kept).plaintext_bytes() == sum(b.plaintext_length for b in blobs)
+        again = pickle.loads(pickle.dumps(kept))  # noqa: S301 - our own bytes
+        assert list(again) == blobs and len(again) == len(blobs)
+        as_list.add_pack(pack_id, blobs)
+        as_header.add_pack(pack_id, kept)
+    assert fmt.encode_index(compact) == fmt.encode_index(packs)
+    assert as_header.to_state() == as_list.to_state()
+    assert as_header.packs == as_list.packs == packs
+    for blobs in packs.values():
+        for blob in blobs:
+            assert as_header.lookup(blob.id, blob.type) == as_list.lookup(blob.id, blob.type)
+
+
+def test_a_pack_header_of_an_unknown_blob_type_is_refused() -> None:
+    header = bytes([7]) + bytes(40)
+    with pytest.raises(fmt.FormatError, match="unknown blob type 7"):
+        fmt.PackBlobs(header, 1).columns()
+    with pytest.raises(fmt.FormatError, match="unknown blob type 7"):
+        fmt.encode_index({bytes(32): fmt.PackBlobs(header, 1)})
+
+
 # --- the index cache --------------------------------------------------------------------
 
 import os  # noqa: E402

@@ -140,7 +140,7 @@ def run(
     writer.flush(write_index=False)
     # 3. new index files covering every kept and new pack, superseding the old ones
     entries: dict[bytes, list[PackedBlob]] = dict(prune_plan.keep)
-    entries.update(writer.written_packs)
+    entries.update((pack_id, list(blobs)) for pack_id, blobs in writer.written_packs.items())
     # 4. the old index files go once the new ones are stored
     _replace_index(repo, entries, old_index_files)
     # 5. and only now the packs nothing indexes any more

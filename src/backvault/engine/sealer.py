@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import NamedTuple
 
 import zstandard
@@ -85,7 +85,7 @@ class TaskResult(NamedTuple):
     """A task's results, and the packs a worker process wrote while doing it."""
 
     pieces: list[PieceResult]
-    packs: list[tuple[bytes, list[PackedBlob]]]
+    packs: list[tuple[bytes, Collection[PackedBlob]]]
 
 
 def compresses(first_chunk: bytes | memoryview) -> bool:
@@ -264,13 +264,13 @@ def _fold_written_ids(sealer: ChunkSealer) -> None:
         known.update(b"".join(writer.take_written_ids()))
 
 
-def _take_packs(sealer: ChunkSealer) -> list[tuple[bytes, list[PackedBlob]]]:
+def _take_packs(sealer: ChunkSealer) -> list[tuple[bytes, Collection[PackedBlob]]]:
     if sealer.writer is None:
         return []
     return sealer.writer.take_written_packs()
 
 
-def flush_packs(sealer: ChunkSealer) -> list[tuple[bytes, list[PackedBlob]]]:
+def flush_packs(sealer: ChunkSealer) -> list[tuple[bytes, Collection[PackedBlob]]]:
     """Runs in each worker at the end: write the open pack; every pack not yet reported."""
     if sealer.writer is not None:
         sealer.writer.flush(write_index=False)

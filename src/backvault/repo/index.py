@@ -36,6 +36,7 @@ from backvault.repo.format import (
     BlobType,
     FormatError,
     IndexFile,
+    PackBlobs,
     PackedBlob,
     json_problem,
     parse_id,
@@ -165,6 +166,17 @@ class Index:
 
     def add_pack(self, pack_id: bytes, blobs: Iterable[PackedBlob]) -> None:
         """A pack to index (written by this process, or found without an index)."""
+        if isinstance(blobs, PackBlobs):  # a pack a backup wrote: its columns, no objects
+            columns = _columns_of_pack(pack_id, blobs)
+            with self._lock:
+                first = len(self._types)
+                self._append_columns(columns)
+                added = range(first, len(self._types))
+                self._added_packs[self._pack_numbers[pack_id]] = added
+                if self._packs is not None:
+                    self._packs[pack_id] = list(blobs)
+                self._look_up_added(added)
+            return
         blobs = list(blobs)
         with self._lock:
             added = self._append_rows(pack_id, blobs)
@@ -514,7 +526,7 @@ def group_ids(*sources: bytes | bytearray) -> tuple[bytes, array[int], array[int
         buckets.byteswap()
     order, first_of = _counting_sort(buckets, BUCKETS)
     del buckets
-    starts = array("Q", (ID_SIZE * first for first in first_of))  # byte offsets
+    starts = array("Q", map(ID_SIZE.__mul__, first_of))  # byte offsets
     del first_of
     # Copied a slice of ids at a time (they are objects of ~70 bytes until written) into
     # one buffer, which becomes the result without a copy (``getvalue``): the ids are
@@ -738,6 +750,18 @@ def index_columns(document: Any) -> list[IndexColumns]:
             raise FormatError(f"index entry malformed: {exc}") from exc
         columns.append((pack_id, ids, types, offsets, lengths, plain_lengths))
     return columns
+
+
+def _columns_of_pack(pack_id: bytes, blobs: PackBlobs) -> IndexColumns:
+    ids, tree, lengths, uncompressed = blobs.columns()
+    return (
+        pack_id,
+        ids,
+        tree,  # a row's type code: 0 data, 1 tree (``_TYPES``)
+        array("Q", accumulate(lengths[:-1], initial=0)) if lengths else array("Q"),
+        array("Q", lengths),
+        array("Q", [_NOT_COMPRESSED if u is None else u for u in uncompressed]),
+    )
 
 
 def _column(values: list[Any]) -> array[int]:

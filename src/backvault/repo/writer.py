@@ -23,7 +23,7 @@ import zstandard
 from backvault.crypto.aead import OVERHEAD, Key
 from backvault.repo import format as fmt
 from backvault.repo.compression import ThreadCompressors
-from backvault.repo.format import BlobType, PackedBlob
+from backvault.repo.format import ID_SIZE, BlobType, PackedBlob
 from backvault.repo.repository import Repository
 from backvault.storage import FileType, Spool
 
@@ -170,7 +170,7 @@ class RepositoryWriter:
         self._fresh = fresh_dedupe
         # The packs written, for a caller that indexes them itself (a fresh writer's do
         # not go into the index): a backup's would hold an object per blob it stores.
-        self.written_packs: dict[bytes, list[PackedBlob]] = {}
+        self.written_packs: dict[bytes, Collection[PackedBlob]] = {}
         self.repo = repo
         self.pack_target = pack_target
         self.stats = WriteStats()
@@ -383,8 +383,13 @@ class RepositoryWriter:
             saving.result()
 
     def _save_pack(self, pack: _Pack) -> None:
+        # The blobs lie back to back from the pack's start, as ``_append`` adds them: kept
+        # as the header lists them (``PackBlobs``) from here on, and sent so to a worker's
+        # parent (an object per blob to pickle, unpickle and index cost more).
+        plain_header = fmt.encode_pack_header(pack.blobs)
+        blobs = fmt.PackBlobs(plain_header, len(pack.blobs))
         try:
-            header = self.repo.key.seal(fmt.encode_pack_header(pack.blobs))
+            header = self.repo.key.seal(plain_header)
             pack.data += header
             pack.data += len(header).to_bytes(4, "little")
             size = pack.size + len(header) + 4
@@ -402,7 +407,7 @@ class RepositoryWriter:
                     backend.save(FileType.DATA, pack_id.hex(), bytes(pack.data))
         finally:
             pack.discard()
-        self._record_pack(pack_id, pack.blobs)
+        self._record_pack(pack_id, blobs)
         if self._on_pack_written:
             self._on_pack_written(size)
 
@@ -417,29 +422,38 @@ class RepositoryWriter:
         """Whether the blob is in a pack this writer wrote (or the repository had)."""
         return blob_id in self._written or (not self._fresh and self.repo.has_blob(blob_id))
 
-    def adopt_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
+    def adopt_pack(self, pack_id: bytes, blobs: Collection[PackedBlob]) -> None:
         """Index a pack a worker process wrote (it may repeat blobs another worker stored
         at the same moment: restic's format allows that, and prune removes them)."""
+        columns = fmt.blob_columns(blobs)
         with self._lock:
-            for blob in blobs:
-                self.stats.blobs_new += 1
-                self.stats.bytes_plain_new += blob.plaintext_length
-                self.stats.bytes_stored_new += blob.length
-        self._record_pack(pack_id, blobs)
+            self.stats.blobs_new += len(columns.lengths)
+            self.stats.bytes_plain_new += columns.plaintext_bytes()
+            self.stats.bytes_stored_new += sum(columns.lengths)
+        self._record_pack(pack_id, blobs, columns.ids)
 
-    def _record_pack(self, pack_id: bytes, blobs: list[PackedBlob]) -> None:
-        """A pack is stored: index it (an index file after every INDEX_FLUSH_PACKS)."""
+    def _record_pack(
+        self, pack_id: bytes, blobs: Collection[PackedBlob], ids: bytes | None = None
+    ) -> None:
+        """A pack is stored: index it (an index file after every INDEX_FLUSH_PACKS).
+        ``ids``: its blobs' ids back to back, if known."""
+        if ids is None:
+            ids = fmt.blob_columns(blobs).ids
+        blob_ids = [ids[at : at + ID_SIZE] for at in range(0, len(ids), ID_SIZE)]
         write_index: dict[bytes, Collection[PackedBlob]] | None = None
         with self._lock:
             if self._fresh:  # its caller indexes its packs: it remembers them until then
                 self.written_packs[pack_id] = blobs
-                self._written.update(blob.id for blob in blobs)
+                self._written.update(blob_ids)
             else:  # the repository's index answers for them from now on
                 self.repo.add_to_index(pack_id, blobs)
-            for blob in blobs:
-                self._reserved.discard(blob.id)
+            self._reserved.difference_update(blob_ids)
             if not self._fresh:
-                self._unindexed[pack_id] = fmt.compact_pack_blobs(blobs)
+                self._unindexed[pack_id] = (
+                    blobs
+                    if isinstance(blobs, fmt.PackBlobs)
+                    else fmt.compact_pack_blobs(list(blobs))
+                )
             self.stats.packs_written += 1
             if len(self._unindexed) >= INDEX_FLUSH_PACKS:
                 write_index, self._unindexed = self._unindexed, {}
@@ -459,7 +473,7 @@ class RepositoryWriter:
             ids, self._written = list(self._written), set()
         return ids
 
-    def take_written_packs(self) -> list[tuple[bytes, list[PackedBlob]]]:
+    def take_written_packs(self) -> list[tuple[bytes, Collection[PackedBlob]]]:
         """The packs written since the last call (a worker process reports them)."""
         with self._lock:
             packs = list(self.written_packs.items())
