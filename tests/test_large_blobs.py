@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import struct
 import threading
 from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backvault.repo import format as fmt
 from backvault.repo.format import BlobType, PackedBlob
@@ -285,6 +288,108 @@ def test_a_pack_header_of_an_unknown_blob_type_is_refused() -> None:
         fmt.PackBlobs(header, 1).columns()
     with pytest.raises(fmt.FormatError, match="unknown blob type 7"):
         fmt.encode_index({bytes(32): fmt.PackBlobs(header, 1)})
+
+
+def _header_as_decoded(header: bytes) -> tuple[object, str | None]:
+    """What ``decode_pack_header`` makes of a header: its columns and index text."""
+    try:
+        blobs = fmt.decode_pack_header(header)
+    except fmt.FormatError as exc:
+        return str(exc), None
+    return fmt.blob_columns(blobs), ",".join(fmt._index_blob_text(b) for b in blobs)
+
+
+def _header_as_read(header: bytes) -> tuple[object, str | None]:
+    """The same, through the header readers (one pass where entries are of one size)."""
+    try:
+        columns: object = fmt.pack_header_columns(header)
+    except fmt.FormatError as exc:
+        columns = str(exc)
+    try:
+        text: str | None = fmt._index_text_of_header(header)
+    except fmt.FormatError:
+        text = None
+    return columns, text
+
+
+_PLAIN_ENTRIES = st.builds(
+    struct.Struct("<BI32s").pack,
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**32 - 1),
+    st.binary(min_size=32, max_size=32),
+)
+_COMPRESSED_ENTRIES = st.builds(
+    struct.Struct("<BII32s").pack,
+    st.sampled_from([2, 3]),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(min_size=32, max_size=32),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.one_of(_PLAIN_ENTRIES, _COMPRESSED_ENTRIES), max_size=40),
+    st.sampled_from(["whole", "cut", "junk after", "junk"]),
+    st.binary(max_size=50),
+    st.integers(1, 40),
+)
+def test_any_pack_header_reads_as_decode_pack_header_reads_it(
+    entries: list[bytes], how: str, junk: bytes, cut: int
+) -> None:
+    """Differential (from a red-team session): whatever the header (entries of both
+    sizes, in any mix, truncated, with junk after, or junk), the one-pass readers give
+    exactly the columns, index text and refusals of ``decode_pack_header``."""
+    header = b"".join(entries)
+    header = {
+        "whole": header,
+        "cut": header[:-cut],
+        "junk after": header + junk,
+        "junk": junk,
+    }[how]
+    assert _header_as_read(header) == _header_as_decoded(header)
+
+
+def test_headers_whose_length_both_entry_sizes_divide_read_as_decoded() -> None:
+    """41 plain entries are as long as 37 compressed ones: mixes of both, with ids made of
+    type codes, are never taken for entries of one size."""
+    rng = random.Random(1)
+    for _trial in range(500):
+        entries = [
+            struct.pack("<BI32s", rng.choice([0, 1]), rng.randrange(2**32), rng.randbytes(32))
+            for _ in range(rng.randrange(0, 41))
+        ] + [
+            struct.pack(
+                "<BII32s",
+                rng.choice([2, 3]),
+                rng.randrange(2**32),
+                rng.randrange(2**32),
+                bytes(rng.choice([0, 1, 2, 3]) for _ in range(32)),
+            )
+            for _ in range(rng.randrange(0, 37))
+        ]
+        rng.shuffle(entries)
+        header = b"".join(entries)
+        assert _header_as_read(header) == _header_as_decoded(header)
+
+
+def test_a_pack_whose_header_cannot_be_made_leaves_no_spool(
+    repo: InitRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Found by a red-team session.) Making the header is part of saving the pack: if
+    it fails, the pack's spool file is removed, as when writing it fails."""
+
+    def unencodable(blobs: object) -> bytes:
+        raise struct.error("'I' format requires 0 <= number <= 4294967295")
+
+    writer = _writer(repo, True)
+    writer.add(BlobType.DATA, random.Random(3).randbytes(3 * MIB))  # spooled
+    assert _hidden(repo.path)
+    monkeypatch.setattr(fmt, "encode_pack_header", unencodable)
+    with pytest.raises(struct.error):
+        writer.flush()
+    assert not _hidden(repo.path)
+    assert not [p for p in (repo.path / "data").rglob("*") if p.is_file()]
 
 
 # --- the index cache --------------------------------------------------------------------

@@ -383,12 +383,12 @@ class RepositoryWriter:
             saving.result()
 
     def _save_pack(self, pack: _Pack) -> None:
-        # The blobs lie back to back from the pack's start, as ``_append`` adds them: kept
-        # as the header lists them (``PackBlobs``) from here on, and sent so to a worker's
-        # parent (an object per blob to pickle, unpickle and index cost more).
-        plain_header = fmt.encode_pack_header(pack.blobs)
-        blobs = fmt.PackBlobs(plain_header, len(pack.blobs))
         try:
+            # The blobs lie back to back from the pack's start, as ``_append`` adds them:
+            # kept as the header lists them (``PackBlobs``) from here on, and sent so to a
+            # worker's parent (an object per blob to pickle, unpickle and index cost more).
+            plain_header = fmt.encode_pack_header(pack.blobs)
+            blobs = fmt.PackBlobs(plain_header, len(pack.blobs))
             header = self.repo.key.seal(plain_header)
             pack.data += header
             pack.data += len(header).to_bytes(4, "little")
