@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 IV_SIZE = 16
 MAC_SIZE = 16
 OVERHEAD = IV_SIZE + MAC_SIZE
+_CTR_ROOM = 16  # cryptography's update_into wants an AES block more room than it writes
 ENCRYPTION_KEY_SIZE = 32
 MAC_K_SIZE = 16
 MAC_R_SIZE = 16
@@ -201,6 +202,20 @@ class Key:
             raise ValueError("the output buffer is smaller than the sealed data")
         written = self._ctr(iv).update_into(ciphertext, out)
         return memoryview(out)[:written]
+
+    def open_in_slices(self, sealed: bytes | memoryview, out: bytearray) -> Iterator[memoryview]:
+        """``open`` a slice at a time into ``out``, for a caller that only reads the
+        plaintext once (to hash it): the MAC is verified first (AuthenticationFailed
+        before any plaintext), then each slice is decrypted into ``out`` and is valid
+        until the next. No object of the blob's size is made."""
+        iv, ciphertext = self._verified(sealed)
+        step = len(out) - _CTR_ROOM  # update_into wants room for a block more than it writes
+        if step <= 0:
+            raise ValueError("the output buffer is too small to decrypt into")
+        context = self._ctr(iv)
+        for start in range(0, len(ciphertext), step):
+            written = context.update_into(ciphertext[start : start + step], out)
+            yield memoryview(out)[:written]
 
     def open(self, sealed: bytes | memoryview) -> bytes:
         """Verify and decrypt; raises AuthenticationFailed before releasing any plaintext."""

@@ -111,17 +111,27 @@ def _start_worker(
     _worker_barrier = barrier
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+_M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 1024 * 1024
+_TRIM_THRESHOLD_BYTES = 4 * 1024 * 1024
 
 
 def fix_mmap_threshold() -> None:
     """Give buffers of 1 MiB and more (packs being filled, pieces read) mappings of their
     own, returned to the system when freed. glibc raises its threshold each time such a
     buffer is freed, after which they come from the heap and leave it fragmented: a
-    worker process held about 14 MiB more. No effect where the C library has no mallopt."""
+    worker process held about 14 MiB more. And keep up to 4 MiB free at the top of the
+    heap (fixing the mmap threshold leaves glibc's trim threshold at 128 KiB): a worker
+    frees and makes again buffers of up to 1 MiB all the time (a pack's next MiB, a
+    sealed chunk), and every page given back and taken again is a page fault. A first
+    backup of the 1.1 GB store made ~340 000-510 000 of them, restic ~34 000; 80 000-105 000
+    now, ~0.6-1.5 CPU-s less, at the same peak memory. No effect where the C library has
+    no mallopt."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
 def _exit_with_parent(parent: int) -> None:
