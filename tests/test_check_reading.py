@@ -3,6 +3,7 @@ trees: what goes wrong in either still ends the check, and leaves nothing runnin
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import threading
@@ -66,7 +67,7 @@ class FailingReads(LocalBackend):
 
     def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
         # A whole pack read into a buffer (a blob's range never spans its pack's header).
-        if kind is FileType.DATA and offset == 0 and len(into) == self.stat(kind, name):
+        if kind is FileType.DATA and offset == 0 and len(into) >= self.stat(kind, name):
             self._whole_pack_read()
         return super().load_into(kind, name, offset, into)
 
@@ -127,6 +128,57 @@ def test_packs_are_read_into_a_kept_buffer_and_still_verified(
     errors = Checker(Repository.open(LocalBackend(copy), [SECRET])).run(read_data=True).errors
     for name in names[:3]:
         assert any(f"data/{name}" in error for error in errors), (name, errors)
+
+
+class StatFails(LocalBackend):
+    """A file system whose ``stat`` of a pack fails (EIO; ESTALE on NFS)."""
+
+    def stat(self, kind: FileType, name: str) -> int:
+        if kind is FileType.DATA:
+            try:
+                raise OSError(errno.EIO, "Input/output error")
+            except OSError as exc:
+                raise StorageError(f"cannot read {name}: {exc.strerror}") from exc
+        return super().stat(kind, name)
+
+
+class GrowsAfterStat(LocalBackend):
+    """Bytes appended to a pack between the size check reads and the read itself."""
+
+    grow: str = ""
+
+    def stat(self, kind: FileType, name: str) -> int:
+        size = super().stat(kind, name)
+        if kind is FileType.DATA and name == self.grow:
+            with open(self._path(kind, name), "ab") as handle:
+                handle.write(b"appended")
+        return size
+
+
+def test_a_pack_in_a_path_that_is_no_longer_a_pack_is_reported(
+    repo_path: Path, tmp_path: Path, on_threads: None
+) -> None:
+    """(From a red-team session.) A pack filed in the wrong ``data/`` folder with a plain
+    file where its own folder should be (stat: "Not a directory"), a pack whose size
+    cannot be read, and one that grew between its size and its read: each is reported
+    against its pack, and the check goes on (it ended in "internal error" at the first)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo_path, copy)
+    backend = LocalBackend(copy)
+    name = sorted(backend.list(FileType.DATA), key=lambda p: p[1])[0][0]
+    path = backend._path(FileType.DATA, name)
+    path.rename(copy / "data" / ("00" if name[:2] != "00" else "01") / name)
+    shutil.rmtree(path.parent)
+    path.parent.write_bytes(b"x")
+    result = Checker(Repository.open(LocalBackend(copy), [SECRET])).run(read_data=True)
+    assert any(f"data/{name} cannot be read" in e for e in result.errors), result.errors
+    assert result.bytes_read > 0  # the other packs were read
+    result = Checker(Repository.open(StatFails(repo_path), [SECRET])).run(read_data=True)
+    assert result.errors and all("cannot be read" in e for e in result.errors)
+    grows = GrowsAfterStat(copy)
+    grows.grow = sorted(grows.list(FileType.DATA), key=lambda p: p[1])[-1][0]
+    result = Checker(Repository.open(grows, [SECRET])).run(read_data=True)
+    assert any(f"data/{grows.grow}" in e and "does not match" in e for e in result.errors)
 
 
 def test_a_pack_that_cannot_be_read_is_reported(repo_path: Path, on_threads: None) -> None:

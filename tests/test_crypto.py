@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -83,6 +84,27 @@ def test_opening_in_slices_gives_the_plaintext_only_after_the_mac(room: int) -> 
         assert seen == []
     with pytest.raises(ValueError, match="too small"):
         list(key.open_in_slices(key.seal(b"abc"), bytearray(16)))
+
+
+def test_slices_are_right_whatever_the_thread_opens_between_them() -> None:
+    """(From a red-team session.) ``open_in_slices`` decrypts with a context of its own:
+    opening, sealing or slicing another message on the same thread between two of its
+    slices changes none of them."""
+    key = Key.generate()
+    rng = random.Random(2)
+    for room in (17, 33, 4096 + 16):
+        a, b = rng.randbytes(3 * room + 5), rng.randbytes(2 * room + 1)
+        first, second = (
+            key.open_in_slices(key.seal(a), bytearray(room)),
+            key.open_in_slices(key.seal(b), bytearray(room)),
+        )
+        got_a, got_b = [bytes(next(first))], []
+        key.open(key.seal(b"between"))
+        for piece_b in second:
+            got_b.append(bytes(piece_b))
+            got_a.extend(bytes(piece) for piece in itertools.islice(first, 1))
+        got_a.extend(bytes(piece) for piece in first)
+        assert b"".join(got_a) == a and b"".join(got_b) == b
 
 
 def test_every_bit_flip_is_detected() -> None:

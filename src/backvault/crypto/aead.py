@@ -212,7 +212,9 @@ class Key:
         step = len(out) - _CTR_ROOM  # update_into wants room for a block more than it writes
         if step <= 0:
             raise ValueError("the output buffer is too small to decrypt into")
-        context = self._ctr(iv)
+        # A context of its own, not the thread's (``_ctr``): the caller may open or seal
+        # something else between two slices.
+        context = Cipher(self._aes(), modes.CTR(iv)).decryptor()
         for start in range(0, len(ciphertext), step):
             written = context.update_into(ciphertext[start : start + step], out)
             yield memoryview(out)[:written]

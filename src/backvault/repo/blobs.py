@@ -39,9 +39,10 @@ _DATA_LIMIT = fmt.MAX_BLOB_PLAINTEXT[BlobType.DATA.value]
 
 # check --read-data decrypts blobs up to this size into a reused buffer (see read_pack).
 _CHECK_BUFFER_BYTES = 256 * 1024
-# A thread reading whole packs keeps a buffer for them up to this size (restic's packs
-# are 4-16 MiB, ours 4-8 MiB); a bigger pack is read into an object of its own.
-_KEPT_PACK_BUFFER_BYTES = 16 * 1024 * 1024
+# A thread reading whole packs keeps a buffer for them up to this size (restic 0.14
+# closes a pack once it passes 16 MiB; ours are 4-8 MiB); a bigger pack is read into an
+# object of its own.
+_KEPT_PACK_BUFFER_BYTES = 32 * 1024 * 1024
 # A large blob stored uncompressed is checked a slice of this size at a time.
 _SLICE_BYTES = 256 * 1024 + 16
 _MIB = 1024 * 1024
@@ -281,14 +282,18 @@ class BlobReader:
         if size > _KEPT_PACK_BUFFER_BYTES:  # read once into its own object, freed after
             return self.backend.load(FileType.DATA, name)
         buffer: bytearray | None = getattr(self._local, "pack", None)
-        if buffer is None or len(buffer) < size:
+        if buffer is None or len(buffer) <= size:
             # Replaced, not resized (views of the old one may be alive), by one of the
             # size asked for, rounded up to a MiB: packs of one repository are about one size.
-            buffer = bytearray(-(-size // _MIB) * _MIB)
+            buffer = bytearray(-(-(size + 1) // _MIB) * _MIB)
             self._local.pack = buffer
-        view = memoryview(buffer)[:size]
+        # A byte more than its size: a pack that grew since (whose bytes must not pass
+        # for the pack) is read again whole; one cut since is what it holds now.
+        view = memoryview(buffer)[: size + 1]
         got = self.backend.load_into(FileType.DATA, name, 0, view)
-        return view[:got]  # (a pack cut since it was listed: what it holds now)
+        if got > size:
+            return self.backend.load(FileType.DATA, name)
+        return view[:got]
 
     def _check_stored_blob(self, blob: PackedBlob, sealed: memoryview, label: str) -> None:
         """``open_blob`` for a large blob stored uncompressed (a media chunk), whose

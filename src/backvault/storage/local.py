@@ -148,10 +148,13 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def stat(self, kind: FileType, name: str) -> int:
+        path = self._path(kind, name)
         try:
-            return self._path(kind, name).stat().st_size
+            return path.stat().st_size
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{kind.value}/{name} is missing from the repository") from exc
+        except OSError as exc:  # (not a folder on the way, a symlink loop, EIO, ESTALE)
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
     def list(self, kind: FileType) -> Iterator[tuple[str, int]]:
         if kind is FileType.CONFIG:
