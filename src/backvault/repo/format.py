@@ -420,17 +420,36 @@ def compact_pack_blobs(blobs: Sequence[PackedBlob]) -> Collection[PackedBlob]:
     return PackBlobs(encode_pack_header(blobs), len(blobs))
 
 
+def _entry_at(header: bytes, pos: int) -> struct.Struct:
+    """The layout of the pack-header entry at ``pos``, by its type code; FormatError if
+    the code is unknown or the entry cut."""
+    code = header[pos]
+    if code not in _CODE_TYPES:
+        raise FormatError(f"pack header: unknown blob type {code}")
+    entry = _COMPRESSED_ENTRY if _CODE_TYPES[code][1] else _PLAIN_ENTRY
+    if pos + entry.size > len(header):
+        raise FormatError("pack header: truncated entry")
+    return entry
+
+
+def _uniform_entry(header: bytes) -> struct.Struct | None:
+    """The layout of every entry of a (non-empty) header whose entries are all of one
+    size (a pack of compressed database pages; of media), else None. Exact: if the byte
+    at every multiple of that size is a code of that size, reading the header entry by
+    entry lands on exactly those bytes, so it holds only such entries."""
+    for entry, codes in ((_COMPRESSED_ENTRY, _COMPRESSED_CODES), (_PLAIN_ENTRY, _PLAIN_CODES)):
+        size = entry.size
+        if header and len(header) % size == 0 and not header[::size].translate(None, codes):
+            return entry
+    return None
+
+
 def decode_pack_header(header: bytes) -> list[PackedBlob]:
     blobs: list[PackedBlob] = []
     pos = offset = 0
     while pos < len(header):
-        code = header[pos]
-        if code not in _CODE_TYPES:
-            raise FormatError(f"pack header: unknown blob type {code}")
-        blob_type, compressed = _CODE_TYPES[code]
-        entry = _COMPRESSED_ENTRY if compressed else _PLAIN_ENTRY
-        if pos + entry.size > len(header):
-            raise FormatError("pack header: truncated entry")
+        entry = _entry_at(header, pos)
+        blob_type, compressed = _CODE_TYPES[header[pos]]
         if compressed:
             _, length, plain_length, blob_id = _COMPRESSED_ENTRY.unpack_from(header, pos)
         else:
@@ -461,19 +480,17 @@ class PackColumns(NamedTuple):
 
 
 def pack_header_columns(header: bytes) -> PackColumns:
-    """``decode_pack_header(header)`` as columns (blobs back to back from offset 0)."""
-    for entry, codes in ((_COMPRESSED_ENTRY, _COMPRESSED_CODES), (_PLAIN_ENTRY, _PLAIN_CODES)):
-        # (See ``_index_text_of_header``: entries all of one kind, read in C.)
-        if header and len(header) % entry.size == 0:
-            kinds = header[:: entry.size]
-            if not kinds.translate(None, codes):
-                fields = list(zip(*entry.iter_unpack(header), strict=True))
-                lengths = fields[1]
-                uncompressed = fields[2] if entry is _COMPRESSED_ENTRY else (None,) * len(kinds)
-                return PackColumns(
-                    b"".join(fields[-1]), kinds.translate(_TREE_OF_CODE), lengths, uncompressed
-                )
-    return blob_columns(decode_pack_header(header))
+    """``decode_pack_header(header)`` as columns (blobs back to back from offset 0);
+    entries all of one size are read in C."""
+    entry = _uniform_entry(header)
+    if entry is None:
+        return blob_columns(decode_pack_header(header))
+    kinds = header[:: entry.size]
+    fields = list(zip(*entry.iter_unpack(header), strict=True))
+    uncompressed = fields[2] if entry is _COMPRESSED_ENTRY else (None,) * len(kinds)
+    return PackColumns(
+        b"".join(fields[-1]), kinds.translate(_TREE_OF_CODE), fields[1], uncompressed
+    )
 
 
 def blob_columns(blobs: Collection[PackedBlob]) -> PackColumns:
@@ -491,21 +508,13 @@ def blob_columns(blobs: Collection[PackedBlob]) -> PackColumns:
 def _index_text_of_header(header: bytes) -> str:
     """``_index_blob_text`` of each blob ``decode_pack_header(header)`` lists, joined
     with commas: the same text, formatted straight from the header's entries."""
-    for entry, codes in ((_COMPRESSED_ENTRY, _COMPRESSED_CODES), (_PLAIN_ENTRY, _PLAIN_CODES)):
-        # Entries all of one size (a pack of compressed database pages; of media): if the
-        # byte at every multiple of that size is a code of that size, reading the header
-        # entry by entry lands on exactly those bytes, so it holds only such entries.
-        if len(header) % entry.size == 0 and not header[:: entry.size].translate(None, codes):
-            return _uniform_index_text(header, entry)
+    uniform = _uniform_entry(header)
+    if uniform is not None:
+        return _uniform_index_text(header, uniform)
     entries: list[str] = []
     pos = offset = 0
     while pos < len(header):
-        code = header[pos]
-        if code not in _CODE_TYPES:
-            raise FormatError(f"pack header: unknown blob type {code}")
-        entry = _COMPRESSED_ENTRY if _CODE_TYPES[code][1] else _PLAIN_ENTRY
-        if pos + entry.size > len(header):
-            raise FormatError("pack header: truncated entry")
+        entry = _entry_at(header, pos)
         entries.append(_uniform_index_text(header[pos : pos + entry.size], entry, offset))
         offset += entry.unpack_from(header, pos)[1]
         pos += entry.size
