@@ -20,7 +20,7 @@ from backvault.repo import format as fmt
 from backvault.repo.compression import ThreadCompressors
 from backvault.repo.errors import DamagedObject
 from backvault.repo.format import BlobType, PackedBlob
-from backvault.storage import Backend, FileType, ObjectNotFound, StorageError
+from backvault.storage import Backend, FileType, ObjectNotFound, RangeReader, StorageError
 
 # A blob as it travels between processes: its id, offset and length in its pack, and its
 # uncompressed length (None if it is stored uncompressed). A plain tuple: pickling a
@@ -122,37 +122,51 @@ class BlobReader:
         return buffer
 
     def write_run(
-        self, pack_id: bytes, blobs: Sequence[BlobEntry], fd: int, file_offset: int
+        self,
+        pack_id: bytes,
+        blobs: Sequence[BlobEntry],
+        fd: int,
+        file_offset: int,
+        gathered: GatheredWrites | None = None,
+        packs: RangeReader | None = None,
     ) -> int:
         """Read a run of data blobs of one pack, verify each and write their plaintexts,
-        one after another, to ``fd`` from ``file_offset`` on; the bytes written. The
+        one after another, to ``fd`` from ``file_offset`` on; the bytes of the run. The
         restore's hot path: one read buffer and one plaintext buffer per thread are
         reused, and verified plaintexts are gathered and written together (``pwritev``).
         An uncompressed blob is decrypted into its own region of the plaintext buffer,
         where it stays until written; a compressed one is decrypted into the free region
-        and decompressed into a new object. Nothing is written before it is verified."""
+        and decompressed into a new object. Nothing is written before it is verified.
+
+        With ``gathered``, plaintexts are gathered across runs that follow one another in
+        a file: a run's may still wait there when it returns (``gathered.flush`` writes
+        them; a write that fails names the runs it held, by ``gathered.run``). ``packs``
+        reads the pack (a reader that may keep packs open between runs)."""
         pack = pack_id.hex()
         label = f"data/{pack}"
         base = blobs[0][1]
         length = blobs[-1][1] + blobs[-1][2] - base
-        view = self._read_range(pack, base, length, label)
+        out = GatheredWrites() if gathered is None else gathered
+        if out.fd != fd or out.end != file_offset:
+            out.flush()
+            out.fd, out.end = fd, file_offset
+        view = self._read_range(pack, base, length, label, packs)
         buffer = self._buffer("plain", max(_WRITE_BYTES, max(entry[2] for entry in blobs)))
+        if out.buffer is not buffer:
+            out.buffer, out.used = buffer, 0  # views of the old one keep it alive
         room = memoryview(buffer)
         capacity = len(buffer)
         open_into = self.key.open_into
         verify = self._verify
-        pieces: list[bytes | memoryview] = []
-        pending = used = written = 0
+        run = out.run
+        queued = 0
         for blob_id, offset, sealed_length, uncompressed in blobs:
             if (
-                used + sealed_length > capacity
-                or pending >= _WRITE_BYTES
-                or len(pieces) >= _WRITE_PIECES
+                out.used + sealed_length > capacity
+                or out.pending >= _WRITE_BYTES
+                or len(out.pieces) >= _WRITE_PIECES
             ):
-                _pwritev_all(fd, pieces, file_offset + written)
-                written += pending
-                pieces.clear()
-                pending = used = 0
+                out.flush()
             if sealed_length > _DATA_LIMIT + OVERHEAD or (
                 uncompressed is not None and uncompressed > _DATA_LIMIT
             ):
@@ -161,19 +175,22 @@ class BlobReader:
             start = offset - base
             try:
                 plain: bytes | memoryview = open_into(
-                    view[start : start + sealed_length], room[used:]
+                    view[start : start + sealed_length], room[out.used :]
                 )
             except AuthenticationFailed as exc:
                 raise DamagedObject(label, f"blob {blob_id.hex()[:12]} does not decrypt") from exc
             if uncompressed is None:
-                used += len(plain)  # the plaintext stays in the buffer until written
+                out.used += len(plain)  # the plaintext stays in the buffer until written
             plain = verify(blob_id, uncompressed, plain, label)
-            pieces.append(plain)
-            pending += len(plain)
-        if pieces:
-            _pwritev_all(fd, pieces, file_offset + written)
-            written += pending
-        return written
+            out.pieces.append(plain)
+            out.pending += len(plain)
+            out.end += len(plain)
+            if not out.runs or out.runs[-1] != run:
+                out.runs.append(run)
+            queued += len(plain)
+        if gathered is None:
+            out.flush()
+        return queued
 
     def _verify(
         self, blob_id: bytes, expected: int | None, plain: bytes | memoryview, label: str
@@ -205,13 +222,19 @@ class BlobReader:
             raise DamagedObject(label, f"blob {blob_id.hex()[:12]} has the wrong content")
         return plain
 
-    def _read_range(self, pack: str, offset: int, length: int, label: str) -> memoryview:
-        """``length`` bytes of a pack from ``offset``. From a backend with direct file I/O
-        they are read into this thread's reusable buffer: valid until its next use."""
+    def _read_range(
+        self, pack: str, offset: int, length: int, label: str, packs: RangeReader | None = None
+    ) -> memoryview:
+        """``length`` bytes of a pack from ``offset`` (through ``packs`` if given). From a
+        backend with direct file I/O they are read into this thread's reusable buffer:
+        valid until its next use."""
         try:
             if self._direct_file_io:
                 view = memoryview(self._buffer("read", length))[:length]
-                got = self.backend.load_into(FileType.DATA, pack, offset, view)
+                if packs is not None:
+                    got = packs.read_into(pack, offset, view)
+                else:
+                    got = self.backend.load_into(FileType.DATA, pack, offset, view)
             else:
                 view = memoryview(self.backend.load(FileType.DATA, pack, offset, length))
                 got = len(view)
@@ -338,6 +361,36 @@ def check_blob_size(blob: PackedBlob, label: str) -> None:
             f"blob {blob.id.hex()[:12]} claims {max(blob.plaintext_length, blob.length)} bytes, "
             f"more than a {blob.type.value} blob may hold ({limit})",
         )
+
+
+class GatheredWrites:
+    """Verified plaintexts of a restore waiting to be written together: the next bytes of
+    the file ``fd`` from ``end - pending`` on (``BlobReader.write_run``). ``run`` is set
+    by the caller to a tag of the run being written; ``runs`` are the tags of the runs
+    with bytes waiting, which a write that fails did not write. One at a time per thread
+    (its plaintexts may wait in the thread's plaintext buffer)."""
+
+    __slots__ = ("buffer", "end", "fd", "pending", "pieces", "run", "runs", "used")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.end = 0
+        self.pieces: list[bytes | memoryview] = []
+        self.pending = 0
+        self.buffer: bytearray | None = None
+        self.used = 0  # bytes of ``buffer`` that waiting plaintexts hold
+        self.run: object = None
+        self.runs: list[object] = []
+
+    def flush(self) -> None:
+        """Write what waits (OSError if that fails: ``runs`` then still names whose bytes
+        were not written, and nothing waits any more)."""
+        pieces = self.pieces
+        if pieces:
+            offset = self.end - self.pending
+            self.pieces, self.pending, self.used = [], 0, 0
+            _pwritev_all(self.fd, pieces, offset)
+        self.runs.clear()
 
 
 def _pwritev_all(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:

@@ -113,6 +113,33 @@ class Spool(ABC):
         """Forget what was written (nothing was stored); safe to call more than once."""
 
 
+class RangeReader:
+    """Reads ranges of many objects of one kind, for a caller that reads a few objects
+    again and again (a restore's runs, which alternate between the packs of the days a
+    database changed on). A backend may keep objects it read open until ``close`` (a
+    local one keeps a few files open: opening a pack by its path cost more than reading
+    a run of it); this default reads each range with ``load_into``, and so goes through
+    every wrapper of the backend as any read does. Objects are never modified, so a kept
+    one reads as the object does."""
+
+    def __init__(self, backend: Backend, kind: FileType) -> None:
+        self._backend = backend
+        self._kind = kind
+
+    def read_into(self, name: str, offset: int, into: memoryview) -> int:
+        """``Backend.load_into`` of the object ``name``."""
+        return self._backend.load_into(self._kind, name, offset, into)
+
+    def close(self) -> None:
+        """Close what is kept open; safe to call more than once."""
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Backend(ABC):
     """Objects are written once and never modified: ``save`` must be atomic (a reader sees
     the whole object or nothing) and durable when it returns."""
@@ -156,6 +183,10 @@ class Backend(ABC):
         data = self.load(kind, name, offset, len(into))
         into[: len(data)] = data
         return len(data)
+
+    def range_reader(self, kind: FileType) -> RangeReader:
+        """A ``RangeReader`` of objects of ``kind``: ``close`` it when done."""
+        return RangeReader(self, kind)
 
     @abstractmethod
     def stat(self, kind: FileType, name: str) -> int:

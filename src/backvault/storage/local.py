@@ -18,6 +18,7 @@ from backvault.storage.base import (
     Capabilities,
     FileType,
     ObjectNotFound,
+    RangeReader,
     Spool,
     StorageError,
 )
@@ -147,6 +148,9 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
+    def range_reader(self, kind: FileType) -> RangeReader:
+        return _OpenFiles(self, kind)
+
     def stat(self, kind: FileType, name: str) -> int:
         path = self._path(kind, name)
         try:
@@ -268,3 +272,45 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# A local RangeReader keeps up to this many files open (the least recently read closed
+# first): a restore's runs alternate between the pack of the first backup and those of
+# the days since, a few at a time.
+_OPEN_FILES = 16
+
+
+class _OpenFiles(RangeReader):
+    """Reads ranges of local objects through descriptors it keeps open (see RangeReader)."""
+
+    def __init__(self, backend: LocalBackend, kind: FileType) -> None:
+        super().__init__(backend, kind)
+        self._local = backend
+        self._open: dict[str, int] = {}  # name -> descriptor, least recently read first
+
+    def read_into(self, name: str, offset: int, into: memoryview) -> int:
+        fd = self._open.pop(name, None)
+        if fd is None:
+            path = self._local._path(self._kind, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                raise ObjectNotFound(
+                    f"{self._kind.value}/{name} is missing from the repository"
+                ) from exc
+            except OSError as exc:
+                raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+            if len(self._open) >= _OPEN_FILES:
+                os.close(self._open.pop(next(iter(self._open))))
+        try:
+            got = read_into(fd, into, offset)
+        except OSError as exc:
+            os.close(fd)  # not kept: the next read opens the file again
+            path = self._local._path(self._kind, name)
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        self._open[name] = fd
+        return got
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
