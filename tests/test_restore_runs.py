@@ -7,6 +7,8 @@ buffer) still counts every good blob and names the damaged one."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import random
 from pathlib import Path
@@ -24,6 +26,7 @@ from backvault.repo.blobs import BlobReader, run_entries
 from backvault.repo.errors import DamagedObject
 from backvault.repo.repository import Repository
 from backvault.storage import FileType, LocalBackend
+from backvault.storage import local as local_module
 from tests.test_hostile_snapshots import Hostile
 
 
@@ -271,3 +274,127 @@ def test_check_names_a_damaged_large_blob(
     report = BlobReader(repo.backend, repo.key).read_pack(pack)
     assert report.blobs_ok == len(indexed) - 1
     assert report.errors == [f"data/{pack} is damaged: blob {victim.hex()[:12]} does not decrypt"]
+
+
+def _alternating(h: Hostile, name: str, count: int, seed: int) -> tuple[dict[str, Any], bytes]:
+    """A file of ``count`` 8 KiB pages whose even pages are in one pack and odd ones in
+    another: every run is one blob, as a database restored after days of scattered
+    changes is (each change a run of its own, between runs of the first backup's packs)."""
+    rng = random.Random(seed)
+    pages = [
+        (f"page {seed}-{i} " * 1000).encode()[:8192]
+        if i % 3
+        else rng.randbytes(8192)  # stored uncompressed: stays in the plaintext buffer
+        for i in range(count)
+    ]
+    ids: list[str] = [""] * count
+    for parity in (0, 1):
+        for i in range(parity, count, 2):
+            ids[i] = h.writer.add(fmt.BlobType.DATA, pages[i]).hex()
+        h.writer.flush()
+    node = {**h.file(name, b""), "content": ids, "size": 8192 * count}
+    return node, b"".join(pages)
+
+
+def test_short_runs_of_a_file_are_written_together_from_packs_kept_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """400 runs of one blob each: their plaintexts are gathered across runs (a handful
+    of writes, not one or more per run), each pack is opened about once per batch of
+    runs, and every byte is where it belongs."""
+    h = Hostile(tmp_path / "repo")
+    node, data = _alternating(h, "chat.db", 400, 1)
+    snapshot_id = h.snapshot([node])
+    writes: list[int] = []
+    write = blobs_module._pwritev_all
+
+    def counted(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:
+        writes.append(sum(len(piece) for piece in pieces))
+        write(fd, pieces, offset)
+
+    opened: list[str] = []
+    real_open = os.open
+
+    def watched_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if "/data/" in str(path):
+            opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(blobs_module, "_pwritev_all", counted)
+    monkeypatch.setattr(local_module.os, "open", watched_open)
+    monkeypatch.setattr(parallel, "_requested_processes", 0)  # threads: calls seen here
+    repo = _open(h)
+    assert len(group_runs(repo, [bytes.fromhex(i) for i in node["content"]])) == 400
+    target = tmp_path / "target"
+    outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    assert outcome.damaged == [] and outcome.files == 1
+    assert (target / "chat.db").read_bytes() == data
+    assert sum(writes) == len(data)
+    assert len(writes) <= 40, writes  # was one per run: 400
+    assert len(opened) <= 40, len(opened)  # was one per run
+
+
+def test_write_run_gathers_across_runs_and_files_in_any_order(
+    stored: tuple[Hostile, list[bytes], list[bytes], str], tmp_path: Path
+) -> None:
+    """One ``GatheredWrites`` for runs of two files, interleaved and out of order: bytes
+    wait only while the next run continues the same file, and all land at their
+    offsets."""
+    h, good, bad, _ = stored
+    repo = _open(h)
+    reader = BlobReader(repo.backend, repo.key)
+    work = []
+    for name, pieces in (("a", good), ("b", bad)):
+        ids = [fmt.sha256(piece) for piece in pieces]
+        offsets = itertools.accumulate((len(p) for p in pieces), initial=0)
+        at = dict(zip(ids, offsets, strict=False))
+        for run in group_runs(repo, ids):
+            work.append((name, run, at[run[0].blob.id]))
+    random.Random(5).shuffle(work)
+    work.sort(key=lambda item: item[0] == "b" and item[2] % 3 == 0)  # some stretches in order
+    fds = {name: os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o600) for name in ("a", "b")}
+    gathered = blobs_module.GatheredWrites()
+    try:
+        with repo.backend.range_reader(FileType.DATA) as packs:
+            for number, (name, run, offset) in enumerate(work):
+                gathered.run = number
+                written = reader.write_run(*run_entries(run), fds[name], offset, gathered, packs)
+                assert written == sum(loc.blob.plaintext_length for loc in run)
+                assert gathered.runs in ([], [number])
+                assert gathered.pending <= 256 * 1024 + 3_000_000
+            gathered.flush()
+            assert gathered.runs == [] and gathered.pieces == []
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert (tmp_path / "a").read_bytes() == b"".join(good)
+    assert (tmp_path / "b").read_bytes() == b"".join(bad)
+
+
+def test_a_failed_write_makes_the_file_whose_bytes_it_held_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (EIO, not a full disk) held the bytes of several runs: the file
+    they belong to is damaged and removed, never placed with a hole; the file beside it
+    is restored."""
+    h = Hostile(tmp_path / "repo")
+    node, _ = _alternating(h, "chat.db", 300, 2)
+    small = h.file("note.txt", b"fine\n")
+    snapshot_id = h.snapshot([small, node])
+    write = blobs_module._pwritev_all
+
+    def failing(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:
+        if offset > 1_000_000:  # inside chat.db only
+            raise OSError(errno.EIO, "Input/output error (test)")
+        write(fd, pieces, offset)
+
+    monkeypatch.setattr(blobs_module, "_pwritev_all", failing)
+    monkeypatch.setattr(parallel, "_requested_processes", 0)  # threads: the hook applies
+    repo = _open(h)
+    target = tmp_path / "target"
+    outcome = Restorer(repo, target).run(repo.find_snapshot(snapshot_id)[1])
+    assert (target / "note.txt").read_bytes() == b"fine\n"
+    assert [path for path, _ in outcome.damaged] == ["/chat.db"], outcome.damaged
+    assert "cannot be written" in outcome.damaged[0][1]
+    assert not (target / "chat.db").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["note.txt"]

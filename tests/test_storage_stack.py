@@ -4,6 +4,7 @@ through pickle."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from backvault.storage import (
     BackendWrapper,
     FileType,
     LocalBackend,
+    ObjectNotFound,
     StorageError,
     TransientStorageError,
     open_backend,
@@ -126,3 +128,64 @@ def test_a_retrying_backend_names_the_storage_when_it_gives_up(tmp_path: Path) -
     with pytest.raises(StorageError, match="kept failing \\(2 attempts at data/"):
         backend.stat(FileType.DATA, "ab" * 32)
     assert backend.retries == 2
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_local_range_reader_keeps_a_few_packs_open_and_reads_each_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """A restore's runs alternate between a few packs: the local reader keeps up to 16
+    open (the least recently read closed first), reads every range as ``load_into``
+    does, and closes them all."""
+    local = LocalBackend(tmp_path / "repo")
+    local.create()
+    names = [bytes([i]).hex() * 32 for i in range(40)]
+    for i, name in enumerate(names):
+        local.save(FileType.DATA, name, bytes([i]) * 100 + name.encode())
+    before = _open_descriptors()
+    reader = local.range_reader(FileType.DATA)
+    order = [0, 1, 0, 2, 0, 3, *range(4, 40), 0, 39, 5]
+    for i in order:
+        into = memoryview(bytearray(10))
+        assert reader.read_into(names[i], 98, into) == 10
+        assert bytes(into) == bytes([i]) * 2 + names[i][:8].encode()
+        assert _open_descriptors() - before <= 16
+    # past the end: what is there, as load_into gives it
+    into = memoryview(bytearray(100))
+    assert reader.read_into(names[7], 150, into) == 14
+    reader.close()
+    reader.close()
+    assert _open_descriptors() == before
+    with local.range_reader(FileType.DATA) as again:
+        with pytest.raises(ObjectNotFound, match="missing from the repository"):
+            again.read_into("ee" * 32, 0, memoryview(bytearray(1)))
+        (tmp_path / "repo" / "data" / "ff").mkdir(exist_ok=True)
+        (tmp_path / "repo" / "data" / "ff" / ("ff" * 32)).mkdir()
+        with pytest.raises(StorageError, match="cannot read"):
+            again.read_into("ff" * 32, 0, memoryview(bytearray(1)))
+        assert again.read_into(names[3], 0, memoryview(bytearray(1))) == 1
+    assert _open_descriptors() == before
+
+
+def test_a_wrapper_range_reader_reads_through_the_wrapper(tmp_path: Path) -> None:
+    """A wrapped backend's range reader goes through the wrapper's ``load_into`` (a
+    fault-injecting or retrying wrapper sees every read), not around it."""
+    seen: list[tuple[str, int, int]] = []
+
+    class Watched(BackendWrapper):
+        def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
+            seen.append((name, offset, len(into)))
+            return super().load_into(kind, name, offset, into)
+
+    local = LocalBackend(tmp_path)
+    local.create()
+    local.save(FileType.DATA, "ab" * 32, b"0123456789")
+    with Watched(local).range_reader(FileType.DATA) as reader:
+        into = memoryview(bytearray(3))
+        assert reader.read_into("ab" * 32, 4, into) == 3 and bytes(into) == b"456"
+        assert reader.read_into("ab" * 32, 8, into) == 2
+    assert seen == [("ab" * 32, 4, 3), ("ab" * 32, 8, 3)]
