@@ -116,6 +116,18 @@ def _assert_same(compact: Index, reference: DictIndex, probes: Iterable[bytes]) 
     for blob_id in probes:
         for kind in (None, BlobType.DATA, BlobType.TREE):
             assert compact.lookup(blob_id, kind) == reference.lookup(blob_id, kind)
+            if kind is not None:  # the restore's form of the same answer
+                found = reference.lookup(blob_id, kind)
+                assert compact.lookup_entry(blob_id, kind) == (
+                    None
+                    if found is None
+                    else (
+                        found.pack_id,
+                        found.blob.offset,
+                        found.blob.length,
+                        found.blob.uncompressed_length,
+                    )
+                )
         assert compact.has(blob_id) == (blob_id in reference.blobs)
     assert sorted(compact.ids()) == sorted(reference.blobs)
     assert compact.has_all(reference.blobs)
@@ -170,6 +182,7 @@ def test_an_empty_index_and_ids_of_other_lengths() -> None:
     for part in (blob_id[:31], blob_id[1:], blob_id[:2], b"", blob_id + b"\0"):
         assert not index.has(part)
         assert index.lookup(part) is None
+        assert index.lookup_entry(part, BlobType.DATA) is None
     assert index.has_all([blob_id, blob_id]) and not index.has_all([blob_id, blob_id[1:]])
 
 

@@ -30,6 +30,7 @@ import pytest
 from backvault.engine import parallel
 from backvault.engine.check import Checker
 from backvault.engine.restorer import Restorer
+from backvault.engine.restorer.selection import group_runs
 from backvault.repo import blobs as blobs_module
 from backvault.repo import format as fmt
 from backvault.repo.errors import RepositoryError
@@ -298,33 +299,35 @@ def test_a_worker_never_writes_into_a_file_it_did_not_create(tmp_path: Path) -> 
     someone who predicted the name, or renamed over it): the worker refuses it."""
     from backvault.engine.restorer import restore_runs
     from backvault.engine.target_folders import UnsafeTarget
-    from backvault.repo.blobs import BlobReader, run_entries
+    from backvault.repo.blobs import BlobReader
 
     world = World.make(tmp_path)
     h = Hostile(tmp_path / "repo")
     h.snapshot([h.file("x", b"snapshot data\n")])
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
-    run = [repo.locate(fmt.sha256(b"snapshot data\n"))]
+    (run,) = group_runs(repo, [fmt.sha256(b"snapshot data\n")])
     staged = staged_file(world)
     before = world.digest()
     staging = Path(staged.staging.path)
     os.unlink(staging / "f1")
     os.link(world.victim, staging / "f1")
-    outcomes = restore_runs(BlobReader(repo.backend, repo.key), [(*run_entries(run), staged, 0)])
+    outcomes = restore_runs(
+        BlobReader(repo.backend, repo.key), [(run.pack_id, run.entries, staged, 0)]
+    )
     assert len(outcomes) == 1 and isinstance(outcomes[0], UnsafeTarget), outcomes
     assert world.digest() == before
 
 
 def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> None:
     from backvault.engine.restorer import restore_runs
-    from backvault.repo.blobs import BlobReader, run_entries
+    from backvault.repo.blobs import BlobReader
     from backvault.repo.errors import RepositoryError
 
     world = World.make(tmp_path)
     h = Hostile(tmp_path / "repo")
     h.snapshot([h.file("x", b"snapshot data\n")])
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
-    run = [repo.locate(fmt.sha256(b"snapshot data\n"))]
+    (run,) = group_runs(repo, [fmt.sha256(b"snapshot data\n")])
     staged = staged_file(world)
     staging = Path(staged.staging.path)
     os.rename(staging, world.root / "moved")
@@ -332,7 +335,7 @@ def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> 
     os.link(world.victim, world.outside / "f1")
     before = world.digest()
     with pytest.raises(RepositoryError, match="moved or replaced"):
-        restore_runs(BlobReader(repo.backend, repo.key), [(*run_entries(run), staged, 0)])
+        restore_runs(BlobReader(repo.backend, repo.key), [(run.pack_id, run.entries, staged, 0)])
     assert world.digest() == before
 
 

@@ -22,7 +22,7 @@ from backvault.engine.restorer import Restorer
 from backvault.engine.restorer.selection import group_runs
 from backvault.repo import blobs as blobs_module
 from backvault.repo import format as fmt
-from backvault.repo.blobs import BlobReader, run_entries
+from backvault.repo.blobs import BlobReader
 from backvault.repo.errors import DamagedObject
 from backvault.repo.repository import Repository
 from backvault.storage import FileType, LocalBackend
@@ -112,9 +112,9 @@ def test_write_run_puts_every_byte_at_its_offset(
     repo = _open(h)
     ids = [fmt.sha256(piece) for piece in good]
     runs = group_runs(repo, ids)
-    assert any(len(run) > 600 for run in runs)  # long runs: many gathered writes each
-    assert any(loc.blob.compressed for run in runs for loc in run)
-    assert any(not loc.blob.compressed for run in runs for loc in run)
+    assert any(len(run.entries) > 600 for run in runs)  # long runs: many gathered writes each
+    assert any(entry[3] is not None for run in runs for entry in run.entries)
+    assert any(entry[3] is None for run in runs for entry in run.entries)
     expected = b"".join(good)
     start = 12_345
     path = tmp_path / "out"
@@ -124,9 +124,9 @@ def test_write_run_puts_every_byte_at_its_offset(
     try:
         offset = start
         for run in reversed(runs):  # out of order, as workers may write them
-            offset = start + sum(len(p) for p in good[: ids.index(run[0].blob.id)])
-            written = reader.write_run(*run_entries(run), fd, offset)
-            assert written == sum(loc.blob.plaintext_length for loc in run)
+            offset = start + sum(len(p) for p in good[: ids.index(run.entries[0][0])])
+            written = reader.write_run(run.pack_id, run.entries, fd, offset)
+            assert written == run.plaintext
     finally:
         os.close(fd)
     data = path.read_bytes()
@@ -168,7 +168,7 @@ def test_short_writes_are_continued(
     try:
         offset = 0
         for run in group_runs(repo, ids):
-            offset += reader.write_run(*run_entries(run), fd, offset)
+            offset += reader.write_run(run.pack_id, run.entries, fd, offset)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(good[:300])
@@ -191,7 +191,7 @@ def test_without_pwritev_each_piece_is_written_on_its_own(
     try:
         offset = 0
         for run in group_runs(repo, ids):
-            offset += reader.write_run(*run_entries(run), fd, offset)
+            offset += reader.write_run(run.pack_id, run.entries, fd, offset)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(good[:400])
@@ -207,12 +207,12 @@ def test_a_damaged_blob_in_the_middle_of_a_run_is_named(
     _damage(repo, victim)
     repo = _open(h)
     runs = group_runs(repo, ids)
-    run = next(run for run in runs if any(loc.blob.id == victim for loc in run))
-    assert run[0].blob.id != victim and run[-1].blob.id != victim
+    run = next(run for run in runs if any(entry[0] == victim for entry in run.entries))
+    assert run.entries[0][0] != victim and run.entries[-1][0] != victim
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(DamagedObject, match=f"blob {victim.hex()[:12]} does not decrypt"):
-            BlobReader(repo.backend, repo.key).write_run(*run_entries(run), fd, 0)
+            BlobReader(repo.backend, repo.key).write_run(run.pack_id, run.entries, fd, 0)
     finally:
         os.close(fd)
 
@@ -349,7 +349,7 @@ def test_write_run_gathers_across_runs_and_files_in_any_order(
         offsets = itertools.accumulate((len(p) for p in pieces), initial=0)
         at = dict(zip(ids, offsets, strict=False))
         for run in group_runs(repo, ids):
-            work.append((name, run, at[run[0].blob.id]))
+            work.append((name, run, at[run.entries[0][0]]))
     random.Random(5).shuffle(work)
     work.sort(key=lambda item: item[0] == "b" and item[2] % 3 == 0)  # some stretches in order
     fds = {name: os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o600) for name in ("a", "b")}
@@ -358,8 +358,10 @@ def test_write_run_gathers_across_runs_and_files_in_any_order(
         with repo.backend.range_reader(FileType.DATA) as packs:
             for number, (name, run, offset) in enumerate(work):
                 gathered.run = number
-                written = reader.write_run(*run_entries(run), fds[name], offset, gathered, packs)
-                assert written == sum(loc.blob.plaintext_length for loc in run)
+                written = reader.write_run(
+                    run.pack_id, run.entries, fds[name], offset, gathered, packs
+                )
+                assert written == run.plaintext
                 assert gathered.runs in ([], [number])
                 assert gathered.pending <= 256 * 1024 + 3_000_000
             gathered.flush()
@@ -398,3 +400,28 @@ def test_a_failed_write_makes_the_file_whose_bytes_it_held_damaged(
     assert "cannot be written" in outcome.damaged[0][1]
     assert not (target / "chat.db").exists()
     assert sorted(p.name for p in target.iterdir()) == ["note.txt"]
+
+
+def test_locate_entry_answers_and_refuses_as_locate_does(
+    stored: tuple[Hostile, list[bytes], list[bytes], str],
+) -> None:
+    """The restore's runs are made with ``locate_entry``: the same location as
+    ``locate`` for every blob, and the same refusal for a tree used as data and an id
+    no index lists."""
+    h, good, bad, snapshot_id = stored
+    repo = _open(h)
+    for piece in [*good, *bad]:
+        blob_id = fmt.sha256(piece)
+        location = repo.locate(blob_id, fmt.BlobType.DATA)
+        blob = location.blob
+        assert repo.locate_entry(blob_id, fmt.BlobType.DATA) == (
+            location.pack_id,
+            (blob_id, blob.offset, blob.length, blob.uncompressed_length),
+        )
+    tree = repo.find_snapshot(snapshot_id)[1].tree
+    for blob_id in (tree, bytes(32)):
+        with pytest.raises(DamagedObject) as expected:
+            repo.locate(blob_id, fmt.BlobType.DATA)
+        with pytest.raises(DamagedObject) as got:
+            repo.locate_entry(blob_id, fmt.BlobType.DATA)
+        assert str(got.value) == str(expected.value)

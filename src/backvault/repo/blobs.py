@@ -54,15 +54,6 @@ class BlobLocation:
     blob: PackedBlob
 
 
-def run_entries(locations: Sequence[BlobLocation]) -> tuple[bytes, list[BlobEntry]]:
-    """A run of data blobs of one pack (see ``BlobReader.write_run``) as its pack id and
-    blob entries, the compact form sent to a worker process."""
-    entries = [
-        (b.id, b.offset, b.length, b.uncompressed_length) for b in (loc.blob for loc in locations)
-    ]
-    return locations[0].pack_id, entries
-
-
 @dataclass
 class PackReport:
     """What reading one whole pack found (``check --read-data``)."""

@@ -397,6 +397,35 @@ class Index:
         set_blob(location, blob)
         return location
 
+    def lookup_entry(
+        self, blob_id: bytes, kind: BlobType
+    ) -> tuple[bytes, int, int, int | None] | None:
+        """``lookup(blob_id, kind)`` as its pack id, offset, length and uncompressed
+        length (None if not compressed), without an object per blob: a restore asks
+        this for every blob of a database."""
+        lookup = self._lookup
+        row = -1
+        if len(blob_id) == ID_SIZE:
+            ids, starts = lookup.ids, lookup.starts
+            bucket = blob_id[0] | blob_id[1] << 8
+            end = starts[bucket + 1]
+            pos = ids.find(blob_id, starts[bucket], end)
+            while pos > 0 and pos % ID_SIZE:
+                pos = ids.find(blob_id, pos + 1, end)
+            if pos >= 0:
+                row = lookup.rows[pos // ID_SIZE]
+        if row < 0 or _TYPES[self._types[row]] is not kind:
+            row = self._row(blob_id, kind)
+            if row < 0:
+                return None
+        plain: int | None = self._plain_lengths[row]
+        return (
+            self._pack_ids[self._pack_of[row]],
+            self._offsets[row],
+            self._lengths[row],
+            None if plain == _NOT_COMPRESSED else plain,
+        )
+
     def _blob_at(self, row: int, blob_id: bytes) -> PackedBlob:
         plain: int | None = self._plain_lengths[row]
         return _packed_blob(

@@ -17,11 +17,17 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from backvault.crypto.aead import AuthenticationFailed, Key
+from backvault.crypto.aead import OVERHEAD, AuthenticationFailed, Key
 from backvault.crypto.slotlabel import SlotLabel
 from backvault.repo import format as fmt
 from backvault.repo import keys, snapshots
-from backvault.repo.blobs import BlobLocation, BlobReader, check_blob_size, decode_pack_header_blob
+from backvault.repo.blobs import (
+    BlobEntry,
+    BlobLocation,
+    BlobReader,
+    check_blob_size,
+    decode_pack_header_blob,
+)
 from backvault.repo.errors import DamagedObject, NotARepository, RepositoryError, WrongKey
 from backvault.repo.format import BlobType, Config, IndexFile, Node, PackedBlob, Snapshot
 from backvault.repo.index import Index, IndexBuilder, IndexColumns, index_columns_of_json
@@ -406,6 +412,24 @@ class Repository:
             location = as_kind
         check_blob_size(location.blob, f"data/{location.pack_id.hex()}")
         return location
+
+    def locate_entry(self, blob_id: bytes, kind: BlobType) -> tuple[bytes, BlobEntry]:
+        """``locate(blob_id, kind)`` as its pack id and blob entry (id, offset, length,
+        uncompressed length), without an object per blob: a restore asks this for every
+        blob of a database. The same checks and errors as ``locate``."""
+        self.ensure_index()
+        found = self._index.lookup_entry(blob_id, kind)
+        if found is not None:
+            pack_id, offset, length, uncompressed = found
+            limit = fmt.MAX_BLOB_PLAINTEXT[kind.value]
+            plaintext = length - OVERHEAD if uncompressed is None else uncompressed
+            if OVERHEAD <= length <= limit + OVERHEAD and plaintext <= limit:
+                return pack_id, (blob_id, offset, length, uncompressed)
+        # Not indexed (so a scan of unindexed packs, once), of another type, or too big
+        # or too small: ``locate`` finds it or says what is wrong.
+        location = self.locate(blob_id, kind)
+        blob = location.blob
+        return location.pack_id, (blob_id, blob.offset, blob.length, blob.uncompressed_length)
 
     def _locate(self, blob_id: bytes) -> BlobLocation:
         self.ensure_index()

@@ -23,9 +23,9 @@ from backvault.engine.restorer.common import (
     _FolderJob,
     _listed,
 )
-from backvault.engine.restorer.selection import iter_runs
+from backvault.engine.restorer.selection import Run, iter_runs
 from backvault.engine.target_folders import StagedFile, UnsafeTarget, open_staged
-from backvault.repo.blobs import BlobEntry, BlobLocation, BlobReader, GatheredWrites, run_entries
+from backvault.repo.blobs import BlobEntry, BlobReader, GatheredWrites
 from backvault.repo.errors import DamagedObject, RepositoryError
 from backvault.repo.format import Node
 from backvault.storage import FileType
@@ -50,8 +50,8 @@ _ENTRY_CHARGE = 256
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-# A run of blobs to restore (its pack and blobs: ``run_entries``), the file, and the
-# offset in it.
+# A run of blobs to restore (its pack and blobs' entries: ``selection.Run``), the file,
+# and the offset in it.
 _RunPayload = tuple[bytes, list[BlobEntry], StagedFile, int]
 
 
@@ -102,9 +102,7 @@ class FilesMixin(RestoreBase):
         self._send_runs(job, first, runs)
         return True
 
-    def _send_runs(
-        self, job: _FileJob, first: list[BlobLocation], rest: Iterator[list[BlobLocation]]
-    ) -> None:
+    def _send_runs(self, job: _FileJob, first: Run, rest: Iterator[Run]) -> None:
         """Hand a file's runs to the workers, each at its offset, then release the file's
         own hold (finishing it if every run was written already). A blob missing from the
         index, or runs that hold more or fewer bytes than the file's size, stop the
@@ -114,15 +112,13 @@ class FilesMixin(RestoreBase):
         offset = 0
         error: str | None = None
         try:
-            for run in itertools.chain((first,), rest):
-                plaintext = _plaintext_length(run)
+            for pack_id, entries, plaintext, stored in itertools.chain((first,), rest):
                 if offset + plaintext > size:
                     error = _wrong_size(offset + plaintext, size, more=True)
                     break
-                pack_id, entries = run_entries(run)
                 with job.lock:
                     job.remaining += 1
-                charge = _stored_length(run) + _ENTRY_CHARGE * len(entries)
+                charge = stored + _ENTRY_CHARGE * len(entries)
                 self._batcher.add((pack_id, entries, job.staged, offset), job, charge)
                 offset += plaintext
             else:
@@ -309,12 +305,3 @@ def _not_written(outcomes: list[int | RepositoryError], gathered: GatheredWrites
 def _wrong_size(held: int, size: int, *, more: bool = False) -> str:
     at_least = "at least " if more else ""
     return f"its blobs hold {at_least}{held} bytes by the index, its entry says {size}"
-
-
-def _plaintext_length(run: list[BlobLocation]) -> int:
-    return sum(location.blob.plaintext_length for location in run)
-
-
-def _stored_length(run: list[BlobLocation]) -> int:
-    """The bytes of its pack a run spans (its read)."""
-    return run[-1].blob.offset + run[-1].blob.length - run[0].blob.offset
