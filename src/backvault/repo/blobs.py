@@ -361,7 +361,7 @@ class GatheredWrites:
     with bytes waiting, which a write that fails did not write. One at a time per thread
     (its plaintexts may wait in the thread's plaintext buffer)."""
 
-    __slots__ = ("buffer", "end", "fd", "pending", "pieces", "run", "runs", "used")
+    __slots__ = ("buffer", "end", "fd", "pending", "pieces", "run", "runs", "used", "writing")
 
     def __init__(self) -> None:
         self.fd = -1
@@ -372,6 +372,7 @@ class GatheredWrites:
         self.used = 0  # bytes of ``buffer`` that waiting plaintexts hold
         self.run: object = None
         self.runs: list[object] = []
+        self.writing = False  # a write is under way (set still if it raised)
 
     def flush(self) -> None:
         """Write what waits (OSError if that fails: ``runs`` then still names whose bytes
@@ -380,7 +381,9 @@ class GatheredWrites:
         if pieces:
             offset = self.end - self.pending
             self.pieces, self.pending, self.used = [], 0, 0
+            self.writing = True
             _pwritev_all(self.fd, pieces, offset)
+            self.writing = False
         self.runs.clear()
 
 

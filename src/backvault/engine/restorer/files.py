@@ -260,44 +260,62 @@ def restore_runs(reader: BlobReader, runs: list[_RunPayload]) -> list[int | Repo
     try:
         with reader.backend.range_reader(FileType.DATA) as packs:
             for pack_id, entries, staged, offset in runs:
+                fd = files.get(staged)
+                if fd is None or fd != gathered.fd or offset != gathered.end:
+                    # What waits is another file's (or not followed by this run): its
+                    # failure is its runs', not this one's.
+                    _flush(outcomes, gathered)
                 gathered.run = len(outcomes)
                 outcomes.append(0)
                 try:
-                    fd = files.get(staged)
                     if fd is None:
                         fd = files[staged] = open_staged(staged)
                     outcomes[-1] = reader.write_run(pack_id, entries, fd, offset, gathered, packs)
                 except (UnsafeTarget, DamagedObject) as exc:
                     outcomes[-1] = exc
-                except OverflowError as exc:
-                    _not_written(outcomes, gathered, f"cannot be written: {exc}")
-                except OSError as exc:
-                    _write_failed(outcomes, gathered, exc)
-            try:
-                gathered.flush()
-            except OverflowError as exc:
-                _not_written(outcomes, gathered, f"cannot be written: {exc}")
-            except OSError as exc:
-                _write_failed(outcomes, gathered, exc)
+                except (OSError, OverflowError) as exc:
+                    if gathered.writing:  # a gathered write failed
+                        _write_failed(outcomes, gathered, exc)
+                    else:  # opening the file, or reading: this run only
+                        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+                            raise
+                        why = exc.strerror if isinstance(exc, OSError) else None
+                        outcomes[-1] = RunNotWritten(f"cannot be written: {why or exc}")
+            _flush(outcomes, gathered)
     finally:
         for fd in files.values():
             os.close(fd)
     return outcomes
 
 
+def _flush(outcomes: list[int | RepositoryError], gathered: GatheredWrites) -> None:
+    """Write what waits; a failure is that of the runs whose bytes it held only."""
+    gathered.run = None
+    try:
+        gathered.flush()
+    except (OSError, OverflowError) as exc:
+        _write_failed(outcomes, gathered, exc)
+
+
 def _write_failed(
-    outcomes: list[int | RepositoryError], gathered: GatheredWrites, exc: OSError
+    outcomes: list[int | RepositoryError],
+    gathered: GatheredWrites,
+    exc: OSError | OverflowError,
 ) -> None:
     """A write failed: a full disk stops the batch; any other failure is the failure of
     the run being written and of every run whose bytes the write held."""
-    if exc.errno in _FULL_ERRNOS:
+    gathered.writing = False
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
         raise exc
-    _not_written(outcomes, gathered, f"cannot be written: {exc.strerror or exc}")
+    why = exc.strerror if isinstance(exc, OSError) else None
+    _not_written(outcomes, gathered, f"cannot be written: {why or exc}")
 
 
 def _not_written(outcomes: list[int | RepositoryError], gathered: GatheredWrites, why: str) -> None:
+    """The runs whose bytes a failed write held, and the run being written, were not
+    written (a run already found damaged keeps that reason)."""
     for run in {*gathered.runs, gathered.run}:
-        if isinstance(run, int) and 0 <= run < len(outcomes):
+        if isinstance(run, int) and 0 <= run < len(outcomes) and isinstance(outcomes[run], int):
             outcomes[run] = RunNotWritten(why)
     gathered.runs.clear()
 
