@@ -363,12 +363,10 @@ class Index:
                 return False
         return True
 
-    def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
-        """Where a blob is (as a blob of type ``kind``, if given)."""
-        # The usual case inlined (a restore asks this for every blob): the id's first row
-        # is grouped and of the type asked for.
+    def _found_row(self, blob_id: bytes, kind: BlobType | None) -> int:
+        """``_row``, with its usual case inlined (a restore asks for every blob of a
+        database): the id's first row is grouped and of the type asked for."""
         lookup = self._lookup
-        row = -1
         if len(blob_id) == ID_SIZE:
             ids, starts = lookup.ids, lookup.starts
             bucket = blob_id[0] | blob_id[1] << 8
@@ -377,12 +375,17 @@ class Index:
             while pos > 0 and pos % ID_SIZE:
                 pos = ids.find(blob_id, pos + 1, end)
             if pos >= 0:
-                row = lookup.rows[pos // ID_SIZE]
+                row: int = lookup.rows[pos // ID_SIZE]
+                if kind is None or _TYPES[self._types[row]] is kind:
+                    return row
+        return self._row(blob_id, kind)
+
+    def lookup(self, blob_id: bytes, kind: BlobType | None = None) -> BlobLocation | None:
+        """Where a blob is (as a blob of type ``kind``, if given)."""
+        row = self._found_row(blob_id, kind)
+        if row < 0:
+            return None
         types = self._types
-        if row < 0 or (kind is not None and _TYPES[types[row]] is not kind):
-            row = self._row(blob_id, kind)
-            if row < 0:
-                return None
         plain: int | None = self._plain_lengths[row]
         location: BlobLocation = _new_object(BlobLocation)
         blob: PackedBlob = _new_object(PackedBlob)
@@ -403,21 +406,9 @@ class Index:
         """``lookup(blob_id, kind)`` as its pack id, offset, length and uncompressed
         length (None if not compressed), without an object per blob: a restore asks
         this for every blob of a database."""
-        lookup = self._lookup
-        row = -1
-        if len(blob_id) == ID_SIZE:
-            ids, starts = lookup.ids, lookup.starts
-            bucket = blob_id[0] | blob_id[1] << 8
-            end = starts[bucket + 1]
-            pos = ids.find(blob_id, starts[bucket], end)
-            while pos > 0 and pos % ID_SIZE:
-                pos = ids.find(blob_id, pos + 1, end)
-            if pos >= 0:
-                row = lookup.rows[pos // ID_SIZE]
-        if row < 0 or _TYPES[self._types[row]] is not kind:
-            row = self._row(blob_id, kind)
-            if row < 0:
-                return None
+        row = self._found_row(blob_id, kind)
+        if row < 0:
+            return None
         plain: int | None = self._plain_lengths[row]
         return (
             self._pack_ids[self._pack_of[row]],
