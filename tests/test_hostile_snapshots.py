@@ -148,6 +148,21 @@ class Hostile:
             "subtree": self.tree(nodes),
         }
 
+    def rewrite_index_entry(self, blob: str, **fields: Any) -> None:
+        """Rewrite every index entry of ``blob`` with ``fields`` (an index that lies)."""
+        backend = self.repo.backend
+        for name, _ in list(backend.list(FileType.INDEX)):
+            doc = self.repo.load_unpacked(FileType.INDEX, name)
+            hit = False
+            for pack in doc["packs"]:
+                for entry in pack["blobs"]:
+                    if entry["id"] == blob:
+                        entry.update(fields)
+                        hit = True
+            if hit:
+                self.repo.save_unpacked(FileType.INDEX, doc)
+                backend.remove(FileType.INDEX, name)
+
     def snapshot(self, nodes: list[dict[str, Any]]) -> str:
         root = self.tree(nodes)
         self.writer.flush()

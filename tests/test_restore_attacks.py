@@ -344,18 +344,7 @@ def test_a_worker_refuses_a_private_folder_that_was_replaced(tmp_path: Path) -> 
 
 def _lie_in_index(h: Hostile, blob: str, length: int) -> None:
     """Rewrite the index so that ``blob`` claims ``length`` bytes of plaintext."""
-    backend = h.repo.backend
-    for name, _ in list(backend.list(FileType.INDEX)):
-        doc = h.repo.load_unpacked(FileType.INDEX, name)
-        hit = False
-        for pack in doc["packs"]:
-            for entry in pack["blobs"]:
-                if entry["id"] == blob:
-                    entry["uncompressed_length"] = length
-                    hit = True
-        if hit:
-            h.repo.save_unpacked(FileType.INDEX, doc)
-            backend.remove(FileType.INDEX, name)
+    h.rewrite_index_entry(blob, uncompressed_length=length)
 
 
 def _flip_a_byte(h: Hostile, blob: str) -> None:

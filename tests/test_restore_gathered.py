@@ -28,6 +28,7 @@ from backvault.repo.repository import Repository
 from backvault.storage import FileType, LocalBackend, StorageError
 from backvault.storage import local as local_module
 from tests.test_hostile_snapshots import Hostile
+from tests.test_restore_runs import short_pwritev
 
 
 def _two_files(tmp_path: Path) -> tuple[Hostile, list[bytes], list[bytes]]:
@@ -80,29 +81,34 @@ def test_open_failure_of_one_file_does_not_damage_the_file_before_it(
     assert isinstance(outcomes[1], RunNotWritten)
 
 
+def _fail_writes_to(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Every write to the file at ``path`` (as restore_runs opens it) fails with EIO."""
+    real = os.pwritev
+    real_open = files_module.open_staged
+    failing: list[int] = []
+
+    def opener(staged: str) -> int:
+        fd = real_open(staged)
+        if staged == path:
+            failing.append(fd)
+        return fd
+
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
+        if fd in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(files_module, "open_staged", opener)
+    monkeypatch.setattr(blobs_module.os, "pwritev", pwritev)
+
+
 def test_a_write_error_of_one_file_does_not_fail_the_next_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EIO (or EFBIG) writing F fails F's run; G's run, in the same batch, never attempted
     before: it is written."""
     repo, _f, g, fpath, gpath, runs = _setup(tmp_path, monkeypatch)
-    real = os.pwritev
-    ffd: list[int] = []
-    real_open = files_module.open_staged
-
-    def opener(staged: str) -> int:
-        fd = real_open(staged)
-        if staged == fpath:
-            ffd.append(fd)
-        return fd
-
-    def pwritev(fd: int, buffers: Any, offset: int) -> int:
-        if fd in ffd:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(files_module, "open_staged", opener)
-    monkeypatch.setattr(blobs_module.os, "pwritev", pwritev)
+    _fail_writes_to(monkeypatch, fpath)
     outcomes = restore_runs(BlobReader(repo.backend, repo.key), runs)
     assert isinstance(outcomes[0], RunNotWritten)
     assert outcomes[1] == len(b"".join(g)), outcomes
@@ -119,23 +125,7 @@ def test_a_damaged_run_keeps_its_reason_when_its_waiting_bytes_fail_to_be_writte
     pack, entries, staged, offset = runs[0]
     _, at, length, plain = entries[-1]
     runs[0] = (pack, [*entries[:-1], (bytes(32), at, length, plain)], staged, offset)
-    real = os.pwritev
-    real_open = files_module.open_staged
-    ffd: list[int] = []
-
-    def opener(staged: str) -> int:
-        fd = real_open(staged)
-        if staged == fpath:
-            ffd.append(fd)
-        return fd
-
-    def pwritev(fd: int, buffers: Any, offset: int) -> int:
-        if fd in ffd:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(files_module, "open_staged", opener)
-    monkeypatch.setattr(blobs_module.os, "pwritev", pwritev)
+    _fail_writes_to(monkeypatch, fpath)
     outcomes = restore_runs(BlobReader(repo.backend, repo.key), runs)
     assert "has the wrong content" in str(outcomes[0]), outcomes
     assert outcomes[1] == len(b"".join(g)), outcomes
@@ -203,23 +193,7 @@ def test_interleaved_runs_of_many_files_land_exactly(
         files[path] = content
         runs.append(_payloads(repo, content, path))
     if mode == "short":
-        real = os.pwritev
-        calls = 0
-
-        def short(fd: int, buffers: list[Any], offset: int) -> int:
-            nonlocal calls
-            calls += 1
-            limit = 1 + calls * 7919 % 300_000
-            taken = []
-            for buffer in buffers:
-                view = memoryview(buffer)[:limit]
-                taken.append(view)
-                limit -= len(view)
-                if not limit:
-                    break
-            return real(fd, taken, offset)
-
-        monkeypatch.setattr(blobs_module.os, "pwritev", short)
+        monkeypatch.setattr(blobs_module.os, "pwritev", short_pwritev(300_000)[0])
     elif mode == "nopwritev":
         monkeypatch.delattr(blobs_module.os, "pwritev")
     monkeypatch.setattr(files_module, "open_staged", lambda p: os.open(p, os.O_WRONLY))
@@ -296,12 +270,11 @@ def test_a_failed_write_never_leaves_a_restored_file_with_holes(
 
 
 @pytest.mark.parametrize("fail_at", [1, 4, 9])
-@pytest.mark.parametrize("processes", [0])
 def test_a_full_disk_stops_the_restore(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int, processes: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
     h, expected, snapshot_id = _snapshot(tmp_path)
-    monkeypatch.setattr(parallel, "_requested_processes", processes)
+    monkeypatch.setattr(parallel, "_requested_processes", 0)  # threads: the hooks apply
     real = os.pwritev
     calls = 0
 
@@ -409,24 +382,8 @@ def test_a_local_backend_subclass_that_fails_reads_is_still_asked(
     assert all("injected" in str(o) for o in outcomes), outcomes
 
 
-def _move_in_index(h: Hostile, blob: str, offset: int) -> None:
-    backend = h.repo.backend
-    for name, _ in list(backend.list(FileType.INDEX)):
-        doc = h.repo.load_unpacked(FileType.INDEX, name)
-        hit = False
-        for pack in doc["packs"]:
-            for entry in pack["blobs"]:
-                if entry["id"] == blob:
-                    entry["offset"] = offset
-                    hit = True
-        if hit:
-            h.repo.save_unpacked(FileType.INDEX, doc)
-            backend.remove(FileType.INDEX, name)
-
-
-@pytest.mark.parametrize("processes", [0])
 def test_an_index_offset_of_2_to_the_63_damages_only_its_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = Hostile(tmp_path / "repo")
     good = os.urandom(20_000)
@@ -434,9 +391,9 @@ def test_an_index_offset_of_2_to_the_63_damages_only_its_file(
     evil_blob = h.writer.add(fmt.BlobType.DATA, os.urandom(3000)).hex()
     h.writer.flush()
     evil = {**h.file("b-evil", b""), "content": [evil_blob], "size": 3000}
-    _move_in_index(h, evil_blob, 1 << 63)
+    h.rewrite_index_entry(evil_blob, offset=1 << 63)
     snapshot_id = h.snapshot([good_node, evil])
-    monkeypatch.setattr(parallel, "_requested_processes", processes)
+    monkeypatch.setattr(parallel, "_requested_processes", 0)  # threads: the hooks apply
     repo = Repository.open(LocalBackend(h.path), [h.key.encode()])
     target = tmp_path / "target"
     before = _fds()

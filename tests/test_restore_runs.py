@@ -11,6 +11,7 @@ import errno
 import itertools
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,28 @@ def _pieces(seed: int) -> list[bytes]:
         if i == 900:
             out.append(b"z" * 3_000_000)  # compresses to a few hundred bytes
     return out
+
+
+def short_pwritev(span: int) -> tuple[Callable[[int, list[Any], int], int], list[int]]:
+    """``os.pwritev`` that writes less than asked: the first 1 to ``span`` bytes, a
+    different cut each call (it ends inside a piece, or on a piece's edge); and the
+    count of its calls."""
+    real = os.pwritev
+    calls = [0]
+
+    def short(fd: int, buffers: list[Any], offset: int) -> int:
+        calls[0] += 1
+        limit = 1 + calls[0] * 7919 % span
+        taken: list[memoryview] = []
+        for buffer in buffers:
+            view = memoryview(buffer)[:limit]
+            taken.append(view)
+            limit -= len(view)
+            if not limit:
+                break
+        return real(fd, taken, offset)
+
+    return short, calls
 
 
 def _file(h: Hostile, name: str, pieces: list[bytes]) -> dict[str, Any]:
@@ -142,22 +165,7 @@ def test_short_writes_are_continued(
 ) -> None:
     """pwritev may write less than asked: the rest follows at the right offset."""
     h, good, _, _ = stored
-    real = os.pwritev
-    calls = 0
-
-    def short(fd: int, buffers: list[Any], offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        limit = 1 + calls * 7919 % 20_000  # ends inside a piece, or on a piece's edge
-        taken: list[memoryview] = []
-        for buffer in buffers:
-            view = memoryview(buffer)[:limit]
-            taken.append(view)
-            limit -= len(view)
-            if not limit:
-                break
-        return real(fd, taken, offset)
-
+    short, calls = short_pwritev(20_000)
     monkeypatch.setattr(blobs_module.os, "pwritev", short)
     repo = _open(h)
     ids = [fmt.sha256(piece) for piece in good[:300]]
@@ -172,7 +180,7 @@ def test_short_writes_are_continued(
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(good[:300])
-    assert calls > 100  # most gathered writes were cut short
+    assert calls[0] > 100  # most gathered writes were cut short
 
 
 def test_without_pwritev_each_piece_is_written_on_its_own(
