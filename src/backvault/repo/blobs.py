@@ -334,11 +334,21 @@ class BlobReader:
         self._verify(blob.id, blob.uncompressed_length, plain, label)
 
 
+def blob_lengths_fit(kind: BlobType, length: int, uncompressed: int | None) -> bool:
+    """Whether a blob of ``kind`` with these lengths (as the index or a pack header gives
+    them) passes ``check_blob_size``: the bounds, without an object per blob."""
+    limit = fmt.MAX_BLOB_PLAINTEXT[kind.value]
+    plaintext = length - OVERHEAD if uncompressed is None else uncompressed
+    return OVERHEAD <= length <= limit + OVERHEAD and plaintext <= limit
+
+
 def check_blob_size(blob: PackedBlob, label: str) -> None:
     """Refuse a blob whose lengths (as the index or a pack header gives them) are more
     than a blob of its type may hold, before anything is read or decompressed; or less
     than sealing adds (its plaintext would count negative bytes: a restore adding up a
     file's blobs could then be made to write past the file's size)."""
+    if blob_lengths_fit(blob.type, blob.length, blob.uncompressed_length):
+        return
     if blob.length < OVERHEAD:
         raise DamagedObject(
             label,

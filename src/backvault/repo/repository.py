@@ -17,7 +17,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from backvault.crypto.aead import OVERHEAD, AuthenticationFailed, Key
+from backvault.crypto.aead import AuthenticationFailed, Key
 from backvault.crypto.slotlabel import SlotLabel
 from backvault.repo import format as fmt
 from backvault.repo import keys, snapshots
@@ -25,6 +25,7 @@ from backvault.repo.blobs import (
     BlobEntry,
     BlobLocation,
     BlobReader,
+    blob_lengths_fit,
     check_blob_size,
     decode_pack_header_blob,
 )
@@ -421,9 +422,7 @@ class Repository:
         found = self._index.lookup_entry(blob_id, kind)
         if found is not None:
             pack_id, offset, length, uncompressed = found
-            limit = fmt.MAX_BLOB_PLAINTEXT[kind.value]
-            plaintext = length - OVERHEAD if uncompressed is None else uncompressed
-            if OVERHEAD <= length <= limit + OVERHEAD and plaintext <= limit:
+            if blob_lengths_fit(kind, length, uncompressed):
                 return pack_id, (blob_id, offset, length, uncompressed)
         # Not indexed (so a scan of unindexed packs, once), of another type, or too big
         # or too small: ``locate`` finds it or says what is wrong.

@@ -134,19 +134,23 @@ class LocalBackend(Backend):
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
     def load_into(self, kind: FileType, name: str, offset: int, into: memoryview) -> int:
-        path = self._path(kind, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{kind.value}/{name} is missing from the repository") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        path, fd = self._open_for_reading(kind, name)
         try:
             return read_into(fd, into, offset)
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
+
+    def _open_for_reading(self, kind: FileType, name: str) -> tuple[Path, int]:
+        """The object's path and a descriptor reading it (ObjectNotFound, StorageError)."""
+        path = self._path(kind, name)
+        try:
+            return path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{kind.value}/{name} is missing from the repository") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
     def range_reader(self, kind: FileType) -> RangeReader:
         if type(self).load_into is not LocalBackend.load_into:
@@ -294,15 +298,7 @@ class _OpenFiles(RangeReader):
     def read_into(self, name: str, offset: int, into: memoryview) -> int:
         fd = self._open.pop(name, None)
         if fd is None:
-            path = self._local._path(self._kind, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError as exc:
-                raise ObjectNotFound(
-                    f"{self._kind.value}/{name} is missing from the repository"
-                ) from exc
-            except OSError as exc:
-                raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+            fd = self._local._open_for_reading(self._kind, name)[1]
             if len(self._open) >= _OPEN_FILES:
                 os.close(self._open.pop(next(iter(self._open))))
         try:
